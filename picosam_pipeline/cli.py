@@ -1,0 +1,226 @@
+"""The ``picosam-pipeline`` command line (click).
+
+The CLI only parses arguments, loads the config, resolves the device once and calls plain functions;
+DVC's ``dvc.yaml`` runs the same ``run-stage`` commands a person types.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+
+import click
+
+from picosam_pipeline.errors import PipelineError
+
+PARAMS_HELP = "Params file (YAML, one section per stage). Default: params.yaml in the working directory."
+SET_HELP = "Override one param, KEY.PATH=VALUE (VALUE parsed as YAML); repeatable, e.g. --set train.steps=50."
+
+
+def _fail(err: BaseException) -> None:
+    """Print a user-facing error as one paragraph and exit 1 (no traceback for bad input)."""
+    click.echo(f"Error: {err}", err=True)
+    sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="picosam-pipeline")
+def cli() -> None:
+    """Distil SAM2/SAM3 into PicoSAM2/PicoSAM3 students for the Sony IMX500, reproducibly.
+
+    Each pipeline stage is run with `run-stage NAME` (what `dvc repro` calls); `stages` lists them.
+    Every command reads params.yaml unless given --params, and exits non-zero with a one-paragraph
+    message on bad input.
+    """
+
+
+@cli.command("stages")
+def stages_cmd() -> None:
+    """List the pipeline stages in order: params sections read, inputs, outputs."""
+    from stages import STAGES
+
+    width = max(len(n) for n in STAGES)
+    for spec in STAGES.values():
+        click.echo(f"{spec.name:<{width}}  [{', '.join(spec.sections)}]  reads: {spec.reads}  ->  writes: {spec.writes}")
+
+
+@cli.command("run-stage")
+@click.argument("name")
+@click.option("--params", "params_path", default="params.yaml", show_default=True, help=PARAMS_HELP)
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help=SET_HELP)
+def run_stage_cmd(name: str, params_path: str, overrides: tuple[str, ...]) -> None:
+    """Run pipeline stage NAME (see `picosam-pipeline stages`) with the given params.
+
+    The resolved config is validated before any work starts and saved beside the stage's outputs;
+    metrics go to runtime.metrics_dir (default metrics/<stage>.json).
+    """
+    from stages import STAGES
+
+    if name not in STAGES:
+        _fail(PipelineError(f"unknown stage {name!r}; the stages are: {', '.join(STAGES)} (see `picosam-pipeline stages`)"))
+    try:
+        from picosam_pipeline.config import load_config
+        from picosam_pipeline.device import resolve_runtime
+
+        cfg = load_config(params_path, overrides)
+        runtime = resolve_runtime(cfg.runtime)
+        click.echo(f"[{name}] device {runtime.describe()}", err=True)
+        start = time.perf_counter()
+        summary = STAGES[name].load()(cfg, runtime)
+    except PipelineError as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        click.echo(f"[{name}] interrupted; finished work is kept and a rerun resumes it", err=True)
+        sys.exit(130)
+    elapsed = time.perf_counter() - start
+    click.echo(f"[{name}] done in {elapsed:.1f} s: {summary}", err=True)
+
+
+@cli.command("score-predictions")
+@click.option("--annotations", required=True, help="COCO/LVIS instances JSON the predictions were made on (GT masks, boxes, areas, categories).")
+@click.option("--predictions", required=True, help="COCO results JSON of crop-frame RLE masks: per image, one per non-crowd annotation, in annotation JSON order (what write_predictions writes).")
+@click.option("--protocol", required=True, type=click.Choice(["picosam2-point", "picosam3-roi"]),
+              help="Crop convention of the predictions: picosam2-point = 96-px window around the mask-centre point; picosam3-roi = bbox padded 10 %/side, squared.")
+@click.option("--images-dir", default=None, help="Image folder: score only images whose file exists there (the PicoSAM3/LVIS rule) and check their sizes against the JSON.")
+@click.option("--json-out", default=None, help="Also write the figures (overall, by COCO size, by category) to this JSON file.")
+def score_predictions_cmd(annotations: str, predictions: str, protocol: str, images_dir: str | None, json_out: str | None) -> None:
+    """Score crop-frame predictions with the PicoSAM papers' crop-space metrics.
+
+    crop mIoU = mean per-sample IoU in the 96x96 crop (logit > 0 vs NEAREST-resized GT, empty union = 1);
+    crop mAP@[.5:.95] = share of non-empty-GT samples with IoU >= t, averaged over t = .50:.05:.95
+    (a success rate, not COCO AP). Also prints the full-image mIoU of the pasted crops and a size breakdown.
+    """
+    import json
+    from pathlib import Path
+
+    from picosam_pipeline.scoring import format_report, score_predictions
+
+    try:
+        report = score_predictions(annotations, predictions, protocol, images_dir)
+    except PipelineError as err:
+        _fail(err)
+    click.echo(format_report(report))
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+@cli.command("fetch")
+@click.argument("asset_names", nargs=-1, metavar="ASSET...")
+@click.option("--list", "list_assets", is_flag=True, help="Print the asset table (name, size, destination, URL, sha256 and its source) and exit.")
+@click.option("--dest-root", default="data", show_default=True, type=click.Path(file_okay=False),
+              help="Folder the destinations are relative to; the default puts assets where params.yaml expects them.")
+@click.option("--url", default=None, help="Download from this URL instead of the official one (a mirror, or file:///path); needs exactly one ASSET. The sha256 check is unchanged.")
+@click.option("--sha256", "sha256", default=None, metavar="HEX", help="Expect this sha256 instead of the published or recorded one; needs exactly one ASSET.")
+@click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds to wait for a connection or for more data before giving up.")
+@click.option("--resumes", default=3, show_default=True, type=click.IntRange(min=0),
+              help="How often a transfer that breaks off is resumed automatically (HTTP Range); the .part file is kept either way.")
+@click.option("--keep-archives", is_flag=True, help="Keep downloaded zip files after unpacking (default: delete them; COCO train is 19 GB).")
+def fetch_cmd(asset_names: tuple[str, ...], list_assets: bool, dest_root: str, url: str | None, sha256: str | None,
+              timeout: float, resumes: int, keep_archives: bool) -> None:
+    """Download COCO 2017, LVIS v1 val annotations and SAM2.1 checkpoints to where params.yaml expects them.
+
+    Each ASSET (see --list) streams into FILE.part; rerunning resumes it with an HTTP Range request. The
+    sha256 is checked before the file is renamed into place (a mismatch removes the .part), archives are
+    unpacked under DEST_ROOT/coco, and an asset already in place is verified and skipped. Assets without a
+    published sha256 (SAM2.1 small, base_plus, large) are trusted on first use: the digest of the first
+    complete download is recorded in DEST_ROOT/assets.lock.json (commit it) and later downloads must match.
+    Offline, it fails within seconds and says what to download by hand and where to put it.
+    """
+    from picosam_pipeline import fetch
+
+    if list_assets:
+        click.echo(fetch.format_table(dest_root))
+        return
+    if not asset_names:
+        raise click.UsageError("name at least one ASSET; `picosam-pipeline fetch --list` shows them")
+    if (url or sha256) and len(asset_names) != 1:
+        raise click.UsageError("--url and --sha256 apply to a single ASSET; fetch the others in separate commands")
+    try:
+        assets = [fetch.get_asset(n) for n in asset_names]
+        for asset in assets:
+            click.echo(fetch.fetch(asset, dest_root, url=url, sha256=sha256, timeout=timeout, resumes=resumes,
+                                   keep_archive=keep_archives))
+    except PipelineError as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        click.echo("[fetch] interrupted; the .part file is kept and rerunning the same command resumes it", err=True)
+        sys.exit(130)
+
+
+@cli.command("model-summary")
+@click.argument("name")
+@click.option("--input-size", default=96, show_default=True, type=int,
+              help="Square input side in pixels for the MAC count; a multiple of 16 (the papers use 96).")
+def model_summary_cmd(name: str, input_size: int) -> None:
+    """Print student NAME's parameters, MACs at the input size and float32 / int8 sizes.
+
+    NAME is picosam2 or picosam3. Sizes are shown beside the figures the PicoSAM2 / PicoSAM3 papers publish. Runs one forward pass
+    on CPU with fresh weights; no checkpoint or data needed.
+    """
+    from picosam_pipeline.students import format_summary, summarize
+
+    try:
+        click.echo(format_summary(summarize(name, input_size=input_size)))
+    except PipelineError as err:
+        _fail(err)
+
+
+@cli.command("inspect")
+@click.argument("path", type=click.Path())
+@click.option("--scan", default=20_000, show_default=True,
+              help="Instances read (whole shards, spread over the store) for the logit ranges; 0 = all.")
+def inspect_cmd(path: str, scan: int) -> None:
+    """Summarise the teacher-logit store at PATH: counts, bytes per instance, codec, teacher, value ranges."""
+    from picosam_pipeline.logit_store import open_store, summarize
+
+    try:
+        store = open_store(path)
+        s = summarize(store, max_scan=scan)
+    except PipelineError as err:
+        _fail(err)
+    layout, teacher = store.attrs["logit_store"], store.attrs.get("teacher", {})
+    enc = layout["encoding"]
+    lines = [
+        f"teacher-logit store {path} (format {layout['format_version']}, written by picosam-pipeline {layout['code_version']})",
+        f"  instances   {s['instances_done']:,} of {s['instances']:,} written; shards {s['shards_done']} of {s['shards']} done"
+        f" ({store.instances_per_shard} instances each)",
+        f"  logits      {store.side}x{store.side} per instance, codec {store.codec.name} ({enc['stored_dtype']}, "
+        f"Blosc {enc['blosc']['cname']} level {enc['blosc']['clevel']}, {enc['blosc']['shuffle']})",
+        f"  decode      {enc['decode']}; mask = logit > 0",
+    ]
+    if s["instances_done"]:
+        per, raw32, raw16 = s["bytes_per_instance"], s["raw_float32_bytes"], s["raw_float16_bytes"]
+        lines += [
+            f"  on disk     {s['bytes_on_disk']:,} B = {per:,.0f} B per instance (logits {s['logits_bytes_per_instance']:,.0f} B):"
+            f" {raw32 / per:.1f}x smaller than raw float32 ({raw32:,} B), {raw16 / per:.1f}x than float16 ({raw16:,} B)",
+            f"  logits      min {s['logit_min']:.3f}, max {s['logit_max']:.3f}, mask share {s['mask_share']:.3f}"
+            f" (over {s['instances_scanned']:,} instances)",
+            f"  confidence  min {s['confidence_min']:.3f}, mean {s['confidence_mean']:.3f}, max {s['confidence_max']:.3f}",
+        ]
+    lines.append(f"  teacher     {teacher.get('model', 'unknown')}, checkpoint {teacher.get('checkpoint')} "
+                 f"sha256 {teacher.get('checkpoint_sha256')}")
+    prompt, crop = store.attrs.get("prompt", {}), store.attrs.get("crop", {})
+    lines.append(f"  prompt      {prompt.get('convention', 'unknown')}: {prompt.get('description', '')}")
+    lines.append(f"  crop        {', '.join(f'{k}={v}' for k, v in crop.items()) or 'unknown'}")
+    click.echo("\n".join(lines))
+    if teacher.get("random_weights") or not teacher.get("checkpoint_sha256"):
+        click.echo("WARNING: these logits come from a teacher with RANDOM WEIGHTS (no checkpoint): fine for "
+                   "tests, useless for distillation. Fetch the checkpoint and rerun the teacher stage.", err=True)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        cli(standalone_mode=True)
+    except PipelineError as err:  # raised from a command outside run-stage's handler
+        _fail(err)
+    except Exception:  # a bug: keep the traceback, it is what a maintainer needs
+        traceback.print_exc()
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,347 @@
+"""COCO / LVIS instance annotations: loading, format detection and per-annotation checks.
+
+:func:`load_annotations` parses one instances JSON (malformed JSON stops with file, line and column),
+detects COCO or LVIS (and the LVIS version), sets aside records that cannot be indexed (duplicate
+ids, annotations whose image id is not in ``images``) and builds the pycocotools :class:`COCO` index.
+:func:`check_annotation` then validates one annotation against its image and decodes its mask with
+pycocotools (polygons and RLE alike) into a full-image ``(H, W)`` uint8 {0, 1} mask.
+
+Every problem is an :class:`Issue`: either a *conversion* (the annotation is repaired and kept, e.g. a
+bbox clipped to the image) or a *drop*. Drops of bad input stop the prepare stage in strict mode;
+drops by selection (crowd, no segmentation) never do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from picosam_pipeline.errors import PipelineError
+
+# LVIS versions differ in their category list (and ids): v0.5 has 1230 categories, v1 has 1203.
+LVIS_VERSIONS = {1203: "v1", 1230: "v0.5"}
+
+
+@dataclass(frozen=True)
+class DatasetFormat:
+    """What an annotation file is: ``coco`` or ``lvis``, and for LVIS its version (by category count)."""
+
+    name: Literal["coco", "lvis"]
+    version: str | None  # "v1" | "v0.5" | "unknown" for LVIS; None for COCO (its files carry no reliable version)
+    num_categories: int
+
+    def describe(self) -> str:
+        return self.name if self.version is None else f"{self.name} {self.version}"
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One problem with an input record, and what was done about it."""
+
+    kind: str  # short key counted in metrics, e.g. "degenerate_bbox", "bbox_clipped", "crowd"
+    reason: str  # one human sentence naming the offending value
+    action: Literal["dropped", "converted"] = "dropped"
+    bad_input: bool = True  # False for selection drops (crowd, no segmentation): never stops strict mode
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """An entry of ``images``; ``problem`` is set when the record itself is unusable."""
+
+    image_id: int
+    file_name: str  # name of the file inside the split's images folder
+    width: int
+    height: int
+    alt_folder: str | None = None  # LVIS: the COCO folder named by coco_url (train2017 / val2017)
+    problem: Issue | None = None
+
+    def resolve_path(self, images_dir: str | Path) -> Path:
+        """``images_dir/file_name``; for LVIS, the sibling COCO folder of ``coco_url`` when the first is absent.
+
+        LVIS v1 val draws images from both COCO train2017 and val2017, so one images folder is not enough.
+        """
+        path = Path(images_dir) / self.file_name
+        if not path.exists() and self.alt_folder:
+            alt = Path(images_dir).parent / self.alt_folder / self.file_name
+            if alt.exists():
+                return alt
+        return path
+
+
+@dataclass
+class RecordIssue:
+    """An issue found while loading, before any image is looked at."""
+
+    issue: Issue
+    ann_id: Any = None
+    image_id: Any = None
+    is_annotation: bool = False  # True: one annotation set aside (counted as dropped); False: an image record
+
+
+@dataclass
+class AnnotationSet:
+    """One parsed annotation file, indexed by pycocotools."""
+
+    path: Path
+    format: DatasetFormat
+    coco: COCO
+    images: dict[int, ImageRecord]
+    categories: dict[int, str]
+    num_annotations: int  # every entry of ``annotations``, including the ones set aside in ``record_issues``
+    record_issues: list[RecordIssue] = field(default_factory=list)
+
+    def annotations_of(self, image_id: int) -> list[dict]:
+        """The image's annotations in file order (the order PicoSAM2's reference predictions follow)."""
+        return self.coco.imgToAnns.get(image_id, [])
+
+
+@dataclass
+class CheckedAnnotation:
+    """Outcome of :func:`check_annotation`: an instance, or the drop that removed it, plus conversions."""
+
+    drop: Issue | None
+    conversions: list[Issue]
+    bbox: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # COCO xywh, clipped to the image
+    area: float = 0.0  # COCO area (px), from the JSON, or the mask area when absent
+    rle_counts: str = ""  # compressed COCO RLE of the mask, size (height, width)
+    mask: np.ndarray | None = None  # (H, W) uint8 in {0, 1}
+    mask_box: tuple[int, int, int, int] = (0, 0, 0, 0)  # the mask's tight pixel box (x, y, w, h), w, h >= 1
+
+    def mask_window(self) -> tuple[np.ndarray, int, int]:
+        """``(mask[y:y+h, x:x+w], x, y)``: the mask cut to its tight box, for work that need not scan the image."""
+        x, y, w, h = self.mask_box
+        return self.mask[y : y + h, x : x + w], x, y
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+
+
+def load_annotations(path: str | Path, requested: Literal["auto", "coco", "lvis"] = "auto") -> AnnotationSet:
+    """Parse a COCO or LVIS instances JSON and index it with pycocotools.
+
+    Raises:
+        PipelineError: malformed JSON (file, line, column), wrong top-level layout, or a file whose detected
+            format contradicts an explicit ``requested`` format.
+    """
+    path = Path(path)
+    data = _read_json(path)
+    fmt = detect_format(data)
+    if requested != "auto" and requested != fmt.name:
+        raise PipelineError(
+            f"{path}: prepare.dataset_format is {requested!r} but the file looks like {fmt.describe()} "
+            f"({'categories carry synset/frequency' if fmt.name == 'lvis' else 'no LVIS category fields'}); "
+            f"set prepare.dataset_format=auto or {fmt.name}"
+        )
+
+    issues: list[RecordIssue] = []
+    images, raw_images = {}, []
+    for img in data["images"]:
+        record = _image_record(img, fmt)
+        if record is None:
+            issues.append(RecordIssue(Issue("bad_image_record", f"image record without an integer id: {_short(img)}")))
+        elif record.image_id in images:
+            issue = Issue("duplicate_image_id", f"image id {record.image_id} appears twice; the first is kept")
+            issues.append(RecordIssue(issue, image_id=record.image_id))
+        else:
+            images[record.image_id] = record
+            raw_images.append(img)
+
+    annotations, seen = [], set()
+    for ann in data["annotations"]:
+        ann_id, image_id = (ann.get("id"), ann.get("image_id")) if isinstance(ann, dict) else (None, None)
+        if not (_is_int(ann_id) and _is_int(image_id)):
+            issue = Issue("bad_annotation_record", f"annotation without integer id/image_id: {_short(ann)}")
+        elif ann_id in seen:
+            # Downstream stores are keyed by annotation id, so a second record with the same id cannot be kept.
+            issue = Issue("duplicate_ann_id", f"annotation id {ann_id} appears twice; the first is kept")
+        elif image_id not in images:
+            issue = Issue("missing_image_id", f"annotation {ann_id} points at image id {image_id}, "
+                          "which is not in 'images'")
+        else:
+            seen.add(ann_id)
+            annotations.append(ann)
+            continue
+        issues.append(RecordIssue(issue, ann_id=ann_id, image_id=image_id, is_annotation=True))
+
+    coco = COCO()
+    coco.dataset = {**data, "images": raw_images, "annotations": annotations}
+    with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress lines
+        coco.createIndex()
+    categories = {c["id"]: str(c.get("name", c["id"])) for c in data["categories"]
+                  if isinstance(c, dict) and _is_int(c.get("id"))}
+    return AnnotationSet(path, fmt, coco, images, categories, len(data["annotations"]), issues)
+
+
+def detect_format(data: dict) -> DatasetFormat:
+    """LVIS when categories carry ``synset`` / ``frequency`` and annotations no ``iscrowd``; else COCO.
+
+    The LVIS version follows from the category count (v1: 1203, v0.5: 1230; anything else is "unknown").
+    """
+    cats = data["categories"]
+    lvis_cats = bool(cats) and all(isinstance(c, dict) and ("synset" in c or "frequency" in c) for c in cats)
+    has_crowd = any(isinstance(a, dict) and "iscrowd" in a for a in data["annotations"][:1000])
+    if lvis_cats and not has_crowd:
+        return DatasetFormat("lvis", LVIS_VERSIONS.get(len(cats), "unknown"), len(cats))
+    return DatasetFormat("coco", None, len(cats))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise PipelineError(f"{path}: not UTF-8 text ({err}); it is not an annotation JSON, point prepare.splits "
+                            "at the instances_*.json file") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise PipelineError(
+            f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}. The file is probably "
+            f"truncated or hand-edited; re-download it, or repair it (`python -m json.tool {path}` shows the spot)"
+        ) from None
+    lists = ("images", "annotations", "categories")
+    missing = [k for k in lists if not (isinstance(data, dict) and isinstance(data.get(k), list))]
+    if missing:
+        raise PipelineError(f"{path}: not a COCO/LVIS instances file, expected an object with lists {missing}; "
+                            "point prepare.splits at an instances_*.json (or lvis_v1_*.json) file")
+    return data
+
+
+def _image_record(img: Any, fmt: DatasetFormat) -> ImageRecord | None:
+    if not isinstance(img, dict) or not _is_int(img.get("id")):
+        return None
+    image_id, width, height = img["id"], img.get("width"), img.get("height")
+    file_name, alt_folder = img.get("file_name"), None
+    if fmt.name == "lvis":
+        # LVIS v1 has no file_name (the image is named by coco_url); v0.5 uses the old 2014 names
+        # "COCO_val2014_000000xxxxxx.jpg" for images that COCO 2017 stores as "000000xxxxxx.jpg".
+        url = str(img.get("coco_url") or "")
+        if url:
+            alt_folder, file_name = url.rstrip("/").split("/")[-2:]
+        elif isinstance(file_name, str):
+            file_name = re.sub(r"^COCO_[a-z]+\d{4}_", "", file_name)
+    problem = None
+    if not (isinstance(file_name, str) and file_name):
+        problem = Issue("bad_image_record", f"image {image_id} has no file_name (nor coco_url)")
+        file_name = ""
+    elif not (_is_int(width) and _is_int(height) and width > 0 and height > 0):
+        problem = Issue("bad_image_record", f"image {image_id} ({file_name}) has width/height {width!r}/{height!r}, "
+                        "expected positive integers")
+        width = height = 0
+    return ImageRecord(image_id, file_name, width, height, alt_folder, problem)
+
+
+# --------------------------------------------------------------------------------------------------
+# per-annotation checks
+
+
+def check_annotation(ann: dict, image: ImageRecord, coco: COCO, categories: dict[int, str]) -> CheckedAnnotation:
+    """Validate one annotation of ``image`` and decode its mask.
+
+    Order: crowd, segmentation present, known category, bbox (degenerate / outside / clipped), segmentation
+    well-formed, non-empty mask. Polygon parts with fewer than 3 points are removed (a conversion) when other
+    parts remain; this must happen before pycocotools sees them, since it reads a 4-number part as a bbox.
+    """
+    ann_id = ann["id"]
+    conversions: list[Issue] = []
+
+    def dropped(kind: str, reason: str, bad_input: bool = True) -> CheckedAnnotation:
+        return CheckedAnnotation(Issue(kind, f"annotation {ann_id}: {reason}", bad_input=bad_input), conversions)
+
+    if ann.get("iscrowd", 0):  # LVIS has no iscrowd key: every LVIS annotation is a single instance
+        return dropped("crowd", "crowd annotation (iscrowd=1)", bad_input=False)
+    segm = ann.get("segmentation")
+    if segm is None or (isinstance(segm, (list, dict)) and len(segm) == 0):
+        return dropped("no_segmentation", "no segmentation", bad_input=False)
+    if not (_is_int(ann.get("category_id")) and ann["category_id"] in categories):
+        return dropped("unknown_category", f"category_id {ann.get('category_id')!r} is not in 'categories'")
+
+    bbox = ann.get("bbox")
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+        return dropped("bad_bbox", f"bbox {bbox!r} is not 4 finite numbers [x, y, w, h]")
+    x, y, w, h = (float(v) for v in bbox)
+    if w <= 0 or h <= 0:
+        return dropped("degenerate_bbox", f"bbox {bbox} has zero width or height")
+    x1, y1 = max(x, 0.0), max(y, 0.0)
+    x2, y2 = min(x + w, float(image.width)), min(y + h, float(image.height))
+    if x2 <= x1 or y2 <= y1:
+        return dropped("bbox_outside_image", f"bbox {bbox} lies outside the {image.width}x{image.height} image")
+    clipped = (x1, y1, x2 - x1, y2 - y1)
+    if max(abs(a - b) for a, b in zip(clipped, (x, y, w, h))) > 1e-6:
+        conversions.append(Issue("bbox_clipped", f"annotation {ann_id}: bbox {bbox} extends outside the "
+                                 f"{image.width}x{image.height} image; clipped to {[round(v, 2) for v in clipped]}",
+                                 action="converted"))
+
+    if isinstance(segm, list):
+        parts = [p for p in segm if _is_polygon(p)]
+        if not parts:
+            return dropped("bad_polygon", "polygon with fewer than 3 points (or non-numeric / odd-length coordinates)")
+        if len(parts) < len(segm):
+            reason = f"annotation {ann_id}: removed {len(segm) - len(parts)} of {len(segm)} polygon parts with < 3 points"
+            conversions.append(Issue("polygon_part_removed", reason, action="converted"))
+        segm = parts
+    elif isinstance(segm, dict):
+        problem = _rle_problem(segm, image)
+        if problem:
+            return dropped(*problem)
+    else:
+        return dropped("bad_segmentation", f"segmentation is a {type(segm).__name__}, expected polygons or an RLE dict")
+
+    # pycocotools does the rasterisation: polygons -> merged RLE, uncompressed RLE -> compressed.
+    rle = coco.annToRLE({**ann, "segmentation": segm})
+    counts = rle["counts"]
+    rle = {"size": [image.height, image.width], "counts": counts.encode() if isinstance(counts, str) else counts}
+    try:
+        pixels = int(mask_utils.area(rle))
+        mask_box = tuple(int(v) for v in mask_utils.toBbox(rle))  # the RLE's tight box; integers here
+        mask = mask_utils.decode(rle)
+    except ValueError as err:  # a compressed string whose runs do not add up to height * width
+        return dropped("bad_rle", f"compressed RLE counts cannot be decoded for size {rle['size']} ({err})")
+    if pixels == 0:
+        return dropped("empty_mask", "segmentation covers no pixel of the image")
+
+    area = ann.get("area")
+    if not _is_number(area):
+        conversions.append(Issue("area_computed", f"annotation {ann_id}: area {area!r} missing or not a number; "
+                                 f"using the mask area {pixels}", action="converted"))
+        area = pixels
+    return CheckedAnnotation(None, conversions, clipped, float(area), rle["counts"].decode("ascii"), mask, mask_box)
+
+
+def _rle_problem(segm: dict, image: ImageRecord) -> tuple[str, str] | None:
+    size, counts = segm.get("size"), segm.get("counts")
+    if size != [image.height, image.width]:
+        return "rle_size_mismatch", f"RLE size {size!r} is not the image's [height, width] [{image.height}, {image.width}]"
+    if isinstance(counts, list):
+        if not all(_is_int(c) and c >= 0 for c in counts) or sum(counts) != image.height * image.width:
+            return "bad_rle", f"uncompressed RLE counts do not sum to height*width = {image.height * image.width}"
+    elif not (isinstance(counts, str) and counts.isascii() and counts):
+        return "bad_rle", f"RLE counts {_short(counts, 40)}: expected a list of ints or a compressed ASCII string"
+    return None
+
+
+def _is_polygon(part: Any) -> bool:
+    return isinstance(part, list) and len(part) >= 6 and len(part) % 2 == 0 and all(_is_number(v) for v in part)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _short(record: Any, limit: int = 120) -> str:
+    text = json.dumps(record, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

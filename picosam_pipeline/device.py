@@ -1,0 +1,66 @@
+"""Device and precision, chosen once at the entry point and handed to every stage.
+
+Nobody downstream calls ``.cuda()`` or picks a dtype: they use ``runtime.device`` and ``runtime.autocast()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from picosam_pipeline.config import ConfigError, RuntimeConfig
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The resolved device and autocast dtype (``None`` = plain fp32)."""
+
+    device: "torch.device"
+    autocast_dtype: "torch.dtype | None"
+    seed: int
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """``torch.autocast`` for the chosen dtype, or a no-op context for fp32."""
+        import torch
+
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def describe(self) -> str:
+        dtype = "fp32" if self.autocast_dtype is None else f"{str(self.autocast_dtype).removeprefix('torch.')} autocast"
+        return f"{self.device} ({dtype})"
+
+
+def resolve_runtime(cfg: RuntimeConfig) -> Runtime:
+    """Pick the device (CUDA when present for ``auto``) and precision (bf16 autocast on CUDA for ``auto``).
+
+    Raises:
+        ConfigError: CUDA asked for but not available.
+    """
+    import torch
+
+    if cfg.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(
+                f"runtime.device: {cfg.device!r} asked for but this torch ({torch.__version__}) sees no CUDA device; "
+                "use --set runtime.device=cpu"
+            )
+    if cfg.precision == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else None
+    elif cfg.precision == "bf16":
+        dtype = torch.bfloat16
+    else:
+        dtype = None
+    return Runtime(device=device, autocast_dtype=dtype, seed=cfg.seed)

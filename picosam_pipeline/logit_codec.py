@@ -1,0 +1,149 @@
+"""Logit codecs: teacher logits (float32) <-> the values the logit store keeps (uint8 or float16).
+
+Every codec keeps the mask decision exactly: ``decode(encode(x)) > 0`` wherever ``x > 0`` and nowhere
+else, so a student trained on stored targets sees the teacher's masks unchanged. Values near the decision
+boundary are nudged across it when rounding alone would flip them.
+
+=================  ======  =====================================================  =======================
+codec              stored  decode (``q`` = stored value)                          |sigmoid error|
+=================  ======  =====================================================  =======================
+``sigmoid_uint8``  uint8   ``p = clip(q / 254, 1/1016, 1015/1016)``,               <= 1/254 (0.0039)
+                           ``logit = log(p / (1 - p))``, logits in [-6.92, 6.92]
+``linear_uint8``   uint8   ``logit = (q - 128) * 0.25``, logits in [-32, 31.75]    up to 1/16 near 0
+``float16``        float16 ``logit = float32(q)``                                  ~1e-4
+=================  ======  =====================================================  =======================
+
+``sigmoid_uint8`` (the default) spends its 255 levels evenly in probability, where the distillation losses
+(MSE / BCE / Dice on ``sigmoid(logits)``) measure the teacher; it saturates beyond |logit| ~ 6.2, where
+``sigmoid`` is within 0.002 of 0 or 1 (levels 0 and 254 decode to the middle of their bins, ``p = 1/1016``
+and ``1015/1016``). ``q = 127`` decodes to exactly 0 (``p = 0.5``), which is why the scale is 254, not 255.
+Decoded values are fixed points: re-encoding them gives the same ``q``. ``linear_uint8`` is the PicoSAM-style int8 ("scale 0.25 covers SAM2's +-32") kept
+for comparison; ``float16`` is what PicoSAM3's ``ann_{id}.pt`` files hold.
+
+A reader with plain zarr needs no code from here: the ``logits`` array's attributes carry the rule
+``v = (q - offset) * scale``, then, if ``quantity == "sigmoid"``, ``logit = log(p / (1 - p))`` with
+``p = clip(v, p_min, p_max)`` (see :meth:`LogitCodec.attrs`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Literal
+
+import numpy as np
+
+CodecName = Literal["sigmoid_uint8", "float16", "linear_uint8"]
+
+
+@dataclass(frozen=True)
+class LogitCodec:
+    """How logits become stored values: ``v = (q - offset) * scale`` is the sigmoid or the logit itself."""
+
+    name: str
+    dtype: str  # numpy dtype of the stored values
+    quantity: Literal["sigmoid", "logit"]  # what (q - offset) * scale is
+    scale: float
+    offset: float
+    shuffle: Literal["noshuffle", "shuffle", "bitshuffle"]  # Blosc pre-filter, see BLOSC_SHUFFLE
+    formula: str  # the decode rule in words, for people
+
+    @property
+    def p_clip(self) -> tuple[float, float]:
+        """Probabilities are clipped to the middle of the end levels' bins before the logit (sigmoid codec only).
+
+        Level 0 holds ``p`` in ``[0, scale / 2)``; decoding it to ``scale / 4`` halves the worst error there
+        and keeps decoded values fixed points of the encoder (``scale / 2`` itself would round either way).
+        """
+        quarter = self.scale / 4.0
+        return quarter, 1.0 - quarter
+
+    def attrs(self) -> dict[str, Any]:
+        """JSON attributes that let a plain-zarr reader decode ``q`` without this module."""
+        out: dict[str, Any] = {
+            "codec": self.name,
+            "stored_dtype": self.dtype,
+            "quantity": self.quantity,
+            "scale": self.scale,
+            "offset": self.offset,
+            "decode": self.formula,
+            "mask": "logit > 0 (the codec preserves this decision exactly)",
+        }
+        if self.quantity == "sigmoid":
+            out["p_min"], out["p_max"] = self.p_clip
+        return out
+
+
+# Blosc-zstd pre-filter per codec, the best of noshuffle / shuffle / bitshuffle measured by
+# bench/logit_storage.py on logits made from the 524 COCO masks of ../shared/data/coco-sample
+# (level 5, bytes per 96x96 instance): sigmoid_uint8 1514 / 1514 / 2067 (byte shuffle is a no-op on
+# uint8), linear_uint8 5217 / 5217 / 4649, float16 9600 / 7901 / 9436.
+BLOSC_SHUFFLE = {"sigmoid_uint8": "noshuffle", "linear_uint8": "bitshuffle", "float16": "shuffle"}
+
+CODECS: dict[str, LogitCodec] = {
+    "sigmoid_uint8": LogitCodec(
+        "sigmoid_uint8", "uint8", "sigmoid", 1.0 / 254.0, 0.0, BLOSC_SHUFFLE["sigmoid_uint8"],
+        "p = clip(q / 254, 1/1016, 1015/1016); logit = log(p / (1 - p))",
+    ),
+    "linear_uint8": LogitCodec(
+        "linear_uint8", "uint8", "logit", 0.25, 128.0, BLOSC_SHUFFLE["linear_uint8"], "logit = (q - 128) * 0.25",
+    ),
+    "float16": LogitCodec("float16", "float16", "logit", 1.0, 0.0, BLOSC_SHUFFLE["float16"], "logit = float32(q)"),
+}
+
+
+def get_codec(name: str) -> LogitCodec:
+    """The codec called ``name``; ValueError names the valid ones."""
+    if name not in CODECS:
+        raise ValueError(f"unknown logit codec {name!r}; expected one of {sorted(CODECS)}")
+    return CODECS[name]
+
+
+def encode_logits(logits: np.ndarray, codec: str | LogitCodec) -> np.ndarray:
+    """Float logits of any shape -> stored values of ``codec.dtype``, same shape.
+
+    Raises:
+        ValueError: a NaN or infinite logit (a teacher bug, not something to store silently).
+    """
+    codec = get_codec(codec) if isinstance(codec, str) else codec
+    x = np.asarray(logits, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError(f"logits contain {int((~np.isfinite(x)).sum())} NaN/inf values; the teacher output is broken")
+    positive = x > 0
+    if codec.name == "float16":
+        q = np.clip(x, -65504.0, 65504.0).astype(np.float16)
+        # Positive logits below float16's smallest subnormal (6e-8) would round to 0, i.e. "background".
+        q[positive & (q <= 0)] = np.float16(2.0**-24)
+        return q
+    if codec.quantity == "sigmoid":
+        v = 0.5 * (1.0 + np.tanh(0.5 * x.astype(np.float64)))  # sigmoid without overflow warnings
+    else:
+        v = x.astype(np.float64)
+    q = np.clip(np.rint(v / codec.scale + codec.offset), 0, 255)
+    # q == zero_level decodes to exactly logit 0 ("background"); logits in (0, half a level) round onto it.
+    zero_level = codec.offset + (0.5 / codec.scale if codec.quantity == "sigmoid" else 0.0)
+    q[positive & (q <= zero_level)] = zero_level + 1
+    return q.astype(np.uint8)
+
+
+def decode_logits(stored: np.ndarray, codec: str | LogitCodec) -> np.ndarray:
+    """Stored values (any shape) -> float32 logits, same shape (uint8 codecs through a 256-entry table)."""
+    codec = get_codec(codec) if isinstance(codec, str) else codec
+    q = np.asarray(stored)
+    if q.dtype != np.dtype(codec.dtype):
+        raise ValueError(f"codec {codec.name} stores {codec.dtype}, got an array of {q.dtype}")
+    if codec.name == "float16":
+        return q.astype(np.float32)
+    return _decode_table(codec)[q]
+
+
+@lru_cache(maxsize=None)
+def _decode_table(codec: LogitCodec) -> np.ndarray:
+    """The float32 logit of each of the 256 uint8 levels, computed in float64 from the attrs rule."""
+    v = (np.arange(256, dtype=np.float64) - codec.offset) * codec.scale
+    if codec.quantity == "sigmoid":
+        p = np.clip(v, *codec.p_clip)
+        v = np.log(p) - np.log1p(-p)
+    table = v.astype(np.float32)
+    table.flags.writeable = False  # shared by every call through the cache
+    return table

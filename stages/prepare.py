@@ -1,0 +1,213 @@
+"""Stage ``prepare``: COCO / LVIS instances JSON -> instance index (Parquet) + bad-input report.
+
+For every split in ``prepare.splits``: load the annotations (``picosam_pipeline.coco``), check each
+referenced image once (``picosam_pipeline.images``), check each annotation and decode its mask, apply the
+selection (non-crowd, has a segmentation, ``area >= min_area``, ROI side ``>= min_roi_side``), and compute
+both prompt conventions (``picosam_pipeline.crops``). Outputs in ``prepare.out_dir``:
+
+* ``index.parquet``     one row per kept instance (schema in ``picosam_pipeline.instance_index``);
+* ``bad_inputs.jsonl``  one JSON record per dropped or converted bad input (split, kind, ids, file, reason, action);
+* ``config.resolved.json``; and ``metrics/prepare.json``: per split, kept / dropped by reason / converted by kind.
+
+``prepare.on_bad_input``: ``skip`` drops a bad input and reports it; ``strict`` stops at the first one with a
+message naming the file and the fix. Conversions (bbox clipped, grayscale -> RGB, EXIF rotation, ...) and
+selection drops (crowd, small) never stop the stage. Every annotation is counted exactly once, as kept or
+under one drop reason, so ``kept + sum(dropped) == annotations`` per split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from picosam_pipeline.coco import AnnotationSet, ImageRecord, Issue, check_annotation, load_annotations
+from picosam_pipeline.config import Config, PrepareConfig, SplitSource, require_inputs, save_resolved, write_metrics
+from picosam_pipeline.crops import point_box, point_prompt, roi_box
+from picosam_pipeline.device import Runtime
+from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.images import BadImageError, load_image
+from picosam_pipeline.instance_index import INDEX_FILE, IndexBuilder, write_index
+
+BAD_INPUTS_FILE = "bad_inputs.jsonl"
+
+# The fix a strict-mode stop suggests, by issue kind. Image-file issues (image_*) carry their own fix from
+# picosam_pipeline.images; any other annotation issue: correct or remove the annotation.
+_FIXES = {
+    "missing_image_id": "add the image record to 'images' or remove the annotation",
+    "duplicate_ann_id": "give every annotation a unique id",
+    "duplicate_image_id": "give every image record a unique id",
+    "bad_image_record": "give the image record an integer id, a file_name and positive width/height",
+}
+
+
+@dataclass
+class SplitCounts:
+    """Per-split bookkeeping; ``dropped`` and ``converted`` are keyed by issue kind."""
+
+    annotations: int = 0
+    kept: int = 0
+    images: int = 0
+    images_with_annotations: int = 0
+    images_checked: int = 0
+    dropped: Counter = field(default_factory=Counter)  # annotations, by reason
+    converted: Counter = field(default_factory=Counter)  # annotations or images, by conversion kind
+
+    def as_metrics(self) -> dict[str, Any]:
+        return {**{k: v for k, v in asdict(self).items() if k not in ("dropped", "converted")},
+                "dropped": sum(self.dropped.values()), "dropped_by_reason": dict(sorted(self.dropped.items())),
+                "converted_by_kind": dict(sorted(self.converted.items()))}
+
+
+class BadInputLog:
+    """Records bad inputs for ``bad_inputs.jsonl``; in strict mode a dropping bad input raises instead."""
+
+    def __init__(self, strict: bool) -> None:
+        self.strict = strict
+        self.records: list[dict[str, Any]] = []
+
+    def report(self, split: str, issue: Issue, file: str | Path, **ids: Any) -> None:
+        if not issue.bad_input:
+            return  # selection drops (crowd, no segmentation) are counted in metrics only
+        if self.strict and issue.action == "dropped":
+            where = "" if str(file) in issue.reason else f"{file}: "
+            default = None if issue.kind.startswith("image_") else "correct or remove the annotation"
+            fix = _FIXES.get(issue.kind, default)
+            raise PipelineError(
+                f"{where}{issue.reason} [{issue.kind}, split {split!r}]. {f'Fix: {fix}; or set' if fix else 'Or set'} "
+                f"prepare.on_bad_input=skip to drop such inputs and list them in {BAD_INPUTS_FILE}"
+            )
+        self.records.append({"split": split, "kind": issue.kind, **ids, "file": str(file),
+                             "reason": issue.reason, "action": issue.action})
+
+    def write(self, path: Path) -> None:
+        with open(path, "w") as f:
+            for record in self.records:
+                f.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+
+
+def run(cfg: Config, runtime: Runtime | None = None) -> dict[str, Any]:
+    """Build ``<prepare.out_dir>/index.parquet`` from every split; returns kept / dropped totals.
+
+    ``runtime`` is unused: prepare runs on the CPU (pycocotools, PIL) whatever the device.
+    """
+    p = cfg.prepare
+    require_inputs(p.input_paths("prepare"))
+    log = BadInputLog(strict=p.on_bad_input == "strict")
+    builder = IndexBuilder()
+    splits_meta, split_counts = {}, {}
+    for split in p.splits:
+        annset = load_annotations(split.annotations, p.dataset_format)
+        split_counts[split.name] = counts = _prepare_split(split, annset, p, builder, log)
+        splits_meta[split.name] = {"format": annset.format.name, "version": annset.format.version,
+                                   "categories": annset.format.num_categories, "annotations": split.annotations,
+                                   "images": split.images, "kept": counts.kept}
+
+    out_dir = Path(p.out_dir)
+    write_index(builder.to_table(), out_dir / INDEX_FILE, {"splits": splits_meta, "prepare": asdict(p)})
+    log.write(out_dir / BAD_INPUTS_FILE)
+    save_resolved(cfg, out_dir, ["prepare"])
+
+    total = sum((c.dropped for c in split_counts.values()), Counter())
+    metrics = {
+        "dataset": {name: {k: m[k] for k in ("format", "version", "categories")} for name, m in splits_meta.items()},
+        "splits": {name: c.as_metrics() for name, c in split_counts.items()},
+        "total": {"annotations": sum(c.annotations for c in split_counts.values()), "kept": len(builder),
+                  "dropped": sum(total.values()), "bad_input_records": len(log.records)},
+    }
+    write_metrics(cfg, "prepare", metrics)
+    return {"kept": len(builder), "dropped": dict(sorted(total.items())), "index": str(out_dir / INDEX_FILE)}
+
+
+def _prepare_split(split: SplitSource, annset: AnnotationSet, p: PrepareConfig, builder: IndexBuilder,
+                   log: BadInputLog) -> SplitCounts:
+    counts = SplitCounts(annotations=annset.num_annotations, images=len(annset.images))
+    for rec in annset.record_issues:  # duplicates, orphans: set aside while loading
+        if rec.is_annotation:
+            counts.dropped[rec.issue.kind] += 1
+        log.report(split.name, rec.issue, annset.path, ann_id=rec.ann_id, image_id=rec.image_id)
+
+    images = [img for img in annset.images.values() if annset.annotations_of(img.image_id)]
+    counts.images_with_annotations = len(images)
+    paths = [img.resolve_path(split.images) for img in images]
+    # PIL releases the GIL while decoding, so a few threads overlap decodes; results come back in order.
+    pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+    try:
+        checks = pool.map(lambda args: _check_image(*args, decode=p.check_images), zip(images, paths))
+        for image, path, (problem, conversions) in tqdm(zip(images, paths, checks), total=len(images),
+                                                        desc=f"prepare {split.name}", unit="img"):
+            anns = annset.annotations_of(image.image_id)
+            if p.check_images and image.problem is None:
+                counts.images_checked += 1
+            if problem is not None:
+                counts.dropped[problem.kind] += len(anns)
+                log.report(split.name, problem, path if image.problem is None else annset.path,
+                           image_id=image.image_id, ann_ids=[a["id"] for a in anns])
+                continue
+            for kind in conversions:
+                counts.converted[f"image_{kind}"] += 1
+                log.report(split.name, Issue(f"image_{kind}", f"image {image.image_id}: {kind}", action="converted"),
+                           path, image_id=image.image_id)
+            for ann in anns:
+                _add_instance(split, annset, image, path, ann, p, builder, log, counts)
+    finally:  # a strict-mode stop must not wait for the decodes still queued
+        pool.shutdown(wait=True, cancel_futures=True)
+    return counts
+
+
+def _check_image(image: ImageRecord, path: Path, decode: bool) -> tuple[Issue | None, tuple[str, ...]]:
+    """Decode the image once (or only check that it exists); returns a drop issue or the conversions applied."""
+    if image.problem is not None:
+        return image.problem, ()
+    if not decode:
+        if path.is_file():
+            return None, ()
+        return Issue("image_missing", f"image {str(path)!r} does not exist; download it again or fix the split's "
+                     "images folder / file_name"), ()
+    try:
+        return None, load_image(path, expected_size=(image.width, image.height)).conversions
+    except BadImageError as err:
+        return Issue(f"image_{err.kind}", str(err)), ()
+
+
+def _add_instance(split: SplitSource, annset: AnnotationSet, image: ImageRecord, path: Path, ann: dict,
+                  p: PrepareConfig, builder: IndexBuilder, log: BadInputLog, counts: SplitCounts) -> None:
+    """Check one annotation, apply the selection, and add its row with both prompt conventions."""
+    ann_id = ann["id"]
+    checked = check_annotation(ann, image, annset.coco, annset.categories)
+    for conv in checked.conversions:
+        counts.converted[conv.kind] += 1
+        log.report(split.name, conv, annset.path, ann_id=ann_id, image_id=image.image_id)
+    drop = checked.drop
+    if drop is None and checked.area < p.min_area:
+        drop = Issue("small_area", f"annotation {ann_id}: area {checked.area:.1f} < prepare.min_area", bad_input=False)
+    if drop is None:
+        roi, roi_float = roi_box(checked.bbox, image.width, image.height, p.roi_padding)
+        if min(roi.width, roi.height) < p.min_roi_side:
+            drop = Issue("small_roi", f"annotation {ann_id}: ROI {tuple(roi)} has a side < prepare.min_roi_side",
+                         bad_input=False)
+    if drop is not None:
+        counts.dropped[drop.kind] += 1
+        log.report(split.name, drop, annset.path, ann_id=ann_id, image_id=image.image_id)
+        return
+
+    # The prompt from the mask's tight-box window equals the full-mask one shifted by (x0, y0): translation keeps
+    # both the integer centre ((a + b) // 2) and the row-major tie-break, and skips a whole-image scan.
+    window, x0, y0 = checked.mask_window()
+    cx, cy = point_prompt(window)
+    cx, cy = cx + x0, cy + y0
+    counts.kept += 1
+    builder.add(
+        ann_id=ann_id, image_id=image.image_id, split=split.name, file_name=image.file_name,
+        image_path=str(path), width=image.width, height=image.height,
+        category_id=ann["category_id"], category_name=annset.categories[ann["category_id"]], iscrowd=False,
+        bbox=list(checked.bbox), area=checked.area, roi_box=list(roi), roi_float_box=list(roi_float),
+        point=[cx, cy], point_box=list(point_box(cx, cy, image.width, image.height, p.point_crop_size)),
+        rle_counts=checked.rle_counts,
+    )

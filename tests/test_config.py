@@ -1,0 +1,83 @@
+"""Typed config: defaults, params.yaml, overrides, and rejection of bad values with the key named."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import REPO
+from picosam_pipeline.config import Config, ConfigError, load_config, require_inputs, save_resolved
+
+
+def test_repo_params_file_loads_and_matches_sections():
+    cfg = load_config(REPO / "params.yaml")
+    assert isinstance(cfg, Config)
+    assert cfg.prepare.splits[0].name == "train"
+    assert cfg.teacher.allow_random_weights is True  # the sample has no checkpoint
+
+
+def test_defaults_without_file():
+    cfg = load_config(None)
+    assert cfg.runtime.device == "auto" and cfg.teacher.store_size == 96
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("teacher.store_size=-1", "teacher.store_size: expected a positive number"),
+        ("teacher.store_size=1.5", "teacher.store_size: expected an integer"),
+        ("prepare.min_area=abc", "prepare.min_area: expected a number"),
+        ("prepare.on_bad_input=ignore", "prepare.on_bad_input: expected one of ['skip', 'strict']"),
+        ("teacher.allow_random_weights=1", "teacher.allow_random_weights: expected true or false"),
+        ("teacher.colour=red", "teacher.colour: unknown key"),
+        ("nosuchsection.x=1", "nosuchsection: unknown key"),
+        ("runtime.device=tpu", "runtime.device: expected auto, cpu, cuda or cuda:N"),
+        ("prepare.roi_padding=1.5", "prepare.roi_padding: expected a fraction"),
+        ("prepare.splits=[]", "prepare.splits: expected at least one"),
+        ("prepare.splits=[{name: a, annotations: x}]", "prepare.splits[0].images: required key is missing"),
+        ("teacher.model=sam9", "teacher.model: expected one of"),
+        ("teacher.compression_level=0", "teacher.compression_level: expected an integer 1..9"),
+    ],
+)
+def test_bad_values_are_rejected_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_override_parses_yaml_values():
+    cfg = load_config(None, ["teacher.splits=[val]", "teacher.scheduler_address=tcp://127.0.0.1:8786", "teacher.checkpoint=null"])
+    assert cfg.teacher.splits == ["val"]
+    assert cfg.teacher.scheduler_address == "tcp://127.0.0.1:8786"
+    assert cfg.teacher.checkpoint is None
+
+
+def test_override_without_equals_is_rejected():
+    with pytest.raises(ConfigError, match="expected KEY.PATH=VALUE"):
+        load_config(None, ["teacher.store_size"])
+
+
+def test_malformed_and_missing_params_files(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("prepare: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="expected a mapping of sections"):
+        load_config(bad)
+
+
+def test_require_inputs_names_key_and_path(tmp_path):
+    require_inputs({"prepare.splits[0].images": str(tmp_path)})
+    with pytest.raises(ConfigError, match=r"prepare.splits\[0\].annotations: path '.*missing.json' does not exist"):
+        require_inputs({"prepare.splits[0].annotations": str(tmp_path / "missing.json")})
+
+
+def test_save_resolved_writes_only_the_stage_sections(tmp_path):
+    cfg = load_config(None, ["prepare.min_area=5"])
+    path = save_resolved(cfg, tmp_path / "out", ["prepare"])
+    saved = json.loads(path.read_text())
+    assert list(saved) == ["prepare"] and saved["prepare"]["min_area"] == 5.0
