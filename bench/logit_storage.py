@@ -46,8 +46,9 @@ from picosam_pipeline.logit_store import create_store, open_store  # noqa: E402
 DEFAULT_COCO = REPO.parent / "shared" / "data" / "coco-sample"
 
 
-def coco_like_logits(coco_dir: str | Path, size: int = 96, noise: float = 0.3, seed: int = 0) -> dict[str, np.ndarray]:
-    """Realistic teacher logits from real COCO masks (recipe in the module docstring).
+def coco_like_logits(coco_dir: str | Path, size: int = 96, noise: float = 0.3, seed: int = 0,
+                     limit: int | None = None) -> dict[str, np.ndarray]:
+    """Realistic teacher logits from real COCO masks (recipe in the module docstring); ``limit``: at most that many.
 
     Returns:
         ``logits`` float32 ``(n, size, size)`` in [-32, 32]; ``ann_id``, ``image_id`` int64 ``(n,)``;
@@ -66,7 +67,7 @@ def coco_like_logits(coco_dir: str | Path, size: int = 96, noise: float = 0.3, s
         for ann in coco.loadAnns(coco.getAnnIds(iscrowd=False)):
             image = coco.imgs[ann["image_id"]]
             box, _ = roi_box(ann["bbox"], image["width"], image["height"], padding=0.1)
-            if min(box.width, box.height) < 4:
+            if min(box.width, box.height) < 4 or len(rows["ann_id"]) == limit:
                 continue
             crop = coco.annToMask(ann)[box.y1 : box.y2, box.x1 : box.x2].astype(np.float32)
             mask = np.asarray(Image.fromarray(crop).resize((size, size), Image.BILINEAR)) >= 0.5

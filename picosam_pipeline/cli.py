@@ -186,7 +186,8 @@ def inspect_cmd(path: str, scan: int) -> None:
     lines = [
         f"teacher-logit store {path} (format {layout['format_version']}, written by picosam-pipeline {layout['code_version']})",
         f"  instances   {s['instances_done']:,} of {s['instances']:,} written; shards {s['shards_done']} of {s['shards']} done"
-        f" ({store.instances_per_shard} instances each)",
+        f" ({store.instances_per_shard} instances each)"
+        + ("" if s["shards_done"] == s["shards"] else "; rerun the teacher stage to finish the rest"),
         f"  logits      {store.side}x{store.side} per instance, codec {store.codec.name} ({enc['stored_dtype']}, "
         f"Blosc {enc['blosc']['cname']} level {enc['blosc']['clevel']}, {enc['blosc']['shuffle']})",
         f"  decode      {enc['decode']}; mask = logit > 0",
@@ -200,15 +201,108 @@ def inspect_cmd(path: str, scan: int) -> None:
             f" (over {s['instances_scanned']:,} instances)",
             f"  confidence  min {s['confidence_min']:.3f}, mean {s['confidence_mean']:.3f}, max {s['confidence_max']:.3f}",
         ]
-    lines.append(f"  teacher     {teacher.get('model', 'unknown')}, checkpoint {teacher.get('checkpoint')} "
-                 f"sha256 {teacher.get('checkpoint_sha256')}")
+    random_weights = teacher.get("random_weights") or not teacher.get("checkpoint_sha256")
+    weights = ("RANDOM WEIGHTS (no checkpoint loaded)" if random_weights
+               else f"checkpoint {teacher.get('checkpoint')} (sha256 {teacher['checkpoint_sha256']})")
+    lines.append(f"  teacher     {teacher.get('model', 'unknown')}, {weights}")
     prompt, crop = store.attrs.get("prompt", {}), store.attrs.get("crop", {})
     lines.append(f"  prompt      {prompt.get('convention', 'unknown')}: {prompt.get('description', '')}")
     lines.append(f"  crop        {', '.join(f'{k}={v}' for k, v in crop.items()) or 'unknown'}")
     click.echo("\n".join(lines))
-    if teacher.get("random_weights") or not teacher.get("checkpoint_sha256"):
+    if random_weights:
         click.echo("WARNING: these logits come from a teacher with RANDOM WEIGHTS (no checkpoint): fine for "
                    "tests, useless for distillation. Fetch the checkpoint and rerun the teacher stage.", err=True)
+
+
+def _numbers(text: str | None, count: int, option: str, form: str) -> tuple[float, ...] | None:
+    """Parse ``--box`` / ``--point`` values ``"a,b,..."`` into ``count`` floats (None when not given)."""
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != count:
+        raise click.BadParameter(f"expected {form} ({count} comma-separated numbers), got {text!r}", param_hint=option)
+    return values
+
+
+@cli.command("predict")
+@click.option("--model", "model_path", required=True,
+              help="Student checkpoint written by the train stage, or an exported ONNX model (.onnx, run with onnxruntime on the CPU).")
+@click.option("--image", "image_path", required=True, help="Image file (any format PIL reads; an EXIF rotation is applied, as a viewer shows it).")
+@click.option("--box", default=None, metavar="X,Y,W,H",
+              help="Box prompt in image pixels (COCO x,y,w,h): the PicoSAM3 crop, the box padded 10 %/side and squared.")
+@click.option("--point", default=None, metavar="X,Y", help="Point prompt in image pixels: the PicoSAM2 crop, a 96-px window around the point.")
+@click.option("--out", "mask_out", default="mask.png", show_default=True, help="Mask PNG in the image frame (8-bit, 255 = object).")
+@click.option("--overlay", "overlay_out", default="overlay.png", show_default=True,
+              help="Overlay PNG: the image with the mask in red, the crop box in yellow, the prompt in cyan. Empty string: no overlay.")
+@click.option("--roi-padding", default=0.1, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
+              help="Box prompts: fraction of w/h added per side before squaring (what the student was trained with).")
+@click.option("--window", default=96, show_default=True, type=click.IntRange(min=1), help="Point prompts: window side in image pixels.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N, for checkpoints (ONNX runs on the CPU).")
+def predict_cmd(model_path: str, image_path: str, box: str | None, point: str | None, mask_out: str, overlay_out: str,
+                roi_padding: float, window: int, device: str) -> None:
+    """Segment the object a box or point prompt names in one image, with a trained student.
+
+    Crops the image as in training (box: PicoSAM3 ROI; point: PicoSAM2 window), runs the student on the
+    96x96 crop, resizes the logits back into the crop box and pastes them into the image frame. Writes the
+    full-size mask and an overlay, and prints the crop box and the mask area.
+    """
+    from picosam_pipeline.config import RuntimeConfig
+    from picosam_pipeline.device import resolve_runtime
+    from picosam_pipeline.predict import load_crop_model, predict_to_files
+
+    box_xywh = _numbers(box, 4, "--box", "X,Y,W,H")
+    point_xy = _numbers(point, 2, "--point", "X,Y")
+    if (box_xywh is None) == (point_xy is None):
+        raise click.UsageError("give exactly one prompt: --box X,Y,W,H or --point X,Y")
+    try:
+        runtime = resolve_runtime(RuntimeConfig(device=device, precision="fp32"))
+        model = load_crop_model(model_path, runtime)
+        result = predict_to_files(model, image_path, mask_out, overlay_out or None, box=box_xywh, point=point_xy,
+                                  roi_padding=roi_padding, window=window)
+    except PipelineError as err:
+        _fail(err)
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"crop box {tuple(result.crop_box)} (x1, y1, x2, y2) -> {model.input_size}x{model.input_size} crop; "
+               f"mask {int(result.mask.sum())} px -> {mask_out}" + (f", overlay -> {overlay_out}" if overlay_out else ""))
+
+
+@cli.command("verify-logits")
+@click.argument("path", type=click.Path())
+@click.option("--sample", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Random finished instances to recompute with the teacher (each sampled image is encoded once).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random instance sample.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto | cpu | cuda | cuda:N. The precision is the one the store records.")
+@click.option("--index", default=None, help="Instance index the store was made from (default: the path the store records).")
+@click.option("--checkpoint", default=None,
+              help="Teacher checkpoint (default: the path the store records); refused unless its sha256 is the recorded one.")
+@click.option("--tolerance", default=1e-4, show_default=True, type=click.FloatRange(min=0.0),
+              help="Sigmoid difference allowed on top of the codec's bound, for teacher recomputation noise (raise it "
+                   "to check a GPU/bf16 store on another device).")
+def verify_logits_cmd(path: str, sample: int, seed: int, device: str, index: str | None, checkpoint: str | None,
+                      tolerance: float) -> None:
+    """Recompute random instances of the teacher-logit store at PATH and report the largest differences.
+
+    Rebuilds the teacher from the configuration the store records (refusing a checkpoint whose sha256, or a
+    random-weight teacher whose weights digest, differs from the recorded one), rereads the index rows the store
+    was made from, and compares: share of bit-identical stored values, largest logit difference after the codec,
+    largest sigmoid difference against the float32 teacher, and decision flips. Exits 1 when the sigmoid
+    difference exceeds the codec's bound plus --tolerance.
+    """
+    from picosam_pipeline.verify_logits import verify_store
+
+    try:
+        report = verify_store(path, sample, seed=seed, device=device, index=index, checkpoint=checkpoint,
+                              tolerance=tolerance)
+    except PipelineError as err:
+        _fail(err)
+    click.echo(report.format())
+    if not report.ok:
+        sys.exit(1)
 
 
 def main() -> None:

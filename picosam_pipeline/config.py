@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -39,8 +40,10 @@ class RuntimeConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     seed: int = 0
     metrics_dir: str = "metrics"  # DVC metrics JSON files (metrics/<stage>.json)
+    num_threads: int = 0  # torch intra-op CPU threads; 0 = torch's default (one per core)
 
     def validate(self, key: str) -> None:
+        _non_negative(key, "num_threads", self.num_threads)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"{key}.device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
 
@@ -140,6 +143,7 @@ class TeacherConfig:
     codec: Literal["sigmoid_uint8", "float16", "linear_uint8"] = "sigmoid_uint8"
     compression_level: int = 5  # Blosc-zstd level, 1..9
     instances_per_shard: int = 256  # instances per Zarr shard file (= per dask task)
+    executor: Literal["dask", "local"] = "dask"  # dask: a cluster runs the shard tasks; local: this process, no dask
     scheduler_address: str | None = None  # existing dask scheduler (tcp://host:8786); None = LocalCluster
     n_workers: int = 0  # LocalCluster workers; 0 = one per GPU, else 1
     threads_per_worker: int = 0  # 0 = all cores / workers
@@ -161,6 +165,172 @@ class TeacherConfig:
 
 
 @dataclass
+class LvisEvalConfig:
+    """An extra evaluation straight from LVIS v1 annotations + COCO images (no shards, no teacher)."""
+
+    annotations: str  # e.g. data/coco/annotations/lvis_v1_val.json
+    images: str  # the COCO val2017 folder; annotations whose image is not there are counted, not scored
+    max_annotations: int = 0  # score the first N usable annotations in file order; 0 = all
+
+    def validate(self, key: str) -> None:
+        _non_negative(key, "max_annotations", self.max_annotations)
+
+
+@dataclass
+class EvaluateConfig:
+    """Crop-space scores of the float student and the teacher on the val shards (``stages/evaluate.py``)."""
+
+    shards: str = "data/shards/val"  # WebDataset shards of the split to score (directory or shard index)
+    checkpoint: str = "data/train/student.pt"
+    index: str = "data/prepared/index.parquet"  # full-image GT masks (rle_counts) and category names
+    split: str = "val"  # the index split the shards were cut from
+    batch_size: int = 64
+    grid_samples: int = 8  # rows of the qualitative grid (data/evaluate/grid.png); 0 = no grid
+    int8_model: str | None = None  # fake-quant / INT8 ONNX from the quantize stage: scored and shown when set
+    write_predictions: str | None = None  # also write the crop-frame RLE COCO-results JSON here
+    lvis: LvisEvalConfig | None = None
+    out_dir: str = "data/evaluate"
+
+    def validate(self, key: str) -> None:
+        _positive(key, "batch_size", self.batch_size)
+        _non_negative(key, "grid_samples", self.grid_samples)
+
+
+@dataclass
+class PackConfig:
+    """WebDataset shards joining the index, the images and the teacher store (``stages/pack.py``)."""
+
+    index: str = "data/prepared/index.parquet"
+    store: str = "data/teacher/logits.zarr"
+    splits: list[str] = field(default_factory=lambda: ["train", "val"])
+    out_dir: str = "data/shards"  # one folder per split: shard-NNNNNN.tar + shards.json
+    samples_per_shard: int = 4096  # ~35 MB per 96x96 shard; loader parallelism is per shard
+    seed: int = 0  # order of the samples across each split's shards
+    jpeg_quality: int = 90  # image crops; 90 is ~3.2 KB per 96x96 COCO crop
+
+    def validate(self, key: str) -> None:
+        if not self.splits or len(set(self.splits)) != len(self.splits):
+            raise ConfigError(f"{key}.splits: expected a list of distinct split names, e.g. [train, val], got {self.splits}")
+        _positive(key, "samples_per_shard", self.samples_per_shard)
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ConfigError(f"{key}.jpeg_quality: expected an integer 1..100 (JPEG quality), got {self.jpeg_quality}")
+
+
+@dataclass
+class TrainConfig:
+    """Distillation training of a student on the packed shards (``stages/train.py``, ``trainer.py``).
+
+    The loss fields map 1:1 onto :class:`picosam_pipeline.losses.DistillationLoss`. The papers' recipe:
+    AdamW lr 3e-4 (weight decay 0.01), 1000 warm-up steps then constant, batch 8 (PicoSAM2) / 64 (PicoSAM3),
+    one epoch of COCO train2017 instances, no augmentation, no clipping.
+    """
+
+    shards: str = "data/shards"  # pack.out_dir: train/ and val/ inside, each shard-NNNNNN.tar + shards.json
+    student: Literal["picosam2", "picosam3"] = "picosam3"
+    steps: int = 300  # optimizer steps (batches per rank), not epochs
+    batch_size: int = 8  # per rank
+    lr: float = 3e-4  # peak learning rate (after warm-up)
+    weight_decay: float = 0.01
+    warmup_steps: int = 30  # linear warm-up from lr / warmup_steps to lr
+    schedule: Literal["constant", "cosine"] = "constant"  # after warm-up; cosine decays to min_lr at `steps`
+    min_lr: float = 3e-5
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    lambda_mode: Literal["confidence_batch_mean", "confidence_per_sample", "fixed"] = "confidence_batch_mean"
+    fixed_lambda: float = 0.5  # teacher weight when lambda_mode is fixed (0 = supervised baseline)
+    temperature: float = 0.2  # sigmoid(x / T): 0.2 = PicoSAM3's sigmoid(5x), 1 = PicoSAM2
+    area_weight: float = 0.4  # PicoSAM3's area term weight; 0 = off (PicoSAM2)
+    area_min_ratio: float = 0.4
+    checkpoint_every: int = 100  # steps between resumable checkpoints (out_dir/checkpoint.pt)
+    eval_every: int = 100  # steps between val-IoU evaluations (also at step 0 and at the end)
+    log_every: int = 10  # steps between host syncs for the loss log and the progress bar
+    num_workers: int = 0  # loader worker processes per rank
+    shuffle_buffer: int = 1000  # samples in the loader's shuffle buffer
+    hflip: bool = False  # random horizontal flips (image, mask and teacher logits together)
+    jitter: float = 0.0  # random crop-box jitter, as a fraction of the crop side (needs teacher.context_margin)
+    on_corrupt_shard: Literal["stop", "skip"] = "stop"
+    out_dir: str = "data/train"  # checkpoint.pt (resumable state), student.pt (final weights), config.resolved.json
+
+    def validate(self, key: str) -> None:
+        for name in ("steps", "batch_size", "lr", "checkpoint_every", "eval_every", "log_every", "shuffle_buffer"):
+            _positive(key, name, getattr(self, name))
+        for name in ("weight_decay", "warmup_steps", "min_lr", "grad_clip", "num_workers", "area_weight", "area_min_ratio"):
+            _non_negative(key, name, getattr(self, name))
+        if not 0.0 <= self.jitter < 0.5:
+            raise ConfigError(f"{key}.jitter: expected a fraction of the crop side in [0, 0.5), got {self.jitter}")
+        if self.temperature <= 0:
+            raise ConfigError(f"{key}.temperature: expected a positive number (1 = PicoSAM2, 0.2 = PicoSAM3), got {self.temperature}")
+        if not 0.0 <= self.fixed_lambda <= 1.0:
+            raise ConfigError(f"{key}.fixed_lambda: expected a weight in [0, 1], got {self.fixed_lambda}")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"{key}.min_lr: expected at most lr ({self.lr}), got {self.min_lr}")
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`~picosam_pipeline.losses.DistillationLoss`."""
+        names = ("lambda_mode", "fixed_lambda", "temperature", "area_weight", "area_min_ratio")
+        return {name: getattr(self, name) for name in names}
+
+
+@dataclass
+class QuantizeConfig:
+    """MCT INT8 post-training quantisation for the IMX500, scored on the val shards (``stages/quantize.py``)."""
+
+    checkpoint: str = "data/train/student.pt"  # float student from the train stage
+    train_shards: str = "data/shards/train"  # representative data for MCT's statistics
+    val_shards: str = "data/shards/val"  # float and INT8 are scored on the same crops
+    index: str = "data/prepared/index.parquet"  # full-image GT masks and categories (as evaluate)
+    split: str = "val"  # the index split the val shards were cut from
+    tpc_version: str | float = "4.0"  # edgemdt_tpc IMX500 target platform version (1.0, 4.0, 4.1, 5.0)
+    representative_batches: int = 10  # PicoSAM2 calibrated on 10 batches x 8 crops
+    batch_size: int = 8  # representative batch size
+    shuffle_buffer: int = 1000  # draws the representative crops at random from the train shards
+    gptq_epochs: int = 0  # 0 = PTQ; N > 0 = gradient-based PTQ (GPTQ) for N epochs over the representative data
+    eval_batch_size: int = 64
+    max_miou_drop: float = 0.01  # target: INT8 crop mIoU within this of float (reported, not enforced)
+    probe_samples: int = 16  # val crops kept with the INT8 torch model's logits, for the export stage's checks
+    out_dir: str = "data/quantize"
+
+    def validate(self, key: str) -> None:
+        # YAML reads an unquoted 4.0 as a number; MCT wants the string "4.0".
+        self.tpc_version = str(self.tpc_version)
+        if not re.fullmatch(r"\d+\.\d+(_\w+)?", self.tpc_version):
+            raise ConfigError(f"{key}.tpc_version: expected a version such as \"4.0\", got {self.tpc_version!r}")
+        for name in ("representative_batches", "batch_size", "eval_batch_size", "probe_samples"):
+            _positive(key, name, getattr(self, name))
+        for name in ("shuffle_buffer", "gptq_epochs", "max_miou_drop"):
+            _non_negative(key, name, getattr(self, name))
+
+
+@dataclass
+class ExportConfig:
+    """The deliverable ONNX files (MCTQ for the converter, fake-quant for evaluation), checked in onnxruntime."""
+
+    quantized_dir: str = "data/quantize"  # the quantize stage's out_dir
+    mctq_check_samples: int = 2  # MCTQ runs ~300x slower than float in onnxruntime: a few probe crops only
+    max_diff_steps: float = 8.0  # bound on max |onnx - torch| logits, in output quantisation steps
+    min_mask_agreement: float = 0.99  # bound on the share of mask pixels where onnx and torch agree
+    out_dir: str = "data/export"
+
+    def validate(self, key: str) -> None:
+        _positive(key, "mctq_check_samples", self.mctq_check_samples)
+        _non_negative(key, "max_diff_steps", self.max_diff_steps)
+        if not 0.0 <= self.min_mask_agreement <= 1.0:
+            raise ConfigError(f"{key}.min_mask_agreement: expected a share in [0, 1], got {self.min_mask_agreement}")
+
+
+@dataclass
+class PackageConfig:
+    """``imxconv-pt`` on the MCTQ export: packerOut.zip, memory report, Raspberry Pi deploy folder (``stages/package.py``)."""
+
+    export_dir: str = "data/export"  # the export stage's out_dir
+    input_persistency: bool = True  # false = --no-input-persistency: more memory, no input-tensor debug stream
+    timeout_s: int = 1800  # the converter takes 15-70 s on two idle cores
+    out_dir: str = "data/package"  # packerOut.zip, memory report, dnnParams.xml, converter.log, deploy/
+
+    def validate(self, key: str) -> None:
+        _positive(key, "timeout_s", self.timeout_s)
+
+
+@dataclass
 class Config:
     """The whole pipeline configuration (one attribute per ``params.yaml`` section)."""
 
@@ -168,6 +338,12 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    pack: PackConfig = field(default_factory=PackConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    package: PackageConfig = field(default_factory=PackageConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -104,7 +104,7 @@ def point_box(cx: int, cy: int, width: int, height: int, size: int = 96) -> Crop
     return CropBox(left, top, min(width, left + size), min(height, top + size))
 
 
-def crop_pixel_centres(box: CropBox | tuple[int, int, int, int], size: int) -> tuple[np.ndarray, np.ndarray]:
+def crop_pixel_centres(box: CropBox | FloatBox | tuple[float, float, float, float], size: int) -> tuple[np.ndarray, np.ndarray]:
     """Image coordinates ``(xs, ys)``, each of shape ``(size,)``, of the crop pixels' centres.
 
     Uses the ``align_corners=False`` convention of PIL and ``F.interpolate``: crop pixel ``u`` samples image

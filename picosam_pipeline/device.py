@@ -6,6 +6,7 @@ Nobody downstream calls ``.cuda()`` or picks a dtype: they use ``runtime.device`
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -48,6 +49,8 @@ def resolve_runtime(cfg: RuntimeConfig) -> Runtime:
     """
     import torch
 
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     if cfg.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -63,4 +66,12 @@ def resolve_runtime(cfg: RuntimeConfig) -> Runtime:
         dtype = torch.bfloat16
     else:
         dtype = None
+    if dtype is torch.bfloat16 and device.type == "cpu" and torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "NO AVX", "AVX2"):
+        # Without AVX512/AMX bf16 instructions torch emulates bf16 matmuls: a 1024^2 matmul measured 8.9 s
+        # in bf16 vs 0.16 s in fp32 on this project's 2-core AVX2 machines.
+        warnings.warn(
+            f"runtime.precision=bf16 on a CPU with only {torch.backends.cpu.get_cpu_capability()} runs far slower than fp32; "
+            "use --set runtime.precision=fp32 (or auto) on this machine",
+            stacklevel=2,
+        )
     return Runtime(device=device, autocast_dtype=dtype, seed=cfg.seed)

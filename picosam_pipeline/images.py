@@ -127,7 +127,7 @@ def load_image(path: str | Path, expected_size: tuple[int, int] | None = None) -
         conversions.append(_MODE_CONVERSIONS[image.mode])
         # convert("RGB") drops alpha and keeps the stored colour under it, as the usual COCO loaders do.
         image = image.convert("RGB")
-    pixels = np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+    pixels = np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
     return DecodedImage(pixels=pixels, conversions=tuple(conversions))
 
 

@@ -13,7 +13,11 @@ the annotation orientation (the orientation :func:`picosam_pipeline.images.load_
                      :func:`decode_mask` turns it back into an ``(H, W)`` uint8 {0, 1} array.
 
 File-level metadata (dataset format and version per split, source files, prepare params) is JSON under
-the schema metadata key :data:`METADATA_KEY`; :func:`read_metadata` returns it.
+the schema metadata key :data:`METADATA_KEY`.
+
+Reader API for later stages: :func:`read_index` (a ``pyarrow.Table``, optionally one split),
+:func:`read_metadata`, :func:`iter_images` (one :class:`ImageGroup` per image, for stages that decode each
+image once), :func:`column_array` (a box column as an ``(N, 4)`` array) and :func:`decode_mask`.
 """
 
 from __future__ import annotations

@@ -92,6 +92,13 @@ CODECS: dict[str, LogitCodec] = {
 }
 
 
+# Largest |sigmoid(decode(encode(x))) - sigmoid(x)| over all finite x, per codec (the table above):
+# sigmoid_uint8: half a level from rounding, a whole level (1/254) where the decision-preserving nudge lifts
+# p in (0.5, 0.5 + 1/508) to level 128; linear_uint8: the nudge lifts logits in (0, 0.125) to 0.25, and
+# sigmoid' <= 1/4, so < 0.25 / 4 = 1/16; float16: relative rounding 2**-11 times x * sigmoid'(x) <= 0.224, < 2**-13.
+SIGMOID_ERROR_BOUND = {"sigmoid_uint8": 1.0 / 254.0, "linear_uint8": 1.0 / 16.0, "float16": 2.0**-13}
+
+
 def get_codec(name: str) -> LogitCodec:
     """The codec called ``name``; ValueError names the valid ones."""
     if name not in CODECS:

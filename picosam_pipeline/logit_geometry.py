@@ -90,12 +90,15 @@ def crop_logits(
     """
     if image_logits.ndim != 3:
         raise ValueError(f"image_logits must be (N, h, w), got shape {tuple(image_logits.shape)}")
-    boxes = torch.as_tensor(crop_boxes).detach().cpu().numpy().astype(np.float64).reshape(-1, 4)
+    if isinstance(crop_boxes, torch.Tensor):
+        crop_boxes = crop_boxes.detach().cpu().numpy()
+    boxes = np.asarray(crop_boxes, dtype=np.float64).reshape(-1, 4)
     n = image_logits.shape[0]
     if boxes.shape[0] != n:
         raise ValueError(f"got {n} logit maps but {boxes.shape[0]} crop boxes")
-    if np.any(boxes[:, 2] <= boxes[:, 0]) or np.any(boxes[:, 3] <= boxes[:, 1]):
-        raise ValueError(f"crop boxes must have x2 > x1 and y2 > y1, got {boxes[(boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])][:3].tolist()}")
+    empty = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+    if empty.any():
+        raise ValueError(f"crop boxes must have x2 > x1 and y2 > y1, got {boxes[empty][:3].tolist()}")
     width, height = image_size
     total = stored_size(out_size, context_margin)
     if n == 0:

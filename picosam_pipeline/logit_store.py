@@ -27,7 +27,7 @@ file. It first deletes whatever files shard ``k`` already has (zarr 3.1.6 reads 
 rewriting it, even for a write that covers the whole shard, and fails on a truncated one), writes the
 arrays, and only then sets ``shard_done[k] = 1``. So a shard is taken as done only after all its files were
 written; killed at any moment, a rerun rewrites exactly the shards without a marker, and the result is
-byte-identical to an uninterrupted run (the codecs and Blosc are deterministic). zarr's ``LocalStore``
+byte-identical to an uninterrupted run (the codecs and Blosc are deterministic). zarr 3.1.6's ``LocalStore``
 also writes every file to ``<name>.<uuid>.partial`` and renames it into place, so no file is ever half
 written in place; a kill can leave such temporaries behind, which :func:`create_store` removes. This covers
 process death (SIGKILL, OOM, preemption), not power loss: zarr does not fsync.
@@ -54,7 +54,7 @@ from zarr.codecs import BloscCodec
 import picosam_pipeline
 from picosam_pipeline.config import TeacherConfig
 from picosam_pipeline.errors import PipelineError
-from picosam_pipeline.logit_codec import LogitCodec, encode_logits, decode_logits, get_codec
+from picosam_pipeline.logit_codec import LogitCodec, decode_logits, encode_logits, get_codec
 
 FORMAT_VERSION = 1
 STORE_ATTR = "logit_store"  # group attribute owned by this module; the rest belongs to the caller
@@ -71,7 +71,7 @@ DATA_ARRAYS = ("logits", *META_ARRAYS)
 
 # Teacher settings that change how the pass runs but not one stored byte; left out of the attributes so
 # that resuming on another cluster (or with the store moved) is not refused as a different teacher.
-EXECUTION_FIELDS = ("scheduler_address", "n_workers", "threads_per_worker", "out")
+EXECUTION_FIELDS = ("executor", "scheduler_address", "n_workers", "threads_per_worker", "out")
 
 PROMPT_CONVENTIONS = {
     "roi": "PicoSAM3: box prompt = the COCO bbox on the full image; crop = the bbox padded by roi_padding per "
@@ -86,8 +86,12 @@ PROMPT_CONVENTIONS = {
 
 
 def stored_side(store_size: int, context_margin: float) -> int:
-    """Side ``S`` of the stored logits: the crop's ``store_size`` plus ``round(context_margin * store_size)`` per side."""
-    return store_size + 2 * round(context_margin * store_size)
+    """Side ``S`` of the stored logits: the crop's ``store_size`` plus ``round(context_margin * store_size)`` per side.
+
+    Rounded half up, the rule of ``logit_geometry.context_pixels`` that makes the logits (Python's ``round``
+    rounds half to even: 10 * 0.25 would give 2 here and 3 there).
+    """
+    return store_size + 2 * math.floor(context_margin * store_size + 0.5)
 
 
 def stored_boxes(crop_boxes: np.ndarray, store_size: int, context_margin: float) -> np.ndarray:
@@ -256,7 +260,8 @@ def create_store(path: str | Path, *, n_instances: int, side: int, instances_per
         attrs: JSON-serialisable description of the pass (:func:`teacher_attrs`).
 
     Raises:
-        PipelineError: ``path`` holds something else, or a store with another layout, codec or teacher.
+        PipelineError: ``path`` holds something else, or a store with another layout, codec, teacher or code
+            version (``attrs`` and the layout must match exactly to resume).
     """
     if n_instances < 1 or side < 1 or instances_per_shard < 1:
         raise ValueError(f"create_store: n_instances, side and instances_per_shard must be >= 1, got "

@@ -99,15 +99,26 @@ def sam2_config_name(model: str) -> str:
 class Sam2Teacher:
     """SAM2 / SAM2.1 through ``sam2.SAM2ImagePredictor``.
 
-    One image-encoder pass per image; all N prompts of the image go through the prompt encoder and mask
-    decoder in ONE predictor call (the predictor batches ``(N, 4)`` boxes and ``(N, 1, 2)`` points, repeating
-    the image embedding N times). With ``multimask_output`` the decoder proposes 3 masks per prompt and the one
-    with the highest predicted IoU is kept (as PicoSAM2 and SAM2's own zero-shot evaluation do); its
-    predicted IoU is the confidence. The logits are the decoder's 256x256 low-resolution masks, not the
-    masks upsampled to image size.
+    One image-encoder pass per image; the N prompts of the image go through the prompt encoder and mask
+    decoder in batched predictor calls of up to ``decode_batch`` prompts (the predictor batches ``(N, 4)``
+    boxes and ``(N, 1, 2)`` points by repeating the image embedding per prompt: ~17 MB of fp32 activations per
+    prompt, measured, so an LVIS image with hundreds of instances is split rather than decoded in one call).
+    With ``multimask_output`` the decoder proposes 3 masks per prompt and the one with the highest predicted
+    IoU is kept (as PicoSAM2 and SAM2's own zero-shot evaluation do); its predicted IoU is the confidence.
+    The logits are the decoder's 256x256 low-resolution masks, not the masks upsampled to image size.
+
+    On CPUs without bf16 hardware (AVX2 only, as on the CI machine) bf16 autocast is ~30x slower than
+    fp32; ``runtime.precision=auto`` already keeps fp32 on CPU.
     """
 
-    def __init__(self, model: torch.nn.Module, runtime: Runtime, multimask_output: bool, metadata: dict[str, Any]):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        runtime: Runtime,
+        multimask_output: bool,
+        metadata: dict[str, Any],
+        decode_batch: int = 32,
+    ):
         from sam2.sam2_image_predictor import SAM2ImagePredictor
 
         self.model = model
@@ -115,6 +126,7 @@ class Sam2Teacher:
         self.runtime = runtime
         self.multimask_output = multimask_output
         self.metadata = metadata
+        self.decode_batch = decode_batch
 
     @classmethod
     def build(cls, cfg: TeacherConfig, runtime: Runtime) -> "Sam2Teacher":
@@ -161,17 +173,22 @@ class Sam2Teacher:
         return self._decode(len(points), point_coords=points[:, None, :], point_labels=np.ones((len(points), 1)))
 
     def _decode(self, n: int, **prompts: np.ndarray) -> TeacherOutput:
-        if n == 0:
-            return TeacherOutput(torch.zeros(0, 256, 256), torch.zeros(0))
-        with torch.inference_mode(), self.runtime.autocast():
-            # The first output (masks upsampled to image size) is not used; producing it costs ~1 ms per prompt.
-            _, iou, low_res = self.predictor.predict(**prompts, multimask_output=self.multimask_output, return_logits=True)
-        # predict() squeezes the prompt axis away when N == 1: restore (N, masks, ...) shapes.
-        iou = torch.from_numpy(iou).float().reshape(n, -1)
-        low_res = torch.from_numpy(low_res).float().reshape(n, iou.shape[1], *low_res.shape[-2:])
-        best = iou.argmax(dim=1)
-        rows = torch.arange(n)
-        return TeacherOutput(low_res[rows, best].contiguous(), iou[rows, best].contiguous())
+        """Decode ``n`` prompts (arrays with a leading prompt axis) in chunks; keep the best mask of each."""
+        logits, confidence = [torch.zeros(0, 256, 256)], [torch.zeros(0)]
+        for start in range(0, n, self.decode_batch):
+            chunk = {k: v[start : start + self.decode_batch] for k, v in prompts.items()}
+            m = len(next(iter(chunk.values())))
+            with torch.inference_mode(), self.runtime.autocast():
+                # The first output (masks upsampled to image size) is unused; it costs ~1 ms per prompt.
+                _, iou, low_res = self.predictor.predict(**chunk, multimask_output=self.multimask_output, return_logits=True)
+            # predict() squeezes the prompt axis away for a single prompt: restore (m, masks, ...) shapes.
+            iou = torch.from_numpy(iou).float().reshape(m, -1)
+            low_res = torch.from_numpy(low_res).float().reshape(m, iou.shape[1], *low_res.shape[-2:])
+            best = iou.argmax(dim=1)
+            rows = torch.arange(m)
+            logits.append(low_res[rows, best])
+            confidence.append(iou[rows, best])
+        return TeacherOutput(torch.cat(logits), torch.cat(confidence))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -336,7 +353,9 @@ def load_state_dict_safely(path: str | Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise PipelineError(f"checkpoint {str(path)!r} holds no state dict (expected {{name: tensor}} or {{'model': {{name: tensor}}}})")
+        raise PipelineError(
+            f"checkpoint {str(path)!r} holds no state dict (expected {{name: tensor}} or {{'model': {{name: tensor}}}})"
+        )
     return obj
 
 
@@ -378,7 +397,8 @@ def _load_checked(
     try:
         model.load_state_dict(state_dict, strict=False)  # keys were checked above; this still checks shapes
     except RuntimeError as err:
-        raise PipelineError(f"checkpoint {str(path)!r} does not match {name}: {str(err).splitlines()[-1].strip()}; {hint}") from None
+        reason = str(err).splitlines()[-1].strip()  # e.g. "size mismatch for ...: copying a param with shape ..."
+        raise PipelineError(f"checkpoint {str(path)!r} does not match {name}: {reason}; {hint}") from None
     return {"weights": "checkpoint", "checkpoint": str(path), "checkpoint_sha256": file_sha256(path)}
 
 
@@ -399,7 +419,8 @@ def _seeded_build(build: Callable[[], torch.nn.Module], seed: int) -> torch.nn.M
 
 def _check_rgb(rgb: np.ndarray) -> None:
     if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {getattr(rgb, 'dtype', type(rgb))} {getattr(rgb, 'shape', '')}")
+        got = f"{rgb.dtype} {rgb.shape}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {got}")
 
 
 def _as_rows(values: np.ndarray, width: int, name: str) -> np.ndarray:

@@ -111,7 +111,7 @@ def test_whole_image_box_equals_torch_resize():
     """A crop box covering the whole image is a plain resize: must equal F.interpolate (align_corners=False)."""
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(2, GRID, GRID, generator=gen) * 8
-    boxes = np.array([[0, 0, 320, 200], [0, 0, 320, 200]])
+    boxes = torch.tensor([[0, 0, 320, 200], [0, 0, 320, 200]])  # tensors are accepted as well as arrays
     got = crop_logits(logits, (320, 200), boxes, out_size=96)
     want = F.interpolate(logits[:, None], size=(96, 96), mode="bilinear", align_corners=False)[:, 0]
     # Neighbouring cells differ by ~11 here, so 2e-3 is ~2e-4 of a cell: float32 coordinate rounding, while any

@@ -1,0 +1,127 @@
+"""Stage ``export``: the deliverable ONNX files, checked in onnxruntime, with their input/output contract.
+
+Reads the quantize stage's folder (``export.quantized_dir``): MCT's two ONNX serialisations of the INT8 model
+and ``probe.npz`` (val crops with the quantised torch model's logits). Writes, in ``export.out_dir``:
+
+* ``picosam_int8.onnx``: the MCTQ file ``imxconv-pt`` converts (network name on the camera: ``picosam_int8``);
+* ``picosam_int8_fakequant.onnx``: the same INT8 arithmetic in QuantizeLinear/DequantizeLinear, for evaluation;
+* ``picosam_int8.json``: input and output names, shapes, dtypes and value ranges, where the ImageNet
+  normalisation happens (inside the graph) and what the camera feeds, the output quantisation step, and the
+  onnxruntime checks;
+* ``config.resolved.json``; and ``metrics/export.json``: the checks and the file sizes.
+
+Both files carry the contract in their ONNX ``metadata_props`` too (``picosam.*`` keys, beside MCT's). Each is run
+in onnxruntime on the probe crops (the MCTQ file, ~300x slower, on ``mctq_check_samples`` of them) and
+compared with the quantised torch model; the stage fails when the largest difference exceeds
+``max_diff_steps`` output quantisation steps or masks agree on fewer than ``min_mask_agreement`` of the pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from picosam_pipeline.config import Config, require_inputs, save_resolved, write_metrics
+from picosam_pipeline.device import Runtime
+from picosam_pipeline.errors import PipelineError
+
+NETWORK = "picosam_int8"  # the converter names the network after the file stem
+MCTQ_FILE = f"{NETWORK}.onnx"
+FAKEQUANT_FILE = f"{NETWORK}_fakequant.onnx"
+CONTRACT_FILE = f"{NETWORK}.json"
+
+
+def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
+    """Copy, stamp and check the two ONNX files; returns the largest differences found."""
+    from picosam_pipeline.onnx_export import compare_onnx, stamp_metadata
+    from stages import quantize as quantize_stage
+
+    e = cfg.export
+    src = Path(e.quantized_dir)
+    sources = {name: src / name for name in (quantize_stage.MCTQ_FILE, quantize_stage.FAKEQUANT_FILE,
+                                             quantize_stage.PROBE_FILE, quantize_stage.REPORT_FILE)}
+    require_inputs({f"export.quantized_dir ({name})": str(path) for name, path in sources.items()})
+    start = time.perf_counter()
+    made = json.loads(sources[quantize_stage.REPORT_FILE].read_text())
+    meta = made["student_meta"]
+
+    out = Path(e.out_dir)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    files = {"mctq": out / MCTQ_FILE, "fakequant": out / FAKEQUANT_FILE}
+    shutil.copyfile(sources[quantize_stage.MCTQ_FILE], files["mctq"])
+    shutil.copyfile(sources[quantize_stage.FAKEQUANT_FILE], files["fakequant"])
+    contract = _contract(files["mctq"], meta, made)
+    for path in files.values():
+        stamp_metadata(path, {"student": meta["student"], "input": contract["input"]["summary"],
+                              "input_normalization": "in_graph", "output": contract["output"]["summary"]})
+
+    with np.load(sources[quantize_stage.PROBE_FILE]) as probe:
+        rgb, reference = probe["rgb"], probe["int8_logits"]
+    n = min(e.mctq_check_samples, len(rgb))
+    checks = {"fakequant": compare_onnx(files["fakequant"], rgb, reference),
+              "mctq": compare_onnx(files["mctq"], rgb[:n], reference[:n], batch=1)}
+    contract["checks"] = {k: {**c.to_dict(), "file": Path(c.file).name} for k, c in checks.items()}
+    (out / CONTRACT_FILE).write_text(json.dumps(contract, indent=1) + "\n")
+    save_resolved(cfg, out, ["export"])
+
+    metrics = {
+        "checks": contract["checks"],
+        "output_step": contract["output"]["quantization_step"],
+        "bytes": {k: p.stat().st_size for k, p in files.items()},
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    write_metrics(cfg, "export", metrics)
+    for name, check in checks.items():
+        if check.max_diff_steps > e.max_diff_steps or check.mask_agreement < e.min_mask_agreement:
+            raise PipelineError(
+                f"export: the {name} ONNX file {files[name]} disagrees with the quantised torch model on the probe crops: "
+                f"largest logit difference {check.max_abs_diff:.4g} ({check.max_diff_steps:.1f} output steps, bound "
+                f"export.max_diff_steps={e.max_diff_steps}), masks agree on {check.mask_agreement:.4%} of pixels (bound "
+                f"export.min_mask_agreement={e.min_mask_agreement}). The exported graph does not compute what was "
+                "quantised and scored; check the MCT / mct-quantizers / onnxruntime versions (requirements/base.txt)")
+    return {name: {"max_diff_steps": round(c.max_diff_steps, 2), "mask_agreement": round(c.mask_agreement, 6)}
+            for name, c in checks.items()}
+
+
+def _contract(mctq: Path, meta: dict[str, Any], made: dict[str, Any]) -> dict[str, Any]:
+    """What the network takes and gives, from the graph itself plus the student's normalisation."""
+    from picosam_pipeline.onnx_export import graph_io, output_grid
+
+    (inp,), (outp,) = graph_io(mctq)
+    size = int(meta["input_size"])
+    norm = meta.get("normalization") or {}
+    grid = output_grid(mctq)
+    return {
+        "network": NETWORK,
+        "student": meta["student"],
+        "tpc_version": made["tpc_version"],
+        "method": made["method"],
+        "files": {"mctq": MCTQ_FILE, "fakequant": FAKEQUANT_FILE},
+        "input": {
+            "name": inp.name, "shape": list(inp.shape), "dtype": inp.dtype, "layout": "NCHW", "channels": "RGB",
+            "range": [0.0, 1.0],
+            "summary": f"{inp.dtype} (batch, 3, {size}, {size}) RGB in [0, 1], NCHW",
+            "normalization": {
+                "where": "in_graph",
+                "how": "node 'normalize': frozen depthwise 1x1 conv computing (x - mean) / std per channel, "
+                       "quantised by MCT",
+                "mean": norm.get("mean"), "std": norm.get("std"),
+            },
+            "on_imx500": "the sensor's 8-bit RGB of the inference ROI, resized to the input size; pixel p enters as "
+                         "p / 256 (the converter's input tensor: 8 bits, unsigned, scale 1/256; see dnnParams.xml)",
+        },
+        "output": {
+            "name": outp.name, "shape": list(outp.shape), "dtype": outp.dtype,
+            "summary": f"{outp.dtype} (batch, 1, {size}, {size}) mask logits; mask = logit > 0",
+            "meaning": "logits of the prompted object in the crop frame; mask = logit > 0 (sigmoid > 0.5)",
+            "quantization_step": grid.step,
+            "signed": grid.signed,
+            "range": list(grid.range),
+        },
+    }

@@ -1,0 +1,123 @@
+"""Stage ``pack``: instance index + images + teacher-logit store -> WebDataset shards, one set per split.
+
+Reads ``pack.index`` (from prepare), ``pack.store`` (from teacher-logits) and the images the index points
+to; writes, for each split in ``pack.splits``, ``<pack.out_dir>/<split>/shard-NNNNNN.tar`` and
+``shards.json`` (every shard with its sample count and sha256), plus ``<pack.out_dir>/config.resolved.json``
+and ``metrics/pack.json`` (samples, shards, bytes per sample, payload bytes per member, per split). The
+sample format, frames and pack order are described in ``picosam_pipeline/shards.py``.
+
+Joining: index rows and store rows are matched on ``(image_id, ann_id)`` (the store's own id arrays), and
+the store's crop boxes must equal the index's boxes of the store's prompt convention, so a store computed
+from an older index is refused instead of silently misaligning crops and logits. The pack is built in
+``<out_dir>.partial`` and swapped in at the end, so an interrupted run never leaves a half-written pack
+where the loader looks.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from picosam_pipeline.config import Config, require_inputs, save_resolved, write_metrics
+from picosam_pipeline.device import Runtime
+from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.instance_index import column_array, read_index
+from picosam_pipeline.logit_store import LogitStore, open_store
+from picosam_pipeline.shards import INDEX_COLUMNS, INDEX_FILE, Frame, pack_split
+
+
+def run(cfg: Config, runtime: Runtime | None = None) -> dict[str, Any]:
+    """Pack every split of ``cfg.pack``; returns samples and bytes per sample per split (no tensors: no device)."""
+    p = cfg.pack
+    require_inputs({"pack.index": p.index, "pack.store": p.store})
+    store = open_store(p.store)
+    frame = store_frame(store)
+    meta = store.read_meta()  # every row; PipelineError when the teacher stage has not finished
+    convention = store.attrs.get("prompt", {}).get("convention")
+
+    out = Path(p.out_dir)
+    _check_replaceable(out)
+    building = out.with_name(out.name + ".partial")
+    shutil.rmtree(building, ignore_errors=True)  # a run killed half-way
+    summaries = {}
+    for split in p.splits:
+        rows = read_index(p.index, split=split, columns=INDEX_COLUMNS)
+        in_store = store_rows(meta, rows, split, store.path)
+        check_crop_boxes(rows, meta["crop_box"][in_store], convention, store.path)
+        summaries[split] = pack_split(split, rows, store, in_store, meta, frame, building / split,
+                                      samples_per_shard=p.samples_per_shard, seed=p.seed, jpeg_quality=p.jpeg_quality)
+    save_resolved(cfg, building, ["pack"])
+    shutil.rmtree(out, ignore_errors=True)
+    building.rename(out)
+
+    samples = sum(s.samples for s in summaries.values())
+    total_bytes = sum(s.bytes for s in summaries.values())
+    metrics = {
+        "frame": asdict(frame), "codec": store.codec.name,
+        "splits": {name: asdict(s) for name, s in summaries.items()},
+        "total": {"samples": samples, "shards": sum(s.shards for s in summaries.values()), "bytes": total_bytes,
+                  "bytes_per_sample": total_bytes / samples},
+    }
+    write_metrics(cfg, "pack", metrics)
+    return {name: {"samples": s.samples, "shards": s.shards, "bytes_per_sample": round(s.bytes_per_sample)}
+            for name, s in summaries.items()}
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse to replace ``out`` unless it is empty or holds only a pack (split folders with shards.json)."""
+    if out.exists() and not out.is_dir():
+        raise PipelineError(f"pack.out_dir: {str(out)!r} is a file; choose a folder with --set pack.out_dir=PATH")
+    if not out.exists():
+        return
+    foreign = sorted(p.name for p in out.iterdir()
+                     if p.name != "config.resolved.json" and not (p.is_dir() and (p / INDEX_FILE).is_file()))
+    if foreign:
+        raise PipelineError(f"pack.out_dir: {str(out)!r} holds {foreign[:5]}, which are not shards this stage wrote; "
+                            "move them or choose another folder with --set pack.out_dir=PATH")
+
+
+def store_frame(store: LogitStore) -> Frame:
+    """The crop and stored sides of ``store`` (from its ``crop`` attributes, written by the teacher stage)."""
+    crop_size = store.attrs.get("crop", {}).get("store_size")
+    if not isinstance(crop_size, int) or not 0 < crop_size <= store.side or (store.side - crop_size) % 2:
+        raise PipelineError(f"{store.path}: attribute crop.store_size is {crop_size!r} for stored logits of side "
+                            f"{store.side}; the store was not written by the teacher stage, rerun it")
+    return Frame(crop_size, store.side)
+
+
+def store_rows(store_meta: dict[str, np.ndarray], rows: pa.Table, split: str, store_path: Path) -> np.ndarray:
+    """Store row of each index row, joined on ``(image_id, ann_id)``; PipelineError when the store lacks some."""
+    lookup = {pair: i for i, pair in enumerate(zip(store_meta["image_id"].tolist(), store_meta["ann_id"].tolist()))}
+    if len(lookup) != len(store_meta["ann_id"]):
+        raise PipelineError(f"{store_path}: the teacher store holds some (image_id, ann_id) pairs twice; "
+                            "rerun the teacher stage")
+    wanted = zip(rows["image_id"].to_pylist(), rows["ann_id"].to_pylist())
+    found = np.array([lookup.get(pair, -1) for pair in wanted], dtype=np.int64)
+    if (found < 0).any():
+        missing = rows["ann_id"].to_numpy()[found < 0]
+        raise PipelineError(
+            f"{store_path} has no teacher logits for {len(missing)} of the {len(found)} instances of split {split!r} "
+            f"(ann_id {missing[:5].tolist()}{' ...' if len(missing) > 5 else ''}): the store was made from another index "
+            f"or without this split; add {split!r} to teacher.splits and rerun the teacher stage"
+        )
+    return found
+
+
+def check_crop_boxes(rows: pa.Table, crop_boxes: np.ndarray, convention: str | None, store_path: Path) -> None:
+    """The store's crop boxes must be the index's boxes of the store's prompt convention (else stale store)."""
+    if convention not in ("roi", "point"):
+        return
+    expected = column_array(rows, f"{convention}_box").astype(np.int64)
+    bad = np.flatnonzero((expected != crop_boxes).any(axis=1))
+    if len(bad):
+        i = int(bad[0])
+        raise PipelineError(
+            f"{store_path}: crop boxes disagree with the index's {convention}_box for {len(bad)} instances (ann_id "
+            f"{rows['ann_id'][i].as_py()}: store {crop_boxes[i].tolist()}, index {expected[i].tolist()}); the index was "
+            f"rebuilt after the teacher ran: rerun the teacher stage"
+        )

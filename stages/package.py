@@ -1,0 +1,101 @@
+"""Stage ``package``: ``imxconv-pt`` on the MCTQ export -> ``packerOut.zip`` + a Raspberry Pi deploy folder.
+
+Checks Java 17 first (the converter's back end is Java), then reads the export stage's folder
+(``package.export_dir``: ``picosam_int8.onnx`` and its contract ``picosam_int8.json``) and runs
+``imx500.convert``: operator pre-flight, the converter, its memory report and error codes. A network that
+does not fit on the chip fails with the required and available bytes. Writes, in ``package.out_dir``:
+
+* ``packerOut.zip``, ``dnnParams.xml``, ``picosam_int8.pbtxt``, ``picosam_int8_MemoryReport.json`` (the
+  converter's outputs) and ``converter.log``;
+* ``deploy/``: ``packerOut.zip``, the picamera2 demo, ``deploy.py`` + ``crops.py`` (its numpy helpers), the
+  contract JSON and a README with the ``imx500-package`` step and the memory figures;
+* ``config.resolved.json``; and ``metrics/package.json``: memory used / available / utilisation, fits, the
+  converter's input and output tensors, the converter's time.
+
+The converter's input tensor must be 8-bit unsigned with scale 1/256, i.e. the camera's RGB read as [0, 1],
+which is what the network was quantised for; anything else fails the stage (it would segment garbage).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import string
+import time
+from pathlib import Path
+from typing import Any
+
+from picosam_pipeline.config import Config, require_inputs, save_resolved, write_metrics
+from picosam_pipeline.device import Runtime
+from picosam_pipeline.errors import PipelineError
+
+TEMPLATES = "deploy_template"  # inside the picosam_pipeline package
+DEMO = "picosam_imx500_demo.py"
+CAMERA_INPUT_SCALE = 1 / 256  # 8-bit pixel p read as p / 256: RGB in [0, 1]
+
+
+def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
+    """Convert and write the deploy folder; returns memory use and the converter's time."""
+    import imx500_converter
+
+    import picosam_pipeline
+    from picosam_pipeline import crops, deploy
+    from picosam_pipeline.imx500 import check_java, convert, read_dnn_params
+    from stages.export import CONTRACT_FILE, MCTQ_FILE
+
+    check_java()  # before anything else: without Java 17 the converter fails late and obscurely
+    p = cfg.package
+    onnx_path, contract_path = Path(p.export_dir) / MCTQ_FILE, Path(p.export_dir) / CONTRACT_FILE
+    require_inputs({f"package.export_dir ({MCTQ_FILE})": str(onnx_path),
+                    f"package.export_dir ({CONTRACT_FILE})": str(contract_path)})
+    start = time.perf_counter()
+    contract = json.loads(contract_path.read_text())
+
+    out = Path(p.out_dir)
+    shutil.rmtree(out, ignore_errors=True)  # --overwrite-output keeps stale files of other networks
+    conversion = convert(onnx_path, out, input_persistency=p.input_persistency, timeout_s=p.timeout_s)
+    tensors = read_dnn_params(out / "dnnParams.xml")
+    camera_input = tensors["inputs"][0]
+    if camera_input["format"] != "unsigned" or abs(camera_input["scale"] - CAMERA_INPUT_SCALE) > 1e-12:
+        raise PipelineError(
+            f"{out / 'dnnParams.xml'}: the network's input tensor is {camera_input['bits']}-bit "
+            f"{camera_input['format']} with scale {camera_input['scale']}, but the camera feeds 8-bit RGB that the "
+            f"network must read as p / 256 (unsigned, scale {CAMERA_INPUT_SCALE}); MCT chose another input range from "
+            "the representative crops. Quantise with representative crops that span the full 0..1 range (more "
+            "quantize.representative_batches)")
+
+    report = conversion.report
+    templates = Path(picosam_pipeline.__file__).parent / TEMPLATES
+    deploy_dir = out / "deploy"
+    deploy_dir.mkdir()
+    shutil.copyfile(conversion.packer_zip, deploy_dir / "packerOut.zip")
+    shutil.copyfile(contract_path, deploy_dir / CONTRACT_FILE)
+    shutil.copyfile(templates / DEMO, deploy_dir / DEMO)
+    shutil.copyfile(deploy.__file__, deploy_dir / "deploy.py")
+    shutil.copyfile(crops.__file__, deploy_dir / "crops.py")
+    (deploy_dir / "README.md").write_text(string.Template((templates / "README.md").read_text()).substitute(
+        student=contract["student"], onnx=onnx_path, converter_version=imx500_converter.__version__,
+        tpc_version=contract["tpc_version"], method=contract["method"], input_size=contract["input"]["shape"][-1],
+        input_summary=contract["input"]["summary"], input_bits=camera_input["bits"], input_format=camera_input["format"],
+        input_scale=camera_input["scale"], mean=contract["input"]["normalization"]["mean"],
+        std=contract["input"]["normalization"]["std"], output_summary=contract["output"]["summary"],
+        output_step=contract["output"]["quantization_step"], used_bytes=f"{report.used_bytes:,}",
+        available_bytes=f"{report.available_bytes:,}", utilization=f"{report.utilization:.0%}",
+        model_bytes=f"{report.model_bytes:,}", runtime_bytes=f"{report.runtime_bytes:,}",
+        input_persistency="on" if report.input_persistent else "off"))
+    save_resolved(cfg, out, ["package"])
+
+    metrics = {
+        "network": report.network,
+        "memory": report.to_dict(),
+        "fits": report.fits,
+        "utilization": report.utilization,
+        "tensors": tensors,
+        "packer_zip_bytes": conversion.packer_zip.stat().st_size,
+        "converter": {"version": imx500_converter.__version__, "java": conversion.java.version,
+                      "seconds": round(conversion.seconds, 2)},
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    write_metrics(cfg, "package", metrics)
+    return {"fits": report.fits, "used_bytes": report.used_bytes, "available_bytes": report.available_bytes,
+            "utilization": round(report.utilization, 3), "converter_seconds": round(conversion.seconds, 1)}

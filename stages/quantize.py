@@ -1,0 +1,159 @@
+"""Stage ``quantize``: MCT INT8 quantisation of the trained student for the IMX500, scored against float.
+
+Reads the student checkpoint (``quantize.checkpoint``), draws ``representative_batches`` x ``batch_size`` crops
+at random from the train shards, wraps the student with its input normalisation (the camera feeds RGB; see
+``picosam_pipeline/quantization.py``) and quantises it with MCT for the IMX500 target platform
+``tpc_version`` (PTQ, or GPTQ when ``gptq_epochs > 0``). Float and INT8 are then scored on the same val
+shards by the evaluate stage's code (``evaluation.evaluate_batches``): crop-space mIoU, the papers'
+"mAP@[.5:.95]" and full-image mIoU.
+
+MCT's quantised PyTorch model lives only in this process and its exporter is its only serialisation, so
+this stage writes it, in ``quantize.out_dir``:
+
+* ``quantized_mctq.onnx`` / ``quantized_fakequant.onnx``: MCT's two ONNX formats (``onnx_export.py``);
+* ``probe.npz``: ``probe_samples`` val crops (``rgb`` float32 (N, 3, S, S) in [0, 1]) with the INT8 torch model's
+  and the float model's logits (``int8_logits`` / ``float_logits``, (N, 1, S, S)): the export stage checks the
+  ONNX files against them;
+* ``report.json``: the student's meta, the quantisation settings, both models' full evaluation report;
+* ``config.resolved.json``; and ``metrics/quantize.json``: float and INT8 side by side, their difference, mask
+  pixel agreement, INT8 weight bytes beside the papers' INT8 sizes, and the time of each step.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from picosam_pipeline.config import Config, require_inputs, save_resolved, write_metrics
+from picosam_pipeline.device import Runtime
+from picosam_pipeline.errors import PipelineError
+
+MCTQ_FILE = "quantized_mctq.onnx"
+FAKEQUANT_FILE = "quantized_fakequant.onnx"
+PROBE_FILE = "probe.npz"
+REPORT_FILE = "report.json"
+HEADLINE = ("crop_miou", "crop_success_map_50_95", "full_image_miou")
+
+
+def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
+    """Quantise, score, serialise; returns float and INT8 crop mIoU and the wall time."""
+    import torch
+
+    from picosam_pipeline.checkpoints import load_student
+    from picosam_pipeline.evaluation import InstanceGT, evaluate_batches, evaluation_report
+    from picosam_pipeline.loader import make_loader
+    from picosam_pipeline.onnx_export import export_quantized
+    from picosam_pipeline.quantization import (RgbModel, camera_input_model, quantize, quantized_weight_bytes,
+                                               representative_batches)
+    from picosam_pipeline.shards import read_shard_index
+    from picosam_pipeline.students import PUBLISHED_SIZES_MB, folded_int8_bytes
+
+    q = cfg.quantize
+    require_inputs({"quantize.checkpoint": q.checkpoint, "quantize.train_shards": q.train_shards,
+                    "quantize.val_shards": q.val_shards, "quantize.index": q.index})
+    start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    torch.manual_seed(runtime.seed)
+
+    student, meta = load_student(q.checkpoint)
+    size = int(meta["input_size"])
+    val_index = read_shard_index(q.val_shards)
+    if val_index.frame.crop_size != size:
+        raise PipelineError(f"quantize.val_shards: {q.val_shards} holds {val_index.frame.crop_size}-px crops but the "
+                            f"student {q.checkpoint} takes {size}-px input; use the shards packed for this student")
+    model = camera_input_model(student, meta.get("normalization"))
+
+    t0 = time.perf_counter()
+    train = make_loader(q.train_shards, batch_size=q.batch_size, shuffle_buffer=q.shuffle_buffer, num_workers=0,
+                        seed=runtime.seed, input_size=size)
+    calibration = representative_batches(train, q.representative_batches)
+    int8 = quantize(model, calibration, tpc_version=q.tpc_version, gptq_epochs=q.gptq_epochs)
+    seconds["quantize"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    models = {"student": RgbModel(model, f"float {q.checkpoint}", size),
+              "student_int8": RgbModel(int8, f"int8 {q.checkpoint}", size)}
+    agreement = _MaskAgreement()
+    batches = make_loader(q.val_shards, batch_size=q.eval_batch_size, shuffle_buffer=0, num_workers=0,
+                          seed=runtime.seed, input_size=size)
+    table, _ = evaluate_batches(batches, models, InstanceGT.from_index(q.index, q.split), on_sample=agreement,
+                                total=val_index.samples)
+    if len(table) == 0:
+        raise PipelineError(f"quantize.val_shards: {q.val_shards} yielded no sample; repack the {q.split!r} split")
+    report = evaluation_report(table, models=list(models))
+    seconds["evaluate"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    out = Path(q.out_dir)
+    shutil.rmtree(out, ignore_errors=True)  # files of an earlier run must not survive next to new ones
+    out.mkdir(parents=True)
+    export_quantized(int8, out / MCTQ_FILE, fmt="mctq", input_size=size)
+    export_quantized(int8, out / FAKEQUANT_FILE, fmt="fakequant", input_size=size)
+    probe = next(iter(make_loader(q.val_shards, batch_size=q.probe_samples, shuffle_buffer=0, num_workers=0,
+                                  seed=runtime.seed, input_size=size)))["image"].numpy().astype(np.float32)
+    np.savez(out / PROBE_FILE, rgb=probe, int8_logits=models["student_int8"](probe),
+             float_logits=models["student"](probe))
+    seconds["serialize"] = time.perf_counter() - t0
+
+    float_r, int8_r = report["student"], report["student_int8"]
+    weights = {
+        "int8_bytes": folded_int8_bytes(model),  # int8 weights + float32 biases after BN folding (students.py)
+        "int8_bytes_in_model": quantized_weight_bytes(int8),  # counted in the MCT model (zero biases included)
+        "params": sum(p.numel() for p in model.parameters()),
+        "published_int8_mb": PUBLISHED_SIZES_MB[meta["student"]][1],  # the papers' figure, params x 1 B in MiB
+    }
+    weights["int8_mib"] = weights["int8_bytes"] / 2**20
+    drop = float_r["crop_miou"] - int8_r["crop_miou"]
+    metrics = {
+        "student": meta["student"], "input_size": size, "tpc_version": q.tpc_version,
+        "method": f"gptq ({q.gptq_epochs} epochs)" if q.gptq_epochs else "ptq",
+        "representative_samples": sum(len(b) for b in calibration),
+        "samples": len(table),
+        "float": {k: float_r[k] for k in HEADLINE},
+        "int8": {k: int8_r[k] for k in HEADLINE},
+        "delta": {k: _delta(int8_r[k], float_r[k]) for k in HEADLINE},  # int8 - float
+        "mask_pixel_agreement": agreement.value,
+        "max_miou_drop": q.max_miou_drop,
+        "int8_within_target": drop <= q.max_miou_drop,
+        "weights": weights,
+        "seconds": {**{k: round(v, 2) for k, v in seconds.items()}, "total": round(time.perf_counter() - start, 2)},
+    }
+    (out / REPORT_FILE).write_text(json.dumps({
+        "checkpoint": q.checkpoint, "student_meta": {k: v for k, v in meta.items() if k != "config"},
+        "tpc_version": q.tpc_version, "method": metrics["method"],
+        "files": {"mctq": MCTQ_FILE, "fakequant": FAKEQUANT_FILE, "probe": PROBE_FILE},
+        "evaluation": report, "metrics": metrics}, indent=1, sort_keys=True) + "\n")
+    save_resolved(cfg, out, ["quantize"])
+    write_metrics(cfg, "quantize", metrics)
+    if drop > q.max_miou_drop:
+        print(f"warning: INT8 crop mIoU is {drop:.4f} below float ({int8_r['crop_miou']:.4f} vs "
+              f"{float_r['crop_miou']:.4f}), more than quantize.max_miou_drop={q.max_miou_drop}; try "
+              "quantize.gptq_epochs=5 or more representative batches")
+    return {"student": meta["student"], "float_crop_miou": round(float_r["crop_miou"], 4),
+            "int8_crop_miou": round(int8_r["crop_miou"], 4), "seconds": metrics["seconds"]["total"]}
+
+
+class _MaskAgreement:
+    """``on_sample`` hook of ``evaluate_batches``: share of crop pixels where float and INT8 masks agree."""
+
+    def __init__(self) -> None:
+        self.agree = 0
+        self.pixels = 0
+
+    def __call__(self, sample: dict[str, Any]) -> None:
+        logits = sample["logits"]
+        self.agree += int(np.count_nonzero((logits["student"] > 0) == (logits["student_int8"] > 0)))
+        self.pixels += logits["student"].size
+
+    @property
+    def value(self) -> float | None:
+        return self.agree / self.pixels if self.pixels else None
+
+
+def _delta(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b

@@ -1,0 +1,168 @@
+"""Stage ``teacher-logits``: the SAM2/SAM3 teacher run once per image, its soft logits for every instance stored
+in a Zarr v3 store (``teacher.out``, default ``data/teacher/logits.zarr``; layout in ``picosam_pipeline/logit_store.py``).
+
+Rows: store row ``i`` is the ``i``-th index row of ``teacher.splits`` in index order (``(split, image_id,
+ann_id)``); the store's ``ann_id`` / ``image_id`` arrays make that checkable, and its attributes record the
+teacher (checkpoint sha256 or random-weights digest), the prompt convention, the crop parameters and a sha256 of
+the rows' ids, prompts and crop boxes. Work: one task per store shard (``teacher.instances_per_shard`` rows,
+:func:`picosam_pipeline.teacher_runner.process_shard`: each image decoded and encoded once, its prompts decoded
+in one batch), run by the executor ``teacher.executor`` names (in this process, or dask:
+``picosam_pipeline/executors.py``).
+
+Resuming. The store is built at ``<out>.partial`` and renamed to ``<out>`` only once every shard is done, so
+``<out>`` is never half a store (DVC deletes a stage's outputs before it reruns one, but leaves the partial
+store alone). Killed at any moment (SIGKILL included), a rerun of the same pass -- same teacher, params and
+index rows -- keeps the shards marked done, computes the others, and ends byte-identical to an uninterrupted
+run. A partial store of another pass is discarded. When ``<out>`` already holds this pass nothing is
+recomputed; when it holds another one, the new pass is built beside it and replaces it at the end.
+
+Writes the store with its ``config.resolved.json`` (teacher + runtime sections) inside, and
+``metrics/teacher-logits.json``: instances, rate, seconds, encoder passes, bytes per instance, random-weights flag.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from picosam_pipeline.config import Config, TeacherConfig, require_inputs, save_resolved, write_metrics
+from picosam_pipeline.device import Runtime
+from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.executors import DaskExecutor, InProcess, make_executor
+from picosam_pipeline.instance_index import read_metadata
+from picosam_pipeline.logit_geometry import stored_size
+from picosam_pipeline.logit_store import LogitStore, create_store, open_store, summarize, teacher_attrs
+from picosam_pipeline.teacher_runner import InstanceRows, instance_rows
+
+STAGE = "teacher-logits"
+CROP_PARAMS = ("roi_padding", "point_crop_size", "min_roi_side", "min_area")  # prepare params the crops depend on
+_NOT_IN_ATTRS = ("checkpoint", "torch_threads")  # teacher metadata that is per machine / per process
+
+
+def partial_path(out: str | Path) -> Path:
+    """Where an unfinished store is built: ``<out>.partial`` beside ``out``."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
+    """Compute (or finish) the teacher-logit store for ``cfg.teacher``; returns a small summary."""
+    t = cfg.teacher
+    require_inputs({"teacher.index": t.index})
+    rows = instance_rows(t.index, t.splits, t.prompt)
+    out = Path(t.out)
+    start = time.perf_counter()
+    with make_executor(t, runtime) as executor:
+        teacher = executor.teacher_metadata()  # builds the teacher in every worker before any shard is handed out
+        store = open_output(out, rows, t, store_attrs(t, teacher, rows))
+        jobs = [(k, rows.take(store.shard_slice(k))) for k in store.pending_shards()]
+        _say(f"{len(rows)} instances of {len(rows.images())} images in {store.n_shards} shards, "
+             f"{len(jobs)} to compute; {executor.name} executor, {executor.workers} worker(s), teacher {t.model}"
+             + (" with RANDOM WEIGHTS (smoke test: the logits are noise)" if teacher.get("weights") == "random weights" else ""))
+        setup_seconds = time.perf_counter() - start
+        summaries = []
+        with tqdm(total=sum(len(r) for _, r in jobs), unit="inst", desc=STAGE, dynamic_ncols=True) as bar:
+            for summary in executor.map_shards(str(store.path.resolve()), jobs):
+                summaries.append(summary)
+                bar.update(summary["instances"])
+    store = finish(store, out, cfg)
+    seconds = time.perf_counter() - start
+    metrics = stage_metrics(store, rows, summaries, seconds, setup_seconds, executor)
+    write_metrics(cfg, STAGE, metrics)
+    return {k: metrics[k] for k in ("instances", "instances_computed", "shards_computed", "instances_per_s",
+                                    "random_weights")} | {"store": str(out)}
+
+
+def store_attrs(t: TeacherConfig, teacher: dict[str, Any], rows: InstanceRows) -> dict[str, Any]:
+    """The store's description of this pass; a store is resumed only when these match exactly."""
+    prepare = read_metadata(t.index).get("prepare", {})
+    attrs = teacher_attrs(t, checkpoint_sha256=teacher.get("checkpoint_sha256"),
+                          crop={k: prepare[k] for k in CROP_PARAMS if k in prepare})
+    attrs["teacher"]["build"] = {k: v for k, v in teacher.items() if k not in _NOT_IN_ATTRS}
+    attrs["rows"] = {
+        "order": "index rows of teacher.splits in index order (split, image_id, ann_id)",
+        "index": t.index, "splits": list(t.splits), "instances": len(rows), "images": len(rows.images()),
+        "sha256": rows.digest(),  # ann_id, image_id, image size, prompt, crop box of every row
+    }
+    return attrs
+
+
+def open_output(out: Path, rows: InstanceRows, t: TeacherConfig, attrs: dict[str, Any]) -> LogitStore:
+    """The store to write: ``out`` itself when it already holds this pass, else ``<out>.partial`` (created or resumed)."""
+    layout = dict(n_instances=len(rows), side=stored_size(t.store_size, t.context_margin),
+                  instances_per_shard=t.instances_per_shard, codec=t.codec, compression_level=t.compression_level,
+                  attrs=attrs)
+    if out.exists():
+        try:
+            open_store(out)
+        except PipelineError:
+            raise PipelineError(f"teacher.out: {out} exists and is not a teacher-logit store; move it away or set "
+                                "teacher.out to a new path") from None
+        try:
+            return create_store(out, **layout)  # the same pass: resume in place (normally nothing is left)
+        except PipelineError:
+            pass  # another pass (params changed): build the new one beside it, swap it in when finished
+    work = partial_path(out)
+    if work.exists():
+        try:
+            return create_store(work, **layout)
+        except PipelineError:  # our own leftover, from a different teacher, params or index
+            _say(f"discarding the unfinished store {work}: it was started for a different teacher, params or index")
+            shutil.rmtree(work)
+    return create_store(work, **layout)
+
+
+def finish(store: LogitStore, out: Path, cfg: Config) -> LogitStore:
+    """Check every shard is done, save the resolved config inside the store, move it to ``out``; returns it reopened."""
+    pending = store.pending_shards()
+    if pending:  # every task returned, so this is a bug, not a user error
+        raise RuntimeError(f"{len(pending)} shards of {store.path} not marked done after all tasks finished: {pending[:8]}")
+    save_resolved(cfg, store.path, ["teacher", "runtime"])
+    if store.path != out:
+        if out.exists():
+            shutil.rmtree(out)  # the store of a previous pass, replaced by this one
+        store.path.replace(out)
+    return open_store(out)
+
+
+def stage_metrics(store: LogitStore, rows: InstanceRows, summaries: list[dict], seconds: float, setup_seconds: float,
+                  executor: InProcess | DaskExecutor) -> dict[str, Any]:
+    """``metrics/teacher-logits.json``: what was computed this run, how fast, and what the store costs on disk."""
+    summary = summarize(store, max_scan=0)
+    teacher = store.attrs["teacher"]
+    computed = sum(s["instances"] for s in summaries)
+    task_seconds = sum(s["seconds"] for s in summaries)
+    return {
+        "instances": len(rows),
+        "images": len(rows.images()),
+        "shards": store.n_shards,
+        "instances_computed": computed,
+        "shards_computed": len(summaries),
+        "encoder_passes": sum(s["encoder_passes"] for s in summaries),
+        "seconds": round(seconds, 3),
+        "setup_seconds": round(setup_seconds, 3),
+        "instances_per_s": round(computed / seconds, 3) if computed else None,
+        "teacher_seconds": round(sum(s["teacher_seconds"] for s in summaries), 3),  # encoder + decoder calls
+        "teacher_share_of_task_time": round(sum(s["teacher_seconds"] for s in summaries) / task_seconds, 4)
+        if task_seconds else None,
+        "random_weights": teacher["random_weights"],
+        "model": teacher["model"],
+        "prompt": store.attrs["prompt"]["convention"],
+        "codec": store.codec.name,
+        "executor": executor.name,
+        "workers": executor.workers,
+        "bytes_on_disk": summary["bytes_on_disk"],
+        "bytes_per_instance": round(summary["bytes_per_instance"], 1),
+        "logits_bytes_per_instance": round(summary["logits_bytes_per_instance"], 1),
+        "confidence_mean": round(summary["confidence_mean"], 4),
+        "mask_share": round(summary["mask_share"], 4),
+    }
+
+
+def _say(message: str) -> None:
+    print(f"[{STAGE}] {message}", file=sys.stderr, flush=True)
