@@ -306,8 +306,11 @@ class ExportConfig:
 
     quantized_dir: str = "data/quantize"  # the quantize stage's out_dir
     mctq_check_samples: int = 2  # MCTQ runs ~300x slower than float in onnxruntime: a few probe crops only
-    max_diff_steps: float = 8.0  # bound on max |onnx - torch| logits, in output quantisation steps
-    min_mask_agreement: float = 0.99  # bound on the share of mask pixels where onnx and torch agree
+    # Bounds of the onnxruntime checks. Two correct INT8 implementations still differ: float accumulation order
+    # flips a rounding now and then and ~40 quantisers carry it on (trained PicoSAM3: up to 9 steps, mean 0.8);
+    # a wrong graph is off by tens of steps on most pixels.
+    max_diff_steps: float = 16.0  # bound on max |onnx - torch| logits, in output quantisation steps
+    min_mask_agreement: float = 0.98  # bound on the share of mask pixels where onnx and torch agree
     out_dir: str = "data/export"
 
     def validate(self, key: str) -> None:

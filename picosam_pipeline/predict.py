@@ -39,7 +39,6 @@ if TYPE_CHECKING:
     from picosam_pipeline.device import Runtime
 
 ONNX_SUFFIX = ".onnx"
-MCT_ONNX_DOMAIN = "mct_quantizers"  # mct_quantizers.common.constants.ONNX_CUSTOM_OP_DOMAIN
 
 
 class CropModel(Protocol):
@@ -83,21 +82,13 @@ class OnnxCropModel:
     """
 
     def __init__(self, path: str | Path) -> None:
-        import onnx
-        import onnxruntime as ort
+        from picosam_pipeline.onnx_export import ort_session
 
         path = Path(path)
         try:
-            # MCT's own export format holds custom quantizer ops, which need MCT's onnxruntime op library.
-            domains = {o.domain for o in onnx.load(str(path), load_external_data=False).opset_import}
-            if MCT_ONNX_DOMAIN in domains:
-                from mct_quantizers import get_ort_session_options
-
-                options = get_ort_session_options()
-            else:
-                options = ort.SessionOptions()
-            options.log_severity_level = 3  # onnxruntime's warnings about unused initialisers are noise here
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            # The same session the export stage checks with: MCT's op library for MCTQ files, and no graph
+            # rewrites, which would move INT8 outputs by a few quantisation steps.
+            self.session = ort_session(path)
         except Exception as err:  # onnx raises DecodeError, onnxruntime its own untyped Fail / InvalidProtobuf
             raise PipelineError(f"model {str(path)!r} is not a loadable ONNX model ({str(err).strip()[:200]}); "
                                 "pass a student checkpoint (.pt) or an .onnx file written by the export / quantize stage") from None

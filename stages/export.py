@@ -14,6 +14,7 @@ Both files carry the contract in their ONNX ``metadata_props`` too (``picosam.*`
 in onnxruntime on the probe crops (the MCTQ file, ~300x slower, on ``mctq_check_samples`` of them) and
 compared with the quantised torch model; the stage fails when the largest difference exceeds
 ``max_diff_steps`` output quantisation steps or masks agree on fewer than ``min_mask_agreement`` of the pixels.
+For scale the contract also gives how far quantisation itself moved the logits (torch INT8 against float).
 """
 
 from __future__ import annotations
@@ -62,11 +63,16 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
                               "input_normalization": "in_graph", "output": contract["output"]["summary"]})
 
     with np.load(sources[quantize_stage.PROBE_FILE]) as probe:
-        rgb, reference = probe["rgb"], probe["int8_logits"]
+        rgb, reference, float_logits = probe["rgb"], probe["int8_logits"], probe["float_logits"]
     n = min(e.mctq_check_samples, len(rgb))
     checks = {"fakequant": compare_onnx(files["fakequant"], rgb, reference),
               "mctq": compare_onnx(files["mctq"], rgb[:n], reference[:n], batch=1)}
     contract["checks"] = {k: {**c.to_dict(), "file": Path(c.file).name} for k, c in checks.items()}
+    # For scale: how far quantisation itself moved the logits on the same crops (torch INT8 against float).
+    noise = np.abs(reference - float_logits) / contract["output"]["quantization_step"]
+    contract["checks"]["torch_int8_vs_float"] = {
+        "samples": len(rgb), "max_diff_steps": float(noise.max()), "mean_diff_steps": float(noise.mean()),
+        "mask_agreement": float(np.mean((reference > 0) == (float_logits > 0)))}
     (out / CONTRACT_FILE).write_text(json.dumps(contract, indent=1) + "\n")
     save_resolved(cfg, out, ["export"])
 
