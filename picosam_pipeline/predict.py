@@ -151,9 +151,13 @@ def load_crop_model(path: str | Path, runtime: "Runtime") -> CropModel:
 
 
 def crop_rgb(pixels: np.ndarray, box: CropBox, size: int) -> np.ndarray:
-    """``(H, W, 3)`` uint8 image -> ``(size, size, 3)`` uint8 crop of ``box``, PIL bilinear as in the papers."""
-    window = Image.fromarray(pixels).crop(tuple(box))
-    return np.asarray(window.resize((size, size), Image.BILINEAR))
+    """``(H, W, 3)`` uint8 image -> ``(size, size, 3)`` uint8 crop of ``box``, PIL bilinear as in the papers.
+
+    The pack stage's resampler, so a crop seen at prediction time is byte-identical to the one trained on.
+    """
+    from picosam_pipeline.shards import resample_window
+
+    return resample_window(pixels, box, size, Image.Resampling.BILINEAR)
 
 
 def to_model_input(crops: np.ndarray) -> np.ndarray:
