@@ -24,10 +24,6 @@ class Runtime:
     autocast_dtype: "torch.dtype | None"
     seed: int
 
-    @property
-    def device_type(self) -> str:
-        return self.device.type
-
     def autocast(self) -> contextlib.AbstractContextManager:
         """``torch.autocast`` for the chosen dtype, or a no-op context for fp32."""
         import torch

@@ -46,17 +46,11 @@ from picosam_pipeline.scoring import (
     gt_nonempty,
     size_buckets,
     summarize,
+    to_numpy,
 )
 
 TEACHER = "teacher"
 HIST_BINS = 20  # IoU histogram bins of width 0.05, the papers' threshold step
-
-
-def _numpy(x: Any) -> np.ndarray:
-    """numpy view of a batch field (torch tensor on any device, numpy array or list)."""
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -233,21 +227,21 @@ def evaluate_batches(batches: Iterable[Mapping[str, Any]], models: Mapping[str, 
     start = time.perf_counter()
     bar = tqdm(total=total, desc="evaluate", unit="sample", disable=None)
     for batch in batches:
-        rgb = _numpy(batch["image"]).astype(np.float32, copy=False)
+        rgb = to_numpy(batch["image"]).astype(np.float32, copy=False)
         logits = {}
         for name, model in models.items():
             t0 = time.perf_counter()
             logits[name] = model(rgb)
             model_seconds[name] += time.perf_counter() - t0
         if "teacher_logits" in batch:
-            logits[TEACHER] = _numpy(batch["teacher_logits"]).astype(np.float32, copy=False)
-        gt_crops = _numpy(batch["gt_mask"]).reshape(len(rgb), *rgb.shape[-2:])
-        ann_ids = _numpy(batch["ann_id"]).astype(np.int64)
-        boxes = _numpy(batch["crop_box"]).astype(np.int64).reshape(len(rgb), 4)
+            logits[TEACHER] = to_numpy(batch["teacher_logits"]).astype(np.float32, copy=False)
+        gt_crops = to_numpy(batch["gt_mask"]).reshape(len(rgb), *rgb.shape[-2:])
+        ann_ids = to_numpy(batch["ann_id"]).astype(np.int64)
+        boxes = to_numpy(batch["crop_box"]).astype(np.int64).reshape(len(rgb), 4)
         scores = score_batch(logits, gt_crops, boxes, [gt.mask(a) for a in ann_ids])
         categories = np.array([gt.category(a) for a in ann_ids], dtype=object)
-        table.add(ann_id=ann_ids, image_id=_numpy(batch["image_id"]).astype(np.int64), category=categories,
-                  area=_numpy(batch["area"]).astype(np.float64), box_x1=boxes[:, 0], box_y1=boxes[:, 1],
+        table.add(ann_id=ann_ids, image_id=to_numpy(batch["image_id"]).astype(np.int64), category=categories,
+                  area=to_numpy(batch["area"]).astype(np.float64), box_x1=boxes[:, 0], box_y1=boxes[:, 1],
                   box_x2=boxes[:, 2], box_y2=boxes[:, 3], **scores)
         if on_sample is not None:
             crops = np.clip(np.moveaxis(rgb, 1, -1) * 255.0 + 0.5, 0, 255).astype(np.uint8)
@@ -264,8 +258,8 @@ def evaluate_batches(batches: Iterable[Mapping[str, Any]], models: Mapping[str, 
 
 def _predictions(logits: np.ndarray, batch: Mapping[str, Any], ann_ids: np.ndarray) -> list[CropPrediction]:
     """Crop predictions for a results file; score = mean sigmoid probability over the predicted mask (0 if empty)."""
-    image_ids = _numpy(batch["image_id"])
-    category_ids = _numpy(batch["category_id"])
+    image_ids = to_numpy(batch["image_id"])
+    category_ids = to_numpy(batch["category_id"])
     out = []
     for i in range(len(logits)):
         lg = logits[i, 0]

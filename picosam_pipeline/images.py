@@ -188,6 +188,17 @@ def _reaches_end_marker(fmt: str | None, data: bytes) -> bool:
     return True
 
 
+def header_sizes(path: str | Path) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``(stored, shown)`` ``(width, height)`` of an image from its header alone (shown = after EXIF rotation).
+
+    An annotation file may describe either (see :func:`load_image`); callers accept both.
+    """
+    with Image.open(path) as image:
+        raw = image.size
+        shown = raw[::-1] if _exif_orientation(image) in _SWAPPING_ORIENTATIONS else raw
+    return raw, shown
+
+
 def _exif_orientation(image: Image.Image) -> int:
     """EXIF Orientation tag (1..8), 1 when absent, invalid or the EXIF block itself is unreadable."""
     try:

@@ -37,13 +37,13 @@ from typing import Any
 import onnx
 
 from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.onnx_export import MCTQ_DOMAIN
 
 JAVA_MAJOR = 17
 JAVA_HINT = ("install a Java 17 runtime and put its `java` on PATH, e.g. "
              "`sudo apt install openjdk-17-jre-headless` (Debian/Ubuntu), "
              "`sudo dnf install java-17-openjdk-headless` (Fedora) or `brew install openjdk@17` (macOS)")
 CONVERTER = "imxconv-pt"
-MCTQ_DOMAIN = "mct_quantizers"
 LOG_FILE = "converter.log"
 
 

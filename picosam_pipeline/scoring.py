@@ -38,6 +38,7 @@ from PIL import Image
 
 from picosam_pipeline.crops import CropBox, point_box, point_prompt, roi_box
 from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.images import header_sizes
 
 Protocol = Literal["picosam2-point", "picosam3-roi"]
 PROTOCOLS: tuple[str, ...] = ("picosam2-point", "picosam3-roi")
@@ -53,7 +54,7 @@ SIZE_BUCKETS = ("small", "medium", "large")  # COCO: area < 32^2, < 96^2, the re
 # crop-space metrics
 
 
-def _to_numpy(x: Any) -> np.ndarray:
+def to_numpy(x: Any) -> np.ndarray:
     """numpy view of a numpy array or a torch tensor (any device), without importing torch."""
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
@@ -61,7 +62,7 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 
 def _flat(x: Any, name: str) -> np.ndarray:
-    arr = _to_numpy(x)
+    arr = to_numpy(x)
     if arr.ndim < 2:
         raise ValueError(f"{name}: expected a batch of shape (N, ...), got shape {arr.shape}")
     return arr.reshape(arr.shape[0], -1)
@@ -165,7 +166,7 @@ def resize_crop_to_box(crop: Any, box: CropBox) -> np.ndarray:
     only at soft edges. Bool/integer input is taken as a **mask**: PIL NEAREST, the same resize that made
     the GT crop, then ``> 0``. A float {0, 1} mask would be read as logits, so pass masks as bool or uint8.
     """
-    arr = _to_numpy(crop)
+    arr = to_numpy(crop)
     arr = arr.reshape(arr.shape[-2:])
     h, w = box.height, box.width
     if h <= 0 or w <= 0:
@@ -252,7 +253,7 @@ def encode_crop_mask(pred: Any) -> dict[str, Any]:
     """COCO compressed RLE ``{"size": [S, S], "counts": str}`` of ``pred > 0`` (``(S, S)`` or ``(1, S, S)``)."""
     from pycocotools import mask as mask_utils
 
-    arr = _to_numpy(pred)
+    arr = to_numpy(pred)
     binary = np.asfortranarray(arr.reshape(arr.shape[-2:]) > 0, dtype=np.uint8)
     rle = mask_utils.encode(binary)
     return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
@@ -346,11 +347,11 @@ def _images_on_disk(coco, image_ids: Iterable[int], images_dir: Path) -> set[int
         if not file.is_file():
             continue
         try:
-            with Image.open(file) as im:  # reads the header only
-                found_size = im.size
+            sizes = header_sizes(file)  # stored and EXIF-rotated: load_image accepts either orientation
         except OSError as err:
             raise PipelineError(f"{file}: cannot read the image ({err}); replace the file or remove the image from the annotations") from err
-        if found_size != (info["width"], info["height"]):
+        found_size = sizes[0]
+        if (info["width"], info["height"]) not in sizes:
             raise PipelineError(f"{file}: image is {found_size[0]}x{found_size[1]} but the annotations say {info['width']}x{info['height']}; crop boxes would be wrong. Use the images the annotations describe")
         found.add(image_id)
     return found

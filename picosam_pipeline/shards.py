@@ -44,7 +44,6 @@ so a rerun reproduces every sha256.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -67,6 +66,7 @@ from webdataset import TarWriter
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.fetch import sha256_file
 from picosam_pipeline.images import load_image
 from picosam_pipeline.instance_index import decode_mask, iter_images
 from picosam_pipeline.logit_codec import LogitCodec, get_codec
@@ -364,7 +364,7 @@ def pack_split(split: str, rows: pa.Table, store: LogitStore, rows_in_store: np.
             for sample in samples:
                 sink.write({m: sample[m] for m in ("__key__", *MEMBERS)})
         spill.unlink()
-        entries.append(ShardEntry(target.name, len(samples), target.stat().st_size, _sha256(target)))
+        entries.append(ShardEntry(target.name, len(samples), target.stat().st_size, sha256_file(target)))
     spill_dir.rmdir()
 
     index = {"format": FORMAT, "format_version": FORMAT_VERSION, "split": split, "samples": n,
@@ -393,9 +393,3 @@ def _image_jobs(split: str, rows: pa.Table, store: LogitStore, rows_in_store: np
                         records, read_values(in_store), store_meta["stored_box"][in_store])
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

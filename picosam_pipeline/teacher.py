@@ -30,6 +30,7 @@ import torch
 from picosam_pipeline.config import SAM2_MODELS, TeacherConfig
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.fetch import sha256_file as file_sha256  # teacher metadata and verify-logits use this name
 
 SAM3_EXTRA = "pip install 'picosam-pipeline[sam3]'"
 SAM3_PROB_EPS = 1e-7  # PicoSAM3's clamp before probability -> logit: |logit| <= 16.12
@@ -309,15 +310,6 @@ class Sam3Teacher:
 
 # --------------------------------------------------------------------------------------------------
 # weights
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def state_dict_sha256(model: torch.nn.Module) -> str:

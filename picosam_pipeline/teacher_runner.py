@@ -197,6 +197,13 @@ class TeacherSession:
         self.teacher.set_image(pixels)
         self.encoded = key
 
+    def holds(self, path: str) -> bool:
+        """Whether the teacher holds ``path`` encoded (False for a file that is gone: decoding it reports that)."""
+        try:
+            return self.encoded == file_key(path)
+        except OSError:
+            return False
+
 
 _session: TeacherSession | None = None
 _session_lock = threading.Lock()
@@ -308,7 +315,7 @@ def process_shard(store_path: str, shard: int, rows: InstanceRows, spec: Teacher
     teacher_seconds = 0.0
     with session.lock:
         # The previous shard's last image, when this process ran that shard, is still encoded.
-        for group, pixels in iter_images(rows, skip_first=session.encoded == file_key(rows.image_path[0])):
+        for group, pixels in iter_images(rows, skip_first=session.holds(rows.image_path[0])):
             tick = time.perf_counter()
             if pixels is not None:
                 session.set_image(file_key(group.image_path[0]), pixels)

@@ -92,8 +92,11 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     out = Path(q.out_dir)
     shutil.rmtree(out, ignore_errors=True)  # files of an earlier run must not survive next to new ones
     out.mkdir(parents=True)
-    export_quantized(int8, out / MCTQ_FILE, fmt="mctq", input_size=size)
-    export_quantized(int8, out / FAKEQUANT_FILE, fmt="fakequant", input_size=size)
+    # The quantised graph starts with the ImageNet normalisation (CameraInputModel): say so in the files, so
+    # anything that runs them (predict, evaluate.int8_model) feeds RGB in [0, 1] and does not normalise twice.
+    in_graph = {"input_normalization": "in_graph"}
+    export_quantized(int8, out / MCTQ_FILE, fmt="mctq", input_size=size, metadata=in_graph)
+    export_quantized(int8, out / FAKEQUANT_FILE, fmt="fakequant", input_size=size, metadata=in_graph)
     probe = next(iter(make_loader(q.val_shards, batch_size=q.probe_samples, shuffle_buffer=0, num_workers=0,
                                   seed=runtime.seed, input_size=size)))["image"].numpy().astype(np.float32)
     np.savez(out / PROBE_FILE, rgb=probe, int8_logits=models["student_int8"](probe),

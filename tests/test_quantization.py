@@ -196,6 +196,10 @@ def test_stage_serialises_the_int8_model_for_export(quantized_stage):
     with np.load(out / "probe.npz") as probe:
         assert probe["rgb"].shape == (4, 3, 96, 96) and 0 <= probe["rgb"].min() and probe["rgb"].max() <= 1
         assert probe["int8_logits"].shape == probe["float_logits"].shape == (4, 1, 96, 96)
+    # Runners read this to feed RGB in [0, 1] as it is (the normalisation is the graph's first op).
+    from picosam_pipeline.predict import OnnxCropModel
+
+    assert OnnxCropModel(out / "quantized_fakequant.onnx").normalizes_input
 
 
 def test_stage_names_a_missing_checkpoint(quantized_stage, tmp_path):

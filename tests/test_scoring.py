@@ -267,3 +267,23 @@ def test_reproduces_picosam2_reference_miou(variant, miou):
     assert result.exit_code == 0, result.output
     assert "190 samples from 24 images" in result.output
     assert re.search(rf"(?m)^crop mIoU\s+{re.escape(miou)}\b", result.output), result.output
+
+
+def test_images_dir_accepts_exif_rotated_files_in_either_orientation(tmp_path):
+    """The JSON may give the stored or the EXIF-rotated size (load_image accepts both); anything else is an error."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from picosam_pipeline.errors import PipelineError
+    from picosam_pipeline.scoring import _images_on_disk
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees to display
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.jpg", exif=exif)  # stored 40x30, shown 30x40
+    coco = SimpleNamespace(imgs={1: {"file_name": "a.jpg", "width": 30, "height": 40},
+                                 2: {"file_name": "a.jpg", "width": 40, "height": 30}})
+    assert _images_on_disk(coco, [1, 2], tmp_path) == {1, 2}
+    coco.imgs[3] = {"file_name": "a.jpg", "width": 41, "height": 30}
+    with pytest.raises(PipelineError, match="image is 40x30 but the annotations say 41x30"):
+        _images_on_disk(coco, [3], tmp_path)
