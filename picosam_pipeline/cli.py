@@ -24,7 +24,17 @@ def _fail(err: BaseException) -> None:
     sys.exit(1)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Cli(click.Group):
+    """The command group: a :class:`PipelineError` from any command is printed as one paragraph, exit 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except PipelineError as err:
+            _fail(err)
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="picosam-pipeline")
 def cli() -> None:
     """Distil SAM2/SAM3 into PicoSAM2/PicoSAM3 students for the Sony IMX500, reproducibly.
@@ -58,7 +68,7 @@ def run_stage_cmd(name: str, params_path: str, overrides: tuple[str, ...]) -> No
     from stages import STAGES
 
     if name not in STAGES:
-        _fail(PipelineError(f"unknown stage {name!r}; the stages are: {', '.join(STAGES)} (see `picosam-pipeline stages`)"))
+        raise PipelineError(f"unknown stage {name!r}; the stages are: {', '.join(STAGES)} (see `picosam-pipeline stages`)")
     try:
         from picosam_pipeline.config import load_config
         from picosam_pipeline.device import resolve_runtime
@@ -68,8 +78,6 @@ def run_stage_cmd(name: str, params_path: str, overrides: tuple[str, ...]) -> No
         click.echo(f"[{name}] device {runtime.describe()}", err=True)
         start = time.perf_counter()
         summary = STAGES[name].load()(cfg, runtime)
-    except PipelineError as err:
-        _fail(err)
     except KeyboardInterrupt:
         click.echo(f"[{name}] interrupted; finished work is kept and a rerun resumes it", err=True)
         sys.exit(130)
@@ -96,10 +104,7 @@ def score_predictions_cmd(annotations: str, predictions: str, protocol: str, ima
 
     from picosam_pipeline.scoring import format_report, score_predictions
 
-    try:
-        report = score_predictions(annotations, predictions, protocol, images_dir)
-    except PipelineError as err:
-        _fail(err)
+    report = score_predictions(annotations, predictions, protocol, images_dir)
     click.echo(format_report(report))
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
@@ -143,8 +148,6 @@ def fetch_cmd(asset_names: tuple[str, ...], list_assets: bool, dest_root: str, u
         for asset in assets:
             click.echo(fetch.fetch(asset, dest_root, url=url, sha256=sha256, timeout=timeout, resumes=resumes,
                                    keep_archive=keep_archives))
-    except PipelineError as err:
-        _fail(err)
     except KeyboardInterrupt:
         click.echo("[fetch] interrupted; the .part file is kept and rerunning the same command resumes it", err=True)
         sys.exit(130)
@@ -162,10 +165,7 @@ def model_summary_cmd(name: str, input_size: int) -> None:
     """
     from picosam_pipeline.students import format_summary, summarize
 
-    try:
-        click.echo(format_summary(summarize(name, input_size=input_size)))
-    except PipelineError as err:
-        _fail(err)
+    click.echo(format_summary(summarize(name, input_size=input_size)))
 
 
 @cli.command("inspect")
@@ -176,11 +176,8 @@ def inspect_cmd(path: str, scan: int) -> None:
     """Summarise the teacher-logit store at PATH: counts, bytes per instance, codec, teacher, value ranges."""
     from picosam_pipeline.logit_store import open_store, summarize
 
-    try:
-        store = open_store(path)
-        s = summarize(store, max_scan=scan)
-    except PipelineError as err:
-        _fail(err)
+    store = open_store(path)
+    s = summarize(store, max_scan=scan)
     layout, teacher = store.attrs["logit_store"], store.attrs.get("teacher", {})
     enc = layout["encoding"]
     lines = [
@@ -257,13 +254,10 @@ def predict_cmd(model_path: str, image_path: str, box: str | None, point: str | 
     point_xy = _numbers(point, 2, "--point", "X,Y")
     if (box_xywh is None) == (point_xy is None):
         raise click.UsageError("give exactly one prompt: --box X,Y,W,H or --point X,Y")
-    try:
-        runtime = resolve_runtime(RuntimeConfig(device=device, precision="fp32"))
-        model = load_crop_model(model_path, runtime)
-        result = predict_to_files(model, image_path, mask_out, overlay_out or None, box=box_xywh, point=point_xy,
-                                  roi_padding=roi_padding, window=window)
-    except PipelineError as err:
-        _fail(err)
+    runtime = resolve_runtime(RuntimeConfig(device=device, precision="fp32"))
+    model = load_crop_model(model_path, runtime)
+    result = predict_to_files(model, image_path, mask_out, overlay_out or None, box=box_xywh, point=point_xy,
+                              roi_padding=roi_padding, window=window)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     click.echo(f"crop box {tuple(result.crop_box)} (x1, y1, x2, y2) -> {model.input_size}x{model.input_size} crop; "
@@ -295,11 +289,8 @@ def verify_logits_cmd(path: str, sample: int, seed: int, device: str, index: str
     """
     from picosam_pipeline.verify_logits import verify_store
 
-    try:
-        report = verify_store(path, sample, seed=seed, device=device, index=index, checkpoint=checkpoint,
-                              tolerance=tolerance)
-    except PipelineError as err:
-        _fail(err)
+    report = verify_store(path, sample, seed=seed, device=device, index=index, checkpoint=checkpoint,
+                          tolerance=tolerance)
     click.echo(report.format())
     if not report.ok:
         sys.exit(1)
@@ -309,8 +300,6 @@ def main() -> None:
     """Console-script entry point."""
     try:
         cli(standalone_mode=True)
-    except PipelineError as err:  # raised from a command outside run-stage's handler
-        _fail(err)
     except Exception:  # a bug: keep the traceback, it is what a maintainer needs
         traceback.print_exc()
         sys.exit(2)
