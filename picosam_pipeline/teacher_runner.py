@@ -43,8 +43,8 @@ from picosam_pipeline.device import Runtime, resolve_runtime
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.images import BadImageError, load_image
 from picosam_pipeline.instance_index import column_array, read_index, read_metadata
-from picosam_pipeline.logit_geometry import context_window, crop_logits
-from picosam_pipeline.logit_store import open_store
+from picosam_pipeline.logit_geometry import crop_logits
+from picosam_pipeline.logit_store import open_store, stored_boxes
 from picosam_pipeline.teacher import Teacher, TeacherOutput, build_teacher
 
 _COLUMNS = ["ann_id", "image_id", "split", "image_path", "width", "height", "bbox", "roi_box", "point", "point_box"]
@@ -251,13 +251,6 @@ def predict_crops(teacher: Teacher, cfg: TeacherConfig, rows: InstanceRows) -> t
     return to_stored_frames(decode_prompts(teacher, cfg, rows), cfg, rows)
 
 
-def stored_frames(crop_box: np.ndarray, cfg: TeacherConfig) -> np.ndarray:
-    """``(n, 4)`` float64 frames of the stored logits: each crop box grown by the context margin (the frame
-    :func:`to_stored_frames` samples)."""
-    return np.array([context_window(box, cfg.store_size, cfg.context_margin) for box in crop_box.tolist()],
-                    dtype=np.float64).reshape(-1, 4)
-
-
 def load_pixels(rows: InstanceRows) -> np.ndarray:
     """``(H, W, 3)`` uint8 RGB of the image of ``rows`` (their first row), oriented as its annotations.
 
@@ -328,7 +321,7 @@ def process_shard(store_path: str, shard: int, rows: InstanceRows, spec: Teacher
             images += 1
     store.write_shard(
         shard, np.concatenate(logits), ann_id=rows.ann_id, image_id=rows.image_id,
-        confidence=np.concatenate(confidence), crop_box=rows.crop_box, stored_box=stored_frames(rows.crop_box, cfg),
+        confidence=np.concatenate(confidence), crop_box=rows.crop_box, stored_box=stored_boxes(rows.crop_box, cfg.store_size, cfg.context_margin),
     )
     return {"shard": shard, "instances": len(rows), "images": images, "encoder_passes": encodes,
             "seconds": time.perf_counter() - start, "teacher_seconds": teacher_seconds, "pid": os.getpid()}
