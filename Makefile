@@ -1,10 +1,13 @@
 # The two commands of the README:
 #   make repro   run the DVC pipeline on the built-in sample (creates/refreshes .venv first)
 #   make test    run the test suite                           (creates/refreshes .venv first)
+#   make bench   run the benchmarks in bench/ (figures printed, nothing asserted)
+# On a stock machine whose pip would pick a CUDA torch, `make env TORCH_INDEX=cpu` takes the CPU build.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+TORCH_INDEX ?=
 export DVC_NO_ANALYTICS := 1
 
 .PHONY: env repro test bench clean-env
@@ -12,7 +15,7 @@ export DVC_NO_ANALYTICS := 1
 env: $(STAMP)
 
 $(STAMP): scripts/install.sh requirements/constraints.txt requirements/base.txt requirements/test.txt pyproject.toml
-	bash scripts/install.sh $(VENV)
+	bash scripts/install.sh $(if $(TORCH_INDEX),--torch-index $(TORCH_INDEX)) $(VENV)
 	touch $(STAMP)
 
 repro: $(STAMP)
@@ -20,6 +23,11 @@ repro: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/logit_storage.py
+	$(PY) bench/teacher_logits.py
+	$(PY) bench/loader.py
 
 clean-env:
 	rm -rf $(VENV)

@@ -7,7 +7,7 @@ Run from the repository root:  ``.venv/bin/python bench/loader.py [--data sample
    ``../shared/data/coco-sample``), a teacher store, then the ``pack`` stage twice: with the default 4096
    samples per shard for bytes per sample (a realistic shard: the tar trailer is spread over many samples),
    and with 16 per shard for the loader (so every worker gets shards). The store comes from
-   ``--teacher gt-mask`` (default: ``mask_teacher``, the GT masks as logits in the teacher stage's layout and
+   ``--teacher gt-mask`` (default: ``teacher/gt_mask.py``, the GT masks as logits in the teacher stage's layout and
    geometry, seconds) or ``--teacher stage`` (the real ``teacher-logits`` stage, local executor: SAM2.1 tiny
    with random weights when no checkpoint is present, several seconds per image on CPU, and noise logits
    that compress worse than a trained teacher's).
@@ -42,12 +42,12 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 from picosam_pipeline.config import (Config, PackConfig, PrepareConfig, RuntimeConfig, SampleConfig,  # noqa: E402
                                      SplitSource, TeacherConfig)
 from picosam_pipeline.device import resolve_runtime  # noqa: E402
-from picosam_pipeline.loader import count_samples, make_loader  # noqa: E402
-from picosam_pipeline.losses import PRESETS, DistillationLoss  # noqa: E402
-from picosam_pipeline.mask_teacher import write_mask_teacher_store  # noqa: E402
-from picosam_pipeline.shards import read_shard_index  # noqa: E402
-from picosam_pipeline.students import build_student, normalize  # noqa: E402
-from stages import pack, prepare, sample, teacher_logits  # noqa: E402
+from picosam_pipeline.stages import pack, prepare, sample, teacher_logits  # noqa: E402
+from picosam_pipeline.teacher.gt_mask import write_mask_teacher_store  # noqa: E402
+from picosam_pipeline.train.loader import count_samples, make_loader  # noqa: E402
+from picosam_pipeline.train.losses import PRESETS, DistillationLoss  # noqa: E402
+from picosam_pipeline.train.shards import read_shard_index  # noqa: E402
+from picosam_pipeline.train.students import build_student, normalize  # noqa: E402
 
 COCO = REPO.parent / "shared" / "data" / "coco-sample"
 BATCH = 32
@@ -77,7 +77,7 @@ def build_pack(root: Path, data: str, teacher: str, context_margin: float) -> tu
         made = f"the teacher-logits stage ({cfg.teacher.model}, {weights})"
     else:
         write_mask_teacher_store(cfg.pack.index, cfg.pack.store, splits=cfg.pack.splits, context_margin=context_margin)
-        made = "a gt-mask store (GT masks as logits via mask_teacher; the teacher stage was not run)"
+        made = "a gt-mask store (GT masks as logits via teacher/gt_mask.py; the teacher stage was not run)"
     pack.run(cfg, None)  # default samples_per_shard: the realistic size per sample
     metrics = json.loads((root / "metrics/pack.json").read_text())
     small = dataclasses.replace(cfg.pack, out_dir=str(root / "small_shards"), samples_per_shard=16)

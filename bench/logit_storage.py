@@ -39,9 +39,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from picosam_pipeline.config import TeacherConfig  # noqa: E402
-from picosam_pipeline.crops import roi_box  # noqa: E402
-from picosam_pipeline.logit_codec import CODECS, encode_logits  # noqa: E402
-from picosam_pipeline.logit_store import create_store, open_store  # noqa: E402
+from picosam_pipeline.data.crops import roi_box  # noqa: E402
+from picosam_pipeline.teacher.codec import CODECS, encode_logits  # noqa: E402
+from picosam_pipeline.teacher.store import create_store, open_store  # noqa: E402
 
 DEFAULT_COCO = REPO.parent / "shared" / "data" / "coco-sample"
 

@@ -48,12 +48,12 @@ import torch  # noqa: E402
 
 from logit_storage import DEFAULT_COCO, coco_like_logits, storage_figures  # noqa: E402
 from picosam_pipeline.config import TeacherConfig, load_config  # noqa: E402
+from picosam_pipeline.data.images import load_image  # noqa: E402
 from picosam_pipeline.device import resolve_runtime  # noqa: E402
-from picosam_pipeline.executors import compute_threads  # noqa: E402
-from picosam_pipeline.images import load_image  # noqa: E402
-from picosam_pipeline.teacher import RandomWeightsWarning  # noqa: E402
-from picosam_pipeline.teacher_runner import TeacherSpec, instance_rows, predict_crops, teacher_session  # noqa: E402
-from stages import prepare, teacher_logits  # noqa: E402
+from picosam_pipeline.stages import prepare, teacher_logits  # noqa: E402
+from picosam_pipeline.teacher.executors import compute_threads  # noqa: E402
+from picosam_pipeline.teacher.models import RandomWeightsWarning  # noqa: E402
+from picosam_pipeline.teacher.runner import TeacherSpec, instance_rows, predict_crops, teacher_session  # noqa: E402
 
 CHECKPOINT = REPO / "data" / "checkpoints" / "sam2.1_hiera_tiny.pt"
 

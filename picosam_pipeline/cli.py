@@ -48,7 +48,7 @@ def cli() -> None:
 @cli.command("stages")
 def stages_cmd() -> None:
     """List the pipeline stages in order: params sections read, inputs, outputs."""
-    from stages import STAGES
+    from picosam_pipeline.stages import STAGES
 
     width = max(len(n) for n in STAGES)
     for spec in STAGES.values():
@@ -65,7 +65,7 @@ def run_stage_cmd(name: str, params_path: str, overrides: tuple[str, ...]) -> No
     The resolved config is validated before any work starts and saved beside the stage's outputs;
     metrics go to runtime.metrics_dir (default metrics/<stage>.json).
     """
-    from stages import STAGES
+    from picosam_pipeline.stages import STAGES
 
     if name not in STAGES:
         raise PipelineError(f"unknown stage {name!r}; the stages are: {', '.join(STAGES)} (see `picosam-pipeline stages`)")
@@ -102,7 +102,7 @@ def score_predictions_cmd(annotations: str, predictions: str, protocol: str, ima
     import json
     from pathlib import Path
 
-    from picosam_pipeline.scoring import format_report, score_predictions
+    from picosam_pipeline.evaluate.scoring import format_report, score_predictions
 
     report = score_predictions(annotations, predictions, protocol, images_dir)
     click.echo(format_report(report))
@@ -134,7 +134,7 @@ def fetch_cmd(asset_names: tuple[str, ...], list_assets: bool, dest_root: str, u
     complete download is recorded in DEST_ROOT/assets.lock.json (commit it) and later downloads must match.
     Offline, it fails within seconds and says what to download by hand and where to put it.
     """
-    from picosam_pipeline import fetch
+    from picosam_pipeline.data import fetch
 
     if list_assets:
         click.echo(fetch.format_table(dest_root))
@@ -163,7 +163,7 @@ def model_summary_cmd(name: str, input_size: int) -> None:
     NAME is picosam2 or picosam3. Sizes are shown beside the figures the PicoSAM2 / PicoSAM3 papers publish. Runs one forward pass
     on CPU with fresh weights; no checkpoint or data needed.
     """
-    from picosam_pipeline.students import format_summary, summarize
+    from picosam_pipeline.train.students import format_summary, summarize
 
     click.echo(format_summary(summarize(name, input_size=input_size)))
 
@@ -174,38 +174,12 @@ def model_summary_cmd(name: str, input_size: int) -> None:
               help="Instances read (whole shards, spread over the store) for the logit ranges; 0 = all.")
 def inspect_cmd(path: str, scan: int) -> None:
     """Summarise the teacher-logit store at PATH: counts, bytes per instance, codec, teacher, value ranges."""
-    from picosam_pipeline.logit_store import open_store, summarize
+    from picosam_pipeline.teacher.store import open_store
+    from picosam_pipeline.teacher.summary import format_summary, summarize
 
     store = open_store(path)
-    s = summarize(store, max_scan=scan)
-    layout, teacher = store.attrs["logit_store"], store.attrs.get("teacher", {})
-    enc = layout["encoding"]
-    lines = [
-        f"teacher-logit store {path} (format {layout['format_version']}, written by picosam-pipeline {layout['code_version']})",
-        f"  instances   {s['instances_done']:,} of {s['instances']:,} written; shards {s['shards_done']} of {s['shards']} done"
-        f" ({store.instances_per_shard} instances each)"
-        + ("" if s["shards_done"] == s["shards"] else "; rerun the teacher stage to finish the rest"),
-        f"  logits      {store.side}x{store.side} per instance, codec {store.codec.name} ({enc['stored_dtype']}, "
-        f"Blosc {enc['blosc']['cname']} level {enc['blosc']['clevel']}, {enc['blosc']['shuffle']})",
-        f"  decode      {enc['decode']}; mask = logit > 0",
-    ]
-    if s["instances_done"]:
-        per, raw32, raw16 = s["bytes_per_instance"], s["raw_float32_bytes"], s["raw_float16_bytes"]
-        lines += [
-            f"  on disk     {s['bytes_on_disk']:,} B = {per:,.0f} B per instance (logits {s['logits_bytes_per_instance']:,.0f} B):"
-            f" {raw32 / per:.1f}x smaller than raw float32 ({raw32:,} B), {raw16 / per:.1f}x than float16 ({raw16:,} B)",
-            f"  logits      min {s['logit_min']:.3f}, max {s['logit_max']:.3f}, mask share {s['mask_share']:.3f}"
-            f" (over {s['instances_scanned']:,} instances)",
-            f"  confidence  min {s['confidence_min']:.3f}, mean {s['confidence_mean']:.3f}, max {s['confidence_max']:.3f}",
-        ]
-    random_weights = teacher.get("random_weights") or not teacher.get("checkpoint_sha256")
-    weights = ("RANDOM WEIGHTS (no checkpoint loaded)" if random_weights
-               else f"checkpoint {teacher.get('checkpoint')} (sha256 {teacher['checkpoint_sha256']})")
-    lines.append(f"  teacher     {teacher.get('model', 'unknown')}, {weights}")
-    prompt, crop = store.attrs.get("prompt", {}), store.attrs.get("crop", {})
-    lines.append(f"  prompt      {prompt.get('convention', 'unknown')}: {prompt.get('description', '')}")
-    lines.append(f"  crop        {', '.join(f'{k}={v}' for k, v in crop.items()) or 'unknown'}")
-    click.echo("\n".join(lines))
+    report, random_weights = format_summary(store, summarize(store, max_scan=scan))
+    click.echo(report)
     if random_weights:
         click.echo("WARNING: these logits come from a teacher with RANDOM WEIGHTS (no checkpoint): fine for "
                    "tests, useless for distillation. Fetch the checkpoint and rerun the teacher stage.", err=True)
@@ -248,7 +222,7 @@ def predict_cmd(model_path: str, image_path: str, box: str | None, point: str | 
     """
     from picosam_pipeline.config import RuntimeConfig
     from picosam_pipeline.device import resolve_runtime
-    from picosam_pipeline.predict import load_crop_model, predict_to_files
+    from picosam_pipeline.evaluate.predict import load_crop_model, predict_to_files
 
     box_xywh = _numbers(box, 4, "--box", "X,Y,W,H")
     point_xy = _numbers(point, 2, "--point", "X,Y")
@@ -287,7 +261,7 @@ def verify_logits_cmd(path: str, sample: int, seed: int, device: str, index: str
     largest sigmoid difference against the float32 teacher, and decision flips. Exits 1 when the sigmoid
     difference exceeds the codec's bound plus --tolerance.
     """
-    from picosam_pipeline.verify_logits import verify_store
+    from picosam_pipeline.teacher.verify import verify_store
 
     report = verify_store(path, sample, seed=seed, device=device, index=index, checkpoint=checkpoint,
                           tolerance=tolerance)

@@ -218,9 +218,9 @@ class PackConfig:
 
 @dataclass
 class TrainConfig:
-    """Distillation training of a student on the packed shards (``stages/train.py``, ``trainer.py``).
+    """Distillation training of a student on the packed shards (``stages/train.py``, ``train/trainer.py``).
 
-    The loss fields map 1:1 onto :class:`picosam_pipeline.losses.DistillationLoss`. The papers' recipe:
+    The loss fields map 1:1 onto :class:`picosam_pipeline.train.losses.DistillationLoss`. The papers' recipe:
     AdamW lr 3e-4 (weight decay 0.01), 1000 warm-up steps then constant, batch 8 (PicoSAM2) / 64 (PicoSAM3),
     one epoch of COCO train2017 instances, no augmentation, no clipping.
     """
@@ -265,7 +265,7 @@ class TrainConfig:
             raise ConfigError(f"{key}.min_lr: expected at most lr ({self.lr}), got {self.min_lr}")
 
     def loss_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of :class:`~picosam_pipeline.losses.DistillationLoss`."""
+        """The keyword arguments of :class:`~picosam_pipeline.train.losses.DistillationLoss`."""
         names = ("lambda_mode", "fixed_lambda", "temperature", "area_weight", "area_min_ratio")
         return {name: getattr(self, name) for name in names}
 

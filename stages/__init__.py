@@ -12,6 +12,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
+from picosam_pipeline.errors import require_extra
+
 
 @dataclass(frozen=True)
 class StageSpec:
@@ -20,8 +22,12 @@ class StageSpec:
     sections: tuple[str, ...]
     reads: str
     writes: str
+    extra: str | None = None  # the pyproject extra the stage needs beyond the base install
 
     def load(self) -> Callable:
+        """The stage's ``run``, after checking that its optional dependencies are installed."""
+        if self.extra:
+            require_extra(self.extra, f"stage {self.name}")
         return importlib.import_module(self.module).run
 
 
@@ -30,66 +36,69 @@ STAGES: dict[str, StageSpec] = {
     for spec in [
         StageSpec(
             "sample",
-            "stages.sample",
+            "picosam_pipeline.stages.sample",
             ("sample",),
             reads="nothing (deterministic generator)",
             writes="data/sample/: COCO-format JSON + JPEG images, bad inputs included",
         ),
         StageSpec(
             "prepare",
-            "stages.prepare",
+            "picosam_pipeline.stages.prepare",
             ("prepare",),
             reads="COCO / LVIS instances JSON + image folders (prepare.splits)",
             writes="data/prepared/index.parquet (one row per instance), bad_inputs.jsonl, metrics/prepare.json",
         ),
         StageSpec(
             "teacher-logits",
-            "stages.teacher_logits",
+            "picosam_pipeline.stages.teacher_logits",
             ("teacher", "runtime"),
             reads="data/prepared/index.parquet + the images it names; the teacher checkpoint (teacher.checkpoint)",
             writes="data/teacher/logits.zarr (soft logits per instance, Zarr v3 shards), metrics/teacher-logits.json",
         ),
         StageSpec(
             "pack",
-            "stages.pack",
+            "picosam_pipeline.stages.pack",
             ("pack",),
             reads="data/prepared/index.parquet + the images + data/teacher/logits.zarr",
             writes="data/shards/<split>/: WebDataset shards (crop JPEG, mask + logits PNG, JSON) + shards.json, metrics/pack.json",
         ),
         StageSpec(
             "train",
-            "stages.train",
+            "picosam_pipeline.stages.train",
             ("train", "runtime"),
             reads="data/shards/train + data/shards/val",
             writes="data/train/student.pt (+ checkpoint.pt, resumable), metrics/train.json, plots metrics/train_steps.csv + train_val.csv",
         ),
         StageSpec(
             "evaluate",
-            "stages.evaluate",
+            "picosam_pipeline.stages.evaluate",
             ("evaluate", "runtime"),
             reads="data/shards/val + data/train/student.pt + data/prepared/index.parquet (optional: int8 ONNX, LVIS JSON + images)",
             writes="data/evaluate/ (report.json, per_sample.csv, plots/, grid.png), metrics/evaluate.json",
         ),
         StageSpec(
             "quantize",
-            "stages.quantize",
+            "picosam_pipeline.stages.quantize",
             ("quantize", "runtime"),
             reads="data/train/student.pt + data/shards/train (representative crops) + data/shards/val + data/prepared/index.parquet",
             writes="data/quantize/ (MCT's MCTQ + fake-quant ONNX, probe.npz, report.json), metrics/quantize.json (float vs INT8)",
+            extra="imx500",
         ),
         StageSpec(
             "export",
-            "stages.export",
+            "picosam_pipeline.stages.export",
             ("export",),
             reads="data/quantize/",
             writes="data/export/ (picosam_int8.onnx for the converter, picosam_int8_fakequant.onnx, picosam_int8.json), metrics/export.json",
+            extra="imx500",
         ),
         StageSpec(
             "package",
-            "stages.package",
+            "picosam_pipeline.stages.package",
             ("package",),
             reads="data/export/picosam_int8.onnx + picosam_int8.json (needs Java 17 for imxconv-pt)",
             writes="data/package/ (packerOut.zip, memory report, dnnParams.xml, deploy/ for the Raspberry Pi), metrics/package.json",
+            extra="imx500",
         ),
     ]
 }

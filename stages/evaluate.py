@@ -3,7 +3,7 @@
 Reads the val shards (``evaluate.shards``, in file order: no shuffle, no augmentation), the student
 checkpoint, and the instance index (full-image GT masks and category names). Optionally also scores an
 int8 / fake-quant ONNX model (``evaluate.int8_model``) and runs an extra evaluation straight from LVIS
-annotations + images (``evaluate.lvis``, see ``picosam_pipeline/lvis_eval.py``).
+annotations + images (``evaluate.lvis``, see ``picosam_pipeline/evaluate/lvis.py``).
 
 Writes, in ``evaluate.out_dir``:
 
@@ -30,7 +30,7 @@ from typing import Any
 from picosam_pipeline.config import Config, require_inputs, save_resolved, write_metrics
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
-from picosam_pipeline.evaluation import (
+from picosam_pipeline.evaluate.metrics import (
     TEACHER,
     InstanceGT,
     ScoreTable,
@@ -41,16 +41,16 @@ from picosam_pipeline.evaluation import (
     iou_histogram,
     size_bars,
 )
-from picosam_pipeline.predict import load_crop_model
-from picosam_pipeline.report import GridPool, draw_grid
-from picosam_pipeline.scoring import write_predictions
+from picosam_pipeline.evaluate.predict import load_crop_model
+from picosam_pipeline.evaluate.report import GridPool, draw_grid
+from picosam_pipeline.evaluate.scoring import write_predictions
 
 
 def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     """Evaluate; returns the headline figures and the wall time (also printed as a table)."""
-    from picosam_pipeline.instance_index import read_metadata
-    from picosam_pipeline.loader import make_loader
-    from picosam_pipeline.shards import read_shard_index
+    from picosam_pipeline.data.index import read_metadata
+    from picosam_pipeline.train.loader import make_loader
+    from picosam_pipeline.train.shards import read_shard_index
 
     e = cfg.evaluate
     inputs = {"evaluate.shards": e.shards, "evaluate.checkpoint": e.checkpoint, "evaluate.index": e.index}
@@ -125,7 +125,7 @@ def _fmt(value: float | None) -> str:
 
 def _lvis(cfg: Config, model, protocol: str | None, prepare: dict[str, Any]) -> dict[str, Any]:
     """The ``evaluate.lvis`` extra evaluation, with the shards' crop convention and prepare's crop parameters."""
-    from picosam_pipeline.lvis_eval import evaluate_annotations
+    from picosam_pipeline.evaluate.lvis import evaluate_annotations
 
     lv = cfg.evaluate.lvis
     if protocol is None:

@@ -28,41 +28,39 @@ from typing import Any
 import numpy as np
 
 from picosam_pipeline.config import Config, require_inputs, save_resolved, write_metrics
+from picosam_pipeline.deploy.onnx_export import (CONTRACT_FILE, NETWORK, QUANTIZE_FAKEQUANT_FILE, QUANTIZE_MCTQ_FILE,
+                                                 QUANTIZE_PROBE_FILE, QUANTIZE_REPORT_FILE)
+from picosam_pipeline.deploy.onnx_export import EXPORT_FAKEQUANT_FILE as FAKEQUANT_FILE
+from picosam_pipeline.deploy.onnx_export import EXPORT_MCTQ_FILE as MCTQ_FILE
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
-
-NETWORK = "picosam_int8"  # the converter names the network after the file stem
-MCTQ_FILE = f"{NETWORK}.onnx"
-FAKEQUANT_FILE = f"{NETWORK}_fakequant.onnx"
-CONTRACT_FILE = f"{NETWORK}.json"
 
 
 def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     """Copy, stamp and check the two ONNX files; returns the largest differences found."""
-    from picosam_pipeline.onnx_export import compare_onnx, stamp_metadata
-    from stages import quantize as quantize_stage
+    from picosam_pipeline.deploy.onnx_export import compare_onnx, stamp_metadata
 
     e = cfg.export
     src = Path(e.quantized_dir)
-    sources = {name: src / name for name in (quantize_stage.MCTQ_FILE, quantize_stage.FAKEQUANT_FILE,
-                                             quantize_stage.PROBE_FILE, quantize_stage.REPORT_FILE)}
+    sources = {name: src / name for name in (QUANTIZE_MCTQ_FILE, QUANTIZE_FAKEQUANT_FILE,
+                                             QUANTIZE_PROBE_FILE, QUANTIZE_REPORT_FILE)}
     require_inputs({f"export.quantized_dir ({name})": str(path) for name, path in sources.items()})
     start = time.perf_counter()
-    made = json.loads(sources[quantize_stage.REPORT_FILE].read_text())
+    made = json.loads(sources[QUANTIZE_REPORT_FILE].read_text())
     meta = made["student_meta"]
 
     out = Path(e.out_dir)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     files = {"mctq": out / MCTQ_FILE, "fakequant": out / FAKEQUANT_FILE}
-    shutil.copyfile(sources[quantize_stage.MCTQ_FILE], files["mctq"])
-    shutil.copyfile(sources[quantize_stage.FAKEQUANT_FILE], files["fakequant"])
+    shutil.copyfile(sources[QUANTIZE_MCTQ_FILE], files["mctq"])
+    shutil.copyfile(sources[QUANTIZE_FAKEQUANT_FILE], files["fakequant"])
     contract = _contract(files["mctq"], meta, made)
     for path in files.values():
         stamp_metadata(path, {"student": meta["student"], "input": contract["input"]["summary"],
                               "input_normalization": "in_graph", "output": contract["output"]["summary"]})
 
-    with np.load(sources[quantize_stage.PROBE_FILE]) as probe:
+    with np.load(sources[QUANTIZE_PROBE_FILE]) as probe:
         rgb, reference, float_logits = probe["rgb"], probe["int8_logits"], probe["float_logits"]
     n = min(e.mctq_check_samples, len(rgb))
     checks = {"fakequant": compare_onnx(files["fakequant"], rgb, reference),
@@ -97,7 +95,7 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
 
 def _contract(mctq: Path, meta: dict[str, Any], made: dict[str, Any]) -> dict[str, Any]:
     """What the network takes and gives, from the graph itself plus the student's normalisation."""
-    from picosam_pipeline.onnx_export import graph_io, output_grid
+    from picosam_pipeline.deploy.onnx_export import graph_io, output_grid
 
     (inp,), (outp,) = graph_io(mctq)
     size = int(meta["input_size"])

@@ -4,7 +4,7 @@ Reads ``pack.index`` (from prepare), ``pack.store`` (from teacher-logits) and th
 to; writes, for each split in ``pack.splits``, ``<pack.out_dir>/<split>/shard-NNNNNN.tar`` and
 ``shards.json`` (every shard with its sample count and sha256), plus ``<pack.out_dir>/config.resolved.json``
 and ``metrics/pack.json`` (samples, shards, bytes per sample, payload bytes per member, per split). The
-sample format, frames and pack order are described in ``picosam_pipeline/shards.py``.
+sample format, frames and pack order are described in ``picosam_pipeline/train/shards.py``.
 
 Joining: index rows and store rows are matched on ``(image_id, ann_id)`` (the store's own id arrays), and
 the store's crop boxes must equal the index's boxes of the store's prompt convention, so a store computed
@@ -24,11 +24,11 @@ import numpy as np
 import pyarrow as pa
 
 from picosam_pipeline.config import Config, require_inputs, save_resolved, write_metrics
+from picosam_pipeline.data.index import column_array, read_index
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
-from picosam_pipeline.instance_index import column_array, read_index
-from picosam_pipeline.logit_store import LogitStore, open_store
-from picosam_pipeline.shards import INDEX_COLUMNS, INDEX_FILE, Frame, pack_split
+from picosam_pipeline.teacher.store import LogitStore, open_store
+from picosam_pipeline.train.shards import INDEX_COLUMNS, INDEX_FILE, Frame, pack_split
 
 
 def run(cfg: Config, runtime: Runtime | None = None) -> dict[str, Any]:

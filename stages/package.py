@@ -29,7 +29,7 @@ from picosam_pipeline.config import Config, require_inputs, save_resolved, write
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
 
-TEMPLATES = "deploy_template"  # inside the picosam_pipeline package
+TEMPLATES = "template"  # inside picosam_pipeline/deploy
 DEMO = "picosam_imx500_demo.py"
 CAMERA_INPUT_SCALE = 1 / 256  # 8-bit pixel p read as p / 256: RGB in [0, 1]
 
@@ -38,10 +38,11 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     """Convert and write the deploy folder; returns memory use and the converter's time."""
     import imx500_converter
 
-    import picosam_pipeline
-    from picosam_pipeline import crops, deploy
-    from picosam_pipeline.imx500 import check_java, convert, read_dnn_params
-    from stages.export import CONTRACT_FILE, MCTQ_FILE
+    from picosam_pipeline.data import crops
+    from picosam_pipeline.deploy import raspberry_pi
+    from picosam_pipeline.deploy.imx500 import check_java, convert, read_dnn_params
+    from picosam_pipeline.deploy.onnx_export import CONTRACT_FILE
+    from picosam_pipeline.deploy.onnx_export import EXPORT_MCTQ_FILE as MCTQ_FILE
 
     check_java()  # before anything else: without Java 17 the converter fails late and obscurely
     p = cfg.package
@@ -65,13 +66,13 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
             "quantize.representative_batches)")
 
     report = conversion.report
-    templates = Path(picosam_pipeline.__file__).parent / TEMPLATES
+    templates = Path(raspberry_pi.__file__).parent / TEMPLATES
     deploy_dir = out / "deploy"
     deploy_dir.mkdir()
     shutil.copyfile(conversion.packer_zip, deploy_dir / "packerOut.zip")
     shutil.copyfile(contract_path, deploy_dir / CONTRACT_FILE)
     shutil.copyfile(templates / DEMO, deploy_dir / DEMO)
-    shutil.copyfile(deploy.__file__, deploy_dir / "deploy.py")
+    shutil.copyfile(raspberry_pi.__file__, deploy_dir / "deploy.py")  # the name the demo imports
     shutil.copyfile(crops.__file__, deploy_dir / "crops.py")
     (deploy_dir / "README.md").write_text(string.Template((templates / "README.md").read_text()).substitute(
         student=contract["student"], onnx=onnx_path, converter_version=imx500_converter.__version__,

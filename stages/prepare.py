@@ -1,11 +1,11 @@
 """Stage ``prepare``: COCO / LVIS instances JSON -> instance index (Parquet) + bad-input report.
 
-For every split in ``prepare.splits``: load the annotations (``picosam_pipeline.coco``), check each
-referenced image once (``picosam_pipeline.images``), check each annotation and decode its mask, apply the
+For every split in ``prepare.splits``: load the annotations (``picosam_pipeline.data.coco``), check each
+referenced image once (``picosam_pipeline.data.images``), check each annotation and decode its mask, apply the
 selection (non-crowd, has a segmentation, ``area >= min_area``, ROI side ``>= min_roi_side``), and compute
-both prompt conventions (``picosam_pipeline.crops``). Outputs in ``prepare.out_dir``:
+both prompt conventions (``picosam_pipeline.data.crops``). Outputs in ``prepare.out_dir``:
 
-* ``index.parquet``     one row per kept instance (schema in ``picosam_pipeline.instance_index``);
+* ``index.parquet``     one row per kept instance (schema in ``picosam_pipeline.data.index``);
 * ``bad_inputs.jsonl``  one JSON record per dropped or converted bad input (split, kind, ids, file, reason, action);
 * ``config.resolved.json``; and ``metrics/prepare.json``: per split, kept / dropped by reason / converted by kind.
 
@@ -27,18 +27,18 @@ from typing import Any
 
 from tqdm import tqdm
 
-from picosam_pipeline.coco import AnnotationSet, ImageRecord, Issue, check_annotation, load_annotations
 from picosam_pipeline.config import Config, PrepareConfig, SplitSource, require_inputs, save_resolved, write_metrics
-from picosam_pipeline.crops import point_box, point_prompt, roi_box
+from picosam_pipeline.data.coco import AnnotationSet, ImageRecord, Issue, check_annotation, load_annotations
+from picosam_pipeline.data.crops import point_box, point_prompt, roi_box
+from picosam_pipeline.data.images import BadImageError, load_image
+from picosam_pipeline.data.index import INDEX_FILE, IndexBuilder, write_index
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
-from picosam_pipeline.images import BadImageError, load_image
-from picosam_pipeline.instance_index import INDEX_FILE, IndexBuilder, write_index
 
 BAD_INPUTS_FILE = "bad_inputs.jsonl"
 
 # The fix a strict-mode stop suggests, by issue kind. Image-file issues (image_*) carry their own fix from
-# picosam_pipeline.images; any other annotation issue: correct or remove the annotation.
+# picosam_pipeline.data.images; any other annotation issue: correct or remove the annotation.
 _FIXES = {
     "missing_image_id": "add the image record to 'images' or remove the annotation",
     "duplicate_ann_id": "give every annotation a unique id",

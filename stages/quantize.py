@@ -2,9 +2,9 @@
 
 Reads the student checkpoint (``quantize.checkpoint``), draws ``representative_batches`` x ``batch_size`` crops
 at random from the train shards, wraps the student with its input normalisation (the camera feeds RGB; see
-``picosam_pipeline/quantization.py``) and quantises it with MCT for the IMX500 target platform
+``picosam_pipeline/deploy/quantize.py``) and quantises it with MCT for the IMX500 target platform
 ``tpc_version`` (PTQ, or GPTQ when ``gptq_epochs > 0``). Float and INT8 are then scored on the same val
-shards by the evaluate stage's code (``evaluation.evaluate_batches``): crop-space mIoU, the papers'
+shards by the evaluate stage's code (``metrics.evaluate_batches``): crop-space mIoU, the papers'
 "mAP@[.5:.95]" and full-image mIoU.
 
 MCT's quantised PyTorch model lives only in this process and its exporter is its only serialisation, so
@@ -30,13 +30,13 @@ from typing import Any
 import numpy as np
 
 from picosam_pipeline.config import Config, require_inputs, save_resolved, write_metrics
+from picosam_pipeline.deploy.onnx_export import QUANTIZE_FAKEQUANT_FILE as FAKEQUANT_FILE
+from picosam_pipeline.deploy.onnx_export import QUANTIZE_MCTQ_FILE as MCTQ_FILE
+from picosam_pipeline.deploy.onnx_export import QUANTIZE_PROBE_FILE as PROBE_FILE
+from picosam_pipeline.deploy.onnx_export import QUANTIZE_REPORT_FILE as REPORT_FILE
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
 
-MCTQ_FILE = "quantized_mctq.onnx"
-FAKEQUANT_FILE = "quantized_fakequant.onnx"
-PROBE_FILE = "probe.npz"
-REPORT_FILE = "report.json"
 HEADLINE = ("crop_miou", "crop_success_map_50_95", "full_image_miou")
 
 
@@ -44,14 +44,14 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     """Quantise, score, serialise; returns float and INT8 crop mIoU and the wall time."""
     import torch
 
-    from picosam_pipeline.checkpoints import load_student
-    from picosam_pipeline.evaluation import InstanceGT, evaluate_batches, evaluation_report
-    from picosam_pipeline.loader import make_loader
-    from picosam_pipeline.onnx_export import export_quantized
-    from picosam_pipeline.quantization import (RgbModel, camera_input_model, quantize, quantized_weight_bytes,
-                                               representative_batches)
-    from picosam_pipeline.shards import read_shard_index
-    from picosam_pipeline.students import PUBLISHED_SIZES_MB, folded_int8_bytes
+    from picosam_pipeline.deploy.onnx_export import export_quantized
+    from picosam_pipeline.deploy.quantize import (RgbModel, camera_input_model, quantize, quantized_weight_bytes,
+                                                  representative_batches)
+    from picosam_pipeline.evaluate.metrics import InstanceGT, evaluate_batches, evaluation_report
+    from picosam_pipeline.train.checkpoints import load_student
+    from picosam_pipeline.train.loader import make_loader
+    from picosam_pipeline.train.shards import read_shard_index
+    from picosam_pipeline.train.students import PUBLISHED_SIZES_MB, folded_int8_bytes
 
     q = cfg.quantize
     require_inputs({"quantize.checkpoint": q.checkpoint, "quantize.train_shards": q.train_shards,

@@ -1,4 +1,4 @@
-"""Stage ``sample``: write the built-in synthetic COCO-format dataset (see ``picosam_pipeline/sample.py``).
+"""Stage ``sample``: write the built-in synthetic COCO-format dataset (see ``picosam_pipeline/data/sample.py``).
 
 Reads nothing; writes ``sample.out_dir`` (JSON, images, ``BAD_INPUTS.md``, ``config.resolved.json``) and
 ``metrics/sample.json`` (image / annotation counts per split, number of planted bad inputs).
@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from picosam_pipeline.config import Config, save_resolved, write_metrics
+from picosam_pipeline.data.sample import generate
 from picosam_pipeline.device import Runtime
-from picosam_pipeline.sample import generate
 
 
 def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:

@@ -1,13 +1,13 @@
 """Stage ``teacher-logits``: the SAM2/SAM3 teacher run once per image, its soft logits for every instance stored
-in a Zarr v3 store (``teacher.out``, default ``data/teacher/logits.zarr``; layout in ``picosam_pipeline/logit_store.py``).
+in a Zarr v3 store (``teacher.out``, default ``data/teacher/logits.zarr``; layout in ``picosam_pipeline/teacher/store.py``).
 
 Rows: store row ``i`` is the ``i``-th index row of ``teacher.splits`` in index order (``(split, image_id,
 ann_id)``); the store's ``ann_id`` / ``image_id`` arrays make that checkable, and its attributes record the
 teacher (checkpoint sha256 or random-weights digest), the prompt convention, the crop parameters and a sha256 of
 the rows' ids, prompts and crop boxes. Work: one task per store shard (``teacher.instances_per_shard`` rows,
-:func:`picosam_pipeline.teacher_runner.process_shard`: each image decoded and encoded once, its prompts decoded
+:func:`picosam_pipeline.teacher.runner.process_shard`: each image decoded and encoded once, its prompts decoded
 in one batch), run by the executor ``teacher.executor`` names (in this process, or dask:
-``picosam_pipeline/executors.py``).
+``picosam_pipeline/teacher/executors.py``).
 
 Resuming. The store is built at ``<out>.partial`` and renamed to ``<out>`` only once every shard is done, so
 ``<out>`` is never half a store (DVC deletes a stage's outputs before it reruns one, but leaves the partial
@@ -31,13 +31,14 @@ from typing import Any
 from tqdm import tqdm
 
 from picosam_pipeline.config import Config, TeacherConfig, require_inputs, save_resolved, write_metrics
+from picosam_pipeline.data.index import read_metadata
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
-from picosam_pipeline.executors import DaskExecutor, InProcess, make_executor
-from picosam_pipeline.instance_index import read_metadata
-from picosam_pipeline.logit_geometry import stored_size
-from picosam_pipeline.logit_store import LogitStore, create_store, open_store, summarize, teacher_attrs
-from picosam_pipeline.teacher_runner import InstanceRows, instance_rows
+from picosam_pipeline.teacher.executors import DaskExecutor, InProcess, make_executor
+from picosam_pipeline.teacher.geometry import stored_size
+from picosam_pipeline.teacher.runner import InstanceRows, instance_rows
+from picosam_pipeline.teacher.store import LogitStore, create_store, open_store, teacher_attrs
+from picosam_pipeline.teacher.summary import summarize
 
 STAGE = "teacher-logits"
 CROP_PARAMS = ("roi_padding", "point_crop_size", "min_roi_side", "min_area")  # prepare params the crops depend on

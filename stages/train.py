@@ -1,7 +1,7 @@
 """Stage ``train``: packed shards -> a trained student, with DVC metrics and plots.
 
 Reads ``<train.shards>/train`` and ``<train.shards>/val`` (written by ``pack``) through ``loader.make_loader``
-and runs the loop of ``picosam_pipeline/trainer.py``. Writes, from rank 0:
+and runs the loop of ``picosam_pipeline/train/trainer.py``. Writes, from rank 0:
 
 * ``<train.out_dir>/student.pt``: the final weights (``checkpoints.load_student``; what evaluate / export read),
   ``checkpoint.pt``: the resumable state, ``config.resolved.json``;
@@ -24,9 +24,9 @@ from typing import Any
 from picosam_pipeline.config import Config, require_inputs, save_resolved, write_metrics
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
-from picosam_pipeline.loader import ShardLoader, make_loader
-from picosam_pipeline.shards import read_shard_index
-from picosam_pipeline.trainer import LOG_COLUMNS, VAL_COLUMNS, TrainData, epoch_seed, train
+from picosam_pipeline.train.loader import ShardLoader, make_loader
+from picosam_pipeline.train.shards import read_shard_index
+from picosam_pipeline.train.trainer import LOG_COLUMNS, VAL_COLUMNS, TrainData, epoch_seed, train
 
 STEPS_PLOT, VAL_PLOT = "train_steps.csv", "train_val.csv"  # in runtime.metrics_dir, beside train.json
 

@@ -31,7 +31,7 @@ def tiny_project(root: Path, val_images: int = 2, *overrides: str) -> list[str]:
     Returns the ``--set`` overrides (``TINY`` + ``val_images`` + ``overrides``) the teacher runs should use;
     paths stay the relative defaults, so stages must run with ``root`` as the working directory.
     """
-    from stages import prepare, sample
+    from picosam_pipeline.stages import prepare, sample
 
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
     sets = [*TINY, f"sample.val_images={val_images}", *overrides]

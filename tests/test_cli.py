@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from conftest import REPO
 from picosam_pipeline.cli import cli
-from stages import STAGES
+from picosam_pipeline.stages import STAGES
 
 
 def test_help_lists_commands_and_every_option_is_explained():
@@ -51,3 +51,21 @@ def test_console_script_prints_no_traceback_on_bad_input(tmp_path):
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert "teacher.nokey: unknown key" in proc.stderr
+
+
+def test_a_missing_extra_is_one_line_naming_it(monkeypatch, tmp_path):
+    """A stage whose optional packages are absent stops before any work with the `pip install` line to run."""
+    from picosam_pipeline import errors
+
+    monkeypatch.setitem(errors.EXTRAS, "imx500", ("model_compression_toolkit", "no_such_module_for_picosam"))
+    result = CliRunner().invoke(cli, ["run-stage", "quantize", "--params", str(REPO / "params.yaml")])
+    assert result.exit_code == 1 and result.exception.__class__ is SystemExit
+    message = result.output.strip()
+    assert "stage quantize needs the optional package(s) no_such_module_for_picosam" in message
+    assert "pip install 'picosam-pipeline[imx500]'" in message and "Traceback" not in message
+
+
+def test_python_dash_m_runs_the_cli(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "picosam_pipeline", "stages"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert [line.split()[0] for line in proc.stdout.strip().splitlines()] == list(STAGES)

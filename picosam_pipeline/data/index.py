@@ -1,0 +1,186 @@
+"""The instance index: one Parquet row per kept instance, the contract between ``prepare`` and later stages.
+
+``<prepare.out_dir>/index.parquet`` holds the columns of :data:`SCHEMA`, rows sorted by
+``(split, image_id, ann_id)`` so that an image's instances are contiguous. Boxes are in image pixels of
+the annotation orientation (the orientation :func:`picosam_pipeline.data.images.load_image` returns):
+
+* ``bbox``           COCO ``[x, y, w, h]`` float64, clipped to the image when the JSON box was partly outside.
+* ``roi_box``        PicoSAM3 ROI crop ``[x1, y1, x2, y2]`` int32, half-open, clipped (``crops.roi_box``).
+* ``roi_float_box``  the unclipped float square it came from.
+* ``point``          PicoSAM2 prompt ``[cx, cy]`` int32 (``crops.point_prompt``).
+* ``point_box``      PicoSAM2 window ``[x1, y1, x2, y2]`` int32 (``crops.point_box``).
+* ``rle_counts``     compressed COCO RLE (pycocotools string) of the full-image mask, size ``(height, width)``;
+                     :func:`decode_mask` turns it back into an ``(H, W)`` uint8 {0, 1} array.
+
+File-level metadata (dataset format and version per split, source files, prepare params) is JSON under
+the schema metadata key :data:`METADATA_KEY`.
+
+Reader API for later stages: :func:`read_index` (a ``pyarrow.Table``, optionally one split),
+:func:`read_metadata`, :func:`iter_images` (one :class:`ImageGroup` per image, for stages that decode each
+image once), :func:`column_array` (a box column as an ``(N, 4)`` array) and :func:`decode_mask`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pycocotools import mask as mask_utils
+
+from picosam_pipeline.errors import PipelineError
+
+INDEX_FILE = "index.parquet"
+METADATA_KEY = b"picosam.index"
+SORT_KEYS = [("split", "ascending"), ("image_id", "ascending"), ("ann_id", "ascending")]
+
+SCHEMA = pa.schema(
+    [
+        ("ann_id", pa.int64()),
+        ("image_id", pa.int64()),
+        ("split", pa.string()),
+        ("file_name", pa.string()),
+        ("image_path", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("category_id", pa.int32()),
+        ("category_name", pa.string()),
+        ("iscrowd", pa.bool_()),
+        ("bbox", pa.list_(pa.float64(), 4)),
+        ("area", pa.float64()),
+        ("roi_box", pa.list_(pa.int32(), 4)),
+        ("roi_float_box", pa.list_(pa.float64(), 4)),
+        ("point", pa.list_(pa.int32(), 2)),
+        ("point_box", pa.list_(pa.int32(), 4)),
+        ("rle_counts", pa.string()),
+    ]
+)
+
+
+class IndexBuilder:
+    """Collects rows column by column (a list per column is far lighter than a dict per row at COCO scale)."""
+
+    def __init__(self) -> None:
+        self._columns: dict[str, list] = {name: [] for name in SCHEMA.names}
+
+    def add(self, **row: Any) -> None:
+        """Append one row; every :data:`SCHEMA` column must be given (a missing one is a bug: KeyError)."""
+        for name, values in self._columns.items():
+            values.append(row[name])
+
+    def __len__(self) -> int:
+        return len(self._columns["ann_id"])
+
+    def to_table(self) -> pa.Table:
+        return pa.table(self._columns, schema=SCHEMA).sort_by(SORT_KEYS)
+
+
+def write_index(table: pa.Table, path: str | Path, metadata: dict[str, Any]) -> Path:
+    """Write ``table`` sorted by :data:`SORT_KEYS`, with JSON ``metadata``; atomic (readers never see half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = table.cast(SCHEMA).sort_by(SORT_KEYS)
+    table = table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True, default=str)})
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+    return path
+
+
+def read_index(path: str | Path, split: str | None = None, columns: list[str] | None = None) -> pa.Table:
+    """Read the index (optionally one split, optionally some columns), rows in ``(split, image_id, ann_id)`` order.
+
+    Raises:
+        PipelineError: the file is missing or not an index, or ``split`` is not one the index was built from.
+    """
+    path = Path(path)
+    schema = _read_schema(path)
+    missing = [n for n in SCHEMA.names if n not in schema.names]
+    if missing:
+        raise PipelineError(f"{path}: instance index lacks columns {missing} (written by an older prepare?); "
+                            "rerun `picosam-pipeline run-stage prepare`")
+    if split is not None:
+        splits = list(_metadata(schema, path).get("splits", {}))
+        if split not in splits:
+            raise PipelineError(f"{path}: no split {split!r} in the instance index (it has {splits}); "
+                                "fix the split name or add the split to prepare.splits and rerun prepare")
+    filters = [("split", "=", split)] if split is not None else None
+    table = pq.read_table(path, columns=columns, filters=filters)
+    # The file is written sorted; re-sorting is cheap and keeps the order promise whatever the reader does.
+    if all(key in table.column_names for key, _ in SORT_KEYS):
+        table = table.sort_by(SORT_KEYS)
+    return table
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The index's file-level metadata: ``splits`` ({name: format, version, files, counts}) and ``prepare`` params."""
+    path = Path(path)
+    return _metadata(_read_schema(path), path)
+
+
+@dataclass(frozen=True)
+class ImageGroup:
+    """The rows of one image, for stages that load each image once and process all its instances."""
+
+    split: str
+    image_id: int
+    file_name: str
+    image_path: str
+    width: int
+    height: int
+    rows: pa.Table  # this image's rows, in ann_id order
+
+    def __len__(self) -> int:
+        return self.rows.num_rows
+
+
+def iter_images(table: pa.Table) -> Iterator[ImageGroup]:
+    """Yield one :class:`ImageGroup` per ``(split, image_id)``, in index order (zero-copy slices of ``table``)."""
+    table = table.sort_by(SORT_KEYS)
+    n = table.num_rows
+    if n == 0:
+        return
+    splits = np.asarray(table["split"].to_pylist(), dtype=object)
+    image_ids = table["image_id"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, (image_ids[1:] != image_ids[:-1]) | (splits[1:] != splits[:-1])])
+    ends = np.r_[starts[1:], n]
+    for start, end in zip(starts.tolist(), ends.tolist()):
+        rows = table.slice(start, end - start)
+        first = rows.slice(0, 1).to_pylist()[0]
+        yield ImageGroup(first["split"], first["image_id"], first["file_name"], first["image_path"],
+                         first["width"], first["height"], rows)
+
+
+def column_array(table: pa.Table, name: str) -> np.ndarray:
+    """A fixed-size list column (``bbox``, ``roi_box``, ``point``, ...) as an ``(N, k)`` array of its dtype."""
+    column = table[name].combine_chunks()
+    return column.flatten().to_numpy().reshape(len(column), column.type.list_size)
+
+
+def decode_mask(rle_counts: str, height: int, width: int) -> np.ndarray:
+    """Decode a compressed COCO RLE string (``rle_counts`` column) to an ``(height, width)`` uint8 {0, 1} mask."""
+    return mask_utils.decode({"size": [int(height), int(width)], "counts": rle_counts.encode("ascii")})
+
+
+def _read_schema(path: Path) -> pa.Schema:
+    if not path.is_file():
+        raise PipelineError(f"{path}: instance index not found; run `picosam-pipeline run-stage prepare` "
+                            "(or `dvc repro prepare`) first, or fix the index path in params.yaml")
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise PipelineError(f"{path}: not a readable Parquet file ({err}); delete it and rerun prepare") from None
+
+
+def _metadata(schema: pa.Schema, path: Path) -> dict[str, Any]:
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise PipelineError(f"{path}: Parquet file without instance-index metadata, so not written by prepare; "
+                            "rerun prepare")
+    return json.loads(raw)

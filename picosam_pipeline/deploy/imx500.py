@@ -1,0 +1,344 @@
+"""The IMX500 converter step: Java check, operator pre-flight, ``imxconv-pt``, memory report, error codes.
+
+::
+
+    result = convert("student_int8_mctq.onnx", "data/package/converter")   # raises ConverterError on failure
+    result.report.used_bytes, result.report.available_bytes, result.report.fits, result.packer_zip
+
+:func:`convert` does, in order, and stops at the first problem with one message naming it and the fix:
+
+1. :func:`check_java`: the converter's back end is Java; without Java 17 it dies late with a shell error.
+2. :func:`preflight` (a second, no converter run): every node's operator must be one the installed converter
+   maps (its own table, ``uni.pytorch.onnx_parser.onnx_op_to_factory``), and the graph must carry MCT's
+   quantisers; the offending node names are listed.
+3. :func:`run_converter`: ``imxconv-pt -i MODEL -o OUT --overwrite-output --report-size-unit B`` (15-70 s on two
+   cores, minutes when they are busy); its log is kept as ``converter.log``.
+4. :func:`read_memory_report` (``<name>_MemoryReport.json``, written even when the network does not fit) and
+   :func:`converter_issues`, which turns the converter's ``CODE: [XXX]`` error lines into one
+   :class:`ConverterIssue` each (``[USOP]`` unsupported ops, ``[ISM]`` not enough memory, ...).
+
+A network that does not fit (``Fit In Chip: false``, or ``[ISM]``) fails with the required and available bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.evaluate.onnx_runtime import MCTQ_DOMAIN
+
+JAVA_MAJOR = 17
+JAVA_HINT = ("install a Java 17 runtime and put its `java` on PATH, e.g. "
+             "`sudo apt install openjdk-17-jre-headless` (Debian/Ubuntu), "
+             "`sudo dnf install java-17-openjdk-headless` (Fedora) or `brew install openjdk@17` (macOS)")
+CONVERTER = "imxconv-pt"
+LOG_FILE = "converter.log"
+
+
+class ConverterError(PipelineError):
+    """The model cannot be converted for the IMX500 (the message says why and what to change)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Java
+
+
+@dataclass(frozen=True)
+class JavaInfo:
+    path: str
+    version: str  # as `java -version` prints it, e.g. "17.0.15"
+    major: int
+
+
+def check_java(search_path: str | None = None) -> JavaInfo:
+    """Find ``java`` (on ``search_path``, default ``$PATH``) and check it is Java 17 or newer.
+
+    Raises:
+        ConverterError: no ``java``, an unreadable version, or one older than 17, with how to install Java 17.
+    """
+    java = shutil.which("java", path=search_path)
+    if java is None:
+        raise ConverterError(f"{CONVERTER} (the IMX500 converter) needs Java {JAVA_MAJOR}, and no `java` is on PATH; "
+                             f"{JAVA_HINT}")
+    try:
+        out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise ConverterError(f"{java} -version failed ({err}); {CONVERTER} needs a working Java {JAVA_MAJOR}: "
+                             f"{JAVA_HINT}") from None
+    printed = out.stderr + out.stdout  # java prints its version on stderr
+    match = re.search(r'version "((\d+)(?:\.(\d+))?[^"]*)"', printed)
+    if match is None:
+        raise ConverterError(f"cannot read the Java version from `{java} -version` (it printed {printed.strip()[:200]!r}); "
+                             f"{CONVERTER} needs Java {JAVA_MAJOR}: {JAVA_HINT}")
+    version = match.group(1)
+    major = int(match.group(3) or 0) if match.group(2) == "1" else int(match.group(2))  # "1.8.0_392" is Java 8
+    if major < JAVA_MAJOR:
+        raise ConverterError(f"{CONVERTER} needs Java {JAVA_MAJOR}, but {java} is Java {version}; {JAVA_HINT}")
+    return JavaInfo(java, version, major)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. pre-flight
+
+
+def supported_ops() -> frozenset[str]:
+    """ONNX operator types the installed converter maps (standard ops plus MCT's quantiser ops)."""
+    try:
+        from uni.pytorch.onnx_parser.onnx_op_to_factory import onnx_op_factory
+    except ImportError as err:
+        raise ConverterError(f"the IMX500 converter's PyTorch front end is not installed ({err}); install "
+                             "`imx500-converter[pt]==3.19.2` (requirements/base.txt)") from None
+    return frozenset(k.value if isinstance(k, Enum) else str(k) for k in onnx_op_factory)
+
+
+def preflight(path: str | Path) -> dict[str, Any]:
+    """Check an ONNX file before the converter runs; returns ``{"nodes": N, "ops": {op_type: count}}``.
+
+    Raises:
+        ConverterError: operators outside the converter's set (each with its node names), or a graph without
+            MCT quantisers (a float or fake-quant export, which the converter rejects after a long run).
+    """
+    path = Path(path)
+    try:
+        graph = onnx.load(str(path)).graph
+    except Exception as err:  # onnx raises DecodeError / OSError variants
+        raise ConverterError(f"{path} is not a readable ONNX file ({type(err).__name__}: {err}); pass the MCTQ export "
+                             "of the export stage") from None
+    supported = supported_ops()
+    unsupported: dict[str, list[str]] = {}
+    for i, node in enumerate(graph.node):
+        if node.op_type not in supported:
+            unsupported.setdefault(node.op_type, []).append(node.name or f"#{i} (unnamed)")
+    if unsupported:
+        listing = "; ".join(f"{op} at {', '.join(names[:5])}{f' and {len(names) - 5} more' if len(names) > 5 else ''}"
+                            for op, names in sorted(unsupported.items()))
+        hint = ("QuantizeLinear/DequantizeLinear come from a fake-quant export: pass the MCTQ export instead"
+                if {"QuantizeLinear", "DequantizeLinear"} & set(unsupported) else
+                "replace these layers in the model with IMX500 operators (conv, depthwise conv, ReLU, add, mul, "
+                "nearest resize, sigmoid, ...) and quantise and export it again")
+        count = sum(map(len, unsupported.values()))
+        raise ConverterError(f"{path}: {count} node(s) use operators the IMX500 converter does not support: "
+                             f"{listing}. {hint}")
+    if not any(node.domain == MCTQ_DOMAIN for node in graph.node):
+        raise ConverterError(f"{path} holds no MCT quantisers (no {MCTQ_DOMAIN} nodes): it is a float model, and the "
+                             "IMX500 converter needs the INT8 model exported by MCT in MCTQ format (the quantize and "
+                             "export stages)")
+    return {"nodes": len(graph.node), "ops": dict(sorted(Counter(n.op_type for n in graph.node).items()))}
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. the converter run
+
+
+def converter_executable() -> str:
+    """``imxconv-pt`` of this Python environment (beside ``sys.executable``), else the one on PATH."""
+    local = Path(sys.executable).parent / CONVERTER
+    if local.is_file():
+        return str(local)
+    found = shutil.which(CONVERTER)
+    if found is None:
+        raise ConverterError(f"{CONVERTER} is not installed; install `imx500-converter[pt]==3.19.2` "
+                             "(requirements/base.txt)")
+    return found
+
+
+@dataclass
+class ConverterRun:
+    returncode: int
+    seconds: float
+    log: str  # stdout + stderr of the converter
+    out_dir: Path
+
+
+def run_converter(onnx_path: str | Path, out_dir: str | Path, *, input_persistency: bool = True,
+                  timeout_s: float = 1800) -> ConverterRun:
+    """Run ``imxconv-pt`` on ``onnx_path`` into ``out_dir`` (overwritten); its log goes to ``out_dir/converter.log``.
+
+    ``input_persistency=False`` adds ``--no-input-persistency``: more memory for the network, but no input-tensor
+    stream for debugging on the camera.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [converter_executable(), "-i", str(onnx_path), "-o", str(out_dir), "--overwrite-output",
+           "--report-size-unit", "B"]
+    if not input_persistency:
+        cmd.append("--no-input-persistency")
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as err:
+        (out_dir / LOG_FILE).write_text(err.output or "")
+        raise ConverterError(f"{CONVERTER} did not finish within {timeout_s:.0f} s on {onnx_path}; raise package.timeout_s "
+                             f"or run it by hand: {' '.join(cmd)}") from None
+    (out_dir / LOG_FILE).write_text(proc.stdout)
+    return ConverterRun(proc.returncode, time.perf_counter() - start, proc.stdout, out_dir)
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. memory report and error codes
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """The converter's ``<name>_MemoryReport.json``, sizes in bytes."""
+
+    network: str
+    used_bytes: int  # "Memory Usage" = runtime + model + reserved
+    available_bytes: int  # "Total Memory Available On Chip"
+    runtime_bytes: int  # activations ("Runtime Memory Physical Size")
+    model_bytes: int  # weights and network parameters ("Model Memory Physical Size")
+    utilization: float  # used / available
+    fits: bool  # "Fit In Chip"
+    input_persistent: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_UNITS = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """``"3844000B"`` / ``"1.00KB"`` / ``"3.55MB"`` -> bytes (the converter's units are binary: 1 KB = 1024 B)."""
+    match = re.fullmatch(r"\s*([\d.]+)\s*([KMG]?B)\s*", text)
+    if match is None:
+        raise ValueError(f"not a converter memory size: {text!r}")
+    return round(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def find_memory_report(out_dir: str | Path) -> Path | None:
+    """The ``*_MemoryReport.json`` in a converter output folder, if the converter got that far."""
+    reports = sorted(Path(out_dir).glob("*_MemoryReport.json"))
+    return reports[0] if reports else None
+
+
+def read_memory_report(path: str | Path) -> MemoryReport:
+    """Parse a converter memory report (any ``--report-size-unit``)."""
+    raw = json.loads(Path(path).read_text())["Memory Report"]
+    used, available = parse_size(raw["Memory Usage"]), parse_size(raw["Total Memory Available On Chip"])
+    return MemoryReport(
+        network=raw["Name"], used_bytes=used, available_bytes=available,
+        runtime_bytes=parse_size(raw["Runtime Memory Physical Size"]),
+        model_bytes=parse_size(raw["Model Memory Physical Size"]), utilization=used / available,
+        fits=bool(raw["Fit In Chip"]), input_persistent=bool(raw.get("Input Persistent", True)))
+
+
+def read_dnn_params(path: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """Input and output tensors of the converter's ``dnnParams.xml``: name, dims, bits, scale, signedness.
+
+    The input entry says how the camera's pixels reach the network: ``format="unsigned"`` with ``scale`` 1/256
+    means pixel value ``p`` (0..255) is read as ``p / 256``, i.e. the network takes RGB in [0, 1].
+    """
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(path).getroot()
+
+    def tensor(node: ET.Element) -> dict[str, Any]:
+        dims = sorted(node.iter("dimension"), key=lambda d: int(d.get("ordinal")))
+        return {"name": node.get("name"), "dims": [int(d.get("size")) for d in dims],
+                "bits": int(node.get("bitsPerElement")), "scale": float(node.get("scale")), "format": node.get("format")}
+
+    return {"inputs": [tensor(t) for t in root.iter("inputTensor")],
+            "outputs": [tensor(t) for t in root.iter("outputTensor")]}
+
+
+@dataclass(frozen=True)
+class ConverterIssue:
+    """One converter error code, what the converter said, and what it means for this pipeline."""
+
+    code: str
+    detail: str
+    explanation: str
+
+    def __str__(self) -> str:
+        return f"[{self.code}] {self.detail} -- {self.explanation}"
+
+
+# What each code means and what to change. Codes are the converter's (uni front end: USOP, INVOP, INVMOD, QUANT;
+# Java back end: ISM, GE, FEFSUC, ...); an unknown code is reported with the converter's own words.
+EXPLANATIONS = {
+    "USOP": "the network uses operators the IMX500 does not run; replace them in the model and export it again",
+    "INVOP": "an operator is in the IMX500 set but not with these attributes or shapes (see the converter log for the "
+             "node); change that layer's configuration",
+    "INVMOD": "the converter cannot read this ONNX graph; pass the MCTQ file written by MCT's exporter (export stage)",
+    "QUANT": "quantisation parameters are missing or invalid; quantise the model with MCT for the IMX500 target and "
+             "export it in MCTQ format",
+    "ISM": "the network does not fit in the IMX500's memory; use a smaller model (fewer channels or a smaller input), "
+           "or convert with package.input_persistency=false to free the input buffer",
+    "GE": "the converter's back end failed on this graph; a float (unquantised) or non-MCT ONNX model is the usual "
+          "cause",
+}
+_SKIP = {"FEFSUC"}  # "Failure in conversion process": the summary line after GE / ISM, adds nothing
+_ERROR_LINE = re.compile(r"ERROR\s*:?\s*CODE: \[(?P<code>[A-Z0-9_]+)\]\s*(?P<detail>.*)")
+_LOG_SUFFIX = re.compile(r"\s*\[/\S+:\d+\]\s*$")  # uni's "[/path/logger.py:185]" tail
+
+
+def converter_issues(log: str) -> list[ConverterIssue]:
+    """The distinct ``ERROR ... CODE: [XXX]`` lines of a converter log, one :class:`ConverterIssue` per code."""
+    issues: dict[str, ConverterIssue] = {}
+    for line in log.splitlines():
+        match = _ERROR_LINE.search(line)
+        if match is None or match["code"] in _SKIP or match["code"] in issues:
+            continue
+        detail = _LOG_SUFFIX.sub("", match["detail"]).strip()
+        issues[match["code"]] = ConverterIssue(match["code"], detail, EXPLANATIONS.get(
+            match["code"], f"see {LOG_FILE} in the converter output folder for the context of this code"))
+    return list(issues.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# all together
+
+
+@dataclass
+class Conversion:
+    """A successful conversion: ``packerOut.zip`` and what it costs on the chip."""
+
+    packer_zip: Path
+    report: MemoryReport
+    seconds: float
+    java: JavaInfo
+    preflight: dict[str, Any]
+
+
+def convert(onnx_path: str | Path, out_dir: str | Path, *, input_persistency: bool = True,
+            timeout_s: float = 1800) -> Conversion:
+    """Java check, pre-flight, ``imxconv-pt``, memory report; see the module docstring.
+
+    Raises:
+        ConverterError: no Java 17, an unsupported operator, a float model, a network that does not fit (the
+            message gives required and available bytes), or any converter error code, one line each.
+    """
+    java = check_java()
+    checked = preflight(onnx_path)
+    run = run_converter(onnx_path, out_dir, input_persistency=input_persistency, timeout_s=timeout_s)
+    report_path = find_memory_report(out_dir)
+    report = read_memory_report(report_path) if report_path else None
+    issues = converter_issues(run.log)
+    if report is not None and not report.fits:
+        mib = 2**20
+        raise ConverterError(
+            f"{onnx_path} does not fit on the IMX500: it needs {report.used_bytes:,} bytes ({report.used_bytes / mib:.2f} "
+            f"MiB: {report.model_bytes:,} for weights, {report.runtime_bytes:,} for activations) and the chip has "
+            f"{report.available_bytes:,} ({report.available_bytes / mib:.2f} MiB), {report.utilization:.0%} utilisation. "
+            f"{EXPLANATIONS['ISM']}")
+    if run.returncode != 0 or issues:
+        found = "; ".join(str(i) for i in issues) or f"no error code in its log; see {Path(out_dir) / LOG_FILE}"
+        raise ConverterError(f"{CONVERTER} failed on {onnx_path} (exit code {run.returncode}): {found}")
+    packer = Path(out_dir) / "packerOut.zip"
+    if report is None or not packer.is_file():
+        missing = "memory report" if report is None else "packerOut.zip"
+        raise ConverterError(f"{CONVERTER} exited 0 but wrote no {missing} in {out_dir}; see {Path(out_dir) / LOG_FILE}")
+    return Conversion(packer, report, run.seconds, java, checked)

@@ -1,0 +1,434 @@
+"""Teacher adapters: SAM2 / SAM2.1 (``sam2`` package) and SAM3 (optional ``sam3`` package) behind one interface.
+
+A :class:`Teacher` encodes an image once (:meth:`~Teacher.set_image`) and then decodes every instance prompt
+of that image -- boxes for the PicoSAM3 ROI convention, positive points for PicoSAM2 -- returning one
+:class:`TeacherOutput`: soft logits over the WHOLE image plus a confidence per instance. Mapping those logits
+into each instance's crop frame is :mod:`geometry`'s job, so a teacher knows nothing about crops.
+
+Weights only ever come from ``torch.load(weights_only=True)`` (a checkpoint that needs arbitrary unpickling
+is refused before any of its code runs), every parameter must be covered by the checkpoint, and the file's
+sha256 goes into :attr:`Teacher.metadata`. Without a checkpoint the build refuses unless
+``teacher.allow_random_weights``: then the real architecture runs with random weights drawn from
+``runtime.seed`` on the CPU generator, so every worker process builds bit-identical weights (their digest is
+``metadata["weights_sha256"]``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import pickle
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+
+from picosam_pipeline.config import SAM2_MODELS, TeacherConfig
+from picosam_pipeline.data.checksums import sha256_file as file_sha256  # teacher metadata and verify-logits use this name
+from picosam_pipeline.device import Runtime
+from picosam_pipeline.errors import PipelineError, require_extra
+
+SAM3_EXTRA = "pip install 'picosam-pipeline[sam3]'"
+SAM3_PROB_EPS = 1e-7  # PicoSAM3's clamp before probability -> logit: |logit| <= 16.12
+
+
+class RandomWeightsWarning(UserWarning):
+    """The teacher runs with random weights: its logits are noise, fine for smoke tests only."""
+
+
+@dataclass
+class TeacherOutput:
+    """Teacher predictions for the N prompts of one image.
+
+    Attributes:
+        image_logits: ``(N, h, w)`` float32 mask logits covering the whole image ``[0, W] x [0, H]``,
+            stretched (cell ``(r, c)`` centred at ``((c + .5) W/w, (r + .5) H/h)``). SAM2: ``h = w = 256``
+            low-resolution logits clamped to +-32; SAM3: ``h, w = H, W``, within +-16.12.
+        confidence: ``(N,)`` float32 in [0, 1]: SAM2's predicted IoU of the kept mask, or SAM3's query score.
+    """
+
+    image_logits: torch.Tensor
+    confidence: torch.Tensor
+
+
+class Teacher(Protocol):
+    """What the teacher stage needs from a segmentation teacher."""
+
+    metadata: dict[str, Any]  # model, config, checkpoint + sha256 or "random weights", prompt settings
+
+    def set_image(self, rgb: np.ndarray) -> None:
+        """Encode one ``(H, W, 3)`` uint8 RGB image; every later prediction refers to it."""
+
+    def predict_boxes(self, boxes_xyxy: np.ndarray) -> TeacherOutput:
+        """Decode ``(N, 4)`` float ``(x1, y1, x2, y2)`` image-pixel boxes, one instance each."""
+
+    def predict_points(self, points_xy: np.ndarray) -> TeacherOutput:
+        """Decode ``(N, 2)`` float ``(x, y)`` image-pixel positive points, one instance each."""
+
+
+def build_teacher(cfg: TeacherConfig, runtime: Runtime) -> Teacher:
+    """Build the teacher named by ``cfg.model`` on ``runtime.device``.
+
+    Raises:
+        PipelineError: checkpoint missing (and random weights not allowed), unsafe or not matching the
+            model; ``sam3`` asked for without the optional ``sam3`` package.
+    """
+    if cfg.model == "sam3":
+        return Sam3Teacher.build(cfg, runtime)
+    return Sam2Teacher.build(cfg, runtime)
+
+
+# --------------------------------------------------------------------------------------------------
+# SAM2 / SAM2.1
+
+
+_SAM2_SIZES = {"tiny": "t", "small": "s", "base_plus": "b+", "large": "l"}
+
+
+def sam2_config_name(model: str) -> str:
+    """The ``sam2`` package's Hydra config for a model name: ``sam2.1_hiera_tiny`` -> ``configs/sam2.1/sam2.1_hiera_t.yaml``."""
+    if model not in SAM2_MODELS:
+        raise ValueError(f"not a SAM2 model name: {model!r}; expected one of {SAM2_MODELS}")
+    family, _, size = model.partition("_hiera_")
+    return f"configs/{family}/{family}_hiera_{_SAM2_SIZES[size]}.yaml"
+
+
+class Sam2Teacher:
+    """SAM2 / SAM2.1 through ``sam2.SAM2ImagePredictor``.
+
+    One image-encoder pass per image; the N prompts of the image go through the prompt encoder and mask
+    decoder in batched predictor calls of up to ``decode_batch`` prompts (the predictor batches ``(N, 4)``
+    boxes and ``(N, 1, 2)`` points by repeating the image embedding per prompt: ~17 MB of fp32 activations per
+    prompt, measured, so an LVIS image with hundreds of instances is split rather than decoded in one call).
+    With ``multimask_output`` the decoder proposes 3 masks per prompt and the one with the highest predicted
+    IoU is kept (as PicoSAM2 and SAM2's own zero-shot evaluation do); its predicted IoU is the confidence.
+    The logits are the decoder's 256x256 low-resolution masks, not the masks upsampled to image size.
+
+    On CPUs without bf16 hardware (AVX2 only, as on the CI machine) bf16 autocast is ~30x slower than
+    fp32; ``runtime.precision=auto`` already keeps fp32 on CPU.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        runtime: Runtime,
+        multimask_output: bool,
+        metadata: dict[str, Any],
+        decode_batch: int = 32,
+    ):
+        from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+        self.model = model
+        self.predictor = SAM2ImagePredictor(model)
+        self.runtime = runtime
+        self.multimask_output = multimask_output
+        self.metadata = metadata
+        self.decode_batch = decode_batch
+
+    @classmethod
+    def build(cls, cfg: TeacherConfig, runtime: Runtime) -> "Sam2Teacher":
+        require_extra("teacher", f"teacher.model={cfg.model}")
+        from sam2.build_sam import build_sam2
+
+        config_name = sam2_config_name(cfg.model)
+        checkpoint = _checkpoint_or_none(cfg, runtime.seed)  # fail fast, before the model is built
+        state_dict = load_state_dict_safely(checkpoint) if checkpoint else None
+        # build_sam2 loads nothing when ckpt_path is None; the checked state dict is loaded below.
+        # apply_postprocessing=True (its default, as PicoSAM used it): with multimask_output=False SAM2 falls
+        # back to the best of its 3 masks when the single mask is unstable.
+        model = _seeded_build(lambda: build_sam2(config_name, ckpt_path=None, device="cpu", mode="eval"), runtime.seed)
+        if checkpoint is None:
+            weights = _random_weights(model, runtime.seed)
+        else:
+            weights = _load_checked(model, state_dict, set(model.state_dict()), checkpoint, cfg.model)
+        model.to(runtime.device)
+        metadata = {
+            "teacher": "sam2",
+            "model": cfg.model,
+            "config": config_name,
+            "package": f"sam2 {_version('sam2')}",
+            **weights,
+            "prompt": cfg.prompt,
+            "multimask_output": cfg.multimask_output,
+            "mask_selection": "highest predicted IoU" if cfg.multimask_output else "single mask (stability fallback on)",
+            "logits": "256x256 low-res mask logits over the whole image (stretched), clamped to +-32",
+            "autocast": _autocast_name(runtime),
+        }
+        return cls(model, runtime, cfg.multimask_output, metadata)
+
+    def set_image(self, rgb: np.ndarray) -> None:
+        _check_rgb(rgb)
+        with torch.inference_mode(), self.runtime.autocast():
+            self.predictor.set_image(rgb)
+
+    def predict_boxes(self, boxes_xyxy: np.ndarray) -> TeacherOutput:
+        boxes = _as_rows(boxes_xyxy, 4, "boxes_xyxy")
+        return self._decode(len(boxes), box=boxes)
+
+    def predict_points(self, points_xy: np.ndarray) -> TeacherOutput:
+        points = _as_rows(points_xy, 2, "points_xy")
+        # One single-point prompt per instance: coords (N, 1, 2), label 1 = foreground.
+        return self._decode(len(points), point_coords=points[:, None, :], point_labels=np.ones((len(points), 1)))
+
+    def _decode(self, n: int, **prompts: np.ndarray) -> TeacherOutput:
+        """Decode ``n`` prompts (arrays with a leading prompt axis) in chunks; keep the best mask of each."""
+        logits, confidence = [torch.zeros(0, 256, 256)], [torch.zeros(0)]
+        for start in range(0, n, self.decode_batch):
+            chunk = {k: v[start : start + self.decode_batch] for k, v in prompts.items()}
+            m = len(next(iter(chunk.values())))
+            with torch.inference_mode(), self.runtime.autocast():
+                # The first output (masks upsampled to image size) is unused; it costs ~1 ms per prompt.
+                _, iou, low_res = self.predictor.predict(**chunk, multimask_output=self.multimask_output, return_logits=True)
+            # predict() squeezes the prompt axis away for a single prompt: restore (m, masks, ...) shapes.
+            iou = torch.from_numpy(iou).float().reshape(m, -1)
+            low_res = torch.from_numpy(low_res).float().reshape(m, iou.shape[1], *low_res.shape[-2:])
+            best = iou.argmax(dim=1)
+            rows = torch.arange(m)
+            logits.append(low_res[rows, best])
+            confidence.append(iou[rows, best])
+        return TeacherOutput(torch.cat(logits), torch.cat(confidence))
+
+
+# --------------------------------------------------------------------------------------------------
+# SAM3 (optional extra)
+
+
+def probabilities_to_logits(prob: torch.Tensor, eps: float = SAM3_PROB_EPS) -> torch.Tensor:
+    """Mask probabilities in [0, 1] -> float32 logits ``log(p / (1 - p))``, ``p`` clamped to ``[eps, 1 - eps]``.
+
+    SAM3's processor returns sigmoid probabilities (named ``masks_logits``); PicoSAM3 stores them as logits
+    after this clamp, so saturated pixels map to +-16.12 instead of +-inf. Computed in float64: in float32
+    ``1 - 1e-7`` rounds to ``1 - 1.19e-7`` and the positive bound would come out as 15.94, not 16.12.
+    """
+    p = prob.double().clamp(eps, 1.0 - eps)
+    return (torch.log(p) - torch.log1p(-p)).float()
+
+
+class Sam3Teacher:
+    """SAM3 through the optional ``sam3`` package, following PicoSAM3's teacher precompute.
+
+    ``Sam3Processor(confidence_threshold=0.0)`` keeps every query; per box: ``reset_all_prompts``, then
+    ``add_geometric_prompt`` with the box as normalised ``[cx, cy, w, h]`` (no text: the processor uses its
+    dummy "visual" prompt), keep the query with the highest score (``sigmoid(logit) * sigmoid(presence)``).
+    Its masks are probabilities at full image resolution; they become logits with
+    :func:`probabilities_to_logits`. Box prompts are decoded one call per box: the processor's geometric
+    prompt is a set of exemplars for ONE concept, so N boxes in one call would not give N instances.
+    Point prompts are not supported (the processor takes boxes only).
+
+    Not exercised by the test suite: the ``sam3`` package and its gated ``facebook/sam3`` checkpoint are not
+    installable on the CI machine. API names follow facebookresearch/sam3 (``sam3.model_builder
+    .build_sam3_image_model``, ``sam3.model.sam3_image_processor.Sam3Processor``).
+    """
+
+    def __init__(self, processor: Any, runtime: Runtime, metadata: dict[str, Any]):
+        self.processor = processor
+        self.runtime = runtime
+        self.metadata = metadata
+        self._state: dict[str, Any] | None = None
+        self._size = (0, 0)  # (W, H) of the current image
+
+    @classmethod
+    def build(cls, cfg: TeacherConfig, runtime: Runtime) -> "Sam3Teacher":
+        try:
+            from sam3.model.sam3_image_processor import Sam3Processor
+            from sam3.model_builder import build_sam3_image_model
+        except ImportError as err:
+            raise PipelineError(
+                f"teacher.model=sam3 needs the optional sam3 package, which cannot be imported ({err}); install it "
+                f"with {SAM3_EXTRA} (its checkpoint facebook/sam3 is gated on Hugging Face), or use a SAM2 "
+                "teacher, e.g. --set teacher.model=sam2.1_hiera_tiny"
+            ) from None
+        if cfg.prompt == "point":
+            raise PipelineError(
+                "teacher.prompt=point is not supported with teacher.model=sam3: SAM3's image processor takes box "
+                "prompts only; use --set teacher.prompt=roi or a SAM2 teacher"
+            )
+        checkpoint = _checkpoint_or_none(cfg, runtime.seed)
+        state_dict = load_state_dict_safely(checkpoint) if checkpoint else None
+        model = _seeded_build(
+            lambda: build_sam3_image_model(device="cpu", eval_mode=True, checkpoint_path=None, load_from_HF=False),
+            runtime.seed,
+        )
+        if checkpoint is None:
+            weights = _random_weights(model, runtime.seed)
+        else:
+            # sam3.pt holds the video model ("detector.*", "tracker.*"); the image model is its detector. Only
+            # parameters must be covered: the image model recomputes some buffers (position encodings) at init.
+            detector = {k.removeprefix("detector."): v for k, v in state_dict.items() if k.startswith("detector.")}
+            weights = _load_checked(model, detector, {k for k, _ in model.named_parameters()}, checkpoint, cfg.model)
+        model.to(runtime.device)
+        processor = Sam3Processor(model, device=str(runtime.device), confidence_threshold=0.0)
+        metadata = {
+            "teacher": "sam3",
+            "model": "sam3",
+            "package": f"sam3 {_version('sam3')}",
+            **weights,
+            "prompt": cfg.prompt,
+            "mask_selection": "highest query score",
+            "logits": "full-resolution probabilities clamped to [1e-7, 1-1e-7], as logits (+-16.12)",
+            "autocast": _autocast_name(runtime),
+        }
+        return cls(processor, runtime, metadata)
+
+    def set_image(self, rgb: np.ndarray) -> None:
+        from PIL import Image
+
+        _check_rgb(rgb)
+        # A PIL image: the processor reads (H, W) from the last two axes of arrays (it expects CHW there).
+        with torch.inference_mode(), self.runtime.autocast():
+            self._state = self.processor.set_image(Image.fromarray(rgb))
+        self._size = (rgb.shape[1], rgb.shape[0])
+
+    def predict_boxes(self, boxes_xyxy: np.ndarray) -> TeacherOutput:
+        boxes = _as_rows(boxes_xyxy, 4, "boxes_xyxy")
+        if self._state is None:
+            raise RuntimeError("call set_image() before predict_boxes()")
+        width, height = self._size
+        logits, scores = [], []
+        for x1, y1, x2, y2 in boxes.tolist():
+            cxcywh = [(x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height]
+            self.processor.reset_all_prompts(self._state)
+            with torch.inference_mode(), self.runtime.autocast():
+                state = self.processor.add_geometric_prompt(box=cxcywh, label=True, state=self._state)
+            if len(state["scores"]) == 0:  # every query scored exactly 0: background, no confidence
+                logits.append(torch.full((height, width), probabilities_to_logits(torch.zeros(())).item()))
+                scores.append(torch.zeros(()))
+                continue
+            best = int(state["scores"].argmax())
+            logits.append(probabilities_to_logits(state["masks_logits"][best, 0].cpu()))
+            scores.append(state["scores"][best].float().cpu())
+        if not logits:
+            return TeacherOutput(torch.zeros(0, height, width), torch.zeros(0))
+        return TeacherOutput(torch.stack(logits), torch.stack(scores))
+
+    def predict_points(self, points_xy: np.ndarray) -> TeacherOutput:
+        raise PipelineError("teacher.prompt=point is not supported with teacher.model=sam3; use teacher.prompt=roi")
+
+
+# --------------------------------------------------------------------------------------------------
+# weights
+
+
+def state_dict_sha256(model: torch.nn.Module) -> str:
+    """Hex sha256 over a model's state dict (names, dtypes, shapes and bytes): equal iff the weights are equal."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def load_state_dict_safely(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint with ``torch.load(weights_only=True)``: tensors and plain containers only, no code runs.
+
+    Accepts a bare state dict or SAM2/SAM3's ``{"model": state_dict, ...}``.
+
+    Raises:
+        PipelineError: the file needs arbitrary unpickling (refused), is not a torch checkpoint, or holds no
+            state dict.
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise PipelineError(
+            f"checkpoint {str(path)!r} was refused: it contains pickled objects other than tensors, and loading it "
+            f"would run code from the file ({reason}). Use the official file (`picosam-pipeline fetch MODEL`) or "
+            "re-save only the state dict (torch.save(model.state_dict(), path)) from a source you trust"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
+        raise PipelineError(f"checkpoint {str(path)!r} is not a readable torch checkpoint ({err}); fetch it again") from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise PipelineError(
+            f"checkpoint {str(path)!r} holds no state dict (expected {{name: tensor}} or {{'model': {{name: tensor}}}})"
+        )
+    return obj
+
+
+def _checkpoint_or_none(cfg: TeacherConfig, seed: int) -> Path | None:
+    """The checkpoint file to load, or None for random weights (only with ``allow_random_weights``, warned)."""
+    path = Path(cfg.checkpoint) if cfg.checkpoint else None
+    if path is not None and path.is_file():
+        return path
+    where = f"teacher.checkpoint {str(path)!r} does not exist" if path else "teacher.checkpoint is not set"
+    if not cfg.allow_random_weights:
+        raise PipelineError(
+            f"{where}; download the weights with `picosam-pipeline fetch {cfg.model}` (or point "
+            "teacher.checkpoint at the file), or set teacher.allow_random_weights=true to run the real "
+            "architecture with random weights (smoke tests only: the logits are noise)"
+        )
+    warnings.warn(f"{where}: teacher {cfg.model} runs with RANDOM weights (seed {seed}); its logits are noise",
+                  RandomWeightsWarning, stacklevel=4)
+    return None
+
+
+def _random_weights(model: torch.nn.Module, seed: int) -> dict[str, Any]:
+    """Metadata for a model left with its seeded random init (the digest lets workers compare weights)."""
+    return {"weights": "random weights", "seed": seed, "weights_sha256": state_dict_sha256(model),
+            "checkpoint": None, "checkpoint_sha256": None}
+
+
+def _load_checked(
+    model: torch.nn.Module, state_dict: dict[str, torch.Tensor], required_keys: set[str], path: Path, name: str
+) -> dict[str, Any]:
+    """Load ``state_dict`` into ``model`` after checking it covers ``required_keys`` and has nothing extra."""
+    missing = sorted(required_keys - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(model.state_dict()))
+    hint = f"is it the checkpoint for teacher.model={name}? Fetch it with `picosam-pipeline fetch {name}`"
+    if missing or unexpected:
+        raise PipelineError(
+            f"checkpoint {str(path)!r} does not match {name}: {len(missing)} missing keys {missing[:3]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:3]}; {hint}"
+        )
+    try:
+        model.load_state_dict(state_dict, strict=False)  # keys were checked above; this still checks shapes
+    except RuntimeError as err:
+        reason = str(err).splitlines()[-1].strip()  # e.g. "size mismatch for ...: copying a param with shape ..."
+        raise PipelineError(f"checkpoint {str(path)!r} does not match {name}: {reason}; {hint}") from None
+    return {"weights": "checkpoint", "checkpoint": str(path), "checkpoint_sha256": file_sha256(path)}
+
+
+def _seeded_build(build: Callable[[], torch.nn.Module], seed: int) -> torch.nn.Module:
+    """Build a model on the CPU with its random init drawn from ``seed``, leaving the global RNG untouched.
+
+    The init runs on the CPU generator whatever ``runtime.device`` is, so every process (any worker, any
+    GPU) builds bit-identical random weights.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _check_rgb(rgb: np.ndarray) -> None:
+    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        got = f"{rgb.dtype} {rgb.shape}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {got}")
+
+
+def _as_rows(values: np.ndarray, width: int, name: str) -> np.ndarray:
+    rows = np.asarray(values, dtype=np.float32)
+    if rows.ndim != 2 or rows.shape[1] != width:
+        raise ValueError(f"{name} must have shape (N, {width}), got {rows.shape}")
+    return rows
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _autocast_name(runtime: Runtime) -> str:
+    return "fp32" if runtime.autocast_dtype is None else str(runtime.autocast_dtype).removeprefix("torch.")

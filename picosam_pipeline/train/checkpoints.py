@@ -1,0 +1,134 @@
+"""Checkpoint files that load without executing code: a flat dict of tensors plus a JSON string.
+
+A checkpoint is written with ``torch.save`` as ``{"format": FORMAT, "meta": "<json>", "tensors": {name: Tensor}}``
+and read with ``torch.load(weights_only=True)``, whose unpickler accepts only tensors and plain containers
+(no arbitrary classes, so a shared checkpoint cannot run code). It is the layout of a safetensors file (flat
+named tensors + a JSON header), which is not installed here. Two kinds, told apart by ``meta["kind"]``:
+
+* ``student`` (``data/train/student.pt``): the trained weights, tensors named as the student's state dict
+  (``encoder_stage1.0.weight`` ...), and meta ``{student, input_size, normalization, step, config, ...}``;
+  :func:`load_student` rebuilds the module.
+* ``train_state`` (``data/train/checkpoint.pt``): everything a killed run needs to carry on bit-identically
+  (weights, optimizer moments, RNG states, data position, loss log); written and read by ``trainer.py``.
+
+Files appear atomically (written beside the target, then renamed), so a run killed while saving leaves
+the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from picosam_pipeline.errors import PipelineError
+
+FORMAT = "picosam-checkpoint/1"
+
+
+def save_checkpoint(path: str | Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
+    """Write ``tensors`` (moved to CPU, made contiguous) and JSON-serialisable ``meta`` to ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "meta": json.dumps(meta, sort_keys=True),
+        "tensors": {name: t.detach().cpu().contiguous() for name, t in tensors.items()},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path, kind: str | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read a checkpoint written by :func:`save_checkpoint`: ``(tensors on CPU, meta)``.
+
+    Raises:
+        PipelineError: missing file, not a checkpoint of this format (e.g. a pickled module or a SAM2
+            checkpoint), or a checkpoint of another ``kind`` than the one asked for.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"checkpoint {str(path)!r} does not exist; run the train stage (`picosam-pipeline run-stage train`) first")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError or zip errors depending on the damage
+        raise PipelineError(f"checkpoint {str(path)!r} cannot be read as a weights-only torch file ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:200]}); pass a checkpoint written by the train stage") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise PipelineError(f"checkpoint {str(path)!r} is not a {FORMAT} file (found {found!r}); "
+                            "pass a checkpoint written by the train stage")
+    meta = json.loads(payload["meta"])
+    if kind is not None and meta.get("kind") != kind:
+        raise PipelineError(f"checkpoint {str(path)!r} holds a {meta.get('kind')!r}, expected a {kind!r} checkpoint "
+                            f"({'data/train/student.pt' if kind == 'student' else 'data/train/checkpoint.pt'})")
+    return payload["tensors"], meta
+
+
+def save_student(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
+    """Write a student's state dict (parameters and BN running statistics) as a ``student`` checkpoint.
+
+    ``meta`` must name the ``student`` (``picosam2`` | ``picosam3``) and its ``input_size``; ``kind`` is added.
+    """
+    missing = {"student", "input_size"} - set(meta)
+    if missing:
+        raise ValueError(f"student checkpoint meta needs {sorted(missing)}")
+    return save_checkpoint(path, dict(model.state_dict()), {**meta, "kind": "student"})
+
+
+def load_student(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a trained student from a ``student`` checkpoint: ``(module on CPU in eval mode, meta)``.
+
+    The module maps ImageNet-normalised float32 (B, 3, S, S) to (B, 1, S, S) logits, ``S = meta["input_size"]``.
+    """
+    from picosam_pipeline.train.students import build_student
+
+    tensors, meta = load_checkpoint(path, kind="student")
+    model = build_student(meta["student"])
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        raise PipelineError(f"checkpoint {str(path)!r} does not match a {meta['student']} student ({str(err).splitlines()[0]}); "
+                            "it was written by another version of the model") from None
+    return model.eval(), meta
+
+
+# --------------------------------------------------------------------------------------------------
+# optimizer state as flat tensors + JSON
+
+
+def flatten_optimizer(state_dict: dict[str, Any], prefix: str = "optimizer.") -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` into flat tensors ``{prefix<param>.<name>: Tensor}`` and a JSON-able rest.
+
+    The rest is ``{"param_groups": [...], "scalar_state": {param: {name: value}}}``; AdamW's per-parameter
+    state is all tensors (``step``, ``exp_avg``, ``exp_avg_sq``), so its ``scalar_state`` is empty.
+    """
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, state in state_dict["state"].items():
+        for name, value in state.items():
+            if isinstance(value, Tensor):
+                tensors[f"{prefix}{index}.{name}"] = value
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalar_state": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, Tensor], rest: dict[str, Any], prefix: str = "optimizer.") -> dict[str, Any]:
+    """Inverse of :func:`flatten_optimizer`: a dict ``optimizer.load_state_dict`` accepts."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix):
+            index, name = key[len(prefix):].split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+    for index, values in rest["scalar_state"].items():
+        state.setdefault(int(index), {}).update(values)
+    # JSON turned tuples (AdamW's betas) into lists; give them back their type so the groups compare equal
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in rest["param_groups"]]
+    return {"state": state, "param_groups": groups}

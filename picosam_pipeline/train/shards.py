@@ -1,0 +1,395 @@
+"""WebDataset shards of distillation samples: the sample format, the shard index, and packing.
+
+One sample per instance, four tar members ``<ann_id>.<ext>`` (``T`` = stored side, see Frames):
+
+==============  ===========================================================================================
+member          content
+==============  ===========================================================================================
+``jpg``         image crop, RGB JPEG ``T x T``: the stored frame of the image, bilinear (PIL)
+``mask.png``    ground-truth mask crop, 1-bit PNG ``T x T``: the same frame, nearest
+``logits.png``  teacher logits exactly as the store keeps them, lossless: uint8 codec values as an 8-bit
+                grayscale PNG (the float16 codec: its bit patterns as a 16-bit PNG); decode with the record's rule
+``json``        record: ``ann_id``, ``image_id``, ``category_id``, ``area``, ``confidence``, ``split``,
+                ``crop_box``, ``stored_box``, ``frame`` {``crop_size`` S, ``stored_size`` T},
+                ``logits`` {``codec``, ``decode``}
+==============  ===========================================================================================
+
+Frames. All three arrays cover the teacher store's ``stored_box``: the student's ``crop_box`` (computed
+by the teacher stage from the index with the configured prompt convention) grown by ``k = (T - S) / 2``
+crop pixels per side (the teacher's ``context_margin``; with the default 0, stored_box = crop_box and
+T = S = 96). Pixel ``(v, u)`` samples image point ``x1 + (u + 0.5) (x2 - x1) / T`` of stored_box (the
+``align_corners=False`` convention of ``crops.crop_pixel_centres``), so image, mask and logits are
+pixel-aligned and ``[k:k+S, k:k+S]`` of each is the student's crop; the margin lets the loader jitter the
+box without a second trip to the images. Beyond the image border the image and mask repeat their edge
+pixels, as the stored logits do (``teacher/geometry.py``). With no margin this is exactly PicoSAM's
+``image.crop(box).resize((96, 96), BILINEAR)`` (``NEAREST`` for the mask).
+
+Sizes per 96x96 sample, measured on the 524 instances of ``../shared/data/coco-sample`` (ROI crops, logits
+made from the GT masks): JPEG q90 3.2 KB (``optimize`` saves 11 %), logits PNG 1.41 KB at zlib level 9
+(1.48 at the default 6; raw zlib 1.36, lossless WebP 1.18 but WebP is not a format the loader accepts),
+mask 0.2 KB, JSON 0.3 KB, plus a 512-byte tar header and padding per member. Whole packs
+(``bench/loader.py``): 7.1 KB per sample on the built-in sample, 7.4 KB on coco-sample; a random-weights
+SAM2 teacher's noise logits take 4 KB as PNG, 10.5 KB per sample.
+
+Layout: ``<out_dir>/<split>/shard-000000.tar ...`` and ``<out_dir>/<split>/shards.json`` (:class:`ShardIndex`:
+frame, codec, and every shard with its sample count, size and sha256).
+
+Packing (:func:`pack_split`): a seeded permutation of the split's instances decides each sample's position,
+so every shard is a uniform random sample of the split, and each image is still decoded once. Pass 1
+walks the images in index order and appends each encoded sample to a spill tar of its destination shard;
+pass 2 puts each spill into permutation order and writes the final shard. Memory stays at one shard; the
+disk traffic is twice the shard bytes. Encoders and tar headers (fixed mtime and owner) are deterministic,
+so a rerun reproduces every sha256.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+from tqdm import tqdm
+from webdataset import TarWriter
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from picosam_pipeline.data.checksums import sha256_file
+from picosam_pipeline.data.images import load_image
+from picosam_pipeline.data.index import decode_mask, iter_images
+from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.teacher.codec import LogitCodec, get_codec
+from picosam_pipeline.teacher.store import LogitStore
+
+MEMBERS = ("jpg", "mask.png", "logits.png", "json")
+INDEX_FILE = "shards.json"
+SHARD_NAME = "shard-{:06d}.tar"
+FORMAT, FORMAT_VERSION = "picosam-shards", 1
+# A member is "<key>.<one of MEMBERS>", the key a plain name; anything else is not ours (see loader.py).
+MEMBER_NAME = re.compile(r"^([^./]+)\.(jpg|mask\.png|logits\.png|json)$")
+# Fixed tar header fields: the same samples give byte-identical shards, hence stable sha256s (and DVC hashes).
+# mtime must be an int: Python's tarfile stores a float mtime (webdataset's default, time.time()) in an extra
+# 1 KB PAX header per member, which made a 96x96 sample 11.5 KB instead of 7.4 KB.
+TAR_OPTIONS: dict[str, Any] = {"encoder": False, "mtime": 0, "user": "picosam", "group": "picosam"}
+INDEX_COLUMNS = ["ann_id", "image_id", "split", "file_name", "image_path", "width", "height", "category_id", "area",
+                 "rle_counts", "roi_box", "point_box"]
+
+
+@dataclass(frozen=True)
+class Frame:
+    """Sides of the student's crop ``S`` (``crop_size``) and of the stored frame ``T`` (``stored_size``)."""
+
+    crop_size: int
+    stored_size: int
+
+    @property
+    def context_px(self) -> int:
+        """``k``: stored pixels on each side of the crop; the crop is ``[k:k+S, k:k+S]`` of the stored frame."""
+        return (self.stored_size - self.crop_size) // 2
+
+
+# --------------------------------------------------------------------------------------------------
+# members: encode (pack) and decode (loader)
+
+
+def resample_window(pixels: np.ndarray, box, side: int, resample: Image.Resampling) -> np.ndarray:
+    """Resample window ``box`` = (x1, y1, x2, y2) (float image px) of ``pixels`` (H, W[, 3]) uint8 to ``side``.
+
+    PIL's ``resize(box=...)`` uses the ``align_corners=False`` convention of the module doc. The window may
+    leave the image (a context margin at a border): only the part outside is edge-padded, never the image.
+    """
+    h, w = pixels.shape[:2]
+    x1, y1, x2, y2 = (float(v) for v in box)
+    ix1, iy1, ix2, iy2 = math.floor(x1), math.floor(y1), math.ceil(x2), math.ceil(y2)
+    window = pixels[max(iy1, 0):min(iy2, h), max(ix1, 0):min(ix2, w)]
+    pad = ((max(0, -iy1), max(0, iy2 - h)), (max(0, -ix1), max(0, ix2 - w))) + ((0, 0),) * (pixels.ndim - 2)
+    if any(any(p) for p in pad):
+        window = np.pad(window, pad, mode="edge")
+    image = Image.fromarray(np.ascontiguousarray(window))
+    return np.asarray(image.resize((side, side), resample, box=(x1 - ix1, y1 - iy1, x2 - ix1, y2 - iy1)))
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
+    """RGB uint8 ``(T, T, 3)`` -> JPEG (``optimize``: Huffman tables fitted to the crop, 11 % smaller)."""
+    out = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(out, "JPEG", quality=quality, optimize=True)
+    return out.getvalue()
+
+
+def encode_mask_png(mask: np.ndarray) -> bytes:
+    """{0, 1} mask ``(T, T)`` -> 1-bit PNG."""
+    out = io.BytesIO()
+    Image.fromarray(mask.astype(bool)).save(out, "PNG", optimize=True)
+    return out.getvalue()
+
+
+def encode_logits_png(values: np.ndarray) -> bytes:
+    """Stored codec values ``(T, T)`` (uint8, or float16 kept as its uint16 bit patterns) -> lossless PNG."""
+    if values.dtype == np.float16:
+        values = values.view(np.uint16)
+    elif values.dtype != np.uint8:
+        raise ValueError(f"logit store values must be uint8 or float16, got {values.dtype}")
+    out = io.BytesIO()
+    Image.fromarray(values).save(out, "PNG", optimize=True)  # optimize = zlib level 9
+    return out.getvalue()
+
+
+def _open(data: bytes, fmt: str, side: int, modes: tuple[str, ...]) -> np.ndarray:
+    """Decode one member with exactly one PIL plugin; size and mode are checked before any pixel is decoded."""
+    image = Image.open(io.BytesIO(data), formats=[fmt])
+    if image.size != (side, side) or image.mode not in modes:
+        raise ValueError(f"expected a {side}x{side} {fmt} of mode {'/'.join(modes)}, got {image.size} {image.mode}")
+    image.load()
+    return np.asarray(image)
+
+
+def decode_jpeg(data: bytes, side: int) -> np.ndarray:
+    """JPEG member -> uint8 ``(T, T, 3)`` RGB. Raises ValueError / OSError for a bad member."""
+    return _open(data, "JPEG", side, ("RGB",))
+
+
+def decode_mask_png(data: bytes, side: int) -> np.ndarray:
+    """``mask.png`` member -> uint8 ``(T, T)`` in {0, 1}."""
+    return _open(data, "PNG", side, ("1",)).astype(np.uint8)
+
+
+def decode_logits_png(data: bytes, side: int, codec: LogitCodec) -> np.ndarray:
+    """``logits.png`` member -> the stored values ``(T, T)`` of ``codec.dtype``, bit-exact."""
+    if codec.dtype == "float16":
+        return _open(data, "PNG", side, ("I;16",)).astype(np.uint16).view(np.float16)
+    return _open(data, "PNG", side, ("L",))
+
+
+def read_tar_members(stream: IO[bytes], url: str) -> Iterator[dict[str, Any]]:
+    """Plain files of a tar stream as ``{"fname", "data", "__url__"}`` (webdataset's reader; nothing decoded)."""
+    for item in tar_file_iterator(stream):
+        yield {**item, "__url__": url}
+
+
+# --------------------------------------------------------------------------------------------------
+# the shard index
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    name: str  # file name inside the split folder
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """``shards.json`` of one split: what the loader checks every shard against before reading it."""
+
+    path: Path  # the shards.json file
+    split: str
+    frame: Frame
+    codec: str
+    shards: tuple[ShardEntry, ...]
+
+    @property
+    def samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    def shard_path(self, entry: ShardEntry) -> Path:
+        return self.path.parent / entry.name
+
+
+def read_shard_index(path: str | Path) -> ShardIndex:
+    """Read ``shards.json`` (``path`` is the file or its split folder); PipelineError names what is wrong."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / INDEX_FILE
+    hint = "point to a split folder written by `picosam-pipeline run-stage pack` (e.g. data/shards/train)"
+    if not path.is_file():
+        splits = sorted(p.parent.name for p in path.parent.glob(f"*/{INDEX_FILE}"))
+        more = f"; it holds the splits {splits}, pick one (e.g. {path.parent / splits[0]})" if splits else f"; {hint}"
+        raise PipelineError(f"{path} not found, so {path.parent} is not a shard folder{more}")
+    try:
+        raw = json.loads(path.read_text())
+        if raw.get("format") != FORMAT or raw.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"format {raw.get('format')!r} version {raw.get('format_version')!r}, this code reads "
+                             f"{FORMAT!r} version {FORMAT_VERSION}")
+        shards = tuple(ShardEntry(**entry) for entry in raw["shards"])
+        index = ShardIndex(path, raw["split"], Frame(**raw["frame"]), get_codec(raw["codec"]["codec"]).name, shards)
+    except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+        raise PipelineError(f"{path} is not a shard index this code reads ({err}); repack with "
+                            "`picosam-pipeline run-stage pack`") from None
+    bad = [s.name for s in shards if not re.fullmatch(r"[\w.-]+\.tar", s.name) or s.name.startswith(".")]
+    if bad:
+        raise PipelineError(f"{path}: shard names must be plain .tar file names in the index's folder, got {bad[:3]}")
+    return index
+
+
+# --------------------------------------------------------------------------------------------------
+# packing
+
+
+@dataclass(frozen=True)
+class _ImageJob:
+    """One image and its instances' records, stored values (n, T, T) and stored boxes (n, 4)."""
+
+    path: str
+    size: tuple[int, int]  # (width, height) from the annotations
+    rle_counts: list[str]
+    records: list[dict[str, Any]]
+    values: np.ndarray
+    stored_boxes: np.ndarray
+
+
+def _encode_image(job: _ImageJob, side: int, quality: int) -> list[dict[str, Any]]:
+    """Decode the image once and encode every instance's sample (runs in a worker thread)."""
+    pixels = load_image(job.path, expected_size=job.size).pixels
+    width, height = job.size
+    samples = []
+    for rle, record, values, box in zip(job.rle_counts, job.records, job.values, job.stored_boxes):
+        mask = decode_mask(rle, height, width)
+        samples.append({
+            "__key__": str(record["ann_id"]),
+            "jpg": encode_jpeg(resample_window(pixels, box, side, Image.Resampling.BILINEAR), quality),
+            "mask.png": encode_mask_png(resample_window(mask, box, side, Image.Resampling.NEAREST)),
+            "logits.png": encode_logits_png(values),
+            "json": json.dumps(record, sort_keys=True, separators=(",", ":")).encode(),
+        })
+    return samples
+
+
+def _ordered_map(fn: Callable, jobs: Iterable, workers: int, in_flight: int) -> Iterator:
+    """``map(fn, jobs)`` on a thread pool (PIL and zlib release the GIL), in order, at most ``in_flight`` queued.
+
+    Unlike ``Executor.map`` it pulls ``jobs`` lazily, so the stored logits the jobs carry never pile up.
+    """
+    pool = ThreadPoolExecutor(max_workers=workers)
+    pending: deque = deque()
+    try:
+        for job in jobs:
+            pending.append(pool.submit(fn, job))
+            if len(pending) >= in_flight:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _BlockReader:
+    """Stored values of store rows, read in blocks of whole store shards (rows mostly come in store order)."""
+
+    def __init__(self, store: LogitStore, block_rows: int = 4096) -> None:
+        self.store = store
+        self.block_rows = max(block_rows, store.instances_per_shard)
+        self.start = self.stop = 0
+        self.values = np.zeros((0, store.side, store.side), store.codec.dtype)
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        if not (self.start <= lo and hi <= self.stop):
+            self.start = lo // self.store.instances_per_shard * self.store.instances_per_shard
+            self.stop = min(len(self.store), max(hi, self.start + self.block_rows))
+            self.values = self.store.read_raw(slice(self.start, self.stop))
+        return self.values[rows - self.start]
+
+
+@dataclass
+class SplitSummary:
+    """What :func:`pack_split` wrote (also the per-split part of ``metrics/pack.json``)."""
+
+    samples: int
+    shards: int
+    bytes: int
+    bytes_per_sample: float
+    member_bytes_per_sample: dict[str, float]  # payload only; the rest of bytes_per_sample is tar headers
+
+
+def pack_split(split: str, rows: pa.Table, store: LogitStore, rows_in_store: np.ndarray, store_meta: dict,
+               frame: Frame, out: Path, *, samples_per_shard: int, seed: int, jpeg_quality: int,
+               workers: int = min(8, os.cpu_count() or 1)) -> SplitSummary:
+    """Write split ``split`` as shards + ``shards.json`` in ``out`` (two passes, see the module doc).
+
+    Args:
+        rows: the split's index rows (``INDEX_COLUMNS``) in index order, as ``read_index`` returns them.
+        rows_in_store: the store row of each of ``rows`` (:func:`store_rows`); store_meta: ``store.read_meta()``.
+        frame: :func:`store_frame` of ``store``.
+    """
+    n = rows.num_rows
+    if n == 0:
+        raise PipelineError(f"split {split!r} has no instances in the index; remove it from pack.splits")
+    # Position of each instance in the split's sample order; a stream per split, so splits are independent.
+    position = np.random.default_rng([seed, zlib.crc32(split.encode())]).permutation(n)
+    order = dict(zip(rows["ann_id"].to_pylist(), position.tolist()))  # ann_id -> position
+    if len(order) != n:
+        raise PipelineError(f"split {split!r} of the index holds an ann_id twice; rerun prepare (it drops duplicates)")
+    spill_dir = out / ".spill"
+    spill_dir.mkdir(parents=True, exist_ok=True)
+
+    # Pass 1: images in index order -> one spill tar per destination shard.
+    jobs = _image_jobs(split, rows, store, rows_in_store, store_meta, frame)
+    encode = partial(_encode_image, side=frame.stored_size, quality=jpeg_quality)
+    member_bytes = dict.fromkeys(MEMBERS, 0)
+    spills: dict[int, TarWriter] = {}
+    try:
+        for samples in tqdm(_ordered_map(encode, jobs, workers, 4 * workers), total=len(set(rows["image_id"].to_pylist())),
+                            desc=f"pack {split}", unit="img"):
+            for sample in samples:
+                k = order[int(sample["__key__"])] // samples_per_shard
+                if k not in spills:
+                    spills[k] = TarWriter(str(spill_dir / f"{k:06d}.tar"), **TAR_OPTIONS)
+                spills[k].write(sample)
+                for m in MEMBERS:
+                    member_bytes[m] += len(sample[m])
+    finally:
+        for sink in spills.values():
+            sink.close()
+
+    # Pass 2: each spill in position order -> the final shard, then its size and sha256.
+    entries = []
+    for k in tqdm(range(math.ceil(n / samples_per_shard)), desc=f"shards {split}", unit="shard"):
+        spill = spill_dir / f"{k:06d}.tar"
+        with open(spill, "rb") as stream:
+            samples = sorted(group_by_keys(read_tar_members(stream, str(spill))), key=lambda s: order[int(s["__key__"])])
+        target = out / SHARD_NAME.format(k)
+        with TarWriter(str(target), **TAR_OPTIONS) as sink:
+            for sample in samples:
+                sink.write({m: sample[m] for m in ("__key__", *MEMBERS)})
+        spill.unlink()
+        entries.append(ShardEntry(target.name, len(samples), target.stat().st_size, sha256_file(target)))
+    spill_dir.rmdir()
+
+    index = {"format": FORMAT, "format_version": FORMAT_VERSION, "split": split, "samples": n,
+             "samples_per_shard": samples_per_shard, "seed": seed, "jpeg_quality": jpeg_quality,
+             "frame": asdict(frame), "codec": store.codec.attrs(), "members": list(MEMBERS),
+             "shards": [asdict(e) for e in entries]}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
+    total = sum(e.bytes for e in entries)
+    return SplitSummary(n, len(entries), total, total / n, {m: b / n for m, b in member_bytes.items()})
+
+
+def _image_jobs(split: str, rows: pa.Table, store: LogitStore, rows_in_store: np.ndarray, store_meta: dict,
+                frame: Frame) -> Iterator[_ImageJob]:
+    """One job per image of ``rows``, with its instances' JSON records and stored values (read lazily)."""
+    read_values = _BlockReader(store)
+    codec = {"codec": store.codec.name, "decode": store.codec.formula}
+    start = 0
+    for group in iter_images(rows):  # rows are in index order, so each image is the next len(group) rows
+        in_store = rows_in_store[start:start + len(group)]
+        start += len(group)
+        records = [{**r, "split": split, "confidence": float(store_meta["confidence"][i]),
+                    "crop_box": store_meta["crop_box"][i].tolist(), "stored_box": store_meta["stored_box"][i].tolist(),
+                    "frame": asdict(frame), "logits": codec}
+                   for r, i in zip(group.rows.select(["ann_id", "image_id", "category_id", "area"]).to_pylist(), in_store)]
+        yield _ImageJob(group.image_path, (group.width, group.height), group.rows["rle_counts"].to_pylist(),
+                        records, read_values(in_store), store_meta["stored_box"][in_store])
+
+

@@ -1,0 +1,376 @@
+"""The distillation training loop: one flat loop in the style of nanoGPT's ``train.py``.
+
+Per optimizer step, on ``runtime.device`` under ``runtime.autocast()`` (bf16 on CUDA, fp32 on CPU)::
+
+    image (B, 3, S, S) float32 RGB in [0, 1] --normalize--> student --> logits (B, 1, S, S), float32 for the loss
+    loss = DistillationLoss(logits, gt_mask (B, 1, S, S) {0, 1}, teacher_logits (B, 1, S, S), confidence (B,))
+    AdamW step at get_lr(step), gradient norm clipped to grad_clip
+
+Validation IoU is the papers' crop-space mIoU (``iou.crop_ious``: logit > 0 against the GT crop, empty
+union = 1, mean over every val sample). It is measured on the untrained student first (step 0), every
+``eval_every`` steps and at the end, so "before" and "after" come from the same run.
+
+Resuming. Every ``checkpoint_every`` steps ``out_dir/checkpoint.pt`` stores the weights, the AdamW moments,
+the RNG states, the loss log and each rank's data position ``(epoch, batches consumed)``. The data stream
+is a fresh, deterministic loader per epoch (its seed derived from ``(seed, epoch)``), so a rerun rebuilds the
+epoch it was in and skips the batches already used. A killed run that is started again therefore ends with
+weights bit-identical to an uninterrupted run (same device and world size). A checkpoint written for other
+data or other settings (see :data:`RESUME_IGNORES`) is not resumed: training starts from step 0.
+
+Multi-GPU. Under ``torchrun --nproc_per_node N`` (``WORLD_SIZE`` > 1 in the environment) each process joins
+the process group (NCCL on CUDA, gloo on CPU), uses ``cuda:LOCAL_RANK``, wraps the student in
+``DistributedDataParallel`` and reads its own shards (the loader splits shards by rank). Losses and val IoU
+are averaged over ranks; rank 0 alone writes files and shows the progress bar. BatchNorm statistics are
+per rank (no SyncBatchNorm), as a single-GPU run of the same per-rank batch would compute them::
+
+    torchrun --nproc_per_node 4 -m picosam_pipeline.cli run-stage train
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from picosam_pipeline.config import TrainConfig
+from picosam_pipeline.device import Runtime
+from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.train.checkpoints import (flatten_optimizer, load_checkpoint, save_checkpoint, save_student,
+                                                unflatten_optimizer)
+from picosam_pipeline.train.iou import crop_ious
+from picosam_pipeline.train.losses import DistillationLoss
+from picosam_pipeline.train.students import NORMALIZATION, build_student, normalize
+
+CHECKPOINT_FILE, STUDENT_FILE = "checkpoint.pt", "student.pt"
+TERMS = ("gt", "teacher", "area", "lambda")  # DistillationLoss's logged terms
+LOG_COLUMNS = ("step", "lr", "loss", *TERMS)  # one row per optimizer step
+VAL_COLUMNS = ("step", "val_iou")  # one row per evaluation; step 0 = the untrained student
+# Settings that do not change the trained weights: a checkpoint written under other values still resumes.
+RESUME_IGNORES = ("checkpoint_every", "eval_every", "log_every", "out_dir", "shards")
+
+
+# --------------------------------------------------------------------------------------------------
+# schedule, data stream, distributed setup
+
+
+def get_lr(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then constant or cosine to ``min_lr``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = min((step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1), 1.0)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 at the end of warm-up, 0 at the last step
+    return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Loader seed of one epoch: distinct per (seed, epoch) pair, and the same on every rerun."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """Where batches come from (batches as ``loader.make_loader`` yields them).
+
+    ``train_epoch(epoch)`` must give the same batches in the same order every time it is called with the same
+    epoch (on the same rank): that is what makes resuming exact. ``val()`` gives one pass over the val split.
+    ``fingerprint`` identifies the training data (e.g. the sha256 of ``shards.json``); ``source`` names it in messages.
+    """
+
+    train_epoch: Callable[[int], Iterable[dict[str, Any]]]
+    val: Callable[[], Iterable[dict[str, Any]]]
+    input_size: int
+    fingerprint: str
+    source: str
+
+
+def batch_stream(data: TrainData, epoch: int, consumed: int) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    """Endless ``(epoch, batches consumed in that epoch, batch)``, starting after ``consumed`` batches of ``epoch``."""
+    while True:
+        seen = 0
+        for seen, batch in enumerate(data.train_epoch(epoch), start=1):
+            if seen > consumed:  # a resumed epoch re-reads and drops the batches the checkpoint already used
+                yield epoch, seen, batch
+        if seen == 0:
+            raise PipelineError(f"{data.source}: epoch {epoch} gave no training batch; the shards are empty or every "
+                                "shard was skipped as corrupt (see train.on_corrupt_shard); repack with `run-stage pack`")
+        epoch, consumed = epoch + 1, 0
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a (possibly single-process) run."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(runtime: Runtime) -> Dist:
+    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (NCCL + ``cuda:LOCAL_RANK`` on CUDA, else gloo)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Dist(0, 1, runtime.device)
+    rank = int(os.environ["RANK"])
+    device = runtime.device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world_size, device)
+
+
+def _all_sum(t: Tensor, dist: Dist) -> Tensor:
+    """Sum over ranks (gloo has no AVG); a no-op in a single process."""
+    if dist.world_size > 1:
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
+    return t
+
+
+def _say(dist: Dist, message: str) -> None:
+    if dist.is_main:
+        tqdm.write(f"[train] {message}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[dict[str, Any]], runtime: Runtime, dist: Dist) -> float:
+    """Crop-space mIoU of ``model`` on ``batches`` (all ranks together): mean IoU of logit > 0 vs ``gt_mask``."""
+    was_training = model.training
+    model.eval()  # BatchNorm uses its running statistics and does not update them
+    total = torch.zeros(2, dtype=torch.float64)  # (sum of IoUs, samples)
+    for batch in batches:
+        with runtime.autocast():
+            logits = model(normalize(batch["image"].to(dist.device, non_blocking=True)))
+        ious = crop_ious(logits.float(), batch["gt_mask"])  # (B,) float64 in [0, 1]
+        total += torch.tensor([ious.sum(), len(ious)], dtype=torch.float64)
+    model.train(was_training)
+    total = _all_sum(total.to(dist.device), dist).cpu()
+    if total[1] == 0:
+        raise PipelineError("the val split gave no samples to evaluate; pack a val split (pack.splits: [train, val])")
+    return float(total[0] / total[1])
+
+
+# --------------------------------------------------------------------------------------------------
+# train state and checkpoints
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores besides weights and optimizer: position in the run and its logs."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # this rank's data position: epoch, and batches of it consumed
+    consumed: int = 0
+    train_log: list[list[float]] = field(default_factory=list)  # rows of LOG_COLUMNS
+    val_log: list[list[float]] = field(default_factory=list)  # rows of VAL_COLUMNS
+
+
+def run_identity(cfg: TrainConfig, seed: int, world_size: int, fingerprint: str) -> dict[str, Any]:
+    """Everything that decides the trained weights; a checkpoint resumes only if this matches."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in RESUME_IGNORES}
+    if cfg.schedule == "constant":
+        settings.pop("steps")  # with a constant schedule a run can be extended by raising train.steps
+    return {"train": settings, "seed": seed, "world_size": world_size, "data": fingerprint}
+
+
+def save_train_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
+                     identity: dict[str, Any], dist: Dist) -> None:
+    """Write ``path`` from rank 0 with every rank's data position (a collective: call it on all ranks)."""
+    position = torch.tensor([state.epoch, state.consumed], dtype=torch.int64, device=dist.device)
+    positions = [torch.zeros_like(position) for _ in range(dist.world_size)]
+    if dist.world_size > 1:
+        torch_dist.all_gather(positions, position)
+    else:
+        positions = [position]
+    if not dist.is_main:
+        return
+    optimizer_tensors, optimizer_rest = flatten_optimizer(optimizer.state_dict())
+    tensors = {
+        **{f"model.{k}": v for k, v in model.state_dict().items()},
+        **optimizer_tensors,
+        "rng.torch": torch.get_rng_state(),
+        "data.position": torch.stack(positions),  # (world_size, 2): epoch, batches consumed
+        "log.train": torch.tensor(state.train_log, dtype=torch.float64).reshape(-1, len(LOG_COLUMNS)),
+        "log.val": torch.tensor(state.val_log, dtype=torch.float64).reshape(-1, len(VAL_COLUMNS)),
+    }
+    if dist.device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(dist.device)
+    meta = {"kind": "train_state", "step": state.step, "identity": identity, "optimizer": optimizer_rest,
+            "log_columns": list(LOG_COLUMNS), "val_columns": list(VAL_COLUMNS)}
+    save_checkpoint(path, tensors, meta)
+
+
+def load_train_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, identity: dict[str, Any],
+                     steps: int, dist: Dist) -> TrainState | None:
+    """Restore weights, optimizer and RNG from ``path`` if it exists and belongs to this run; else ``None``."""
+    if not path.is_file():
+        return None
+    tensors, meta = load_checkpoint(path, kind="train_state")
+    if meta["identity"] != identity or meta["step"] > steps:
+        old = meta["identity"]
+        changed = [f"train.{k}" for k in sorted(set(identity["train"]) | set(old["train"]))
+                   if identity["train"].get(k) != old["train"].get(k)]
+        changed += [k for k in ("seed", "world_size", "data") if identity[k] != old.get(k)]
+        if meta["step"] > steps:
+            changed.append(f"train.steps ({steps} < the checkpoint's {meta['step']})")
+        _say(dist, f"{path} is from another run (differs in {', '.join(changed)}); starting from step 0")
+        return None
+    model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+    optimizer.load_state_dict(unflatten_optimizer(tensors, meta["optimizer"]))
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and dist.device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"], dist.device)
+    epoch, consumed = tensors["data.position"][dist.rank].tolist()
+    return TrainState(step=meta["step"], epoch=epoch, consumed=consumed,
+                      train_log=tensors["log.train"].tolist(), val_log=tensors["log.val"].tolist())
+
+
+# --------------------------------------------------------------------------------------------------
+# the loop
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports (``is_main``: this process is rank 0, the one that wrote the files)."""
+
+    model: nn.Module  # the trained student (not the DDP wrapper), on the training device
+    state: TrainState
+    params: int
+    resumed_from: int | None  # the step the run resumed at; None = started from scratch
+    samples_per_s: float | None  # training throughput of this invocation, all ranks; None when no step ran
+    world_size: int
+    is_main: bool
+    student_path: Path
+
+    @property
+    def val_iou_before(self) -> float:
+        return self.state.val_log[0][1]
+
+    @property
+    def val_iou_after(self) -> float:
+        return self.state.val_log[-1][1]
+
+    def final_loss(self, window: int) -> dict[str, float]:
+        """Mean loss and terms over the last ``window`` steps (one step's loss is noisy)."""
+        rows = np.asarray(self.state.train_log[-window:], dtype=np.float64)
+        return {name: float(rows[:, i].mean()) for i, name in enumerate(LOG_COLUMNS) if name not in ("step", "lr")}
+
+
+def train(cfg: TrainConfig, runtime: Runtime, data: TrainData, out_dir: str | Path) -> TrainResult:
+    """Train ``cfg.student`` for ``cfg.steps`` steps, resuming from ``out_dir/checkpoint.pt`` when it fits.
+
+    Writes (rank 0) ``out_dir/checkpoint.pt`` every ``checkpoint_every`` steps and at the end, and the final
+    weights as ``out_dir/student.pt`` (a ``student`` checkpoint, see ``checkpoints.py``).
+    """
+    dist = init_distributed(runtime)
+    try:
+        return _train(cfg, runtime, data, Path(out_dir), dist)
+    finally:
+        if dist.world_size > 1:
+            torch_dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, runtime: Runtime, data: TrainData, out_dir: Path, dist: Dist) -> TrainResult:
+    torch.manual_seed(runtime.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = build_student(cfg.student).to(dist.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = DistillationLoss(**cfg.loss_kwargs())
+    identity = run_identity(cfg, runtime.seed, dist.world_size, data.fingerprint)
+    checkpoint = out_dir / CHECKPOINT_FILE
+
+    state = load_train_state(checkpoint, model, optimizer, identity, cfg.steps, dist)
+    resumed_from = None if state is None else state.step
+    if state is None:
+        state = TrainState()
+        state.val_log.append([0, evaluate(model, data.val(), runtime, dist)])  # the untrained student
+        _say(dist, f"untrained {cfg.student}: val IoU {state.val_log[0][1]:.4f}")
+    else:
+        _say(dist, f"resuming {checkpoint} at step {state.step} (epoch {state.epoch}, {state.consumed} batches in)")
+    student_path = out_dir / STUDENT_FILE
+    if dist.is_main and state.step < cfg.steps:
+        student_path.unlink(missing_ok=True)  # student.pt exists only once the run it belongs to has finished
+    net = model
+    if dist.world_size > 1:
+        device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    batches = batch_stream(data, state.epoch, state.consumed)
+    pending: list[tuple[int, float, Tensor]] = []  # (step, lr, [loss, *TERMS]) on the device, synced every log_every
+    samples, train_time, mark = 0, 0.0, time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=state.step, desc=f"train {cfg.student}", unit="step",
+               disable=not dist.is_main)
+    model.train()
+    while state.step < cfg.steps:
+        state.epoch, state.consumed, batch = next(batches)
+        lr = get_lr(state.step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        image, gt, teacher, confidence = (batch[k].to(dist.device, non_blocking=True)
+                                          for k in ("image", "gt_mask", "teacher_logits", "confidence"))
+        with runtime.autocast():
+            logits = net(normalize(image))
+        loss, terms = loss_fn(logits.float(), gt, teacher, confidence)  # the loss in fp32, whatever autocast did
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        state.step += 1
+        samples += image.shape[0]
+        pending.append((state.step, lr, torch.stack([loss.detach(), *(terms[k] for k in TERMS)]).float()))
+
+        last = state.step == cfg.steps
+        do_eval = last or state.step % cfg.eval_every == 0
+        do_checkpoint = last or state.step % cfg.checkpoint_every == 0
+        if do_eval or do_checkpoint or state.step % cfg.log_every == 0:
+            values = (_all_sum(torch.stack([v for _, _, v in pending]), dist) / dist.world_size).tolist()  # host sync
+            if not all(math.isfinite(x) for row in values for x in row):
+                raise PipelineError(f"training diverged: non-finite loss by step {state.step}; lower train.lr, set "
+                                    "train.grad_clip (e.g. 1.0) or raise train.warmup_steps")
+            state.train_log += [[step, lr_, *row] for (step, lr_, _), row in zip(pending, values)]
+            pending.clear()
+            now = time.perf_counter()
+            train_time, mark = train_time + now - mark, now
+            bar.set_postfix(loss=f"{values[-1][0]:.4f}", samples_s=f"{samples * dist.world_size / train_time:.1f}")
+            bar.update(state.step - bar.n)
+        if do_eval:
+            state.val_log.append([state.step, evaluate(model, data.val(), runtime, dist)])
+            _say(dist, f"step {state.step}: val IoU {state.val_log[-1][1]:.4f}")
+        if do_checkpoint:
+            save_train_state(checkpoint, model, optimizer, state, identity, dist)
+        if do_eval or do_checkpoint:
+            mark = time.perf_counter()  # evaluation and checkpoint time do not count as training time
+    bar.close()
+    batches.close()  # ends the current epoch's loader (and its worker processes) now, not at garbage collection
+
+    if dist.is_main:
+        save_student(student_path, model, {
+            "student": cfg.student, "input_size": data.input_size, "normalization": asdict(NORMALIZATION),
+            "step": state.step, "seed": runtime.seed, "config": asdict(cfg), "data": data.fingerprint,
+            "val_iou_before": state.val_log[0][1], "val_iou_after": state.val_log[-1][1],
+        })
+    return TrainResult(model=model, state=state, params=sum(p.numel() for p in model.parameters()),
+                       resumed_from=resumed_from,
+                       samples_per_s=samples * dist.world_size / train_time if train_time > 0 else None,
+                       world_size=dist.world_size, is_main=dist.is_main, student_path=student_path)

@@ -1,0 +1,304 @@
+"""The prepare stage end to end: bad inputs (strict vs skip), the index it writes, and real COCO / LVIS files."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+
+from conftest import shared_data_or_skip
+from picosam_pipeline.config import Config, PrepareConfig, RuntimeConfig, SplitSource
+from picosam_pipeline.data.crops import point_box, point_prompt, roi_box
+from picosam_pipeline.data.index import column_array, decode_mask, iter_images, read_index, read_metadata
+from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.stages.prepare import run
+
+W, H = 64, 48  # every test image, in annotation orientation
+
+
+def _encode(image: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _noise_rgb(w: int = W, h: int = H) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def _exif_rotated_jpeg() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    return _encode(_noise_rgb(H, W), exif=exif.tobytes())  # stored 48x64, displayed 64x48
+
+
+def _truncated_jpeg() -> bytes:
+    data = _encode(_noise_rgb())
+    return data[: len(data) * 2 // 3]  # cut inside the scan data, as an interrupted download is
+
+
+def _ann(ann_id: int, image_id: int, box=(10, 8, 20, 16), **extra) -> dict:
+    x, y, w, h = box
+    return {"id": ann_id, "image_id": image_id, "category_id": 1, "iscrowd": 0, "area": float(w * h),
+            "bbox": [x, y, w, h], "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]], **extra}
+
+
+class Dataset:
+    """A tiny COCO split on disk: image 1 is a good RGB JPEG with one good annotation (id 1)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.files: dict[str, bytes | None] = {"good.jpg": _encode(_noise_rgb())}
+        self.images = [{"id": 1, "file_name": "good.jpg", "width": W, "height": H}]
+        self.annotations = [_ann(1, 1)]
+
+    def add_image(self, image_id: int, name: str, data: bytes | None, n_anns: int = 1, **record) -> None:
+        """Add an image (``data`` None: referenced but absent) with ``n_anns`` good annotations."""
+        self.files[name] = data
+        self.images.append({"id": image_id, "file_name": name, "width": W, "height": H, **record})
+        self.annotations += [_ann(image_id * 100 + k, image_id) for k in range(n_anns)]
+
+    def write(self, text: str | None = None, split: str = "val") -> SplitSource:
+        (self.root / "images").mkdir(parents=True, exist_ok=True)
+        for name, data in self.files.items():
+            if data is not None:
+                (self.root / "images" / name).write_bytes(data)
+        path = self.root / f"instances_{split}.json"
+        data = {"images": self.images, "annotations": self.annotations, "categories": [{"id": 1, "name": "thing"}]}
+        path.write_text(text if text is not None else json.dumps(data))
+        return SplitSource(split, str(path), str(self.root / "images"))
+
+
+def _config(tmp_path: Path, splits: list[SplitSource], **prepare) -> Config:
+    return Config(runtime=RuntimeConfig(device="cpu", metrics_dir=str(tmp_path / "metrics")),
+                  prepare=PrepareConfig(splits=splits, out_dir=str(tmp_path / "prepared"), **prepare))
+
+
+def _outputs(tmp_path: Path) -> tuple[dict, list[dict]]:
+    metrics = json.loads((tmp_path / "metrics" / "prepare.json").read_text())
+    lines = (tmp_path / "prepared" / "bad_inputs.jsonl").read_text().splitlines()
+    return metrics, [json.loads(line) for line in lines]
+
+
+# --------------------------------------------------------------------------------------------------
+# every bad input, in skip and strict mode
+#   case name -> (mutate the dataset, issue kind, action, annotations dropped, text in the strict-mode message)
+
+
+def _add(image_id, name, data, **kw):
+    return lambda ds: ds.add_image(image_id, name, data, **kw)
+
+
+def _add_ann(**ann):
+    return lambda ds: ds.annotations.append({**_ann(2, 1), **ann})
+
+
+BAD_INPUTS = {
+    "missing image file": (_add(2, "gone.jpg", None, n_anns=2), "image_missing", "dropped", 2, "gone.jpg'"),
+    "truncated jpeg": (_add(2, "cut.jpg", _truncated_jpeg()), "image_truncated", "dropped", 1, "cut.jpg'"),
+    "corrupt file": (_add(2, "junk.jpg", b"\x00garbage" * 50), "image_unreadable", "dropped", 1, "junk.jpg'"),
+    "size mismatch": (_add(2, "big.jpg", _encode(_noise_rgb(W + 1, H))), "image_size_mismatch", "dropped", 1, "big.jpg'"),
+    "grayscale": (_add(2, "gray.jpg", _encode(_noise_rgb().convert("L"))), "image_grayscale->rgb", "converted", 0, None),
+    "cmyk": (_add(2, "cmyk.jpg", _encode(_noise_rgb().convert("CMYK"))), "image_cmyk->rgb", "converted", 0, None),
+    "palette": (_add(2, "pal.png", _encode(_noise_rgb().convert("P"), "PNG")), "image_palette->rgb", "converted", 0, None),
+    "exif rotated": (_add(2, "rot.jpg", _exif_rotated_jpeg()), "image_exif-rotated", "converted", 0, None),
+    "degenerate bbox": (_add_ann(bbox=[5, 5, 0, 10]), "degenerate_bbox", "dropped", 1, "annotation 2: bbox [5, 5, 0, 10]"),
+    "two-point polygon": (_add_ann(segmentation=[[5, 5, 9, 9]]), "bad_polygon", "dropped", 1, "fewer than 3 points"),
+    "bbox partly outside": (_add_ann(bbox=[50, 40, 30, 20]), "bbox_clipped", "converted", 0, None),
+    "missing image id": (_add_ann(image_id=77), "missing_image_id", "dropped", 1, "points at image id 77"),
+    "duplicate ann id": (_add_ann(id=1), "duplicate_ann_id", "dropped", 1, "annotation id 1 appears twice"),
+    "image record without size": (_add(2, "nosize.jpg", _encode(_noise_rgb()), width=None), "bad_image_record",
+                                  "dropped", 1, "image 2 (nosize.jpg) has width/height None"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_skip_mode_drops_or_converts_and_reports(tmp_path, case):
+    mutate, kind, action, n_dropped, _ = BAD_INPUTS[case]
+    ds = Dataset(tmp_path)
+    mutate(ds)
+    summary = run(_config(tmp_path, [ds.write()]))
+    metrics, records = _outputs(tmp_path)
+    val = metrics["splits"]["val"]
+    assert val["kept"] + val["dropped"] == val["annotations"] == len(ds.annotations)
+    assert val["dropped"] == n_dropped and summary["kept"] == val["kept"]
+    assert val["dropped_by_reason"] == ({kind: n_dropped} if n_dropped else {})
+    assert val["converted_by_kind"] == ({kind: 1} if action == "converted" else {})
+    assert [(r["kind"], r["action"]) for r in records] == [(kind, action)]
+    assert records[0]["split"] == "val" and records[0]["reason"]
+    assert read_index(tmp_path / "prepared" / "index.parquet").num_rows == val["kept"]
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_strict_mode_stops_with_file_and_fix(tmp_path, case):
+    mutate, kind, action, _, message = BAD_INPUTS[case]
+    ds = Dataset(tmp_path)
+    mutate(ds)
+    cfg = _config(tmp_path, [ds.write()], on_bad_input="strict")
+    if action == "converted":  # conversions are not errors: strict mode keeps the instance
+        assert run(cfg)["kept"] == len(ds.annotations)
+        return
+    with pytest.raises(PipelineError) as err:
+        run(cfg)
+    text = str(err.value)
+    assert message in text and kind in text and "prepare.on_bad_input=skip" in text
+    assert ("instances_val.json" in text) or ("images/" in text)  # names the file to fix
+
+
+def test_exif_rotated_image_keeps_the_annotation_frame(tmp_path):
+    ds = Dataset(tmp_path)
+    ds.add_image(2, "rot.jpg", _exif_rotated_jpeg())
+    run(_config(tmp_path, [ds.write()]))
+    rows = read_index(tmp_path / "prepared" / "index.parquet").to_pylist()
+    assert [(r["width"], r["height"]) for r in rows if r["image_id"] == 2] == [(W, H)]
+
+
+@pytest.mark.parametrize("mode", ["skip", "strict"])
+def test_malformed_json_always_stops(tmp_path, mode):
+    split = Dataset(tmp_path).write(text='{"images": [], "annotations": [\n  {"id": 1,}\n]}')
+    with pytest.raises(PipelineError, match=r"instances_val\.json: malformed JSON at line 2, column 12"):
+        run(_config(tmp_path, [split], on_bad_input=mode))
+
+
+def test_without_image_checks_only_missing_files_are_caught(tmp_path):
+    ds = Dataset(tmp_path)
+    ds.add_image(2, "gone.jpg", None)
+    ds.add_image(3, "junk.jpg", b"garbage")  # not decoded, so not caught
+    run(_config(tmp_path, [ds.write()], check_images=False))
+    metrics, _ = _outputs(tmp_path)
+    assert metrics["splits"]["val"]["dropped_by_reason"] == {"image_missing": 1}
+    assert metrics["splits"]["val"]["images_checked"] == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# selection and the index contents
+
+
+def test_selection_and_index_rows(tmp_path):
+    ds = Dataset(tmp_path)
+    ds.annotations += [
+        _ann(2, 1, box=(50, 40, 14, 8)),  # bottom-right corner
+        _ann(3, 1, box=(30, 30, 1, 1), area=25.0),  # 1x1: ROI 2x2 < min_roi_side 4 (area set to pass min_area)
+        _ann(4, 1, box=(2, 2, 4, 4)),  # area 16 < min_area 20
+        _ann(5, 1, iscrowd=1),
+        {**_ann(6, 1), "segmentation": []},
+    ]
+    run(_config(tmp_path, [ds.write()], min_area=20.0))
+    metrics, records = _outputs(tmp_path)
+    assert metrics["splits"]["val"]["dropped_by_reason"] == {"crowd": 1, "no_segmentation": 1, "small_area": 1, "small_roi": 1}
+    assert records == []  # selection drops are counted, not reported as bad input
+
+    table = read_index(tmp_path / "prepared" / "index.parquet")
+    first, corner = table.to_pylist()
+    # ann 1, bbox [10, 8, 20, 16]: x=8, y=6.4, w=24, h=19.2 -> side 24 around (20, 16) -> (8, 4, 32, 28)
+    assert first["roi_box"] == [8, 4, 32, 28] and first["roi_float_box"] == pytest.approx([8, 4, 32, 28])
+    # mask x 10..29, y 8..23 -> point (19, 15); window left = max(0, 19-48) = 0 -> (0, 0, 64, 48)
+    assert first["point"] == [19, 15] and first["point_box"] == [0, 0, 64, 48]
+    # ann 2, bbox [50, 40, 14, 8]: x=48.6, y=39.2, w=16.8, h=9.6 -> side 16.8 around (57, 44)
+    assert corner["roi_box"] == [48, 35, 64, 48]
+    assert corner["roi_float_box"] == pytest.approx([48.6, 35.6, 65.4, 52.4])
+    assert (corner["split"], corner["iscrowd"], corner["category_name"], corner["area"]) == ("val", False, "thing", 112.0)
+    assert corner["image_path"] == str(tmp_path / "images" / "good.jpg")
+    mask = decode_mask(corner["rle_counts"], H, W)
+    assert mask.shape == (H, W) and mask[40:48, 50:64].all() and mask.sum() == 112
+
+
+def test_rows_sorted_and_grouped_by_image(tmp_path):
+    ds = Dataset(tmp_path)
+    ds.add_image(3, "c.jpg", _encode(_noise_rgb()), n_anns=3)
+    ds.add_image(2, "b.jpg", _encode(_noise_rgb()), n_anns=2)
+    ds.annotations.reverse()  # file order must not matter
+    run(_config(tmp_path, [ds.write(), Dataset(tmp_path / "train").write(split="train")]))
+    index = tmp_path / "prepared" / "index.parquet"
+    table = read_index(index)
+    keys = list(zip(table["split"].to_pylist(), table["image_id"].to_pylist(), table["ann_id"].to_pylist()))
+    assert keys == sorted(keys) and keys[0][0] == "train"
+    groups = [(g.split, g.image_id, g.file_name, g.rows["ann_id"].to_pylist())
+              for g in iter_images(read_index(index, split="val"))]
+    assert groups == [("val", 1, "good.jpg", [1]), ("val", 2, "b.jpg", [200, 201]), ("val", 3, "c.jpg", [300, 301, 302])]
+    roi = column_array(table, "roi_box")
+    assert roi.shape == (table.num_rows, 4) and roi.dtype == np.int32 and roi[0].tolist() == [8, 4, 32, 28]
+    meta = read_metadata(index)
+    assert meta["splits"]["val"]["format"] == "coco" and meta["prepare"]["roi_padding"] == 0.1
+    with pytest.raises(PipelineError, match="no split 'test'"):
+        read_index(index, split="test")
+
+
+def test_index_reader_rejects_what_prepare_did_not_write(tmp_path):
+    with pytest.raises(PipelineError, match="instance index not found; run `picosam-pipeline run-stage prepare`"):
+        read_index(tmp_path / "index.parquet")
+    (tmp_path / "junk.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(PipelineError, match="junk.parquet: not a readable Parquet file"):
+        read_index(tmp_path / "junk.parquet")
+    pq.write_table(pa.table({"ann_id": [1]}), tmp_path / "other.parquet")
+    with pytest.raises(PipelineError, match=r"other.parquet: instance index lacks columns \['image_id'"):
+        read_index(tmp_path / "other.parquet")
+
+
+def test_every_input_planted_by_the_sample_generator_is_reported(tmp_path):
+    from picosam_pipeline.config import SampleConfig
+    from picosam_pipeline.data.sample import generate
+
+    sample = tmp_path / "sample"
+    generate(SampleConfig(out_dir=str(sample)))
+    splits = [SplitSource(s, str(sample / "annotations" / f"instances_{s}.json"), str(sample / s)) for s in ("train", "val")]
+    run(_config(tmp_path, splits))
+    metrics, records = _outputs(tmp_path)
+    for m in metrics["splits"].values():
+        assert m["kept"] + m["dropped"] == m["annotations"]
+    # BAD_INPUTS.md rows: | kind | image_id | annotation_id (- for a whole image) | file | what |
+    table = [line.split("|")[1:-1] for line in (sample / "BAD_INPUTS.md").read_text().splitlines() if line.startswith("| ")]
+    planted = {int(ann) if ann.strip() != "-" else ("image", int(img)) for _, img, ann, _, _ in table[2:]}
+    reported = {r["ann_id"] if "ann_id" in r else ("image", r["image_id"]) for r in records}
+    assert reported == planted and all(r["split"] == "train" for r in records)
+
+
+# --------------------------------------------------------------------------------------------------
+# real data (../shared/data)
+
+
+def test_real_coco_sample_counts_match_pycocotools(tmp_path):
+    root = shared_data_or_skip("coco-sample")
+    splits = [SplitSource(s, str(root / "annotations" / f"instances_{s}2017.json"), str(root / f"{s}2017"))
+              for s in ("train", "val")]
+    run(_config(tmp_path, splits, min_roi_side=0.0))  # no ROI filter: keeps every non-crowd instance
+    metrics, records = _outputs(tmp_path)
+    assert records == []  # the real sample is clean
+    table = read_index(tmp_path / "prepared" / "index.parquet")
+    for split in splits:
+        coco = COCO(split.annotations)
+        m = metrics["splits"][split.name]
+        assert m["annotations"] == len(coco.getAnnIds())
+        assert m["kept"] == len(coco.getAnnIds(iscrowd=False))
+        assert m["dropped_by_reason"] == {"crowd": len(coco.getAnnIds(iscrowd=True))}
+        # every kept row: mask, ROI and point agree with pycocotools' own annToMask (full-image point search)
+        for row in (r for r in table.to_pylist() if r["split"] == split.name):
+            ann = coco.anns[row["ann_id"]]
+            mask = coco.annToMask(ann)
+            np.testing.assert_array_equal(decode_mask(row["rle_counts"], row["height"], row["width"]), mask)
+            cx, cy = point_prompt(mask)
+            assert row["point"] == [cx, cy]
+            assert row["point_box"] == list(point_box(cx, cy, row["width"], row["height"], 96))
+            assert row["roi_box"] == list(roi_box(ann["bbox"], row["width"], row["height"])[0])
+    assert (metrics["splits"]["train"]["kept"], metrics["splits"]["val"]["kept"]) == (335, 190)
+
+
+def test_real_lvis_v05_without_images_counts_every_instance_as_missing(tmp_path):
+    path = shared_data_or_skip("lvis-sample", "lvis_v0.5_val_100.json")
+    (tmp_path / "val2017").mkdir()
+    run(_config(tmp_path, [SplitSource("val", str(path), str(tmp_path / "val2017"))], check_images=False))
+    metrics, records = _outputs(tmp_path)
+    assert metrics["dataset"]["val"] == {"format": "lvis", "version": "v0.5", "categories": 1230}
+    assert metrics["splits"]["val"]["dropped_by_reason"] == {"image_missing": 977}
+    assert metrics["splits"]["val"]["kept"] == 0
+    assert sum(len(r["ann_ids"]) for r in records) == 977
+    assert all(r["file"].endswith(f"val2017/{r['image_id']:012d}.jpg") for r in records)
+    meta = read_metadata(tmp_path / "prepared" / "index.parquet")
+    assert (meta["splits"]["val"]["format"], meta["splits"]["val"]["version"]) == ("lvis", "v0.5")

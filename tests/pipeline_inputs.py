@@ -1,0 +1,70 @@
+"""Inputs shared by the train, evaluate and deploy tests: the built-in sample prepared, a GT-mask teacher store,
+packed shards, and a random-weight student whose masks cover about half of each crop."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tarfile
+from pathlib import Path
+
+import torch
+
+from picosam_pipeline.config import Config, PackConfig, PrepareConfig, RuntimeConfig, SampleConfig, SplitSource
+from picosam_pipeline.stages import pack, prepare, sample
+from picosam_pipeline.teacher.gt_mask import write_mask_teacher_store
+from picosam_pipeline.train.loader import make_loader
+from picosam_pipeline.train.shards import read_shard_index
+from picosam_pipeline.train.students import build_student, normalize
+
+
+def build_inputs(root: Path, *, context_margin: float = 0.0, splits: list[SplitSource] | None = None) -> Config:
+    """Index + GT-mask teacher store under ``root`` (the built-in sample unless ``splits``); returns the config."""
+    builtin = splits is None
+    if builtin:
+        sample_dir = root / "sample"
+        splits = [SplitSource(s, str(sample_dir / f"annotations/instances_{s}.json"), str(sample_dir / s))
+                  for s in ("train", "val")]
+    cfg = Config(runtime=RuntimeConfig(device="cpu", metrics_dir=str(root / "metrics")),
+                 sample=SampleConfig(out_dir=str(root / "sample"), train_images=6, val_images=3, plant_bad_inputs=False),
+                 prepare=PrepareConfig(splits=splits, out_dir=str(root / "prepared")),
+                 pack=PackConfig(index=str(root / "prepared/index.parquet"), store=str(root / "logits.zarr"),
+                                 splits=[s.name for s in splits], out_dir=str(root / "shards"), samples_per_shard=8))
+    if builtin:
+        sample.run(cfg, None)
+    prepare.run(cfg, None)
+    write_mask_teacher_store(cfg.pack.index, cfg.pack.store, splits=cfg.pack.splits, context_margin=context_margin)
+    return cfg
+
+
+def run_pack(cfg: Config, out: Path, **pack_params) -> dict:
+    """Run the pack stage into ``out`` with ``pack_params`` overriding the section; returns metrics/pack.json."""
+    cfg = dataclasses.replace(cfg, pack=dataclasses.replace(cfg.pack, out_dir=str(out), **pack_params))
+    pack.run(cfg, None)
+    return json.loads((Path(cfg.runtime.metrics_dir) / "pack.json").read_text())
+
+
+def read_tar_samples(path: Path) -> list[dict[str, bytes]]:
+    """Samples of a shard in file order, read with the standard library (independently of the loader)."""
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            key, _, ext = member.name.partition(".")
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return list(samples.values())
+
+
+def split_samples(split_dir: Path) -> list[dict[str, bytes]]:
+    index = read_shard_index(split_dir)
+    return [s for entry in index.shards for s in read_tar_samples(index.shard_path(entry))]
+
+
+def half_foreground_student(shards) -> torch.nn.Module:
+    """A random-weight PicoSAM2 whose head bias puts the median logit on the val crops at 0, so its masks are
+    texture-dependent and about half the crop: IoUs spread over (0, 1) instead of an all-background 0."""
+    torch.manual_seed(0)
+    model = build_student("picosam2").eval()
+    batch = next(iter(make_loader(shards, batch_size=8, shuffle_buffer=0, num_workers=0, seed=0)))
+    with torch.no_grad():
+        model.output_head.bias -= model(normalize(batch["image"])).median()
+    return model

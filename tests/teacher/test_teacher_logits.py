@@ -1,0 +1,304 @@
+"""The teacher-logits stage: row alignment, one encoder pass per image, resuming, replacing, verify-logits, dask.
+
+Most tests swap the SAM2 build for :class:`FakeTeacher` (deterministic logits from the prompt and the pixels,
+milliseconds per image) to check the stage's own logic; the ``slow`` test at the end runs the real random-weight
+SAM2.1-tiny in this process and on a dask LocalCluster and checks that both stores are byte-identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+import zarr
+from click.testing import CliRunner
+from PIL import Image
+
+from picosam_pipeline.cli import cli
+from picosam_pipeline.config import Config, TeacherConfig
+from picosam_pipeline.data.images import load_image
+from picosam_pipeline.data.index import column_array, read_index
+from picosam_pipeline.device import Runtime, resolve_runtime
+from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.stages import teacher_logits
+from picosam_pipeline.teacher import runner as teacher_runner
+from picosam_pipeline.teacher.codec import SIGMOID_ERROR_BOUND, decode_logits, encode_logits
+from picosam_pipeline.teacher.executors import plan_workers
+from picosam_pipeline.teacher.geometry import crop_logits
+from picosam_pipeline.teacher.models import TeacherOutput, file_sha256
+from picosam_pipeline.teacher.runner import TeacherSpec, instance_rows, process_shard
+from picosam_pipeline.teacher.store import EXECUTION_FIELDS, open_store
+from teacher_project import REPO, config, tiny_project
+
+CALLS = {"set_image": 0, "predict": 0}
+
+
+class FakeTeacher:
+    """A deterministic stand-in for SAM2: ``(N, 64, 64)`` whole-image logits from each prompt and the pixels."""
+
+    fail_at: int | None = None  # raise in this predict call (1-based), to interrupt a run
+
+    def __init__(self, cfg, runtime: Runtime) -> None:
+        checkpoint = cfg.checkpoint if cfg.checkpoint and Path(cfg.checkpoint).is_file() else None
+        self.metadata = {"teacher": "fake", "model": cfg.model, "autocast": "fp32", "seed": runtime.seed,
+                         "weights": "checkpoint" if checkpoint else "random weights", "checkpoint": checkpoint,
+                         "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
+                         "weights_sha256": None if checkpoint else "0" * 64}
+        self.brightness = None
+
+    def set_image(self, rgb: np.ndarray) -> None:
+        CALLS["set_image"] += 1
+        self.size = rgb.shape[1], rgb.shape[0]
+        grey = Image.fromarray(rgb).convert("L").resize((64, 64), Image.BILINEAR)
+        self.brightness = np.asarray(grey, dtype=np.float64) / 255.0
+
+    def predict_boxes(self, boxes: np.ndarray) -> TeacherOutput:
+        return self._decode(boxes[:, :2], boxes[:, 2:])
+
+    def predict_points(self, points: np.ndarray) -> TeacherOutput:
+        return self._decode(points - 20.0, points + 20.0)
+
+    def _decode(self, low: np.ndarray, high: np.ndarray) -> TeacherOutput:
+        CALLS["predict"] += 1
+        if CALLS["predict"] == self.fail_at:
+            raise RuntimeError("teacher failed (test)")
+        (w, h), u = self.size, (np.arange(64) + 0.5) / 64
+        xs, ys = u[None, None, :] * w, u[None, :, None] * h
+        lo, hi = low[:, :, None, None], high[:, :, None, None]
+        inside = np.minimum(np.minimum(xs - lo[:, 0], hi[:, 0] - xs), np.minimum(ys - lo[:, 1], hi[:, 1] - ys))
+        logits = np.clip(0.5 * inside + 4.0 * (self.brightness - 0.5), -32, 32)
+        return TeacherOutput(torch.from_numpy(logits.astype(np.float32)), torch.full((len(low),), 0.75))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> tuple[Path, list[str]]:
+    root = tmp_path_factory.mktemp("teacher-project")
+    return root, tiny_project(root, 2)
+
+
+@pytest.fixture
+def fake(project, monkeypatch) -> dict[str, int]:
+    """Build FakeTeacher instead of SAM2, start without a cached teacher, run in the project folder."""
+    monkeypatch.setattr(teacher_runner, "build_teacher", FakeTeacher)
+    monkeypatch.setattr(teacher_runner, "_session", None)
+    monkeypatch.setattr(FakeTeacher, "fail_at", None)
+    monkeypatch.chdir(project[0])
+    CALLS.update(set_image=0, predict=0)
+    return CALLS
+
+
+def run_stage(project, out: Path, *more: str) -> tuple[Config, dict]:
+    cfg = config(project[0], project[1], f"teacher.out={out}", f"runtime.metrics_dir={out.parent / 'metrics'}", *more)
+    teacher_logits.run(cfg, resolve_runtime(cfg.runtime))
+    return cfg, json.loads((out.parent / "metrics" / "teacher-logits.json").read_text())
+
+
+def store_files(path: Path) -> dict[str, bytes]:
+    """Every file of a store except config.resolved.json (which names the out path and the executor)."""
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*"))
+            if f.is_file() and f.name != "config.resolved.json"}
+
+
+@pytest.mark.parametrize("prompt", ["roi", "point"])
+def test_rows_follow_the_index_and_each_image_is_encoded_once(project, fake, tmp_path, prompt):
+    out = tmp_path / "logits.zarr"
+    cfg, metrics = run_stage(project, out, f"teacher.prompt={prompt}")
+    index = read_index("data/prepared/index.parquet", split="val")
+    store = open_store(out)
+    meta = store.read_meta()
+    assert meta["ann_id"].tolist() == index["ann_id"].to_pylist()  # store row i = index row i of the split
+    assert meta["image_id"].tolist() == index["image_id"].to_pylist()
+    assert (meta["crop_box"] == column_array(index, "roi_box" if prompt == "roi" else "point_box")).all()
+    assert (meta["stored_box"] == meta["crop_box"]).all()  # context_margin 0
+    # 2 images over 4 shards: each encoded once (the straddling one is reused by the next shard), and one
+    # batched decode per (shard, image): shards 0, 1, 3 hold one image, shard 2 both.
+    assert fake == {"set_image": 2, "predict": 5}
+    assert (metrics["instances"], metrics["images"], metrics["encoder_passes"], metrics["shards_computed"]) == (16, 2, 2, 4)
+    assert metrics["random_weights"] is True and metrics["bytes_per_instance"] > 0
+    assert json.loads((out / "config.resolved.json").read_text())["teacher"]["prompt"] == prompt
+
+    # Row 11 (image 200002) recomputed by hand: prompt = COCO bbox as xyxy (roi) or the index point, crop = the index box.
+    row = index.slice(11, 1)
+    teacher = FakeTeacher(cfg.teacher, resolve_runtime(cfg.runtime))
+    teacher.set_image(load_image(row["image_path"][0].as_py()).pixels)
+    x, y, w, h = column_array(row, "bbox")[0]
+    out_ = teacher.predict_boxes(np.array([[x, y, x + w, y + h]], np.float32)) if prompt == "roi" else \
+        teacher.predict_points(column_array(row, "point").astype(np.float32))
+    size = (row["width"][0].as_py(), row["height"][0].as_py())
+    expected = crop_logits(out_.image_logits, size, meta["crop_box"][11:12], cfg.teacher.store_size)
+    assert np.array_equal(store.read_raw([11]), encode_logits(expected.numpy(), store.codec))
+
+
+def test_a_process_reuses_only_the_image_it_holds(project, fake, tmp_path):
+    out = tmp_path / "logits.zarr"
+    cfg, _ = run_stage(project, out)
+    before = store_files(out)
+    rows = instance_rows(cfg.teacher.index, cfg.teacher.splits, cfg.teacher.prompt)
+    spec = TeacherSpec.of(cfg.teacher, resolve_runtime(cfg.runtime))
+    teacher_runner._session = None  # a fresh worker process
+    CALLS.update(set_image=0, predict=0)
+    summary = process_shard(str(out), 2, rows.take(slice(8, 12)), spec)
+    assert summary["encoder_passes"] == 2 and CALLS == {"set_image": 2, "predict": 2}  # both images of shard 2
+    summary = process_shard(str(out), 3, rows.take(slice(12, 16)), spec)
+    assert summary["encoder_passes"] == 0 and CALLS["set_image"] == 2  # shard 3's image is the one it holds
+    assert store_files(out) == before  # rewriting a shard gives the same bytes
+
+
+def test_an_interrupted_run_resumes_where_it_stopped_and_ends_byte_identical(project, fake, tmp_path):
+    clean = tmp_path / "clean" / "logits.zarr"
+    run_stage(project, clean)
+    out = tmp_path / "run" / "logits.zarr"
+    FakeTeacher.fail_at = CALLS["predict"] + 3  # the 3rd decode of the next run: shard 2, after shards 0 and 1
+    with pytest.raises(RuntimeError, match="teacher failed"):
+        run_stage(project, out)
+    partial = teacher_logits.partial_path(out)
+    assert not out.exists()  # the out only ever appears complete
+    assert open_store(partial).done_shards().tolist() == [True, True, False, False]
+    # A half-written shard 2 as a crash on a non-atomic file system could leave it, plus a zarr temporary.
+    logits = zarr.open_array(partial / "logits", mode="r")
+    half = partial / "logits" / logits.metadata.encode_chunk_key((2, 0, 0))
+    half.parent.mkdir(parents=True, exist_ok=True)
+    half.write_bytes((clean / "logits" / logits.metadata.encode_chunk_key((2, 0, 0))).read_bytes()[:100])
+    (partial / "logits" / "c" / "junk.123.partial").write_bytes(b"x")
+    done_file = partial / "logits" / logits.metadata.encode_chunk_key((0, 0, 0))
+    mtime = done_file.stat().st_mtime_ns
+
+    FakeTeacher.fail_at = None
+    _, metrics = run_stage(project, out)
+    assert (metrics["shards_computed"], metrics["instances_computed"]) == (2, 8)  # shards 2 and 3 only
+    assert (out / "logits" / logits.metadata.encode_chunk_key((0, 0, 0))).stat().st_mtime_ns == mtime
+    assert not partial.exists()
+    assert store_files(out) == store_files(clean)
+
+
+def test_changed_params_replace_the_store_and_discard_a_stale_partial(project, fake, tmp_path, capsys):
+    out = tmp_path / "logits.zarr"
+    FakeTeacher.fail_at = 2
+    with pytest.raises(RuntimeError):
+        run_stage(project, out, "teacher.codec=float16")  # leaves a float16 partial store
+    FakeTeacher.fail_at = None
+    run_stage(project, out)  # another pass (sigmoid_uint8): the stale partial is discarded
+    assert "discarding the unfinished store" in capsys.readouterr().err
+    assert open_store(out).codec.name == "sigmoid_uint8" and not teacher_logits.partial_path(out).exists()
+
+    _, metrics = run_stage(project, out)  # same pass again: nothing to compute
+    assert metrics["shards_computed"] == 0 and metrics["instances_per_s"] is None
+
+    _, metrics = run_stage(project, out, "teacher.codec=float16", "teacher.context_margin=0.25")
+    store = open_store(out)
+    assert (store.codec.name, store.side, metrics["shards_computed"]) == ("float16", 144, 4)
+    meta = store.read_meta()
+    assert np.allclose(meta["stored_box"][:, 2] - meta["stored_box"][:, 0],
+                       1.5 * (meta["crop_box"][:, 2] - meta["crop_box"][:, 0]))
+
+
+def test_bad_inputs_are_refused_with_the_key_to_fix(project, fake, tmp_path):
+    with pytest.raises(PipelineError, match=r"teacher.splits: \['test'\] not in the instance index"):
+        run_stage(project, tmp_path / "a.zarr", "teacher.splits=[test]")
+    (tmp_path / "b.zarr").mkdir()
+    (tmp_path / "b.zarr" / "notes.txt").write_text("mine")
+    with pytest.raises(PipelineError, match="teacher.out: .* exists and is not a teacher-logit store"):
+        run_stage(project, tmp_path / "b.zarr")
+    assert (tmp_path / "b.zarr" / "notes.txt").exists()
+
+
+def test_verify_logits_passes_an_intact_store_and_fails_a_tampered_one(project, fake, tmp_path):
+    checkpoint = tmp_path / "teacher.pt"
+    checkpoint.write_bytes(b"weights v1")
+    out = tmp_path / "logits.zarr"
+    run_stage(project, out, f"teacher.checkpoint={checkpoint}")
+    runner = CliRunner()
+    result = runner.invoke(cli, ["verify-logits", str(out), "--sample", "6", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"identical to the recomputation +100.00%", result.output) and result.output.rstrip().endswith("OK")
+
+    logits = zarr.open_array(out / "logits", mode="r+")
+    logits[:] = 254 - logits[:]  # every probability mirrored: every decision flipped
+    result = runner.invoke(cli, ["verify-logits", str(out), "--sample", "6", "--device", "cpu"])
+    assert result.exit_code == 1 and "FAILED" in result.output
+
+    checkpoint.write_bytes(b"weights v2")
+    result = runner.invoke(cli, ["verify-logits", str(out), "--device", "cpu"])
+    assert result.exit_code == 1 and "refusing to verify" in result.output and "sha256" in result.output
+
+
+def test_an_existing_dask_cluster_runs_the_shard_tasks(project, fake, tmp_path):
+    """teacher.scheduler_address: a cluster started elsewhere (here in-process, so that FakeTeacher applies)."""
+    from distributed import LocalCluster
+
+    local = tmp_path / "local" / "logits.zarr"
+    run_stage(project, local)
+    out = tmp_path / "dask" / "logits.zarr"
+    # Two threads: two shard tasks at once on one worker, which share (and take turns with) its one teacher.
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        _, metrics = run_stage(project, out, "teacher.executor=dask", f"teacher.scheduler_address={cluster.scheduler_address}")
+    assert (metrics["executor"], metrics["workers"], metrics["shards_computed"]) == ("dask", 1, 4)
+    assert store_files(out) == store_files(local)
+
+
+@pytest.mark.parametrize("codec", sorted(SIGMOID_ERROR_BOUND))
+def test_the_codec_bound_verify_logits_uses_holds_and_is_tight(codec):
+    x = np.concatenate([np.linspace(-40, 40, 400_001), np.linspace(-0.3, 0.3, 200_001), [1e-9, -1e-9]]).astype(np.float32)
+    sigmoid = lambda v: 0.5 * (1.0 + np.tanh(0.5 * v.astype(np.float64)))  # noqa: E731
+    err = np.abs(sigmoid(decode_logits(encode_logits(x, codec), codec)) - sigmoid(x)).max()
+    assert 0.5 * SIGMOID_ERROR_BOUND[codec] < err <= SIGMOID_ERROR_BOUND[codec]
+
+
+def test_local_cluster_plan_one_worker_per_gpu_or_one_cpu_worker_with_all_cores():
+    plans, device = plan_workers(0, 0, torch.device("cpu"), 0, None, cores=16)
+    assert device == "cpu" and [(p.threads, "CUDA_VISIBLE_DEVICES" in p.env) for p in plans] == [(16, False)]
+    assert plans[0].env["OMP_NUM_THREADS"] == "16"  # dask's nanny would set 1
+    plans, device = plan_workers(0, 0, torch.device("cuda"), 4, None, cores=16)
+    assert device == "cuda" and [p.env["CUDA_VISIBLE_DEVICES"] for p in plans] == ["0", "1", "2", "3"]
+    assert {p.threads for p in plans} == {4}
+    plans, _ = plan_workers(0, 2, torch.device("cuda:1"), 2, "4,5", cores=16)
+    assert [(p.env["CUDA_VISIBLE_DEVICES"], p.threads) for p in plans] == [("5", 2)]  # cuda:1 = 2nd visible GPU
+    plans, _ = plan_workers(3, 0, torch.device("cpu"), 0, None, cores=16)
+    assert [p.threads for p in plans] == [5, 5, 5]
+
+
+def test_stage_is_registered_and_its_dvc_params_are_the_keys_that_change_stored_bytes():
+    from picosam_pipeline.stages import STAGES
+
+    assert list(STAGES)[:3] == ["sample", "prepare", "teacher-logits"]
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["teacher-logits"]
+    assert stage["cmd"] == "picosam-pipeline run-stage teacher-logits"
+    fields = {f.name for f in dataclasses.fields(TeacherConfig)}
+    # A new teacher field must be listed (or declared execution-only in logit_store.EXECUTION_FIELDS).
+    byte_relevant = {f"teacher.{n}" for n in fields - set(EXECUTION_FIELDS)} | {"teacher.out"}
+    assert set(stage["params"]) == byte_relevant | {"runtime.seed", "runtime.precision"}
+    assert {"stages/teacher_logits.py", "picosam_pipeline/teacher/runner.py", "picosam_pipeline/teacher/executors.py",
+            "picosam_pipeline/teacher/models.py", "data/prepared"} <= set(stage["deps"])
+    assert stage["outs"] == ["data/teacher/logits.zarr"]
+
+
+@pytest.mark.slow
+def test_real_teacher_in_process_and_on_dask_write_identical_stores(tmp_path, monkeypatch):
+    """SAM2.1-tiny with random weights, 1 image (9 instances, 3 shards): here, then on a LocalCluster worker."""
+    sets = tiny_project(tmp_path, 1)
+    monkeypatch.chdir(tmp_path)
+    stores = {}
+    for executor in ("local", "dask"):
+        out = tmp_path / executor / "logits.zarr"
+        cfg = config(tmp_path, sets, f"teacher.executor={executor}", f"teacher.out={out}",
+                     f"runtime.metrics_dir={out.parent}")
+        teacher_logits.run(cfg, resolve_runtime(cfg.runtime))
+        metrics = json.loads((out.parent / "teacher-logits.json").read_text())
+        assert (metrics["executor"], metrics["shards_computed"], metrics["random_weights"]) == (executor, 3, True)
+        assert metrics["encoder_passes"] == 1  # one process ran the 3 shards in order: one encoder pass
+        stores[executor] = out
+    local, dask = (open_store(stores[k]) for k in ("local", "dask"))
+    # Weights drawn from runtime.seed: the worker process built the same random weights as this one.
+    assert local.attrs["teacher"]["build"]["weights_sha256"] == dask.attrs["teacher"]["build"]["weights_sha256"]
+    assert local.attrs == dask.attrs
+    assert store_files(stores["local"]) == store_files(stores["dask"])
+
+    result = CliRunner().invoke(cli, ["verify-logits", str(stores["dask"]), "--sample", "4", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "100.00%" in result.output and "0 of 36,864 pixels" in result.output

@@ -1,0 +1,317 @@
+"""The training loop: schedule, checkpoint files, exact resume, val IoU, and a 2-process gloo DDP run.
+
+Tests run at 32x32 crops (the students accept any multiple of 16) on a synthetic stand-in for the shard
+loader: discs on noise, batches in the loader's dict format, a deterministic order per (seed, epoch).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from picosam_pipeline.config import Config, TrainConfig
+from picosam_pipeline.device import Runtime
+from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.stages import train as train_stage
+from picosam_pipeline.train.checkpoints import (flatten_optimizer, load_checkpoint, load_student, save_student,
+                                                unflatten_optimizer)
+from picosam_pipeline.train.students import build_student, normalize
+from picosam_pipeline.train.trainer import LOG_COLUMNS, TrainData, epoch_seed, get_lr, train
+from pipeline_inputs import build_inputs, run_pack
+
+CPU = Runtime(device=torch.device("cpu"), autocast_dtype=None, seed=0)
+
+
+class Interrupted(Exception):
+    """Stands in for a kill: raised from inside the data stream."""
+
+
+class SyntheticShards:
+    """Loader stand-in: ``n`` disc samples, shuffled per epoch from (seed, epoch), the last batch partial.
+
+    Batches have the keys and dtypes of ``loader.make_loader``. ``rank`` / ``world_size`` take every
+    world_size-th sample, as the loader splits shards by rank. ``stop_after`` raises :class:`Interrupted`
+    when that many batches have been handed out in total.
+    """
+
+    def __init__(self, n: int = 10, batch_size: int = 4, size: int = 32, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, stop_after: int | None = None) -> None:
+        rng = np.random.default_rng(1000 + seed)
+        yy, xx = np.mgrid[0:size, 0:size] + 0.5
+        cy, cx = rng.uniform(0.35, 0.65, (2, n)) * size
+        radius = rng.uniform(0.15, 0.35, n) * size
+        gt = ((yy[None] - cy[:, None, None]) ** 2 + (xx[None] - cx[:, None, None]) ** 2 < radius[:, None, None] ** 2)
+        colour = rng.uniform(0.5, 1.0, (n, 3, 1, 1))
+        image = rng.uniform(0.0, 0.4, (n, 3, size, size)) * (1 - gt[:, None]) + colour * gt[:, None]
+        self.samples = {
+            "image": torch.tensor(image, dtype=torch.float32),
+            "gt_mask": torch.tensor(gt[:, None], dtype=torch.float32),
+            "teacher_logits": torch.tensor(6.0 * gt[:, None] - 3.0 + rng.normal(0, 1, (n, 1, size, size)), dtype=torch.float32),
+            "confidence": torch.tensor(rng.uniform(0.6, 1.0, n), dtype=torch.float32),
+            "ann_id": torch.arange(n, dtype=torch.int64),
+        }
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.stop_after, self.handed_out = stop_after, 0
+
+    def epoch(self, epoch: int):
+        order = np.random.default_rng(epoch_seed(self.seed, epoch)).permutation(len(self.samples["ann_id"]))
+        order = order[self.rank :: self.world_size]
+        for i in range(0, len(order), self.batch_size):
+            if self.stop_after is not None and self.handed_out >= self.stop_after:
+                raise Interrupted
+            self.handed_out += 1
+            yield {k: v[order[i : i + self.batch_size]] for k, v in self.samples.items()}
+
+    def val(self):
+        return ({k: v[i : i + 4] for k, v in self.samples.items()} for i in range(0, len(self.samples["ann_id"]), 4))
+
+    def data(self) -> TrainData:
+        return TrainData(train_epoch=self.epoch, val=self.val, input_size=32, fingerprint="synthetic", source="synthetic")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # At 32x32 a step is a few ms of arithmetic; on a shared 2-core machine OpenMP threads waiting for each
+    # other cost 10-50x that (measured), so these tests compute on one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_config(**overrides) -> TrainConfig:
+    base = dict(steps=6, batch_size=4, warmup_steps=2, checkpoint_every=2, eval_every=3, log_every=2, lr=1e-3)
+    return TrainConfig(**{**base, **overrides})
+
+
+# --------------------------------------------------------------------------------------------------
+# schedule
+
+
+def test_lr_warms_up_linearly_then_holds_or_decays_to_min_lr():
+    cfg = TrainConfig(steps=100, lr=1e-3, min_lr=1e-4, warmup_steps=10, schedule="cosine")
+    warm = [get_lr(s, cfg) for s in range(10)]
+    assert warm == pytest.approx([1e-3 * (s + 1) / 10 for s in range(10)])
+    decay = [get_lr(s, cfg) for s in range(10, 100)]
+    assert decay[0] == pytest.approx(1e-3) and all(a >= b for a, b in zip(decay, decay[1:]))
+    assert get_lr(100, cfg) == pytest.approx(1e-4)
+    constant = dataclasses.replace(cfg, schedule="constant")
+    assert {get_lr(s, constant) for s in range(10, 100)} == {1e-3}
+    assert get_lr(0, dataclasses.replace(cfg, warmup_steps=0)) == pytest.approx(1e-3)
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoint files
+
+
+def test_student_checkpoint_loads_weights_only_and_reproduces_outputs(tmp_path):
+    torch.manual_seed(1)
+    model = build_student("picosam2").eval()
+    path = save_student(tmp_path / "student.pt", model, {"student": "picosam2", "input_size": 32})
+    raw = torch.load(path, weights_only=True)  # no code runs: plain dict of tensors and strings
+    assert set(raw) == {"format", "meta", "tensors"} and isinstance(raw["meta"], str)
+    loaded, meta = load_student(path)
+    assert meta["kind"] == "student" and meta["input_size"] == 32 and not loaded.training
+    x = normalize(torch.rand(2, 3, 32, 32))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_load_rejects_foreign_files_with_a_message(tmp_path):
+    pickled = tmp_path / "module.pt"
+    torch.save(build_student("picosam2"), pickled)  # a pickled module would run code on load
+    with pytest.raises(PipelineError, match="weights-only"):
+        load_checkpoint(pickled)
+    plain = tmp_path / "state_dict.pt"
+    torch.save(build_student("picosam2").state_dict(), plain)
+    with pytest.raises(PipelineError, match="not a picosam-checkpoint"):
+        load_student(plain)
+    with pytest.raises(PipelineError, match="does not exist"):
+        load_student(tmp_path / "missing.pt")
+
+
+def test_optimizer_state_survives_flattening():
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.rand(4, 3)).sum().backward()
+    opt.step()
+    tensors, rest = flatten_optimizer(opt.state_dict())
+    json.dumps(rest)  # the non-tensor part goes into the checkpoint's JSON
+    assert all(isinstance(t, torch.Tensor) for t in tensors.values())
+    fresh = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=1e-2)
+    fresh.load_state_dict(unflatten_optimizer(tensors, json.loads(json.dumps(rest))))
+    a, b = opt.state_dict(), fresh.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    for i in a["state"]:
+        assert all(torch.equal(a["state"][i][k], b["state"][i][k]) for k in a["state"][i])
+
+
+# --------------------------------------------------------------------------------------------------
+# the loop
+
+
+def test_interrupted_run_resumes_to_bit_identical_weights(tmp_path):
+    cfg = small_config(student="picosam2")
+    straight = train(cfg, CPU, SyntheticShards().data(), tmp_path / "straight")
+    assert straight.resumed_from is None and len(straight.state.train_log) == 6
+
+    # 10 samples in batches of 4 = 3 batches per epoch; the kill comes during step 6, after the checkpoint
+    # at step 4, so the rerun restarts epoch 1 and skips the batch it had already used.
+    with pytest.raises(Interrupted):
+        train(cfg, CPU, SyntheticShards(stop_after=5).data(), tmp_path / "killed")
+    _, meta = load_checkpoint(tmp_path / "killed" / "checkpoint.pt")
+    assert meta["step"] == 4 and not (tmp_path / "killed" / "student.pt").exists()
+    resumed = train(cfg, CPU, SyntheticShards().data(), tmp_path / "killed")
+    assert resumed.resumed_from == 4 and (resumed.state.epoch, resumed.state.consumed) == (1, 3)
+
+    a, _ = load_checkpoint(tmp_path / "straight" / "student.pt")
+    b, _ = load_checkpoint(tmp_path / "killed" / "student.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # BN running stats included
+    assert resumed.state.train_log == straight.state.train_log
+    assert resumed.state.val_log == straight.state.val_log  # step 0 (untrained), 3, 6
+    assert [row[0] for row in straight.state.val_log] == [0, 3, 6]
+
+
+def test_checkpoint_of_other_settings_is_not_resumed(tmp_path, capsys):
+    cfg = small_config(student="picosam2", steps=2)
+    train(cfg, CPU, SyntheticShards().data(), tmp_path)
+    again = train(dataclasses.replace(cfg, eval_every=1), CPU, SyntheticShards().data(), tmp_path)
+    assert again.resumed_from == 2  # eval_every does not change the weights
+    other = train(dataclasses.replace(cfg, lr=5e-4), CPU, SyntheticShards().data(), tmp_path)
+    assert other.resumed_from is None and "differs in train.lr" in capsys.readouterr().err
+    longer = train(dataclasses.replace(cfg, lr=5e-4, steps=3), CPU, SyntheticShards().data(), tmp_path)
+    assert longer.resumed_from == 2 and len(longer.state.train_log) == 3  # constant schedule: extendable
+
+
+def test_training_raises_val_iou_and_logs_every_step(tmp_path):
+    cfg = small_config(student="picosam3", steps=40, eval_every=20, checkpoint_every=40, log_every=10,
+                       lr=3e-3, warmup_steps=5, temperature=1.0)
+    result = train(cfg, CPU, SyntheticShards(n=16).data(), tmp_path)
+    assert [row[0] for row in result.state.train_log] == list(range(1, 41))
+    assert len(result.state.train_log[0]) == len(LOG_COLUMNS)
+    assert result.val_iou_after > result.val_iou_before + 0.2, result.state.val_log
+    assert result.samples_per_s > 0 and result.params == sum(p.numel() for p in build_student("picosam3").parameters())
+    first, last = result.state.train_log[0][2], result.final_loss(5)["loss"]
+    assert last < first
+
+
+def test_empty_training_data_is_a_pipeline_error(tmp_path):
+    data = dataclasses.replace(SyntheticShards().data(), train_epoch=lambda epoch: iter(()), source="data/shards/train")
+    with pytest.raises(PipelineError, match="data/shards/train: epoch 0 gave no training batch"):
+        train(small_config(student="picosam2"), CPU, data, tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# DDP
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    cfg = small_config(student="picosam2", steps=2, batch_size=2, checkpoint_every=2, eval_every=2)
+    result = train(cfg, CPU, SyntheticShards(n=8, batch_size=2, rank=rank, world_size=world_size).data(), out_dir)
+    assert result.is_main == (rank == 0) and result.world_size == world_size
+    torch.save(result.model.state_dict(), Path(out_dir) / f"rank{rank}.pt")
+
+
+@pytest.mark.slow  # two fresh interpreters import torch: ~10 s on an idle machine, 30 s on a busy one
+def test_ddp_two_gloo_processes_keep_replicas_in_sync(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    params = dict(build_student("picosam2").named_parameters())
+    assert all(torch.equal(r0[k], r1[k]) for k in params)  # gradients were averaged: identical replicas
+    _, meta = load_checkpoint(tmp_path / "checkpoint.pt")
+    tensors, _ = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert meta["identity"]["world_size"] == 2 and tensors["data.position"].shape == (2, 2)
+    assert (tmp_path / "student.pt").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# the stage, on real shards
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory) -> Config:
+    """The built-in sample packed with a GT-mask teacher (8 samples per shard), and a 4-step train section."""
+    root = tmp_path_factory.mktemp("train_stage")
+    cfg = build_inputs(root)
+    run_pack(cfg, root / "shards", samples_per_shard=8)
+    section = small_config(student="picosam2", steps=4, eval_every=4, shards=str(root / "shards"), out_dir=str(root / "train"))
+    return dataclasses.replace(cfg, train=section)
+
+
+def test_stage_writes_student_metrics_and_plots(packed):
+    summary = train_stage.run(packed, CPU)
+    metrics = json.loads((Path(packed.runtime.metrics_dir) / "train.json").read_text())
+    assert metrics["steps"] == summary["steps"] == 4 and metrics["resumed_from_step"] is None
+    assert metrics["params"] == 1_262_818 and metrics["samples_per_s"] > 0 and metrics["skipped_shards"] == 0
+    assert set(metrics["loss"]) == {"loss", "gt", "teacher", "area", "lambda"}
+    assert 0 <= metrics["val_iou_before"] <= 1 and 0 <= metrics["val_iou_after"] <= 1
+
+    with open(Path(packed.runtime.metrics_dir) / "train_steps.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4"] and list(rows[0]) == list(LOG_COLUMNS)
+    with open(Path(packed.runtime.metrics_dir) / "train_val.csv") as f:
+        val = list(csv.DictReader(f))
+    assert [r["step"] for r in val] == ["0", "4"] and float(val[0]["val_iou"]) == metrics["val_iou_before"]
+
+    model, meta = load_student(Path(packed.train.out_dir) / "student.pt")
+    assert meta["input_size"] == 96 and meta["val_iou_after"] == metrics["val_iou_after"]
+    assert meta["config"]["steps"] == 4 and (Path(packed.train.out_dir) / "config.resolved.json").is_file()
+
+
+def test_stage_names_missing_shards(packed, tmp_path):
+    cfg = dataclasses.replace(packed, train=dataclasses.replace(packed.train, shards=str(tmp_path / "nowhere")))
+    with pytest.raises(PipelineError, match="train.shards"):
+        train_stage.run(cfg, CPU)
+
+
+@pytest.mark.slow
+def test_killed_cli_run_resumes_to_the_uninterrupted_result(packed, tmp_path):
+    section = dataclasses.replace(packed.train, steps=6, eval_every=100, out_dir=str(tmp_path / "killed"))
+    cfg = dataclasses.replace(packed, train=section,
+                              runtime=dataclasses.replace(packed.runtime, metrics_dir=str(tmp_path / "metrics")))
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(cfg.to_dict()))
+    command = [sys.executable, "-m", "picosam_pipeline.cli", "run-stage", "train", "--params", str(params)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count as the in-process reference run
+
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoint = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert not (tmp_path / "killed" / "student.pt").exists()
+
+    subprocess.run(command, env=env, check=True, capture_output=True)
+    metrics = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    assert metrics["resumed_from_step"] in (2, 4) and metrics["steps"] == 6
+
+    reference = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(tmp_path / "straight")))
+    train_stage.run(reference, CPU)
+    a, _ = load_checkpoint(tmp_path / "killed" / "student.pt")
+    b, _ = load_checkpoint(tmp_path / "straight" / "student.pt")
+    assert all(torch.equal(a[k], b[k]) for k in b)
