@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) bench/logit_storage.py
 	$(PY) bench/teacher_logits.py
 	$(PY) bench/loader.py
+	$(PY) bench/teacher_backends.py
 
 clean-env:
 	rm -rf $(VENV)

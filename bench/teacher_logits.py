@@ -69,6 +69,16 @@ def subset_annotations(coco: Path, n_images: int, out: Path) -> Path:
     return out
 
 
+def coco_val_sets(coco: Path, n_images: int, tmp: Path, *more: str) -> list[str]:
+    """``--set`` overrides for a teacher pass over the first ``n_images`` annotated val2017 images: prepared into
+    ``tmp``, the val split, the local executor on the CPU, the tiny checkpoint or random weights; plus ``more``."""
+    ann = subset_annotations(coco, n_images, tmp / "instances_val.json")
+    return [f"prepare.splits=[{{name: val, annotations: {ann}, images: {coco / 'val2017'}}}]",
+            f"prepare.out_dir={tmp / 'prepared'}", f"teacher.index={tmp / 'prepared' / 'index.parquet'}",
+            "teacher.splits=[val]", "teacher.executor=local", f"teacher.checkpoint={CHECKPOINT}",
+            "teacher.allow_random_weights=true", "runtime.device=cpu", f"runtime.metrics_dir={tmp / 'metrics'}", *more]
+
+
 def timed(fn, *args, **kwargs) -> tuple[float, object]:
     start = time.perf_counter()
     result = fn(*args, **kwargs)
@@ -121,12 +131,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        ann = subset_annotations(coco, args.images, tmp / "instances_val.json")
-        sets = [f"prepare.splits=[{{name: val, annotations: {ann}, images: {coco / 'val2017'}}}]",
-                f"prepare.out_dir={tmp / 'prepared'}", f"teacher.index={tmp / 'prepared' / 'index.parquet'}",
-                "teacher.splits=[val]", "teacher.instances_per_shard=16", f"teacher.out={tmp / 'local.zarr'}",
-                "teacher.executor=local", f"teacher.checkpoint={CHECKPOINT}", "teacher.allow_random_weights=true",
-                "runtime.device=cpu", f"runtime.metrics_dir={tmp / 'metrics'}"]
+        sets = coco_val_sets(coco, args.images, tmp, "teacher.instances_per_shard=16", f"teacher.out={tmp / 'local.zarr'}")
         cfg = load_config(REPO / "params.yaml", sets)
         runtime = resolve_runtime(cfg.runtime)
         with contextlib.redirect_stderr(io.StringIO()):

@@ -238,6 +238,28 @@ def predict_cmd(model_path: str, image_path: str, box: str | None, point: str | 
                f"mask {int(result.mask.sum())} px -> {mask_out}" + (f", overlay -> {overlay_out}" if overlay_out else ""))
 
 
+@cli.command("export-teacher")
+@click.option("--params", "params_path", default="params.yaml", show_default=True, help=PARAMS_HELP)
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help=SET_HELP)
+def export_teacher_cmd(params_path: str, overrides: tuple[str, ...]) -> None:
+    """Export the configured SAM2 / SAM2.1 teacher to ONNX (encoder + prompt decoder) for teacher.backend=onnxruntime.
+
+    The files go to teacher.onnx_dir/<model>-<key>/, keyed by the model, the weights' sha256 (or the random-weights
+    seed) and the exporter settings, with a manifest of their sha256; an existing export is checked, not redone.
+    The teacher stage exports on first use anyway: this command does it ahead of time (e.g. once per team).
+    """
+    from picosam_pipeline.config import load_config
+    from picosam_pipeline.device import resolve_runtime
+    from picosam_pipeline.teacher.sam2_onnx import check_export, export_teacher
+
+    cfg = load_config(params_path, overrides)
+    folder = export_teacher(cfg.teacher, resolve_runtime(cfg.runtime))
+    manifest = check_export(folder)
+    click.echo(f"{cfg.teacher.model} ({manifest['settings']['weights']}) -> {folder}")
+    for name, entry in manifest["files"].items():
+        click.echo(f"  {name:<13} {entry['bytes'] / 2**20:7.1f} MiB  sha256 {entry['sha256']}")
+
+
 @cli.command("verify-logits")
 @click.argument("path", type=click.Path())
 @click.option("--sample", default=16, show_default=True, type=click.IntRange(min=1),
@@ -251,8 +273,13 @@ def predict_cmd(model_path: str, image_path: str, box: str | None, point: str | 
 @click.option("--tolerance", default=1e-4, show_default=True, type=click.FloatRange(min=0.0),
               help="Sigmoid difference allowed on top of the codec's bound, for teacher recomputation noise (raise it "
                    "to check a GPU/bf16 store on another device).")
+@click.option("--backend", default=None, type=click.Choice(["torch", "onnxruntime"]),
+              help="Recompute with this teacher backend instead of the one the store records: cross-checks a store "
+                   "made with onnxruntime against PyTorch, or the other way round.")
+@click.option("--onnx-dir", default=None,
+              help="Cache of exported ONNX teachers for --backend onnxruntime (default: teacher.onnx_dir's default, data/teacher/onnx).")
 def verify_logits_cmd(path: str, sample: int, seed: int, device: str, index: str | None, checkpoint: str | None,
-                      tolerance: float) -> None:
+                      tolerance: float, backend: str | None, onnx_dir: str | None) -> None:
     """Recompute random instances of the teacher-logit store at PATH and report the largest differences.
 
     Rebuilds the teacher from the configuration the store records (refusing a checkpoint whose sha256, or a
@@ -264,7 +291,7 @@ def verify_logits_cmd(path: str, sample: int, seed: int, device: str, index: str
     from picosam_pipeline.teacher.verify import verify_store
 
     report = verify_store(path, sample, seed=seed, device=device, index=index, checkpoint=checkpoint,
-                          tolerance=tolerance)
+                          tolerance=tolerance, backend=backend, onnx_dir=onnx_dir)
     click.echo(report.format())
     if not report.ok:
         sys.exit(1)

@@ -138,6 +138,9 @@ class TeacherConfig:
     allow_random_weights: bool = False  # run with random weights when the checkpoint is missing (tests, sample)
     prompt: Literal["roi", "point"] = "roi"  # roi: PicoSAM3 box prompt + ROI crop; point: PicoSAM2 point + 96-px window
     multimask_output: bool = True  # ask for 3 masks and keep the one with the highest predicted IoU
+    backend: Literal["torch", "onnxruntime"] = "torch"  # onnxruntime: SAM2 exported once to ONNX (teacher/sam2_onnx.py)
+    onnx_dir: str = "data/teacher/onnx"  # cache of exported teachers, one folder per model + weights + settings
+    ort_provider: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"  # auto: CUDA on a GPU when offered, else CPU
     store_size: int = 96  # logits stored at store_size x store_size in the crop frame
     context_margin: float = 0.0  # extra fraction of the crop side stored on each side (for train-time jitter)
     codec: Literal["sigmoid_uint8", "float16", "linear_uint8"] = "sigmoid_uint8"
@@ -152,6 +155,8 @@ class TeacherConfig:
     def validate(self, key: str) -> None:
         if self.model not in SAM2_MODELS + ("sam3",):
             raise ConfigError(f"{key}.model: expected one of {list(SAM2_MODELS) + ['sam3']}, got {self.model!r}")
+        if self.backend == "onnxruntime" and self.model == "sam3":
+            raise ConfigError(f"{key}.backend: onnxruntime runs SAM2 / SAM2.1 teachers only, not sam3; use backend torch")
         if not self.splits:
             raise ConfigError(f"{key}.splits: expected at least one split name, e.g. [train, val]")
         _positive(key, "store_size", self.store_size)

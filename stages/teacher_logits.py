@@ -42,7 +42,7 @@ from picosam_pipeline.teacher.summary import summarize
 
 STAGE = "teacher-logits"
 CROP_PARAMS = ("roi_padding", "point_crop_size", "min_roi_side", "min_area")  # prepare params the crops depend on
-_NOT_IN_ATTRS = ("checkpoint", "torch_threads")  # teacher metadata that is per machine / per process
+_NOT_IN_ATTRS = ("checkpoint", "torch_threads", "onnx_folder")  # teacher metadata that is per machine / per process
 
 
 def partial_path(out: str | Path) -> Path:
@@ -58,6 +58,10 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     rows = instance_rows(t.index, t.splits, t.prompt)
     out = Path(t.out)
     start = time.perf_counter()
+    if t.backend == "onnxruntime":  # export once here, before any worker loads the files
+        from picosam_pipeline.teacher.sam2_onnx import export_teacher
+
+        export_teacher(t, runtime)
     with make_executor(t, runtime) as executor:
         teacher = executor.teacher_metadata()  # builds the teacher in every worker before any shard is handed out
         store = open_output(out, rows, t, store_attrs(t, teacher, rows))

@@ -79,6 +79,10 @@ def build_teacher(cfg: TeacherConfig, runtime: Runtime) -> Teacher:
     """
     if cfg.model == "sam3":
         return Sam3Teacher.build(cfg, runtime)
+    if cfg.backend == "onnxruntime":
+        from picosam_pipeline.teacher.sam2_onnx import OrtSam2Teacher
+
+        return OrtSam2Teacher.build(cfg, runtime)
     return Sam2Teacher.build(cfg, runtime)
 
 
@@ -148,6 +152,7 @@ class Sam2Teacher:
         model.to(runtime.device)
         metadata = {
             "teacher": "sam2",
+            "backend": "torch",
             "model": cfg.model,
             "config": config_name,
             "package": f"sam2 {_version('sam2')}",

@@ -157,6 +157,7 @@ class TeacherSpec:
     def of(cls, cfg: TeacherConfig, runtime: Runtime, threads: int = 0) -> "TeacherSpec":
         """The spec for ``cfg`` on ``runtime``; the checkpoint path is made absolute for workers elsewhere."""
         checkpoint = os.path.abspath(cfg.checkpoint) if cfg.checkpoint else None
+        cfg = dataclasses.replace(cfg, onnx_dir=os.path.abspath(cfg.onnx_dir))
         precision = "fp32" if runtime.autocast_dtype is None else "bf16"
         if runtime.autocast_dtype not in (None, torch.bfloat16):
             raise ValueError(f"unsupported autocast dtype {runtime.autocast_dtype}")
@@ -166,8 +167,8 @@ class TeacherSpec:
         """What the built teacher depends on, the key of the per-process cache: not the codec, crop size or out path."""
         t = self.teacher
         checkpoint = file_key(t.checkpoint) if t.checkpoint and os.path.isfile(t.checkpoint) else None
-        return json.dumps([t.model, checkpoint, t.allow_random_weights, t.multimask_output, t.prompt,
-                           self.device, self.precision, self.seed, self.threads])
+        return json.dumps([t.model, checkpoint, t.allow_random_weights, t.multimask_output, t.prompt, t.backend,
+                           t.onnx_dir, t.ort_provider, self.device, self.precision, self.seed, self.threads])
 
     def runtime(self) -> Runtime:
         return resolve_runtime(RuntimeConfig(device=self.device, precision=self.precision, seed=self.seed))

@@ -71,7 +71,7 @@ DATA_ARRAYS = ("logits", *META_ARRAYS)
 
 # Teacher settings that change how the pass runs but not one stored byte; left out of the attributes so
 # that resuming on another cluster (or with the store moved) is not refused as a different teacher.
-EXECUTION_FIELDS = ("executor", "scheduler_address", "n_workers", "threads_per_worker", "out")
+EXECUTION_FIELDS = ("executor", "scheduler_address", "n_workers", "threads_per_worker", "out", "onnx_dir")
 
 PROMPT_CONVENTIONS = {
     "roi": "PicoSAM3: box prompt = the COCO bbox on the full image; crop = the bbox padded by roi_padding per "

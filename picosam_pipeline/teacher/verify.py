@@ -69,19 +69,27 @@ class VerifyReport:
 
 
 def verify_store(path: str | Path, sample: int = 16, *, seed: int = 0, device: str = "auto", index: str | None = None,
-                 checkpoint: str | None = None, tolerance: float = 1e-4) -> VerifyReport:
+                 checkpoint: str | None = None, tolerance: float = 1e-4, backend: str | None = None,
+                 onnx_dir: str | None = None) -> VerifyReport:
     """Recompute ``sample`` random finished instances of the store at ``path`` and compare (module docstring).
 
     Args:
         index: the instance index the store was made from (default: the path the store records).
         checkpoint: the teacher checkpoint (default: the path the store records); its sha256 must match.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; the precision is the one the store records.
+        backend: ``torch`` or ``onnxruntime`` to recompute with that backend instead of the one the store
+            records (a cross-check of one backend against the other). onnx_dir: where exported teachers are cached.
 
     Raises:
         PipelineError: not a store, nothing finished, a different checkpoint / random weights / index rows.
     """
     store = open_store(path)
     cfg, runtime = _teacher_config(store, checkpoint), _runtime(store, device)
+    if backend is not None:
+        cfg = dataclasses.replace(cfg, backend=backend)
+    if onnx_dir is not None:
+        cfg = dataclasses.replace(cfg, onnx_dir=onnx_dir)
+    cfg.validate("verify-logits teacher")
     rows = _aligned_rows(store, index or cfg.index, cfg)
     done = np.flatnonzero(np.repeat(store.done_shards(), store.instances_per_shard)[: len(rows)])
     if len(done) == 0:
@@ -108,7 +116,8 @@ def verify_store(path: str | Path, sample: int = 16, *, seed: int = 0, device: s
         max_sigmoid_diff=float(np.abs(_sigmoid(stored_logits) - _sigmoid(fresh)).max()),
         flipped_pixels=int(((stored_logits > 0) != (fresh > 0)).sum()),
         bound=SIGMOID_ERROR_BOUND[store.codec.name], tolerance=tolerance,
-        teacher=f"{cfg.model} ({session.teacher.metadata.get('weights')})", runtime=runtime.describe(),
+        teacher=f"{cfg.model} ({session.teacher.metadata.get('weights')}, backend {cfg.backend}; the store was made "
+                f"with {store.attrs['teacher']['build'].get('backend', 'torch')})", runtime=runtime.describe(),
     )
 
 
