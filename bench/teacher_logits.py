@@ -18,8 +18,8 @@ with random weights (same compute). It is built once (the per-process cache) and
   same images (0 = all) and its rate is compared.
 
 The bare teacher and the baseline are timed both before and after the stage, so that a drift in machine
-load cancels out; the stage's wall time over its own teacher calls in the same run (``teacher_seconds`` of
-``metrics/teacher-logits.json``) is a second, drift-free overhead figure. Targets (reported, not asserted): stage / bare teacher <= 1.15x; speed-up over the per-annotation baseline close
+load cancels out; the stage's wall time over its own teacher calls in the same run (``teacher_seconds`` in
+the run log ``metrics/runs/teacher-logits.jsonl``) is a second, drift-free overhead figure. Targets (reported, not asserted): stage / bare teacher <= 1.15x; speed-up over the per-annotation baseline close
 to the mean number of instances per image. Then the storage and fidelity figures of ``bench/logit_storage.py``
 (:func:`storage_figures` on logits made from the coco-sample masks).
 """
@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import torch  # noqa: E402
 
 from logit_storage import DEFAULT_COCO, coco_like_logits, storage_figures  # noqa: E402
-from picosam_pipeline.config import TeacherConfig, load_config  # noqa: E402
+from picosam_pipeline.config import TeacherConfig, last_run, load_config  # noqa: E402
 from picosam_pipeline.data.images import load_image  # noqa: E402
 from picosam_pipeline.device import resolve_runtime  # noqa: E402
 from picosam_pipeline.stages import prepare, teacher_logits  # noqa: E402
@@ -113,7 +113,8 @@ def per_annotation(session, cfg, rows, picked: np.ndarray, folder: Path) -> floa
 def run_stage(cfg) -> tuple[float, dict]:
     with contextlib.redirect_stderr(io.StringIO()):
         seconds, _ = timed(teacher_logits.run, cfg, resolve_runtime(cfg.runtime))
-    return seconds, json.loads((Path(cfg.runtime.metrics_dir) / "teacher-logits.json").read_text())
+    metrics = json.loads((Path(cfg.runtime.metrics_dir) / "teacher-logits.json").read_text())
+    return seconds, {**metrics, **last_run(cfg.runtime.metrics_dir, "teacher-logits")}  # + this run's facts
 
 
 def main() -> None:

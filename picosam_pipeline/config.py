@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import time
 import types
 import typing
 from dataclasses import dataclass, field
@@ -245,7 +246,7 @@ class TrainConfig:
     temperature: float = 0.2  # sigmoid(x / T): 0.2 = PicoSAM3's sigmoid(5x), 1 = PicoSAM2
     area_weight: float = 0.4  # PicoSAM3's area term weight; 0 = off (PicoSAM2)
     area_min_ratio: float = 0.4
-    checkpoint_every: int = 100  # steps between resumable checkpoints (out_dir/checkpoint.pt)
+    checkpoint_every: int = 100  # steps between resumable checkpoints (state_dir/checkpoint.pt)
     eval_every: int = 100  # steps between val-IoU evaluations (also at step 0 and at the end)
     log_every: int = 10  # steps between host syncs for the loss log and the progress bar
     num_workers: int = 0  # loader worker processes per rank
@@ -253,7 +254,12 @@ class TrainConfig:
     hflip: bool = False  # random horizontal flips (image, mask and teacher logits together)
     jitter: float = 0.0  # random crop-box jitter, as a fraction of the crop side (needs teacher.context_margin)
     on_corrupt_shard: Literal["stop", "skip"] = "stop"
-    out_dir: str = "data/train"  # checkpoint.pt (resumable state), student.pt (final weights), config.resolved.json
+    out_dir: str = "data/train"  # student.pt (final weights), config.resolved.json: the stage's DVC output
+    state_dir: str | None = None  # checkpoint.pt, the resumable state; None = "<out_dir>.state" (not a DVC output)
+
+    def resume_dir(self) -> str:
+        """Where the resumable checkpoint lives: ``state_dir``, or ``<out_dir>.state`` beside the output."""
+        return self.state_dir or f"{self.out_dir.rstrip('/')}.state"
 
     def validate(self, key: str) -> None:
         for name in ("steps", "batch_size", "lr", "checkpoint_every", "eval_every", "log_every", "shuffle_buffer"):
@@ -495,16 +501,38 @@ def require_inputs(paths: dict[str, str]) -> None:
     """Raise :class:`ConfigError` for the first ``{key: path}`` whose path does not exist."""
     for key, p in paths.items():
         if not Path(p).exists():
-            raise ConfigError(f"{key}: path {p!r} does not exist; fix the path in params.yaml or with --set {key}=PATH")
+            raise ConfigError(f"{key}: path {p!r} does not exist; fix the path in params.yaml or with --set {key}=PATH "
+                              "(an earlier stage's output: run that stage, or `dvc pull` it from the team's remote)")
 
 
-def write_metrics(cfg: Config, stage: str, metrics: dict[str, Any]) -> Path:
-    """Write ``metrics/<stage>.json`` (what ``dvc metrics show`` reads)."""
+RUN_LOG_DIR = "runs"  # inside runtime.metrics_dir: one JSON line per stage run, git-ignored, not a DVC output
+
+
+def write_metrics(cfg: Config, stage: str, metrics: dict[str, Any], run: dict[str, Any] | None = None) -> Path:
+    """Write ``metrics/<stage>.json`` (what ``dvc metrics show`` reads) and log this run's facts.
+
+    ``metrics`` hold only figures that the stage's inputs and params determine, so a rerun that changes nothing
+    leaves the file byte-identical and ``dvc status`` clean. ``run`` holds what belongs to this run alone
+    (seconds, rates, what was computed this time, the device): it is appended with a timestamp as one JSON line
+    to ``metrics/runs/<stage>.jsonl`` (:func:`last_run` reads it back).
+    """
     out = Path(cfg.runtime.metrics_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = out / f"{stage}.json"
     target.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    if run is not None:
+        log = out / RUN_LOG_DIR / f"{stage}.jsonl"
+        log.parent.mkdir(exist_ok=True)
+        with open(log, "a") as f:
+            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **run}, sort_keys=True) + "\n")
     return target
+
+
+def last_run(metrics_dir: str | Path, stage: str) -> dict[str, Any]:
+    """The run facts :func:`write_metrics` logged for the latest run of ``stage`` (``{}`` when there is none)."""
+    log = Path(metrics_dir) / RUN_LOG_DIR / f"{stage}.jsonl"
+    lines = log.read_text().splitlines() if log.is_file() else []
+    return json.loads(lines[-1]) if lines else {}
 
 
 def save_resolved(cfg: Config, out_dir: str | Path, sections: list[str]) -> Path:

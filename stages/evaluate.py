@@ -106,7 +106,7 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     metrics = {**report}
     if lvis is not None:
         metrics["lvis"] = {k: v for k, v in lvis.items() if k not in ("by_category", "seconds")}
-    write_metrics(cfg, "evaluate", metrics)
+    write_metrics(cfg, "evaluate", metrics, {"timing": _rounded(timing)})
 
     print(format_report(report, table.models))
     if lvis is not None:

@@ -78,9 +78,8 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         "checks": contract["checks"],
         "output_step": contract["output"]["quantization_step"],
         "bytes": {k: p.stat().st_size for k, p in files.items()},
-        "seconds": round(time.perf_counter() - start, 2),
     }
-    write_metrics(cfg, "export", metrics)
+    write_metrics(cfg, "export", metrics, {"seconds": round(time.perf_counter() - start, 2)})
     for name, check in checks.items():
         if check.max_diff_steps > e.max_diff_steps or check.mask_agreement < e.min_mask_agreement:
             raise PipelineError(

@@ -124,21 +124,21 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         "max_miou_drop": q.max_miou_drop,
         "int8_within_target": drop <= q.max_miou_drop,
         "weights": weights,
-        "seconds": {**{k: round(v, 2) for k, v in seconds.items()}, "total": round(time.perf_counter() - start, 2)},
     }
+    run = {"seconds": {**{k: round(v, 2) for k, v in seconds.items()}, "total": round(time.perf_counter() - start, 2)}}
     (out / REPORT_FILE).write_text(json.dumps({
         "checkpoint": q.checkpoint, "student_meta": {k: v for k, v in meta.items() if k != "config"},
         "tpc_version": q.tpc_version, "method": metrics["method"],
         "files": {"mctq": MCTQ_FILE, "fakequant": FAKEQUANT_FILE, "probe": PROBE_FILE},
         "evaluation": report, "metrics": metrics}, indent=1, sort_keys=True) + "\n")
     save_resolved(cfg, out, ["quantize"])
-    write_metrics(cfg, "quantize", metrics)
+    write_metrics(cfg, "quantize", metrics, run)
     if drop > q.max_miou_drop:
         print(f"warning: INT8 crop mIoU is {drop:.4f} below float ({int8_r['crop_miou']:.4f} vs "
               f"{float_r['crop_miou']:.4f}), more than quantize.max_miou_drop={q.max_miou_drop}; try "
               "quantize.gptq_epochs=5 or more representative batches")
     return {"student": meta["student"], "float_crop_miou": round(float_r["crop_miou"], 4),
-            "int8_crop_miou": round(int8_r["crop_miou"], 4), "seconds": metrics["seconds"]["total"]}
+            "int8_crop_miou": round(int8_r["crop_miou"], 4), "seconds": run["seconds"]["total"]}
 
 
 class _MaskAgreement:

@@ -17,7 +17,8 @@ run. A partial store of another pass is discarded. When ``<out>`` already holds 
 recomputed; when it holds another one, the new pass is built beside it and replaces it at the end.
 
 Writes the store with its ``config.resolved.json`` (teacher + runtime sections) inside, and
-``metrics/teacher-logits.json``: instances, rate, seconds, encoder passes, bytes per instance, random-weights flag.
+``metrics/teacher-logits.json``: instances, bytes per instance, random-weights flag (what the store holds); the
+rate, seconds and encoder passes of each run go to the run log ``metrics/runs/teacher-logits.jsonl``.
 """
 
 from __future__ import annotations
@@ -77,10 +78,10 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
                 bar.update(summary["instances"])
     store = finish(store, out, cfg)
     seconds = time.perf_counter() - start
-    metrics = stage_metrics(store, rows, summaries, seconds, setup_seconds, executor)
-    write_metrics(cfg, STAGE, metrics)
-    return {k: metrics[k] for k in ("instances", "instances_computed", "shards_computed", "instances_per_s",
-                                    "random_weights")} | {"store": str(out)}
+    metrics, run = stage_metrics(store, rows, summaries, seconds, setup_seconds, executor)
+    write_metrics(cfg, STAGE, metrics, run)
+    return {"instances": metrics["instances"], "random_weights": metrics["random_weights"]} | {
+        k: run[k] for k in ("instances_computed", "shards_computed", "instances_per_s")} | {"store": str(out)}
 
 
 def store_attrs(t: TeacherConfig, teacher: dict[str, Any], rows: InstanceRows) -> dict[str, Any]:
@@ -136,16 +137,29 @@ def finish(store: LogitStore, out: Path, cfg: Config) -> LogitStore:
 
 
 def stage_metrics(store: LogitStore, rows: InstanceRows, summaries: list[dict], seconds: float, setup_seconds: float,
-                  executor: InProcess | DaskExecutor) -> dict[str, Any]:
-    """``metrics/teacher-logits.json``: what was computed this run, how fast, and what the store costs on disk."""
+                  executor: InProcess | DaskExecutor) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``metrics/teacher-logits.json`` (what the store holds and costs on disk: the same after a rerun that
+    computed nothing) and this run's facts for the run log (what was computed, how fast, where)."""
     summary = summarize(store)  # sampled logit ranges; `inspect --scan 0` reads all
     teacher = store.attrs["teacher"]
     computed = sum(s["instances"] for s in summaries)
     task_seconds = sum(s["seconds"] for s in summaries)
-    return {
+    metrics = {
         "instances": len(rows),
         "images": len(rows.images()),
         "shards": store.n_shards,
+        "random_weights": teacher["random_weights"],
+        "model": teacher["model"],
+        "backend": teacher["build"].get("backend", "torch"),
+        "prompt": store.attrs["prompt"]["convention"],
+        "codec": store.codec.name,
+        "bytes_on_disk": summary["bytes_on_disk"],
+        "bytes_per_instance": round(summary["bytes_per_instance"], 1),
+        "logits_bytes_per_instance": round(summary["logits_bytes_per_instance"], 1),
+        "confidence_mean": round(summary["confidence_mean"], 4),
+        "mask_share": round(summary["mask_share"], 4),
+    }
+    run = {
         "instances_computed": computed,
         "shards_computed": len(summaries),
         "encoder_passes": sum(s["encoder_passes"] for s in summaries),
@@ -155,18 +169,10 @@ def stage_metrics(store: LogitStore, rows: InstanceRows, summaries: list[dict], 
         "teacher_seconds": round(sum(s["teacher_seconds"] for s in summaries), 3),  # encoder + decoder calls
         "teacher_share_of_task_time": round(sum(s["teacher_seconds"] for s in summaries) / task_seconds, 4)
         if task_seconds else None,
-        "random_weights": teacher["random_weights"],
-        "model": teacher["model"],
-        "prompt": store.attrs["prompt"]["convention"],
-        "codec": store.codec.name,
         "executor": executor.name,
         "workers": executor.workers,
-        "bytes_on_disk": summary["bytes_on_disk"],
-        "bytes_per_instance": round(summary["bytes_per_instance"], 1),
-        "logits_bytes_per_instance": round(summary["logits_bytes_per_instance"], 1),
-        "confidence_mean": round(summary["confidence_mean"], 4),
-        "mask_share": round(summary["mask_share"], 4),
     }
+    return metrics, run
 
 
 def _say(message: str) -> None:

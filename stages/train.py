@@ -58,7 +58,9 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     # shards.json lists every shard's sha256, so its digest identifies the training data for resuming
     fingerprint = hashlib.sha256(train_index.path.read_bytes()).hexdigest()
     data = TrainData(train_epoch=train_epoch, val=val, input_size=size, fingerprint=fingerprint, source=str(train_dir))
-    result = train(t, runtime, data, t.out_dir)
+    # The resumable state lives outside the DVC output, so the output is only the result (and DVC's run cache
+    # can restore it); a killed run resumes from state_dir.
+    result = train(t, runtime, data, t.out_dir, state_dir=t.resume_dir())
     if not result.is_main:
         return {"rank": "worker"}  # rank 0 writes the files
 
@@ -77,13 +79,11 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         "val_iou_after": result.val_iou_after,
         "loss": result.final_loss(window),
         "loss_window_steps": window,
-        "samples_per_s": result.samples_per_s,
         "world_size": result.world_size,
-        "device": runtime.describe(),
-        "resumed_from_step": result.resumed_from,
         "skipped_shards": len({problem.shard for loader in loaders for problem in loader.skipped}),
     }
-    write_metrics(cfg, "train", metrics)
+    run = {"samples_per_s": result.samples_per_s, "device": runtime.describe(), "resumed_from_step": result.resumed_from}
+    write_metrics(cfg, "train", metrics, run)
     return {"steps": state.step, "val_iou_before": round(result.val_iou_before, 4),
             "val_iou_after": round(result.val_iou_after, 4),
             "samples_per_s": None if result.samples_per_s is None else round(result.samples_per_s, 1)}

@@ -1,14 +1,16 @@
-"""Sharing the teacher pass through a DVC remote: a teammate's clone pulls the store and never runs the teacher.
+"""Sharing the pipeline's outputs through a DVC remote, by the README's recipe word for word.
 
-In a temporary git repository holding this project's dvc.yaml, code and params.yaml (trimmed to one sample image):
-``dvc repro teacher-logits`` (sample -> prepare -> teacher), ``dvc remote add -d`` a local folder, ``dvc push``,
-commit; then ``git clone`` it, ``dvc pull``, and ``dvc repro teacher-logits`` in the clone must skip every stage:
-the pulled store is used as it is (same bytes, untouched files, metrics not rewritten, no teacher output).
+The commands come from the README's sharing block (``<!-- sharing-recipe ... -->``), so the test fails when the
+README changes without it. In a temporary git repository holding this project's dvc.yaml, code and params.yaml
+(trimmed to one train and one val image, a few training steps): ``dvc repro`` (the whole pipeline), then your
+commands; a teammate's clone runs theirs and ``dvc repro`` there must run no stage and leave ``dvc status``
+clean. Then ``dvc exp run`` with other training steps and back restores ``train`` from DVC's run cache.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -20,8 +22,9 @@ from teacher_project import BIN, REPO
 
 pytestmark = pytest.mark.slow
 
+RECIPE_MARK = "<!-- sharing-recipe:"
+README_REMOTE = "/shared/picosam-dvc"
 STORE = Path("data/teacher/logits.zarr")
-METRICS = Path("metrics/teacher-logits.json")
 
 
 def sh(*args: str, cwd: Path) -> str:
@@ -32,46 +35,77 @@ def sh(*args: str, cwd: Path) -> str:
     return done.stdout + done.stderr
 
 
-def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
-    """Bytes and mtime of every file of the store and of the teacher metrics."""
-    files = [f for f in sorted((root / STORE).rglob("*")) if f.is_file()] + [root / METRICS]
-    return {str(f.relative_to(root)): (f.read_bytes(), f.stat().st_mtime_ns) for f in files}
+def recipe() -> tuple[list[list[str]], list[list[str]]]:
+    """The README's sharing commands: (yours, the teammate's), each split as a shell would, comments dropped."""
+    text = (REPO / "README.md").read_text()
+    assert RECIPE_MARK in text, "the README lost its sharing-recipe block"
+    start = text.index("```bash\n", text.index(RECIPE_MARK)) + len("```bash\n")
+    block = text[start : text.index("```", start)]
+    yours: list[list[str]] = []
+    theirs: list[list[str]] = []
+    current = yours
+    for line in block.splitlines():
+        if line.startswith("# a teammate"):
+            current = theirs
+            continue
+        words = shlex.split(line, comments=True)
+        if words:
+            current.append(words)
+    return yours, theirs
 
 
 def make_project(root: Path) -> None:
-    """This project's pipeline files and code in ``root``, with params trimmed to one 9-instance image."""
+    """This project's pipeline files and code in ``root``, with params trimmed to a two-image sample."""
     root.mkdir()
-    for name in ("dvc.yaml", ".dvcignore"):
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
         if (REPO / name).exists():
             shutil.copy(REPO / name, root / name)
     for package in ("picosam_pipeline", "stages"):
         shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["sample"].update(train_images=1, val_images=1, plant_bad_inputs=False)
-    params["teacher"].update(splits=["val"], instances_per_shard=8, executor="local", allow_random_weights=True)
+    params["teacher"].update(instances_per_shard=8, executor="local", allow_random_weights=True)
+    params["train"].update(steps=4, warmup_steps=1, eval_every=4, log_every=2, checkpoint_every=2)
+    params["evaluate"].update(grid_samples=2)
+    params["quantize"].update(representative_batches=2, probe_samples=4)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def test_a_clone_pulls_the_teacher_store_and_skips_the_teacher(tmp_path):
-    first, second, remote = tmp_path / "first", tmp_path / "second", tmp_path / "remote"
+def outputs(root: Path) -> dict[str, bytes]:
+    """Bytes of every file of the teacher store and of every metrics file."""
+    files = [f for f in sorted((root / STORE).rglob("*")) if f.is_file()]
+    files += sorted((root / "metrics").glob("*.json"))
+    return {str(f.relative_to(root)): f.read_bytes() for f in files}
+
+
+def test_the_readme_recipe_restores_every_stage_in_a_teammates_clone(tmp_path):
+    yours, theirs = recipe()
+    origin, first, second, remote = (tmp_path / n for n in ("origin.git", "first", "second", "remote"))
+    sh("git", "init", "-q", "--bare", str(origin), cwd=tmp_path)
     make_project(first)
     sh("git", "init", "-q", cwd=first)
     sh("dvc", "init", "-q", cwd=first)
-    out = sh("dvc", "repro", "teacher-logits", cwd=first)
-    assert "Running stage 'teacher-logits'" in out and "[teacher-logits] done" in out
-    sh("dvc", "remote", "add", "-d", "team", str(remote), cwd=first)
-    sh("dvc", "push", cwd=first)
     sh("git", "add", "-A", cwd=first)
-    sh("git", "commit", "-q", "-m", "teacher logits", cwd=first)
+    sh("git", "commit", "-q", "-m", "project", cwd=first)
+    sh("git", "remote", "add", "origin", str(origin), cwd=first)
+    sh("git", "push", "-q", "-u", "origin", "HEAD", cwd=first)
+    sh("git", "clone", "-q", str(origin), str(second), cwd=tmp_path)  # the teammate's clone, before any output
 
-    sh("git", "clone", "-q", str(first), str(second), cwd=tmp_path)
-    assert not (second / STORE).exists()
-    sh("dvc", "pull", "--with-deps", "teacher-logits", cwd=second)
-    assert "up to date" in sh("dvc", "status", "--with-deps", "teacher-logits", cwd=second)
-    pulled = snapshot(second)
-    assert {k: v[0] for k, v in pulled.items()} == {k: v[0] for k, v in snapshot(first).items()}
+    out = sh("dvc", "repro", cwd=first)
+    assert "Running stage 'package'" in out
+    for words in yours:
+        sh(*[str(remote) if w == README_REMOTE else w for w in words], cwd=first)
+    # Nothing else was committed: the recipe's `git add` is all it takes.
+    assert sh("git", "status", "--porcelain", "--untracked-files=no", cwd=first).strip() == ""
 
-    out = sh("dvc", "repro", "teacher-logits", cwd=second)
-    assert "Stage 'teacher-logits' didn't change, skipping" in out
-    assert "Running stage" not in out and "[teacher-logits]" not in out  # no stage ran, no teacher was built
-    assert snapshot(second) == pulled  # same bytes, files untouched, metrics not rewritten
+    said = [sh(*words, cwd=second) for words in theirs]
+    assert "Running stage" not in said[-1] and "[teacher-logits]" not in said[-1], said[-1]
+    assert "Data and pipelines are up to date" in sh("dvc", "status", cwd=second)
+    assert outputs(second) == outputs(first)
+
+    # dvc exp run to other training steps and back: `train` comes back from the run cache, not retrained.
+    changed = sh("dvc", "exp", "run", "-S", "train.steps=2", "train", cwd=first)
+    assert "Running stage 'train'" in changed
+    back = sh("dvc", "exp", "run", "-S", "train.steps=4", "train", cwd=first)
+    assert "Running stage 'train'" not in back and "[train]" not in back, back
+    assert "is cached" in back

@@ -10,7 +10,7 @@ Validation IoU is the papers' crop-space mIoU (``iou.crop_ious``: logit > 0 agai
 union = 1, mean over every val sample). It is measured on the untrained student first (step 0), every
 ``eval_every`` steps and at the end, so "before" and "after" come from the same run.
 
-Resuming. Every ``checkpoint_every`` steps ``out_dir/checkpoint.pt`` stores the weights, the AdamW moments,
+Resuming. Every ``checkpoint_every`` steps ``state_dir/checkpoint.pt`` stores the weights, the AdamW moments,
 the RNG states, the loss log and each rank's data position ``(epoch, batches consumed)``. The data stream
 is a fresh, deterministic loader per epoch (its seed derived from ``(seed, epoch)``), so a rerun rebuilds the
 epoch it was in and skips the batches already used. A killed run that is started again therefore ends with
@@ -57,7 +57,7 @@ TERMS = ("gt", "teacher", "area", "lambda")  # DistillationLoss's logged terms
 LOG_COLUMNS = ("step", "lr", "loss", *TERMS)  # one row per optimizer step
 VAL_COLUMNS = ("step", "val_iou")  # one row per evaluation; step 0 = the untrained student
 # Settings that do not change the trained weights: a checkpoint written under other values still resumes.
-RESUME_IGNORES = ("checkpoint_every", "eval_every", "log_every", "out_dir", "shards")
+RESUME_IGNORES = ("checkpoint_every", "eval_every", "log_every", "out_dir", "state_dir", "shards")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -277,27 +277,29 @@ class TrainResult:
         return {name: float(rows[:, i].mean()) for i, name in enumerate(LOG_COLUMNS) if name not in ("step", "lr")}
 
 
-def train(cfg: TrainConfig, runtime: Runtime, data: TrainData, out_dir: str | Path) -> TrainResult:
-    """Train ``cfg.student`` for ``cfg.steps`` steps, resuming from ``out_dir/checkpoint.pt`` when it fits.
+def train(cfg: TrainConfig, runtime: Runtime, data: TrainData, out_dir: str | Path,
+          state_dir: str | Path | None = None) -> TrainResult:
+    """Train ``cfg.student`` for ``cfg.steps`` steps, resuming from ``state_dir/checkpoint.pt`` when it fits.
 
-    Writes (rank 0) ``out_dir/checkpoint.pt`` every ``checkpoint_every`` steps and at the end, and the final
-    weights as ``out_dir/student.pt`` (a ``student`` checkpoint, see ``checkpoints.py``).
+    Writes (rank 0) ``state_dir/checkpoint.pt`` every ``checkpoint_every`` steps and at the end, and the final
+    weights as ``out_dir/student.pt`` (a ``student`` checkpoint, see ``checkpoints.py``). ``state_dir``
+    defaults to ``out_dir``; the train stage keeps it apart, so that its DVC output holds only the result.
     """
     dist = init_distributed(runtime)
     try:
-        return _train(cfg, runtime, data, Path(out_dir), dist)
+        return _train(cfg, runtime, data, Path(out_dir), Path(state_dir or out_dir), dist)
     finally:
         if dist.world_size > 1:
             torch_dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, runtime: Runtime, data: TrainData, out_dir: Path, dist: Dist) -> TrainResult:
+def _train(cfg: TrainConfig, runtime: Runtime, data: TrainData, out_dir: Path, state_dir: Path, dist: Dist) -> TrainResult:
     torch.manual_seed(runtime.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_student(cfg.student).to(dist.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = DistillationLoss(**cfg.loss_kwargs())
     identity = run_identity(cfg, runtime.seed, dist.world_size, data.fingerprint)
-    checkpoint = out_dir / CHECKPOINT_FILE
+    checkpoint = state_dir / CHECKPOINT_FILE
 
     state = load_train_state(checkpoint, model, optimizer, identity, cfg.steps, dist)
     resumed_from = None if state is None else state.step

@@ -8,7 +8,6 @@ recomputed), compute the others, and end with exactly the bytes of an uninterrup
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from picosam_pipeline.config import last_run
 from picosam_pipeline.device import resolve_runtime
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.stages import teacher_logits
@@ -73,8 +73,8 @@ def test_sigkill_then_rerun_gives_the_store_of_an_uninterrupted_run(tmp_path, mo
 
     rerun = run_stage_cli(tmp_path, sets, tmp_path / "rerun.log")
     assert rerun.wait(timeout=600) == 0, (tmp_path / "rerun.log").read_text()
-    metrics = json.loads((tmp_path / "metrics" / "teacher-logits.json").read_text())
-    assert metrics["shards_computed"] == len(done) - sum(done)  # the finished shards were not recomputed
+    run = last_run(tmp_path / "metrics", "teacher-logits")
+    assert run["shards_computed"] == len(done) - sum(done)  # the finished shards were not recomputed
     for f, mtime in finished.items():  # ... and their files were kept as they were
         kept = out / f.relative_to(partial)
         if done[int(f.relative_to(logits).parts[0])]:

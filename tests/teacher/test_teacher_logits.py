@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from picosam_pipeline.cli import cli
-from picosam_pipeline.config import Config, TeacherConfig
+from picosam_pipeline.config import Config, TeacherConfig, last_run
 from picosam_pipeline.data.images import load_image
 from picosam_pipeline.data.index import column_array, read_index
 from picosam_pipeline.device import Runtime, resolve_runtime
@@ -96,7 +96,12 @@ def fake(project, monkeypatch) -> dict[str, int]:
 def run_stage(project, out: Path, *more: str) -> tuple[Config, dict]:
     cfg = config(project[0], project[1], f"teacher.out={out}", f"runtime.metrics_dir={out.parent / 'metrics'}", *more)
     teacher_logits.run(cfg, resolve_runtime(cfg.runtime))
-    return cfg, json.loads((out.parent / "metrics" / "teacher-logits.json").read_text())
+    return cfg, stage_figures(out.parent / "metrics")
+
+
+def stage_figures(metrics_dir: Path) -> dict:
+    """metrics/teacher-logits.json merged with the run log's facts of the latest run (rate, what was computed)."""
+    return {**json.loads((metrics_dir / "teacher-logits.json").read_text()), **last_run(metrics_dir, "teacher-logits")}
 
 
 def store_files(path: Path) -> dict[str, bytes]:
@@ -187,8 +192,11 @@ def test_changed_params_replace_the_store_and_discard_a_stale_partial(project, f
     assert "discarding the unfinished store" in capsys.readouterr().err
     assert open_store(out).codec.name == "sigmoid_uint8" and not teacher_logits.partial_path(out).exists()
 
+    metrics_file = out.parent / "metrics" / "teacher-logits.json"
+    before = metrics_file.read_bytes()
     _, metrics = run_stage(project, out)  # same pass again: nothing to compute
     assert metrics["shards_computed"] == 0 and metrics["instances_per_s"] is None
+    assert metrics_file.read_bytes() == before  # metrics describe the store, not the run: dvc status stays clean
 
     _, metrics = run_stage(project, out, "teacher.codec=float16", "teacher.context_margin=0.25")
     store = open_store(out)
@@ -270,12 +278,12 @@ def test_stage_is_registered_and_its_dvc_params_are_the_keys_that_change_stored_
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["teacher-logits"]
     assert stage["cmd"] == "picosam-pipeline run-stage teacher-logits"
     fields = {f.name for f in dataclasses.fields(TeacherConfig)}
-    # A new teacher field must be listed (or declared execution-only in logit_store.EXECUTION_FIELDS).
+    # A new teacher field must be listed (or declared execution-only in store.EXECUTION_FIELDS).
     byte_relevant = {f"teacher.{n}" for n in fields - set(EXECUTION_FIELDS)} | {"teacher.out"}
     assert set(stage["params"]) == byte_relevant | {"runtime.seed", "runtime.precision"}
     assert {"stages/teacher_logits.py", "picosam_pipeline/teacher/runner.py", "picosam_pipeline/teacher/executors.py",
-            "picosam_pipeline/teacher/models.py", "data/prepared"} <= set(stage["deps"])
-    assert stage["outs"] == ["data/teacher/logits.zarr"]
+            "picosam_pipeline/teacher/models.py", "${teacher.index}"} <= set(stage["deps"])
+    assert stage["outs"] == ["${teacher.out}"]  # the path comes from params.yaml (DVC templating), written once
 
 
 @pytest.mark.slow
@@ -289,7 +297,7 @@ def test_real_teacher_in_process_and_on_dask_write_identical_stores(tmp_path, mo
         cfg = config(tmp_path, sets, f"teacher.executor={executor}", f"teacher.out={out}",
                      f"runtime.metrics_dir={out.parent}")
         teacher_logits.run(cfg, resolve_runtime(cfg.runtime))
-        metrics = json.loads((out.parent / "teacher-logits.json").read_text())
+        metrics = stage_figures(out.parent)
         assert (metrics["executor"], metrics["shards_computed"], metrics["random_weights"]) == (executor, 3, True)
         assert metrics["encoder_passes"] == 1  # one process ran the 3 shards in order: one encoder pass
         stores[executor] = out

@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from picosam_pipeline.config import Config, TrainConfig
+from picosam_pipeline.config import Config, TrainConfig, last_run
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.stages import train as train_stage
@@ -263,6 +263,7 @@ def packed(tmp_path_factory) -> Config:
 def test_stage_writes_student_metrics_and_plots(packed):
     summary = train_stage.run(packed, CPU)
     metrics = json.loads((Path(packed.runtime.metrics_dir) / "train.json").read_text())
+    metrics.update(last_run(packed.runtime.metrics_dir, "train"))  # the run's own facts: rate, resumed step
     assert metrics["steps"] == summary["steps"] == 4 and metrics["resumed_from_step"] is None
     assert metrics["params"] == 1_262_818 and metrics["samples_per_s"] > 0 and metrics["skipped_shards"] == 0
     assert set(metrics["loss"]) == {"loss", "gt", "teacher", "area", "lambda"}
@@ -297,7 +298,7 @@ def test_killed_cli_run_resumes_to_the_uninterrupted_result(packed, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count as the in-process reference run
 
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    checkpoint = tmp_path / "killed" / "checkpoint.pt"
+    checkpoint = tmp_path / "killed.state" / "checkpoint.pt"  # the stage keeps it beside its output
     deadline = time.monotonic() + 120
     while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -307,7 +308,7 @@ def test_killed_cli_run_resumes_to_the_uninterrupted_result(packed, tmp_path):
     assert not (tmp_path / "killed" / "student.pt").exists()
 
     subprocess.run(command, env=env, check=True, capture_output=True)
-    metrics = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    metrics = {**json.loads((tmp_path / "metrics" / "train.json").read_text()), **last_run(tmp_path / "metrics", "train")}
     assert metrics["resumed_from_step"] in (2, 4) and metrics["steps"] == 6
 
     reference = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(tmp_path / "straight")))
