@@ -47,7 +47,7 @@ from picosam_pipeline.data.images import load_image  # noqa: E402
 from picosam_pipeline.data.index import decode_mask, read_index  # noqa: E402
 from picosam_pipeline.device import resolve_runtime  # noqa: E402
 from picosam_pipeline.stages import prepare  # noqa: E402
-from picosam_pipeline.teacher.models import RandomWeightsWarning, build_teacher  # noqa: E402
+from picosam_pipeline.teacher.models import RandomWeightsWarning, _version, build_teacher  # noqa: E402
 from picosam_pipeline.teacher.runner import TeacherSpec, instance_rows, teacher_session  # noqa: E402
 from picosam_pipeline.teacher.sam2_onnx import check_export, export_teacher  # noqa: E402
 from teacher_logits import CHECKPOINT, bare_teacher, coco_val_sets, run_stage, timed  # noqa: E402
@@ -221,12 +221,6 @@ def main() -> None:
     print(f"stage (backend onnxruntime, local executor) {stage_s:.2f} s vs bare ONNX teacher {bare_s:.2f} s "
           f"(before / after: {bare_before:.2f} / {bare_after:.2f}): overhead {stage_s / bare_s:.3f}x (target <= 1.15x); "
           f"over its own teacher calls {stage_s / metrics['teacher_seconds']:.3f}x")
-
-
-def _version(package: str) -> str:
-    import importlib.metadata
-
-    return importlib.metadata.version(package)
 
 
 if __name__ == "__main__":

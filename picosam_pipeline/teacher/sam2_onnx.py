@@ -20,7 +20,6 @@ them. ``picosam-pipeline export-teacher`` does the export explicitly; the teache
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import os
 import shutil
@@ -37,7 +36,8 @@ from picosam_pipeline.config import TeacherConfig
 from picosam_pipeline.data.checksums import sha256_file
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError, require_extra
-from picosam_pipeline.teacher.models import Sam2Teacher, TeacherOutput, _as_rows, _check_rgb, _checkpoint_or_none
+from picosam_pipeline.teacher.models import (Sam2Teacher, TeacherOutput, _as_rows, _check_rgb, _checkpoint_or_none,
+                                             _version)
 
 ENCODER_FILE, DECODER_FILE, MANIFEST_FILE = "encoder.onnx", "decoder.onnx", "export.json"
 OPSET = 17  # the dynamo exporter needs onnxscript (not installed); the TorchScript exporter at opset 17 works
@@ -278,9 +278,3 @@ class OrtSam2Teacher:
         return TeacherOutput(torch.from_numpy(np.ascontiguousarray(logits[rows, best])),
                              torch.from_numpy(np.ascontiguousarray(iou[rows, best])))
 
-
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
