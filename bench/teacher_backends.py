@@ -49,10 +49,12 @@ from picosam_pipeline.device import resolve_runtime  # noqa: E402
 from picosam_pipeline.stages import prepare  # noqa: E402
 from picosam_pipeline.teacher.models import RandomWeightsWarning, _version, build_teacher  # noqa: E402
 from picosam_pipeline.teacher.runner import TeacherSpec, instance_rows, teacher_session  # noqa: E402
-from picosam_pipeline.teacher.sam2_onnx import check_export, export_teacher  # noqa: E402
+from picosam_pipeline.teacher.sam2_onnx import export_teacher, read_manifest  # noqa: E402
+from picosam_pipeline.train.iou import crop_ious  # noqa: E402
 from teacher_logits import CHECKPOINT, bare_teacher, coco_val_sets, run_stage, timed  # noqa: E402
 
 BACKENDS = ("torch", "onnxruntime")
+PARTS = {"encode": ("encode",), "decode": ("decode",), "image": ("encode", "decode")}  # timed parts of a record
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -105,13 +107,6 @@ def sample_points(rows, index_path: Path, seed: int) -> list[np.ndarray]:
             points.append((xs[k] + 0.5, ys[k] + 0.5))
         out.append(np.asarray(points, np.float32))
     return out
-
-
-def jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-instance Jaccard of two ``(N, H, W)`` bool mask stacks; 1 where both are empty."""
-    inter = (a & b).reshape(len(a), -1).sum(1)
-    union = (a | b).reshape(len(a), -1).sum(1)
-    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
 def box_plot(values: np.ndarray, path: Path, title: str) -> None:
@@ -173,7 +168,7 @@ def main() -> None:
 
         ort_cfg = load_config(params, [*sets, "teacher.backend=onnxruntime"])
         export_s, folder = timed(export_teacher, ort_cfg.teacher, runtime)
-        files = check_export(folder)["files"]
+        files = read_manifest(folder)["files"]
         results = {b: run_backend(b, params, sets, tmp / "inputs.npz", tmp, args.threads) for b in BACKENDS}
 
         # Stage overhead, ONNX backend: the stage's own process builds the teacher once (the per-process cache).
@@ -193,26 +188,21 @@ def main() -> None:
           f"decoder.onnx {files['decoder.onnx']['bytes'] / 2**20:.1f} MiB")
     header = f"{'backend':<12} {'build s':>8} {'1st enc':>8} {'1st dec':>8} {'enc med':>8} {'dec med':>8} {'img med':>8} {'img/s':>7} {'inst/s':>7} {'peak RSS':>9}"
     print(header)
-    per_image = {}
+    median = {}  # backend -> steady-state medians (every image but the first) of encode, decode, image
     for b in BACKENDS:
         r = results[b]
         rec = r["records"]
         steady = rec[1:] or rec
-        enc, dec = statistics.median(x["encode"] for x in steady), statistics.median(x["decode"] for x in steady)
-        img = statistics.median(x["encode"] + x["decode"] for x in steady)
+        median[b] = {part: statistics.median(sum(x[k] for k in keys) for x in steady) for part, keys in PARTS.items()}
         total = sum(x["encode"] + x["decode"] for x in rec)
-        per_image[b] = img
-        print(f"{b:<12} {r['build']:8.2f} {rec[0]['encode']:8.2f} {rec[0]['decode']:8.2f} {enc:8.3f} {dec:8.3f} "
-              f"{img:8.3f} {n_images / total:7.3f} {n / total:7.2f} {r['peak_rss_mib']:7.0f} MiB")
-    t_enc = [x["encode"] for x in results["torch"]["records"][1:]]
-    o_enc = [x["encode"] for x in results["onnxruntime"]["records"][1:]]
-    t_dec = [x["decode"] for x in results["torch"]["records"][1:]]
-    o_dec = [x["decode"] for x in results["onnxruntime"]["records"][1:]]
-    print(f"onnxruntime speed-up, steady state (median per image): {per_image['torch'] / per_image['onnxruntime']:.2f}x "
-          f"(target >= 1.7x); encoder {statistics.median(t_enc) / statistics.median(o_enc):.2f}x, decoder "
-          f"{statistics.median(t_dec) / statistics.median(o_dec):.2f}x")
+        m = median[b]
+        print(f"{b:<12} {r['build']:8.2f} {rec[0]['encode']:8.2f} {rec[0]['decode']:8.2f} {m['encode']:8.3f} "
+              f"{m['decode']:8.3f} {m['image']:8.3f} {n_images / total:7.3f} {n / total:7.2f} {r['peak_rss_mib']:7.0f} MiB")
+    speedup = {part: median["torch"][part] / median["onnxruntime"][part] for part in PARTS}
+    print(f"onnxruntime speed-up, steady state (median per image): {speedup['image']:.2f}x (target >= 1.7x); "
+          f"encoder {speedup['encode']:.2f}x, decoder {speedup['decode']:.2f}x")
 
-    ious = jaccard(results["torch"]["masks"], results["onnxruntime"]["masks"])
+    ious = crop_ious(results["torch"]["masks"], results["onnxruntime"]["masks"])  # per-instance Jaccard
     plot = out_dir / "teacher_backends_jaccard.png"
     box_plot(ious, plot, f"{len(ious)} instances, 1 point inside each GT mask\n{n_images} coco-sample val images, {weights}")
     print(f"parity, point prompts inside GT masks: Jaccard mean {ious.mean():.6f}, min {ious.min():.6f} over "

@@ -250,11 +250,11 @@ def export_teacher_cmd(params_path: str, overrides: tuple[str, ...]) -> None:
     """
     from picosam_pipeline.config import load_config
     from picosam_pipeline.device import resolve_runtime
-    from picosam_pipeline.teacher.sam2_onnx import check_export, export_teacher
+    from picosam_pipeline.teacher.sam2_onnx import export_teacher, read_manifest
 
     cfg = load_config(params_path, overrides)
     folder = export_teacher(cfg.teacher, resolve_runtime(cfg.runtime))
-    manifest = check_export(folder)
+    manifest = read_manifest(folder)  # export_teacher has checked the files
     click.echo(f"{cfg.teacher.model} ({manifest['settings']['weights']}) -> {folder}")
     for name, entry in manifest["files"].items():
         click.echo(f"  {name:<13} {entry['bytes'] / 2**20:7.1f} MiB  sha256 {entry['sha256']}")

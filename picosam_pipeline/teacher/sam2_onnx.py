@@ -110,12 +110,12 @@ def export_teacher(cfg: TeacherConfig, runtime: Runtime) -> Path:
     The export runs on the CPU in fp32 whatever ``runtime`` says, is written to a temporary folder and renamed
     into place, so a crash leaves nothing half-written and concurrent workers end with one complete copy.
     """
+    if cfg.model == "sam3":
+        raise PipelineError("teacher.backend=onnxruntime exports SAM2 / SAM2.1 models only; use teacher.backend=torch for sam3")
     target = export_dir(cfg, runtime.seed)
     if (target / MANIFEST_FILE).is_file():
         check_export(target)
         return target
-    if cfg.model == "sam3":
-        raise PipelineError("teacher.backend=onnxruntime exports SAM2 / SAM2.1 models only; use teacher.backend=torch for sam3")
     start = time.perf_counter()
     cpu = Runtime(device=torch.device("cpu"), autocast_dtype=None, seed=runtime.seed)
     with warnings.catch_warnings():
@@ -159,16 +159,26 @@ def export_teacher(cfg: TeacherConfig, runtime: Runtime) -> Path:
     return target
 
 
-def check_export(folder: str | Path) -> dict[str, Any]:
-    """The manifest of an export folder, after checking each ONNX file against the sha256 it records."""
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """The manifest (``export.json``) of an export folder, as written; :func:`check_export` also checks the files.
+
+    Callers right after :func:`export_teacher` use this: it has checked the files already.
+    """
     folder = Path(folder)
     try:
         manifest = json.loads((folder / MANIFEST_FILE).read_text())
-        files = manifest["files"]
-    except (OSError, ValueError, KeyError) as err:
-        raise PipelineError(f"{folder / MANIFEST_FILE} is missing or unreadable ({err}); delete {folder} and rerun "
+        manifest["files"].items()
+    except (OSError, ValueError, KeyError, AttributeError) as err:
+        raise PipelineError(f"{folder / MANIFEST_FILE} is missing or unreadable ({err!r}); delete {folder} and rerun "
                             "`picosam-pipeline export-teacher` (or the teacher stage) to export again") from None
-    for name, entry in files.items():
+    return manifest
+
+
+def check_export(folder: str | Path) -> dict[str, Any]:
+    """The manifest of an export folder, after checking each ONNX file against the sha256 it records."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    for name, entry in manifest["files"].items():
         path = folder / name
         digest = sha256_file(path) if path.is_file() else None
         if digest != entry["sha256"]:
@@ -230,11 +240,9 @@ class OrtSam2Teacher:
     @classmethod
     def build(cls, cfg: TeacherConfig, runtime: Runtime) -> "OrtSam2Teacher":
         require_extra("teacher", f"teacher.model={cfg.model}")  # the host transforms and the export use sam2
-        if cfg.model == "sam3":
-            raise PipelineError("teacher.backend=onnxruntime runs SAM2 / SAM2.1 models only; use teacher.backend=torch for sam3")
         _checkpoint_or_none(cfg, runtime.seed)  # the missing-checkpoint error / random-weights warning, as in torch
-        folder = export_teacher(cfg, runtime)  # digests checked there
-        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        folder = export_teacher(cfg, runtime)  # refuses sam3; the files' digests are checked there
+        manifest = read_manifest(folder)
         providers = session_providers(cfg.ort_provider, runtime)
         metadata = {**manifest["teacher_metadata"], "backend": "onnxruntime",
                     "onnx": {"opset": OPSET, **{name: entry["sha256"] for name, entry in manifest["files"].items()}},

@@ -61,15 +61,14 @@ def compare(torch_teacher, ort_teacher, rgb: np.ndarray, boxes: np.ndarray, poin
     for name, teacher in (("torch", torch_teacher), ("ort", ort_teacher)):
         teacher.set_image(rgb)
         out[name] = (teacher.predict_boxes(boxes), teacher.predict_points(points))
-    logit_diff = agree = conf_diff = 0.0
+    logit_diff = conf_diff = 0.0
     pixels = flips = 0
     for a, b in zip(out["torch"], out["ort"]):
         logit_diff = max(logit_diff, float((a.image_logits - b.image_logits).abs().max()))
         conf_diff = max(conf_diff, float((a.confidence - b.confidence).abs().max()))
         flips += int(((a.image_logits > 0) != (b.image_logits > 0)).sum())
         pixels += a.image_logits.numel()
-    agree = 1.0 - flips / pixels
-    return {"logit": logit_diff, "confidence": conf_diff, "agreement": agree}
+    return {"logit": logit_diff, "confidence": conf_diff, "agreement": 1.0 - flips / pixels}
 
 
 def test_encoder_features_match_the_predictor(teachers, tmp_path_factory):
