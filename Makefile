@@ -29,6 +29,8 @@ bench: $(STAMP)
 	$(PY) bench/teacher_logits.py
 	$(PY) bench/loader.py
 	$(PY) bench/teacher_backends.py
+	$(PY) bench/teacher_gpu.py
+	$(PY) bench/train_gpu.py
 
 clean-env:
 	rm -rf $(VENV)

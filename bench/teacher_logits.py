@@ -93,7 +93,6 @@ def bare_teacher(session, rows) -> float:
     for group, rgb in zip(groups, pixels):
         session.teacher.set_image(rgb)
         session.teacher.predict_boxes(group.prompt)
-    session.encoded = None  # the teacher now holds another image than the session thinks
     return time.perf_counter() - start
 
 
@@ -106,7 +105,6 @@ def per_annotation(session, cfg, rows, picked: np.ndarray, folder: Path) -> floa
         logits, confidence = predict_crops(session.teacher, cfg.teacher, row)
         torch.save({"logits": torch.from_numpy(logits).half(), "score": float(confidence[0]),
                     "roi": row.crop_box[0].tolist(), "image_id": int(row.image_id[0])}, folder / f"ann_{row.ann_id[0]}.pt")
-    session.encoded = None
     return time.perf_counter() - start
 
 

@@ -171,6 +171,9 @@ def stage_metrics(store: LogitStore, rows: InstanceRows, summaries: list[dict], 
         if task_seconds else None,
         "executor": executor.name,
         "workers": executor.workers,
+        "images_per_batch": executor.images_per_batch,
+        "batch_splits": sum(s.get("batch_splits", 0) for s in summaries),  # batches split to fit device memory
+        "images_decoded_on_device": sum(s.get("images_decoded_on_device", 0) for s in summaries),  # nvJPEG, not PIL
     }
     return metrics, run
 

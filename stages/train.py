@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -43,16 +44,20 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
                             "need one side, a multiple of 16, for both splits: set teacher.store_size (96) and rerun teacher + pack")
 
     loaders: list[ShardLoader] = []  # every loader made, to count shards skipped under on_corrupt_shard=skip
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = t.loader_workers(runtime.device.type, cores)
+    pin = runtime.device.type == "cuda"  # pinned batches: the trainer's copies to the GPU run behind compute
 
     def train_epoch(epoch: int) -> ShardLoader:
         loaders.append(make_loader(train_dir, batch_size=t.batch_size, shuffle_buffer=t.shuffle_buffer,
-                                   num_workers=t.num_workers, seed=epoch_seed(runtime.seed, epoch), hflip=t.hflip,
-                                   jitter=t.jitter, on_corrupt_shard=t.on_corrupt_shard, input_size=size))
+                                   num_workers=workers, seed=epoch_seed(runtime.seed, epoch), hflip=t.hflip,
+                                   jitter=t.jitter, on_corrupt_shard=t.on_corrupt_shard, input_size=size,
+                                   pin_memory=pin))
         return loaders[-1]
 
     def val() -> ShardLoader:  # no shuffling, no augmentation: the mIoU of a fixed set
-        loaders.append(make_loader(val_dir, batch_size=t.batch_size, shuffle_buffer=0, num_workers=t.num_workers,
-                                   seed=0, on_corrupt_shard=t.on_corrupt_shard, input_size=size))
+        loaders.append(make_loader(val_dir, batch_size=t.batch_size, shuffle_buffer=0, num_workers=workers,
+                                   seed=0, on_corrupt_shard=t.on_corrupt_shard, input_size=size, pin_memory=pin))
         return loaders[-1]
 
     # shards.json lists every shard's sha256, so its digest identifies the training data for resuming
@@ -82,7 +87,8 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         "world_size": result.world_size,
         "skipped_shards": len({problem.shard for loader in loaders for problem in loader.skipped}),
     }
-    run = {"samples_per_s": result.samples_per_s, "device": runtime.describe(), "resumed_from_step": result.resumed_from}
+    run = {"samples_per_s": result.samples_per_s, "device": runtime.describe(), "resumed_from_step": result.resumed_from,
+           "loader_workers": workers, "compiled": t.compile}
     write_metrics(cfg, "train", metrics, run)
     return {"steps": state.step, "val_iou_before": round(result.val_iou_before, 4),
             "val_iou_after": round(result.val_iou_after, 4),

@@ -101,7 +101,7 @@ def load_image(path: str | Path, expected_size: tuple[int, int] | None = None) -
     image = _decode(path, data)
     conversions: list[str] = []
 
-    orientation = _exif_orientation(image)
+    orientation = exif_orientation(image)
     raw_size = image.size
     shown_size = raw_size[::-1] if orientation in _SWAPPING_ORIENTATIONS else raw_size
     if orientation == 1:
@@ -195,11 +195,11 @@ def header_sizes(path: str | Path) -> tuple[tuple[int, int], tuple[int, int]]:
     """
     with Image.open(path) as image:
         raw = image.size
-        shown = raw[::-1] if _exif_orientation(image) in _SWAPPING_ORIENTATIONS else raw
+        shown = raw[::-1] if exif_orientation(image) in _SWAPPING_ORIENTATIONS else raw
     return raw, shown
 
 
-def _exif_orientation(image: Image.Image) -> int:
+def exif_orientation(image: Image.Image) -> int:
     """EXIF Orientation tag (1..8), 1 when absent, invalid or the EXIF block itself is unreadable."""
     try:
         value = image.getexif().get(ExifTags.Base.Orientation, 1)

@@ -29,9 +29,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 CodecName = Literal["sigmoid_uint8", "float16", "linear_uint8"]
 
@@ -131,6 +134,34 @@ def encode_logits(logits: np.ndarray, codec: str | LogitCodec) -> np.ndarray:
     zero_level = codec.offset + (0.5 / codec.scale if codec.quantity == "sigmoid" else 0.0)
     q[positive & (q <= zero_level)] = zero_level + 1
     return q.astype(np.uint8)
+
+
+def encode_logits_torch(logits: torch.Tensor, codec: str | LogitCodec, check_finite: bool = True) -> torch.Tensor:
+    """:func:`encode_logits` on a tensor's own device (the GPU pass encodes there and copies only the codes).
+
+    Same rule, same float64 arithmetic, so the codes equal :func:`encode_logits`'s (tested); returns a tensor of
+    ``codec.dtype`` on ``logits.device``, same shape. ``check_finite=False`` leaves the NaN/inf check to the
+    caller (the teacher pass counts them on the whole-image logits, which the crops could miss).
+
+    Raises:
+        ValueError: a NaN or infinite logit.
+    """
+    import torch
+
+    codec = get_codec(codec) if isinstance(codec, str) else codec
+    x = logits.float()
+    bad = int((~torch.isfinite(x)).sum()) if check_finite else 0
+    if bad:
+        raise ValueError(f"logits contain {bad} NaN/inf values; the teacher output is broken")
+    positive = x > 0
+    if codec.name == "float16":
+        q16 = x.clamp(-65504.0, 65504.0).half()
+        return torch.where(positive & (q16 <= 0), torch.tensor(2.0**-24, dtype=torch.float16, device=x.device), q16)
+    v = 0.5 * (1.0 + torch.tanh(0.5 * x.double())) if codec.quantity == "sigmoid" else x.double()
+    q = torch.round(v / codec.scale + codec.offset).clamp(0, 255)  # round half to even, as np.rint
+    zero_level = codec.offset + (0.5 / codec.scale if codec.quantity == "sigmoid" else 0.0)
+    q = torch.where(positive & (q <= zero_level), torch.full_like(q, zero_level + 1), q)
+    return q.to(torch.uint8)
 
 
 def decode_logits(stored: np.ndarray, codec: str | LogitCodec) -> np.ndarray:

@@ -1,8 +1,9 @@
 """Where the teacher's shard tasks run: in this process, on a dask LocalCluster sized to the machine, or on an
 existing dask cluster.
 
-The stage (``stages/teacher_logits.py``) hands the same :func:`runner.process_shard` calls to either
-executor; dask wraps the stage's work, it does not live inside it. Both executors are context managers with
+The stage (``stages/teacher_logits.py``) hands the pending shards to either executor, which runs
+:func:`runner.process_shards` over them (in this process: one run of all; on dask: one task per run of
+consecutive shards, :func:`task_runs`); dask wraps the stage's work, it does not live inside it. Both executors are context managers with
 two methods: :meth:`teacher_metadata` (build the teacher once in every process that will run tasks, check that
 they all built the same one) and :meth:`map_shards` (run the shard tasks, yield their small summaries as they
 finish, for the progress bar).
@@ -11,7 +12,7 @@ LocalCluster sizing (``teacher.n_workers: 0``): with CUDA, one worker process pe
 ``CUDA_VISIBLE_DEVICES`` (as dask-cuda's ``LocalCUDACluster`` does) and computing on its ``cuda`` device; on a
 CPU, ONE worker computing with all cores as torch threads (measured on 2 cores: two torch threads in one
 process ran SAM2 faster than two single-threaded processes, and each extra process holds another teacher).
-Every worker runs one shard task at a time (dask ``nthreads=1``); the parallelism inside a task is torch's.
+Every worker runs one task at a time (dask ``nthreads=1``); the parallelism inside a task is torch's.
 ``teacher.threads_per_worker`` sets the torch threads per worker (0 = the stage process's torch threads, i.e.
 ``runtime.num_threads`` or one per core, divided among the workers).
 
@@ -29,6 +30,7 @@ The ``if __name__ == "__main__"`` guard that process-based dask needs is in the 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import uuid
 from dataclasses import dataclass
@@ -39,9 +41,13 @@ import torch
 from picosam_pipeline.config import TeacherConfig
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
-from picosam_pipeline.teacher.runner import InstanceRows, TeacherSpec, process_shard, teacher_metadata
+from picosam_pipeline.teacher.runner import (InstanceRows, TeacherSpec, images_per_batch, process_shards, run_shards,
+                                             teacher_metadata)
 
 ShardJob = tuple[int, InstanceRows]  # (shard number, its index rows)
+# Instances per dask task: ~280 COCO images, 17 batches of 16 on a GPU; an image straddling two tasks is
+# encoded by both, <= 1 extra encoder pass per task.
+TASK_INSTANCES = 2048
 
 # Metadata that may differ between workers that built the same teacher.
 _PER_PROCESS_METADATA = ("torch_threads",)
@@ -64,6 +70,7 @@ class InProcess:
     def __init__(self, cfg: TeacherConfig, runtime: Runtime) -> None:
         self.spec = TeacherSpec.of(cfg, runtime, threads=cfg.threads_per_worker or compute_threads())
         self.workers = 1
+        self.images_per_batch = images_per_batch(cfg, runtime.device)
 
     def __enter__(self) -> "InProcess":
         return self
@@ -75,8 +82,7 @@ class InProcess:
         return teacher_metadata(self.spec)
 
     def map_shards(self, store_path: str, jobs: list[ShardJob]) -> Iterator[dict[str, Any]]:
-        for shard, rows in jobs:
-            yield process_shard(store_path, shard, rows, self.spec)
+        yield from process_shards(store_path, jobs, self.spec)  # one stream: every image encoded once
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,6 +144,7 @@ class DaskExecutor:
         self.resources: dict[str, float] | None = None
         self.spec: TeacherSpec | None = None
         self.workers = 0
+        self.images_per_batch = images_per_batch(cfg, runtime.device)  # as this machine resolves it
 
     def __enter__(self) -> "DaskExecutor":
         try:
@@ -223,18 +230,37 @@ class DaskExecutor:
         return metas[0]
 
     def map_shards(self, store_path: str, jobs: list[ShardJob]) -> Iterator[dict[str, Any]]:
-        """Submit one task per shard (in shard order, so a lone worker takes them in order) and yield summaries."""
+        """Submit one task per run of consecutive shards (:func:`task_runs`, in shard order, so a lone worker takes
+        them in order) and yield the shards' summaries as tasks finish."""
         from distributed import as_completed
 
         run = uuid.uuid4().hex[:8]
-        futures = [self.client.submit(process_shard, store_path, shard, rows, self.spec, pure=False,
-                                      resources=self.resources, key=f"teacher-shard-{shard}-{run}")
-                   for shard, rows in jobs]
+        futures = [self.client.submit(run_shards, store_path, part, self.spec, pure=False, resources=self.resources,
+                                      key=f"teacher-shards-{part[0][0]}-{run}")
+                   for part in task_runs(jobs, self.workers)]
         try:
             for future in as_completed(futures):
-                yield future.result()
+                yield from future.result()
         finally:  # an error or an interrupt: drop the tasks not started yet
             self.client.cancel(futures)
+
+
+def task_runs(jobs: list[ShardJob], workers: int, instances_per_task: int = TASK_INSTANCES) -> list[list[ShardJob]]:
+    """``jobs`` cut into dask tasks: runs of consecutive shards of about ``instances_per_task`` instances; with
+    several workers also at least 4 tasks per worker while there are shards enough (so that a slow worker does
+    not hold the tail)."""
+    if not jobs:
+        return []
+    size = math.ceil(instances_per_task / max(1, len(jobs[0][1])))
+    if workers > 1:
+        size = max(1, min(size, math.ceil(len(jobs) / (4 * workers))))
+    runs: list[list[ShardJob]] = []
+    for job in jobs:
+        if runs and len(runs[-1]) < size and runs[-1][-1][0] + 1 == job[0]:
+            runs[-1].append(job)
+        else:
+            runs.append([job])
+    return runs
 
 
 def make_executor(cfg: TeacherConfig, runtime: Runtime) -> InProcess | DaskExecutor:

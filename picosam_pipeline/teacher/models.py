@@ -69,6 +69,23 @@ class Teacher(Protocol):
     def predict_points(self, points_xy: np.ndarray) -> TeacherOutput:
         """Decode ``(N, 2)`` float ``(x, y)`` image-pixel positive points, one instance each."""
 
+    def predict_images(self, images: list[torch.Tensor], prompts: list[np.ndarray], prompt: str) -> list[TeacherOutput]:
+        """The teacher pass's call: ``images`` (``(H_i, W_i, 3)`` uint8 RGB tensors, on any device) with their
+        prompts (``(N_i, 4)`` boxes for ``prompt="roi"``, ``(N_i, 2)`` points for ``"point"``) -> one output per
+        image, its tensors on the teacher's device. Batched teachers encode several images per forward."""
+
+
+class OneImageAtATime:
+    """:meth:`Teacher.predict_images` for teachers that hold one encoded image at a time (SAM3's processor,
+    ONNX Runtime, the SAM2 predictor): ``set_image`` then one prompt call per image."""
+
+    def predict_images(self, images: list[torch.Tensor], prompts: list[np.ndarray], prompt: str) -> list[TeacherOutput]:
+        outputs = []
+        for image, image_prompts in zip(images, prompts):
+            self.set_image(image.cpu().numpy())
+            outputs.append(self.predict_boxes(image_prompts) if prompt == "roi" else self.predict_points(image_prompts))
+        return outputs
+
 
 def build_teacher(cfg: TeacherConfig, runtime: Runtime) -> Teacher:
     """Build the teacher named by ``cfg.model`` on ``runtime.device``.
@@ -83,6 +100,8 @@ def build_teacher(cfg: TeacherConfig, runtime: Runtime) -> Teacher:
         from picosam_pipeline.teacher.sam2_onnx import OrtSam2Teacher
 
         return OrtSam2Teacher.build(cfg, runtime)
+    from picosam_pipeline.teacher.sam2_batched import Sam2Teacher
+
     return Sam2Teacher.build(cfg, runtime)
 
 
@@ -101,8 +120,50 @@ def sam2_config_name(model: str) -> str:
     return f"configs/{family}/{family}_hiera_{_SAM2_SIZES[size]}.yaml"
 
 
-class Sam2Teacher:
-    """SAM2 / SAM2.1 through ``sam2.SAM2ImagePredictor``.
+def build_sam2_model(cfg: TeacherConfig, runtime: Runtime) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The SAM2 / SAM2.1 model of ``cfg.model`` on ``runtime.device`` in eval mode, plus its metadata.
+
+    Raises:
+        PipelineError: the teacher extra is missing, or the checkpoint is missing (and random weights are not
+            allowed), unsafe or not matching the model.
+    """
+    require_extra("teacher", f"teacher.model={cfg.model}")
+    from sam2.build_sam import build_sam2
+
+    config_name = sam2_config_name(cfg.model)
+    checkpoint = _checkpoint_or_none(cfg, runtime.seed)  # fail fast, before the model is built
+    state_dict = load_state_dict_safely(checkpoint) if checkpoint else None
+    # build_sam2 loads nothing when ckpt_path is None; the checked state dict is loaded below.
+    # apply_postprocessing=True (its default, as PicoSAM used it): with multimask_output=False SAM2 falls
+    # back to the best of its 3 masks when the single mask is unstable.
+    model = _seeded_build(lambda: build_sam2(config_name, ckpt_path=None, device="cpu", mode="eval"), runtime.seed)
+    if checkpoint is None:
+        weights = _random_weights(model, runtime.seed)
+    else:
+        weights = _load_checked(model, state_dict, set(model.state_dict()), checkpoint, cfg.model)
+    model.to(runtime.device)
+    metadata = {
+        "teacher": "sam2",
+        "backend": "torch",
+        "model": cfg.model,
+        "config": config_name,
+        "package": f"sam2 {_version('sam2')}",
+        **weights,
+        "prompt": cfg.prompt,
+        "multimask_output": cfg.multimask_output,
+        "mask_selection": "highest predicted IoU" if cfg.multimask_output else "single mask (stability fallback on)",
+        "logits": "256x256 low-res mask logits over the whole image (stretched), clamped to +-32",
+        "autocast": _autocast_name(runtime),
+    }
+    return model, metadata
+
+
+class Sam2PredictorTeacher(OneImageAtATime):
+    """SAM2 / SAM2.1 through ``sam2.SAM2ImagePredictor``: the reference the stage's own path is checked against.
+
+    The stage runs :class:`picosam_pipeline.teacher.sam2_batched.Sam2Teacher` (several images per encoder
+    forward, everything on the device); this class is the predictor API, one image at a time, kept as the
+    independent implementation that the parity tests and ``bench/teacher_gpu.py`` compare it with.
 
     One image-encoder pass per image; the N prompts of the image go through the prompt encoder and mask
     decoder in batched predictor calls of up to ``decode_batch`` prompts (the predictor batches ``(N, 4)``
@@ -134,36 +195,9 @@ class Sam2Teacher:
         self.decode_batch = decode_batch
 
     @classmethod
-    def build(cls, cfg: TeacherConfig, runtime: Runtime) -> "Sam2Teacher":
-        require_extra("teacher", f"teacher.model={cfg.model}")
-        from sam2.build_sam import build_sam2
-
-        config_name = sam2_config_name(cfg.model)
-        checkpoint = _checkpoint_or_none(cfg, runtime.seed)  # fail fast, before the model is built
-        state_dict = load_state_dict_safely(checkpoint) if checkpoint else None
-        # build_sam2 loads nothing when ckpt_path is None; the checked state dict is loaded below.
-        # apply_postprocessing=True (its default, as PicoSAM used it): with multimask_output=False SAM2 falls
-        # back to the best of its 3 masks when the single mask is unstable.
-        model = _seeded_build(lambda: build_sam2(config_name, ckpt_path=None, device="cpu", mode="eval"), runtime.seed)
-        if checkpoint is None:
-            weights = _random_weights(model, runtime.seed)
-        else:
-            weights = _load_checked(model, state_dict, set(model.state_dict()), checkpoint, cfg.model)
-        model.to(runtime.device)
-        metadata = {
-            "teacher": "sam2",
-            "backend": "torch",
-            "model": cfg.model,
-            "config": config_name,
-            "package": f"sam2 {_version('sam2')}",
-            **weights,
-            "prompt": cfg.prompt,
-            "multimask_output": cfg.multimask_output,
-            "mask_selection": "highest predicted IoU" if cfg.multimask_output else "single mask (stability fallback on)",
-            "logits": "256x256 low-res mask logits over the whole image (stretched), clamped to +-32",
-            "autocast": _autocast_name(runtime),
-        }
-        return cls(model, runtime, cfg.multimask_output, metadata)
+    def build(cls, cfg: TeacherConfig, runtime: Runtime) -> "Sam2PredictorTeacher":
+        model, metadata = build_sam2_model(cfg, runtime)
+        return cls(model, runtime, cfg.multimask_output, {**metadata, "path": "SAM2ImagePredictor, one image at a time"})
 
     def set_image(self, rgb: np.ndarray) -> None:
         _check_rgb(rgb)
@@ -213,7 +247,7 @@ def probabilities_to_logits(prob: torch.Tensor, eps: float = SAM3_PROB_EPS) -> t
     return (torch.log(p) - torch.log1p(-p)).float()
 
 
-class Sam3Teacher:
+class Sam3Teacher(OneImageAtATime):
     """SAM3 through the optional ``sam3`` package, following PicoSAM3's teacher precompute.
 
     ``Sam3Processor(confidence_threshold=0.0)`` keeps every query; per box: ``reset_all_prompts``, then

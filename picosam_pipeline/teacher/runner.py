@@ -1,23 +1,19 @@
-"""The teacher pass's unit of work: fill one logit-store shard, encoding each of its images once.
+"""The teacher pass's unit of work: fill a run of logit-store shards, encoding each image once.
 
-:func:`process_shard` is the task: given the ``n <= K`` index rows of shard ``k`` (:class:`InstanceRows`, in
-index order, so an image's instances are contiguous), it decodes each image once
-(:func:`images.load_image`), encodes it once (:meth:`Teacher.set_image`), decodes all the image's prompts
-in ONE batched call (:meth:`~Teacher.predict_boxes` for ``prompt=roi``, :meth:`~Teacher.predict_points` for
-``prompt=point``), resamples the whole-image logits into each instance's stored crop frame
-(:func:`geometry.crop_logits`) and writes the shard with :meth:`LogitStore.write_shard`, which marks it
-done last. It returns a small summary dict, never the logits.
+:func:`process_shards` is the task: given the pending shards ``k`` with their ``n <= K`` index rows
+(:class:`InstanceRows`, in index order, so an image's instances are contiguous), it streams their images, read
+and decoded ahead of compute (:mod:`image_feed`), through the teacher ``teacher.images_per_batch`` at a time
+(:meth:`Teacher.predict_images`: SAM2 encodes the batch in one forward and decodes all its prompts together,
+:mod:`sam2_batched`), resamples each instance's whole-image logits into its stored crop frame
+(:func:`geometry.crop_logits`) and encodes them with the store's codec on the teacher's device
+(:func:`stored_codes`); only the stored codes go to the host, where each shard, once complete, is written by a
+background thread (:mod:`shard_writer`, which marks it done last). It yields one small summary per shard, never
+the logits. An image whose instances straddle two shards of the run is encoded once.
 
-The same function runs in the stage's own process (``teacher.executor=local``) and on dask workers
-(:mod:`picosam_pipeline.teacher.executors`). Either way the teacher is built once per process, not once per task
-(:func:`teacher_session`, a cache keyed by :meth:`TeacherSpec.build_key`).
-
-Shard boundaries are fixed at multiples of ``K`` (the store's layout), so an image whose instances straddle
-a boundary belongs to two tasks. The session remembers the image it encoded last, so when the process that
-finished shard ``k`` goes on with shard ``k + 1`` (always with ``executor=local``; with dask when the same
-worker takes the next shard) the straddling image is not encoded again. Otherwise it is encoded twice: at
-most ``n_shards - 1`` extra encoder passes, e.g. <= 1 in 35 (2.9 %) for COCO's ~7.3 instances per image
-at K = 256. The stage reports the count as ``encoder_passes`` vs ``images``.
+The same function runs in the stage's own process (``teacher.executor=local``: one run of every pending shard)
+and on dask workers (:mod:`picosam_pipeline.teacher.executors`: runs of consecutive shards per task, where an
+image straddling two tasks is encoded by both). Either way the teacher is built once per process, not once
+per task (:func:`teacher_session`, a cache keyed by :meth:`TeacherSpec.build_key`).
 """
 
 from __future__ import annotations
@@ -28,8 +24,6 @@ import json
 import os
 import threading
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -43,12 +37,14 @@ from picosam_pipeline.data.images import BadImageError, load_image
 from picosam_pipeline.data.index import column_array, read_index, read_metadata
 from picosam_pipeline.device import Runtime, resolve_runtime
 from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.teacher.codec import encode_logits_torch
 from picosam_pipeline.teacher.geometry import crop_logits
+from picosam_pipeline.teacher.image_feed import gpu_jpeg_bytes, image_batches
 from picosam_pipeline.teacher.models import Teacher, TeacherOutput, build_teacher
-from picosam_pipeline.teacher.store import open_store, stored_boxes
+from picosam_pipeline.teacher.shard_writer import PendingShard, ShardAssembler, ShardWriter
+from picosam_pipeline.teacher.store import open_store
 
 _COLUMNS = ["ann_id", "image_id", "split", "image_path", "width", "height", "bbox", "roi_box", "point", "point_box"]
-_PREFETCH = 2  # images decoded ahead of the teacher (PIL releases the GIL; on a GPU decoding would otherwise stall it)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -184,26 +180,13 @@ def file_key(path: str) -> FileKey:
 
 
 class TeacherSession:
-    """A process's teacher plus the key of the image it holds encoded; hold ``lock`` while using it."""
+    """A process's teacher; hold ``lock`` while using it (a dask worker with several threads would otherwise
+    interleave images)."""
 
     def __init__(self, key: str, teacher: Teacher) -> None:
         self.key = key
         self.teacher = teacher
-        self.encoded: FileKey | None = None
-        self.lock = threading.Lock()  # a dask worker with several threads would otherwise interleave images
-
-    def set_image(self, key: FileKey, pixels: np.ndarray) -> None:
-        """Encode ``pixels`` (``(H, W, 3)`` uint8 RGB) and remember that the teacher now holds image ``key``."""
-        self.encoded = None  # not valid again until set_image has returned
-        self.teacher.set_image(pixels)
-        self.encoded = key
-
-    def holds(self, path: str) -> bool:
-        """Whether the teacher holds ``path`` encoded (False for a file that is gone: decoding it reports that)."""
-        try:
-            return self.encoded == file_key(path)
-        except OSError:
-            return False
+        self.lock = threading.Lock()
 
 
 _session: TeacherSession | None = None
@@ -242,9 +225,8 @@ def to_stored_frames(out: TeacherOutput, cfg: TeacherConfig, rows: InstanceRows)
     """Whole-image teacher output -> ``logits`` float32 ``(n, S, S)`` in the stored frames of ``rows``
     (``S = geometry.stored_size(store_size, context_margin)``; unbounded logits, SAM2 within +-32) and
     ``confidence`` float32 ``(n,)`` in [0, 1]."""
-    width, height = (int(v) for v in rows.size[0])
-    logits = crop_logits(out.image_logits, (width, height), rows.crop_box, cfg.store_size, cfg.context_margin)
-    return logits.cpu().numpy(), out.confidence.cpu().numpy()
+    logits = crop_logits(out.image_logits, rows.size, rows.crop_box, cfg.store_size, cfg.context_margin)
+    return logits.cpu().numpy(), out.confidence.float().cpu().numpy()
 
 
 def predict_crops(teacher: Teacher, cfg: TeacherConfig, rows: InstanceRows) -> tuple[np.ndarray, np.ndarray]:
@@ -267,62 +249,120 @@ def load_pixels(rows: InstanceRows) -> np.ndarray:
                             "the index was built: restore the file, or rerun prepare to drop it)") from None
 
 
-def iter_images(rows: InstanceRows, skip_first: bool) -> Iterator[tuple[InstanceRows, np.ndarray | None]]:
-    """``(rows of one image, its pixels)`` per image of ``rows``, decoded ``_PREFETCH`` images ahead in a thread.
+def images_per_batch(cfg: TeacherConfig, device: torch.device) -> int:
+    """``teacher.images_per_batch`` resolved: ``auto`` is 1 on a CPU (the lowest memory; larger batches were not
+    measured there) and 16 on a GPU (on an H200 the encoder alone gains 3 % from 16 to 64, and the stage was no
+    faster at 32 or 48: bench/teacher_gpu.py), 4 on a GPU under 24 GiB; a batch that still does not fit is split
+    by the teacher."""
+    if cfg.images_per_batch != "auto":
+        return int(cfg.images_per_batch)
+    if device.type != "cuda":
+        return 1
+    return 16 if torch.cuda.get_device_properties(device).total_memory >= 24 * 2**30 else 4
 
-    With ``skip_first`` the first image is not decoded (its pixels are None: the teacher already holds it).
+
+def stored_codes(outputs: list[TeacherOutput], rows: list[InstanceRows], cfg: TeacherConfig
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch's teacher outputs -> the codec's ``(n, S, S)`` values, ``(n,)`` float32 confidences and the count of
+    non-finite logits and confidences (a 0-d tensor), all computed on the outputs' device (crop resampling and codec
+    there: only the small stored tiles cross to the host).
+
+    Outputs on one grid (SAM2's 256x256 for every image) are resampled in one ``grid_sample`` call.
     """
-    groups = [rows.take(sl) for _, sl in rows.images()]
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
-        queue: deque[Future | None] = deque()
-        todo = iter(enumerate(groups))
-
-        def submit_next() -> None:
-            item = next(todo, None)
-            if item is not None:
-                i, group = item
-                queue.append(None if (i == 0 and skip_first) else pool.submit(load_pixels, group))
-
-        for _ in range(_PREFETCH):
-            submit_next()
-        for group in groups:
-            future = queue.popleft()
-            submit_next()
-            yield group, None if future is None else future.result()
+    sizes = np.concatenate([r.size for r in rows])
+    boxes = np.concatenate([r.crop_box for r in rows])
+    if len({tuple(o.image_logits.shape[1:]) for o in outputs}) == 1:
+        logits = crop_logits(torch.cat([o.image_logits for o in outputs]), sizes, boxes, cfg.store_size, cfg.context_margin)
+    else:  # full-resolution outputs (SAM3) differ per image
+        logits = torch.cat([crop_logits(o.image_logits, r.size, r.crop_box, cfg.store_size, cfg.context_margin)
+                            for o, r in zip(outputs, rows)])
+    confidence = torch.cat([o.confidence.float() for o in outputs])
+    # Counted on the whole-image logits too: the crop of a NaN map can miss its NaN pixels.
+    bad = sum((~torch.isfinite(o.image_logits)).sum() for o in outputs) + (~torch.isfinite(confidence)).sum()
+    return encode_logits_torch(logits, cfg.codec, check_finite=False), confidence, bad
 
 
-def process_shard(store_path: str, shard: int, rows: InstanceRows, spec: TeacherSpec) -> dict[str, Any]:
-    """Compute and write shard ``shard`` of the store at ``store_path`` from its index ``rows``.
+def refuse_non_finite(bad: int, rows: list[InstanceRows], cfg: TeacherConfig) -> None:
+    """Raise when a batch's teacher output held NaN or infinite values: nothing of it is stored."""
+    if bad:
+        ids = sorted({int(i) for r in rows for i in r.image_id})
+        raise PipelineError(
+            f"teacher {cfg.model} returned {bad} NaN/inf logits or confidences for images {ids[:8]}"
+            f"{' ...' if len(ids) > 8 else ''}; nothing of them was stored. Check the checkpoint (`picosam-pipeline "
+            "fetch`), try --set runtime.precision=fp32, and report it with the image ids if it persists"
+        )
 
-    Returns a small summary: ``shard``, ``instances``, ``images``, ``encoder_passes``, ``seconds`` (the whole
-    task), ``teacher_seconds`` (encoder + decoder calls only), ``pid``.
+
+def process_shards(store_path: str, jobs: list[tuple[int, InstanceRows]], spec: TeacherSpec) -> Iterator[dict[str, Any]]:
+    """Compute and write the shards ``jobs`` (``(shard, its index rows)``, ascending) of the store at ``store_path``.
+
+    The rows of all jobs form one stream of images, ``images_per_batch`` per teacher call, so an image whose
+    instances straddle two shards is encoded once. Images are read ahead (:mod:`image_feed`); a shard is handed
+    to the background writer (:mod:`shard_writer`) as soon as its last row is computed. Yields one summary per
+    written shard: ``shard``, ``instances``, and since the previous summary ``images``, ``encoder_passes``,
+    ``seconds``, ``teacher_seconds`` (the teacher calls), ``batch_splits`` (batches split for memory); ``pid``.
     """
-    start = time.perf_counter()
+    last = time.perf_counter()
     session = teacher_session(spec)
     store = open_store(store_path, writable=True)
     cfg = spec.teacher
-    expected = store.shard_slice(shard)
-    if len(rows) != expected.stop - expected.start:
-        raise ValueError(f"shard {shard}: got {len(rows)} rows, the store expects rows {expected.start}:{expected.stop}")
-    logits, confidence = [], []
-    images = encodes = 0
-    teacher_seconds = 0.0
-    with session.lock:
-        # The previous shard's last image, when this process ran that shard, is still encoded.
-        for group, pixels in iter_images(rows, skip_first=session.holds(rows.image_path[0])):
-            tick = time.perf_counter()
-            if pixels is not None:
-                session.set_image(file_key(group.image_path[0]), pixels)
-                encodes += 1
-            out = decode_prompts(session.teacher, cfg, group)
-            teacher_seconds += time.perf_counter() - tick
-            image_logits, image_confidence = to_stored_frames(out, cfg, group)
-            logits.append(image_logits)
-            confidence.append(image_confidence)
-            images += 1
-    store.write_shard(
-        shard, np.concatenate(logits), ann_id=rows.ann_id, image_id=rows.image_id,
-        confidence=np.concatenate(confidence), crop_box=rows.crop_box, stored_box=stored_boxes(rows.crop_box, cfg.store_size, cfg.context_margin),
+    for shard, rows in jobs:
+        expected = store.shard_slice(shard)
+        if len(rows) != expected.stop - expected.start:
+            raise ValueError(f"shard {shard}: got {len(rows)} rows, the store expects rows {expected.start}:{expected.stop}")
+    shard_jobs = [PendingShard(shard, rows) for shard, rows in jobs]
+    if not shard_jobs:
+        return
+    stream = concat_rows([j.rows for j in shard_jobs])
+    groups = [np.arange(sl.start, sl.stop) for _, sl in stream.images()]
+    device = torch.device(spec.device)
+    per_batch = images_per_batch(cfg, device)
+    assembler = ShardAssembler(shard_jobs, store.side, np.dtype(store.codec.dtype))
+    counts = {"images": 0, "encoder_passes": 0, "teacher_seconds": 0.0, "images_decoded_on_device": 0}
+    splits_seen = getattr(session.teacher, "splits", 0)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    batches = image_batches(
+        groups, lambda i: load_pixels(stream.take(groups[i][:1])),
+        lambda i: gpu_jpeg_bytes(stream.image_path[groups[i][0]], tuple(int(v) for v in stream.size[groups[i][0]])),
+        per_batch, device, threads=min(8, max(1, cores // 2)),
     )
-    return {"shard": shard, "instances": len(rows), "images": images, "encoder_passes": encodes,
-            "seconds": time.perf_counter() - start, "teacher_seconds": teacher_seconds, "pid": os.getpid()}
+
+    def summaries(written: list[int]) -> Iterator[dict[str, Any]]:
+        nonlocal last, splits_seen
+        for shard in written:
+            now, splits = time.perf_counter(), getattr(session.teacher, "splits", 0)
+            rows = store.shard_slice(shard)
+            yield {"shard": shard, "instances": rows.stop - rows.start, **counts, "seconds": now - last,
+                   "batch_splits": splits - splits_seen, "pid": os.getpid()}
+            counts.update(images=0, encoder_passes=0, teacher_seconds=0.0, images_decoded_on_device=0)
+            last, splits_seen = now, splits
+
+    with session.lock, ShardWriter(store, cfg.store_size, cfg.context_margin) as writer:
+        for batch in batches:
+            tick = time.perf_counter()
+            batch_rows = [stream.take(g) for g in batch.groups]
+            outputs = session.teacher.predict_images(batch.pixels, [r.prompt for r in batch_rows], cfg.prompt)
+            codes, confidence, bad = stored_codes(outputs, batch_rows, cfg)
+            refuse_non_finite(int(bad), batch_rows, cfg)  # waits for the device: the batch is done
+            codes, confidence = codes.cpu().numpy(), confidence.cpu().numpy()
+            counts["teacher_seconds"] += time.perf_counter() - tick
+            counts["images"] += len(batch.groups)
+            counts["encoder_passes"] += len(batch.groups)
+            counts["images_decoded_on_device"] += batch.gpu_decoded
+            for j in assembler.add(np.concatenate(batch.groups), codes, confidence):
+                writer.submit(shard_jobs[j], *assembler.pop(j))
+            yield from summaries(writer.done())
+    yield from summaries(writer.done())
+    if (missing := [j.shard for j, left in zip(shard_jobs, assembler.missing) if left]):
+        raise RuntimeError(f"shards {missing[:8]} were not completely computed")  # a bug, not a user error
+
+
+def run_shards(store_path: str, jobs: list[tuple[int, InstanceRows]], spec: TeacherSpec) -> list[dict[str, Any]]:
+    """:func:`process_shards` as one dask task: all its summaries at once."""
+    return list(process_shards(store_path, jobs, spec))
+
+
+def concat_rows(parts: list[InstanceRows]) -> InstanceRows:
+    """The rows of ``parts`` one after another."""
+    return InstanceRows(**{f.name: np.concatenate([getattr(p, f.name) for p in parts])
+                           for f in dataclasses.fields(InstanceRows)})

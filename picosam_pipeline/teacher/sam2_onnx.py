@@ -36,8 +36,8 @@ from picosam_pipeline.config import TeacherConfig
 from picosam_pipeline.data.checksums import sha256_file
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError, require_extra
-from picosam_pipeline.teacher.models import (Sam2Teacher, TeacherOutput, _as_rows, _check_rgb, _checkpoint_or_none,
-                                             _version)
+from picosam_pipeline.teacher.models import (OneImageAtATime, TeacherOutput, _as_rows, _check_rgb, _checkpoint_or_none,
+                                             _version, build_sam2_model)
 
 ENCODER_FILE, DECODER_FILE, MANIFEST_FILE = "encoder.onnx", "decoder.onnx", "export.json"
 OPSET = 17  # the dynamo exporter needs onnxscript (not installed); the TorchScript exporter at opset 17 works
@@ -120,8 +120,7 @@ def export_teacher(cfg: TeacherConfig, runtime: Runtime) -> Path:
     cpu = Runtime(device=torch.device("cpu"), autocast_dtype=None, seed=runtime.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings (window padding frozen for the fixed 1024 input)
-        teacher = Sam2Teacher.build(cfg, cpu)
-    model = teacher.model.eval()
+        model, metadata = build_sam2_model(cfg, cpu)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -145,7 +144,7 @@ def export_teacher(cfg: TeacherConfig, runtime: Runtime) -> Path:
         raise PipelineError(f"exporting teacher {cfg.model} to ONNX failed ({type(err).__name__}: {str(err)[:300]}); "
                             "run it with teacher.backend=torch, or report the error with your torch and sam2 versions") from None
     manifest = {"settings": export_settings(cfg, runtime.seed),
-                "teacher_metadata": {k: v for k, v in teacher.metadata.items() if k != "autocast"},
+                "teacher_metadata": {k: v for k, v in metadata.items() if k != "autocast"},
                 "files": {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
                           for name in (ENCODER_FILE, DECODER_FILE)},
                 "seconds": round(time.perf_counter() - start, 1)}
@@ -213,7 +212,7 @@ def session_providers(choice: str, runtime: Runtime) -> list[Any]:
     return [(name, {"device_id": device_id}), "CPUExecutionProvider"]
 
 
-class OrtSam2Teacher:
+class OrtSam2Teacher(OneImageAtATime):
     """SAM2 / SAM2.1 through its two exported ONNX files (same :class:`Teacher` interface as the PyTorch one).
 
     One encoder run per image; the image's prompts in one decoder run of up to ``decode_batch`` prompts (the

@@ -71,7 +71,7 @@ DATA_ARRAYS = ("logits", *META_ARRAYS)
 
 # Teacher settings that change how the pass runs but not one stored byte; left out of the attributes so
 # that resuming on another cluster (or with the store moved) is not refused as a different teacher.
-EXECUTION_FIELDS = ("executor", "scheduler_address", "n_workers", "threads_per_worker", "out", "onnx_dir")
+EXECUTION_FIELDS = ("executor", "scheduler_address", "n_workers", "threads_per_worker", "out", "onnx_dir", "images_per_batch")
 
 PROMPT_CONVENTIONS = {
     "roi": "PicoSAM3: box prompt = the COCO bbox on the full image; crop = the bbox padded by roi_padding per "
@@ -179,11 +179,13 @@ class LogitStore:
         """Shard numbers still to write, ascending (what a resumed run hands out as tasks)."""
         return np.flatnonzero(~self.done_shards()).tolist()
 
-    def write_shard(self, k: int, logits: np.ndarray, *, ann_id, image_id, confidence, crop_box, stored_box) -> None:
+    def write_shard(self, k: int, logits: np.ndarray, *, ann_id, image_id, confidence, crop_box, stored_box,
+                    encoded: bool = False) -> None:
         """Encode and write shard ``k`` (rows ``shard_slice(k)``, ``n`` of them), then mark it done.
 
         Args:
-            logits: float32 ``(n, S, S)`` teacher logits in the ``stored_box`` frame (any finite range).
+            logits: float32 ``(n, S, S)`` teacher logits in the ``stored_box`` frame (any finite range); with
+                ``encoded``, the codec's values already (``codec.dtype``, e.g. from ``codec.encode_logits_torch``).
             ann_id, image_id: int ``(n,)``. confidence: float ``(n,)``.
             crop_box: int ``(n, 4)`` student crop boxes. stored_box: float ``(n, 4)`` frames of ``logits``.
         """
@@ -192,7 +194,9 @@ class LogitStore:
         rows = self.shard_slice(k)
         n = rows.stop - rows.start
         given = dict(ann_id=ann_id, image_id=image_id, confidence=confidence, crop_box=crop_box, stored_box=stored_box)
-        values = {"logits": encode_logits(_checked(k, "logits", logits, (n, self.side, self.side), np.float32), self.codec)}
+        shape = (n, self.side, self.side)
+        values = {"logits": _checked(k, "logits", logits, shape, np.dtype(self.codec.dtype), exact=True) if encoded
+                  else encode_logits(_checked(k, "logits", logits, shape, np.float32), self.codec)}
         for name, (dtype, tail, _) in META_ARRAYS.items():
             values[name] = _checked(k, name, given[name], (n, *tail), np.dtype(dtype))
         done = self._arrays["shard_done"]
@@ -345,11 +349,14 @@ def _build(path: Path, layout: dict[str, Any], attrs: dict[str, Any], level: int
     )
 
 
-def _checked(k: int, name: str, value, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """``value`` as a ``dtype`` array of exactly ``shape`` (no silent broadcasting or truncation)."""
+def _checked(k: int, name: str, value, shape: tuple[int, ...], dtype: np.dtype, exact: bool = False) -> np.ndarray:
+    """``value`` as a ``dtype`` array of exactly ``shape`` (no silent broadcasting or truncation); with ``exact``
+    it must already be of ``dtype`` (codec values: a cast would silently reinterpret them)."""
     array = np.asarray(value)
     if array.shape != shape:
         raise ValueError(f"write_shard({k}): {name} has shape {array.shape}, expected {shape}")
+    if exact and array.dtype != dtype:
+        raise ValueError(f"write_shard({k}): encoded {name} must be {dtype}, got {array.dtype}")
     if np.dtype(dtype).kind in "iu" and array.dtype.kind not in "iu":
         raise ValueError(f"write_shard({k}): {name} must hold integers, got {array.dtype}")
     return array.astype(dtype, copy=False)

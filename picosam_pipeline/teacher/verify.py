@@ -30,7 +30,7 @@ from picosam_pipeline.teacher.codec import SIGMOID_ERROR_BOUND, decode_logits, e
 from picosam_pipeline.teacher.executors import compute_threads
 from picosam_pipeline.teacher.models import file_sha256
 from picosam_pipeline.teacher.runner import (
-    InstanceRows, TeacherSpec, file_key, instance_rows, load_pixels, predict_crops, teacher_session,
+    InstanceRows, TeacherSpec, instance_rows, load_pixels, predict_crops, teacher_session,
 )
 from picosam_pipeline.teacher.store import LogitStore, open_store
 
@@ -103,7 +103,7 @@ def verify_store(path: str | Path, sample: int = 16, *, seed: int = 0, device: s
     with session.lock:
         for _, sl in sampled.images():
             group = sampled.take(sl)
-            session.set_image(file_key(group.image_path[0]), load_pixels(group))
+            session.teacher.set_image(load_pixels(group))
             recomputed.append(predict_crops(session.teacher, cfg, group)[0])
     fresh = np.concatenate(recomputed)
     stored = store.read_raw(picked)

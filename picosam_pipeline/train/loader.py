@@ -84,11 +84,11 @@ def count_samples(shard_dir_or_index: str | Path) -> int:
 
 def make_loader(shard_dir_or_index: str | Path, *, batch_size: int, shuffle_buffer: int, num_workers: int, seed: int,
                 hflip: bool = False, jitter: float = 0.0, on_corrupt_shard: str = "stop", infinite: bool = False,
-                input_size: int = 96) -> ShardLoader:
+                input_size: int = 96, pin_memory: bool = False) -> ShardLoader:
     """Batches from the shards of one split (a split folder or its ``shards.json``); see the module doc.
 
     ``num_workers`` is capped at the number of shards this rank reads, so a small split never leaves a
-    worker without a shard. Under DDP every rank needs a shard of its own (ranks read disjoint shards).
+    worker without a shard. ``pin_memory`` (for a CUDA trainer) lets its host-to-device copies run behind compute. Under DDP every rank needs a shard of its own (ranks read disjoint shards).
 
     Raises:
         PipelineError: a bad argument, an unreadable index, or more DDP ranks than shards.
@@ -109,7 +109,7 @@ def make_loader(shard_dir_or_index: str | Path, *, batch_size: int, shuffle_buff
                          jitter=jitter, infinite=infinite, input_size=input_size)
     rank_shards = index.shards[rank::world_size]
     return ShardLoader(stream, num_workers=min(num_workers, len(rank_shards)), on_corrupt_shard=on_corrupt_shard,
-                       samples=sum(s.samples for s in rank_shards))
+                       samples=sum(s.samples for s in rank_shards), pin_memory=pin_memory)
 
 
 class ShardLoader:
@@ -121,8 +121,10 @@ class ShardLoader:
         skipped: the :class:`ShardProblem` s passed over under ``on_corrupt_shard="skip"``, across epochs.
     """
 
-    def __init__(self, stream: ShardStream, *, num_workers: int, on_corrupt_shard: str, samples: int) -> None:
+    def __init__(self, stream: ShardStream, *, num_workers: int, on_corrupt_shard: str, samples: int,
+                 pin_memory: bool = False) -> None:
         self.stream = stream
+        self.pin_memory = pin_memory
         self.num_workers = num_workers
         self.on_corrupt_shard = on_corrupt_shard
         self.samples = samples
@@ -133,7 +135,7 @@ class ShardLoader:
         self.stream.epoch, self._epoch = self._epoch, self._epoch + 1  # workers get a fresh copy per epoch
         loader = torch.utils.data.DataLoader(
             self.stream, batch_size=None, num_workers=self.num_workers, worker_init_fn=_one_thread,
-            prefetch_factor=4 if self.num_workers else None, persistent_workers=False, pin_memory=False,
+            prefetch_factor=4 if self.num_workers else None, persistent_workers=False, pin_memory=self.pin_memory,
         )
         for item in loader:
             if isinstance(item, ShardProblem):

@@ -258,7 +258,8 @@ class TrainResult:
     state: TrainState
     params: int
     resumed_from: int | None  # the step the run resumed at; None = started from scratch
-    samples_per_s: float | None  # training throughput of this invocation, all ranks; None when no step ran
+    samples_per_s: float | None  # training throughput of this invocation after its first step, all ranks; None
+    # when it ran fewer than two steps
     world_size: int
     is_main: bool
     student_path: Path
@@ -316,6 +317,10 @@ def _train(cfg: TrainConfig, runtime: Runtime, data: TrainData, out_dir: Path, s
     if dist.world_size > 1:
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if cfg.compile:
+        # The student's forward and backward as fused kernels (the bare step: 1.28x on an H200). Evaluation and
+        # checkpoints keep using `model` (the same parameters, uncompiled).
+        net = torch.compile(net)
 
     batches = batch_stream(data, state.epoch, state.consumed)
     pending: list[tuple[int, float, Tensor]] = []  # (step, lr, [loss, *TERMS]) on the device, synced every log_every
@@ -323,6 +328,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, data: TrainData, out_dir: Path, s
     bar = tqdm(total=cfg.steps, initial=state.step, desc=f"train {cfg.student}", unit="step",
                disable=not dist.is_main)
     model.train()
+    first_step = state.step
     while state.step < cfg.steps:
         state.epoch, state.consumed, batch = next(batches)
         lr = get_lr(state.step, cfg)
@@ -340,6 +346,11 @@ def _train(cfg: TrainConfig, runtime: Runtime, data: TrainData, out_dir: Path, s
         optimizer.step()
         state.step += 1
         samples += image.shape[0]
+        if state.step == first_step + 1:
+            # The rate counts from the end of the first step: compiling, the loader's start-up and the first
+            # kernel selections happen there once (one host sync).
+            _all_sum(loss.detach()[None], dist).item()
+            samples, train_time, mark = 0, 0.0, time.perf_counter()
         pending.append((state.step, lr, torch.stack([loss.detach(), *(terms[k] for k in TERMS)]).float()))
 
         last = state.step == cfg.steps
@@ -374,5 +385,5 @@ def _train(cfg: TrainConfig, runtime: Runtime, data: TrainData, out_dir: Path, s
         })
     return TrainResult(model=model, state=state, params=sum(p.numel() for p in model.parameters()),
                        resumed_from=resumed_from,
-                       samples_per_s=samples * dist.world_size / train_time if train_time > 0 else None,
+                       samples_per_s=samples * dist.world_size / train_time if train_time > 0 and samples else None,
                        world_size=dist.world_size, is_main=dist.is_main, student_path=student_path)

@@ -20,12 +20,12 @@ from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.teacher.models import (
     RandomWeightsWarning,
-    Sam2Teacher,
     build_teacher,
     probabilities_to_logits,
     sam2_config_name,
     state_dict_sha256,
 )
+from picosam_pipeline.teacher.sam2_batched import Sam2Teacher
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = Runtime(device=torch.device("cpu"), autocast_dtype=None, seed=0)
@@ -104,36 +104,47 @@ def test_many_prompts_are_decoded_in_chunks(tiny, monkeypatch):
     torch.testing.assert_close(out.confidence, boxes_out.confidence, rtol=1e-4, atol=1e-4)
 
 
-def test_keeps_the_mask_with_the_highest_predicted_iou(tiny):
-    teacher, boxes_out, _, _ = tiny
-    _, iou, low_res = teacher.predictor.predict(box=BOXES, multimask_output=True, return_logits=True)
+def test_keeps_the_mask_with_the_highest_predicted_iou_as_the_predictor_does(tiny, image):
+    """The batched path against sam2's own SAM2ImagePredictor on the same model: the same best-of-3 logits."""
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    teacher, boxes_out, points_out, _ = tiny
+    predictor = SAM2ImagePredictor(teacher.model)
+    with torch.inference_mode():
+        predictor.set_image(image)
+        _, iou, low_res = predictor.predict(box=BOXES, multimask_output=True, return_logits=True)
+        _, point_iou, point_low_res = predictor.predict(point_coords=POINTS[:, None], point_labels=np.ones((3, 1)),
+                                                        multimask_output=True, return_logits=True)
     best = iou.argmax(axis=1)
     np.testing.assert_allclose(boxes_out.confidence.numpy(), iou.max(axis=1), rtol=1e-5)
-    np.testing.assert_allclose(boxes_out.image_logits.numpy(), low_res[np.arange(len(BOXES)), best], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(boxes_out.image_logits.numpy(), low_res[np.arange(len(BOXES)), best], rtol=1e-5, atol=1e-4)
+    best = point_iou.argmax(axis=1)
+    np.testing.assert_allclose(points_out.image_logits.numpy(), point_low_res[np.arange(3), best], rtol=1e-5, atol=1e-4)
 
 
-class StubPredictor:
-    """Stands in for SAM2ImagePredictor: 3 masks per prompt, mask k of prompt i filled with 10 i + k."""
+class StubDecoder(torch.nn.Module):
+    """Stands in for SAM2's mask decoder: 3 masks per prompt, mask k of prompt i filled with 10 i + k."""
 
     def __init__(self, iou: np.ndarray):
-        self.iou = iou.astype(np.float32)
+        super().__init__()
+        self.iou = torch.from_numpy(iou.astype(np.float32))
 
-    def predict(self, box=None, point_coords=None, point_labels=None, multimask_output=True, return_logits=False):
-        n = len(box) if box is not None else len(point_coords)
-        low = (10 * np.arange(n)[:, None] + np.arange(3)[None, :]).astype(np.float32)[:, :, None, None]
-        low = np.broadcast_to(low, (n, 3, 256, 256)).copy()
-        iou = self.iou[:n]
-        if n == 1:  # SAM2's predict() squeezes the prompt axis for a single prompt
-            return None, iou[0], low[0]
-        return None, iou, low
+    def forward(self, image_embeddings, sparse_prompt_embeddings, multimask_output, **_):
+        n = len(sparse_prompt_embeddings)
+        low = (10 * torch.arange(n)[:, None] + torch.arange(3)[None, :]).float()[:, :, None, None]
+        return low.expand(n, 3, 256, 256).clone(), self.iou[:n], None, None
 
 
 @pytest.mark.parametrize("n", [1, 3])
-def test_selection_picks_argmax_per_instance(tiny, monkeypatch, n):
+def test_selection_picks_argmax_per_instance(tiny, n):
     teacher = tiny[0]
     iou = np.array([[0.1, 0.9, 0.3], [0.8, 0.2, 0.1], [0.2, 0.3, 0.7]])
-    monkeypatch.setattr(teacher, "predictor", StubPredictor(iou))
-    out = teacher.predict_points(POINTS[:n])
+    decoder = teacher.model.sam_mask_decoder
+    teacher.model.sam_mask_decoder = StubDecoder(iou)  # (monkeypatch's undo deletes registered submodules)
+    try:
+        out = teacher.predict_points(POINTS[:n])
+    finally:
+        teacher.model.sam_mask_decoder = decoder
     best = iou[:n].argmax(axis=1)  # 1, 0, 2
     assert out.confidence.tolist() == pytest.approx(iou[:n].max(axis=1).tolist())
     assert out.image_logits[:, 0, 0].tolist() == [10 * i + b for i, b in enumerate(best)]

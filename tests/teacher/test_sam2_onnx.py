@@ -23,7 +23,7 @@ from picosam_pipeline.device import Runtime, resolve_runtime
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.stages import teacher_logits
 from picosam_pipeline.teacher import sam2_onnx
-from picosam_pipeline.teacher.models import Sam2Teacher
+from picosam_pipeline.teacher.sam2_batched import Sam2Teacher
 from picosam_pipeline.teacher.sam2_onnx import OrtSam2Teacher, check_export, export_teacher
 from picosam_pipeline.teacher.store import open_store
 from teacher_project import config, tiny_project
@@ -71,15 +71,15 @@ def compare(torch_teacher, ort_teacher, rgb: np.ndarray, boxes: np.ndarray, poin
     return {"logit": logit_diff, "confidence": conf_diff, "agreement": 1.0 - flips / pixels}
 
 
-def test_encoder_features_match_the_predictor(teachers, tmp_path_factory):
+def test_encoder_features_match_pytorch(teachers, tmp_path_factory):
     _, torch_teacher, ort_teacher = teachers
     rgb = sample_image(tmp_path_factory)
     torch_teacher.set_image(rgb)
     ort_teacher.set_image(rgb)
-    reference = torch_teacher.predictor._features
-    pairs = [(reference["image_embed"], ort_teacher._features["image_embed"]),
-             (reference["high_res_feats"][0], ort_teacher._features["high_res_0"]),
-             (reference["high_res_feats"][1], ort_teacher._features["high_res_1"])]
+    reference = torch_teacher._held[0]  # the encoded image's Sam2Features
+    pairs = [(reference.image_embed, ort_teacher._features["image_embed"]),
+             (reference.high_res[0], ort_teacher._features["high_res_0"]),
+             (reference.high_res[1], ort_teacher._features["high_res_1"])]
     for ref, got in pairs:
         assert tuple(ref.shape) == got.shape
         assert float(np.abs(ref.numpy() - got).max()) < FEATURE_TOL

@@ -31,15 +31,15 @@ from picosam_pipeline.teacher import runner as teacher_runner
 from picosam_pipeline.teacher.codec import SIGMOID_ERROR_BOUND, decode_logits, encode_logits
 from picosam_pipeline.teacher.executors import plan_workers
 from picosam_pipeline.teacher.geometry import crop_logits
-from picosam_pipeline.teacher.models import TeacherOutput, file_sha256
-from picosam_pipeline.teacher.runner import TeacherSpec, instance_rows, process_shard
+from picosam_pipeline.teacher.models import OneImageAtATime, TeacherOutput, file_sha256
+from picosam_pipeline.teacher.runner import TeacherSpec, instance_rows, process_shards
 from picosam_pipeline.teacher.store import EXECUTION_FIELDS, open_store
 from teacher_project import REPO, config, tiny_project
 
 CALLS = {"set_image": 0, "predict": 0}
 
 
-class FakeTeacher:
+class FakeTeacher(OneImageAtATime):
     """A deterministic stand-in for SAM2: ``(N, 64, 64)`` whole-image logits from each prompt and the pixels."""
 
     fail_at: int | None = None  # raise in this predict call (1-based), to interrupt a run
@@ -121,9 +121,9 @@ def test_rows_follow_the_index_and_each_image_is_encoded_once(project, fake, tmp
     assert meta["image_id"].tolist() == index["image_id"].to_pylist()
     assert (meta["crop_box"] == column_array(index, "roi_box" if prompt == "roi" else "point_box")).all()
     assert (meta["stored_box"] == meta["crop_box"]).all()  # context_margin 0
-    # 2 images over 4 shards: each encoded once (the straddling one is reused by the next shard), and one
-    # batched decode per (shard, image): shards 0, 1, 3 hold one image, shard 2 both.
-    assert fake == {"set_image": 2, "predict": 5}
+    # 2 images over 4 shards (shards 0, 1, 3 hold one image, shard 2 both): the shards' rows are one stream of
+    # images, so each image is encoded once and its prompts decoded in one call.
+    assert fake == {"set_image": 2, "predict": 2}
     assert (metrics["instances"], metrics["images"], metrics["encoder_passes"], metrics["shards_computed"]) == (16, 2, 2, 4)
     assert metrics["random_weights"] is True and metrics["bytes_per_instance"] > 0
     assert json.loads((out / "config.resolved.json").read_text())["teacher"]["prompt"] == prompt
@@ -140,7 +140,7 @@ def test_rows_follow_the_index_and_each_image_is_encoded_once(project, fake, tmp
     assert np.array_equal(store.read_raw([11]), encode_logits(expected.numpy(), store.codec))
 
 
-def test_a_process_reuses_only_the_image_it_holds(project, fake, tmp_path):
+def test_a_run_of_some_shards_encodes_their_images_once_and_rewrites_the_same_bytes(project, fake, tmp_path):
     out = tmp_path / "logits.zarr"
     cfg, _ = run_stage(project, out)
     before = store_files(out)
@@ -148,18 +148,20 @@ def test_a_process_reuses_only_the_image_it_holds(project, fake, tmp_path):
     spec = TeacherSpec.of(cfg.teacher, resolve_runtime(cfg.runtime))
     teacher_runner._session = None  # a fresh worker process
     CALLS.update(set_image=0, predict=0)
-    summary = process_shard(str(out), 2, rows.take(slice(8, 12)), spec)
-    assert summary["encoder_passes"] == 2 and CALLS == {"set_image": 2, "predict": 2}  # both images of shard 2
-    summary = process_shard(str(out), 3, rows.take(slice(12, 16)), spec)
-    assert summary["encoder_passes"] == 0 and CALLS["set_image"] == 2  # shard 3's image is the one it holds
-    assert store_files(out) == before  # rewriting a shard gives the same bytes
+    summaries = list(process_shards(str(out), [(2, rows.take(slice(8, 12))), (3, rows.take(slice(12, 16)))], spec))
+    # shard 2 holds the end of image 1 and the start of image 2, shard 3 the rest of image 2: 2 encoder passes
+    assert [s["shard"] for s in summaries] == [2, 3] and sum(s["encoder_passes"] for s in summaries) == 2
+    assert CALLS == {"set_image": 2, "predict": 2}
+    assert store_files(out) == before  # rewriting shards gives the same bytes
+    with pytest.raises(ValueError, match="shard 2: got 3 rows, the store expects rows 8:12"):
+        list(process_shards(str(out), [(2, rows.take(slice(8, 11)))], spec))
 
 
 def test_an_interrupted_run_resumes_where_it_stopped_and_ends_byte_identical(project, fake, tmp_path):
     clean = tmp_path / "clean" / "logits.zarr"
     run_stage(project, clean)
     out = tmp_path / "run" / "logits.zarr"
-    FakeTeacher.fail_at = CALLS["predict"] + 3  # the 3rd decode of the next run: shard 2, after shards 0 and 1
+    FakeTeacher.fail_at = CALLS["predict"] + 2  # the next run's 2nd image: after shards 0 and 1 were handed to the writer
     with pytest.raises(RuntimeError, match="teacher failed"):
         run_stage(project, out)
     partial = teacher_logits.partial_path(out)

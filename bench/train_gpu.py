@@ -1,0 +1,139 @@
+"""Trainer throughput on whatever device this machine has: the bare training step against the ``train`` stage.
+
+Run from the repository root:  ``python bench/train_gpu.py [--train-images 600] [--steps 150] [--batch 64]``
+
+In one run, PicoSAM3 (or ``--student``) at ``--batch``, for each ``train.compile`` setting in ``--compile``:
+
+* **bare step**: forward, distillation loss, backward, AdamW on one batch resident on the device (no loader),
+  under the stage's autocast, compiled or not (compile time excluded: warm-up steps first). The limit of any
+  trainer.
+* **stage**: ``stages.train.run`` on shards packed from the built-in sample (``--train-images`` synthetic images,
+  GT masks as teacher logits via ``teacher/gt_mask.py``: the loader's work is the same as with real logits),
+  ``train.num_workers`` at its default (``auto``) unless ``--set`` says otherwise; its rate is the trainer's own
+  ``samples_per_s`` (after the first step; evaluation and checkpoints excluded, epoch restarts included).
+
+Prints both rates and their ratio (target on a GPU: stage >= 80 % of the bare step). Nothing is asserted. The
+defaults depend on the device: on a GPU as measured for the README; on a CPU a smoke test (8 images, 4 steps of
+8, eager only) that CI runs (``tests/test_benchmarks.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from anywhere
+
+import torch  # noqa: E402
+
+from picosam_pipeline.config import last_run, load_config  # noqa: E402
+from picosam_pipeline.device import resolve_runtime  # noqa: E402
+from picosam_pipeline.stages import pack, prepare, sample, train  # noqa: E402
+from picosam_pipeline.teacher.gt_mask import write_mask_teacher_store  # noqa: E402
+from picosam_pipeline.train.losses import PRESETS, DistillationLoss  # noqa: E402
+from picosam_pipeline.train.students import build_student, normalize  # noqa: E402
+
+
+def packed_sets(tmp: Path, train_images: int, samples_per_shard: int) -> list[str]:
+    """``--set`` overrides of a project in ``tmp``: the sample generated, prepared, GT-mask store, packed."""
+    root = tmp / "sample"
+    splits = ", ".join(f"{{name: {s}, annotations: {root / f'annotations/instances_{s}.json'}, images: {root / s}}}"
+                       for s in ("train", "val"))
+    sets = [f"sample.train_images={train_images}", "sample.plant_bad_inputs=false", f"sample.out_dir={root}",
+            f"prepare.splits=[{splits}]", f"prepare.out_dir={tmp / 'prepared'}", f"pack.index={tmp / 'prepared/index.parquet'}",
+            f"pack.store={tmp / 'logits.zarr'}", f"pack.out_dir={tmp / 'shards'}",
+            f"pack.samples_per_shard={samples_per_shard}", f"train.shards={tmp / 'shards'}",
+            f"train.out_dir={tmp / 'train'}", f"runtime.metrics_dir={tmp / 'metrics'}"]
+    cfg = load_config(REPO / "params.yaml", sets)
+    with contextlib.redirect_stderr(io.StringIO()):
+        sample.run(cfg, None)
+        prepare.run(cfg, None)
+        write_mask_teacher_store(cfg.pack.index, cfg.pack.store, splits=cfg.pack.splits)
+        pack.run(cfg, None)
+    return sets
+
+
+def bare_step_rate(student: str, batch: int, steps: int, device: torch.device, autocast, compiled: bool) -> float:
+    """Samples/s of forward + loss + backward + AdamW on one resident batch."""
+    torch.manual_seed(0)
+    model = build_student(student).to(device).train()
+    net = torch.compile(model) if compiled else model  # as the trainer compiles it
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    loss_fn = DistillationLoss(**PRESETS[student])
+    image = torch.rand(batch, 3, 96, 96, device=device)
+    gt = (torch.rand(batch, 1, 96, 96, device=device) > 0.5).float()
+    teacher = torch.randn(batch, 1, 96, 96, device=device) * 4
+    confidence = torch.rand(batch, device=device)
+
+    def step() -> None:
+        with autocast():
+            logits = net(normalize(image))
+        loss, _ = loss_fn(logits.float(), gt, teacher, confidence)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(3):  # compile, allocator, kernel selection
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return steps * batch / (time.perf_counter() - start)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--train-images", type=int, default=None, help="synthetic sample images to pack (GPU 600, CPU 8)")
+    parser.add_argument("--samples-per-shard", type=int, default=256, help="pack.samples_per_shard (enough shards for every worker)")
+    parser.add_argument("--student", default="picosam3", choices=["picosam2", "picosam3"])
+    parser.add_argument("--batch", type=int, default=None, help="batch size (GPU 64, CPU 8)")
+    parser.add_argument("--steps", type=int, default=None, help="stage steps and bare steps timed (GPU 150, CPU 4)")
+    parser.add_argument("--compile", nargs="+", default=None, choices=["false", "true"],
+                        help="train.compile settings to run the bare step and the stage with (GPU both, CPU false)")
+    parser.add_argument("--set", action="append", default=[], help="extra params for the stage, e.g. train.num_workers=4")
+    args = parser.parse_args()
+    gpu = torch.cuda.is_available()
+    args.train_images = args.train_images or (600 if gpu else 8)
+    args.batch, args.steps = args.batch or (64 if gpu else 8), args.steps or (150 if gpu else 4)
+    args.compile = args.compile or (["false", "true"] if gpu else ["false"])
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        tmp = Path(tmp)
+        sets = [*packed_sets(tmp, args.train_images, args.samples_per_shard), f"train.student={args.student}",
+                f"train.batch_size={args.batch}", f"train.steps={args.steps}", f"train.eval_every={args.steps}",
+                f"train.checkpoint_every={args.steps}", *args.set]
+        runtime = resolve_runtime(load_config(REPO / "params.yaml", sets).runtime)
+        device = runtime.device
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+        print(f"# training throughput on {device} ({name}), {runtime.describe()}; torch {torch.__version__}, "
+              f"{os.cpu_count()} CPUs; {args.student}, batch {args.batch}", flush=True)
+        for setting in args.compile:
+            compiled = setting == "true"
+            bare = bare_step_rate(args.student, args.batch, args.steps, device, runtime.autocast, compiled)
+            cfg = load_config(REPO / "params.yaml", [*sets, f"train.compile={setting}",
+                                                     f"train.out_dir={tmp / f'train-{setting}'}"])
+            with contextlib.redirect_stderr(io.StringIO()):
+                train.run(cfg, runtime)
+            facts = last_run(cfg.runtime.metrics_dir, "train")
+            stage = facts["samples_per_s"]
+            print(f"compile {setting:<5}: bare step {bare:9.1f} samples/s; train stage ({args.steps} steps, "
+                  f"{facts['loader_workers']} loader workers) {stage:9.1f} samples/s = {stage / bare * 100:.0f} % of "
+                  "the bare step", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""The device-aware benchmarks run end to end on the CPU at their CPU defaults (figures printed, none asserted)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, shared_data_or_skip
+
+
+def run_bench(script: str, *args: str) -> str:
+    result = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], capture_output=True, text=True,
+                            timeout=900, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_teacher_gpu_bench_prints_the_limit_the_stage_and_their_ratio_on_the_cpu():
+    coco = shared_data_or_skip("coco-sample")
+    out = run_bench("teacher_gpu.py", "--coco", str(coco), "--images", "1")
+    assert re.search(r"encoder alone, batch 1 \(the limit\) +[\d.]+ +[\d.]+ +1\.00x", out), out
+    assert re.search(r"stage, batched x1 \(\d+ inst\) +[\d.]+ +[\d.]+ +[\d.]+x", out), out
+    assert "peak device memory n/a (CPU)" in out and re.search(r"full COCO train2017 .* [\d.]+ h", out), out
+    assert re.search(r"100\.000 % of stored mask decisions agree", out), out  # batch 1 on a CPU: the predictor's
+    assert "## sam3:" in out
+
+
+@pytest.mark.slow
+def test_train_gpu_bench_prints_the_bare_step_and_the_stage_on_the_cpu():
+    out = run_bench("train_gpu.py")
+    assert re.search(r"compile false: bare step +[\d.]+ samples/s; train stage \(4 steps, 0 loader workers\) +[\d.]+ "
+                     r"samples/s = \d+ % of the bare step", out), out
