@@ -13,7 +13,9 @@ Resuming. The store is built at ``<out>.partial`` and renamed to ``<out>`` only 
 ``<out>`` is never half a store (DVC deletes a stage's outputs before it reruns one, but leaves the partial
 store alone). Killed at any moment (SIGKILL included), a rerun of the same pass -- same teacher, params and
 index rows -- keeps the shards marked done, computes the others, and ends byte-identical to an uninterrupted
-run. A partial store of another pass is discarded. When ``<out>`` already holds this pass nothing is
+run with one image per encoder forward (a CPU's default: each (image, shard) run of prompts is decoded apart, so
+nothing depends on which shards a run computes); with batches of images on a GPU, the rerun shards agree with an
+uninterrupted run within the codec's bound (the encoder's rounding depends on the batch). A partial store of another pass is discarded. When ``<out>`` already holds this pass nothing is
 recomputed; when it holds another one, the new pass is built beside it and replaces it at the end.
 
 Writes the store with its ``config.resolved.json`` (teacher + runtime sections) inside, and

@@ -45,8 +45,9 @@ from picosam_pipeline.teacher.runner import (InstanceRows, TeacherSpec, images_p
                                              teacher_metadata)
 
 ShardJob = tuple[int, InstanceRows]  # (shard number, its index rows)
-# Instances per dask task: ~280 COCO images, 17 batches of 16 on a GPU; an image straddling two tasks is
-# encoded by both, <= 1 extra encoder pass per task.
+# Instances per dask task on a GPU: ~280 COCO images, 17 batches of 16 (an image straddling two tasks is encoded
+# by both: <= 1 extra encoder pass per task). On a CPU one shard per task: the progress bar moves once per task,
+# and a CPU takes minutes per shard.
 TASK_INSTANCES = 2048
 
 # Metadata that may differ between workers that built the same teacher.
@@ -237,7 +238,7 @@ class DaskExecutor:
         run = uuid.uuid4().hex[:8]
         futures = [self.client.submit(run_shards, store_path, part, self.spec, pure=False, resources=self.resources,
                                       key=f"teacher-shards-{part[0][0]}-{run}")
-                   for part in task_runs(jobs, self.workers)]
+                   for part in task_runs(jobs, self.workers, TASK_INSTANCES if self.runtime.device.type == "cuda" else 1)]
         try:
             for future in as_completed(futures):
                 yield from future.result()
@@ -246,12 +247,12 @@ class DaskExecutor:
 
 
 def task_runs(jobs: list[ShardJob], workers: int, instances_per_task: int = TASK_INSTANCES) -> list[list[ShardJob]]:
-    """``jobs`` cut into dask tasks: runs of consecutive shards of about ``instances_per_task`` instances; with
-    several workers also at least 4 tasks per worker while there are shards enough (so that a slow worker does
-    not hold the tail)."""
+    """``jobs`` cut into dask tasks: runs of consecutive shards of about ``instances_per_task`` instances (at least
+    one shard); with several workers also at least 4 tasks per worker while there are shards enough (so that a
+    slow worker does not hold the tail)."""
     if not jobs:
         return []
-    size = math.ceil(instances_per_task / max(1, len(jobs[0][1])))
+    size = max(1, instances_per_task // max(1, len(jobs[0][1])))
     if workers > 1:
         size = max(1, min(size, math.ceil(len(jobs) / (4 * workers))))
     runs: list[list[ShardJob]] = []

@@ -69,22 +69,37 @@ class Teacher(Protocol):
     def predict_points(self, points_xy: np.ndarray) -> TeacherOutput:
         """Decode ``(N, 2)`` float ``(x, y)`` image-pixel positive points, one instance each."""
 
-    def predict_images(self, images: list[torch.Tensor], prompts: list[np.ndarray], prompt: str) -> list[TeacherOutput]:
+    def predict_images(self, images: list[torch.Tensor], prompts: list[np.ndarray], prompt: str,
+                       segments: list[list[int]] | None = None) -> list[TeacherOutput]:
         """The teacher pass's call: ``images`` (``(H_i, W_i, 3)`` uint8 RGB tensors, on any device) with their
         prompts (``(N_i, 4)`` boxes for ``prompt="roi"``, ``(N_i, 2)`` points for ``"point"``) -> one output per
-        image, its tensors on the teacher's device. Batched teachers encode several images per forward."""
+        image, its tensors on the teacher's device. Batched teachers encode several images per forward.
+        ``segments[i]``: lengths of runs of image ``i``'s prompts (one per store shard) decoded in calls of their
+        own where the results must not depend on how the pass groups shards (see ``Sam2Teacher``)."""
 
 
 class OneImageAtATime:
     """:meth:`Teacher.predict_images` for teachers that hold one encoded image at a time (SAM3's processor,
-    ONNX Runtime, the SAM2 predictor): ``set_image`` then one prompt call per image."""
+    ONNX Runtime, the SAM2 predictor): ``set_image``, then one prompt call per segment of the image."""
 
-    def predict_images(self, images: list[torch.Tensor], prompts: list[np.ndarray], prompt: str) -> list[TeacherOutput]:
+    def predict_images(self, images: list[torch.Tensor], prompts: list[np.ndarray], prompt: str,
+                       segments: list[list[int]] | None = None) -> list[TeacherOutput]:
         outputs = []
-        for image, image_prompts in zip(images, prompts):
+        for i, (image, image_prompts) in enumerate(zip(images, prompts)):
             self.set_image(image.cpu().numpy())
-            outputs.append(self.predict_boxes(image_prompts) if prompt == "roi" else self.predict_points(image_prompts))
+            parts = []
+            for start, stop in _runs(segments[i] if segments else [len(image_prompts)]):
+                chunk = image_prompts[start:stop]
+                parts.append(self.predict_boxes(chunk) if prompt == "roi" else self.predict_points(chunk))
+            outputs.append(parts[0] if len(parts) == 1 else
+                           TeacherOutput(torch.cat([p.image_logits for p in parts]), torch.cat([p.confidence for p in parts])))
         return outputs
+
+
+def _runs(lengths: list[int]) -> list[tuple[int, int]]:
+    """``(start, stop)`` of consecutive runs of the given lengths."""
+    ends = np.cumsum(lengths).tolist()
+    return list(zip([0] + ends[:-1], ends))
 
 
 def build_teacher(cfg: TeacherConfig, runtime: Runtime) -> Teacher:

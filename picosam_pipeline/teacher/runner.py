@@ -318,6 +318,7 @@ def process_shards(store_path: str, jobs: list[tuple[int, InstanceRows]], spec: 
     device = torch.device(spec.device)
     per_batch = images_per_batch(cfg, device)
     assembler = ShardAssembler(shard_jobs, store.side, np.dtype(store.codec.dtype))
+    owner = np.repeat(np.arange(len(shard_jobs)), [len(j.rows) for j in shard_jobs])  # stream row -> its job
     counts = {"images": 0, "encoder_passes": 0, "teacher_seconds": 0.0, "images_decoded_on_device": 0}
     splits_seen = getattr(session.teacher, "splits", 0)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -341,7 +342,8 @@ def process_shards(store_path: str, jobs: list[tuple[int, InstanceRows]], spec: 
         for batch in batches:
             tick = time.perf_counter()
             batch_rows = [stream.take(g) for g in batch.groups]
-            outputs = session.teacher.predict_images(batch.pixels, [r.prompt for r in batch_rows], cfg.prompt)
+            segments = [np.unique(owner[g], return_counts=True)[1].tolist() for g in batch.groups]  # per shard
+            outputs = session.teacher.predict_images(batch.pixels, [r.prompt for r in batch_rows], cfg.prompt, segments)
             codes, confidence, bad = stored_codes(outputs, batch_rows, cfg)
             refuse_non_finite(int(bad), batch_rows, cfg)  # waits for the device: the batch is done
             codes, confidence = codes.cpu().numpy(), confidence.cpu().numpy()

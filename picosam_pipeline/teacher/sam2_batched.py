@@ -87,8 +87,16 @@ class Sam2Teacher:
     # ----------------------------------------------------------------------------------------------
     # the teacher pass
 
-    def predict_images(self, images: list[torch.Tensor], prompts: list[np.ndarray], prompt: str) -> list[TeacherOutput]:
-        """Encode ``images`` in one forward (split on OOM) and decode all their prompts; one output per image."""
+    def predict_images(self, images: list[torch.Tensor], prompts: list[np.ndarray], prompt: str,
+                       segments: list[list[int]] | None = None) -> list[TeacherOutput]:
+        """Encode ``images`` in one forward (split on OOM) and decode all their prompts; one output per image.
+
+        ``segments[i]`` (lengths summing to ``len(prompts[i])``) are runs of image ``i``'s prompts that must be
+        decoded apart on a CPU: the pass gives one per store shard, so that the stored bytes do not depend on how
+        shards are grouped into tasks or resumed (a decoder call's rounding depends on how many prompts it
+        holds). On a GPU all prompts of the batch are decoded together, for speed; reruns then agree within the
+        codec's bound rather than byte for byte.
+        """
         width = 4 if prompt == "roi" else 2
         rows = [_as_rows(p, width, "prompts") for p in prompts]
         sizes = [(int(img.shape[1]), int(img.shape[0])) for img in images]
@@ -98,7 +106,11 @@ class Sam2Teacher:
         coords, labels = self._prompt_points(np.concatenate(rows) if rows else np.zeros((0, width), np.float32),
                                              np.repeat(np.asarray(sizes, dtype=np.float32).reshape(-1, 2), counts, axis=0),
                                              prompt)
-        logits, iou = self.decode(features, image_of_prompt, coords, labels)
+        breaks = None
+        if self.device.type != "cuda":
+            lengths = [n for i, c in enumerate(counts) for n in (segments[i] if segments else [c])]
+            breaks = np.cumsum([0] + lengths)[:-1].tolist()
+        logits, iou = self.decode(features, image_of_prompt, coords, labels, breaks)
         return [TeacherOutput(chunk_logits, chunk_iou)
                 for chunk_logits, chunk_iou in zip(logits.split(counts), iou.split(counts))]
 
@@ -143,13 +155,15 @@ class Sam2Teacher:
 
     @torch.inference_mode()
     def decode(self, features: Sam2Features, image_of_prompt: torch.Tensor, coords: torch.Tensor,
-               labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+               labels: torch.Tensor, breaks: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode ``N`` prompts against their images' features.
 
         Args:
             features: the encoded images.
             image_of_prompt: ``(N,)`` long, which image each prompt belongs to.
             coords: ``(N, P, 2)`` float32 prompt points in the 1024x1024 input frame; labels ``(N, P)`` int32.
+            breaks: prompt indices where a new decoder call must start (ascending); None: chunks of
+                ``decode_batch`` across images.
 
         Returns:
             ``(N, 256, 256)`` float32 low-res logits of the kept mask, clamped to +-32, and its ``(N,)`` float32
@@ -158,9 +172,11 @@ class Sam2Teacher:
         n = coords.shape[0]
         logits = torch.empty(n, INPUT_SIZE // 4, INPUT_SIZE // 4, device=self.device)
         iou = torch.empty(n, device=self.device)
+        starts = set(breaks or [])
         start = 0
         while start < n:
             stop = min(start + self.decode_batch, n)
+            stop = min([b for b in starts if start < b < stop] + [stop])
             try:
                 logits[start:stop], iou[start:stop] = self._decode_chunk(
                     features.take(image_of_prompt[start:stop]), coords[start:stop], labels[start:stop])

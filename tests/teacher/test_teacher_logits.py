@@ -29,7 +29,7 @@ from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.stages import teacher_logits
 from picosam_pipeline.teacher import runner as teacher_runner
 from picosam_pipeline.teacher.codec import SIGMOID_ERROR_BOUND, decode_logits, encode_logits
-from picosam_pipeline.teacher.executors import plan_workers
+from picosam_pipeline.teacher.executors import plan_workers, task_runs
 from picosam_pipeline.teacher.geometry import crop_logits
 from picosam_pipeline.teacher.models import OneImageAtATime, TeacherOutput, file_sha256
 from picosam_pipeline.teacher.runner import TeacherSpec, instance_rows, process_shards
@@ -122,8 +122,9 @@ def test_rows_follow_the_index_and_each_image_is_encoded_once(project, fake, tmp
     assert (meta["crop_box"] == column_array(index, "roi_box" if prompt == "roi" else "point_box")).all()
     assert (meta["stored_box"] == meta["crop_box"]).all()  # context_margin 0
     # 2 images over 4 shards (shards 0, 1, 3 hold one image, shard 2 both): the shards' rows are one stream of
-    # images, so each image is encoded once and its prompts decoded in one call.
-    assert fake == {"set_image": 2, "predict": 2}
+    # images, so each image is encoded once; its prompts are decoded one call per (image, shard), so that the
+    # stored bytes do not depend on how shards are grouped into tasks: 3 + 2 calls.
+    assert fake == {"set_image": 2, "predict": 5}
     assert (metrics["instances"], metrics["images"], metrics["encoder_passes"], metrics["shards_computed"]) == (16, 2, 2, 4)
     assert metrics["random_weights"] is True and metrics["bytes_per_instance"] > 0
     assert json.loads((out / "config.resolved.json").read_text())["teacher"]["prompt"] == prompt
@@ -151,7 +152,7 @@ def test_a_run_of_some_shards_encodes_their_images_once_and_rewrites_the_same_by
     summaries = list(process_shards(str(out), [(2, rows.take(slice(8, 12))), (3, rows.take(slice(12, 16)))], spec))
     # shard 2 holds the end of image 1 and the start of image 2, shard 3 the rest of image 2: 2 encoder passes
     assert [s["shard"] for s in summaries] == [2, 3] and sum(s["encoder_passes"] for s in summaries) == 2
-    assert CALLS == {"set_image": 2, "predict": 2}
+    assert CALLS == {"set_image": 2, "predict": 3}  # image 1 in shard 2; image 2 in shards 2 and 3
     assert store_files(out) == before  # rewriting shards gives the same bytes
     with pytest.raises(ValueError, match="shard 2: got 3 rows, the store expects rows 8:12"):
         list(process_shards(str(out), [(2, rows.take(slice(8, 11)))], spec))
@@ -161,7 +162,8 @@ def test_an_interrupted_run_resumes_where_it_stopped_and_ends_byte_identical(pro
     clean = tmp_path / "clean" / "logits.zarr"
     run_stage(project, clean)
     out = tmp_path / "run" / "logits.zarr"
-    FakeTeacher.fail_at = CALLS["predict"] + 2  # the next run's 2nd image: after shards 0 and 1 were handed to the writer
+    FakeTeacher.fail_at = CALLS["predict"] + 4  # the next run's 2nd image (image 1 took 3 calls): after shards 0
+    # and 1 were handed to the writer
     with pytest.raises(RuntimeError, match="teacher failed"):
         run_stage(project, out)
     partial = teacher_logits.partial_path(out)
@@ -260,6 +262,15 @@ def test_the_codec_bound_verify_logits_uses_holds_and_is_tight(codec):
     assert 0.5 * SIGMOID_ERROR_BOUND[codec] < err <= SIGMOID_ERROR_BOUND[codec]
 
 
+def test_dask_tasks_are_runs_of_consecutive_shards():
+    jobs = [(k, range(256)) for k in (0, 1, 2, 3, 5, 6, 7, 8, 9, 10)]  # shard 4 already done
+    runs = [[k for k, _ in run] for run in task_runs(jobs, workers=1)]
+    assert runs == [[0, 1, 2, 3], [5, 6, 7, 8, 9, 10]]  # 2048 instances = 8 shards per task, never across a gap
+    assert [[k for k, _ in run] for run in task_runs(jobs, workers=2)] == [[0, 1], [2, 3], [5, 6], [7, 8], [9, 10]]
+    assert [len(run) for run in task_runs(jobs, workers=1, instances_per_task=1)] == [1] * 10  # a CPU: per shard
+    assert task_runs([], workers=1) == []
+
+
 def test_local_cluster_plan_one_worker_per_gpu_or_one_cpu_worker_with_all_cores():
     plans, device = plan_workers(0, 0, torch.device("cpu"), 0, None, cores=16)
     assert device == "cpu" and [(p.threads, "CUDA_VISIBLE_DEVICES" in p.env) for p in plans] == [(16, False)]
@@ -301,7 +312,8 @@ def test_real_teacher_in_process_and_on_dask_write_identical_stores(tmp_path, mo
         teacher_logits.run(cfg, resolve_runtime(cfg.runtime))
         metrics = stage_figures(out.parent)
         assert (metrics["executor"], metrics["shards_computed"], metrics["random_weights"]) == (executor, 3, True)
-        assert metrics["encoder_passes"] == 1  # one process ran the 3 shards in order: one encoder pass
+        # local: the 3 shards are one stream of images, one encoder pass; dask on a CPU: one task per shard
+        assert metrics["encoder_passes"] == (1 if executor == "local" else 3)
         stores[executor] = out
     local, dask = (open_store(stores[k]) for k in ("local", "dask"))
     # Weights drawn from runtime.seed: the worker process built the same random weights as this one.
