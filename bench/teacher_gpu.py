@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from logit_storage import DEFAULT_COCO  # noqa: E402
+from teacher_logits import subset_annotations  # noqa: E402
 from picosam_pipeline.config import last_run, load_config  # noqa: E402
 from picosam_pipeline.device import resolve_runtime  # noqa: E402
 from picosam_pipeline.stages import prepare, teacher_logits  # noqa: E402
@@ -58,13 +59,10 @@ COCO_TRAIN_INSTANCES = 860_001  # COCO train2017 non-crowd instances (ecosystem 
 
 def repeated_annotations(coco: Path, n_images: int, repeat: int, out: Path) -> Path:
     """The first ``n_images`` annotated val2017 images, listed ``repeat`` times under new image and annotation ids."""
-    data = json.loads((coco / "annotations" / "instances_val2017.json").read_text())
-    annotated = {a["image_id"] for a in data["annotations"] if not a["iscrowd"]}
-    keep = [img for img in data["images"] if img["id"] in annotated][:n_images]
-    ids = {img["id"] for img in keep}
-    anns = [a for a in data["annotations"] if a["image_id"] in ids]
-    step = 10 ** len(str(max(a["id"] for a in data["annotations"])))
-    data["images"] = [{**img, "id": img["id"] + r * step} for r in range(repeat) for img in keep]
+    data = json.loads(subset_annotations(coco, n_images, out).read_text())
+    images, anns = data["images"], data["annotations"]
+    step = 10 ** len(str(max(x["id"] for x in images + anns)))  # new ids never collide with the originals
+    data["images"] = [{**img, "id": img["id"] + r * step} for r in range(repeat) for img in images]
     data["annotations"] = [{**a, "id": a["id"] + r * step, "image_id": a["image_id"] + r * step}
                            for r in range(repeat) for a in anns]
     out.write_text(json.dumps(data))

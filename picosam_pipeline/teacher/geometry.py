@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from picosam_pipeline.data.crops import FloatBox
+from picosam_pipeline.data.crops import FloatBox, crop_pixel_centres
 
 
 def context_pixels(out_size: int, context_margin: float) -> int:
@@ -51,8 +51,11 @@ def central_slice(out_size: int, context_margin: float) -> slice:
 
 
 def context_window(box: tuple[float, float, float, float], out_size: int, context_margin: float) -> FloatBox:
-    """The crop box grown by ``k`` crop pixels (``k / S`` of its side) on each side; may leave the image."""
-    x1, y1, x2, y2 = (float(v) for v in box)
+    """The crop box grown by ``k`` crop pixels (``k / S`` of its side) on each side; may leave the image.
+
+    The coordinates may be numbers or numpy arrays (one window per element, as :func:`crop_logits` uses it).
+    """
+    x1, y1, x2, y2 = box
     grow = context_pixels(out_size, context_margin) / out_size
     dx, dy = grow * (x2 - x1), grow * (y2 - y1)
     return FloatBox(x1 - dx, y1 - dy, x2 + dx, y2 + dy)
@@ -105,14 +108,10 @@ def crop_logits(
     if n == 0:
         return image_logits.new_zeros((0, total, total), dtype=torch.float32)
 
-    # The stored frame is the context window seen at S_total pixels: same pitch as the crop frame. Vectorised
-    # context_window + crops.crop_pixel_centres, with the same float64 operations in the same order.
-    grow = context_pixels(out_size, context_margin) / out_size
-    dx, dy = grow * (boxes[:, 2] - boxes[:, 0]), grow * (boxes[:, 3] - boxes[:, 1])
-    x1, y1, x2, y2 = boxes[:, 0] - dx, boxes[:, 1] - dy, boxes[:, 2] + dx, boxes[:, 3] + dy
-    u = (np.arange(total, dtype=np.float64) + 0.5) / total
-    xs = x1[:, None] + u[None, :] * (x2 - x1)[:, None]
-    ys = y1[:, None] + u[None, :] * (y2 - y1)[:, None]
+    # The stored frame is the context window seen at S_total pixels: same pitch as the crop frame. Box columns
+    # of shape (N, 1) give every instance's window and its (N, S_total) pixel centres in one call each.
+    window = context_window(tuple(boxes.T[:, :, None]), out_size, context_margin)
+    xs, ys = crop_pixel_centres(window, total)
     width, height = sizes[:, 0:1], sizes[:, 1:2]
     # Image coordinate -> grid_sample's normalised coordinate. With align_corners=False, -1 and +1 are the
     # OUTER edges of the first and last grid cells, i.e. image x = 0 and x = W, whatever the grid resolution:

@@ -299,8 +299,9 @@ def process_shards(store_path: str, jobs: list[tuple[int, InstanceRows]], spec: 
     The rows of all jobs form one stream of images, ``images_per_batch`` per teacher call, so an image whose
     instances straddle two shards is encoded once. Images are read ahead (:mod:`image_feed`); a shard is handed
     to the background writer (:mod:`shard_writer`) as soon as its last row is computed. Yields one summary per
-    written shard: ``shard``, ``instances``, and since the previous summary ``images``, ``encoder_passes``,
-    ``seconds``, ``teacher_seconds`` (the teacher calls), ``batch_splits`` (batches split for memory); ``pid``.
+    written shard: ``shard``, ``instances``, and since the previous summary ``encoder_passes`` (images encoded),
+    ``seconds``, ``teacher_seconds`` (the teacher calls), ``batch_splits`` (batches split for memory),
+    ``images_decoded_on_device``; ``pid``.
     """
     last = time.perf_counter()
     session = teacher_session(spec)
@@ -318,8 +319,7 @@ def process_shards(store_path: str, jobs: list[tuple[int, InstanceRows]], spec: 
     device = torch.device(spec.device)
     per_batch = images_per_batch(cfg, device)
     assembler = ShardAssembler(shard_jobs, store.side, np.dtype(store.codec.dtype))
-    owner = np.repeat(np.arange(len(shard_jobs)), [len(j.rows) for j in shard_jobs])  # stream row -> its job
-    counts = {"images": 0, "encoder_passes": 0, "teacher_seconds": 0.0, "images_decoded_on_device": 0}
+    counts = {"encoder_passes": 0, "teacher_seconds": 0.0, "images_decoded_on_device": 0}
     splits_seen = getattr(session.teacher, "splits", 0)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     batches = image_batches(
@@ -335,21 +335,20 @@ def process_shards(store_path: str, jobs: list[tuple[int, InstanceRows]], spec: 
             rows = store.shard_slice(shard)
             yield {"shard": shard, "instances": rows.stop - rows.start, **counts, "seconds": now - last,
                    "batch_splits": splits - splits_seen, "pid": os.getpid()}
-            counts.update(images=0, encoder_passes=0, teacher_seconds=0.0, images_decoded_on_device=0)
+            counts.update(encoder_passes=0, teacher_seconds=0.0, images_decoded_on_device=0)
             last, splits_seen = now, splits
 
     with session.lock, ShardWriter(store, cfg.store_size, cfg.context_margin) as writer:
         for batch in batches:
             tick = time.perf_counter()
             batch_rows = [stream.take(g) for g in batch.groups]
-            segments = [np.unique(owner[g], return_counts=True)[1].tolist() for g in batch.groups]  # per shard
+            segments = [np.unique(assembler.job_of(g), return_counts=True)[1].tolist() for g in batch.groups]  # per shard
             outputs = session.teacher.predict_images(batch.pixels, [r.prompt for r in batch_rows], cfg.prompt, segments)
             codes, confidence, bad = stored_codes(outputs, batch_rows, cfg)
             refuse_non_finite(int(bad), batch_rows, cfg)  # waits for the device: the batch is done
             codes, confidence = codes.cpu().numpy(), confidence.cpu().numpy()
             counts["teacher_seconds"] += time.perf_counter() - tick
-            counts["images"] += len(batch.groups)
-            counts["encoder_passes"] += len(batch.groups)
+            counts["encoder_passes"] += len(batch.groups)  # each image of the stream is encoded once
             counts["images_decoded_on_device"] += batch.gpu_decoded
             for j in assembler.add(np.concatenate(batch.groups), codes, confidence):
                 writer.submit(shard_jobs[j], *assembler.pop(j))

@@ -41,11 +41,15 @@ class ShardAssembler:
         self.confidence = [np.empty(len(j.rows), np.float32) for j in jobs]
         self.missing = [len(j.rows) for j in jobs]
 
+    def job_of(self, rows: np.ndarray) -> np.ndarray:
+        """The job number of each pass row in ``rows`` (``(n,)`` int)."""
+        return np.searchsorted(self.offsets, rows, side="right") - 1
+
     def add(self, rows: np.ndarray, codes: np.ndarray, confidence: np.ndarray) -> list[int]:
         """Store the ``(n, S, S)`` codes and ``(n,)`` confidences of pass rows ``rows`` (``(n,)`` int, ascending);
         return the job numbers completed by them."""
         completed = []
-        owner = np.searchsorted(self.offsets, rows, side="right") - 1
+        owner = self.job_of(rows)
         for j in np.unique(owner).tolist():
             mine = owner == j
             local = rows[mine] - self.offsets[j]

@@ -88,7 +88,8 @@ def make_loader(shard_dir_or_index: str | Path, *, batch_size: int, shuffle_buff
     """Batches from the shards of one split (a split folder or its ``shards.json``); see the module doc.
 
     ``num_workers`` is capped at the number of shards this rank reads, so a small split never leaves a
-    worker without a shard. ``pin_memory`` (for a CUDA trainer) lets its host-to-device copies run behind compute. Under DDP every rank needs a shard of its own (ranks read disjoint shards).
+    worker without a shard. Under DDP every rank needs a shard of its own (ranks read disjoint shards).
+    ``pin_memory`` (for a CUDA trainer) lets its host-to-device copies run behind compute.
 
     Raises:
         PipelineError: a bad argument, an unreadable index, or more DDP ranks than shards.
