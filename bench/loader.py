@@ -66,7 +66,7 @@ def build_pack(root: Path, data: str, teacher: str, context_margin: float) -> tu
                  prepare=PrepareConfig(splits=splits, out_dir=str(root / "prepared")),
                  teacher=TeacherConfig(index=str(root / "prepared/index.parquet"), context_margin=context_margin,
                                        executor="local", allow_random_weights=True, out=str(root / "logits.zarr")),
-                 pack=PackConfig(index=str(root / "prepared/index.parquet"), store=str(root / "logits.zarr"),
+                 pack=PackConfig(index=str(root / "prepared/index.parquet"), stores_dir=str(root / "stores"), teachers=["gt"],
                                  out_dir=str(root / "shards")))
     if data == "sample":
         sample.run(cfg, None)
@@ -76,7 +76,8 @@ def build_pack(root: Path, data: str, teacher: str, context_margin: float) -> tu
         weights = "a checkpoint" if cfg.teacher.checkpoint and Path(cfg.teacher.checkpoint).is_file() else "RANDOM weights"
         made = f"the teacher-logits stage ({cfg.teacher.model}, {weights})"
     else:
-        write_mask_teacher_store(cfg.pack.index, cfg.pack.store, splits=cfg.pack.splits, context_margin=context_margin)
+        write_mask_teacher_store(cfg.pack.index, cfg.pack.store_paths()["gt"], splits=cfg.pack.splits,
+                                 context_margin=context_margin)
         made = "a gt-mask store (GT masks as logits via teacher/gt_mask.py; the teacher stage was not run)"
     pack.run(cfg, None)  # default samples_per_shard: the realistic size per sample
     metrics = json.loads((root / "metrics/pack.json").read_text())
@@ -118,7 +119,7 @@ def trainer_rate(batch: dict[str, torch.Tensor], steps: int) -> tuple[float, flo
 
     def step() -> None:
         logits = model(normalize(batch["image"]))
-        loss, _ = loss_fn(logits, batch["gt_mask"], batch["teacher_logits"], batch["confidence"])
+        loss, _ = loss_fn(logits, batch["gt_mask"], batch["teacher_logits"], batch["confidence"][:, 0])  # one teacher
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -49,14 +49,14 @@ def packed_sets(tmp: Path, train_images: int, samples_per_shard: int) -> list[st
                        for s in ("train", "val"))
     sets = [f"sample.train_images={train_images}", "sample.plant_bad_inputs=false", f"sample.out_dir={root}",
             f"prepare.splits=[{splits}]", f"prepare.out_dir={tmp / 'prepared'}", f"pack.index={tmp / 'prepared/index.parquet'}",
-            f"pack.store={tmp / 'logits.zarr'}", f"pack.out_dir={tmp / 'shards'}",
+            f"pack.stores_dir={tmp / 'stores'}", "pack.teachers=[gt]", f"pack.out_dir={tmp / 'shards'}",
             f"pack.samples_per_shard={samples_per_shard}", f"train.shards={tmp / 'shards'}",
             f"train.out_dir={tmp / 'train'}", f"runtime.metrics_dir={tmp / 'metrics'}"]
     cfg = load_config(REPO / "params.yaml", sets)
     with contextlib.redirect_stderr(io.StringIO()):
         sample.run(cfg, None)
         prepare.run(cfg, None)
-        write_mask_teacher_store(cfg.pack.index, cfg.pack.store, splits=cfg.pack.splits)
+        write_mask_teacher_store(cfg.pack.index, cfg.pack.store_paths()["gt"], splits=cfg.pack.splits)
         pack.run(cfg, None)
     return sets
 

@@ -62,27 +62,38 @@ def stages_cmd() -> None:
 def run_stage_cmd(name: str, params_path: str, overrides: tuple[str, ...]) -> None:
     """Run pipeline stage NAME (see `picosam-pipeline stages`) with the given params.
 
+    teacher-logits runs every teacher pass of params.yaml's `teachers`, one store each;
+    teacher-logits@PASS runs one (what dvc.yaml's stage teacher-logits@PASS calls).
+
     The resolved config is validated before any work starts and saved beside the stage's outputs;
     metrics go to runtime.metrics_dir (default metrics/<stage>.json).
     """
     from picosam_pipeline.stages import STAGES
 
-    if name not in STAGES:
+    stage, _, pass_name = name.partition("@")
+    if stage not in STAGES:
         raise PipelineError(f"unknown stage {name!r}; the stages are: {', '.join(STAGES)} (see `picosam-pipeline stages`)")
+    if pass_name and stage != "teacher-logits":
+        raise PipelineError(f"stage {name!r}: only teacher-logits has named passes (teacher-logits@NAME); run {stage!r}")
     try:
         from picosam_pipeline.config import load_config
         from picosam_pipeline.device import resolve_runtime
 
         cfg = load_config(params_path, overrides)
+        configs = {stage: cfg}
+        if stage == "teacher-logits" and (pass_name or cfg.teachers):
+            # One store per teacher pass (params `teachers`); DVC runs each as its own stage teacher-logits@NAME.
+            configs = {f"{stage}@{n}": cfg.teacher_pass(n) for n in ([pass_name] if pass_name else cfg.teachers)}
         runtime = resolve_runtime(cfg.runtime)
         click.echo(f"[{name}] device {runtime.describe()}", err=True)
-        start = time.perf_counter()
-        summary = STAGES[name].load()(cfg, runtime)
+        run = STAGES[stage].load()
+        for label, stage_cfg in configs.items():
+            start = time.perf_counter()
+            summary = run(stage_cfg, runtime)
+            click.echo(f"[{label}] done in {time.perf_counter() - start:.1f} s: {summary}", err=True)
     except KeyboardInterrupt:
         click.echo(f"[{name}] interrupted; finished work is kept and a rerun resumes it", err=True)
         sys.exit(130)
-    elapsed = time.perf_counter() - start
-    click.echo(f"[{name}] done in {elapsed:.1f} s: {summary}", err=True)
 
 
 @cli.command("score-predictions")
@@ -112,7 +123,7 @@ def score_predictions_cmd(annotations: str, predictions: str, protocol: str, ima
 
 
 @cli.command("fetch")
-@click.argument("asset_names", nargs=-1, metavar="ASSET...")
+@click.argument("asset_names", nargs=-1, metavar="ASSET|DATASET...")
 @click.option("--list", "list_assets", is_flag=True, help="Print the asset table (name, size, destination, URL, sha256 and its source) and exit.")
 @click.option("--dest-root", default="data", show_default=True, type=click.Path(file_okay=False),
               help="Folder the destinations are relative to; the default puts assets where params.yaml expects them.")
@@ -123,13 +134,16 @@ def score_predictions_cmd(annotations: str, predictions: str, protocol: str, ima
 @click.option("--resumes", default=3, show_default=True, type=click.IntRange(min=0),
               help="How often a transfer that breaks off is resumed automatically (HTTP Range); the .part file is kept either way.")
 @click.option("--keep-archives", is_flag=True, help="Keep downloaded zip files after unpacking (default: delete them; COCO train is 19 GB).")
+@click.option("--track", is_flag=True, help="Then `dvc add` what was fetched (a dataset's folder, a checkpoint file) so that `dvc push` shares it and a teammate's `dvc pull` gets the same bytes; prints the git add command for the .dvc files.")
 def fetch_cmd(asset_names: tuple[str, ...], list_assets: bool, dest_root: str, url: str | None, sha256: str | None,
-              timeout: float, resumes: int, keep_archives: bool) -> None:
-    """Download COCO 2017, LVIS v1 val annotations and SAM2.1 checkpoints to where params.yaml expects them.
+              timeout: float, resumes: int, keep_archives: bool, track: bool) -> None:
+    """Download COCO 2017, LVIS v1 annotations and SAM2.1 checkpoints to where params.yaml expects them.
 
-    Each ASSET (see --list) streams into FILE.part; rerunning resumes it with an HTTP Range request. The
-    sha256 is checked before the file is renamed into place (a mismatch removes the .part), archives are
-    unpacked under DEST_ROOT/coco, and an asset already in place is verified and skipped. Assets without a
+    A DATASET (coco2017, lvis_v1) fetches all its assets into DEST_ROOT/datasets/NAME, ready for
+    `dataset.name: NAME` (lvis_v1 hard-links the COCO images). Each ASSET (see --list) streams into
+    FILE.part; rerunning resumes it with an HTTP Range request. The sha256 is checked before the file is
+    renamed into place (a mismatch removes the .part), archives are unpacked under DEST_ROOT/datasets, and
+    an asset already in place is verified and skipped. Assets without a
     published sha256 (SAM2.1 small, base_plus, large) are trusted on first use: the digest of the first
     complete download is recorded in DEST_ROOT/assets.lock.json (commit it) and later downloads must match.
     Offline, it fails within seconds and says what to download by hand and where to put it.
@@ -143,11 +157,17 @@ def fetch_cmd(asset_names: tuple[str, ...], list_assets: bool, dest_root: str, u
         raise click.UsageError("name at least one ASSET; `picosam-pipeline fetch --list` shows them")
     if (url or sha256) and len(asset_names) != 1:
         raise click.UsageError("--url and --sha256 apply to a single ASSET; fetch the others in separate commands")
+    if (url or sha256) and asset_names[0] in fetch.DATASETS:
+        raise click.UsageError("--url and --sha256 apply to a single ASSET, not a whole dataset")
     try:
-        assets = [fetch.get_asset(n) for n in asset_names]
-        for asset in assets:
+        for asset in fetch.expand(asset_names):
             click.echo(fetch.fetch(asset, dest_root, url=url, sha256=sha256, timeout=timeout, resumes=resumes,
                                    keep_archive=keep_archives))
+        for name in asset_names:
+            if name in fetch.SHARED_IMAGES:
+                click.echo(fetch.link_images(dest_root, name))
+        if track:
+            click.echo(fetch.track(fetch.tracked_paths(asset_names, dest_root)))
     except KeyboardInterrupt:
         click.echo("[fetch] interrupted; the .part file is kept and rerunning the same command resumes it", err=True)
         sys.exit(130)

@@ -50,10 +50,26 @@ class RuntimeConfig:
 
 
 @dataclass
+class DatasetConfig:
+    """The dataset the pipeline runs on: the folder ``<dir>/<name>`` (``picosam_pipeline/datasets.py``)."""
+
+    name: str = "sample"  # sample | coco2017 | lvis_v1 | any folder name under dir with the standard layout
+    dir: str = "data/datasets"
+
+    @property
+    def folder(self) -> str:
+        return str(Path(self.dir) / self.name)
+
+    def validate(self, key: str) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", self.name):
+            raise ConfigError(f"{key}.name: expected a folder name such as sample, coco2017 or lvis_v1, got {self.name!r}")
+
+
+@dataclass
 class SampleConfig:
     """The built-in synthetic COCO-format dataset (``stages/sample.py``)."""
 
-    out_dir: str = "data/sample"
+    out_dir: str = "data/datasets/sample"
     train_images: int = 12
     val_images: int = 6
     seed: int = 0
@@ -89,10 +105,11 @@ class SplitSource:
 class PrepareConfig:
     """Instance index built from COCO / LVIS annotations (``stages/prepare.py``)."""
 
-    splits: list[SplitSource] = field(
+    # auto: the splits of the dataset's layout (``dataset.name``, picosam_pipeline/datasets.py); or an explicit list
+    splits: list[SplitSource] | Literal["auto"] = field(
         default_factory=lambda: [
-            SplitSource("train", "data/sample/annotations/instances_train.json", "data/sample/train"),
-            SplitSource("val", "data/sample/annotations/instances_val.json", "data/sample/val"),
+            SplitSource("train", "data/datasets/sample/annotations/instances_train.json", "data/datasets/sample/train"),
+            SplitSource("val", "data/datasets/sample/annotations/instances_val.json", "data/datasets/sample/val"),
         ]
     )
     dataset_format: Literal["auto", "coco", "lvis"] = "auto"
@@ -106,8 +123,8 @@ class PrepareConfig:
 
     def validate(self, key: str) -> None:
         if not self.splits:
-            raise ConfigError(f"{key}.splits: expected at least one {{name, annotations, images}} entry")
-        names = [s.name for s in self.splits]
+            raise ConfigError(f"{key}.splits: expected auto or at least one {{name, annotations, images}} entry")
+        names = [s.name for s in self.splits] if self.splits != "auto" else []  # auto: Config.validate resolves it
         if len(set(names)) != len(names):
             raise ConfigError(f"{key}.splits: split names must be unique, got {names}")
         _non_negative(key, "min_area", self.min_area)
@@ -124,6 +141,10 @@ class PrepareConfig:
         return paths
 
 
+# A teacher pass's name: it becomes part of file names (store, metrics) and of shard member names.
+TEACHER_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+# train.target values that combine the shards' teachers instead of naming one (see train/targets.py).
+TARGET_RULES = ("auto", "mean", "confident", "weighted")
 SAM2_MODELS = ("sam2.1_hiera_tiny", "sam2.1_hiera_small", "sam2.1_hiera_base_plus", "sam2.1_hiera_large",
                "sam2_hiera_tiny", "sam2_hiera_small", "sam2_hiera_base_plus", "sam2_hiera_large")
 
@@ -136,6 +157,9 @@ class TeacherConfig:
     splits: list[str] = field(default_factory=lambda: ["train", "val"])
     model: str = "sam2.1_hiera_tiny"  # one of SAM2_MODELS, or "sam3" (needs the optional sam3 extra)
     checkpoint: str | None = "data/checkpoints/sam2.1_hiera_tiny.pt"
+    # Where `picosam-pipeline fetch` puts checkpoints (teacher.checkpoint lives here): a DVC dependency of every
+    # teacher pass, so a changed or pulled checkpoint is seen; it always exists (README.md in git).
+    checkpoints_dir: str = "data/checkpoints"
     allow_random_weights: bool = False  # run with random weights when the checkpoint is missing (tests, sample)
     prompt: Literal["roi", "point"] = "roi"  # roi: PicoSAM3 box prompt + ROI crop; point: PicoSAM2 point + 96-px window
     multimask_output: bool = True  # ask for 3 masks and keep the one with the highest predicted IoU
@@ -152,9 +176,13 @@ class TeacherConfig:
     scheduler_address: str | None = None  # existing dask scheduler (tcp://host:8786); None = LocalCluster
     n_workers: int = 0  # LocalCluster workers; 0 = one per GPU, else 1
     threads_per_worker: int = 0  # 0 = all cores / workers
-    out: str = "data/teacher/logits.zarr"
+    stores_dir: str = "data/teacher/stores"  # the pass named NAME (``teachers``) writes <stores_dir>/<NAME>.zarr
+    out: str = "data/teacher/logits.zarr"  # the store of a run outside the named passes (no ``teachers``, the API)
+    name: str = ""  # the pass's name, set from ``teachers`` (names its metrics file and its shard member)
 
     def validate(self, key: str) -> None:
+        if self.name and not TEACHER_NAME.fullmatch(self.name):
+            raise ConfigError(f"{key}.name: expected a short lower-case name such as sam2 (letters, digits, _), got {self.name!r}")
         if self.model not in SAM2_MODELS + ("sam3",):
             raise ConfigError(f"{key}.model: expected one of {list(SAM2_MODELS) + ['sam3']}, got {self.model!r}")
         if self.backend == "onnxruntime" and self.model == "sam3":
@@ -177,7 +205,7 @@ class TeacherConfig:
 class LvisEvalConfig:
     """An extra evaluation straight from LVIS v1 annotations + COCO images (no shards, no teacher)."""
 
-    annotations: str  # e.g. data/coco/annotations/lvis_v1_val.json
+    annotations: str  # e.g. data/datasets/lvis_v1/annotations/lvis_v1_val.json
     images: str  # the COCO val2017 folder; annotations whose image is not there are counted, not scored
     max_annotations: int = 0  # score the first N usable annotations in file order; 0 = all
 
@@ -210,7 +238,8 @@ class PackConfig:
     """WebDataset shards joining the index, the images and the teacher store (``stages/pack.py``)."""
 
     index: str = "data/prepared/index.parquet"
-    store: str = "data/teacher/logits.zarr"
+    stores_dir: str = "data/teacher/stores"  # teacher.stores_dir: the teacher passes' stores, <NAME>.zarr
+    teachers: list[str] = field(default_factory=lambda: ["sam2"])  # the passes whose logits go into every sample
     splits: list[str] = field(default_factory=lambda: ["train", "val"])
     out_dir: str = "data/shards"  # one folder per split: shard-NNNNNN.tar + shards.json
     samples_per_shard: int = 4096  # ~35 MB per 96x96 shard; loader parallelism is per shard
@@ -220,9 +249,19 @@ class PackConfig:
     def validate(self, key: str) -> None:
         if not self.splits or len(set(self.splits)) != len(self.splits):
             raise ConfigError(f"{key}.splits: expected a list of distinct split names, e.g. [train, val], got {self.splits}")
+        if not self.teachers or len(set(self.teachers)) != len(self.teachers):
+            raise ConfigError(f"{key}.teachers: expected a list of distinct teacher pass names, e.g. [sam2], got {self.teachers}")
+        for name in self.teachers:
+            if not TEACHER_NAME.fullmatch(name) or name in TARGET_RULES:
+                raise ConfigError(f"{key}.teachers: {name!r} is not a teacher pass name (lower-case letters, digits, _; "
+                                  f"not one of {list(TARGET_RULES)})")
         _positive(key, "samples_per_shard", self.samples_per_shard)
         if not 1 <= self.jpeg_quality <= 100:
             raise ConfigError(f"{key}.jpeg_quality: expected an integer 1..100 (JPEG quality), got {self.jpeg_quality}")
+
+    def store_paths(self) -> dict[str, str]:
+        """``{teacher pass name: its store}`` in ``teachers`` order: ``<stores_dir>/<name>.zarr``."""
+        return {name: str(Path(self.stores_dir) / f"{name}.zarr") for name in self.teachers}
 
 
 @dataclass
@@ -258,6 +297,11 @@ class TrainConfig:
     hflip: bool = False  # random horizontal flips (image, mask and teacher logits together)
     jitter: float = 0.0  # random crop-box jitter, as a fraction of the crop side (needs teacher.context_margin)
     on_corrupt_shard: Literal["stop", "skip"] = "stop"
+    # The distillation target (train/targets.py): auto = the shards' only teacher; a teacher pass name; or a
+    # combination of every teacher in the shards: mean (of probabilities), confident (per pixel, the teacher
+    # farther from 0.5), weighted (target_weights, normalised to sum 1).
+    target: str = "auto"
+    target_weights: dict[str, float] = field(default_factory=dict)  # with target weighted: {pass name: weight >= 0}
     out_dir: str = "data/train"  # student.pt (final weights), config.resolved.json: the stage's DVC output
     state_dir: str | None = None  # checkpoint.pt, the resumable state; None = "<out_dir>.state" (not a DVC output)
 
@@ -280,6 +324,14 @@ class TrainConfig:
             raise ConfigError(f"{key}.fixed_lambda: expected a weight in [0, 1], got {self.fixed_lambda}")
         if self.min_lr > self.lr:
             raise ConfigError(f"{key}.min_lr: expected at most lr ({self.lr}), got {self.min_lr}")
+        if self.target not in TARGET_RULES and not TEACHER_NAME.fullmatch(self.target):
+            raise ConfigError(f"{key}.target: expected auto, a teacher pass name (e.g. sam2), mean, confident or weighted, "
+                              f"got {self.target!r}")
+        if (self.target == "weighted") != bool(self.target_weights):
+            raise ConfigError(f"{key}.target_weights: set it (e.g. {{sam2: 0.5, sam3: 0.5}}) exactly when {key}.target is "
+                              f"weighted; target is {self.target!r}, target_weights {self.target_weights}")
+        if any(w < 0 for w in self.target_weights.values()) or (self.target_weights and sum(self.target_weights.values()) <= 0):
+            raise ConfigError(f"{key}.target_weights: expected weights >= 0 with a positive sum, got {self.target_weights}")
 
     def loader_workers(self, device_type: str, cores: int) -> int:
         """``num_workers`` resolved: ``auto`` is 0 on a CPU (the step uses every core) and ``min(8, cores - 2)`` on a
@@ -362,9 +414,13 @@ class Config:
     """The whole pipeline configuration (one attribute per ``params.yaml`` section)."""
 
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # The teacher passes DVC runs (stage teacher-logits@NAME, one store each): NAME -> the keys of ``teacher`` that
+    # differ for that pass (model, checkpoint, ...). Empty: `run-stage teacher-logits` runs ``teacher`` alone.
+    teachers: dict[str, dict[str, Any]] = field(default_factory=dict)
     pack: PackConfig = field(default_factory=PackConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -374,6 +430,37 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def validate(self, key: str) -> None:
+        if self.prepare.splits == "auto":  # the one dataset switch: the splits follow dataset.name
+            from picosam_pipeline.datasets import dataset_splits
+
+            self.prepare.splits = [SplitSource(*split) for split in dataset_splits(self.dataset.name, self.dataset.folder)]
+            if self.dataset.name == "sample" and Path(self.sample.out_dir) != Path(self.dataset.folder):
+                raise ConfigError(f"sample.out_dir: with dataset.name sample the sample stage must write the dataset's "
+                                  f"folder {self.dataset.folder}, got {self.sample.out_dir!r}; set one to the other")
+        for name in self.teachers:
+            self.teacher_pass(name)  # every pass must build a valid teacher section
+
+    def teacher_pass(self, name: str) -> "Config":
+        """This config with ``teacher`` resolved for pass ``name``: ``teachers[name]`` over ``teacher``, the store at
+        ``<teacher.stores_dir>/<name>.zarr``. Raises ConfigError for an unknown pass or an invalid override."""
+        if name not in self.teachers:
+            known = ", ".join(self.teachers) or "none: params.yaml has no teachers section"
+            raise ConfigError(f"teachers.{name}: no such teacher pass; the passes are {known}")
+        if not TEACHER_NAME.fullmatch(name) or name in TARGET_RULES:
+            raise ConfigError(f"teachers.{name}: a pass name is lower-case letters, digits and _ (at most 32), not one "
+                              f"of {list(TARGET_RULES)}; rename it")
+        override = self.teachers[name] or {}
+        if not isinstance(override, dict):
+            raise ConfigError(f"teachers.{name}: expected a mapping of teacher keys (e.g. {{model: sam3}}), got {override!r}")
+        fixed = sorted(set(override) & {"name", "out", "stores_dir"})
+        if fixed:
+            raise ConfigError(f"teachers.{name}.{fixed[0]}: set per pipeline, not per pass (the store of pass {name} is "
+                              f"<teacher.stores_dir>/{name}.zarr); remove it")
+        merged = {**dataclasses.asdict(self.teacher), **override, "name": name,
+                  "out": str(Path(self.teacher.stores_dir) / f"{name}.zarr")}
+        return dataclasses.replace(self, teacher=build(TeacherConfig, merged, f"teachers.{name}"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -445,6 +532,8 @@ def build(cls: type, data: Any, key: str) -> Any:
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
+    if tp is Any:  # checked by the owner's validate (``teachers`` entries: built as a TeacherConfig)
+        return value
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
@@ -463,8 +552,12 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             try:
                 return _coerce(arg, value, key)
             except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {args}")
+                errors.append((arg, str(err)))
+        # A list given for `list[X] | Literal[...]`: the list branch's error names the bad element.
+        same_kind = [e for arg, e in errors if (typing.get_origin(arg) is list) == isinstance(value, list)]
+        if len(errors) == 1 or len(same_kind) == 1:
+            raise ConfigError(errors[0][1] if len(errors) == 1 else same_kind[0])
+        raise ConfigError(f"{key}: {value!r} matches none of {args}")
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")

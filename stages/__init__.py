@@ -39,7 +39,7 @@ STAGES: dict[str, StageSpec] = {
             "picosam_pipeline.stages.sample",
             ("sample",),
             reads="nothing (deterministic generator)",
-            writes="data/sample/: COCO-format JSON + JPEG images, bad inputs included",
+            writes="data/datasets/sample/: COCO-format JSON + JPEG images, bad inputs included",
         ),
         StageSpec(
             "prepare",
@@ -53,13 +53,14 @@ STAGES: dict[str, StageSpec] = {
             "picosam_pipeline.stages.teacher_logits",
             ("teacher", "runtime"),
             reads="data/prepared/index.parquet + the images it names; the teacher checkpoint (teacher.checkpoint)",
-            writes="data/teacher/logits.zarr (soft logits per instance, Zarr v3 shards), metrics/teacher-logits.json",
+            writes="data/teacher/stores/NAME.zarr per teacher pass (soft logits per instance, Zarr v3 shards), "
+                   "metrics/teacher-logits@NAME.json; run one pass as teacher-logits@NAME",
         ),
         StageSpec(
             "pack",
             "picosam_pipeline.stages.pack",
             ("pack",),
-            reads="data/prepared/index.parquet + the images + data/teacher/logits.zarr",
+            reads="data/prepared/index.parquet + the images + data/teacher/stores/NAME.zarr of each pack.teachers",
             writes="data/shards/<split>/: WebDataset shards (crop JPEG, mask + logits PNG, JSON) + shards.json, metrics/pack.json",
         ),
         StageSpec(

@@ -31,13 +31,13 @@ from picosam_pipeline.config import Config, require_inputs, save_resolved, write
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.evaluate.metrics import (
-    TEACHER,
     InstanceGT,
     ScoreTable,
     category_report,
     evaluate_batches,
     evaluation_report,
     format_report,
+    is_teacher,
     iou_histogram,
     size_bars,
 )
@@ -77,7 +77,7 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     pool = GridPool(e.grid_samples) if e.grid_samples else None
     predictions = [] if e.write_predictions else None
     table, timing = evaluate_batches(batches, models, gt, on_sample=pool.offer if pool else None,
-                                     predictions=predictions, total=shard_index.samples)
+                                     predictions=predictions, total=shard_index.samples, teachers=batches.teachers)
     if len(table) == 0:
         raise PipelineError(f"evaluate.shards: {e.shards} yielded no sample; repack the {e.split!r} split")
     protocol = gt.protocol_of(table["ann_id"], table.crop_boxes)
@@ -144,8 +144,8 @@ def _write_plots(folder: Path, table: ScoreTable, report: dict[str, Any]) -> Non
     """The two DVC plot data files (see ``plots:`` in dvc.yaml)."""
     folder.mkdir(parents=True, exist_ok=True)
     _write_csv(folder / "iou_histogram.csv", iou_histogram(table))
-    # Student first, teacher last, so the bars read top-down as "ours, then the reference".
-    models = [m for m in table.models if m != TEACHER] + ([TEACHER] if TEACHER in table.models else [])
+    # Student first, teachers last, so the bars read top-down as "ours, then the reference".
+    models = [m for m in table.models if not is_teacher(m)] + [m for m in table.models if is_teacher(m)]
     _write_csv(folder / "by_size.csv", size_bars(report, models))
 
 

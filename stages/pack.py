@@ -1,16 +1,18 @@
 """Stage ``pack``: instance index + images + teacher-logit store -> WebDataset shards, one set per split.
 
-Reads ``pack.index`` (from prepare), ``pack.store`` (from teacher-logits) and the images the index points
-to; writes, for each split in ``pack.splits``, ``<pack.out_dir>/<split>/shard-NNNNNN.tar`` and
+Reads ``pack.index`` (from prepare), the store of every teacher pass in ``pack.teachers``
+(``<pack.stores_dir>/<NAME>.zarr``, from teacher-logits@NAME) and the images the index points to; writes, for
+each split in ``pack.splits``, ``<pack.out_dir>/<split>/shard-NNNNNN.tar`` and
 ``shards.json`` (every shard with its sample count and sha256), plus ``<pack.out_dir>/config.resolved.json``
 and ``metrics/pack.json`` (samples, shards, bytes per sample, payload bytes per member, per split). The
 sample format, frames and pack order are described in ``picosam_pipeline/train/shards.py``.
 
-Joining: index rows and store rows are matched on ``(image_id, ann_id)`` (the store's own id arrays), and
-the store's crop boxes must equal the index's boxes of the store's prompt convention, so a store computed
-from an older index is refused instead of silently misaligning crops and logits. The pack is built in
-``<out_dir>.partial`` and swapped in at the end, so an interrupted run never leaves a half-written pack
-where the loader looks.
+Joining: index rows and store rows are matched on ``(image_id, ann_id)`` (each store's own id arrays), and
+each store's crop boxes must equal the index's boxes of the store's prompt convention, so a store computed
+from an older index is refused instead of silently misaligning crops and logits. Every teacher packed must
+share one prompt convention and frame (store size, context margin): one sample holds one crop. The pack is
+built in ``<out_dir>.partial`` and swapped in at the end, so an interrupted run never leaves a half-written
+pack where the loader looks.
 """
 
 from __future__ import annotations
@@ -28,17 +30,18 @@ from picosam_pipeline.data.index import column_array, read_index
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.teacher.store import LogitStore, open_store
-from picosam_pipeline.train.shards import INDEX_COLUMNS, INDEX_FILE, Frame, pack_split
+from picosam_pipeline.train.shards import INDEX_COLUMNS, INDEX_FILE, Frame, PackedTeacher, pack_split
 
 
 def run(cfg: Config, runtime: Runtime | None = None) -> dict[str, Any]:
     """Pack every split of ``cfg.pack``; returns samples and bytes per sample per split (no tensors: no device)."""
     p = cfg.pack
-    require_inputs({"pack.index": p.index, "pack.store": p.store})
-    store = open_store(p.store)
-    frame = store_frame(store)
-    meta = store.read_meta()  # every row; PipelineError when the teacher stage has not finished
-    convention = store.attrs.get("prompt", {}).get("convention")
+    paths = p.store_paths()
+    require_inputs({"pack.index": p.index, **{f"pack.teachers[{name}] (teacher-logits@{name})": path
+                                                for name, path in paths.items()}})
+    stores = {name: open_store(path) for name, path in paths.items()}
+    frame, convention = common_frame(stores)
+    metas = {name: store.read_meta() for name, store in stores.items()}  # PipelineError when a pass is unfinished
 
     out = Path(p.out_dir)
     _check_replaceable(out)
@@ -47,9 +50,12 @@ def run(cfg: Config, runtime: Runtime | None = None) -> dict[str, Any]:
     summaries = {}
     for split in p.splits:
         rows = read_index(p.index, split=split, columns=INDEX_COLUMNS)
-        in_store = store_rows(meta, rows, split, store.path)
-        check_crop_boxes(rows, meta["crop_box"][in_store], convention, store.path)
-        summaries[split] = pack_split(split, rows, store, in_store, meta, frame, building / split,
+        teachers = []
+        for name, store in stores.items():
+            in_store = store_rows(metas[name], rows, split, store.path)
+            check_crop_boxes(rows, metas[name]["crop_box"][in_store], convention, store.path)
+            teachers.append(PackedTeacher(name, store, metas[name], in_store))
+        summaries[split] = pack_split(split, rows, teachers, frame, building / split,
                                       samples_per_shard=p.samples_per_shard, seed=p.seed, jpeg_quality=p.jpeg_quality)
     save_resolved(cfg, building, ["pack"])
     shutil.rmtree(out, ignore_errors=True)
@@ -58,7 +64,7 @@ def run(cfg: Config, runtime: Runtime | None = None) -> dict[str, Any]:
     samples = sum(s.samples for s in summaries.values())
     total_bytes = sum(s.bytes for s in summaries.values())
     metrics = {
-        "frame": asdict(frame), "codec": store.codec.name,
+        "frame": asdict(frame), "teachers": {name: store.codec.name for name, store in stores.items()},
         "splits": {name: asdict(s) for name, s in summaries.items()},
         "total": {"samples": samples, "shards": sum(s.shards for s in summaries.values()), "bytes": total_bytes,
                   "bytes_per_sample": total_bytes / samples},
@@ -79,6 +85,19 @@ def _check_replaceable(out: Path) -> None:
     if foreign:
         raise PipelineError(f"pack.out_dir: {str(out)!r} holds {foreign[:5]}, which are not shards this stage wrote; "
                             "move them or choose another folder with --set pack.out_dir=PATH")
+
+
+def common_frame(stores: dict[str, LogitStore]) -> tuple[Frame, str | None]:
+    """The frame and prompt convention every store shares; PipelineError naming the two stores that differ."""
+    seen = {name: (store_frame(store), store.attrs.get("prompt", {}).get("convention")) for name, store in stores.items()}
+    (first, (frame, convention)), *rest = seen.items()
+    for name, other in rest:
+        if other != (frame, convention):
+            raise PipelineError(
+                f"pack.teachers: teachers {first} and {name} cannot share samples: {first} stored {convention} crops "
+                f"of {asdict(frame)}, {name} {other[1]} crops of {asdict(other[0])}; run both passes with the same "
+                "teacher.prompt, store_size and context_margin, or pack them apart")
+    return frame, convention
 
 
 def store_frame(store: LogitStore) -> Frame:

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from picosam_pipeline.config import Config, PrepareConfig, SplitSource, require_inputs, save_resolved, write_metrics
 from picosam_pipeline.data.coco import AnnotationSet, ImageRecord, Issue, check_annotation, load_annotations
 from picosam_pipeline.data.crops import point_box, point_prompt, roi_box
+from picosam_pipeline.datasets import check_dataset
 from picosam_pipeline.data.images import BadImageError, load_image
 from picosam_pipeline.data.index import INDEX_FILE, IndexBuilder, write_index
 from picosam_pipeline.device import Runtime
@@ -98,6 +99,10 @@ def run(cfg: Config, runtime: Runtime | None = None) -> dict[str, Any]:
     ``runtime`` is unused: prepare runs on the CPU (pycocotools, PIL) whatever the device.
     """
     p = cfg.prepare
+    folder = Path(cfg.dataset.folder)
+    in_dataset = [(s.name, s.annotations, s.images) for s in p.splits
+                  if folder in Path(s.annotations).parents and folder in Path(s.images).parents]
+    check_dataset(cfg.dataset.name, folder, in_dataset)  # names `fetch` / the sample stage for a missing dataset
     require_inputs(p.input_paths("prepare"))
     log = BadInputLog(strict=p.on_bad_input == "strict")
     builder = IndexBuilder()

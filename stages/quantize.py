@@ -82,7 +82,7 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     batches = make_loader(q.val_shards, batch_size=q.eval_batch_size, shuffle_buffer=0, num_workers=0,
                           seed=runtime.seed, input_size=size)
     table, _ = evaluate_batches(batches, models, InstanceGT.from_index(q.index, q.split), on_sample=agreement,
-                                total=val_index.samples)
+                                total=val_index.samples, teachers=batches.teachers)
     if len(table) == 0:
         raise PipelineError(f"quantize.val_shards: {q.val_shards} yielded no sample; repack the {q.split!r} split")
     report = evaluation_report(table, models=list(models))

@@ -1,5 +1,7 @@
 """Stage ``teacher-logits``: the SAM2/SAM3 teacher run once per image, its soft logits for every instance stored
-in a Zarr v3 store (``teacher.out``, default ``data/teacher/logits.zarr``; layout in ``picosam_pipeline/teacher/store.py``).
+in a Zarr v3 store (layout in ``picosam_pipeline/teacher/store.py``). Each teacher pass of ``params.yaml``'s ``teachers``
+(``teacher-logits@NAME``, DVC's stage name too) writes ``<teacher.stores_dir>/NAME.zarr`` and
+``metrics/teacher-logits@NAME.json``; a run outside the passes (the API, ``teachers: {}``) writes ``teacher.out``.
 
 Rows: store row ``i`` is the ``i``-th index row of ``teacher.splits`` in index order (``(split, image_id,
 ann_id)``); the store's ``ann_id`` / ``image_id`` arrays make that checkable, and its attributes record the
@@ -19,7 +21,7 @@ uninterrupted run within the codec's bound (the encoder's rounding depends on th
 recomputed; when it holds another one, the new pass is built beside it and replaces it at the end.
 
 Writes the store with its ``config.resolved.json`` (teacher + runtime sections) inside, and
-``metrics/teacher-logits.json``: instances, bytes per instance, random-weights flag (what the store holds); the
+``metrics/teacher-logits[@NAME].json``: instances, bytes per instance, random-weights flag (what the store holds); the
 rate, seconds and encoder passes of each run go to the run log ``metrics/runs/teacher-logits.jsonl``.
 """
 
@@ -54,8 +56,16 @@ def partial_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+def stage_name(t: TeacherConfig) -> str:
+    """``teacher-logits@NAME`` for the pass NAME (DVC's name of the stage; its metrics file), else ``teacher-logits``."""
+    return f"{STAGE}@{t.name}" if t.name else STAGE
+
+
 def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
-    """Compute (or finish) the teacher-logit store for ``cfg.teacher``; returns a small summary."""
+    """Compute (or finish) the teacher-logit store for ``cfg.teacher``; returns a small summary.
+
+    ``cfg.teacher`` is one pass: :meth:`Config.teacher_pass` resolves the named passes of ``teachers``.
+    """
     t = cfg.teacher
     require_inputs({"teacher.index": t.index})
     rows = instance_rows(t.index, t.splits, t.prompt)
@@ -74,14 +84,14 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
              + (" with RANDOM WEIGHTS (smoke test: the logits are noise)" if teacher.get("weights") == "random weights" else ""))
         setup_seconds = time.perf_counter() - start
         summaries = []
-        with tqdm(total=sum(len(r) for _, r in jobs), unit="inst", desc=STAGE, dynamic_ncols=True) as bar:
+        with tqdm(total=sum(len(r) for _, r in jobs), unit="inst", desc=stage_name(t), dynamic_ncols=True) as bar:
             for summary in executor.map_shards(str(store.path.resolve()), jobs):
                 summaries.append(summary)
                 bar.update(summary["instances"])
     store = finish(store, out, cfg)
     seconds = time.perf_counter() - start
     metrics, run = stage_metrics(store, rows, summaries, seconds, setup_seconds, executor)
-    write_metrics(cfg, STAGE, metrics, run)
+    write_metrics(cfg, stage_name(t), metrics, run)
     return {"instances": metrics["instances"], "random_weights": metrics["random_weights"]} | {
         k: run[k] for k in ("instances_computed", "shards_computed", "instances_per_s")} | {"store": str(out)}
 

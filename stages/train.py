@@ -27,6 +27,7 @@ from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.train.loader import ShardLoader, make_loader
 from picosam_pipeline.train.shards import read_shard_index
+from picosam_pipeline.train.targets import resolve_target
 from picosam_pipeline.train.trainer import LOG_COLUMNS, VAL_COLUMNS, TrainData, epoch_seed, train
 
 STEPS_PLOT, VAL_PLOT = "train_steps.csv", "train_val.csv"  # in runtime.metrics_dir, beside train.json
@@ -62,7 +63,11 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
 
     # shards.json lists every shard's sha256, so its digest identifies the training data for resuming
     fingerprint = hashlib.sha256(train_index.path.read_bytes()).hexdigest()
-    data = TrainData(train_epoch=train_epoch, val=val, input_size=size, fingerprint=fingerprint, source=str(train_dir))
+    if list(val_index.teachers) != list(train_index.teachers):
+        raise PipelineError(f"{train_index.path} holds teachers {list(train_index.teachers)} but {val_index.path} "
+                            f"{list(val_index.teachers)}; pack both splits in one run of the pack stage")
+    data = TrainData(train_epoch=train_epoch, val=val, input_size=size, fingerprint=fingerprint, source=str(train_dir),
+                     teachers=tuple(train_index.teachers))
     # The resumable state lives outside the DVC output, so the output is only the result (and DVC's run cache
     # can restore it); a killed run resumes from state_dir.
     result = train(t, runtime, data, t.out_dir, state_dir=t.resume_dir())
@@ -77,6 +82,7 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     window = max(1, min(100, state.step // 10))
     metrics = {
         "student": t.student,
+        "target": resolve_target(t.target, t.target_weights, train_index.teachers).describe(),
         "params": result.params,
         "steps": state.step,
         "epochs": state.step * t.batch_size * result.world_size / train_index.samples,

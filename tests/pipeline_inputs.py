@@ -28,12 +28,12 @@ def build_inputs(root: Path, *, context_margin: float = 0.0, splits: list[SplitS
     cfg = Config(runtime=RuntimeConfig(device="cpu", metrics_dir=str(root / "metrics")),
                  sample=SampleConfig(out_dir=str(root / "sample"), train_images=6, val_images=3, plant_bad_inputs=False),
                  prepare=PrepareConfig(splits=splits, out_dir=str(root / "prepared")),
-                 pack=PackConfig(index=str(root / "prepared/index.parquet"), store=str(root / "logits.zarr"),
+                 pack=PackConfig(index=str(root / "prepared/index.parquet"), stores_dir=str(root / "stores"), teachers=["gt"],
                                  splits=[s.name for s in splits], out_dir=str(root / "shards"), samples_per_shard=8))
     if builtin:
         sample.run(cfg, None)
     prepare.run(cfg, None)
-    write_mask_teacher_store(cfg.pack.index, cfg.pack.store, splits=cfg.pack.splits, context_margin=context_margin)
+    write_mask_teacher_store(cfg.pack.index, cfg.pack.store_paths()["gt"], splits=cfg.pack.splits, context_margin=context_margin)
     return cfg
 
 

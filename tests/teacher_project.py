@@ -26,7 +26,7 @@ CLI = str(BIN / "picosam-pipeline")
 
 
 def tiny_project(root: Path, val_images: int = 2, *overrides: str) -> list[str]:
-    """Write ``root/params.yaml`` (the repo's) and build ``root/data/sample`` and ``root/data/prepared``.
+    """Write ``root/params.yaml`` (the repo's) and build ``root/data/datasets/sample`` and ``root/data/prepared``.
 
     Returns the ``--set`` overrides (``TINY`` + ``val_images`` + ``overrides``) the teacher runs should use;
     paths stay the relative defaults, so stages must run with ``root`` as the working directory.

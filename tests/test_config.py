@@ -34,7 +34,7 @@ def test_defaults_without_file():
         ("nosuchsection.x=1", "nosuchsection: unknown key"),
         ("runtime.device=tpu", "runtime.device: expected auto, cpu, cuda or cuda:N"),
         ("prepare.roi_padding=1.5", "prepare.roi_padding: expected a fraction"),
-        ("prepare.splits=[]", "prepare.splits: expected at least one"),
+        ("prepare.splits=[]", "prepare.splits: expected auto or at least one"),
         ("prepare.splits=[{name: a, annotations: x}]", "prepare.splits[0].images: required key is missing"),
         ("teacher.model=sam9", "teacher.model: expected one of"),
         ("teacher.compression_level=0", "teacher.compression_level: expected an integer 1..9"),

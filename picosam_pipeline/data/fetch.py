@@ -1,9 +1,12 @@
-"""Fetch the real assets: COCO 2017 images and annotations, LVIS v1 val annotations, SAM2.1 checkpoints.
+"""Fetch the real assets: COCO 2017 images and annotations, LVIS v1 annotations, SAM2.1 checkpoints.
 
 Each asset lands where the default ``params.yaml`` looks for it (paths relative to the destination root,
 ``data`` by default): checkpoints as ``checkpoints/<model>.pt`` (``teacher.checkpoint``), COCO unpacked to
-``coco/{train2017,val2017,annotations/instances_*2017.json}``, LVIS to ``coco/annotations/lvis_v1_val.json``
-(LVIS reuses the COCO 2017 images).
+``datasets/coco2017/{train2017,val2017,annotations/instances_*2017.json}`` and LVIS v1 to
+``datasets/lvis_v1/annotations/lvis_v1_{train,val}.json``: the layouts of ``picosam_pipeline/datasets.py``,
+so ``dataset.name`` alone switches the pipeline. ``fetch coco2017`` / ``fetch lvis_v1`` fetch a whole dataset;
+LVIS reuses the COCO 2017 images, hard-linked into ``datasets/lvis_v1/{train2017,val2017}`` (no second copy
+on disk, and DVC sees real files it can hash).
 
 A download streams into ``<file>.part``; a rerun resumes it with an HTTP ``Range`` request (and starts over
 when the server ignores ``Range``). The sha256 is computed while streaming and checked before the file is
@@ -71,6 +74,7 @@ class Asset:
 _TFDS_COCO = "tensorflow/datasets url_checksums/coco.txt"
 _TFDS_LVIS = "tensorflow/datasets object_detection/lvis/checksums.tsv"
 _SAM2_BASE = "https://dl.fbaipublicfiles.com/segment_anything_2/092824"
+_COCO, _LVIS = "datasets/coco2017", "datasets/lvis_v1"  # dataset folders (picosam_pipeline/datasets.py)
 
 
 def _checkpoint(model: str, sha256: str | None, hash_source: str, size: str) -> Asset:
@@ -82,24 +86,38 @@ ASSETS: dict[str, Asset] = {
     for a in [
         Asset("coco_train2017", "http://images.cocodataset.org/zips/train2017.zip", "downloads/train2017.zip",
               "69a8bb58ea5f8f99d24875f21416de2e9ded3178e903f1f7603e283b9e06d929", _TFDS_COCO, "19.3 GB",
-              unpack_to="coco", provides=("coco/train2017",)),
+              unpack_to=_COCO, provides=(f"{_COCO}/train2017",)),
         Asset("coco_val2017", "http://images.cocodataset.org/zips/val2017.zip", "downloads/val2017.zip",
               "4f7e2ccb2866ec5041993c9cf2a952bbed69647b115d0f74da7ce8f4bef82f05", _TFDS_COCO, "816 MB",
-              unpack_to="coco", provides=("coco/val2017",)),
+              unpack_to=_COCO, provides=(f"{_COCO}/val2017",)),
         Asset("coco_annotations2017", "http://images.cocodataset.org/annotations/annotations_trainval2017.zip",
               "downloads/annotations_trainval2017.zip",
               "113a836d90195ee1f884e704da6304dfaaecff1f023f49b6ca93c4aaae470268", _TFDS_COCO, "253 MB",
-              unpack_to="coco",
-              provides=("coco/annotations/instances_train2017.json", "coco/annotations/instances_val2017.json")),
+              unpack_to=_COCO,
+              provides=(f"{_COCO}/annotations/instances_train2017.json", f"{_COCO}/annotations/instances_val2017.json")),
         Asset("lvis_v1_val", "https://dl.fbaipublicfiles.com/LVIS/lvis_v1_val.json.zip", "downloads/lvis_v1_val.json.zip",
               "5cae9a3c79aadb667550c2b5dcf7f4d86e059a41ec91ef690225b667e28e9ba5", _TFDS_LVIS, "64 MB",
-              unpack_to="coco/annotations", provides=("coco/annotations/lvis_v1_val.json",)),
+              unpack_to=f"{_LVIS}/annotations", provides=(f"{_LVIS}/annotations/lvis_v1_val.json",)),
+        Asset("lvis_v1_train", "https://dl.fbaipublicfiles.com/LVIS/lvis_v1_train.json.zip",
+              "downloads/lvis_v1_train.json.zip", None, "", "350 MB",
+              unpack_to=f"{_LVIS}/annotations", provides=(f"{_LVIS}/annotations/lvis_v1_train.json",)),
         _checkpoint("sam2.1_hiera_tiny", "7402e0d864fa82708a20fbd15bc84245c2f26dff0eb43a4b5b93452deb34be69",
                     "huggingface.co/facebook/sam2.1-hiera-tiny (Git LFS SHA256)", "156 MB"),
         _checkpoint("sam2.1_hiera_small", None, "", "184 MB"),
         _checkpoint("sam2.1_hiera_base_plus", None, "", "324 MB"),
         _checkpoint("sam2.1_hiera_large", None, "", "898 MB"),
     ]
+}
+
+
+# Whole datasets by the names `dataset.name` uses: their assets in fetch order, and image folders that LVIS
+# shares with COCO (hard-linked from -> to after the assets are in place).
+DATASETS: dict[str, tuple[str, ...]] = {
+    "coco2017": ("coco_annotations2017", "coco_val2017", "coco_train2017"),
+    "lvis_v1": ("lvis_v1_val", "lvis_v1_train", "coco_val2017", "coco_train2017"),
+}
+SHARED_IMAGES: dict[str, tuple[tuple[str, str], ...]] = {
+    "lvis_v1": ((f"{_COCO}/val2017", f"{_LVIS}/val2017"), (f"{_COCO}/train2017", f"{_LVIS}/train2017")),
 }
 
 
@@ -121,6 +139,70 @@ def get_asset(name: str) -> Asset:
         raise PipelineError(f"unknown asset {name!r}; the assets are: {', '.join(ASSETS)} "
                             "(see `picosam-pipeline fetch --list`)")
     return ASSETS[name]
+
+
+def expand(names: list[str] | tuple[str, ...]) -> list[Asset]:
+    """The assets of ``names`` (asset names or whole datasets of :data:`DATASETS`), each once, in order."""
+    seen: dict[str, Asset] = {}
+    for name in names:
+        for asset in (DATASETS[name] if name in DATASETS else (name,)):
+            seen.setdefault(asset, get_asset(asset))
+    return list(seen.values())
+
+
+def link_images(root: str | Path, dataset: str) -> str:
+    """Hard-link the image folders ``dataset`` shares with COCO (``SHARED_IMAGES``) into its own folder.
+
+    Hard links cost no space and are real files to DVC (it does not follow symlinked folders). Files already
+    linked are skipped, so a rerun finishes an interrupted one. Raises PipelineError when the source is
+    missing or sits on another file system (hard links cannot cross it).
+    """
+    root, linked = Path(root), 0
+    for src, dst in SHARED_IMAGES.get(dataset, ()):
+        src, dst = root / src, root / dst
+        if not src.is_dir():
+            raise PipelineError(f"{src} is missing: fetch the COCO images first (`picosam-pipeline fetch {dataset}` "
+                                "fetches them)")
+        dst.mkdir(parents=True, exist_ok=True)
+        for image in tqdm(sorted(src.iterdir()), desc=f"link {dst.name}", unit="img"):
+            target = dst / image.name
+            if target.exists():
+                continue
+            try:
+                os.link(image, target)
+            except OSError as err:
+                raise PipelineError(f"cannot hard-link {image} to {target} ({err.strerror}): {dataset} shares the COCO "
+                                    f"images and needs {dst} on the same file system as {src}") from None
+            linked += 1
+    return f"{dataset}: {linked} COCO images linked into {root / _LVIS}" if linked else f"{dataset}: images in place"
+
+
+def tracked_paths(names: list[str] | tuple[str, ...], root: str | Path = "data") -> list[Path]:
+    """What ``fetch --track`` hands to ``dvc add`` for ``names``: a dataset's whole folder, else each asset's outputs."""
+    paths: list[Path] = []
+    for name in names:
+        new = [Path(root) / "datasets" / name] if name in DATASETS else [Path(root) / p for p in get_asset(name).outputs]
+        paths += [p for p in new if p not in paths]
+    return paths
+
+
+def track(paths: list[Path]) -> str:
+    """``dvc add`` ``paths`` (run from the DVC project's root) and say which files to commit to git.
+
+    Raises PipelineError when DVC fails (not a DVC project, a path outside it, ...), with DVC's own message.
+    """
+    import subprocess
+    import sys
+
+    dvc = Path(sys.executable).with_name("dvc")  # the DVC of this environment, as dvc.yaml's commands are
+    result = subprocess.run([str(dvc) if dvc.exists() else "dvc", "add", *map(str, paths)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise PipelineError(f"`dvc add {' '.join(map(str, paths))}` failed: {result.stderr.strip() or result.stdout.strip()}; "
+                            "run fetch --track from the root of a DVC project (`dvc init`), or track the files by hand")
+    dvc_files = " ".join(f"{p}.dvc" for p in paths)
+    return (f"tracked with DVC: {', '.join(map(str, paths))}; commit the pointers with "
+            f"`git add {dvc_files} {' '.join(sorted({str(p.parent / '.gitignore') for p in paths}))}` and share the "
+            "bytes with `dvc push`")
 
 
 def check_sha256(value: str) -> str:
@@ -271,6 +353,8 @@ def format_table(root: str | Path = "data") -> str:
     lock_path = root / LOCK_NAME
     lock = read_lock(lock_path)
     lines = []
+    for name, members in DATASETS.items():
+        lines.append(f"{name}  (dataset: {', '.join(members)}) -> {root / 'datasets' / name}")
     for a in ASSETS.values():
         if a.sha256:
             digest = f"sha256 {a.sha256}  [{a.hash_source}]"

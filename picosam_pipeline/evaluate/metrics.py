@@ -27,7 +27,7 @@ from __future__ import annotations
 import csv
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,15 @@ from picosam_pipeline.evaluate.scoring import (
 )
 
 TEACHER = "teacher"
+
+
+def teacher_models(teachers: Sequence[str]) -> list[str]:
+    """Score-table names of the shards' teachers: ``teacher`` for one, ``teacher_<NAME>`` for each of several."""
+    return [TEACHER] if len(teachers) <= 1 else [f"{TEACHER}_{name}" for name in teachers]
+
+
+def is_teacher(model: str) -> bool:
+    return model == TEACHER or model.startswith(f"{TEACHER}_")
 HIST_BINS = 20  # IoU histogram bins of width 0.05, the papers' threshold step
 
 
@@ -204,8 +213,8 @@ class ScoreTable:
 def evaluate_batches(batches: Iterable[Mapping[str, Any]], models: Mapping[str, CropModel], gt: InstanceGT, *,
                      on_sample: Callable[[dict[str, Any]], None] | None = None,
                      predictions: list[CropPrediction] | None = None,
-                     total: int | None = None) -> tuple[ScoreTable, dict[str, float]]:
-    """Run ``models`` on every batch and score them, and the batch's ``teacher_logits`` when present.
+                     total: int | None = None, teachers: Sequence[str] = (TEACHER,)) -> tuple[ScoreTable, dict[str, float]]:
+    """Run ``models`` on every batch and score them, and every teacher in the batch's ``teacher_logits`` when present.
 
     Args:
         batches: loader batches (see the module docstring); the teacher is scored only when they carry logits.
@@ -216,6 +225,8 @@ def evaluate_batches(batches: Iterable[Mapping[str, Any]], models: Mapping[str, 
             (the qualitative grid's pool keeps a few).
         predictions: when given, one :class:`CropPrediction` per sample is appended (student mask, bool).
         total: number of samples, for the progress bar only.
+        teachers: the names of the ``teacher_logits`` channels (``ShardLoader.teachers``); scored as
+            :func:`teacher_models` names them.
 
     Returns:
         the score table and timings ``{"seconds": wall time, "model_seconds": {model: forward time}}``.
@@ -234,7 +245,9 @@ def evaluate_batches(batches: Iterable[Mapping[str, Any]], models: Mapping[str, 
             logits[name] = model(rgb)
             model_seconds[name] += time.perf_counter() - t0
         if "teacher_logits" in batch:
-            logits[TEACHER] = to_numpy(batch["teacher_logits"]).astype(np.float32, copy=False)
+            stored = to_numpy(batch["teacher_logits"]).astype(np.float32, copy=False)  # (B, K, S, S)
+            for k, name in enumerate(teacher_models(teachers)):
+                logits[name] = stored[:, k:k + 1]
         gt_crops = to_numpy(batch["gt_mask"]).reshape(len(rgb), *rgb.shape[-2:])
         ann_ids = to_numpy(batch["ann_id"]).astype(np.int64)
         boxes = to_numpy(batch["crop_box"]).astype(np.int64).reshape(len(rgb), 4)

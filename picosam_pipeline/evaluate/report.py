@@ -79,6 +79,8 @@ def draw_grid(samples: Sequence[Mapping[str, Any]], path: str | Path, *, title: 
 
     present = set().union(*(s["logits"] for s in samples)) if samples else set()
     models = [(key, label) for key, label in MODEL_COLUMNS if key in present]
+    # Several teachers (teacher_<NAME>, metrics.teacher_models): one column each, before the students.
+    models = [(key, key.replace("_", " ", 1)) for key in sorted(present) if key.startswith("teacher_")] + models
     columns = 2 + len(models)
     rows = max(len(samples), 1)
     fig, axes = plt.subplots(rows, columns, figsize=(1.9 * columns, 2.15 * rows + 0.5), squeeze=False)

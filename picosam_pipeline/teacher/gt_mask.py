@@ -6,7 +6,7 @@ every image would take minutes. Each instance's full-image GT mask becomes whole
 resamples into the stored frame exactly as the teacher stage resamples SAM2's output. So the store has the
 teacher stage's layout and geometry (crop boxes of the chosen prompt convention from the index, stored
 boxes with the context margin, the configured codec), and ``logits > 0`` is the GT mask crop up to
-boundary pixels. Confidence is 1 for every instance. The group attributes say ``teacher.model = "gt-mask"``.
+boundary pixels. Confidence is 1 for every instance (or the ``confidence`` given). The group attributes say ``teacher.model = "gt-mask"``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from picosam_pipeline.teacher.store import PROMPT_CONVENTIONS, LogitStore, creat
 
 def write_mask_teacher_store(index: str | Path, out: str | Path, *, splits: list[str], prompt: str = "roi",
                              store_size: int = 96, context_margin: float = 0.0, codec: str = "sigmoid_uint8",
-                             instances_per_shard: int = 64, gain: float = 4.0) -> LogitStore:
+                             instances_per_shard: int = 64, gain: float = 4.0, confidence: float = 1.0) -> LogitStore:
     """Write a store for the rows of ``splits`` (in that order, index order within each) and return it open.
 
     Args:
@@ -34,6 +34,7 @@ def write_mask_teacher_store(index: str | Path, out: str | Path, *, splits: list
         prompt: ``roi`` or ``point``: which index box column is the crop box.
         store_size, context_margin, codec, instances_per_shard: as in the ``teacher`` params section.
         gain: ``|logit|`` away from the mask boundary.
+        confidence: every instance's confidence (a second stand-in teacher can differ from the first).
     """
     rows = pa.concat_tables([read_index(index, split=split) for split in splits])
     crop_boxes = column_array(rows, f"{prompt}_box").astype(np.int32)
@@ -61,6 +62,6 @@ def write_mask_teacher_store(index: str | Path, out: str | Path, *, splits: list
     for k in store.pending_shards():
         part = store.shard_slice(k)
         store.write_shard(k, logits[part], ann_id=ids["ann_id"][part], image_id=ids["image_id"][part],
-                          confidence=np.ones(part.stop - part.start, np.float32), crop_box=crop_boxes[part],
+                          confidence=np.full(part.stop - part.start, confidence, np.float32), crop_box=crop_boxes[part],
                           stored_box=boxes[part])
     return store

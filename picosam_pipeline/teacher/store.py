@@ -1,6 +1,6 @@
 """The teacher-logit store: the teacher's soft logits for every instance, in one Zarr v3 group.
 
-Layout of the group (default ``data/teacher/logits.zarr``); ``N`` instances, row ``i`` = row ``i`` of the
+Layout of the group (one per teacher pass, ``data/teacher/stores/<NAME>.zarr``); ``N`` instances, row ``i`` = row ``i`` of the
 teacher's instance index, ``S`` = stored side, ``K`` = instances per shard, ``n_shards = ceil(N / K)``:
 
 ==============  ===========  =============  ===============  ============================================
@@ -71,7 +71,8 @@ DATA_ARRAYS = ("logits", *META_ARRAYS)
 
 # Teacher settings that change how the pass runs but not one stored byte; left out of the attributes so
 # that resuming on another cluster (or with the store moved) is not refused as a different teacher.
-EXECUTION_FIELDS = ("executor", "scheduler_address", "n_workers", "threads_per_worker", "out", "onnx_dir", "images_per_batch")
+EXECUTION_FIELDS = ("executor", "scheduler_address", "n_workers", "threads_per_worker", "out", "stores_dir", "name",
+                    "checkpoints_dir", "onnx_dir", "images_per_batch")
 
 PROMPT_CONVENTIONS = {
     "roi": "PicoSAM3: box prompt = the COCO bbox on the full image; crop = the bbox padded by roi_padding per "
@@ -312,7 +313,7 @@ def create_store(path: str | Path, *, n_instances: int, side: int, instances_per
 def open_store(path: str | Path, writable: bool = False) -> LogitStore:
     """Open an existing store (read-only unless ``writable``); PipelineError if ``path`` is not one."""
     path = Path(path)
-    hint = "point to the teacher stage's output (teacher.out, default data/teacher/logits.zarr)"
+    hint = "point to a teacher pass's output (data/teacher/stores/NAME.zarr: <teacher.stores_dir>/<NAME>.zarr)"
     try:
         group = zarr.open_group(path, mode="r+" if writable else "r")
     except (FileNotFoundError, zarr.errors.BaseZarrError):

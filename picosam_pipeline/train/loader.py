@@ -5,8 +5,9 @@ endless stream with ``infinite=True``) of batches::
 
     image           float32 (B, 3, S, S)  RGB in [0, 1] (the model normalises)
     gt_mask         float32 (B, 1, S, S)  in {0, 1}
-    teacher_logits  float32 (B, 1, S, S)  decoded teacher logits; teacher mask = logits > 0
-    confidence      float32 (B,)          teacher's confidence
+    teacher_logits  float32 (B, K, S, S)  decoded logits of the K teachers packed (``loader.teachers`` order);
+                                          teacher mask = logits > 0; train/targets.py makes the (B, 1) target
+    confidence      float32 (B, K)        each teacher's confidence in [0, 1]
     ann_id, image_id, category_id  int64 (B,);  area float32 (B,)  (COCO mask area, px)
     crop_box        int64 (B, 4)          the student's crop (x1, y1, x2, y2) in image px, before augmentation
 
@@ -14,14 +15,14 @@ endless stream with ``infinite=True``) of batches::
 
     shards.json -> shard order (shuffled per epoch when shuffle_buffer > 0) -> wds.split_by_node (DDP rank)
       -> wds.split_by_worker -> read the shard, check size + sha256 against shards.json
-      -> list its members (webdataset's tar reader): only <key>.jpg / .mask.png / .logits.png / .json pass
+      -> list its members (webdataset's tar reader): only <key>.jpg / .mask.png / .logits.<NAME>.png / .json pass
       -> group into samples -> wds.shuffle(shuffle_buffer) of still-encoded samples
       -> decode -> augment -> batch
 
 Shards are untrusted input: webdataset's default decoders unpickle ``.pyd`` / ``.pth`` / ... members. Here
-nothing is decoded by extension: a member that is not one of the four names above stops the loader with
+nothing is decoded by extension: a member that is not one of the names above stops the loader with
 :class:`ForeignMemberError` naming the shard and the member before any member of that shard is decoded,
-and the four members go through one PIL plugin each (JPEG, PNG) or ``json``. A shard that does not match
+and the members go through one PIL plugin each (JPEG, PNG) or ``json``. A shard that does not match
 its ``shards.json`` entry (truncated, corrupt, missing) or does not parse is a :class:`CorruptShardError`:
 ``on_corrupt_shard="stop"`` raises it, ``"skip"`` passes the whole shard over and records it in
 :attr:`ShardLoader.skipped`. Workers never raise; they send a :class:`ShardProblem` in place of a batch and
@@ -56,8 +57,9 @@ from webdataset.tariterators import group_by_keys
 
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.teacher.codec import decode_logits, get_codec
-from picosam_pipeline.train.shards import (MEMBER_NAME, MEMBERS, Frame, ShardEntry, ShardIndex, decode_jpeg, decode_logits_png,
-                                           decode_mask_png, read_shard_index, read_tar_members, resample_window)
+from picosam_pipeline.train.shards import (MEMBER_NAME, Frame, ShardEntry, ShardIndex, decode_jpeg, decode_logits_png,
+                                           decode_mask_png, logits_member, read_shard_index, read_tar_members,
+                                           resample_window)
 
 
 class CorruptShardError(PipelineError):
@@ -117,6 +119,7 @@ class ShardLoader:
     """Iterable of batches (one epoch per ``iter``, each epoch reshuffled); raises or records shard problems.
 
     Attributes:
+        teachers: the teacher passes packed, in the order of the batches' ``teacher_logits`` channels.
         samples: samples this rank reads per epoch.
         num_workers: DataLoader worker processes actually used (capped at this rank's shards).
         skipped: the :class:`ShardProblem` s passed over under ``on_corrupt_shard="skip"``, across epochs.
@@ -125,6 +128,7 @@ class ShardLoader:
     def __init__(self, stream: ShardStream, *, num_workers: int, on_corrupt_shard: str, samples: int,
                  pin_memory: bool = False) -> None:
         self.stream = stream
+        self.teachers = list(stream.index.teachers)
         self.pin_memory = pin_memory
         self.num_workers = num_workers
         self.on_corrupt_shard = on_corrupt_shard
@@ -159,7 +163,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, index: ShardIndex, *, batch_size: int, shuffle_buffer: int, seed: int, hflip: bool,
                  jitter: float, infinite: bool, input_size: int) -> None:
         self.index = index
-        self.codec = get_codec(index.codec)
+        self.codecs = {name: get_codec(codec) for name, codec in index.teachers.items()}
         self.batch_size, self.shuffle_buffer, self.seed = batch_size, shuffle_buffer, seed
         self.hflip, self.jitter, self.infinite, self.input_size = hflip, jitter, infinite, input_size
         self.epoch = 0
@@ -188,7 +192,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         for entry in shards:
             path = self.index.shard_path(entry)
             try:
-                yield from read_shard(path, entry)
+                yield from read_shard(path, entry, self.index.members)
             except ForeignMemberError as err:
                 yield ShardProblem(str(path), str(err), fatal=True)
                 return
@@ -201,7 +205,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 yield sample
                 continue
             try:
-                decoded = decode_sample(sample, self.index.frame, self.codec)
+                decoded = decode_sample(sample, self.index.frame, self.codecs)
             except (ValueError, KeyError, TypeError, OSError, SyntaxError, Image.DecompressionBombError) as err:
                 yield ShardProblem(sample["__url__"], f"{sample['__url__']}: sample {sample['__key__']!r} does not "
                                    f"decode ({type(err).__name__}: {err}); the shard is corrupt, repack it", fatal=False)
@@ -209,8 +213,10 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield augment(decoded, self.index.frame, self.input_size, rng, hflip=self.hflip, jitter=self.jitter)
 
 
-def read_shard(path: Path, entry: ShardEntry) -> list[dict[str, Any]]:
+def read_shard(path: Path, entry: ShardEntry, expected: tuple[str, ...]) -> list[dict[str, Any]]:
     """The samples of one shard, still encoded (``{"__key__", "__url__", member: bytes}``), after every check.
+
+    ``expected``: the members every sample must hold (``ShardIndex.members``: one logits member per teacher packed).
 
     The whole shard is read and checked before any sample is handed on, so a skipped shard contributes
     nothing. Raises CorruptShardError or ForeignMemberError, naming the shard (and member).
@@ -233,28 +239,35 @@ def read_shard(path: Path, entry: ShardEntry) -> list[dict[str, Any]]:
         if not MEMBER_NAME.match(member["fname"]):
             raise ForeignMemberError(
                 f"shard {path} holds member {member['fname']!r}, which the pack stage never writes (samples are "
-                f"<key>.{{{','.join(MEMBERS)}}}); pickles and arbitrary files are refused and nothing was decoded. "
+                f"<key>.{{{','.join(expected)}}}); pickles and arbitrary files are refused and nothing was decoded. "
                 "Do not train on shards from an unknown source; repack from your own data with `run-stage pack`"
             )
     try:
         samples = list(group_by_keys(iter(members), lcase=False))
     except ValueError as err:  # the same member twice
         raise CorruptShardError(f"shard {path}: {err}") from None
-    incomplete = [s["__key__"] for s in samples if any(m not in s for m in MEMBERS)]
+    incomplete = [s["__key__"] for s in samples if set(s) - {"__key__", "__url__"} != set(expected)]
     if incomplete or len(samples) != entry.samples:
         raise CorruptShardError(f"shard {path} holds {len(samples)} samples ({len(incomplete)} incomplete, e.g. "
                                 f"{incomplete[:2]}) where shards.json lists {entry.samples} complete ones; repack")
     return samples
 
 
-def decode_sample(sample: dict[str, Any], frame: Frame, codec) -> dict[str, Any]:
-    """Encoded sample -> ``image`` uint8 (T, T, 3), ``mask`` uint8 (T, T), ``logits`` float32 (T, T), ``record``."""
+def decode_sample(sample: dict[str, Any], frame: Frame, codecs: dict[str, Any]) -> dict[str, Any]:
+    """Encoded sample -> ``image`` uint8 (T, T, 3), ``mask`` uint8 (T, T), ``logits`` float32 (K, T, T) and
+    ``confidence`` float32 (K,) (one entry per teacher of ``codecs``, in its order), ``record``."""
     record = json.loads(sample["json"])
-    if Frame(**record["frame"]) != frame or record["logits"]["codec"] != codec.name:
-        raise ValueError(f"frame {record['frame']} / codec {record['logits']['codec']} differ from shards.json")
+    packed = {name: spec["codec"] for name, spec in record["logits"].items()}
+    if Frame(**record["frame"]) != frame or packed != {name: c.name for name, c in codecs.items()}:
+        raise ValueError(f"frame {record['frame']} / teacher codecs {packed} differ from shards.json")
+    if set(record["confidence"]) != set(codecs):
+        raise ValueError(f"confidences of {sorted(record['confidence'])}, expected {sorted(codecs)}")
     side = frame.stored_size
+    logits = np.stack([decode_logits(decode_logits_png(sample[logits_member(name)], side, codec), codec)
+                       for name, codec in codecs.items()]).astype(np.float32, copy=False)
+    confidence = np.array([record["confidence"][name] for name in codecs], dtype=np.float32)  # (K,), codecs' order
     return {"image": decode_jpeg(sample["jpg"], side), "mask": decode_mask_png(sample["mask.png"], side),
-            "logits": decode_logits(decode_logits_png(sample["logits.png"], side, codec), codec), "record": record}
+            "logits": logits, "confidence": confidence, "record": record}
 
 
 def augment(sample: dict[str, Any], frame: Frame, size: int, rng: np.random.Generator, *, hflip: bool,
@@ -268,16 +281,17 @@ def augment(sample: dict[str, Any], frame: Frame, size: int, rng: np.random.Gene
     window = np.array([k, k, k + crop, k + crop], dtype=np.float64)
     if jitter > 0:
         window = np.clip(window + rng.uniform(-jitter, jitter, 4) * crop, 0, frame.stored_size)
-    image, mask, logits = sample["image"], sample["mask"], sample["logits"]
+    image, mask, logits = sample["image"], sample["mask"], sample["logits"]  # logits (K, T, T)
     if crop == size and np.array_equal(window, [k, k, k + crop, k + crop]):
-        image, mask, logits = image[k:k + crop, k:k + crop], mask[k:k + crop, k:k + crop], logits[k:k + crop, k:k + crop]
+        image, mask, logits = image[k:k + crop, k:k + crop], mask[k:k + crop, k:k + crop], logits[:, k:k + crop, k:k + crop]
     else:
         image = resample_window(image, window, size, Image.Resampling.BILINEAR)
         mask = resample_window(mask, window, size, Image.Resampling.NEAREST)
-        logits = resample_window(logits, window, size, Image.Resampling.BILINEAR)  # PIL mode "F"
+        logits = np.stack([resample_window(channel, window, size, Image.Resampling.BILINEAR)  # PIL mode "F"
+                           for channel in logits])
     if hflip and rng.random() < 0.5:
-        image, mask, logits = image[:, ::-1], mask[:, ::-1], logits[:, ::-1]
-    return {"image": image, "mask": mask, "logits": logits, "record": sample["record"]}
+        image, mask, logits = image[:, ::-1], mask[:, ::-1], logits[:, :, ::-1]
+    return {"image": image, "mask": mask, "logits": logits, "confidence": sample["confidence"], "record": sample["record"]}
 
 
 def _batches(items: Iterable[dict[str, Any] | ShardProblem], batch_size: int) -> Iterator:
@@ -304,8 +318,8 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return {
         "image": torch.from_numpy(image),
         "gt_mask": torch.from_numpy(np.stack([s["mask"] for s in samples])[:, None].astype(np.float32)),
-        "teacher_logits": torch.from_numpy(np.stack([s["logits"] for s in samples])[:, None].astype(np.float32)),
-        "confidence": torch.tensor([r["confidence"] for r in records], dtype=torch.float32),
+        "teacher_logits": torch.from_numpy(np.stack([s["logits"] for s in samples]).astype(np.float32)),
+        "confidence": torch.from_numpy(np.stack([s["confidence"] for s in samples])),
         "ann_id": torch.tensor([r["ann_id"] for r in records], dtype=torch.int64),
         "image_id": torch.tensor([r["image_id"] for r in records], dtype=torch.int64),
         "category_id": torch.tensor([r["category_id"] for r in records], dtype=torch.int64),

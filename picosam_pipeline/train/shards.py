@@ -1,18 +1,22 @@
 """WebDataset shards of distillation samples: the sample format, the shard index, and packing.
 
-One sample per instance, four tar members ``<ann_id>.<ext>`` (``T`` = stored side, see Frames):
+One sample per instance, tar members ``<ann_id>.<ext>`` (``T`` = stored side, see Frames), one logits member
+per teacher pass packed (``pack.teachers``, e.g. ``sam2`` and ``sam3``; format version 2):
 
-==============  ===========================================================================================
-member          content
-==============  ===========================================================================================
-``jpg``         image crop, RGB JPEG ``T x T``: the stored frame of the image, bilinear (PIL)
-``mask.png``    ground-truth mask crop, 1-bit PNG ``T x T``: the same frame, nearest
-``logits.png``  teacher logits exactly as the store keeps them, lossless: uint8 codec values as an 8-bit
-                grayscale PNG (the float16 codec: its bit patterns as a 16-bit PNG); decode with the record's rule
-``json``        record: ``ann_id``, ``image_id``, ``category_id``, ``area``, ``confidence``, ``split``,
-                ``crop_box``, ``stored_box``, ``frame`` {``crop_size`` S, ``stored_size`` T},
-                ``logits`` {``codec``, ``decode``}
-==============  ===========================================================================================
+=====================  ====================================================================================
+member                 content
+=====================  ====================================================================================
+``jpg``                image crop, RGB JPEG ``T x T``: the stored frame of the image, bilinear (PIL)
+``mask.png``           ground-truth mask crop, 1-bit PNG ``T x T``: the same frame, nearest
+``logits.<NAME>.png``  teacher NAME's logits exactly as its store keeps them, lossless: uint8 codec values as an
+                       8-bit grayscale PNG (the float16 codec: its bit patterns as a 16-bit PNG)
+``json``               record: ``ann_id``, ``image_id``, ``category_id``, ``area``, ``split``, ``crop_box``,
+                       ``stored_box``, ``frame`` {``crop_size`` S, ``stored_size`` T}, ``confidence``
+                       {NAME: the teacher's confidence in [0, 1]}, ``logits`` {NAME: {``codec``, ``decode``}}
+=====================  ====================================================================================
+
+Every teacher's store covers the same crop boxes (pack checks it), so all members share one frame. Format 1
+(one ``logits.png``, before two-teacher packs) is refused with a message to repack.
 
 Frames. All three arrays cover the teacher store's ``stored_box``: the student's ``crop_box`` (computed
 by the teacher stage from the index with the configured prompt convention) grown by ``k = (T - S) / 2``
@@ -72,18 +76,29 @@ from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.teacher.codec import LogitCodec, get_codec
 from picosam_pipeline.teacher.store import LogitStore
 
-MEMBERS = ("jpg", "mask.png", "logits.png", "json")
 INDEX_FILE = "shards.json"
 SHARD_NAME = "shard-{:06d}.tar"
-FORMAT, FORMAT_VERSION = "picosam-shards", 1
-# A member is "<key>.<one of MEMBERS>", the key a plain name; anything else is not ours (see loader.py).
-MEMBER_NAME = re.compile(r"^([^./]+)\.(jpg|mask\.png|logits\.png|json)$")
+FORMAT, FORMAT_VERSION = "picosam-shards", 2
+# A member is "<key>.<ext>", the key a plain name and ext one of sample_members(); anything else is not ours
+# (see loader.py). Teacher names follow config.TEACHER_NAME.
+MEMBER_NAME = re.compile(r"^([^./]+)\.(jpg|mask\.png|logits\.[a-z][a-z0-9_]{0,31}\.png|json)$")
+
 # Fixed tar header fields: the same samples give byte-identical shards, hence stable sha256s (and DVC hashes).
 # mtime must be an int: Python's tarfile stores a float mtime (webdataset's default, time.time()) in an extra
 # 1 KB PAX header per member, which made a 96x96 sample 11.5 KB instead of 7.4 KB.
 TAR_OPTIONS: dict[str, Any] = {"encoder": False, "mtime": 0, "user": "picosam", "group": "picosam"}
 INDEX_COLUMNS = ["ann_id", "image_id", "split", "file_name", "image_path", "width", "height", "category_id", "area",
                  "rle_counts", "roi_box", "point_box"]
+
+
+def logits_member(teacher: str) -> str:
+    """The member holding teacher pass ``teacher``'s logits: ``logits.<teacher>.png``."""
+    return f"logits.{teacher}.png"
+
+
+def sample_members(teachers: Iterable[str]) -> tuple[str, ...]:
+    """Every member of a sample packed with ``teachers``, in write order."""
+    return ("jpg", "mask.png", *(logits_member(t) for t in teachers), "json")
 
 
 @dataclass(frozen=True)
@@ -165,7 +180,7 @@ def decode_mask_png(data: bytes, side: int) -> np.ndarray:
 
 
 def decode_logits_png(data: bytes, side: int, codec: LogitCodec) -> np.ndarray:
-    """``logits.png`` member -> the stored values ``(T, T)`` of ``codec.dtype``, bit-exact."""
+    """``logits.<NAME>.png`` member -> the stored values ``(T, T)`` of ``codec.dtype``, bit-exact."""
     if codec.dtype == "float16":
         return _open(data, "PNG", side, ("I;16",)).astype(np.uint16).view(np.float16)
     return _open(data, "PNG", side, ("L",))
@@ -196,12 +211,16 @@ class ShardIndex:
     path: Path  # the shards.json file
     split: str
     frame: Frame
-    codec: str
+    teachers: dict[str, str]  # teacher pass name -> its logits codec, in pack.teachers order
     shards: tuple[ShardEntry, ...]
 
     @property
     def samples(self) -> int:
         return sum(s.samples for s in self.shards)
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return sample_members(self.teachers)
 
     def shard_path(self, entry: ShardEntry) -> Path:
         return self.path.parent / entry.name
@@ -219,11 +238,18 @@ def read_shard_index(path: str | Path) -> ShardIndex:
         raise PipelineError(f"{path} not found, so {path.parent} is not a shard folder{more}")
     try:
         raw = json.loads(path.read_text())
+        if raw.get("format") == FORMAT and raw.get("format_version") == 1:
+            raise PipelineError(f"{path} was written by an older pack (shard format 1: one teacher, member logits.png); "
+                                f"this code reads format {FORMAT_VERSION} (a logits member per teacher). Repack with "
+                                "`picosam-pipeline run-stage pack` (or `dvc repro pack`)")
         if raw.get("format") != FORMAT or raw.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"format {raw.get('format')!r} version {raw.get('format_version')!r}, this code reads "
                              f"{FORMAT!r} version {FORMAT_VERSION}")
         shards = tuple(ShardEntry(**entry) for entry in raw["shards"])
-        index = ShardIndex(path, raw["split"], Frame(**raw["frame"]), get_codec(raw["codec"]["codec"]).name, shards)
+        teachers = {t["name"]: get_codec(t["codec"]["codec"]).name for t in raw["teachers"]}
+        if not teachers or any(not MEMBER_NAME.match(f"k.{logits_member(t)}") for t in teachers):
+            raise ValueError(f"teachers {list(teachers)}: expected at least one teacher pass name")
+        index = ShardIndex(path, raw["split"], Frame(**raw["frame"]), teachers, shards)
     except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
         raise PipelineError(f"{path} is not a shard index this code reads ({err}); repack with "
                             "`picosam-pipeline run-stage pack`") from None
@@ -239,13 +265,13 @@ def read_shard_index(path: str | Path) -> ShardIndex:
 
 @dataclass(frozen=True)
 class _ImageJob:
-    """One image and its instances' records, stored values (n, T, T) and stored boxes (n, 4)."""
+    """One image and its instances' records, stored values per teacher ``{name: (n, T, T)}``, stored boxes (n, 4)."""
 
     path: str
     size: tuple[int, int]  # (width, height) from the annotations
     rle_counts: list[str]
     records: list[dict[str, Any]]
-    values: np.ndarray
+    values: dict[str, np.ndarray]
     stored_boxes: np.ndarray
 
 
@@ -254,13 +280,13 @@ def _encode_image(job: _ImageJob, side: int, quality: int) -> list[dict[str, Any
     pixels = load_image(job.path, expected_size=job.size).pixels
     width, height = job.size
     samples = []
-    for rle, record, values, box in zip(job.rle_counts, job.records, job.values, job.stored_boxes):
+    for i, (rle, record, box) in enumerate(zip(job.rle_counts, job.records, job.stored_boxes)):
         mask = decode_mask(rle, height, width)
         samples.append({
             "__key__": str(record["ann_id"]),
             "jpg": encode_jpeg(resample_window(pixels, box, side, Image.Resampling.BILINEAR), quality),
             "mask.png": encode_mask_png(resample_window(mask, box, side, Image.Resampling.NEAREST)),
-            "logits.png": encode_logits_png(values),
+            **{logits_member(name): encode_logits_png(values[i]) for name, values in job.values.items()},
             "json": json.dumps(record, sort_keys=True, separators=(",", ":")).encode(),
         })
     return samples
@@ -313,15 +339,26 @@ class SplitSummary:
     member_bytes_per_sample: dict[str, float]  # payload only; the rest of bytes_per_sample is tar headers
 
 
-def pack_split(split: str, rows: pa.Table, store: LogitStore, rows_in_store: np.ndarray, store_meta: dict,
-               frame: Frame, out: Path, *, samples_per_shard: int, seed: int, jpeg_quality: int,
+@dataclass(frozen=True)
+class PackedTeacher:
+    """One teacher pass to pack: its store, ``store.read_meta()``, and the store row of each of a split's rows."""
+
+    name: str
+    store: LogitStore
+    meta: dict[str, np.ndarray]
+    rows_in_store: np.ndarray
+
+
+def pack_split(split: str, rows: pa.Table, teachers: list[PackedTeacher], frame: Frame, out: Path, *,
+               samples_per_shard: int, seed: int, jpeg_quality: int,
                workers: int = min(8, os.cpu_count() or 1)) -> SplitSummary:
     """Write split ``split`` as shards + ``shards.json`` in ``out`` (two passes, see the module doc).
 
     Args:
         rows: the split's index rows (``INDEX_COLUMNS``) in index order, as ``read_index`` returns them.
-        rows_in_store: the store row of each of ``rows`` (:func:`store_rows`); store_meta: ``store.read_meta()``.
-        frame: :func:`store_frame` of ``store``.
+        teachers: the passes to pack, in member order; their stores hold the same crop boxes for ``rows``
+            (``stages/pack.py`` checks it), so the first one's stored boxes and frame serve all.
+        frame: ``store_frame`` of the stores (``stages/pack.py``).
     """
     n = rows.num_rows
     if n == 0:
@@ -335,9 +372,10 @@ def pack_split(split: str, rows: pa.Table, store: LogitStore, rows_in_store: np.
     spill_dir.mkdir(parents=True, exist_ok=True)
 
     # Pass 1: images in index order -> one spill tar per destination shard.
-    jobs = _image_jobs(split, rows, store, rows_in_store, store_meta, frame)
+    members = sample_members(t.name for t in teachers)
+    jobs = _image_jobs(split, rows, teachers, frame)
     encode = partial(_encode_image, side=frame.stored_size, quality=jpeg_quality)
-    member_bytes = dict.fromkeys(MEMBERS, 0)
+    member_bytes = dict.fromkeys(members, 0)
     spills: dict[int, TarWriter] = {}
     try:
         for samples in tqdm(_ordered_map(encode, jobs, workers, 4 * workers), total=len(set(rows["image_id"].to_pylist())),
@@ -347,7 +385,7 @@ def pack_split(split: str, rows: pa.Table, store: LogitStore, rows_in_store: np.
                 if k not in spills:
                     spills[k] = TarWriter(str(spill_dir / f"{k:06d}.tar"), **TAR_OPTIONS)
                 spills[k].write(sample)
-                for m in MEMBERS:
+                for m in members:
                     member_bytes[m] += len(sample[m])
     finally:
         for sink in spills.values():
@@ -362,34 +400,39 @@ def pack_split(split: str, rows: pa.Table, store: LogitStore, rows_in_store: np.
         target = out / SHARD_NAME.format(k)
         with TarWriter(str(target), **TAR_OPTIONS) as sink:
             for sample in samples:
-                sink.write({m: sample[m] for m in ("__key__", *MEMBERS)})
+                sink.write({m: sample[m] for m in ("__key__", *members)})
         spill.unlink()
         entries.append(ShardEntry(target.name, len(samples), target.stat().st_size, sha256_file(target)))
     spill_dir.rmdir()
 
     index = {"format": FORMAT, "format_version": FORMAT_VERSION, "split": split, "samples": n,
              "samples_per_shard": samples_per_shard, "seed": seed, "jpeg_quality": jpeg_quality,
-             "frame": asdict(frame), "codec": store.codec.attrs(), "members": list(MEMBERS),
+             "frame": asdict(frame), "members": list(members),
+             "teachers": [{"name": t.name, "codec": t.store.codec.attrs(), "store": str(t.store.path),
+                           "model": t.store.attrs.get("teacher", {}).get("model")} for t in teachers],
              "shards": [asdict(e) for e in entries]}
     (out / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
     total = sum(e.bytes for e in entries)
     return SplitSummary(n, len(entries), total, total / n, {m: b / n for m, b in member_bytes.items()})
 
 
-def _image_jobs(split: str, rows: pa.Table, store: LogitStore, rows_in_store: np.ndarray, store_meta: dict,
-                frame: Frame) -> Iterator[_ImageJob]:
-    """One job per image of ``rows``, with its instances' JSON records and stored values (read lazily)."""
-    read_values = _BlockReader(store)
-    codec = {"codec": store.codec.name, "decode": store.codec.formula}
+def _image_jobs(split: str, rows: pa.Table, teachers: list[PackedTeacher], frame: Frame) -> Iterator[_ImageJob]:
+    """One job per image of ``rows``, with its instances' JSON records and every teacher's stored values (read lazily)."""
+    readers = {t.name: _BlockReader(t.store) for t in teachers}
+    codecs = {t.name: {"codec": t.store.codec.name, "decode": t.store.codec.formula} for t in teachers}
+    first = teachers[0]
     start = 0
     for group in iter_images(rows):  # rows are in index order, so each image is the next len(group) rows
-        in_store = rows_in_store[start:start + len(group)]
+        span = slice(start, start + len(group))
         start += len(group)
-        records = [{**r, "split": split, "confidence": float(store_meta["confidence"][i]),
-                    "crop_box": store_meta["crop_box"][i].tolist(), "stored_box": store_meta["stored_box"][i].tolist(),
-                    "frame": asdict(frame), "logits": codec}
-                   for r, i in zip(group.rows.select(["ann_id", "image_id", "category_id", "area"]).to_pylist(), in_store)]
-        yield _ImageJob(group.image_path, (group.width, group.height), group.rows["rle_counts"].to_pylist(),
-                        records, read_values(in_store), store_meta["stored_box"][in_store])
+        in_first = first.rows_in_store[span]
+        records = [{**r, "split": split,
+                    "confidence": {t.name: float(t.meta["confidence"][t.rows_in_store[span][j]]) for t in teachers},
+                    "crop_box": first.meta["crop_box"][i].tolist(), "stored_box": first.meta["stored_box"][i].tolist(),
+                    "frame": asdict(frame), "logits": codecs}
+                   for j, (r, i) in enumerate(zip(group.rows.select(["ann_id", "image_id", "category_id", "area"]).to_pylist(),
+                                                  in_first))]
+        yield _ImageJob(group.image_path, (group.width, group.height), group.rows["rle_counts"].to_pylist(), records,
+                        {t.name: readers[t.name](t.rows_in_store[span]) for t in teachers}, first.meta["stored_box"][in_first])
 
 

@@ -3,7 +3,8 @@
 Per optimizer step, on ``runtime.device`` under ``runtime.autocast()`` (bf16 on CUDA, fp32 on CPU)::
 
     image (B, 3, S, S) float32 RGB in [0, 1] --normalize--> student --> logits (B, 1, S, S), float32 for the loss
-    loss = DistillationLoss(logits, gt_mask (B, 1, S, S) {0, 1}, teacher_logits (B, 1, S, S), confidence (B,))
+    target, confidence = TeacherTarget(teacher_logits (B, K, S, S), confidence (B, K))   (train/targets.py)
+    loss = DistillationLoss(logits, gt_mask (B, 1, S, S) {0, 1}, target (B, 1, S, S), confidence (B,))
     AdamW step at get_lr(step), gradient norm clipped to grad_clip
 
 Validation IoU is the papers' crop-space mIoU (``iou.crop_ious``: logit > 0 against the GT crop, empty
@@ -51,6 +52,7 @@ from picosam_pipeline.train.checkpoints import (flatten_optimizer, load_checkpoi
 from picosam_pipeline.train.iou import crop_ious
 from picosam_pipeline.train.losses import DistillationLoss
 from picosam_pipeline.train.students import NORMALIZATION, build_student, normalize
+from picosam_pipeline.train.targets import resolve_target
 
 CHECKPOINT_FILE, STUDENT_FILE = "checkpoint.pt", "student.pt"
 TERMS = ("gt", "teacher", "area", "lambda")  # DistillationLoss's logged terms
@@ -87,6 +89,7 @@ class TrainData:
     ``train_epoch(epoch)`` must give the same batches in the same order every time it is called with the same
     epoch (on the same rank): that is what makes resuming exact. ``val()`` gives one pass over the val split.
     ``fingerprint`` identifies the training data (e.g. the sha256 of ``shards.json``); ``source`` names it in messages.
+    ``teachers`` names the channels of the batches' ``teacher_logits`` (``ShardLoader.teachers``).
     """
 
     train_epoch: Callable[[int], Iterable[dict[str, Any]]]
@@ -94,6 +97,7 @@ class TrainData:
     input_size: int
     fingerprint: str
     source: str
+    teachers: tuple[str, ...] = ("teacher",)
 
 
 def batch_stream(data: TrainData, epoch: int, consumed: int) -> Iterator[tuple[int, int, dict[str, Any]]]:
@@ -299,6 +303,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, data: TrainData, out_dir: Path, s
     model = build_student(cfg.student).to(dist.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = DistillationLoss(**cfg.loss_kwargs())
+    target = resolve_target(cfg.target, cfg.target_weights, data.teachers)  # PipelineError before any work
     identity = run_identity(cfg, runtime.seed, dist.world_size, data.fingerprint)
     checkpoint = state_dir / CHECKPOINT_FILE
 
@@ -334,8 +339,9 @@ def _train(cfg: TrainConfig, runtime: Runtime, data: TrainData, out_dir: Path, s
         lr = get_lr(state.step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        image, gt, teacher, confidence = (batch[k].to(dist.device, non_blocking=True)
-                                          for k in ("image", "gt_mask", "teacher_logits", "confidence"))
+        image, gt, teachers, confidences = (batch[k].to(dist.device, non_blocking=True)
+                                            for k in ("image", "gt_mask", "teacher_logits", "confidence"))
+        teacher, confidence = target(teachers, confidences)  # (B, 1, S, S), (B,)
         with runtime.autocast():
             logits = net(normalize(image))
         loss, terms = loss_fn(logits.float(), gt, teacher, confidence)  # the loss in fp32, whatever autocast did

@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 import zipfile
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -21,6 +22,7 @@ from click.testing import CliRunner
 from picosam_pipeline.cli import cli
 from picosam_pipeline.config import Config
 from picosam_pipeline.data import fetch as F
+from picosam_pipeline.datasets import layout
 from picosam_pipeline.errors import PipelineError
 
 PAYLOAD = bytes(range(256)) * 1200  # 300 KiB: several CHUNK-free reads, big enough to cut in half
@@ -256,8 +258,28 @@ def test_table_matches_the_default_params_and_holds_only_wellformed_hashes():
         assert a.url.startswith(("http://images.cocodataset.org/", "https://dl.fbaipublicfiles.com/"))
         assert a.sha256 is None or (re.fullmatch(r"[0-9a-f]{64}", a.sha256) and a.hash_source)
     outputs = {p for a in F.ASSETS.values() for p in a.outputs}
-    assert {"coco/train2017", "coco/val2017", "coco/annotations/instances_train2017.json",
-            "coco/annotations/lvis_v1_val.json", "checkpoints/sam2.1_hiera_large.pt"} <= outputs
+    assert "checkpoints/sam2.1_hiera_large.pt" in outputs
+    # Every annotations file and image folder of a fetchable dataset's layout (picosam_pipeline/datasets.py) is what fetch
+    # puts there: an asset's output, or (LVIS) a folder linked from COCO's.
+    for name in F.DATASETS:
+        linked = {dst for _, dst in F.SHARED_IMAGES.get(name, ())}
+        for annotations_file, images in layout(name).splits.values():
+            assert f"datasets/{name}/{annotations_file}" in outputs
+            assert f"datasets/{name}/{images}" in outputs | linked
+        assert {a.name for a in F.expand([name])} == set(F.DATASETS[name])
+
+
+def test_lvis_shares_the_coco_images_as_hard_links(tmp_path):
+    for split in ("train2017", "val2017"):
+        (tmp_path / "datasets/coco2017" / split).mkdir(parents=True)
+        (tmp_path / "datasets/coco2017" / split / f"{split}_1.jpg").write_bytes(b"jpeg " + split.encode())
+    assert F.link_images(tmp_path, "lvis_v1").startswith("lvis_v1: 2 COCO images linked")
+    linked = tmp_path / "datasets/lvis_v1/val2017/val2017_1.jpg"
+    assert linked.read_bytes() == b"jpeg val2017" and linked.stat().st_ino == (
+        tmp_path / "datasets/coco2017/val2017/val2017_1.jpg").stat().st_ino  # the same file, no copy
+    assert F.link_images(tmp_path, "lvis_v1") == "lvis_v1: images in place"  # a rerun has nothing to do
+    with pytest.raises(PipelineError, match="coco2017/val2017 is missing: fetch the COCO images first"):
+        F.link_images(tmp_path / "elsewhere", "lvis_v1")
 
 
 def test_cli_fetch_list_download_and_errors(tmp_path):
@@ -282,3 +304,25 @@ def test_cli_fetch_list_download_and_errors(tmp_path):
     assert runner.invoke(cli, ["fetch", "sam2.1_hiera_tiny", "--sha256", "xyz", "--dest-root", str(tmp_path)]).exit_code == 1
     assert runner.invoke(cli, ["fetch", "coco_val2017", "lvis_v1_val", "--url", "http://x"]).exit_code == 2
 
+
+
+def test_fetch_track_makes_the_checkpoint_a_dvc_tracked_input(tmp_path, monkeypatch):
+    """`fetch --track` puts the file where params.yaml expects it and `dvc add`s it, ready for `dvc push`."""
+    import subprocess
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    subprocess.run(["git", "init", "-q"], check=True)
+    subprocess.run([str(Path(sys.executable).with_name("dvc")), "init", "-q"], check=True)
+    with FileServer({"/x.pt": PAYLOAD}) as srv:
+        result = CliRunner().invoke(cli, ["fetch", "sam2.1_hiera_small", "--url", srv.base + "/x.pt", "--sha256",
+                                          PAYLOAD_SHA, "--track"])
+    assert result.exit_code == 0, result.output
+    pointer = tmp_path / "data/checkpoints/sam2.1_hiera_small.pt.dvc"
+    assert PAYLOAD_SHA not in pointer.read_text() and "md5:" in pointer.read_text()  # DVC's own pointer file
+    assert "git add data/checkpoints/sam2.1_hiera_small.pt.dvc data/checkpoints/.gitignore" in result.output
+    assert F.tracked_paths(["lvis_v1", "sam2.1_hiera_small"]) == [Path("data/datasets/lvis_v1"),
+                                                                 Path("data/checkpoints/sam2.1_hiera_small.pt")]
+    outside = CliRunner().invoke(cli, ["fetch", "sam2.1_hiera_small", "--dest-root", str(tmp_path.parent / "other"),
+                                       "--url", "file:///nonexistent", "--track"])
+    assert outside.exit_code == 1 and "Traceback" not in outside.output

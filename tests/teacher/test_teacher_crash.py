@@ -51,7 +51,8 @@ def test_sigkill_then_rerun_gives_the_store_of_an_uninterrupted_run(tmp_path, mo
     cfg = config(tmp_path, sets, f"teacher.out={clean}", f"runtime.metrics_dir={clean.parent}")
     teacher_logits.run(cfg, resolve_runtime(cfg.runtime))
 
-    out = tmp_path / "data" / "teacher" / "logits.zarr"  # the default teacher.out
+    # `run-stage teacher-logits` runs the passes of params.yaml's `teachers`: the one pass sam2 writes its store here
+    out = tmp_path / "data" / "teacher" / "stores" / "sam2.zarr"
     partial = teacher_logits.partial_path(out)
     log = tmp_path / "killed.log"
     proc = run_stage_cli(tmp_path, [*sets, "teacher.executor=dask"], log, start_new_session=True)
@@ -73,7 +74,7 @@ def test_sigkill_then_rerun_gives_the_store_of_an_uninterrupted_run(tmp_path, mo
 
     rerun = run_stage_cli(tmp_path, sets, tmp_path / "rerun.log")
     assert rerun.wait(timeout=600) == 0, (tmp_path / "rerun.log").read_text()
-    run = last_run(tmp_path / "metrics", "teacher-logits")
+    run = last_run(tmp_path / "metrics", "teacher-logits@sam2")
     assert run["shards_computed"] == len(done) - sum(done)  # the finished shards were not recomputed
     for f, mtime in finished.items():  # ... and their files were kept as they were
         kept = out / f.relative_to(partial)

@@ -289,14 +289,17 @@ def test_stage_is_registered_and_its_dvc_params_are_the_keys_that_change_stored_
 
     assert list(STAGES)[:3] == ["sample", "prepare", "teacher-logits"]
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["teacher-logits"]
-    assert stage["cmd"] == "picosam-pipeline run-stage teacher-logits"
+    assert stage["foreach"] == "${teachers}"  # one DVC stage per teacher pass: teacher-logits@sam2, ...
+    stage = stage["do"]
+    assert stage["cmd"] == "picosam-pipeline run-stage teacher-logits@${key}"
     fields = {f.name for f in dataclasses.fields(TeacherConfig)}
     # A new teacher field must be listed (or declared execution-only in store.EXECUTION_FIELDS).
-    byte_relevant = {f"teacher.{n}" for n in fields - set(EXECUTION_FIELDS)} | {"teacher.out"}
-    assert set(stage["params"]) == byte_relevant | {"runtime.seed", "runtime.precision"}
+    byte_relevant = {f"teacher.{n}" for n in fields - set(EXECUTION_FIELDS)}
+    assert set(stage["params"]) == byte_relevant | {"teachers.${key}", "runtime.seed", "runtime.precision"}
     assert {"stages/teacher_logits.py", "picosam_pipeline/teacher/runner.py", "picosam_pipeline/teacher/executors.py",
             "picosam_pipeline/teacher/models.py", "${teacher.index}"} <= set(stage["deps"])
-    assert stage["outs"] == ["${teacher.out}"]  # the path comes from params.yaml (DVC templating), written once
+    # the path comes from params.yaml (DVC templating), written once; pack reads the folder
+    assert stage["outs"] == ["${teacher.stores_dir}/${key}.zarr"]
 
 
 @pytest.mark.slow

@@ -62,7 +62,7 @@ def test_batches_follow_the_contract_in_shard_then_sample_order(shards):
     assert [len(b["ann_id"]) for b in batches] == [5] * (len(samples) // 5) + ([len(samples) % 5] if len(samples) % 5 else [])
 
     batch, first = batches[0], samples[0]
-    shapes = {"image": (5, 3, 96, 96), "gt_mask": (5, 1, 96, 96), "teacher_logits": (5, 1, 96, 96), "confidence": (5,),
+    shapes = {"image": (5, 3, 96, 96), "gt_mask": (5, 1, 96, 96), "teacher_logits": (5, 1, 96, 96), "confidence": (5, 1),  # K = 1 teacher
               "ann_id": (5,), "image_id": (5,), "category_id": (5,), "area": (5,), "crop_box": (5, 4)}
     assert {k: tuple(v.shape) for k, v in batch.items()} == shapes
     assert [batch[k].dtype for k in ("image", "gt_mask", "teacher_logits", "confidence", "area")] == [torch.float32] * 5
@@ -71,7 +71,7 @@ def test_batches_follow_the_contract_in_shard_then_sample_order(shards):
     assert torch.equal(batch["image"][0], torch.from_numpy(rgb).float() / 255)
     mask = np.asarray(Image.open(io.BytesIO(first["mask.png"])), np.float32)
     assert torch.equal(batch["gt_mask"][0, 0], torch.from_numpy(mask))
-    stored = np.asarray(Image.open(io.BytesIO(first["logits.png"])))
+    stored = np.asarray(Image.open(io.BytesIO(first["logits.gt.png"])))
     assert torch.equal(batch["teacher_logits"][0, 0], torch.from_numpy(decode_logits(stored, "sigmoid_uint8")))
     record = json.loads(first["json"])
     assert batch["crop_box"][0].tolist() == record["crop_box"] and batch["area"][0].item() == pytest.approx(record["area"])
@@ -203,12 +203,13 @@ def test_a_truncated_shard_stops_or_is_skipped_and_counted(shards, tmp_path, ind
 
 
 def _l_shape(side: int) -> dict:
-    """An asymmetric L: mask, logits with (logits > 0) == mask exactly, image red = 255 * mask."""
+    """An asymmetric L: mask, two teachers' logits (2, side, side) with (logits > 0) == mask exactly, image red = 255 * mask."""
     yy, xx = np.mgrid[0:side, 0:side] / side
     mask = ((xx > 0.3) & (xx < 0.45) & (yy > 0.2) & (yy < 0.8)) | ((yy > 0.65) & (yy < 0.8) & (xx > 0.3) & (xx < 0.75))
     logits = np.where(mask, 2.0 + yy, -2.0 - xx).astype(np.float32)
+    logits = np.stack([logits, 3 * logits])
     image = np.stack([mask * 255, xx * 255, yy * 255], axis=-1).astype(np.uint8)
-    return {"image": image, "mask": mask.astype(np.uint8), "logits": logits, "record": {}}
+    return {"image": image, "mask": mask.astype(np.uint8), "logits": logits, "confidence": np.ones(2, np.float32), "record": {}}
 
 
 def test_hflip_mirrors_image_mask_and_logits_together():
@@ -219,8 +220,9 @@ def test_hflip_mirrors_image_mask_and_logits_together():
         mirrored = np.array_equal(out["mask"], sample["mask"][:, ::-1])
         flipped += mirrored
         for name in ("image", "mask", "logits"):
-            assert np.array_equal(out[name], sample[name][:, ::-1] if mirrored else sample[name])
-        assert np.array_equal(out["logits"] > 0, out["mask"].astype(bool))
+            width_axis = 2 if name == "logits" else 1  # logits (K, H, W); image (H, W, 3), mask (H, W)
+            assert np.array_equal(out[name], np.flip(sample[name], width_axis) if mirrored else sample[name])
+        assert np.array_equal(out["logits"] > 0, np.broadcast_to(out["mask"].astype(bool), (2, 96, 96)))
     assert 0 < flipped < 20
 
 
@@ -232,7 +234,8 @@ def test_jitter_moves_one_window_over_image_mask_and_logits():
     views = [augment(sample, frame, 96, rng, hflip=True, jitter=0.2) for _ in range(20)]
     for out in views:
         mask = out["mask"].astype(bool)
-        assert out["image"].shape == (96, 96, 3) and out["logits"].dtype == np.float32
+        assert out["image"].shape == (96, 96, 3) and out["logits"].shape == (2, 96, 96)
+        assert out["logits"].dtype == np.float32 and np.allclose(out["logits"][1], 3 * out["logits"][0], atol=1e-4)
         assert (mask == (out["logits"] > 0)).mean() > 0.98  # only boundary pixels may differ (bilinear vs nearest)
         assert (mask == (out["image"][:, :, 0] > 127)).mean() > 0.98
     assert sum(not np.array_equal(v["mask"], centre["mask"]) for v in views) >= 18

@@ -41,7 +41,7 @@ def packed(inputs, tmp_path_factory) -> tuple[Config, Path, dict]:
 
 def test_round_trip_logits_bit_exact_and_crops_match_picosam(packed):
     cfg, out, _ = packed
-    store = open_store(cfg.pack.store)
+    store = open_store(cfg.pack.store_paths()["gt"])
     meta = store.read_meta()
     row_of = {int(a): i for i, a in enumerate(meta["ann_id"])}
     index = {r["ann_id"]: r for r in read_index(cfg.pack.index).to_pylist()}
@@ -50,14 +50,14 @@ def test_round_trip_logits_bit_exact_and_crops_match_picosam(packed):
         for s in split_samples(out / split):
             record = json.loads(s["json"])
             row, ann = row_of[record["ann_id"]], index[record["ann_id"]]
-            logits = np.asarray(Image.open(io.BytesIO(s["logits.png"])))
+            logits = np.asarray(Image.open(io.BytesIO(s["logits.gt.png"])))
             assert logits.dtype == np.uint8 and np.array_equal(logits, store.read_raw(row))
             assert record["split"] == split == ann["split"] and record["image_id"] == ann["image_id"]
             assert record["category_id"] == ann["category_id"] and record["area"] == ann["area"]
             assert record["crop_box"] == meta["crop_box"][row].tolist() == ann["roi_box"]
             assert record["stored_box"] == meta["stored_box"][row].tolist()
-            assert record["confidence"] == float(meta["confidence"][row])
-            assert record["logits"]["codec"] == "sigmoid_uint8" and "log(p / (1 - p))" in record["logits"]["decode"]
+            assert record["confidence"] == {"gt": float(meta["confidence"][row])}
+            assert record["logits"]["gt"]["codec"] == "sigmoid_uint8" and "log(p / (1 - p))" in record["logits"]["gt"]["decode"]
             # PicoSAM's own crop recipe, computed independently: crop, then resize.
             box = tuple(ann["roi_box"])
             full = Image.open(ann["image_path"]).convert("RGB")
@@ -118,7 +118,7 @@ def test_image_mask_and_logits_share_the_stored_frame(tmp_path, context_margin):
             assert abs(error.mean()) < 0.15 and np.abs(error).mean() < 1.0
         # The mask crop and the teacher logits (GT mask -> crop_logits) cover the same pixels.
         mask = np.asarray(Image.open(io.BytesIO(s["mask.png"]))).astype(bool)
-        logits = np.asarray(Image.open(io.BytesIO(s["logits.png"])))
+        logits = np.asarray(Image.open(io.BytesIO(s["logits.gt.png"])))
         assert (mask == (logits > 127)).mean() > 0.97
         bx, by, bw, bh = next(a for a in read_index(cfg.pack.index).to_pylist() if a["ann_id"] == record["ann_id"])["bbox"]
         inside = ((np.floor(x1 + u * (x2 - x1)) >= bx) & (np.floor(x1 + u * (x2 - x1)) < bx + bw))[None, :] & \
@@ -180,10 +180,10 @@ def test_bytes_per_sample_at_96px_on_real_coco_images(tmp_path):
 
 
 def test_a_store_without_the_split_or_with_other_crops_is_refused(inputs, tmp_path):
-    partial = tmp_path / "train_only.zarr"
-    write_mask_teacher_store(inputs.pack.index, partial, splits=["train"])
+    write_mask_teacher_store(inputs.pack.index, tmp_path / "partial" / "gt.zarr", splits=["train"])
     with pytest.raises(PipelineError, match=r"no teacher logits for \d+ of the \d+ instances of split 'val'.*teacher"):
-        run_pack(dataclasses.replace(inputs, pack=dataclasses.replace(inputs.pack, store=str(partial))), tmp_path / "a")
+        run_pack(dataclasses.replace(inputs, pack=dataclasses.replace(inputs.pack, stores_dir=str(tmp_path / "partial"))),
+                 tmp_path / "a")
     # The index rebuilt with another ROI padding after the teacher ran: the store's crop boxes are stale.
     other = dataclasses.replace(inputs.prepare, roi_padding=0.3, out_dir=str(tmp_path / "reprepared"))
     prepare.run(dataclasses.replace(inputs, prepare=other), None)

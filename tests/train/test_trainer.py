@@ -60,7 +60,7 @@ class SyntheticShards:
             "image": torch.tensor(image, dtype=torch.float32),
             "gt_mask": torch.tensor(gt[:, None], dtype=torch.float32),
             "teacher_logits": torch.tensor(6.0 * gt[:, None] - 3.0 + rng.normal(0, 1, (n, 1, size, size)), dtype=torch.float32),
-            "confidence": torch.tensor(rng.uniform(0.6, 1.0, n), dtype=torch.float32),
+            "confidence": torch.tensor(rng.uniform(0.6, 1.0, (n, 1)), dtype=torch.float32),  # (B, K=1)
             "ann_id": torch.arange(n, dtype=torch.int64),
         }
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
