@@ -414,8 +414,8 @@ def _checkpoint_or_none(cfg: TeacherConfig, seed: int) -> Path | None:
     where = f"teacher.checkpoint {str(path)!r} does not exist" if path else "teacher.checkpoint is not set"
     if not cfg.allow_random_weights:
         raise PipelineError(
-            f"{where}; download the weights with `picosam-pipeline fetch {cfg.model}` (or point "
-            "teacher.checkpoint at the file), or set teacher.allow_random_weights=true to run the real "
+            f"{where}; download the weights with `picosam-pipeline fetch {cfg.model}` (or `dvc pull` them where the "
+            "team tracks them, or point teacher.checkpoint at the file), or set teacher.allow_random_weights=true to run the real "
             "architecture with random weights (smoke tests only: the logits are noise)"
         )
     warnings.warn(f"{where}: teacher {cfg.model} runs with RANDOM weights (seed {seed}); its logits are noise",
