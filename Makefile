@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) bench/loader.py
 	$(PY) bench/teacher_backends.py
 	$(PY) bench/teacher_gpu.py
+	$(PY) bench/teacher_sam3.py
 	$(PY) bench/train_gpu.py
 
 clean-env:

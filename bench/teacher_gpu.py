@@ -15,7 +15,7 @@ as the real checkpoints):
   up beforehand. Its ratio to the encoder alone, the peak device memory during it, the mean GPU utilisation
   (NVML, sampled every 50 ms) and the time a full COCO train2017 pass (~860k instances) would take.
 
-SAM3's two prompt paths are listed when the ``sam3`` package is installed, else named as skipped. Nothing is
+SAM3's two prompt paths are measured by ``bench/teacher_sam3.py`` (named here, or named as skipped without ``sam3``). Nothing is
 asserted. The defaults depend on the device: on a GPU 25 images x 20 with SAM2.1 tiny and large (as measured for
 the README); on a CPU 2 images x 2 with tiny, small enough for CI to smoke-test (``tests/test_benchmarks.py``).
 """
@@ -237,6 +237,9 @@ def main() -> None:
             print("\n".join(bench_sam2(model, small, big, tmp, args)), flush=True)
         if importlib.util.find_spec("sam3") is None:
             print("## sam3: the sam3 package is not installed here; its geometric and instance paths were not run")
+        else:  # minutes per image on a CPU: its own benchmark, each teacher in a child process of its own
+            print("## sam3: its geometric and instance paths are measured by bench/teacher_sam3.py (build, encode, "
+                  "s/prompt, peak memory, COCO time, next to SAM2.1-tiny)")
 
 
 if __name__ == "__main__":

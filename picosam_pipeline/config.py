@@ -163,6 +163,10 @@ class TeacherConfig:
     allow_random_weights: bool = False  # run with random weights when the checkpoint is missing (tests, sample)
     prompt: Literal["roi", "point"] = "roi"  # roi: PicoSAM3 box prompt + ROI crop; point: PicoSAM2 point + 96-px window
     multimask_output: bool = True  # ask for 3 masks and keep the one with the highest predicted IoU
+    # SAM3's prompt path: geometric = PicoSAM3's (add_geometric_prompt: one box exemplar per query, DETR-style
+    # grounding, full-resolution probabilities); instance = the SAM-style interactive head (predict_inst: all
+    # boxes, or points, of an image in one call, 288x288 low-res logits). Ignored by SAM2 teachers.
+    sam3_path: Literal["geometric", "instance"] = "geometric"
     backend: Literal["torch", "onnxruntime"] = "torch"  # onnxruntime: SAM2 exported once to ONNX (teacher/sam2_onnx.py)
     onnx_dir: str = "data/teacher/onnx"  # cache of exported teachers, one folder per model + weights + settings
     ort_provider: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"  # auto: CUDA on a GPU when offered, else CPU
@@ -187,6 +191,9 @@ class TeacherConfig:
             raise ConfigError(f"{key}.model: expected one of {list(SAM2_MODELS) + ['sam3']}, got {self.model!r}")
         if self.backend == "onnxruntime" and self.model == "sam3":
             raise ConfigError(f"{key}.backend: onnxruntime runs SAM2 / SAM2.1 teachers only, not sam3; use backend torch")
+        if self.model == "sam3" and self.prompt == "point" and self.sam3_path == "geometric":
+            raise ConfigError(f"{key}.prompt: point prompts need {key}.sam3_path=instance with model sam3 (the geometric "
+                              f"path, PicoSAM3's, takes boxes only); set {key}.sam3_path=instance or {key}.prompt=roi")
         if not self.splits:
             raise ConfigError(f"{key}.splits: expected at least one split name, e.g. [train, val]")
         _positive(key, "store_size", self.store_size)

@@ -21,7 +21,9 @@ uninterrupted run within the codec's bound (the encoder's rounding depends on th
 recomputed; when it holds another one, the new pass is built beside it and replaces it at the end.
 
 Writes the store with its ``config.resolved.json`` (teacher + runtime sections) inside, and
-``metrics/teacher-logits[@NAME].json``: instances, bytes per instance, random-weights flag (what the store holds); the
+``metrics/teacher-logits[@NAME].json``: instances, bytes per instance, random-weights flag, ``all_instances_empty`` (a
+teacher that returned all-background or zero-confidence masks for every instance, also said on stderr: what the
+store holds); the
 rate, seconds and encoder passes of each run go to the run log ``metrics/runs/teacher-logits.jsonl``.
 """
 
@@ -43,7 +45,7 @@ from picosam_pipeline.teacher.executors import DaskExecutor, InProcess, make_exe
 from picosam_pipeline.teacher.geometry import stored_size
 from picosam_pipeline.teacher.runner import InstanceRows, instance_rows
 from picosam_pipeline.teacher.store import LogitStore, create_store, open_store, teacher_attrs
-from picosam_pipeline.teacher.summary import summarize
+from picosam_pipeline.teacher.summary import empty_warning, summarize
 
 STAGE = "teacher-logits"
 CROP_PARAMS = ("roi_padding", "point_crop_size", "min_roi_side", "min_area")  # prepare params the crops depend on
@@ -151,7 +153,8 @@ def finish(store: LogitStore, out: Path, cfg: Config) -> LogitStore:
 def stage_metrics(store: LogitStore, rows: InstanceRows, summaries: list[dict], seconds: float, setup_seconds: float,
                   executor: InProcess | DaskExecutor) -> tuple[dict[str, Any], dict[str, Any]]:
     """``metrics/teacher-logits.json`` (what the store holds and costs on disk: the same after a rerun that
-    computed nothing) and this run's facts for the run log (what was computed, how fast, where)."""
+    computed nothing) and this run's facts for the run log (what was computed, how fast, where). A store in which
+    every instance came back empty is flagged there (``all_instances_empty``) and said on stderr."""
     summary = summarize(store)  # sampled logit ranges; `inspect --scan 0` reads all
     teacher = store.attrs["teacher"]
     computed = sum(s["instances"] for s in summaries)
@@ -170,7 +173,14 @@ def stage_metrics(store: LogitStore, rows: InstanceRows, summaries: list[dict], 
         "logits_bytes_per_instance": round(summary["logits_bytes_per_instance"], 1),
         "confidence_mean": round(summary["confidence_mean"], 4),
         "mask_share": round(summary["mask_share"], 4),
+        # A teacher that returned nothing (all background / confidence 0 everywhere) is flagged, not trusted.
+        "all_instances_empty": summary["all_instances_empty"],
+        "all_background_instances": summary["all_background_instances"],
+        "instances_scanned": summary["instances_scanned"],
+        "zero_confidence_instances": summary["zero_confidence_instances"],
     }
+    if (warning := empty_warning(summary)):
+        _say(f"WARNING: {warning}")
     run = {
         "instances_computed": computed,
         "shards_computed": len(summaries),

@@ -34,3 +34,12 @@ def test_train_gpu_bench_prints_the_bare_step_and_the_stage_on_the_cpu():
     out = run_bench("train_gpu.py")
     assert re.search(r"compile false: bare step +[\d.]+ samples/s; train stage \(4 steps, 0 loader workers\) +[\d.]+ "
                      r"samples/s = \d+ % of the bare step", out), out
+
+
+@pytest.mark.slow
+def test_teacher_sam3_bench_prints_build_encode_and_per_prompt_figures():
+    """The SAM3 paths cost minutes per image on a CPU: here only its SAM2.1-tiny row, the same code path."""
+    coco = shared_data_or_skip("coco-sample")
+    out = run_bench("teacher_sam3.py", "--coco", str(coco), "--teachers", "sam2.1_hiera_tiny", "--prompts", "2")
+    assert re.search(r"sam2\.1_hiera_tiny +cpu \(fp32\) +[\d.]+ +[\d.]+ +[\d.]+ +32 +[\d.]+ +- +[\d.]+", out), out
+    assert "RSS right after the build: sam2.1_hiera_tiny" in out

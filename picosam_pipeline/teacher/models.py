@@ -32,7 +32,6 @@ from picosam_pipeline.data.checksums import sha256_file as file_sha256  # teache
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError, require_extra
 
-SAM3_EXTRA = "pip install 'picosam-pipeline[sam3]'"
 SAM3_PROB_EPS = 1e-7  # PicoSAM3's clamp before probability -> logit: |logit| <= 16.12
 
 
@@ -47,8 +46,10 @@ class TeacherOutput:
     Attributes:
         image_logits: ``(N, h, w)`` float32 mask logits covering the whole image ``[0, W] x [0, H]``,
             stretched (cell ``(r, c)`` centred at ``((c + .5) W/w, (r + .5) H/h)``). SAM2: ``h = w = 256``
-            low-resolution logits clamped to +-32; SAM3: ``h, w = H, W``, within +-16.12.
-        confidence: ``(N,)`` float32 in [0, 1]: SAM2's predicted IoU of the kept mask, or SAM3's query score.
+            low-resolution logits clamped to +-32; SAM3's geometric path: ``h, w = H, W``, within +-16.12; SAM3's
+            instance path: ``h = w = 288``, clamped to +-32.
+        confidence: ``(N,)`` float32 in [0, 1]: the predicted IoU of the kept mask (SAM2, SAM3 instance path), or
+            the kept query's score (SAM3 geometric path).
     """
 
     image_logits: torch.Tensor
@@ -79,8 +80,8 @@ class Teacher(Protocol):
 
 
 class OneImageAtATime:
-    """:meth:`Teacher.predict_images` for teachers that hold one encoded image at a time (SAM3's processor,
-    ONNX Runtime, the SAM2 predictor): ``set_image``, then one prompt call per segment of the image."""
+    """:meth:`Teacher.predict_images` for teachers that hold one encoded image at a time (ONNX Runtime, the SAM2
+    predictor): ``set_image``, then one prompt call per segment of the image."""
 
     def predict_images(self, images: list[torch.Tensor], prompts: list[np.ndarray], prompt: str,
                        segments: list[list[int]] | None = None) -> list[TeacherOutput]:
@@ -110,7 +111,9 @@ def build_teacher(cfg: TeacherConfig, runtime: Runtime) -> Teacher:
             model; ``sam3`` asked for without the optional ``sam3`` package.
     """
     if cfg.model == "sam3":
-        return Sam3Teacher.build(cfg, runtime)
+        from picosam_pipeline.teacher.sam3_teacher import build_sam3_teacher
+
+        return build_sam3_teacher(cfg, runtime)
     if cfg.backend == "onnxruntime":
         from picosam_pipeline.teacher.sam2_onnx import OrtSam2Teacher
 
@@ -248,7 +251,7 @@ class Sam2PredictorTeacher(OneImageAtATime):
 
 
 # --------------------------------------------------------------------------------------------------
-# SAM3 (optional extra)
+# SAM3 (optional extra; the teachers are in sam3_teacher.py)
 
 
 def probabilities_to_logits(prob: torch.Tensor, eps: float = SAM3_PROB_EPS) -> torch.Tensor:
@@ -260,107 +263,6 @@ def probabilities_to_logits(prob: torch.Tensor, eps: float = SAM3_PROB_EPS) -> t
     """
     p = prob.double().clamp(eps, 1.0 - eps)
     return (torch.log(p) - torch.log1p(-p)).float()
-
-
-class Sam3Teacher(OneImageAtATime):
-    """SAM3 through the optional ``sam3`` package, following PicoSAM3's teacher precompute.
-
-    ``Sam3Processor(confidence_threshold=0.0)`` keeps every query; per box: ``reset_all_prompts``, then
-    ``add_geometric_prompt`` with the box as normalised ``[cx, cy, w, h]`` (no text: the processor uses its
-    dummy "visual" prompt), keep the query with the highest score (``sigmoid(logit) * sigmoid(presence)``).
-    Its masks are probabilities at full image resolution; they become logits with
-    :func:`probabilities_to_logits`. Box prompts are decoded one call per box: the processor's geometric
-    prompt is a set of exemplars for ONE concept, so N boxes in one call would not give N instances.
-    Point prompts are not supported (the processor takes boxes only).
-
-    Not exercised by the test suite: the ``sam3`` package and its gated ``facebook/sam3`` checkpoint are not
-    installable on the CI machine. API names follow facebookresearch/sam3 (``sam3.model_builder
-    .build_sam3_image_model``, ``sam3.model.sam3_image_processor.Sam3Processor``).
-    """
-
-    def __init__(self, processor: Any, runtime: Runtime, metadata: dict[str, Any]):
-        self.processor = processor
-        self.runtime = runtime
-        self.metadata = metadata
-        self._state: dict[str, Any] | None = None
-        self._size = (0, 0)  # (W, H) of the current image
-
-    @classmethod
-    def build(cls, cfg: TeacherConfig, runtime: Runtime) -> "Sam3Teacher":
-        try:
-            from sam3.model.sam3_image_processor import Sam3Processor
-            from sam3.model_builder import build_sam3_image_model
-        except ImportError as err:
-            raise PipelineError(
-                f"teacher.model=sam3 needs the optional sam3 package, which cannot be imported ({err}); install it "
-                f"with {SAM3_EXTRA} (its checkpoint facebook/sam3 is gated on Hugging Face), or use a SAM2 "
-                "teacher, e.g. --set teacher.model=sam2.1_hiera_tiny"
-            ) from None
-        if cfg.prompt == "point":
-            raise PipelineError(
-                "teacher.prompt=point is not supported with teacher.model=sam3: SAM3's image processor takes box "
-                "prompts only; use --set teacher.prompt=roi or a SAM2 teacher"
-            )
-        checkpoint = _checkpoint_or_none(cfg, runtime.seed)
-        state_dict = load_state_dict_safely(checkpoint) if checkpoint else None
-        model = _seeded_build(
-            lambda: build_sam3_image_model(device="cpu", eval_mode=True, checkpoint_path=None, load_from_HF=False),
-            runtime.seed,
-        )
-        if checkpoint is None:
-            weights = _random_weights(model, runtime.seed)
-        else:
-            # sam3.pt holds the video model ("detector.*", "tracker.*"); the image model is its detector. Only
-            # parameters must be covered: the image model recomputes some buffers (position encodings) at init.
-            detector = {k.removeprefix("detector."): v for k, v in state_dict.items() if k.startswith("detector.")}
-            weights = _load_checked(model, detector, {k for k, _ in model.named_parameters()}, checkpoint, cfg.model)
-        model.to(runtime.device)
-        processor = Sam3Processor(model, device=str(runtime.device), confidence_threshold=0.0)
-        metadata = {
-            "teacher": "sam3",
-            "model": "sam3",
-            "package": f"sam3 {_version('sam3')}",
-            **weights,
-            "prompt": cfg.prompt,
-            "mask_selection": "highest query score",
-            "logits": "full-resolution probabilities clamped to [1e-7, 1-1e-7], as logits (+-16.12)",
-            "autocast": _autocast_name(runtime),
-        }
-        return cls(processor, runtime, metadata)
-
-    def set_image(self, rgb: np.ndarray) -> None:
-        from PIL import Image
-
-        _check_rgb(rgb)
-        # A PIL image: the processor reads (H, W) from the last two axes of arrays (it expects CHW there).
-        with torch.inference_mode(), self.runtime.autocast():
-            self._state = self.processor.set_image(Image.fromarray(rgb))
-        self._size = (rgb.shape[1], rgb.shape[0])
-
-    def predict_boxes(self, boxes_xyxy: np.ndarray) -> TeacherOutput:
-        boxes = _as_rows(boxes_xyxy, 4, "boxes_xyxy")
-        if self._state is None:
-            raise RuntimeError("call set_image() before predict_boxes()")
-        width, height = self._size
-        logits, scores = [], []
-        for x1, y1, x2, y2 in boxes.tolist():
-            cxcywh = [(x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height]
-            self.processor.reset_all_prompts(self._state)
-            with torch.inference_mode(), self.runtime.autocast():
-                state = self.processor.add_geometric_prompt(box=cxcywh, label=True, state=self._state)
-            if len(state["scores"]) == 0:  # every query scored exactly 0: background, no confidence
-                logits.append(torch.full((height, width), probabilities_to_logits(torch.zeros(())).item()))
-                scores.append(torch.zeros(()))
-                continue
-            best = int(state["scores"].argmax())
-            logits.append(probabilities_to_logits(state["masks_logits"][best, 0].cpu()))
-            scores.append(state["scores"][best].float().cpu())
-        if not logits:
-            return TeacherOutput(torch.zeros(0, height, width), torch.zeros(0))
-        return TeacherOutput(torch.stack(logits), torch.stack(scores))
-
-    def predict_points(self, points_xy: np.ndarray) -> TeacherOutput:
-        raise PipelineError("teacher.prompt=point is not supported with teacher.model=sam3; use teacher.prompt=roi")
 
 
 # --------------------------------------------------------------------------------------------------

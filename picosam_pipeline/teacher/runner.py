@@ -164,7 +164,7 @@ class TeacherSpec:
         t = self.teacher
         checkpoint = file_key(t.checkpoint) if t.checkpoint and os.path.isfile(t.checkpoint) else None
         return json.dumps([t.model, checkpoint, t.allow_random_weights, t.multimask_output, t.prompt, t.backend,
-                           t.onnx_dir, t.ort_provider, self.device, self.precision, self.seed, self.threads])
+                           t.onnx_dir, t.ort_provider, t.sam3_path, self.device, self.precision, self.seed, self.threads])
 
     def runtime(self) -> Runtime:
         return resolve_runtime(RuntimeConfig(device=self.device, precision=self.precision, seed=self.seed))
@@ -263,9 +263,9 @@ def images_per_batch(cfg: TeacherConfig, device: torch.device) -> int:
 
 def stored_codes(outputs: list[TeacherOutput], rows: list[InstanceRows], cfg: TeacherConfig
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A batch's teacher outputs -> the codec's ``(n, S, S)`` values, ``(n,)`` float32 confidences and the count of
-    non-finite logits and confidences (a 0-d tensor), all computed on the outputs' device (crop resampling and codec
-    there: only the small stored tiles cross to the host).
+    """A batch's teacher outputs -> the codec's ``(n, S, S)`` values, ``(n,)`` float32 confidences and an ``(n,)`` bool
+    mask of the instances whose whole-image logits or confidence hold a NaN or infinity, all computed on the outputs'
+    device (crop resampling and codec there: only the small stored tiles cross to the host).
 
     Outputs on one grid (SAM2's 256x256 for every image) are resampled in one ``grid_sample`` call.
     """
@@ -273,24 +273,35 @@ def stored_codes(outputs: list[TeacherOutput], rows: list[InstanceRows], cfg: Te
     boxes = np.concatenate([r.crop_box for r in rows])
     if len({tuple(o.image_logits.shape[1:]) for o in outputs}) == 1:
         logits = crop_logits(torch.cat([o.image_logits for o in outputs]), sizes, boxes, cfg.store_size, cfg.context_margin)
-    else:  # full-resolution outputs (SAM3) differ per image
+    else:  # full-resolution outputs (SAM3's geometric path) differ per image
         logits = torch.cat([crop_logits(o.image_logits, r.size, r.crop_box, cfg.store_size, cfg.context_margin)
                             for o, r in zip(outputs, rows)])
     confidence = torch.cat([o.confidence.float() for o in outputs])
-    # Counted on the whole-image logits too: the crop of a NaN map can miss its NaN pixels.
-    bad = sum((~torch.isfinite(o.image_logits)).sum() for o in outputs) + (~torch.isfinite(confidence)).sum()
+    # Checked on the whole-image logits: the crop of a NaN map can miss its NaN pixels.
+    bad = torch.cat([~torch.isfinite(o.image_logits).flatten(1).all(dim=1) for o in outputs]) | ~torch.isfinite(confidence)
     return encode_logits_torch(logits, cfg.codec, check_finite=False), confidence, bad
 
 
-def refuse_non_finite(bad: int, rows: list[InstanceRows], cfg: TeacherConfig) -> None:
-    """Raise when a batch's teacher output held NaN or infinite values: nothing of it is stored."""
-    if bad:
-        ids = sorted({int(i) for r in rows for i in r.image_id})
-        raise PipelineError(
-            f"teacher {cfg.model} returned {bad} NaN/inf logits or confidences for images {ids[:8]}"
-            f"{' ...' if len(ids) > 8 else ''}; nothing of them was stored. Check the checkpoint (`picosam-pipeline "
-            "fetch`), try --set runtime.precision=fp32, and report it with the image ids if it persists"
-        )
+def teacher_name(cfg: TeacherConfig) -> str:
+    """The teacher as error messages name it: model, and backend or SAM3 prompt path."""
+    return f"{cfg.model} (sam3_path {cfg.sam3_path})" if cfg.model == "sam3" else f"{cfg.model} (backend {cfg.backend})"
+
+
+def refuse_non_finite(bad: np.ndarray, rows: list[InstanceRows], cfg: TeacherConfig) -> None:
+    """Raise when a batch's teacher output held NaN or infinite values (``bad``: ``(n,)`` bool over the batch's
+    rows, from :func:`stored_codes`): nothing of the batch is stored, and the message names every such instance's
+    annotation id and image id, and the teacher."""
+    bad = np.asarray(bad, dtype=bool)
+    if not bad.any():
+        return
+    ann = np.concatenate([r.ann_id for r in rows])[bad]
+    image = np.concatenate([r.image_id for r in rows])[bad]
+    named = ", ".join(f"ann_id {int(a)} of image {int(i)}" for a, i in zip(ann[:8], image[:8]))
+    raise PipelineError(
+        f"teacher {teacher_name(cfg)} returned NaN/inf logits or confidences for {len(ann)} instance(s): {named}"
+        f"{' ...' if len(ann) > 8 else ''}; nothing of them was stored. Check the checkpoint (`picosam-pipeline fetch`), "
+        "try --set runtime.precision=fp32, and report it with these ids if it persists"
+    )
 
 
 def process_shards(store_path: str, jobs: list[tuple[int, InstanceRows]], spec: TeacherSpec) -> Iterator[dict[str, Any]]:
@@ -345,7 +356,7 @@ def process_shards(store_path: str, jobs: list[tuple[int, InstanceRows]], spec: 
             segments = [np.unique(assembler.job_of(g), return_counts=True)[1].tolist() for g in batch.groups]  # per shard
             outputs = session.teacher.predict_images(batch.pixels, [r.prompt for r in batch_rows], cfg.prompt, segments)
             codes, confidence, bad = stored_codes(outputs, batch_rows, cfg)
-            refuse_non_finite(int(bad), batch_rows, cfg)  # waits for the device: the batch is done
+            refuse_non_finite(bad.cpu().numpy(), batch_rows, cfg)  # waits for the device: the batch is done
             codes, confidence = codes.cpu().numpy(), confidence.cpu().numpy()
             counts["teacher_seconds"] += time.perf_counter() - tick
             counts["encoder_passes"] += len(batch.groups)  # each image of the stream is encoded once

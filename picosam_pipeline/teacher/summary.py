@@ -31,20 +31,36 @@ def summarize(store: LogitStore, max_scan: int = 20_000) -> dict[str, Any]:
         return summary
     per_shard = store.instances_per_shard
     n_scan = len(done) if max_scan <= 0 else min(len(done), math.ceil(max_scan / per_shard))
-    low, high, positive, scanned = np.inf, -np.inf, 0, 0
+    low, high, positive, scanned, background = np.inf, -np.inf, 0, 0, 0
     for k in np.unique(done[np.linspace(0, len(done) - 1, n_scan).round().astype(int)]):
         logits = store.read_logits(store.shard_slice(int(k)))
         low, high = min(low, float(logits.min())), max(high, float(logits.max()))
         positive, scanned = positive + int((logits > 0).sum()), scanned + len(logits)
+        background += int((logits.reshape(len(logits), -1) <= 0).all(axis=1).sum())
     confidence = store.read_meta(done_rows)["confidence"]
+    zero_confidence = int((confidence <= 0).sum())
     summary.update(
         bytes_per_instance=summary["bytes_on_disk"] / len(done_rows),
         logits_bytes_per_instance=on_disk["logits"] / len(done_rows),
         logit_min=low, logit_max=high, mask_share=positive / (scanned * store.side**2), instances_scanned=scanned,
         confidence_min=float(confidence.min()), confidence_mean=float(confidence.mean()),
         confidence_max=float(confidence.max()),
+        all_background_instances=background,  # of the scanned ones: no stored pixel with logit > 0
+        zero_confidence_instances=zero_confidence,  # of all finished ones
+        # No teaching signal at all: a broken teacher (NaN scores once made SAM3 write exactly this), not data.
+        all_instances_empty=background == scanned or zero_confidence == len(done_rows),
     )
     return summary
+
+
+def empty_warning(s: dict[str, Any]) -> str | None:
+    """The warning for a store whose every instance came back empty (see :func:`summarize`), else None."""
+    if not s.get("all_instances_empty"):
+        return None
+    return (f"every instance of the teacher pass came back empty ({s['all_background_instances']} of "
+            f"{s['instances_scanned']} scanned instances all background, {s['zero_confidence_instances']} of "
+            f"{s['instances_done']} with confidence 0): the store holds no teaching signal. Check the teacher's "
+            "checkpoint and precision; do not train on it")
 
 
 def _tree_bytes(path: Path) -> int:
@@ -75,6 +91,8 @@ def format_summary(store: LogitStore, s: dict[str, Any]) -> tuple[str, bool]:
             f" (over {s['instances_scanned']:,} instances)",
             f"  confidence  min {s['confidence_min']:.3f}, mean {s['confidence_mean']:.3f}, max {s['confidence_max']:.3f}",
         ]
+        if (warning := empty_warning(s)):
+            lines.append(f"  WARNING     {warning}")
     random_weights = bool(teacher.get("random_weights") or not teacher.get("checkpoint_sha256"))
     weights = ("RANDOM WEIGHTS (no checkpoint loaded)" if random_weights
                else f"checkpoint {teacher.get('checkpoint')} (sha256 {teacher['checkpoint_sha256']})")

@@ -1,7 +1,7 @@
 """Teacher adapters: SAM2.1-tiny with random weights (real model, CPU), safe checkpoint loading, SAM3 pieces.
 
-The SAM3 adapter itself cannot run here (the sam3 package and its gated checkpoint are not installable on
-CI); its probability -> logit conversion and the missing-extra error are tested.
+Here: SAM3's probability -> logit conversion and the missing-extra error; the SAM3 teachers themselves run in
+``test_sam3.py`` (real sam3 0.1.4 code, seeded random weights: its checkpoint is gated).
 """
 
 from __future__ import annotations
@@ -253,7 +253,9 @@ def test_every_sam2_model_name_maps_to_a_packaged_config():
 
 
 def test_sam3_without_the_extra_names_the_install_command(monkeypatch):
-    monkeypatch.setitem(sys.modules, "sam3", None)  # makes `import sam3...` fail even where it is installed
+    # None in sys.modules makes `import sam3...` fail even where it is installed (and already imported)
+    for name in ["sam3", *(n for n in sys.modules if n.startswith("sam3."))]:
+        monkeypatch.setitem(sys.modules, name, None)
     cfg = TeacherConfig(model="sam3", checkpoint=None, allow_random_weights=True)
     with pytest.raises(PipelineError, match=r"pip install 'picosam-pipeline\[sam3\]'"):
         build_teacher(cfg, CPU)

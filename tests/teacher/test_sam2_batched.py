@@ -130,9 +130,10 @@ def test_non_finite_teacher_output_is_refused_before_anything_is_stored():
                                prompt=np.array([[1, 1, 9, 9]], np.float32), crop_box=np.array([[0, 0, 16, 16]], np.int32))
     cfg = TeacherConfig(store_size=8)
     bad = TeacherOutput(torch.full((1, 16, 16), float("nan")), torch.ones(1))
-    _, _, count = runner.stored_codes([bad], [rows], cfg)
-    with pytest.raises(PipelineError, match=r"256 NaN/inf logits or confidences for images \[7\]"):
-        runner.refuse_non_finite(int(count), [rows], cfg)
+    _, _, flags = runner.stored_codes([bad], [rows], cfg)
+    with pytest.raises(PipelineError, match=r"sam2.1_hiera_tiny \(backend torch\) returned NaN/inf logits or "
+                                            r"confidences for 1 instance\(s\): ann_id 1 of image 7;"):
+        runner.refuse_non_finite(flags.numpy(), [rows], cfg)
 
 
 def jpeg(size=(64, 48), **save) -> bytes:

@@ -127,6 +127,7 @@ def test_rows_follow_the_index_and_each_image_is_encoded_once(project, fake, tmp
     assert fake == {"set_image": 2, "predict": 5}
     assert (metrics["instances"], metrics["images"], metrics["encoder_passes"], metrics["shards_computed"]) == (16, 2, 2, 4)
     assert metrics["random_weights"] is True and metrics["bytes_per_instance"] > 0
+    assert metrics["all_instances_empty"] is False and metrics["zero_confidence_instances"] == 0
     assert json.loads((out / "config.resolved.json").read_text())["teacher"]["prompt"] == prompt
 
     # Row 11 (image 200002) recomputed by hand: prompt = COCO bbox as xyxy (roi) or the index point, crop = the index box.
@@ -208,6 +209,60 @@ def test_changed_params_replace_the_store_and_discard_a_stale_partial(project, f
     meta = store.read_meta()
     assert np.allclose(meta["stored_box"][:, 2] - meta["stored_box"][:, 0],
                        1.5 * (meta["crop_box"][:, 2] - meta["crop_box"][:, 0]))
+
+
+class NaNTeacher(FakeTeacher):
+    """FakeTeacher whose 3rd prompt of every call decodes to NaN logits (or whose confidence is infinite)."""
+
+    broken = "logits"
+
+    def _decode(self, low, high):
+        out = super()._decode(low, high)
+        if len(low) > 2:
+            if self.broken == "logits":
+                out.image_logits[2, 5, 7] = float("nan")
+            else:
+                out.confidence[2] = float("inf")
+        return out
+
+
+@pytest.mark.parametrize("broken", ["logits", "confidence"])
+def test_a_teacher_returning_nan_stops_the_pass_naming_image_instance_and_teacher(project, fake, tmp_path,
+                                                                                  monkeypatch, broken):
+    monkeypatch.setattr(teacher_runner, "build_teacher", NaNTeacher)
+    monkeypatch.setattr(NaNTeacher, "broken", broken)
+    out = tmp_path / "logits.zarr"
+    with pytest.raises(PipelineError) as err:
+        run_stage(project, out)
+    rows = instance_rows("data/prepared/index.parquet", ["val"], "roi")
+    # The first batch is image 200001 (rows 0-8), decoded one call per shard: rows 0-3, 4-7, 8. The 3rd prompt of
+    # the first two calls is broken: rows 2 and 6.
+    assert (f"teacher sam2.1_hiera_tiny (backend torch) returned NaN/inf logits or confidences for 2 instance(s): "
+            f"ann_id {rows.ann_id[2]} of image {rows.image_id[2]}, ann_id {rows.ann_id[6]} of image {rows.image_id[6]};"
+            ) in str(err.value)
+    assert not open_store(teacher_logits.partial_path(out)).done_shards().any()  # nothing of that batch was stored
+
+
+class EmptyTeacher(FakeTeacher):
+    """FakeTeacher gone blank: all-background logits and confidence 0 for every prompt (what SAM3 with NaN scores
+    once wrote silently)."""
+
+    def _decode(self, low, high):
+        out = super()._decode(low, high)
+        return TeacherOutput(torch.full_like(out.image_logits, -16.0), torch.zeros_like(out.confidence))
+
+
+def test_a_pass_where_every_instance_comes_back_empty_is_flagged_in_metrics_and_on_stderr(project, fake, tmp_path,
+                                                                                          monkeypatch, capsys):
+    monkeypatch.setattr(teacher_runner, "build_teacher", EmptyTeacher)
+    out = tmp_path / "logits.zarr"
+    _, metrics = run_stage(project, out)
+    assert metrics["all_instances_empty"] is True
+    assert (metrics["all_background_instances"], metrics["instances_scanned"], metrics["zero_confidence_instances"]) \
+        == (16, 16, 16)
+    assert "WARNING: every instance of the teacher pass came back empty (16 of 16 scanned" in capsys.readouterr().err
+    result = CliRunner().invoke(cli, ["inspect", str(out)])
+    assert result.exit_code == 0 and "WARNING     every instance of the teacher pass came back empty" in result.output
 
 
 def test_bad_inputs_are_refused_with_the_key_to_fix(project, fake, tmp_path):
