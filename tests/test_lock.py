@@ -166,3 +166,13 @@ def test_select_cuts_a_lock_for_one_pip_call(tmp_path: Path):
     entries, full = lockfile.parse_lock(rest), lockfile.parse_lock(cpu)
     assert "sam2" not in entries and len(entries) == len(full) - 1
     assert entries["torch"].hashes == full["torch"].hashes
+
+
+def test_pinned_file_not_on_the_indexes_is_named(tmp_path: Path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()  # empty: the pinned release is nowhere to be found, as the CPU torch on a stock machine
+    lock, log = tmp_path / "lock.txt", tmp_path / "install.log"
+    lock.write_text(f"lockprobe==1.0 \\\n    --hash=sha256:{'0' * 64}\n")
+    assert _pip_locked(lock, wheels, tmp_path / "t", log) != 0
+    message = lockfile.explain(log.read_text(), "requirements/lock-cpu.txt", str(log))
+    assert message.startswith("install.sh: no file of lockprobe==1.0 (pinned in requirements/lock-cpu.txt) was found")
