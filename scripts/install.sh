@@ -31,7 +31,7 @@ while [ $# -gt 0 ]; do
     --torch=*) TORCH=${1#*=}; shift ;;
     --torch-index) TORCH_INDEX=${2:?"--torch-index needs cpu or an index URL"}; shift 2 ;;
     --torch-index=*) TORCH_INDEX=${1#*=}; shift ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     -*) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) break ;;
   esac
