@@ -4,7 +4,6 @@ file; the manifest builder's rules (symlinks, what setuptools ships) on a small 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -14,20 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_script
 
 MANIFEST = REPO / "requirements/upstream/sam2.txt"
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-um = _load("upstream_manifest")
+um = load_script("upstream_manifest")
 
 
 def test_manifest_is_of_the_reviewed_commit():
