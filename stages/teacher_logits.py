@@ -24,7 +24,7 @@ Writes the store with its ``config.resolved.json`` (teacher + runtime sections) 
 ``metrics/teacher-logits[@NAME].json``: instances, bytes per instance, random-weights flag, ``all_instances_empty`` (a
 teacher that returned all-background or zero-confidence masks for every instance, also said on stderr: what the
 store holds); the
-rate, seconds and encoder passes of each run go to the run log ``metrics/runs/teacher-logits.jsonl``.
+rate, seconds and encoder passes of each run go to the run log ``metrics/runs/teacher-logits[@NAME].jsonl``.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def finish(store: LogitStore, out: Path, cfg: Config) -> LogitStore:
 
 def stage_metrics(store: LogitStore, rows: InstanceRows, summaries: list[dict], seconds: float, setup_seconds: float,
                   executor: InProcess | DaskExecutor) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``metrics/teacher-logits.json`` (what the store holds and costs on disk: the same after a rerun that
+    """``metrics/teacher-logits[@NAME].json`` (what the store holds and costs on disk: the same after a rerun that
     computed nothing) and this run's facts for the run log (what was computed, how fast, where). A store in which
     every instance came back empty is flagged there (``all_instances_empty``) and said on stderr."""
     summary = summarize(store)  # sampled logit ranges; `inspect --scan 0` reads all
