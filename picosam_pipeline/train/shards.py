@@ -420,19 +420,18 @@ def _image_jobs(split: str, rows: pa.Table, teachers: list[PackedTeacher], frame
     """One job per image of ``rows``, with its instances' JSON records and every teacher's stored values (read lazily)."""
     readers = {t.name: _BlockReader(t.store) for t in teachers}
     codecs = {t.name: {"codec": t.store.codec.name, "decode": t.store.codec.formula} for t in teachers}
-    first = teachers[0]
+    first = teachers[0]  # every store holds the same crop boxes (stages/pack.py checks it)
     start = 0
     for group in iter_images(rows):  # rows are in index order, so each image is the next len(group) rows
-        span = slice(start, start + len(group))
+        in_store = {t.name: t.rows_in_store[start:start + len(group)] for t in teachers}  # store row of each instance
         start += len(group)
-        in_first = first.rows_in_store[span]
-        records = [{**r, "split": split,
-                    "confidence": {t.name: float(t.meta["confidence"][t.rows_in_store[span][j]]) for t in teachers},
-                    "crop_box": first.meta["crop_box"][i].tolist(), "stored_box": first.meta["stored_box"][i].tolist(),
+        confidence = {t.name: t.meta["confidence"][in_store[t.name]] for t in teachers}
+        boxes = {key: first.meta[key][in_store[first.name]] for key in ("crop_box", "stored_box")}
+        records = [{**r, "split": split, "confidence": {name: float(c[j]) for name, c in confidence.items()},
+                    "crop_box": boxes["crop_box"][j].tolist(), "stored_box": boxes["stored_box"][j].tolist(),
                     "frame": asdict(frame), "logits": codecs}
-                   for j, (r, i) in enumerate(zip(group.rows.select(["ann_id", "image_id", "category_id", "area"]).to_pylist(),
-                                                  in_first))]
+                   for j, r in enumerate(group.rows.select(["ann_id", "image_id", "category_id", "area"]).to_pylist())]
         yield _ImageJob(group.image_path, (group.width, group.height), group.rows["rle_counts"].to_pylist(), records,
-                        {t.name: readers[t.name](t.rows_in_store[span]) for t in teachers}, first.meta["stored_box"][in_first])
+                        {t.name: readers[t.name](in_store[t.name]) for t in teachers}, boxes["stored_box"])
 
 
