@@ -95,7 +95,7 @@ def fidelity(original: np.ndarray, decoded: np.ndarray) -> dict[str, float]:
             "flipped": float(((decoded > 0) != (original > 0)).mean())}
 
 
-def storage_figures(data: dict[str, np.ndarray], work_dir: str | Path, instances_per_shard: int = 256,
+def storage_figures(data: dict[str, np.ndarray], work_dir: str | Path, instances_per_shard: int | str = "auto",
                     compression_level: int = 5) -> list[dict]:
     """Write ``data`` (from :func:`coco_like_logits`) with every codec and as PicoSAM3 ``.pt`` files; measure.
 
@@ -111,13 +111,13 @@ def storage_figures(data: dict[str, np.ndarray], work_dir: str | Path, instances
     for codec in CODECS:
         path = work_dir / f"{codec}.zarr"
         start = time.perf_counter()
-        store = create_store(path, n_instances=n, side=side, instances_per_shard=instances_per_shard, codec=codec,
-                             compression_level=compression_level, attrs={"bench": "coco_like_logits"})
+        store = create_store(path, side=side, instances_per_shard=instances_per_shard, codec=codec,
+                             compression_level=compression_level, attrs={"bench": "coco_like_logits"},
+                             rows=dict(ann_id=data["ann_id"], image_id=data["image_id"], crop_box=data["crop_box"],
+                                       stored_box=data["crop_box"].astype(np.float64)))
         for k in store.pending_shards():
             r = store.shard_slice(k)
-            store.write_shard(k, logits[r], ann_id=data["ann_id"][r], image_id=data["image_id"][r],
-                              confidence=data["confidence"][r], crop_box=data["crop_box"][r],
-                              stored_box=data["crop_box"][r].astype(np.float64))
+            store.write_shard(k, logits[r], confidence=data["confidence"][r])
         write_rate = n / (time.perf_counter() - start)
         reader = open_store(path)
         decoded = reader.read_logits(slice(None))
@@ -180,8 +180,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--coco", default=str(DEFAULT_COCO), help="COCO folder with annotations/instances_*2017.json")
     parser.add_argument("--noise", type=float, default=0.3, help="per-pixel logit noise (std) of the recipe")
-    parser.add_argument("--instances-per-shard", type=int, default=TeacherConfig().instances_per_shard,
-                        help="K, instances per shard file")
+    parser.add_argument("--instances-per-shard", type=lambda v: v if v == "auto" else int(v),
+                        default=TeacherConfig().instances_per_shard, help="K, instances per store shard, or auto")
     parser.add_argument("--level", type=int, default=TeacherConfig().compression_level, help="Blosc-zstd level")
     args = parser.parse_args()
     if not (Path(args.coco) / "annotations").is_dir():

@@ -36,6 +36,7 @@ import torch  # noqa: E402
 
 from picosam_pipeline.config import last_run, load_config  # noqa: E402
 from picosam_pipeline.device import resolve_runtime  # noqa: E402
+from picosam_pipeline.recipes import recipe_values  # noqa: E402
 from picosam_pipeline.stages import pack, prepare, sample, train  # noqa: E402
 from picosam_pipeline.teacher.gt_mask import write_mask_teacher_store  # noqa: E402
 from picosam_pipeline.train.losses import PRESETS, DistillationLoss  # noqa: E402
@@ -113,7 +114,10 @@ def main() -> None:
     args.compile = args.compile or (["false", "true"] if gpu else ["false"])
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         tmp = Path(tmp)
-        sets = [*packed_sets(tmp, args.train_images, args.samples_per_shard), f"train.student={args.student}",
+        # The student's own recipe (loss, schedule), on the ROI crops packed here: recipe custom allows that pairing.
+        recipe = [f"{k}={v}" for k, v in recipe_values(args.student, "sample", "sample").items()]
+        sets = [*packed_sets(tmp, args.train_images, args.samples_per_shard), "recipe.name=custom", *recipe,
+                "teacher.prompt=roi",
                 f"train.batch_size={args.batch}", f"train.steps={args.steps}", f"train.eval_every={args.steps}",
                 f"train.checkpoint_every={args.steps}", *args.set]
         runtime = resolve_runtime(load_config(REPO / "params.yaml", sets).runtime)

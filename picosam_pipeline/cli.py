@@ -6,6 +6,7 @@ DVC's ``dvc.yaml`` runs the same ``run-stage`` commands a person types.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 import traceback
@@ -24,6 +25,16 @@ def _fail(err: BaseException) -> None:
     sys.exit(1)
 
 
+class _FiniteFloatRange(click.FloatRange):
+    """click's FloatRange, refusing nan and inf (nan passes every range comparison)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
 class _Cli(click.Group):
     """The command group: a :class:`PipelineError` from any command is printed as one paragraph, exit 1."""
 
@@ -40,8 +51,10 @@ def cli() -> None:
     """Distil SAM2/SAM3 into PicoSAM2/PicoSAM3 students for the Sony IMX500, reproducibly.
 
     Each pipeline stage is run with `run-stage NAME` (what `dvc repro` calls); `stages` lists them.
-    Every command reads params.yaml unless given --params, and exits non-zero with a one-paragraph
-    message on bad input.
+    The commands that read params (run-stage, export-teacher, doctor) read params.yaml in the working
+    directory unless given --params; the others take what they need as options. Every command exits
+    non-zero with a one-paragraph message on bad input; warnings go to stderr. `doctor` checks what this
+    machine can run. Shell completion (stage names included): see `completion --help`.
     """
 
 
@@ -55,20 +68,44 @@ def stages_cmd() -> None:
         click.echo(f"{spec.name:<{width}}  [{', '.join(spec.sections)}]  reads: {spec.reads}  ->  writes: {spec.writes}")
 
 
+def _complete_stage(ctx: click.Context, param: click.Parameter, incomplete: str) -> list:
+    """Stage names for shell completion, and teacher-logits@NAME for each teacher pass of ./params.yaml."""
+    from click.shell_completion import CompletionItem
+
+    from picosam_pipeline.stages import STAGES
+
+    names = list(STAGES)
+    try:  # the passes of the params file in the working directory, if it reads; completion never fails on it
+        import yaml
+
+        with open(ctx.params.get("params_path") or "params.yaml") as f:
+            names += [f"teacher-logits@{name}" for name in (yaml.safe_load(f) or {}).get("teachers") or {}]
+    except Exception:
+        pass
+    return [CompletionItem(n, help=STAGES[n.partition("@")[0]].writes) for n in names if n.startswith(incomplete)]
+
+
 @cli.command("run-stage")
-@click.argument("name")
+@click.argument("name", shell_complete=_complete_stage)
 @click.option("--params", "params_path", default="params.yaml", show_default=True, help=PARAMS_HELP)
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help=SET_HELP)
-def run_stage_cmd(name: str, params_path: str, overrides: tuple[str, ...]) -> None:
+@click.option("--on-locked", type=click.Choice(["wait", "fail"]), default=None, envvar="PICOSAM_ON_LOCKED",
+              help="When another run is writing the same outputs: wait for it (default) or fail at once, naming it "
+                   "(pid, host, start time). Also $PICOSAM_ON_LOCKED, e.g. for dvc repro.")
+def run_stage_cmd(name: str, params_path: str, overrides: tuple[str, ...], on_locked: str | None) -> None:
     """Run pipeline stage NAME (see `picosam-pipeline stages`) with the given params.
 
     teacher-logits runs every teacher pass of params.yaml's `teachers`, one store each;
     teacher-logits@PASS runs one (what dvc.yaml's stage teacher-logits@PASS calls).
 
     The resolved config is validated before any work starts and saved beside the stage's outputs;
-    metrics go to runtime.metrics_dir (default metrics/<stage>.json).
+    metrics go to runtime.metrics_dir (default metrics/<stage>.json). A stage replaces only an output folder it
+    wrote itself, holds a lock on it while it runs, and builds it beside it (<out>.partial) until it is complete.
     """
+    from picosam_pipeline.outputs import set_on_locked
     from picosam_pipeline.stages import STAGES
+
+    set_on_locked(on_locked)
 
     stage, _, pass_name = name.partition("@")
     if stage not in STAGES:
@@ -92,30 +129,45 @@ def run_stage_cmd(name: str, params_path: str, overrides: tuple[str, ...]) -> No
             summary = run(stage_cfg, runtime)
             click.echo(f"[{label}] done in {time.perf_counter() - start:.1f} s: {summary}", err=True)
     except KeyboardInterrupt:
-        click.echo(f"[{name}] interrupted; finished work is kept and a rerun resumes it", err=True)
+        click.echo(f"[{name}] interrupted; its output is as it was before this run (teacher-logits keeps its finished "
+                   "shards and train its last checkpoint: their rerun resumes)", err=True)
         sys.exit(130)
 
 
 @cli.command("score-predictions")
 @click.option("--annotations", required=True, help="COCO/LVIS instances JSON the predictions were made on (GT masks, boxes, areas, categories).")
-@click.option("--predictions", required=True, help="COCO results JSON of crop-frame RLE masks: per image, one per non-crowd annotation, in annotation JSON order (what write_predictions writes).")
+@click.option("--predictions", required=True,
+              help="Predictions, per image one per non-crowd annotation in annotation JSON order: a COCO results JSON of "
+                   "image-frame RLE masks, or a crop-frame file (NAME.crop.json, or a list of crop-size RLE masks as in the "
+                   "PicoSAM2 reference files). evaluate.write_predictions writes both.")
 @click.option("--protocol", required=True, type=click.Choice(["picosam2-point", "picosam3-roi"]),
               help="Crop convention of the predictions: picosam2-point = 96-px window around the mask-centre point; picosam3-roi = bbox padded 10 %/side, squared.")
+@click.option("--frame", default="auto", show_default=True, type=click.Choice(["auto", "crop", "image"]),
+              help="Frame of the masks; auto: a schema-marked file is crop frame, a list is told by its mask sizes.")
 @click.option("--images-dir", default=None, help="Image folder: score only images whose file exists there (the PicoSAM3/LVIS rule) and check their sizes against the JSON.")
+@click.option("--allow-partial", is_flag=True,
+              help="Score the images without problems and skip (and count) the others, instead of refusing a file with "
+                   "bad entries (unknown images, wrong mask sizes, bad RLE, duplicate ids, misaligned predictions).")
 @click.option("--json-out", default=None, help="Also write the figures (overall, by COCO size, by category) to this JSON file.")
-def score_predictions_cmd(annotations: str, predictions: str, protocol: str, images_dir: str | None, json_out: str | None) -> None:
-    """Score crop-frame predictions with the PicoSAM papers' crop-space metrics.
+def score_predictions_cmd(annotations: str, predictions: str, protocol: str, frame: str, images_dir: str | None,
+                          allow_partial: bool, json_out: str | None) -> None:
+    """Score predictions with the PicoSAM papers' crop-space metrics (crop frame) or COCO segm AP (image frame).
 
-    crop mIoU = mean per-sample IoU in the 96x96 crop (logit > 0 vs NEAREST-resized GT, empty union = 1);
+    Crop frame: crop mIoU = mean per-sample IoU in the 96x96 crop (mask vs NEAREST-resized GT, empty union = 1);
     crop mAP@[.5:.95] = share of non-empty-GT samples with IoU >= t, averaged over t = .50:.05:.95
-    (a success rate, not COCO AP). Also prints the full-image mIoU of the pasted crops and a size breakdown.
+    (a success rate, not COCO AP). Both frames: the full-image mIoU (crop masks pasted into the image, as
+    evaluate reports it) and a size breakdown. Image frame: COCOeval's segm AP on the scored images.
+    A file with problems is refused with a count of each kind, unless --allow-partial.
     """
     import json
     from pathlib import Path
 
     from picosam_pipeline.evaluate.scoring import format_report, score_predictions
 
-    report = score_predictions(annotations, predictions, protocol, images_dir)
+    report = score_predictions(annotations, predictions, protocol, images_dir, frame=frame, allow_partial=allow_partial)
+    if "skipped" in report:
+        click.echo(f"warning: partial scoring skipped {report['skipped']['entries']} entries "
+                   f"({report['skipped']['problems']})", err=True)
     click.echo(format_report(report))
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +181,7 @@ def score_predictions_cmd(annotations: str, predictions: str, protocol: str, ima
               help="Folder the destinations are relative to; the default puts assets where params.yaml expects them.")
 @click.option("--url", default=None, help="Download from this URL instead of the official one (a mirror, or file:///path); needs exactly one ASSET. The sha256 check is unchanged.")
 @click.option("--sha256", "sha256", default=None, metavar="HEX", help="Expect this sha256 instead of the published or recorded one; needs exactly one ASSET.")
-@click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(min=0.1),
+@click.option("--timeout", default=10.0, show_default=True, type=_FiniteFloatRange(min=0.1),
               help="Seconds to wait for a connection or for more data before giving up.")
 @click.option("--resumes", default=3, show_default=True, type=click.IntRange(min=0),
               help="How often a transfer that breaks off is resumed automatically (HTTP Range); the .part file is kept either way.")
@@ -193,16 +245,61 @@ def model_summary_cmd(name: str, input_size: int) -> None:
 @click.option("--scan", default=20_000, show_default=True,
               help="Instances read (whole shards, spread over the store) for the logit ranges; 0 = all.")
 def inspect_cmd(path: str, scan: int) -> None:
-    """Summarise the teacher-logit store at PATH: counts, bytes per instance, codec, teacher, value ranges."""
+    """Summarise the teacher-logit store at PATH: counts, bytes per instance, codec, teacher, value ranges.
+
+    Every complete shard's files are first checked against the digest the teacher recorded (a lost or altered
+    chunk file, or a shard of another pass); a failing shard is named and the command exits with status 1.
+    """
     from picosam_pipeline.teacher.store import open_store
     from picosam_pipeline.teacher.summary import format_summary, summarize
 
     store = open_store(path)
+    failing = store.failing_shards()
+    if failing:
+        lines = [f"  shard {k} (rows {store.shard_slice(k).start}:{store.shard_slice(k).stop}): {store.shard_problem(k)}"
+                 for k in failing[:20]]
+        raise PipelineError(f"{path}: {len(failing)} of {store.n_shards} shards fail their digest:\n" + "\n".join(lines)
+                            + ("\n  ..." if len(failing) > 20 else "")
+                            + "\nRerun the teacher stage (it rewrites exactly these shards), or `dvc checkout` / `dvc pull` the store")
+    click.echo(f"digests     all {int(store.done_shards().sum())} complete shards match their recorded sha256", err=True)
     report, random_weights = format_summary(store, summarize(store, max_scan=scan))
     click.echo(report)
     if random_weights:
         click.echo("WARNING: these logits come from a teacher with RANDOM WEIGHTS (no checkpoint): fine for "
                    "tests, useless for distillation. Fetch the checkpoint and rerun the teacher stage.", err=True)
+
+
+@cli.command("doctor")
+@click.option("--params", "params_path", default="params.yaml", show_default=True, help=PARAMS_HELP)
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help=SET_HELP)
+def doctor_cmd(params_path: str, overrides: tuple[str, ...]) -> None:
+    """Check what this machine can run: the extras (sam2, sam3, MCT, converter), CUDA, the teacher checkpoints
+    of the params' teacher passes, the IMX500 converter and Java 17.
+
+    Prints one line per check (OK / WARN / FAIL). Exits 1 when a check fails (something params.yaml asks for
+    is missing, e.g. a teacher checkpoint with random weights not allowed); warnings alone exit 0.
+    """
+    from picosam_pipeline.doctor import format_checks, run_checks
+
+    checks = run_checks(params_path, overrides)
+    click.echo(format_checks(checks))
+    if any(c.status == "fail" for c in checks):
+        sys.exit(1)
+
+
+@cli.command("completion")
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion_cmd(shell: str) -> None:
+    """Print the shell completion script for SHELL (commands, options, and stage names for run-stage).
+
+    bash: add `eval "$(picosam-pipeline completion bash)"` to ~/.bashrc (zsh: ~/.zshrc with zsh; fish:
+    `picosam-pipeline completion fish > ~/.config/fish/completions/picosam-pipeline.fish`). The script is click's
+    (`_PICOSAM_PIPELINE_COMPLETE={shell}_source picosam-pipeline` prints the same).
+    """
+    from click.shell_completion import get_completion_class
+
+    comp = get_completion_class(shell)(cli, {}, "picosam-pipeline", "_PICOSAM_PIPELINE_COMPLETE")
+    click.echo(comp.source())
 
 
 def _numbers(text: str | None, count: int, option: str, form: str) -> tuple[float, ...] | None:
@@ -213,46 +310,62 @@ def _numbers(text: str | None, count: int, option: str, form: str) -> tuple[floa
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         values = ()
-    if len(values) != count:
-        raise click.BadParameter(f"expected {form} ({count} comma-separated numbers), got {text!r}", param_hint=option)
+    if len(values) != count or not all(math.isfinite(v) for v in values):  # float() reads "nan" and "inf"
+        raise click.BadParameter(f"expected {form} ({count} comma-separated finite numbers), got {text!r}", param_hint=option)
     return values
 
 
 @cli.command("predict")
-@click.option("--model", "model_path", required=True,
-              help="Student checkpoint written by the train stage, or an exported ONNX model (.onnx, run with onnxruntime on the CPU).")
+@click.option("--model", "model_path", default=None,
+              help="Student checkpoint written by the train stage, or an exported ONNX model (.onnx, run with onnxruntime "
+                   "on the CPU). Default: evaluate.checkpoint of params.yaml (data/train/student_best.pt, the best val IoU; "
+                   "data/train/student.pt is the last step).")
 @click.option("--image", "image_path", required=True, help="Image file (any format PIL reads; an EXIF rotation is applied, as a viewer shows it).")
 @click.option("--box", default=None, metavar="X,Y,W,H",
-              help="Box prompt in image pixels (COCO x,y,w,h): the PicoSAM3 crop, the box padded 10 %/side and squared.")
-@click.option("--point", default=None, metavar="X,Y", help="Point prompt in image pixels: the PicoSAM2 crop, a 96-px window around the point.")
+              help="Box prompt in image pixels (COCO x,y,w,h), for a model trained on PicoSAM3 ROI crops: the box padded "
+                   "10 %/side and squared.")
+@click.option("--point", default=None, metavar="X,Y",
+              help="Point prompt in image pixels, for a model trained on PicoSAM2 point crops: a 96-px window around the point.")
 @click.option("--out", "mask_out", default="mask.png", show_default=True, help="Mask PNG in the image frame (8-bit, 255 = object).")
 @click.option("--overlay", "overlay_out", default="overlay.png", show_default=True,
               help="Overlay PNG: the image with the mask in red, the crop box in yellow, the prompt in cyan. Empty string: no overlay.")
-@click.option("--roi-padding", default=0.1, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
-              help="Box prompts: fraction of w/h added per side before squaring (what the student was trained with).")
-@click.option("--window", default=96, show_default=True, type=click.IntRange(min=1), help="Point prompts: window side in image pixels.")
+@click.option("--roi-padding", default=None, type=_FiniteFloatRange(0.0, 1.0, max_open=True),
+              help="Box prompts: fraction of w/h added per side before squaring. Default: what the model recorded (0.1).")
+@click.option("--window", default=None, type=click.IntRange(min=1),
+              help="Point prompts: window side in image pixels. Default: what the model recorded (96).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N, for checkpoints (ONNX runs on the CPU).")
-def predict_cmd(model_path: str, image_path: str, box: str | None, point: str | None, mask_out: str, overlay_out: str,
-                roi_padding: float, window: int, device: str) -> None:
+def predict_cmd(model_path: str | None, image_path: str, box: str | None, point: str | None, mask_out: str,
+                overlay_out: str, roi_padding: float | None, window: int | None, device: str) -> None:
     """Segment the object a box or point prompt names in one image, with a trained student.
 
     Crops the image as in training (box: PicoSAM3 ROI; point: PicoSAM2 window), runs the student on the
     96x96 crop, resizes the logits back into the crop box and pastes them into the image frame. Writes the
-    full-size mask and an overlay, and prints the crop box and the mask area.
+    full-size mask and an overlay, and prints the crop box and the mask area. The prompt must be the kind the
+    model was trained with (recorded in the model); the other kind is refused.
     """
     from picosam_pipeline.config import RuntimeConfig
     from picosam_pipeline.device import resolve_runtime
-    from picosam_pipeline.evaluate.predict import load_crop_model, predict_to_files
+    from picosam_pipeline.evaluate.predict import load_crop_model, predict_to_files, prompt_settings
 
     box_xywh = _numbers(box, 4, "--box", "X,Y,W,H")
     point_xy = _numbers(point, 2, "--point", "X,Y")
     if (box_xywh is None) == (point_xy is None):
         raise click.UsageError("give exactly one prompt: --box X,Y,W,H or --point X,Y")
+    if model_path is None:
+        from pathlib import Path
+
+        from picosam_pipeline.config import load_config
+
+        if not Path("params.yaml").is_file():
+            raise click.UsageError("give --model PATH (there is no params.yaml here to take evaluate.checkpoint from)")
+        model_path = load_config("params.yaml").evaluate.checkpoint
+        click.echo(f"model: {model_path} (evaluate.checkpoint of params.yaml)", err=True)
     runtime = resolve_runtime(RuntimeConfig(device=device, precision="fp32"))
     model = load_crop_model(model_path, runtime)
+    roi_padding, window, notes = prompt_settings(model, box=box_xywh, point=point_xy, roi_padding=roi_padding, window=window)
     result = predict_to_files(model, image_path, mask_out, overlay_out or None, box=box_xywh, point=point_xy,
                               roi_padding=roi_padding, window=window)
-    for note in result.notes:
+    for note in notes + result.notes:
         click.echo(f"note: {note}", err=True)
     click.echo(f"crop box {tuple(result.crop_box)} (x1, y1, x2, y2) -> {model.input_size}x{model.input_size} crop; "
                f"mask {int(result.mask.sum())} px -> {mask_out}" + (f", overlay -> {overlay_out}" if overlay_out else ""))
@@ -290,7 +403,7 @@ def export_teacher_cmd(params_path: str, overrides: tuple[str, ...]) -> None:
 @click.option("--index", default=None, help="Instance index the store was made from (default: the path the store records).")
 @click.option("--checkpoint", default=None,
               help="Teacher checkpoint (default: the path the store records); refused unless its sha256 is the recorded one.")
-@click.option("--tolerance", default=1e-4, show_default=True, type=click.FloatRange(min=0.0),
+@click.option("--tolerance", default=1e-4, show_default=True, type=_FiniteFloatRange(min=0.0),
               help="Sigmoid difference allowed on top of the codec's bound, for teacher recomputation noise (raise it "
                    "to check a GPU/bf16 store on another device).")
 @click.option("--backend", default=None, type=click.Choice(["torch", "onnxruntime"]),

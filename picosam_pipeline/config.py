@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import re
+import sys
 import time
 import types
 import typing
@@ -23,6 +26,7 @@ from typing import Any, Literal
 import yaml
 
 from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.recipes import RecipeError, apply_recipe, check_pairing
 
 
 class ConfigError(PipelineError, ValueError):
@@ -45,8 +49,24 @@ class RuntimeConfig:
 
     def validate(self, key: str) -> None:
         _non_negative(key, "num_threads", self.num_threads)
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ConfigError(f"{key}.device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+        check_device(self.device, f"{key}.device")
+
+
+def check_device(device: str, key: str) -> None:
+    """Raise :class:`ConfigError` unless ``device`` is auto, cpu, cuda or cuda:N (N a GPU number)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"{key}: expected auto, cpu, cuda or cuda:N (N = the GPU number, e.g. cuda:0), got {device!r}")
+
+
+@dataclass
+class RecipeConfig:
+    """Which paper the run follows (``picosam_pipeline/recipes.py``): the keys params.yaml sets to ``auto``
+    (``teacher.prompt``, ``train.student``, the loss and the training settings) take the recipe's values."""
+
+    # custom (also a params file without this section): no recipe values, any student on any crops; the defaults
+    # of the other sections are PicoSAM3's sample run
+    name: Literal["picosam3", "picosam2", "custom"] = "custom"
+    size: Literal["auto", "sample", "full"] = "auto"  # auto: sample for dataset.name sample, else the papers' full run
 
 
 @dataclass
@@ -119,6 +139,9 @@ class PrepareConfig:
     point_crop_size: int = 96  # px; PicoSAM2 fixed native-resolution window
     check_images: bool = True  # decode every image once to catch missing / corrupt files
     on_bad_input: Literal["skip", "strict"] = "skip"
+    # Read images named by an absolute file_name or one with .. that leaves the split's images folder (off: such an
+    # image record is a bad input, so an annotation file cannot make the pipeline read files elsewhere).
+    allow_outside_images: bool = False
     out_dir: str = "data/prepared"
 
     def validate(self, key: str) -> None:
@@ -174,7 +197,9 @@ class TeacherConfig:
     context_margin: float = 0.0  # extra fraction of the crop side stored on each side (for train-time jitter)
     codec: Literal["sigmoid_uint8", "float16", "linear_uint8"] = "sigmoid_uint8"
     compression_level: int = 5  # Blosc-zstd level, 1..9
-    instances_per_shard: int = 256  # instances per Zarr shard file
+    # instances per store shard (3 files: logits, confidence, digest) and per writer task; auto: ~1/256 of the
+    # pass's instances within [64, 8192] (store.shard_size): a COCO-size store stays under 1,000 files
+    instances_per_shard: int | Literal["auto"] = "auto"
     images_per_batch: int | Literal["auto"] = "auto"  # images per encoder forward; auto: 1 on CPU, 16 on a GPU (4 under 24 GiB)
     executor: Literal["dask", "local"] = "dask"  # dask: a cluster runs the shard tasks; local: this process, no dask
     scheduler_address: str | None = None  # existing dask scheduler (tcp://host:8786); None = LocalCluster
@@ -197,7 +222,8 @@ class TeacherConfig:
         if not self.splits:
             raise ConfigError(f"{key}.splits: expected at least one split name, e.g. [train, val]")
         _positive(key, "store_size", self.store_size)
-        _positive(key, "instances_per_shard", self.instances_per_shard)
+        if self.instances_per_shard != "auto":
+            _positive(key, "instances_per_shard", self.instances_per_shard)
         if self.images_per_batch != "auto":
             _positive(key, "images_per_batch", self.images_per_batch)
         _non_negative(key, "n_workers", self.n_workers)
@@ -225,13 +251,15 @@ class EvaluateConfig:
     """Crop-space scores of the float student and the teacher on the val shards (``stages/evaluate.py``)."""
 
     shards: str = "data/shards/val"  # WebDataset shards of the split to score (directory or shard index)
-    checkpoint: str = "data/train/student.pt"
+    checkpoint: str = "data/train/student_best.pt"  # the best val IoU; data/train/student.pt = the last step
     index: str = "data/prepared/index.parquet"  # full-image GT masks (rle_counts) and category names
     split: str = "val"  # the index split the shards were cut from
     batch_size: int = 64
     grid_samples: int = 8  # rows of the qualitative grid (data/evaluate/grid.png); 0 = no grid
     int8_model: str | None = None  # fake-quant / INT8 ONNX from the quantize stage: scored and shown when set
-    write_predictions: str | None = None  # also write the crop-frame RLE COCO-results JSON here
+    int8_onnx: str = "data/export/picosam_int8_fakequant.onnx"  # what stage evaluate-int8 scores beside the float student
+    int8_out_dir: str = "data/evaluate-int8"  # stage evaluate-int8's output (report, grid with the INT8 column)
+    write_predictions: str | None = None  # image-frame COCO results here, crop-frame file beside it (NAME.crop.json)
     lvis: LvisEvalConfig | None = None
     out_dir: str = "data/evaluate"
 
@@ -282,7 +310,7 @@ class TrainConfig:
 
     shards: str = "data/shards"  # pack.out_dir: train/ and val/ inside, each shard-NNNNNN.tar + shards.json
     student: Literal["picosam2", "picosam3"] = "picosam3"
-    steps: int = 300  # optimizer steps (batches per rank), not epochs
+    steps: int | Literal["epoch"] = 300  # optimizer steps (batches per rank); epoch = one pass over the train shards
     batch_size: int = 8  # per rank
     lr: float = 3e-4  # peak learning rate (after warm-up)
     weight_decay: float = 0.01
@@ -317,7 +345,9 @@ class TrainConfig:
         return self.state_dir or f"{self.out_dir.rstrip('/')}.state"
 
     def validate(self, key: str) -> None:
-        for name in ("steps", "batch_size", "lr", "checkpoint_every", "eval_every", "log_every", "shuffle_buffer"):
+        if self.steps != "epoch":
+            _positive(key, "steps", self.steps)
+        for name in ("batch_size", "lr", "checkpoint_every", "eval_every", "log_every", "shuffle_buffer"):
             _positive(key, name, getattr(self, name))
         for name in ("weight_decay", "warmup_steps", "min_lr", "grad_clip", "area_weight", "area_min_ratio"):
             _non_negative(key, name, getattr(self, name))
@@ -357,7 +387,7 @@ class TrainConfig:
 class QuantizeConfig:
     """MCT INT8 post-training quantisation for the IMX500, scored on the val shards (``stages/quantize.py``)."""
 
-    checkpoint: str = "data/train/student.pt"  # float student from the train stage
+    checkpoint: str = "data/train/student_best.pt"  # float student from the train stage (best; student.pt = last)
     train_shards: str = "data/shards/train"  # representative data for MCT's statistics
     val_shards: str = "data/shards/val"  # float and INT8 are scored on the same crops
     index: str = "data/prepared/index.parquet"  # full-image GT masks and categories (as evaluate)
@@ -421,6 +451,7 @@ class Config:
     """The whole pipeline configuration (one attribute per ``params.yaml`` section)."""
 
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
@@ -483,17 +514,52 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"params file {str(path)!r} is a folder; pass the params.yaml file inside it with --params")
         if not path.is_file():
             raise ConfigError(f"params file {str(path)!r} does not exist; pass --params FILE or run from the repository root")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"params file {str(path)!r} is not valid YAML: {err}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"params file {str(path)!r} is not UTF-8 text (a binary file?); pass the pipeline's "
+                              "params.yaml with --params") from None
+        except OSError as err:
+            raise ConfigError(f"params file {str(path)!r} cannot be read ({err.strerror or err})") from None
+        except RecursionError:
+            raise ConfigError(f"params file {str(path)!r} is nested deeper than the YAML parser allows; it is not a "
+                              "params file") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"params file {str(path)!r}: expected a mapping of sections at the top level")
     for item in overrides:
         apply_override(raw, item)
-    return build(Config, raw, "")
+    try:
+        sources = apply_recipe(raw)  # keys left out or `auto` take the recipe's values
+    except RecipeError as err:
+        raise ConfigError(str(err)) from None
+    cfg = build(Config, raw, "")
+    check_recipe(cfg, sources)
+    return cfg
+
+
+def check_recipe(cfg: Config, sources: dict[str, str] | None = None) -> None:
+    """Refuse a student and a crop convention its recipe does not pair, before any stage runs.
+
+    The conventions checked are those of the teacher passes the shards take (``pack.teachers``), each named by
+    the key that set it (``teachers.NAME.prompt`` or ``teacher.prompt``).
+    """
+    prompts = {}
+    for name in cfg.pack.teachers:
+        if name in cfg.teachers:
+            key = f"teachers.{name}.prompt" if "prompt" in (cfg.teachers[name] or {}) else "teacher.prompt"
+            prompts[key] = cfg.teacher_pass(name).teacher.prompt
+    if not prompts:
+        prompts["teacher.prompt"] = cfg.teacher.prompt
+    try:
+        check_pairing(cfg.recipe.name, cfg.train.student, prompts, sources or {})
+    except RecipeError as err:
+        raise ConfigError(str(err)) from None
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -580,16 +646,24 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if not -(2**63) <= value < 2**63:  # torch, numpy and the stores take 64-bit integers
+            raise ConfigError(f"{key}: expected an integer that fits 64 bits, got {value}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        # YAML reads .nan / .inf as floats, and every bound in validate() lets NaN through; a huge int overflows
+        if isinstance(value, int) and not -_FLOAT_MAX <= value <= _FLOAT_MAX or not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r} (YAML reads .nan and .inf as numbers)")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
     raise TypeError(f"config field {key} has unsupported type {tp!r}")  # programming error
+
+
+_FLOAT_MAX = int(sys.float_info.max)
 
 
 def _join(key: str, name: str) -> str:
@@ -624,7 +698,8 @@ RUN_LOG_DIR = "runs"  # inside runtime.metrics_dir: one JSON line per stage run,
 def write_metrics(cfg: Config, stage: str, metrics: dict[str, Any], run: dict[str, Any] | None = None) -> Path:
     """Write ``metrics/<stage>.json`` (what ``dvc metrics show`` reads) and log this run's facts.
 
-    ``metrics`` hold only figures that the stage's inputs and params determine, so a rerun that changes nothing
+    ``metrics`` are the stage's headline numbers (at most ~12, flat where possible: every nested key is a column of
+    ``dvc exp show``); details go to :func:`write_report`. They hold only figures that the stage's inputs and params determine, so a rerun that changes nothing
     leaves the file byte-identical and ``dvc status`` clean. ``run`` holds what belongs to this run alone
     (seconds, rates, what was computed this time, the device): it is appended with a timestamp as one JSON line
     to ``metrics/runs/<stage>.jsonl`` (:func:`last_run` reads it back).
@@ -632,12 +707,28 @@ def write_metrics(cfg: Config, stage: str, metrics: dict[str, Any], run: dict[st
     out = Path(cfg.runtime.metrics_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = out / f"{stage}.json"
-    target.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    _replace_text(target, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     if run is not None:
         log = out / RUN_LOG_DIR / f"{stage}.jsonl"
         log.parent.mkdir(exist_ok=True)
         with open(log, "a") as f:
             f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **run}, sort_keys=True) + "\n")
+    return target
+
+
+REPORT_FILE = "report.json"  # a stage's details, beside its outputs (a stage output, not a DVC metric)
+
+
+def write_report(out_dir: str | Path, details: dict[str, Any]) -> Path:
+    """Write a stage's detailed figures to ``<out_dir>/report.json``, beside its outputs.
+
+    ``metrics/<stage>.json`` holds only the few headline numbers people compare experiments by (``dvc metrics
+    show``, ``dvc exp show``); the breakdowns (per split, per size, per category, versions, byte counts) go here.
+    Like the metrics, only figures the stage's inputs and params determine, so a rerun leaves it byte-identical.
+    """
+    target = Path(out_dir) / REPORT_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(details, indent=1, sort_keys=True) + "\n")
     return target
 
 
@@ -654,5 +745,16 @@ def save_resolved(cfg: Config, out_dir: str | Path, sections: list[str]) -> Path
     out.mkdir(parents=True, exist_ok=True)
     full = cfg.to_dict()
     target = out / "config.resolved.json"
-    target.write_text(json.dumps({s: full[s] for s in sections}, indent=2, sort_keys=True) + "\n")
+    _replace_text(target, json.dumps({s: full[s] for s in sections}, indent=2, sort_keys=True) + "\n")
     return target
+
+
+def _replace_text(target: Path, text: str) -> None:
+    """Write ``target`` through a temporary sibling and a rename, so a kill never leaves it half written."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -6,11 +6,12 @@ Nobody downstream calls ``.cuda()`` or picks a dtype: they use ``runtime.device`
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from picosam_pipeline.config import ConfigError, RuntimeConfig
+from picosam_pipeline.config import ConfigError, RuntimeConfig, check_device
 
 if TYPE_CHECKING:
     import torch
@@ -47,6 +48,7 @@ def resolve_runtime(cfg: RuntimeConfig) -> Runtime:
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    check_device(cfg.device, "runtime.device")  # also for configs built in code (predict --device, verify-logits)
     if cfg.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -56,6 +58,9 @@ def resolve_runtime(cfg: RuntimeConfig) -> Runtime:
                 f"runtime.device: {cfg.device!r} asked for but this torch ({torch.__version__}) sees no CUDA device; "
                 "use --set runtime.device=cpu"
             )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"runtime.device: {cfg.device!r} asked for but this machine has {torch.cuda.device_count()} "
+                              f"CUDA device(s), numbered from 0 (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
     if cfg.precision == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else None
     elif cfg.precision == "bf16":

@@ -1,7 +1,10 @@
 """User-facing errors: bad input that the user can fix.
 
 The CLI prints these as one paragraph and exits non-zero; anything else is a bug and keeps its traceback.
+No message here advises turning a safety check off: a refused input gets the safe way to a good one.
 """
+
+import re
 
 
 class PipelineError(Exception):
@@ -33,3 +36,27 @@ def require_extra(extra: str, purpose: str) -> None:
         raise MissingExtraError(
             f"{purpose} needs the optional package(s) {', '.join(missing)}, which are not installed; install them with "
             f"pip install 'picosam-pipeline[{extra}]' (`make env` installs every extra with the tested pins)")
+
+
+def refused_checkpoint(path: object, err: BaseException, fix: str) -> PipelineError:
+    """Our message for a checkpoint that ``torch.load(weights_only=True)`` refused: it needs arbitrary unpickling.
+
+    torch's own message advises re-running ``torch.load`` with ``weights_only=False`` or allow-listing the
+    refused global, i.e. running code from the file; neither is repeated. The message names what the file asked
+    for (the class or function its pickle would call), says that nothing ran, and ends with ``fix``: how to get a
+    checkpoint that holds tensors only.
+    """
+    text = str(err)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.<>]+)", text) or re.search(r"WeightsUnpickler error: ([^.\n]+)", text)
+    wanted = f"it asks for {found.group(1)}" if found else "it holds pickled objects other than tensors"
+    return PipelineError(
+        f"checkpoint {str(path)!r} was refused: loading it would run code from the file ({wanted}, which is not a "
+        f"tensor or a plain container); nothing from it was run. {fix}"
+    )
+
+
+def is_weights_only_refusal(err: BaseException) -> bool:
+    """True for torch's refusal of a file that needs more than tensors and plain containers (not plain damage)."""
+    import pickle
+
+    return isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err)

@@ -46,12 +46,12 @@ STAGES: dict[str, StageSpec] = {
             "picosam_pipeline.stages.prepare",
             ("prepare",),
             reads="COCO / LVIS instances JSON + image folders (prepare.splits)",
-            writes="data/prepared/index.parquet (one row per instance), bad_inputs.jsonl, metrics/prepare.json",
+            writes="data/prepared/index.parquet (one row per instance), bad_inputs.jsonl, report.json, metrics/prepare.json",
         ),
         StageSpec(
             "teacher-logits",
             "picosam_pipeline.stages.teacher_logits",
-            ("teacher", "runtime"),
+            ("teacher", "recipe", "runtime"),
             reads="data/prepared/index.parquet + the images it names; the teacher checkpoint (teacher.checkpoint)",
             writes="data/teacher/stores/NAME.zarr per teacher pass (soft logits per instance, Zarr v3 shards), "
                    "metrics/teacher-logits@NAME.json; run one pass as teacher-logits@NAME",
@@ -59,30 +59,31 @@ STAGES: dict[str, StageSpec] = {
         StageSpec(
             "pack",
             "picosam_pipeline.stages.pack",
-            ("pack",),
+            ("pack", "recipe", "teacher"),
             reads="data/prepared/index.parquet + the images + data/teacher/stores/NAME.zarr of each pack.teachers",
-            writes="data/shards/<split>/: WebDataset shards (crop JPEG, mask + logits PNG, JSON) + shards.json, metrics/pack.json",
+            writes="data/shards/<split>/: WebDataset shards (crop JPEG, mask + logits PNG, JSON) + shards.json, report.json, metrics/pack.json",
         ),
         StageSpec(
             "train",
             "picosam_pipeline.stages.train",
-            ("train", "runtime"),
+            ("train", "recipe", "runtime"),
             reads="data/shards/train + data/shards/val",
-            writes="data/train/student.pt (+ checkpoint.pt, resumable), metrics/train.json, plots metrics/train_steps.csv + train_val.csv",
+            writes="data/train/student.pt (last) + student_best.pt (best val IoU) (+ data/train.state/checkpoint.pt, "
+                   "resumable) and report.json, metrics/train.json, dvclive log metrics/train/ (step plots, live summary)",
         ),
         StageSpec(
             "evaluate",
             "picosam_pipeline.stages.evaluate",
             ("evaluate", "runtime"),
-            reads="data/shards/val + data/train/student.pt + data/prepared/index.parquet (optional: int8 ONNX, LVIS JSON + images)",
-            writes="data/evaluate/ (report.json, per_sample.csv, plots/, grid.png), metrics/evaluate.json",
+            reads="data/shards/val + data/train/student_best.pt + data/prepared/index.parquet (optional: int8 ONNX, LVIS JSON + images)",
+            writes="data/evaluate/ (report.json, per_sample.csv, plots/, grid.png; predictions.json + .crop.json when asked), metrics/evaluate.json",
         ),
         StageSpec(
             "quantize",
             "picosam_pipeline.stages.quantize",
             ("quantize", "runtime"),
-            reads="data/train/student.pt + data/shards/train (representative crops) + data/shards/val + data/prepared/index.parquet",
-            writes="data/quantize/ (MCT's MCTQ + fake-quant ONNX, probe.npz, report.json), metrics/quantize.json (float vs INT8)",
+            reads="data/train/student_best.pt + data/shards/train (representative crops) + data/shards/val + data/prepared/index.parquet",
+            writes="data/quantize/ (MCT's MCTQ + fake-quant ONNX, probe.npz, report.json, plots/), metrics/quantize.json (float vs INT8)",
             extra="imx500",
         ),
         StageSpec(
@@ -90,7 +91,16 @@ STAGES: dict[str, StageSpec] = {
             "picosam_pipeline.stages.export",
             ("export",),
             reads="data/quantize/",
-            writes="data/export/ (picosam_int8.onnx for the converter, picosam_int8_fakequant.onnx, picosam_int8.json), metrics/export.json",
+            writes="data/export/ (picosam_int8.onnx for the converter, picosam_int8_fakequant.onnx, picosam_int8.json, report.json), metrics/export.json",
+            extra="imx500",
+        ),
+        StageSpec(
+            "evaluate-int8",
+            "picosam_pipeline.stages.evaluate_int8",
+            ("evaluate", "runtime"),
+            reads="data/shards/val + data/train/student_best.pt + data/export/picosam_int8_fakequant.onnx + data/prepared/index.parquet",
+            writes="data/evaluate-int8/ (float, teacher and INT8 side by side: report.json, per_sample.csv, plots/, grid.png "
+                   "with the INT8 column), metrics/evaluate-int8.json",
             extra="imx500",
         ),
         StageSpec(
@@ -98,7 +108,7 @@ STAGES: dict[str, StageSpec] = {
             "picosam_pipeline.stages.package",
             ("package",),
             reads="data/export/picosam_int8.onnx + picosam_int8.json (needs Java 17 for imxconv-pt)",
-            writes="data/package/ (packerOut.zip, memory report, dnnParams.xml, deploy/ for the Raspberry Pi), metrics/package.json",
+            writes="data/package/ (packerOut.zip, memory report, dnnParams.xml, deploy/ for the Raspberry Pi, report.json), metrics/package.json",
             extra="imx500",
         ),
     ]

@@ -6,9 +6,11 @@ and ``probe.npz`` (val crops with the quantised torch model's logits). Writes, i
 * ``picosam_int8.onnx``: the MCTQ file ``imxconv-pt`` converts (network name on the camera: ``picosam_int8``);
 * ``picosam_int8_fakequant.onnx``: the same INT8 arithmetic in QuantizeLinear/DequantizeLinear, for evaluation;
 * ``picosam_int8.json``: input and output names, shapes, dtypes and value ranges, where the ImageNet
-  normalisation happens (inside the graph) and what the camera feeds, the output quantisation step, and the
-  onnxruntime checks;
-* ``config.resolved.json``; and ``metrics/export.json``: the checks and the file sizes.
+  normalisation happens (inside the graph) and what the camera feeds, the output quantisation step, the crop
+  convention the student was trained on (``crop``: PicoSAM3 box ROI or PicoSAM2 point window, with its parameters;
+  the Raspberry Pi demo builds its inference ROI from it), and the onnxruntime checks;
+* ``report.json``: the checks and the file sizes; ``config.resolved.json``; and ``metrics/export.json``: the
+  headline (each ONNX file's mask agreement with the quantised torch model on the probe crops).
 
 Both files carry the contract in their ONNX ``metadata_props`` too (``picosam.*`` keys, beside MCT's). Each is run
 in onnxruntime on the probe crops (the MCTQ file, ~300x slower, on ``mctq_check_samples`` of them) and
@@ -27,15 +29,26 @@ from typing import Any
 
 import numpy as np
 
-from picosam_pipeline.config import Config, require_inputs, save_resolved, write_metrics
+from picosam_pipeline.config import Config, require_inputs, save_resolved, write_metrics, write_report
 from picosam_pipeline.deploy.onnx_export import (CONTRACT_FILE, NETWORK, QUANTIZE_FAKEQUANT_FILE, QUANTIZE_MCTQ_FILE,
                                                  QUANTIZE_PROBE_FILE, QUANTIZE_REPORT_FILE)
 from picosam_pipeline.deploy.onnx_export import EXPORT_FAKEQUANT_FILE as FAKEQUANT_FILE
 from picosam_pipeline.deploy.onnx_export import EXPORT_MCTQ_FILE as MCTQ_FILE
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.outputs import StageOutput, output_folder, writes_output
+
+NAMES = (MCTQ_FILE, FAKEQUANT_FILE, CONTRACT_FILE)  # what the stage writes into export.out_dir, besides its marker
 
 
+def output(cfg: Config) -> StageOutput:
+    """``export.out_dir``: replaced whole, only when it holds an earlier export (outputs.py)."""
+    e = cfg.export
+    return StageOutput(cfg, "export", "export.out_dir", e.out_dir, sections=["export"], names=NAMES, what="ONNX files",
+                       inputs={"export.quantized_dir": e.quantized_dir}, writes={"runtime.metrics_dir": cfg.runtime.metrics_dir})
+
+
+@writes_output(output)
 def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     """Copy, stamp and check the two ONNX files; returns the largest differences found."""
     from picosam_pipeline.deploy.onnx_export import compare_onnx, stamp_metadata
@@ -48,17 +61,19 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     start = time.perf_counter()
     made = json.loads(sources[QUANTIZE_REPORT_FILE].read_text())
     meta = made["student_meta"]
+    if not isinstance(made.get("crop"), dict) or made["crop"].get("convention") not in ("roi", "point"):
+        raise PipelineError(f"export.quantized_dir: {sources[QUANTIZE_REPORT_FILE]} does not record the student's crop "
+                            "convention (written by an older quantize stage); rerun quantize (`dvc repro quantize`)")
 
-    out = Path(e.out_dir)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    out = output_folder(e.out_dir)  # <out_dir>.partial, renamed to out_dir when this returns
     files = {"mctq": out / MCTQ_FILE, "fakequant": out / FAKEQUANT_FILE}
     shutil.copyfile(sources[QUANTIZE_MCTQ_FILE], files["mctq"])
     shutil.copyfile(sources[QUANTIZE_FAKEQUANT_FILE], files["fakequant"])
     contract = _contract(files["mctq"], meta, made)
     for path in files.values():
         stamp_metadata(path, {"student": meta["student"], "input": contract["input"]["summary"],
-                              "input_normalization": "in_graph", "output": contract["output"]["summary"]})
+                              "input_normalization": "in_graph", "output": contract["output"]["summary"],
+                              "crop": json.dumps(contract["crop"], sort_keys=True)})
 
     with np.load(sources[QUANTIZE_PROBE_FILE]) as probe:
         rgb, reference, float_logits = probe["rgb"], probe["int8_logits"], probe["float_logits"]
@@ -82,16 +97,20 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         "output_step": contract["output"]["quantization_step"],
         "bytes": {k: p.stat().st_size for k, p in files.items()},
     }
-    write_metrics(cfg, "export", metrics, {"seconds": round(time.perf_counter() - start, 2),
+    write_report(out, metrics)
+    # Headline: how well each ONNX file agrees with the quantised model it was exported from.
+    headline = {f"{name}_mask_agreement": contract["checks"][name]["mask_agreement"] for name in ("mctq", "fakequant")}
+    write_metrics(cfg, "export", headline, {"seconds": round(time.perf_counter() - start, 2),
                                            "onnx_seconds_per_sample": {k: c.seconds_per_sample for k, c in checks.items()}})
     for name, check in checks.items():
         if check.max_diff_steps > e.max_diff_steps or check.mask_agreement < e.min_mask_agreement:
             raise PipelineError(
-                f"export: the {name} ONNX file {files[name]} disagrees with the quantised torch model on the probe crops: "
+                f"export: the {name} ONNX file {Path(e.out_dir) / files[name].name} disagrees with the quantised torch model on the probe crops: "
                 f"largest logit difference {check.max_abs_diff:.4g} ({check.max_diff_steps:.1f} output steps, bound "
                 f"export.max_diff_steps={e.max_diff_steps}), masks agree on {check.mask_agreement:.4%} of pixels (bound "
                 f"export.min_mask_agreement={e.min_mask_agreement}). The exported graph does not compute what was "
-                "quantised and scored; check the MCT / mct-quantizers / onnxruntime versions (requirements/base.txt)")
+                "quantised and scored; check the MCT / mct-quantizers / onnxruntime versions (requirements/base.txt); "
+                f"{e.out_dir} was left as it was")
     return {name: {"max_diff_steps": round(c.max_diff_steps, 2), "mask_agreement": round(c.mask_agreement, 6)}
             for name, c in checks.items()}
 
@@ -109,6 +128,7 @@ def _contract(mctq: Path, meta: dict[str, Any], made: dict[str, Any]) -> dict[st
         "student": meta["student"],
         "tpc_version": made["tpc_version"],
         "method": made["method"],
+        "crop": made["crop"],  # the crop the student was trained on: the prompt kind and ROI the camera must use
         "files": {"mctq": MCTQ_FILE, "fakequant": FAKEQUANT_FILE},
         "input": {
             "name": inp.name, "shape": list(inp.shape), "dtype": inp.dtype, "layout": "NCHW", "channels": "RGB",

@@ -3,21 +3,24 @@
 Reads ``pack.index`` (from prepare), the store of every teacher pass in ``pack.teachers``
 (``<pack.stores_dir>/<NAME>.zarr``, from teacher-logits@NAME) and the images the index points to; writes, for
 each split in ``pack.splits``, ``<pack.out_dir>/<split>/shard-NNNNNN.tar`` and
-``shards.json`` (every shard with its sample count and sha256), plus ``<pack.out_dir>/config.resolved.json``
-and ``metrics/pack.json`` (samples, shards, bytes per sample, payload bytes per member, per split). The
+``shards.json`` (every shard with its sample count and sha256), plus ``<pack.out_dir>/config.resolved.json``,
+``<pack.out_dir>/report.json`` (frame, teachers' codecs, per split: samples, shards, bytes, payload bytes per
+member) and ``metrics/pack.json`` (the headline: samples and bytes per sample). The
 sample format, frames and pack order are described in ``picosam_pipeline/train/shards.py``.
 
 Joining: index rows and store rows are matched on ``(image_id, ann_id)`` (each store's own id arrays), and
 each store's crop boxes must equal the index's boxes of the store's prompt convention, so a store computed
 from an older index is refused instead of silently misaligning crops and logits. Every teacher packed must
-share one prompt convention and frame (store size, context margin): one sample holds one crop. The pack is
+share one prompt convention and frame (store size, context margin): one sample holds one crop, and that convention
+must be the one the params ask for (``teacher.prompt`` of each pass, ``auto`` = the recipe's), so shards of the
+other paper's crops are refused before any work. Each split's ``shards.json`` records the convention with its
+parameters from the index (``crop``: ``crops.crop_convention``), for the train stage and the student. The pack is
 built in ``<out_dir>.partial`` and swapped in at the end, so an interrupted run never leaves a half-written
-pack where the loader looks.
+pack where the loader looks; ``out_dir`` is replaced only when it holds an earlier pack (``outputs.py``).
 """
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,14 +28,25 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from picosam_pipeline.config import Config, require_inputs, save_resolved, write_metrics
-from picosam_pipeline.data.index import column_array, read_index
+from picosam_pipeline.config import Config, require_inputs, save_resolved, write_metrics, write_report
+from picosam_pipeline.data.crops import crop_convention
+from picosam_pipeline.data.index import column_array, read_index, read_metadata
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.outputs import StageOutput, output_folder, writes_output
 from picosam_pipeline.teacher.store import LogitStore, open_store
-from picosam_pipeline.train.shards import INDEX_COLUMNS, INDEX_FILE, Frame, PackedTeacher, pack_split
+from picosam_pipeline.train.shards import INDEX_COLUMNS, Frame, PackedTeacher, pack_split
 
 
+def output(cfg: Config) -> StageOutput:
+    """``pack.out_dir``: one folder of shards per split (each with its shards.json) and the marker."""
+    p = cfg.pack
+    inputs = {"pack.index": p.index, **{f"pack.teachers[{name}]": path for name, path in p.store_paths().items()}}
+    return StageOutput(cfg, "pack", "pack.out_dir", p.out_dir, sections=["pack"], names=("*/",), what="shards",
+                       inputs=inputs, writes={"runtime.metrics_dir": cfg.runtime.metrics_dir})
+
+
+@writes_output(output)
 def run(cfg: Config, runtime: Runtime | None = None) -> dict[str, Any]:
     """Pack every split of ``cfg.pack``; returns samples and bytes per sample per split (no tensors: no device)."""
     p = cfg.pack
@@ -41,12 +55,13 @@ def run(cfg: Config, runtime: Runtime | None = None) -> dict[str, Any]:
                                                 for name, path in paths.items()}})
     stores = {name: open_store(path) for name, path in paths.items()}
     frame, convention = common_frame(stores)
+    check_convention(cfg, stores)
+    prepared = read_metadata(p.index).get("prepare", {})
+    crop = crop_convention(convention, roi_padding=prepared.get("roi_padding", 0.1),
+                           window=prepared.get("point_crop_size", 96), input_size=frame.crop_size)
     metas = {name: store.read_meta() for name, store in stores.items()}  # PipelineError when a pass is unfinished
 
-    out = Path(p.out_dir)
-    _check_replaceable(out)
-    building = out.with_name(out.name + ".partial")
-    shutil.rmtree(building, ignore_errors=True)  # a run killed half-way
+    building = output_folder(p.out_dir)  # <out_dir>.partial, renamed to out_dir when this returns
     summaries = {}
     for split in p.splits:
         rows = read_index(p.index, split=split, columns=INDEX_COLUMNS)
@@ -56,35 +71,22 @@ def run(cfg: Config, runtime: Runtime | None = None) -> dict[str, Any]:
             check_crop_boxes(rows, metas[name]["crop_box"][in_store], convention, store.path)
             teachers.append(PackedTeacher(name, store, metas[name], in_store))
         summaries[split] = pack_split(split, rows, teachers, frame, building / split,
-                                      samples_per_shard=p.samples_per_shard, seed=p.seed, jpeg_quality=p.jpeg_quality)
-    save_resolved(cfg, building, ["pack"])
-    shutil.rmtree(out, ignore_errors=True)
-    building.rename(out)
-
+                                      samples_per_shard=p.samples_per_shard, seed=p.seed, jpeg_quality=p.jpeg_quality,
+                                      crop=crop)
     samples = sum(s.samples for s in summaries.values())
     total_bytes = sum(s.bytes for s in summaries.values())
-    metrics = {
-        "frame": asdict(frame), "teachers": {name: store.codec.name for name, store in stores.items()},
+    details = {
+        "frame": asdict(frame), "crop": crop, "teachers": {name: store.codec.name for name, store in stores.items()},
         "splits": {name: asdict(s) for name, s in summaries.items()},
         "total": {"samples": samples, "shards": sum(s.shards for s in summaries.values()), "bytes": total_bytes,
                   "bytes_per_sample": total_bytes / samples},
     }
-    write_metrics(cfg, "pack", metrics)
+    write_report(building, details)
+    save_resolved(cfg, building, ["pack"])
+
+    write_metrics(cfg, "pack", {"samples": samples, "bytes_per_sample": round(total_bytes / samples, 1)})
     return {name: {"samples": s.samples, "shards": s.shards, "bytes_per_sample": round(s.bytes_per_sample)}
             for name, s in summaries.items()}
-
-
-def _check_replaceable(out: Path) -> None:
-    """Refuse to replace ``out`` unless it is empty or holds only a pack (split folders with shards.json)."""
-    if out.exists() and not out.is_dir():
-        raise PipelineError(f"pack.out_dir: {str(out)!r} is a file; choose a folder with --set pack.out_dir=PATH")
-    if not out.exists():
-        return
-    foreign = sorted(p.name for p in out.iterdir()
-                     if p.name != "config.resolved.json" and not (p.is_dir() and (p / INDEX_FILE).is_file()))
-    if foreign:
-        raise PipelineError(f"pack.out_dir: {str(out)!r} holds {foreign[:5]}, which are not shards this stage wrote; "
-                            "move them or choose another folder with --set pack.out_dir=PATH")
 
 
 def common_frame(stores: dict[str, LogitStore]) -> tuple[Frame, str | None]:
@@ -98,6 +100,26 @@ def common_frame(stores: dict[str, LogitStore]) -> tuple[Frame, str | None]:
                 f"of {asdict(frame)}, {name} {other[1]} crops of {asdict(other[0])}; run both passes with the same "
                 "teacher.prompt, store_size and context_margin, or pack them apart")
     return frame, convention
+
+
+def check_convention(cfg: Config, stores: dict[str, LogitStore]) -> None:
+    """Each store must hold the crops its pass is configured for (``teachers.NAME.prompt`` or ``teacher.prompt``;
+    ``auto`` = the recipe's): a store made with the other paper's convention is refused, naming the keys."""
+    for name, store in stores.items():
+        found = store.attrs.get("prompt", {}).get("convention")
+        if name in cfg.teachers:
+            key = f"teachers.{name}.prompt" if "prompt" in (cfg.teachers[name] or {}) else "teacher.prompt"
+            wanted = cfg.teacher_pass(name).teacher.prompt
+        else:
+            key, wanted = "teacher.prompt", cfg.teacher.prompt
+        if found not in ("roi", "point"):
+            raise PipelineError(f"{store.path}: the store does not record its crop convention (attribute prompt.convention "
+                                f"is {found!r}); it was not written by the teacher stage: rerun teacher-logits@{name}")
+        if found != wanted:
+            raise PipelineError(
+                f"{store.path} holds {found} crops but the shards ask for {wanted} crops ({key}={wanted}, recipe.name="
+                f"{cfg.recipe.name}); rerun the teacher pass with these params (`dvc repro teacher-logits@{name}` or "
+                f"`picosam-pipeline run-stage teacher-logits@{name}`), or set recipe.name / {key} to the store's convention")
 
 
 def store_frame(store: LogitStore) -> Frame:

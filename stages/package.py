@@ -9,8 +9,9 @@ does not fit on the chip fails with the required and available bytes. Writes, in
   converter's outputs) and ``converter.log``;
 * ``deploy/``: ``packerOut.zip``, the picamera2 demo, ``deploy.py`` + ``crops.py`` (its numpy helpers), the
   contract JSON and a README with the ``imx500-package`` step and the memory figures;
-* ``config.resolved.json``; and ``metrics/package.json``: memory used / available / utilisation, fits, the
-  converter's input and output tensors, the converter's time.
+* ``report.json``: the memory report, the converter's input and output tensors, its version and Java's;
+* ``config.resolved.json``; and ``metrics/package.json``: the headline, fits, chip memory utilisation and the INT8
+  model's bytes on the chip (the converter's time goes to the run log).
 
 The converter's input tensor must be 8-bit unsigned with scale 1/256, i.e. the camera's RGB read as [0, 1],
 which is what the network was quantised for; anything else fails the stage (it would segment garbage).
@@ -25,15 +26,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-from picosam_pipeline.config import Config, require_inputs, save_resolved, write_metrics
+from picosam_pipeline.config import Config, require_inputs, save_resolved, write_metrics, write_report
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.outputs import StageOutput, output_folder, writes_output
 
 TEMPLATES = "template"  # inside picosam_pipeline/deploy
 DEMO = "picosam_imx500_demo.py"
 CAMERA_INPUT_SCALE = 1 / 256  # 8-bit pixel p read as p / 256: RGB in [0, 1]
 
 
+def output(cfg: Config) -> StageOutput:
+    """``package.out_dir``: replaced whole, only when it holds an earlier package (outputs.py). The converter decides
+    the names of its files, so everything in a folder carrying this stage's marker counts as its own."""
+    p = cfg.package
+    return StageOutput(cfg, "package", "package.out_dir", p.out_dir, sections=["package"], names=("*",),
+                       what="converter output and deploy folder", inputs={"package.export_dir": p.export_dir},
+                       writes={"runtime.metrics_dir": cfg.runtime.metrics_dir}, keep_failed=True)
+
+
+@writes_output(output)
 def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     """Convert and write the deploy folder; returns memory use and the converter's time."""
     import imx500_converter
@@ -51,9 +63,13 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
                     f"package.export_dir ({CONTRACT_FILE})": str(contract_path)})
     start = time.perf_counter()
     contract = json.loads(contract_path.read_text())
+    crop = contract.get("crop")
+    if not isinstance(crop, dict) or crop.get("convention") not in crops.CONVENTIONS:
+        raise PipelineError(f"package.export_dir: {contract_path} does not record the crop convention the student was "
+                            "trained on (written by an older export stage), so the demo cannot choose its ROI; rerun "
+                            "quantize and export (`dvc repro export`)")
 
-    out = Path(p.out_dir)
-    shutil.rmtree(out, ignore_errors=True)  # --overwrite-output keeps stale files of other networks
+    out = output_folder(p.out_dir)  # a fresh <out_dir>.partial (--overwrite-output would keep stale files), renamed at the end
     conversion = convert(onnx_path, out, input_persistency=p.input_persistency, timeout_s=p.timeout_s)
     tensors = read_dnn_params(out / "dnnParams.xml")
     camera_input = tensors["inputs"][0]
@@ -75,7 +91,7 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     shutil.copyfile(raspberry_pi.__file__, deploy_dir / "deploy.py")  # the name the demo imports
     shutil.copyfile(crops.__file__, deploy_dir / "crops.py")
     (deploy_dir / "README.md").write_text(string.Template((templates / "README.md").read_text()).substitute(
-        student=contract["student"], onnx=onnx_path, converter_version=imx500_converter.__version__,
+        **convention_text(crop), student=contract["student"], onnx=onnx_path, converter_version=imx500_converter.__version__,
         tpc_version=contract["tpc_version"], method=contract["method"], input_size=contract["input"]["shape"][-1],
         input_summary=contract["input"]["summary"], input_bits=camera_input["bits"], input_format=camera_input["format"],
         input_scale=camera_input["scale"], mean=contract["input"]["normalization"]["mean"],
@@ -88,6 +104,7 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
 
     metrics = {
         "network": report.network,
+        "crop": crop,
         "memory": report.to_dict(),
         "fits": report.fits,
         "utilization": report.utilization,
@@ -95,7 +112,26 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         "packer_zip_bytes": conversion.packer_zip.stat().st_size,
         "converter": {"version": imx500_converter.__version__, "java": conversion.java.version},
     }
-    write_metrics(cfg, "package", metrics, {"converter_seconds": round(conversion.seconds, 2),
+    write_report(out, metrics)
+    headline = {"fits": report.fits, "utilization": report.utilization, "model_bytes": report.model_bytes}
+    write_metrics(cfg, "package", headline, {"converter_seconds": round(conversion.seconds, 2),
                                             "seconds": round(time.perf_counter() - start, 2)})
-    return {"fits": report.fits, "used_bytes": report.used_bytes, "available_bytes": report.available_bytes,
+    return {"crop": crop["convention"], "fits": report.fits, "used_bytes": report.used_bytes, "available_bytes": report.available_bytes,
             "utilization": round(report.utilization, 3), "converter_seconds": round(conversion.seconds, 1)}
+
+
+def convention_text(crop: dict[str, Any]) -> dict[str, str]:
+    """The deploy README's words for the recorded crop convention (``crops.crop_convention``)."""
+    from picosam_pipeline.data.crops import CONVENTIONS
+
+    prompt, paper = CONVENTIONS[crop["convention"]]
+    if prompt == "box":
+        text = (f"the box becomes the IMX500's inference ROI grown by {crop['roi_padding']:g} of its width/height per "
+                "side and squared, in sensor pixels (PicoSAM3's ROI).")
+        example = "--box 480,300,320,240     # x,y,w,h of the object in preview pixels"
+    else:
+        text = (f"the point becomes the IMX500's inference ROI, the {crop['window']}-sensor-pixel window around it "
+                "(left/top clamped to the sensor, right/bottom clipped: PicoSAM2's native-resolution window).")
+        example = "--point 640,480           # x,y of a point on the object in preview pixels"
+    return {"prompt": prompt, "paper": paper, "convention": crop["convention"], "convention_text": text,
+            "example": example}

@@ -2,12 +2,13 @@
 
 For every split in ``prepare.splits``: load the annotations (``picosam_pipeline.data.coco``), check each
 referenced image once (``picosam_pipeline.data.images``), check each annotation and decode its mask, apply the
-selection (non-crowd, has a segmentation, ``area >= min_area``, ROI side ``>= min_roi_side``), and compute
+selection (non-crowd, ``area >= min_area``, ROI side ``>= min_roi_side``), and compute
 both prompt conventions (``picosam_pipeline.data.crops``). Outputs in ``prepare.out_dir``:
 
 * ``index.parquet``     one row per kept instance (schema in ``picosam_pipeline.data.index``);
 * ``bad_inputs.jsonl``  one JSON record per dropped or converted bad input (split, kind, ids, file, reason, action);
-* ``config.resolved.json``; and ``metrics/prepare.json``: per split, kept / dropped by reason / converted by kind.
+* ``report.json``       per split: kept / dropped by reason / converted by kind, the dataset's format;
+* ``config.resolved.json``; and ``metrics/prepare.json``: the headline, instances kept and dropped.
 
 ``prepare.on_bad_input``: ``skip`` drops a bad input and reports it; ``strict`` stops at the first one with a
 message naming the file and the fix. Conversions (bbox clipped, grayscale -> RGB, EXIF rotation, ...) and
@@ -27,7 +28,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from picosam_pipeline.config import Config, PrepareConfig, SplitSource, require_inputs, save_resolved, write_metrics
+from picosam_pipeline.config import Config, PrepareConfig, SplitSource, require_inputs, save_resolved, write_metrics, write_report
 from picosam_pipeline.data.coco import AnnotationSet, ImageRecord, Issue, check_annotation, load_annotations
 from picosam_pipeline.data.crops import point_box, point_prompt, roi_box
 from picosam_pipeline.datasets import check_dataset
@@ -35,6 +36,7 @@ from picosam_pipeline.data.images import BadImageError, load_image
 from picosam_pipeline.data.index import INDEX_FILE, IndexBuilder, write_index
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.outputs import StageOutput, output_folder, writes_output
 
 BAD_INPUTS_FILE = "bad_inputs.jsonl"
 
@@ -45,6 +47,9 @@ _FIXES = {
     "duplicate_ann_id": "give every annotation a unique id",
     "duplicate_image_id": "give every image record a unique id",
     "bad_image_record": "give the image record an integer id, a file_name and positive width/height",
+    "image_path_outside_folder": "name the image by its path inside the split's images folder (and move it there)",
+    "bad_iscrowd": "set iscrowd to the number 0 or 1",
+    "no_segmentation": "give the annotation a polygon or an RLE mask, or remove it",
 }
 
 
@@ -75,7 +80,7 @@ class BadInputLog:
 
     def report(self, split: str, issue: Issue, file: str | Path, **ids: Any) -> None:
         if not issue.bad_input:
-            return  # selection drops (crowd, no segmentation) are counted in metrics only
+            return  # selection drops (crowd, small area or ROI) are counted in metrics only
         if self.strict and issue.action == "dropped":
             where = "" if str(file) in issue.reason else f"{file}: "
             default = None if issue.kind.startswith("image_") else "correct or remove the annotation"
@@ -93,6 +98,14 @@ class BadInputLog:
                 f.write(json.dumps(record, sort_keys=True, default=str) + "\n")
 
 
+def output(cfg: Config) -> StageOutput:
+    """``prepare.out_dir``: replaced whole, only when it holds an earlier index (outputs.py); never the dataset."""
+    p = cfg.prepare
+    return StageOutput(cfg, "prepare", "prepare.out_dir", p.out_dir, sections=["prepare"], names=(INDEX_FILE, BAD_INPUTS_FILE),
+                       what="instance index", inputs=p.input_paths("prepare"), writes={"runtime.metrics_dir": cfg.runtime.metrics_dir})
+
+
+@writes_output(output)
 def run(cfg: Config, runtime: Runtime | None = None) -> dict[str, Any]:
     """Build ``<prepare.out_dir>/index.parquet`` from every split; returns kept / dropped totals.
 
@@ -108,14 +121,19 @@ def run(cfg: Config, runtime: Runtime | None = None) -> dict[str, Any]:
     builder = IndexBuilder()
     splits_meta, split_counts = {}, {}
     for split in p.splits:
-        annset = load_annotations(split.annotations, p.dataset_format)
+        annset = load_annotations(split.annotations, p.dataset_format, p.allow_outside_images)
         split_counts[split.name] = counts = _prepare_split(split, annset, p, builder, log)
         splits_meta[split.name] = {"format": annset.format.name, "version": annset.format.version,
                                    "categories": annset.format.num_categories, "annotations": split.annotations,
                                    "images": split.images, "kept": counts.kept}
 
-    out_dir = Path(p.out_dir)
-    write_index(builder.to_table(), out_dir / INDEX_FILE, {"splits": splits_meta, "prepare": asdict(p)})
+    out_dir = output_folder(p.out_dir)  # <out_dir>.partial, renamed to out_dir when this returns
+    # Both crop conventions are in every row (roi_box, point + point_box); the metadata says with which parameters,
+    # for the teacher stores and the shards that pick one (crops.crop_convention adds the input size).
+    conventions = {"roi": {"column": "roi_box", "roi_padding": p.roi_padding, "min_roi_side": p.min_roi_side},
+                   "point": {"column": "point_box", "point_column": "point", "window": p.point_crop_size}}
+    write_index(builder.to_table(), out_dir / INDEX_FILE,
+                {"splits": splits_meta, "prepare": asdict(p), "crop_conventions": conventions})
     log.write(out_dir / BAD_INPUTS_FILE)
     save_resolved(cfg, out_dir, ["prepare"])
 
@@ -126,8 +144,10 @@ def run(cfg: Config, runtime: Runtime | None = None) -> dict[str, Any]:
         "total": {"annotations": sum(c.annotations for c in split_counts.values()), "kept": len(builder),
                   "dropped": sum(total.values()), "bad_input_records": len(log.records)},
     }
-    write_metrics(cfg, "prepare", metrics)
-    return {"kept": len(builder), "dropped": dict(sorted(total.items())), "index": str(out_dir / INDEX_FILE)}
+    write_report(out_dir, metrics)
+    # Headline: what was kept and dropped; per split, by reason and by kind of conversion in report.json.
+    write_metrics(cfg, "prepare", {"kept": len(builder), "dropped": sum(total.values())})
+    return {"kept": len(builder), "dropped": dict(sorted(total.items())), "index": str(Path(p.out_dir) / INDEX_FILE)}
 
 
 def _prepare_split(split: SplitSource, annset: AnnotationSet, p: PrepareConfig, builder: IndexBuilder,
@@ -140,7 +160,9 @@ def _prepare_split(split: SplitSource, annset: AnnotationSet, p: PrepareConfig, 
 
     images = [img for img in annset.images.values() if annset.annotations_of(img.image_id)]
     counts.images_with_annotations = len(images)
-    paths = [img.resolve_path(split.images) for img in images]
+    # An unusable record (e.g. a file_name outside the images folder) is not even looked up on disk.
+    paths = [img.resolve_path(split.images) if img.problem is None else Path(split.images) / img.file_name
+             for img in images]
     # PIL releases the GIL while decoding, so a few threads overlap decodes; results come back in order.
     pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
     try:

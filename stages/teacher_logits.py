@@ -41,10 +41,12 @@ from picosam_pipeline.config import Config, TeacherConfig, require_inputs, save_
 from picosam_pipeline.data.index import read_metadata
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.outputs import check_target, output_lock, probe_writable, publish, recover, write_errors
 from picosam_pipeline.teacher.executors import DaskExecutor, InProcess, make_executor
 from picosam_pipeline.teacher.geometry import stored_size
 from picosam_pipeline.teacher.runner import InstanceRows, instance_rows
-from picosam_pipeline.teacher.store import LogitStore, create_store, open_store, teacher_attrs
+from picosam_pipeline.teacher.store import (LogitStore, create_store, is_logit_store, open_store, stored_boxes,
+                                            teacher_attrs)
 from picosam_pipeline.teacher.summary import empty_warning, summarize
 
 STAGE = "teacher-logits"
@@ -69,9 +71,24 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     ``cfg.teacher`` is one pass: :meth:`Config.teacher_pass` resolves the named passes of ``teachers``.
     """
     t = cfg.teacher
-    require_inputs({"teacher.index": t.index})
-    rows = instance_rows(t.index, t.splits, t.prompt)
     out = Path(t.out)
+    # Before any work: never a store over the project or an input; one run per store (the dask workers write
+    # its shards only while this client holds the lock: the executor is closed before the lock is released).
+    check_target(stage_name(t), "teacher.out", out, {"teacher.index": t.index, "teacher.checkpoint": t.checkpoint,
+                                                     "teacher.checkpoints_dir": t.checkpoints_dir}, sections=None)
+    check_store_target(out)
+    probe_writable(out.parent, "teacher.out", stage_name(t))
+    probe_writable(cfg.runtime.metrics_dir, "runtime.metrics_dir", stage_name(t))
+    require_inputs({"teacher.index": t.index})
+    kept = (f"The finished shards in {partial_path(out)} are kept: rerunning the same command resumes from them.")
+    with write_errors(stage_name(t), "teacher.out", out, "the teacher-logit store", kept), \
+            output_lock(out, stage_name(t)):
+        recover(out)
+        return _run(cfg, runtime, t, out)
+
+
+def _run(cfg: Config, runtime: Runtime, t: TeacherConfig, out: Path) -> dict[str, Any]:
+    rows = instance_rows(t.index, t.splits, t.prompt)
     start = time.perf_counter()
     if t.backend == "onnxruntime":  # export once here, before any worker loads the files
         from picosam_pipeline.teacher.sam2_onnx import export_teacher
@@ -114,15 +131,12 @@ def store_attrs(t: TeacherConfig, teacher: dict[str, Any], rows: InstanceRows) -
 
 def open_output(out: Path, rows: InstanceRows, t: TeacherConfig, attrs: dict[str, Any]) -> LogitStore:
     """The store to write: ``out`` itself when it already holds this pass, else ``<out>.partial`` (created or resumed)."""
-    layout = dict(n_instances=len(rows), side=stored_size(t.store_size, t.context_margin),
-                  instances_per_shard=t.instances_per_shard, codec=t.codec, compression_level=t.compression_level,
-                  attrs=attrs)
+    layout = dict(side=stored_size(t.store_size, t.context_margin), instances_per_shard=t.instances_per_shard,
+                  codec=t.codec, compression_level=t.compression_level, attrs=attrs,
+                  rows=dict(ann_id=rows.ann_id, image_id=rows.image_id, crop_box=rows.crop_box,
+                            stored_box=stored_boxes(rows.crop_box, t.store_size, t.context_margin)))
     if out.exists():
-        try:
-            open_store(out)
-        except PipelineError:
-            raise PipelineError(f"teacher.out: {out} exists and is not a teacher-logit store; move it away or set "
-                                "teacher.out to a new path") from None
+        check_store_target(out)
         try:
             return create_store(out, **layout)  # the same pass: resume in place (normally nothing is left)
         except PipelineError:
@@ -132,9 +146,18 @@ def open_output(out: Path, rows: InstanceRows, t: TeacherConfig, attrs: dict[str
         try:
             return create_store(work, **layout)
         except PipelineError:  # our own leftover, from a different teacher, params or index
+            check_store_target(work)  # ... or not a store at all: then it is not ours to delete
             _say(f"discarding the unfinished store {work}: it was started for a different teacher, params or index")
             shutil.rmtree(work)
     return create_store(work, **layout)
+
+
+def check_store_target(path: Path) -> None:
+    """Refuse ``path`` (the store or its ``.partial``) unless it is missing or a teacher-logit store: never replace
+    or delete a folder this stage did not write."""
+    if path.exists() and not is_logit_store(path):  # a store of an older format is ours: replaced by the new pass
+        raise PipelineError(f"teacher.out: {path} exists and is not a teacher-logit store, so this stage does not "
+                            "replace it; move it away or set teacher.out to a new path")
 
 
 def finish(store: LogitStore, out: Path, cfg: Config) -> LogitStore:
@@ -144,9 +167,7 @@ def finish(store: LogitStore, out: Path, cfg: Config) -> LogitStore:
         raise RuntimeError(f"{len(pending)} shards of {store.path} not marked done after all tasks finished: {pending[:8]}")
     save_resolved(cfg, store.path, ["teacher", "runtime"])
     if store.path != out:
-        if out.exists():
-            shutil.rmtree(out)  # the store of a previous pass, replaced by this one
-        store.path.replace(out)
+        publish(store.path, out)  # replaces the store of a previous pass: the old one or the new one, never none mixed
     return open_store(out)
 
 
@@ -159,25 +180,16 @@ def stage_metrics(store: LogitStore, rows: InstanceRows, summaries: list[dict], 
     teacher = store.attrs["teacher"]
     computed = sum(s["instances"] for s in summaries)
     task_seconds = sum(s["seconds"] for s in summaries)
+    # The headline (what `dvc exp show` compares); the store's details (shards, codec, backend, prompt, bytes on
+    # disk, scan counts) are what `picosam-pipeline inspect STORE` prints from the store itself.
     metrics = {
-        "instances": len(rows),
-        "images": len(rows.images()),
-        "shards": store.n_shards,
-        "random_weights": teacher["random_weights"],
         "model": teacher["model"],
-        "backend": teacher["build"].get("backend", "torch"),
-        "prompt": store.attrs["prompt"]["convention"],
-        "codec": store.codec.name,
-        "bytes_on_disk": summary["bytes_on_disk"],
+        "random_weights": teacher["random_weights"],
+        "instances": len(rows),
         "bytes_per_instance": round(summary["bytes_per_instance"], 1),
-        "logits_bytes_per_instance": round(summary["logits_bytes_per_instance"], 1),
         "confidence_mean": round(summary["confidence_mean"], 4),
-        "mask_share": round(summary["mask_share"], 4),
         # A teacher that returned nothing (all background / confidence 0 everywhere) is flagged, not trusted.
         "all_instances_empty": summary["all_instances_empty"],
-        "all_background_instances": summary["all_background_instances"],
-        "instances_scanned": summary["instances_scanned"],
-        "zero_confidence_instances": summary["zero_confidence_instances"],
     }
     if (warning := empty_warning(summary)):
         _say(f"WARNING: {warning}")

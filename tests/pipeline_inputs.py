@@ -38,10 +38,11 @@ def build_inputs(root: Path, *, context_margin: float = 0.0, splits: list[SplitS
 
 
 def run_pack(cfg: Config, out: Path, **pack_params) -> dict:
-    """Run the pack stage into ``out`` with ``pack_params`` overriding the section; returns metrics/pack.json."""
+    """Run the pack stage into ``out`` with ``pack_params`` overriding the section; returns its details
+    (``<out>/report.json``: frame, teachers, per split and total counts; ``metrics/pack.json`` holds the headline)."""
     cfg = dataclasses.replace(cfg, pack=dataclasses.replace(cfg.pack, out_dir=str(out), **pack_params))
     pack.run(cfg, None)
-    return json.loads((Path(cfg.runtime.metrics_dir) / "pack.json").read_text())
+    return json.loads((Path(out) / "report.json").read_text())
 
 
 def read_tar_samples(path: Path) -> list[dict[str, bytes]]:

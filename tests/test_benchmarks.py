@@ -43,3 +43,15 @@ def test_teacher_sam3_bench_prints_build_encode_and_per_prompt_figures():
     out = run_bench("teacher_sam3.py", "--coco", str(coco), "--teachers", "sam2.1_hiera_tiny", "--prompts", "2")
     assert re.search(r"sam2\.1_hiera_tiny +cpu \(fp32\) +[\d.]+ +[\d.]+ +[\d.]+ +32 +[\d.]+ +- +[\d.]+", out), out
     assert "RSS right after the build: sam2.1_hiera_tiny" in out
+
+
+@pytest.mark.slow
+def test_scale_bench_prints_every_stage_at_two_sizes_with_files_and_dvc_times(tmp_path):
+    """Tiny sizes: the same code path as --instances 900000 (a broken stage or a lost figure fails here)."""
+    shared_data_or_skip("coco-sample")
+    out = run_bench("scale.py", "--sizes", "200", "400", "--work", str(tmp_path))
+    for stage in ("prepare", "teacher", "pack", "loader", "evaluate"):
+        assert re.search(rf"^{stage} +[\d,]+/s +[\d.]+ GB .*[\d,]+/s +[\d.]+ GB", out, re.M), out
+    assert re.search(r"^teacher .* +\d+ files +[\d,]+/s .* +(\d+) files", out, re.M), out
+    assert re.search(r"^dvc pull_s +[\d.]+ +[\d.]+", out, re.M) and "targets at 400 instances:" in out, out
+    assert "marginal rate between the two largest sizes" in out and not list(tmp_path.iterdir())  # nothing left behind

@@ -38,6 +38,15 @@ def test_defaults_without_file():
         ("prepare.splits=[{name: a, annotations: x}]", "prepare.splits[0].images: required key is missing"),
         ("teacher.model=sam9", "teacher.model: expected one of"),
         ("teacher.compression_level=0", "teacher.compression_level: expected an integer 1..9"),
+        # NaN passed every bound (lr=.nan crashed in torch, temperature=.inf trained without learning)
+        ("train.lr=.nan", "train.lr: expected a finite number, got nan"),
+        ("train.temperature=.inf", "train.temperature: expected a finite number, got inf"),
+        ("train.target_weights={a: -.inf}", "train.target_weights.a: expected a finite number"),
+        ("prepare.min_area=-.inf", "prepare.min_area: expected a finite number"),
+        ("prepare.min_area=" + "9" * 400, "prepare.min_area: expected a finite number"),  # overflows a float
+        ("runtime.seed=" + str(2**64), "runtime.seed: expected an integer that fits 64 bits"),
+        ("runtime.device=cuda:banana", "runtime.device: expected auto, cpu, cuda or cuda:N"),
+        ("runtime.device=cuda:-1", "runtime.device: expected auto, cpu, cuda or cuda:N"),
     ],
 )
 def test_bad_values_are_rejected_naming_the_key(override, message):
@@ -68,6 +77,14 @@ def test_malformed_and_missing_params_files(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="expected a mapping of sections"):
         load_config(bad)
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe")  # a binary file given as --params
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_config(bad)
+    bad.write_bytes(b"prepare: \x00\x01\x02")  # UTF-8, but control characters
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="is a folder; pass the params.yaml file inside it"):
+        load_config(tmp_path)
 
 
 def test_require_inputs_names_key_and_path(tmp_path):

@@ -73,7 +73,8 @@ def test_installed_cli_runs_sample_and_prepare_outside_the_repo(installed, tmp_p
     cli = str(venv / "bin" / "picosam-pipeline")
     listing = run([cli, "stages"], cwd=tmp_path, env=env).stdout
     assert [line.split()[0] for line in listing.splitlines()] == [
-        "sample", "prepare", "teacher-logits", "pack", "train", "evaluate", "quantize", "export", "package"]
+        "sample", "prepare", "teacher-logits", "pack", "train", "evaluate", "quantize", "export", "evaluate-int8",
+        "package"]
     shutil.copyfile(REPO / "params.yaml", tmp_path / "params.yaml")
     small = ["--set", "sample.train_images=2", "--set", "sample.val_images=1", "--set", "sample.plant_bad_inputs=false"]
     run([cli, "run-stage", "sample", *small], cwd=tmp_path, env=env)

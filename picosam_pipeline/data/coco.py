@@ -8,21 +8,32 @@ pycocotools (polygons and RLE alike) into a full-image ``(H, W)`` uint8 {0, 1} m
 
 Every problem is an :class:`Issue`: either a *conversion* (the annotation is repaired and kept, e.g. a
 bbox clipped to the image) or a *drop*. Drops of bad input stop the prepare stage in strict mode;
-drops by selection (crowd, no segmentation) never do.
+drops by selection (crowd) never do.
+
+Hostile files are reported, never crashed on nor kept silently: ids must fit a signed 64-bit integer (the
+index stores them as int64); an image id listed twice with different records is ambiguous and its
+annotations are dropped; ``file_name`` must name a file inside the split's images folder (no absolute path,
+no ``..``) unless ``allow_outside_images``; image sizes are bounded by PIL's decompression-bomb limit;
+``iscrowd`` must be 0 or 1; polygon vertices must lie within one image size of the image before pycocotools
+rasterises them (a vertex at 5e8 crashes its C code); compressed RLE counts must be what pycocotools itself
+writes for the mask they decode to; a file nested too deep for the JSON parser is a clear error.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
@@ -30,6 +41,11 @@ from picosam_pipeline.errors import PipelineError
 
 # LVIS versions differ in their category list (and ids): v0.5 has 1230 categories, v1 has 1203.
 LVIS_VERSIONS = {1203: "v1", 1230: "v0.5"}
+# Ids are stored as int64 (index, stores, shards): anything outside is refused while loading.
+ID_MIN, ID_MAX = -(2**63), 2**63 - 1
+# The largest image area accepted: what PIL decodes before refusing a file as a decompression bomb. Masks are
+# decoded at full size (one byte per pixel), so an absurd width/height must stop here, not in pycocotools.
+MAX_IMAGE_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
 
 
 @dataclass(frozen=True)
@@ -71,7 +87,7 @@ class ImageRecord:
         LVIS v1 val draws images from both COCO train2017 and val2017, so one images folder is not enough.
         """
         path = Path(images_dir) / self.file_name
-        if not path.exists() and self.alt_folder:
+        if self.alt_folder and not path.exists():
             alt = Path(images_dir).parent / self.alt_folder / self.file_name
             if alt.exists():
                 return alt
@@ -127,12 +143,16 @@ class CheckedAnnotation:
 # loading
 
 
-def load_annotations(path: str | Path, requested: Literal["auto", "coco", "lvis"] = "auto") -> AnnotationSet:
+def load_annotations(path: str | Path, requested: Literal["auto", "coco", "lvis"] = "auto",
+                     allow_outside_images: bool = False) -> AnnotationSet:
     """Parse a COCO or LVIS instances JSON and index it with pycocotools.
 
+    ``allow_outside_images``: accept a ``file_name`` that is absolute or leaves the images folder with ``..``
+    (by default such an image record is a bad input, so a hostile file cannot make the pipeline read elsewhere).
+
     Raises:
-        PipelineError: malformed JSON (file, line, column), wrong top-level layout, or a file whose detected
-            format contradicts an explicit ``requested`` format.
+        PipelineError: unreadable file, malformed or too deeply nested JSON, wrong top-level layout, or a file
+            whose detected format contradicts an explicit ``requested`` format.
     """
     path = Path(path)
     data = _read_json(path)
@@ -147,12 +167,22 @@ def load_annotations(path: str | Path, requested: Literal["auto", "coco", "lvis"
     issues: list[RecordIssue] = []
     images, raw_images = {}, []
     for img in data["images"]:
-        record = _image_record(img, fmt)
+        record = _image_record(img, fmt, allow_outside_images)
         if record is None:
-            issues.append(RecordIssue(Issue("bad_image_record", f"image record without an integer id: {_short(img)}")))
+            issues.append(RecordIssue(Issue("bad_image_record", f"image record without an integer id (ids must fit a "
+                                            f"signed 64-bit integer): {_short(img)}")))
         elif record.image_id in images:
-            issue = Issue("duplicate_image_id", f"image id {record.image_id} appears twice; the first is kept")
-            issues.append(RecordIssue(issue, image_id=record.image_id))
+            first = images[record.image_id]
+            if _same_image(first, record):
+                issue = Issue("duplicate_image_id", f"image id {record.image_id} appears twice; the first is kept")
+                issues.append(RecordIssue(issue, image_id=record.image_id))
+            elif first.problem is None or first.problem.kind != "duplicate_image_id":
+                # Two different images under one id: which one an annotation belongs to cannot be told, so the id's
+                # annotations are dropped (reported with the image) instead of being put on the first image.
+                images[record.image_id] = dataclasses.replace(first, problem=Issue(
+                    "duplicate_image_id", f"image id {record.image_id} names two different images ({first.file_name} "
+                    f"{first.width}x{first.height} and {record.file_name} {record.width}x{record.height}); its "
+                    "annotations cannot be placed and are dropped"))
         else:
             images[record.image_id] = record
             raw_images.append(img)
@@ -160,8 +190,9 @@ def load_annotations(path: str | Path, requested: Literal["auto", "coco", "lvis"
     annotations, seen = [], set()
     for ann in data["annotations"]:
         ann_id, image_id = (ann.get("id"), ann.get("image_id")) if isinstance(ann, dict) else (None, None)
-        if not (_is_int(ann_id) and _is_int(image_id)):
-            issue = Issue("bad_annotation_record", f"annotation without integer id/image_id: {_short(ann)}")
+        if not (_is_id(ann_id) and _is_id(image_id)):
+            issue = Issue("bad_annotation_record", "annotation without an integer id/image_id (ids must fit a signed "
+                          f"64-bit integer): {_short(ann)}")
         elif ann_id in seen:
             # Downstream stores are keyed by annotation id, so a second record with the same id cannot be kept.
             issue = Issue("duplicate_ann_id", f"annotation id {ann_id} appears twice; the first is kept")
@@ -179,7 +210,7 @@ def load_annotations(path: str | Path, requested: Literal["auto", "coco", "lvis"
     with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress lines
         coco.createIndex()
     categories = {c["id"]: str(c.get("name", c["id"])) for c in data["categories"]
-                  if isinstance(c, dict) and _is_int(c.get("id"))}
+                  if isinstance(c, dict) and _is_id(c.get("id"))}
     return AnnotationSet(path, fmt, coco, images, categories, len(data["annotations"]), issues)
 
 
@@ -202,8 +233,16 @@ def _read_json(path: Path) -> dict:
     except UnicodeDecodeError as err:
         raise PipelineError(f"{path}: not UTF-8 text ({err}); it is not an annotation JSON, point prepare.splits "
                             "at the instances_*.json file") from None
+    except OSError as err:  # a directory, no permission, an I/O error
+        what = "a folder, not a file" if path.is_dir() else f"unreadable ({err.strerror or err})"
+        raise PipelineError(f"{path}: {what}; point prepare.splits at the instances_*.json (or lvis_v1_*.json) "
+                            "file itself") from None
     try:
         data = json.loads(text)
+    except RecursionError:  # the parser recurses once per nesting level: ~1000 levels exhaust Python's stack
+        raise PipelineError(f"{path}: the JSON is nested deeper than the parser allows (Python's recursion limit, "
+                            f"{sys.getrecursionlimit()}); an instances file nests 4 levels. The file is damaged or "
+                            "not an annotation file: re-download it") from None
     except json.JSONDecodeError as err:
         raise PipelineError(
             f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}. The file is probably "
@@ -217,8 +256,8 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _image_record(img: Any, fmt: DatasetFormat) -> ImageRecord | None:
-    if not isinstance(img, dict) or not _is_int(img.get("id")):
+def _image_record(img: Any, fmt: DatasetFormat, allow_outside_images: bool = False) -> ImageRecord | None:
+    if not isinstance(img, dict) or not _is_id(img.get("id")):
         return None
     image_id, width, height = img["id"], img.get("width"), img.get("height")
     file_name, alt_folder = img.get("file_name"), None
@@ -234,11 +273,40 @@ def _image_record(img: Any, fmt: DatasetFormat) -> ImageRecord | None:
     if not (isinstance(file_name, str) and file_name):
         problem = Issue("bad_image_record", f"image {image_id} has no file_name (nor coco_url)")
         file_name = ""
+    elif "\x00" in file_name or alt_folder in (".", ".."):
+        problem = Issue("bad_image_record", f"image {image_id} has file_name {file_name!r} (coco_url "
+                        f"{img.get('coco_url')!r}), which is not a file name")
+    elif not allow_outside_images and _leaves_folder(file_name):
+        problem = Issue("image_path_outside_folder", f"image {image_id} has file_name {file_name!r}, which points "
+                        "outside the split's images folder (an absolute path or ..); only files inside that folder are "
+                        "read (a dataset that keeps its images elsewhere on purpose says so with "
+                        "prepare.allow_outside_images)")
     elif not (_is_int(width) and _is_int(height) and width > 0 and height > 0):
         problem = Issue("bad_image_record", f"image {image_id} ({file_name}) has width/height {width!r}/{height!r}, "
                         "expected positive integers")
+    elif width * height > MAX_IMAGE_PIXELS:
+        problem = Issue("bad_image_record", f"image {image_id} ({file_name}) has width/height {width}/{height}: "
+                        f"{width * height:,} pixels, more than the {MAX_IMAGE_PIXELS:,} an image may have (PIL's "
+                        "decompression-bomb limit)")
+    if problem is not None and problem.kind == "bad_image_record":
         width = height = 0
     return ImageRecord(image_id, file_name, width, height, alt_folder, problem)
+
+
+def _leaves_folder(file_name: str) -> bool:
+    """True when ``folder / file_name`` is not inside ``folder``: an absolute path, or ``..`` climbing out of it."""
+    if Path(file_name).is_absolute() or re.match(r"^([A-Za-z]:)?[\\/]", file_name):  # also C:\ and \\host
+        return True
+    depth = 0
+    for part in Path(file_name).parts:
+        depth += -1 if part == ".." else (0 if part == "." else 1)
+        if depth < 0:
+            return True
+    return False
+
+
+def _same_image(a: ImageRecord, b: ImageRecord) -> bool:
+    return (a.file_name, a.width, a.height, a.alt_folder) == (b.file_name, b.width, b.height, b.alt_folder)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -248,9 +316,11 @@ def _image_record(img: Any, fmt: DatasetFormat) -> ImageRecord | None:
 def check_annotation(ann: dict, image: ImageRecord, coco: COCO, categories: dict[int, str]) -> CheckedAnnotation:
     """Validate one annotation of ``image`` and decode its mask.
 
-    Order: crowd, segmentation present, known category, bbox (degenerate / outside / clipped), segmentation
-    well-formed, non-empty mask. Polygon parts with fewer than 3 points are removed (a conversion) when other
-    parts remain; this must happen before pycocotools sees them, since it reads a 4-number part as a bbox.
+    Order: crowd (``iscrowd`` 0 or 1), segmentation present, known category, bbox (degenerate / outside /
+    clipped), segmentation well-formed, non-empty mask. Polygon parts with fewer than 3 points are removed (a
+    conversion) when other parts remain; this must happen before pycocotools sees them, since it reads a
+    4-number part as a bbox. So must the vertex bounds: pycocotools rasterises every edge point by point in C
+    and a vertex far outside the image (5e8) crashes the process.
     """
     ann_id = ann["id"]
     conversions: list[Issue] = []
@@ -258,11 +328,15 @@ def check_annotation(ann: dict, image: ImageRecord, coco: COCO, categories: dict
     def dropped(kind: str, reason: str, bad_input: bool = True) -> CheckedAnnotation:
         return CheckedAnnotation(Issue(kind, f"annotation {ann_id}: {reason}", bad_input=bad_input), conversions)
 
-    if ann.get("iscrowd", 0):  # LVIS has no iscrowd key: every LVIS annotation is a single instance
+    crowd = ann.get("iscrowd", 0)  # LVIS has no iscrowd key: every LVIS annotation is a single instance
+    if crowd not in (0, 1) or not isinstance(crowd, (int, bool)):  # "0" is truthy: it must not read as a crowd
+        return dropped("bad_iscrowd", f"iscrowd {crowd!r} ({type(crowd).__name__}), expected 0 or 1")
+    if crowd:
         return dropped("crowd", "crowd annotation (iscrowd=1)", bad_input=False)
     segm = ann.get("segmentation")
     if segm is None or (isinstance(segm, (list, dict)) and len(segm) == 0):
-        return dropped("no_segmentation", "no segmentation", bad_input=False)
+        return dropped("no_segmentation", f"segmentation {segm!r}: no mask to distil; give it a polygon or an RLE, "
+                       "or remove the annotation")
     if not (_is_int(ann.get("category_id")) and ann["category_id"] in categories):
         return dropped("unknown_category", f"category_id {ann.get('category_id')!r} is not in 'categories'")
 
@@ -286,6 +360,10 @@ def check_annotation(ann: dict, image: ImageRecord, coco: COCO, categories: dict
         parts = [p for p in segm if _is_polygon(p)]
         if not parts:
             return dropped("bad_polygon", "polygon with fewer than 3 points (or non-numeric / odd-length coordinates)")
+        far = _far_vertex(parts, image)
+        if far is not None:
+            return dropped("polygon_outside_image", f"polygon vertex ({far[0]:g}, {far[1]:g}) lies far outside the "
+                           f"{image.width}x{image.height} image (more than one image size beyond its border)")
         if len(parts) < len(segm):
             reason = f"annotation {ann_id}: removed {len(segm) - len(parts)} of {len(segm)} polygon parts with < 3 points"
             conversions.append(Issue("polygon_part_removed", reason, action="converted"))
@@ -307,6 +385,12 @@ def check_annotation(ann: dict, image: ImageRecord, coco: COCO, categories: dict
         mask = mask_utils.decode(rle)
     except ValueError as err:  # a compressed string whose runs do not add up to height * width
         return dropped("bad_rle", f"compressed RLE counts cannot be decoded for size {rle['size']} ({err})")
+    if isinstance(segm, dict) and isinstance(segm["counts"], str) and \
+            mask_utils.encode(np.asfortranarray(mask))["counts"] != rle["counts"]:
+        # pycocotools decodes any ASCII string (characters outside its alphabet, negative or zero runs) into some
+        # mask; only a string that is what pycocotools writes for that mask is a real RLE.
+        return dropped("bad_rle", f"compressed RLE counts {_short(segm['counts'], 40)} are not a valid encoding (they "
+                       "are not what pycocotools writes for the mask they decode to)")
     if pixels == 0:
         return dropped("empty_mask", "segmentation covers no pixel of the image")
 
@@ -316,6 +400,21 @@ def check_annotation(ann: dict, image: ImageRecord, coco: COCO, categories: dict
                                  f"using the mask area {pixels}", action="converted"))
         area = pixels
     return CheckedAnnotation(None, conversions, clipped, float(area), rle["counts"].decode("ascii"), mask, mask_box)
+
+
+def _far_vertex(parts: list[list[float]], image: ImageRecord) -> tuple[float, float] | None:
+    """The first polygon vertex more than one image width/height outside the image, or None.
+
+    Real annotations stray a pixel or two past the border; one image size of slack keeps every such polygon
+    (and what the bbox clip makes of it) while bounding the work pycocotools does per edge.
+    """
+    for part in parts:
+        xs, ys = np.asarray(part[0::2], np.float64), np.asarray(part[1::2], np.float64)
+        bad = (xs < -image.width) | (xs > 2 * image.width) | (ys < -image.height) | (ys > 2 * image.height)
+        if bad.any():
+            i = int(np.argmax(bad))
+            return float(xs[i]), float(ys[i])
+    return None
 
 
 def _rle_problem(segm: dict, image: ImageRecord) -> tuple[str, str] | None:
@@ -340,6 +439,11 @@ def _is_number(v: Any) -> bool:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_id(v: Any) -> bool:
+    """An integer id that fits int64, as the index and the stores keep ids (JSON allows any size)."""
+    return _is_int(v) and ID_MIN <= v <= ID_MAX
 
 
 def _short(record: Any, limit: int = 120) -> str:

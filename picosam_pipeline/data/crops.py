@@ -113,3 +113,29 @@ def crop_pixel_centres(box: CropBox | FloatBox | tuple[float, float, float, floa
     x1, y1, x2, y2 = box
     u = (np.arange(size, dtype=np.float64) + 0.5) / size
     return x1 + u * (x2 - x1), y1 + u * (y2 - y1)
+
+
+# --------------------------------------------------------------------------------------------------
+# the crop convention record every artifact carries (shards.json, student.pt, the ONNX files, the deploy folder)
+
+CONVENTIONS = {"roi": ("box", "PicoSAM3"), "point": ("point", "PicoSAM2")}  # convention -> (prompt kind, paper)
+CONVENTION_KEYS = ("convention", "roi_padding", "window", "input_size")  # what must agree between two records
+
+
+def crop_convention(convention: str, *, roi_padding: float, window: int, input_size: int) -> dict:
+    """The record of the crop a student is trained on: ``{convention, prompt, paper, roi_padding | window, input_size}``.
+
+    ``roi``: the box padded by ``roi_padding`` per side, squared, clipped (:func:`roi_box`); ``point``: the ``window``-px
+    native-resolution window around the point (:func:`point_box`). Either is resized to ``input_size`` px.
+    """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"crop convention {convention!r}: expected one of {list(CONVENTIONS)}")
+    prompt, paper = CONVENTIONS[convention]
+    params = {"roi_padding": float(roi_padding)} if convention == "roi" else {"window": int(window)}
+    return {"convention": convention, "prompt": prompt, "paper": paper, **params, "input_size": int(input_size)}
+
+
+def convention_differences(found: dict | None, expected: dict | None) -> list[str]:
+    """``key: found != expected`` for the keys of :data:`CONVENTION_KEYS` that differ (``[]``: the same crop)."""
+    found, expected = found or {}, expected or {}
+    return [f"{k} {found.get(k)!r} != {expected.get(k)!r}" for k in CONVENTION_KEYS if found.get(k) != expected.get(k)]

@@ -288,7 +288,8 @@ def download(url: str, target: Path, *, expected: str | None, source: str = "", 
         part.unlink()
         raise PipelineError(f"sha256 mismatch for {url}: expected {expected} ({source}), got {digest}. The download "
                             f"({size} bytes) was removed ({part}) and nothing was written to {target}. Rerun to "
-                            "download it again; if the file really changed upstream, check it and pass --sha256.")
+                            "download it again; a file that keeps arriving with another digest is not the published one "
+                            "(a broken mirror or proxy): fetch it from the official URL or a mirror you trust.")
     os.replace(part, target)  # atomic: target is either absent or complete and verified
     return digest
 

@@ -58,6 +58,9 @@ class BadImageError(PipelineError):
         self.kind: BadImageKind = kind
         self.path = str(path)
 
+    def __reduce__(self):  # rebuilt from all three arguments when pickled (to or from a dask worker)
+        return type(self), (self.kind, self.path, str(self))
+
 
 @dataclass(frozen=True)
 class DecodedImage:

@@ -175,7 +175,10 @@ def _read_schema(path: Path) -> pa.Schema:
     try:
         return pq.read_schema(path)
     except (pa.ArrowInvalid, OSError) as err:
-        raise PipelineError(f"{path}: not a readable Parquet file ({err}); delete it and rerun prepare") from None
+        raise PipelineError(f"{path}: not a readable Parquet file ({err}), so not the instance index prepare writes; "
+                            "point the param that names it (pack.index, teacher.index, evaluate.index, quantize.index) at "
+                            "prepare's index.parquet (prepare.out_dir), or, if it is that file and it is damaged, rerun "
+                            "prepare, which writes a new one") from None
 
 
 def _metadata(schema: pa.Schema, path: Path) -> dict[str, Any]:

@@ -67,7 +67,7 @@ BAD_ANNOTATIONS = {
     "orphan_annotation": f"annotation whose image_id {MISSING_IMAGE_ID} is not in images",
 }
 _FIRST_BAD_ANNOTATION_IMAGE = 8
-_MANAGED = {"annotations", "train", "val", "BAD_INPUTS.md", "config.resolved.json"}
+MANAGED = {"annotations", "train", "val", "BAD_INPUTS.md", "config.resolved.json"}
 
 
 @dataclass
@@ -412,7 +412,7 @@ def _reset_out_dir(out: Path) -> None:
         raise PipelineError(f"sample.out_dir: {str(out)!r} is a file; choose a folder with --set sample.out_dir=PATH")
     if not out.exists():
         return
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in _MANAGED)
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in MANAGED)
     if foreign:
         raise PipelineError(
             f"sample.out_dir: {str(out)!r} already holds {foreign[:5]} which the sample generator did not write; "

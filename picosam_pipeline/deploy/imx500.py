@@ -176,14 +176,51 @@ def run_converter(onnx_path: str | Path, out_dir: str | Path, *, input_persisten
     if not input_persistency:
         cmd.append("--no-input-persistency")
     start = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired as err:
-        (out_dir / LOG_FILE).write_text(err.output or "")
+    log = _run_with_progress(cmd, timeout_s)
+    (out_dir / LOG_FILE).write_text("".join(log.lines))
+    if log.returncode is None:
         raise ConverterError(f"{CONVERTER} did not finish within {timeout_s:.0f} s on {onnx_path}; raise package.timeout_s "
-                             f"or run it by hand: {' '.join(cmd)}") from None
-    (out_dir / LOG_FILE).write_text(proc.stdout)
-    return ConverterRun(proc.returncode, time.perf_counter() - start, proc.stdout, out_dir)
+                             f"or run it by hand: {' '.join(cmd)}")
+    return ConverterRun(log.returncode, time.perf_counter() - start, "".join(log.lines), out_dir)
+
+
+@dataclass
+class _Output:
+    returncode: int | None  # None: killed at the timeout
+    lines: list[str]
+
+
+def _run_with_progress(cmd: list[str], timeout_s: float) -> _Output:
+    """Run ``cmd``, collecting its output, with a progress line on stderr: elapsed time, log lines, the last line.
+
+    The converter takes ~40 s and prints little while it works; the line is redrawn twice a second so the elapsed
+    time moves (in a terminal; tqdm stays silent when stderr is not one, e.g. under `dvc repro` into a log).
+    """
+    import threading
+
+    from tqdm import tqdm
+
+    lines: list[str] = []
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    bar = tqdm(desc=CONVERTER, bar_format="{desc}: {elapsed} elapsed, {n} log lines {postfix}", disable=None,
+               file=sys.stderr)
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        bar.n = len(lines)
+        if lines:
+            bar.set_postfix_str(lines[-1].strip()[:70], refresh=False)
+        bar.refresh()
+    timed_out = proc.poll() is None
+    if timed_out:
+        proc.kill()
+        proc.wait()
+    reader.join(timeout=10)
+    bar.n = len(lines)
+    bar.close()
+    return _Output(None if timed_out else proc.returncode, lines)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -247,7 +284,9 @@ def read_dnn_params(path: str | Path) -> dict[str, list[dict[str, Any]]]:
 
     def tensor(node: ET.Element) -> dict[str, Any]:
         dims = sorted(node.iter("dimension"), key=lambda d: int(d.get("ordinal")))
+        # serialization: per dimension (ordinal order), its rank in the chip's byte stream, 0 = fastest
         return {"name": node.get("name"), "dims": [int(d.get("size")) for d in dims],
+                "serialization": [int(d.get("serializationOrder", i)) for i, d in enumerate(dims)],
                 "bits": int(node.get("bitsPerElement")), "scale": float(node.get("scale")), "format": node.get("format")}
 
     return {"inputs": [tensor(t) for t in root.iter("inputTensor")],

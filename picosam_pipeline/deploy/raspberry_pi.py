@@ -1,20 +1,28 @@
-"""Host-side glue for the Raspberry Pi AI Camera: box prompt -> sensor ROI, output tensor -> mask -> overlay.
+"""Host-side glue for the Raspberry Pi AI Camera: box or point prompt -> sensor ROI, output tensor -> mask -> overlay.
 
 The package stage copies this file and ``crops.py`` next to the picamera2 script of the deploy folder, where
 the pipeline package is not installed; so it needs only numpy and Pillow (both come with picamera2; crops.py
 is plain numpy). The pieces that do not need the camera live here and are tested off the Pi::
 
-    roi = inference_roi(box, scaler_crop, preview_size)       # user box (preview px) -> (x, y, w, h) sensor px
+    crop = contract["crop"]                                   # the convention the student was trained on (export stage)
+    roi = prompt_roi(crop, scaler_crop, preview_size, sensor_size(picam2), box=box)   # or point=(x, y) for PicoSAM2
     imx500.set_inference_roi_abs(roi)                         # the IMX500 crops that and resizes it to S x S
     logits = logits_from_outputs(imx500.get_outputs(md), S)   # (S, S) float32 logits
     mask = paste_mask(logits > 0, as_xywh(imx500.get_roi_scaled(request)), (H, W))   # (H, W) bool
     picam2.set_overlay(overlay_rgba(mask))                    # (H, W, 4) uint8, tinted where mask
 
 Coordinate frames: the *preview* is the main stream (``W x H`` px); the *sensor* frame is the IMX500's full
-pixel array (4056 x 3040), in which ``ScalerCrop`` (the part of the sensor the preview shows) and the
-inference ROI are given. The ROI follows the PicoSAM3 crop convention the student was trained with
-(``crops.roi_box``): the box grown by 10 % of its width/height per side, squared on its centre, clipped to
-the sensor; near an edge the clipped ROI is not square and the sensor stretches it, as training did.
+pixel array (4056 x 3040, read with picamera2's public ``camera_properties["PixelArraySize"]``), in which
+``ScalerCrop`` (the part of the sensor the preview shows) and the inference ROI are given. The ROI follows the crop
+convention the student was trained with, recorded in the contract (``picosam_int8.json``, ``crop``):
+
+* PicoSAM3 ``roi`` (:func:`inference_roi`, ``crops.roi_box``): the box grown by ``roi_padding`` (10 %) of its
+  width/height per side, squared on its centre, clipped to the sensor; near an edge the clipped ROI is not square
+  and the sensor stretches it, as training did.
+* PicoSAM2 ``point`` (:func:`point_roi`, ``crops.point_box``): the ``window`` (96) sensor-pixel window around the
+  point, left/top clamped to the sensor, right/bottom clipped, as the PicoSAM2 IMX500 demo does.
+
+The IMX500 takes ROIs with sides of at least 64 sensor pixels (:data:`MIN_ROI_SIDE`); a smaller one is refused.
 
 Input normalisation needs nothing here: the network takes the sensor's RGB as it is and normalises it in
 its first layer (see ``deploy/quantize.py``).
@@ -27,11 +35,12 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 try:  # inside the pipeline
-    from picosam_pipeline.data.crops import roi_box
+    from picosam_pipeline.data.crops import CONVENTIONS, point_box, roi_box
 except ImportError:  # in the deploy folder on the Pi: crops.py is copied beside this file
-    from crops import roi_box  # type: ignore[no-redef]
+    from crops import CONVENTIONS, point_box, roi_box  # type: ignore[no-redef]
 
-SENSOR_SIZE = (4056, 3040)  # IMX500 full pixel array (width, height), as IMX500.get_full_sensor_resolution()
+SENSOR_SIZE = (4056, 3040)  # IMX500 full pixel array (width, height): its PixelArraySize property
+MIN_ROI_SIDE = 64  # sensor px: the smallest inference ROI side the IMX500 takes
 MASK_COLOUR = (255, 40, 40)  # RGB tint of the overlay
 MASK_ALPHA = 150  # overlay opacity, 0..255
 
@@ -89,7 +98,72 @@ def inference_roi(box: Sequence[float], scaler_crop: Sequence[float], preview_si
     crop, _ = roi_box(tuple(sensor_box), sensor_size[0], sensor_size[1], padding)
     if crop.width <= 0 or crop.height <= 0:
         raise ValueError(f"box {tuple(box)} lies outside the {preview_size[0]}x{preview_size[1]} preview")
-    return crop.x1, crop.y1, crop.width, crop.height
+    return _large_enough((crop.x1, crop.y1, crop.width, crop.height), f"box {tuple(box)}")
+
+
+def point_roi(point: Sequence[float], scaler_crop: Sequence[float], preview_size: tuple[int, int], *,
+              sensor_size: tuple[int, int] = SENSOR_SIZE, window: int = 96) -> tuple[int, int, int, int]:
+    """The IMX500 inference ROI ``(x, y, w, h)`` in sensor pixels for a point ``(x, y)`` in preview pixels.
+
+    PicoSAM2's crop (``crops.point_box``): the point mapped to the sensor (truncated to a whole pixel, as the index's
+    integer prompt points are), then the ``window``-px native-resolution window around it, left/top clamped to 0 and
+    right/bottom clipped to the sensor. Sensor pixels are native pixels, so the window spans ``window`` of them.
+
+    Raises:
+        ValueError: a point outside the preview, or a window the IMX500 cannot take (a side under 64 px).
+    """
+    x, y = (float(v) for v in point)
+    if not (0 <= x < preview_size[0] and 0 <= y < preview_size[1]):
+        raise ValueError(f"point {tuple(point)} lies outside the {preview_size[0]}x{preview_size[1]} preview")
+    sensor = preview_to_sensor((x, y, 0.0, 0.0), scaler_crop, preview_size)
+    crop = point_box(int(sensor.x), int(sensor.y), sensor_size[0], sensor_size[1], window)
+    return _large_enough((crop.x1, crop.y1, crop.width, crop.height), f"point {tuple(point)}")
+
+
+def prompt_roi(crop: dict, scaler_crop: Sequence[float], preview_size: tuple[int, int], *,
+               sensor_size: tuple[int, int] = SENSOR_SIZE, box: Sequence[float] | None = None,
+               point: Sequence[float] | None = None) -> tuple[int, int, int, int]:
+    """The inference ROI of a prompt in the crop convention ``crop`` records (the contract's ``crop``).
+
+    ``roi`` (PicoSAM3) takes ``box``, ``point`` (PicoSAM2) takes ``point``, with the recorded ``roi_padding`` / ``window``.
+
+    Raises:
+        ValueError: an unknown convention, or the prompt of the other kind (named with the one to give).
+    """
+    convention = crop.get("convention")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"the contract's crop convention is {convention!r}, expected one of {list(CONVENTIONS)}; "
+                         "is picosam_int8.json from this pipeline's export stage?")
+    kind, paper = CONVENTIONS[convention]
+    given = "box" if box is not None else "point" if point is not None else None
+    if given != kind:
+        raise ValueError(f"this network was trained on {paper} {convention} crops, which take a {kind} prompt "
+                         f"(--{kind}); got {'no prompt' if given is None else 'a ' + given}")
+    if kind == "box":
+        return inference_roi(box, scaler_crop, preview_size, sensor_size=sensor_size, padding=float(crop["roi_padding"]))
+    return point_roi(point, scaler_crop, preview_size, sensor_size=sensor_size, window=int(crop["window"]))
+
+
+def sensor_size(picam2: Any) -> tuple[int, int]:
+    """The sensor's full pixel array ``(width, height)`` from picamera2's public API.
+
+    ``Picamera2.camera_properties["PixelArraySize"]`` (libcamera's property), else ``Picamera2.sensor_resolution``
+    (the native mode), else the IMX500's :data:`SENSOR_SIZE`. (``IMX500`` keeps its own copy in a private method.)
+    """
+    size = (getattr(picam2, "camera_properties", None) or {}).get("PixelArraySize")
+    if size is None:
+        size = getattr(picam2, "sensor_resolution", None)
+    if size is None:
+        return SENSOR_SIZE
+    width, height = (int(v) for v in size)
+    return width, height
+
+
+def _large_enough(roi: tuple[int, int, int, int], what: str) -> tuple[int, int, int, int]:
+    if min(roi[2], roi[3]) < MIN_ROI_SIDE:
+        raise ValueError(f"{what}: its inference ROI {roi} (x, y, w, h, sensor px) has a side under the IMX500's minimum "
+                         f"of {MIN_ROI_SIDE} px; choose a larger object or one farther from the sensor's edge")
+    return roi
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,9 +5,10 @@ For every model ``m`` (``student``, ``student_int8``, ``teacher``) it holds
 
 * ``m_iou``       crop-frame IoU of ``logits > 0`` against the ``S x S`` GT crop (empty union = 1), the
                   papers' per-sample IoU (``scoring.crop_ious``);
-* ``m_full_iou``  the crop logits resized back into their crop box and pasted into the image frame, against
-                  the full GT mask (``scoring.full_image_iou``): what the student's answer is worth on the
-                  image, including the parts of a large object a 96-px window never sees;
+* ``m_full_iou``  the crop mask (logit > 0) resized NEAREST back into its crop box and pasted into the image
+                  frame, against the full GT mask (``scoring.full_image_iou``): what the student's answer is worth
+                  on the image, including the parts of a large object a 96-px window never sees. The same paste
+                  makes the image-frame predictions file, so ``score-predictions`` on it gives the same figure;
 
 plus ``gt_nonempty``, ``ann_id``, ``image_id``, ``category``, COCO ``area`` and the crop box
 (``box_x1`` .. ``box_y2``, from which :meth:`InstanceGT.protocol_of` reads the crop convention). :func:`evaluation_report`
@@ -25,7 +26,6 @@ Batches are what ``picosam_pipeline.train.loader.make_loader`` yields (``image``
 from __future__ import annotations
 
 import csv
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -36,9 +36,9 @@ import numpy as np
 from picosam_pipeline.data.crops import CropBox
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.evaluate.predict import CropModel
+from picosam_pipeline.evaluate.predictions import CropPrediction
 from picosam_pipeline.evaluate.scoring import (
     SIZE_BUCKETS,
-    CropPrediction,
     Protocol,
     breakdown,
     crop_ious,
@@ -59,7 +59,6 @@ def teacher_models(teachers: Sequence[str]) -> list[str]:
 
 def is_teacher(model: str) -> bool:
     return model == TEACHER or model.startswith(f"{TEACHER}_")
-HIST_BINS = 20  # IoU histogram bins of width 0.05, the papers' threshold step
 
 
 # --------------------------------------------------------------------------------------------------
@@ -74,11 +73,13 @@ class InstanceGT:
 
     def __init__(self, ann_ids: Iterable[int], rle_counts: Iterable[str], heights: Iterable[int],
                  widths: Iterable[int], categories: Iterable[str], source: str,
-                 crop_boxes: Mapping[Protocol, np.ndarray] | None = None) -> None:
+                 crop_boxes: Mapping[Protocol, np.ndarray] | None = None,
+                 prompts: Mapping[str, np.ndarray] | None = None) -> None:
         self._rows = {int(a): (r, int(h), int(w), str(c))
                       for a, r, h, w, c in zip(ann_ids, rle_counts, heights, widths, categories)}
         self._order = {a: i for i, a in enumerate(self._rows)}
         self.crop_boxes = dict(crop_boxes or {})  # protocol -> (N, 4) crop boxes in row order (index only)
+        self.prompts = dict(prompts or {})  # "bbox" (N, 4) x, y, w, h and "point" (N, 2) x, y in row order (index only)
         self.source = source
 
     @classmethod
@@ -86,12 +87,12 @@ class InstanceGT:
         """The instances of ``split`` in the prepare stage's index (``index.read_index``)."""
         from picosam_pipeline.data.index import column_array, read_index
 
-        columns = ["ann_id", "rle_counts", "height", "width", "category_name", "roi_box", "point_box"]
+        columns = ["ann_id", "rle_counts", "height", "width", "category_name", "roi_box", "point_box", "bbox", "point"]
         table = read_index(path, split=split, columns=columns)
         t = table.select(columns[:5]).to_pydict()
         boxes = {"picosam3-roi": column_array(table, "roi_box"), "picosam2-point": column_array(table, "point_box")}
         return cls(t["ann_id"], t["rle_counts"], t["height"], t["width"], t["category_name"],
-                   f"{path} (split {split!r})", boxes)
+                   f"{path} (split {split!r})", boxes, {"bbox": column_array(table, "bbox"), "point": column_array(table, "point")})
 
     def protocol_of(self, ann_ids: np.ndarray, crop_boxes: np.ndarray) -> Protocol | None:
         """The crop convention whose index boxes equal most of the given crop boxes ``(N, 4)``; None if neither.
@@ -130,6 +131,19 @@ class InstanceGT:
     def category(self, ann_id: int) -> str:
         return self._row(ann_id)[3]
 
+    def prompt(self, ann_id: int, protocol: Protocol | None) -> tuple[str, tuple[float, ...]] | None:
+        """The prompt the crop was made from, in image pixels: ``("point", (x, y))`` for ``picosam2-point``,
+        ``("box", (x, y, w, h))`` (the COCO box) for ``picosam3-roi``; None when the index is not loaded or unknown."""
+        key = {"picosam2-point": "point", "picosam3-roi": "bbox"}.get(protocol or "")
+        if key is None or key not in self.prompts or int(ann_id) not in self._order:
+            return None
+        return ("point" if key == "point" else "box"), tuple(float(v) for v in self.prompts[key][self._order[int(ann_id)]])
+
+    def image_size(self, ann_id: int) -> tuple[int, int]:
+        """``(H, W)`` of the instance's image."""
+        _, h, w, _ = self._row(ann_id)
+        return h, w
+
 
 # --------------------------------------------------------------------------------------------------
 # per-sample scores
@@ -152,7 +166,8 @@ def score_batch(logits: Mapping[str, np.ndarray], gt_crops: np.ndarray, crop_box
     out = {"gt_nonempty": gt_nonempty(gt_crops)}
     for name, lg in logits.items():
         out[f"{name}_iou"] = crop_ious(lg, gt_crops)
-        out[f"{name}_full_iou"] = np.array([full_image_iou(lg[i], boxes[i], full_masks[i]) for i in range(len(boxes))])
+        # The mask, not the logits, is resized (NEAREST): what a predictions file holds, so both score alike.
+        out[f"{name}_full_iou"] = np.array([full_image_iou(lg[i] > 0, boxes[i], full_masks[i]) for i in range(len(boxes))])
     return out
 
 
@@ -175,6 +190,9 @@ class ScoreTable:
 
     def __len__(self) -> int:
         return self._rows
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._parts
 
     def __getitem__(self, name: str) -> np.ndarray:
         parts = self._parts[name]
@@ -239,15 +257,18 @@ def evaluate_batches(batches: Iterable[Mapping[str, Any]], models: Mapping[str, 
     bar = tqdm(total=total, desc="evaluate", unit="sample", disable=None)
     for batch in batches:
         rgb = to_numpy(batch["image"]).astype(np.float32, copy=False)
-        logits = {}
+        logits, extra = {}, {}
         for name, model in models.items():
             t0 = time.perf_counter()
             logits[name] = model(rgb)
             model_seconds[name] += time.perf_counter() - t0
         if "teacher_logits" in batch:
             stored = to_numpy(batch["teacher_logits"]).astype(np.float32, copy=False)  # (B, K, S, S)
+            confidence = to_numpy(batch["confidence"]).reshape(len(rgb), -1) if "confidence" in batch else None
             for k, name in enumerate(teacher_models(teachers)):
                 logits[name] = stored[:, k:k + 1]
+                if confidence is not None:  # the teacher's confidence (lambda's source): a histogram plot
+                    extra[f"{name}_confidence"] = confidence[:, k].astype(np.float64)
         gt_crops = to_numpy(batch["gt_mask"]).reshape(len(rgb), *rgb.shape[-2:])
         ann_ids = to_numpy(batch["ann_id"]).astype(np.int64)
         boxes = to_numpy(batch["crop_box"]).astype(np.int64).reshape(len(rgb), 4)
@@ -255,22 +276,24 @@ def evaluate_batches(batches: Iterable[Mapping[str, Any]], models: Mapping[str, 
         categories = np.array([gt.category(a) for a in ann_ids], dtype=object)
         table.add(ann_id=ann_ids, image_id=to_numpy(batch["image_id"]).astype(np.int64), category=categories,
                   area=to_numpy(batch["area"]).astype(np.float64), box_x1=boxes[:, 0], box_y1=boxes[:, 1],
-                  box_x2=boxes[:, 2], box_y2=boxes[:, 3], **scores)
+                  box_x2=boxes[:, 2], box_y2=boxes[:, 3], **scores, **extra)
         if on_sample is not None:
             crops = np.clip(np.moveaxis(rgb, 1, -1) * 255.0 + 0.5, 0, 255).astype(np.uint8)
             for i in range(len(rgb)):
                 on_sample({"image": crops[i], "gt": gt_crops[i] > 0.5, "ann_id": int(ann_ids[i]), "category": categories[i],
+                           "crop_box": tuple(int(v) for v in boxes[i]),
                            "logits": {m: lg[i, 0] for m, lg in logits.items()},
                            "iou": {m: float(scores[f"{m}_iou"][i]) for m in logits}})
         if predictions is not None and "student" in logits:
-            predictions.extend(_predictions(logits["student"], batch, ann_ids))
+            predictions.extend(_predictions(logits["student"], batch, ann_ids, boxes, gt))
         bar.update(len(rgb))
     bar.close()
     return table, {"seconds": time.perf_counter() - start, "model_seconds": model_seconds}
 
 
-def _predictions(logits: np.ndarray, batch: Mapping[str, Any], ann_ids: np.ndarray) -> list[CropPrediction]:
-    """Crop predictions for a results file; score = mean sigmoid probability over the predicted mask (0 if empty)."""
+def _predictions(logits: np.ndarray, batch: Mapping[str, Any], ann_ids: np.ndarray, boxes: np.ndarray,
+                 gt: InstanceGT) -> list[CropPrediction]:
+    """Predictions for the results files; score = mean sigmoid probability over the predicted mask (0 if empty)."""
     image_ids = to_numpy(batch["image_id"])
     category_ids = to_numpy(batch["category_id"])
     out = []
@@ -278,7 +301,8 @@ def _predictions(logits: np.ndarray, batch: Mapping[str, Any], ann_ids: np.ndarr
         lg = logits[i, 0]
         mask = lg > 0
         score = float((1.0 / (1.0 + np.exp(-lg[mask]))).mean()) if mask.any() else 0.0
-        out.append(CropPrediction(int(image_ids[i]), mask, score, int(category_ids[i]), int(ann_ids[i])))
+        out.append(CropPrediction(int(image_ids[i]), mask, score, int(category_ids[i]), int(ann_ids[i]),
+                                  crop_box=tuple(int(v) for v in boxes[i]), image_size=gt.image_size(ann_ids[i])))
     return out
 
 
@@ -315,32 +339,6 @@ def category_report(table: ScoreTable, model: str) -> dict[str, dict]:
 def evaluation_report(table: ScoreTable, models: Iterable[str] | None = None) -> dict[str, Any]:
     """``{"samples": N, model: model_report, ...}`` for ``models`` (default: every model in the table), JSON-ready."""
     return {"samples": len(table), **{m: model_report(table, m) for m in (table.models if models is None else models)}}
-
-
-def iou_histogram(table: ScoreTable, bins: int = HIST_BINS) -> list[dict[str, float]]:
-    """Share of samples per crop-IoU bin for each model: rows ``{"iou": bin centre, model: share, ...}``.
-
-    The last bin is closed (IoU 1.0 falls in it), so shares sum to 1 per model.
-    """
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    rows = [{"iou": round(float(c), 4)} for c in (edges[:-1] + edges[1:]) / 2]
-    for model in table.models:
-        counts, _ = np.histogram(table[f"{model}_iou"], bins=edges)
-        shares = counts / max(len(table), 1)
-        for row, share in zip(rows, shares):
-            row[model] = round(float(share), 6)
-    return rows
-
-
-def size_bars(report: Mapping[str, Any], models: Iterable[str]) -> list[dict[str, Any]]:
-    """Rows for the per-size bar plot: ``{"group": "small / student", "crop_miou", "samples"}``, NaN-free."""
-    rows = []
-    for model in models:
-        for size, group in report[model]["by_size"].items():
-            if group["crop_miou"] is not None and not math.isnan(group["crop_miou"]):
-                rows.append({"group": f"{size} / {model}", "model": model, "size": size,
-                             "crop_miou": round(group["crop_miou"], 6), "samples": group["samples"]})
-    return rows
 
 
 def _fmt(value: float | None) -> str:

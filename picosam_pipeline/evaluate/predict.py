@@ -15,10 +15,17 @@ INT8 model, which takes the camera's RGB and normalises in its first layer (ONNX
 ``../shared/docs/picosam-reference.md`` section 2: the crop box comes from ``crops.py`` (PicoSAM3 ROI for a
 box, PicoSAM2 96-px window for a point), the crop is resized to ``S x S`` (PIL bilinear, as in training), the
 logits are resized back into the crop box and pasted into the image frame (``scoring.paste_crop``).
+
+A model records the crop it was trained on (``crop``: ``crops.crop_convention``; in ``student.pt``'s meta, in the
+exported ONNX files' ``picosam.crop`` metadata): :func:`prompt_settings` takes the prompt kind and the crop
+parameters from there and refuses the other kind, so a point-trained model is not run on a box crop.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +34,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 from PIL import Image, ImageDraw
 
-from picosam_pipeline.data.crops import CropBox, point_box, roi_box
+from picosam_pipeline.data.crops import CONVENTIONS, CropBox, point_box, roi_box
 from picosam_pipeline.data.images import load_image
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.evaluate.scoring import paste_crop
@@ -46,6 +53,7 @@ class CropModel(Protocol):
 
     name: str  # what the model file is, for reports ("checkpoint data/train/student.pt", "onnx ...")
     input_size: int  # S
+    crop: dict | None  # the crop convention it was trained on (crops.crop_convention); None = not recorded
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray: ...
 
@@ -57,11 +65,13 @@ class CropModel(Protocol):
 class TorchCropModel:
     """A PyTorch student on ``runtime.device`` (autocast as the runtime says); logits come back as float32 numpy."""
 
-    def __init__(self, model: "torch.nn.Module", runtime: "Runtime", input_size: int, name: str) -> None:
+    def __init__(self, model: "torch.nn.Module", runtime: "Runtime", input_size: int, name: str,
+                 crop: dict | None = None) -> None:
         self.model = model.to(runtime.device).eval()
         self.runtime = runtime
         self.input_size = input_size
         self.name = name
+        self.crop = crop
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         import torch
@@ -109,6 +119,10 @@ class OnnxCropModel:
         # metadata (deploy/onnx_export.py). Other exports expect normalised input, as the PyTorch module does.
         metadata = self.session.get_modelmeta().custom_metadata_map
         self.normalizes_input = metadata.get("picosam.input_normalization") == "in_graph"
+        try:  # the quantize / export stages record the student's crop convention (JSON)
+            self.crop = json.loads(metadata["picosam.crop"]) if "picosam.crop" in metadata else None
+        except ValueError:
+            raise PipelineError(f"ONNX model {str(path)!r}: its picosam.crop metadata is not JSON; export it again") from None
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         x = np.asarray(rgb, dtype=np.float32)
@@ -143,7 +157,36 @@ def load_crop_model(path: str | Path, runtime: "Runtime") -> CropModel:
     from picosam_pipeline.train.checkpoints import load_student
 
     model, meta = load_student(path)
-    return TorchCropModel(model, runtime, int(meta.get("input_size", 96)), f"checkpoint {path}")
+    return TorchCropModel(model, runtime, int(meta.get("input_size", 96)), f"checkpoint {path}", meta.get("crop"))
+
+
+def prompt_settings(model: CropModel, *, box: tuple[float, ...] | None, point: tuple[float, ...] | None,
+                    roi_padding: float | None = None, window: int | None = None) -> tuple[float, int, list[str]]:
+    """``(roi_padding, window, notes)`` for prompting ``model``: the crop parameters it recorded, else the given
+    ones (else PicoSAM3's 0.1 / PicoSAM2's 96).
+
+    Raises:
+        PipelineError: the prompt is of the other kind than the model was trained with, or a given crop parameter
+            differs from the recorded one (the crop would not be the one the model learned).
+    """
+    crop = model.crop
+    if crop is None:
+        notes = ["the model does not record its crop convention (not written by this pipeline's train / export "
+                 "stages): the crop follows the prompt you gave"]
+        return (0.1 if roi_padding is None else roi_padding), (96 if window is None else window), notes
+    kind, paper = CONVENTIONS[crop["convention"]]
+    given = "box" if box is not None else "point"
+    if given != kind:
+        example = "--box X,Y,W,H" if kind == "box" else "--point X,Y"
+        raise PipelineError(f"{model.name} was trained on {paper} {crop['convention']} crops, which take a {kind} prompt; "
+                            f"give {example} instead of --{given}")
+    recorded = {"roi_padding": crop.get("roi_padding"), "window": crop.get("window")}
+    for key, value in (("roi_padding", roi_padding), ("window", window)):
+        if value is not None and recorded[key] is not None and value != recorded[key]:
+            raise PipelineError(f"--{key.replace('_', '-')} {value}: {model.name} was trained with {key} "
+                                f"{recorded[key]}; leave the option out to use it")
+    return (recorded["roi_padding"] if recorded["roi_padding"] is not None else (roi_padding or 0.1),
+            recorded["window"] if recorded["window"] is not None else (window or 96), [])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -190,6 +233,10 @@ def prompt_box(width: int, height: int, *, box: tuple[float, ...] | None = None,
     """
     if (box is None) == (point is None):
         raise PipelineError("give exactly one prompt: --box x,y,w,h (PicoSAM3 ROI) or --point x,y (PicoSAM2 window)")
+    values = box if box is not None else point
+    if not all(math.isfinite(v) for v in values):  # NaN compares false with every bound below
+        raise PipelineError(f"--{'box' if box is not None else 'point'} {','.join(f'{v:g}' for v in values)}: "
+                            "every coordinate must be a finite number of pixels")
     size = f"{width}x{height} (width x height)"
     if point is not None:
         x, y = point
@@ -207,6 +254,9 @@ def prompt_box(width: int, height: int, *, box: tuple[float, ...] | None = None,
     if (x1, y1, x2, y2) != (x, y, x + w, y + h):
         notes.append(f"box clipped to the image: {x1:g},{y1:g},{x2 - x1:g},{y2 - y1:g}")
     crop_box, _ = roi_box((x1, y1, x2 - x1, y2 - y1), width, height, roi_padding)
+    if crop_box.x2 <= crop_box.x1 or crop_box.y2 <= crop_box.y1:
+        raise PipelineError(f"--box {x:g},{y:g},{w:g},{h:g} is smaller than a pixel: its crop {tuple(crop_box)} "
+                            "(x1, y1, x2, y2) holds no whole pixel; give a box around the object, a few pixels wide at least")
     return crop_box, notes
 
 
@@ -247,11 +297,34 @@ def predict_to_files(model: CropModel, image_path: str | Path, mask_out: str | P
     Raises:
         PipelineError: unreadable image (``images.BadImageError``), bad prompt.
     """
+    outputs = [Path(mask_out)] + ([Path(overlay_out)] if overlay_out is not None else [])
+    for path in outputs:  # before the model runs: a typo in --out must not cost the work
+        _check_writable(path)
     pixels = load_image(image_path).pixels
     prediction = predict_image(model, pixels, box=box, point=point, roi_padding=roi_padding, window=window)
-    Path(mask_out).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(prediction.mask.astype(np.uint8) * 255).save(mask_out)
+    images = [Image.fromarray(prediction.mask.astype(np.uint8) * 255)]
     if overlay_out is not None:
-        Path(overlay_out).parent.mkdir(parents=True, exist_ok=True)
-        overlay(pixels, prediction, box=box, point=point).save(overlay_out)
+        images.append(overlay(pixels, prediction, box=box, point=point))
+    for path, image in zip(outputs, images):
+        try:
+            image.save(path)
+        except OSError as err:  # e.g. the disk filled up between the check and the write
+            raise PipelineError(f"cannot write {str(path)!r}: {err.strerror or err}; choose another --out / --overlay") from None
     return prediction
+
+
+def _check_writable(path: Path) -> None:
+    """Raise :class:`PipelineError` unless ``path`` can be written as an image: a known extension, a folder that exists
+    or can be made, write permission, and not a folder itself."""
+    if path.is_dir():
+        raise PipelineError(f"cannot write {str(path)!r}: it is a folder; give a file name such as {path / 'mask.png'}")
+    if path.suffix.lower() not in Image.registered_extensions():
+        what = f"{path.suffix} is not an image format" if path.suffix else "the name has no image extension"
+        raise PipelineError(f"cannot write {str(path)!r}: {what}; name the file .png")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PipelineError(f"cannot write {str(path)!r}: its folder cannot be made ({err.strerror or err}); "
+                            "choose another --out / --overlay") from None
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise PipelineError(f"cannot write {str(path)!r}: no write permission there; choose another --out / --overlay")

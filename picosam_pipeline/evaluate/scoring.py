@@ -16,20 +16,16 @@ figures:
 into the image frame and compares it with the full GT mask. It shows how much of a large object a
 96-px PicoSAM2 window can never cover.
 
-A predictions file is a COCO results list of crop-frame RLE masks. Its alignment matches the PicoSAM2
-reference outputs (``../shared/data/README.md``): the k-th prediction of an image belongs to the k-th
-non-crowd annotation of that image, in JSON order. ``write_predictions`` writes that format and
-``score_predictions`` scores it.
+Prediction files (image-frame COCO results and crop-frame files, ``predictions.py``) are scored by
+``score_predictions``. Their alignment matches the PicoSAM2 reference outputs (``../shared/data/README.md``): the
+k-th prediction of an image belongs to the k-th non-crowd annotation of that image, in JSON order.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
-import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
@@ -191,92 +187,6 @@ def gt_crop(mask: np.ndarray, bbox_xywh: Any, protocol: Protocol, size: int = CR
 
 
 # --------------------------------------------------------------------------------------------------
-# prediction files (COCO results format, crop-frame RLE)
-
-
-@dataclass(frozen=True)
-class CropPrediction:
-    """One crop-frame prediction, the unit of a predictions file.
-
-    ``logits``: ``(S, S)`` or ``(1, S, S)`` numpy/torch; float logits (foreground = logit > 0) or a bool/int mask.
-    ``category_id`` is 1 in the PicoSAM2 reference files; the scorer takes categories from the GT.
-    ``annotation_id``, when set, is written too and checked by the scorer against the aligned annotation.
-    """
-
-    image_id: int
-    logits: Any
-    score: float
-    category_id: int = 1
-    annotation_id: int | None = None
-
-
-def encode_crop_mask(pred: Any) -> dict[str, Any]:
-    """COCO compressed RLE ``{"size": [S, S], "counts": str}`` of ``pred > 0`` (``(S, S)`` or ``(1, S, S)``)."""
-    from pycocotools import mask as mask_utils
-
-    arr = to_numpy(pred)
-    binary = np.asfortranarray(arr.reshape(arr.shape[-2:]) > 0, dtype=np.uint8)
-    rle = mask_utils.encode(binary)
-    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
-
-
-def write_predictions(records: Iterable[CropPrediction], path: str | Path) -> int:
-    """Write crop predictions as a COCO results JSON list (the PicoSAM2 reference format); returns the count.
-
-    Each entry is ``{"image_id", "category_id", "segmentation": RLE, "score", "id"}``, plus ``"annotation_id"`` when
-    the record has one. Records must come in scoring order: within an image, one per non-crowd annotation,
-    in annotation JSON order. The file appears atomically, so an interrupted run leaves no half-written file.
-    """
-    entries = []
-    for k, rec in enumerate(records):
-        entry = {"image_id": int(rec.image_id), "category_id": int(rec.category_id),
-                 "segmentation": encode_crop_mask(rec.logits), "score": float(rec.score), "id": k}
-        if rec.annotation_id is not None:
-            entry["annotation_id"] = int(rec.annotation_id)
-        entries.append(entry)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(entries))
-    os.replace(tmp, path)
-    return len(entries)
-
-
-def read_predictions(path: str | Path) -> dict[int, list[dict]]:
-    """Predictions grouped by image id; each image's entries stay in file order (= annotation order)."""
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"predictions file {path} does not exist; pass a COCO results JSON of crop-frame RLE masks (see write_predictions)")
-    try:
-        entries = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise PipelineError(f"predictions file {path} is not valid JSON ({err}); it must be a COCO results list") from err
-    if not isinstance(entries, list):
-        raise PipelineError(f"predictions file {path}: expected a JSON list of results, got {type(entries).__name__}")
-    grouped: dict[int, list[dict]] = {}
-    for i, entry in enumerate(entries):
-        seg = entry.get("segmentation") if isinstance(entry, dict) else None
-        if not isinstance(seg, dict) or "size" not in seg or "counts" not in seg or "image_id" not in entry:
-            raise PipelineError(f"predictions file {path}, entry {i}: expected image_id and an RLE segmentation {{size, counts}}, got {str(entry)[:120]}")
-        grouped.setdefault(int(entry["image_id"]), []).append(entry)
-    return grouped
-
-
-def decode_crop_masks(entries: list[dict], size: int, source: str | Path) -> np.ndarray:
-    """``(N, size, size)`` bool masks of prediction entries (RLE decoded with pycocotools, foreground = 1)."""
-    from pycocotools import mask as mask_utils
-
-    rles = []
-    for entry in entries:
-        seg = entry["segmentation"]
-        if list(seg["size"]) != [size, size]:
-            raise PipelineError(f"{source}: prediction for image {entry['image_id']} has mask size {seg['size']}, expected [{size}, {size}] crop-frame masks")
-        # Uncompressed RLE (a list of counts) must be converted first; compressed strings decode directly.
-        rles.append(mask_utils.frPyObjects(seg, size, size) if isinstance(seg["counts"], list) else seg)
-    return np.moveaxis(mask_utils.decode(rles), -1, 0) > 0
-
-
-# --------------------------------------------------------------------------------------------------
 # scoring a predictions file against COCO / LVIS annotations
 
 
@@ -318,60 +228,136 @@ def _images_on_disk(coco, image_ids: Iterable[int], images_dir: Path) -> set[int
     return found
 
 
-def score_predictions(annotations: str | Path, predictions: str | Path, protocol: Protocol,
-                      images_dir: str | Path | None = None, size: int = CROP_SIZE) -> dict[str, Any]:
-    """Score a crop-frame predictions file with the papers' metrics; returns a JSON-ready report.
+def _mask_iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    """IoU of two full-image masks (non-zero = foreground); empty union = 1."""
+    pred, gt = np.asarray(pred) > 0, np.asarray(gt) > 0.5
+    union = np.count_nonzero(pred | gt)
+    return np.count_nonzero(pred & gt) / union if union else 1.0
 
-    Every image in the file must carry exactly one prediction per non-crowd annotation (k-th prediction =
-    k-th annotation in JSON order). Annotated images with no prediction at all are left out and counted.
-    With ``images_dir`` the PicoSAM3/LVIS rule applies: images whose file is missing are not scored, and
-    a prediction for one of them is an error.
+
+def _align(coco, by_image: dict[int, list[dict]], problems) -> dict[int, tuple[list[dict], list[dict]]]:
+    """``{image_id: (entries, annotations)}`` of images whose predictions line up with their non-crowd annotations."""
+    aligned = {}
+    for image_id, entries in by_image.items():
+        anns = [a for a in coco.imgToAnns.get(image_id, []) if _scorable(a)]
+        if len(entries) != len(anns):
+            problems.add("count_mismatch", f"image {image_id} has {len(entries)} prediction(s) but {len(anns)} "
+                                           "non-crowd annotation(s)", image_id)
+            continue
+        wrong = [(k, e["annotation_id"], a["id"]) for k, (e, a) in enumerate(zip(entries, anns))
+                 if "annotation_id" in e and e["annotation_id"] != a["id"]]
+        if wrong:
+            k, named, actual = wrong[0]
+            problems.add("annotation_mismatch", f"prediction {k} of image {image_id} names annotation {str(named)[:20]} "
+                                                f"but the {k}-th non-crowd annotation is {actual}", image_id)
+            continue
+        aligned[image_id] = (entries, anns)
+    return aligned
+
+
+def _coco_segm_ap(coco, entries: list[dict], image_ids: list[int]) -> dict[str, float] | None:
+    """COCOeval('segm') AP, AP50, AP75 of image-frame entries on their images; None when categories or scores lack."""
+    from pycocotools.cocoeval import COCOeval
+
+    if not all(e.get("category_id") in coco.cats and isinstance(e.get("score"), (int, float)) for e in entries):
+        return None
+    with contextlib.redirect_stdout(io.StringIO()):
+        results = coco.loadRes([{k: e[k] for k in ("image_id", "category_id", "segmentation", "score")} for e in entries])
+        ev = COCOeval(coco, results, "segm")
+        ev.params.imgIds = sorted(image_ids)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {"ap": float(ev.stats[0]), "ap50": float(ev.stats[1]), "ap75": float(ev.stats[2])}
+
+
+def score_predictions(annotations: str | Path, predictions: str | Path, protocol: Protocol,
+                      images_dir: str | Path | None = None, size: int = CROP_SIZE, *, frame: str = "auto",
+                      allow_partial: bool = False) -> dict[str, Any]:
+    """Score a predictions file (crop frame or image frame, see ``predictions.py``); returns a JSON-ready report.
+
+    Every image in the file must carry exactly one prediction per non-crowd annotation (k-th prediction = k-th
+    annotation in JSON order). Annotated images with no prediction at all are left out and counted. With
+    ``images_dir`` the PicoSAM3/LVIS rule applies: images whose file is missing are not scored, and a prediction for
+    one of them is a problem. Any problem in the file (see ``predictions.PROBLEM_TEXT``) stops with one message
+    that counts each kind, unless ``allow_partial``: then the images with a problem are skipped and counted.
+
+    Crop frame: the papers' crop metrics, and the full-image IoU of the crop mask resized NEAREST into its box (what
+    ``evaluate`` reports). Image frame: the full-image IoU of the given masks, COCO ``segm`` AP (COCOeval), and no
+    crop metrics (they need the crop-frame file).
     """
     from tqdm import tqdm
+
+    from picosam_pipeline.evaluate.predictions import decode_masks, read_predictions
 
     if protocol not in PROTOCOLS:
         raise PipelineError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
     coco = load_coco(annotations)
-    by_image = read_predictions(predictions)
-    unknown = [i for i in by_image if i not in coco.imgs]
-    if unknown:
-        raise PipelineError(f"{predictions}: {len(unknown)} image id(s) are not in {annotations} (e.g. {unknown[:5]}); score predictions against the annotations they were made on")
+    images = {i: (int(info["height"]), int(info["width"])) for i, info in coco.imgs.items()}
+    checked = read_predictions(predictions, images, frame=frame, crop_size=size)
+    problems, by_image = checked.problems, checked.by_image
     annotated = {i for i, anns in coco.imgToAnns.items() if any(_scorable(a) for a in anns)}
     if images_dir is not None:
         on_disk = _images_on_disk(coco, annotated | set(by_image), Path(images_dir))
-        missing = [i for i in by_image if i not in on_disk]
-        if missing:
-            raise PipelineError(f"{predictions}: predictions for {len(missing)} image(s) whose file is missing from {images_dir} (e.g. {missing[:5]}); pass the image folder the predictions were made on")
+        for image_id in [i for i in by_image if i not in on_disk]:
+            problems.add("missing_image_file", f"image {image_id}", image_id)
         annotated &= on_disk
+    aligned = _align(coco, by_image, problems)
+    if problems and not allow_partial:
+        raise PipelineError(f"{predictions}: {sum(problems.counts.values())} problem(s) in its {checked.entries} entries: "
+                            f"{problems.describe()}. The k-th prediction of an image must belong to its k-th non-crowd "
+                            f"annotation in {annotations} (JSON order). Fix the file, or pass --allow-partial to score "
+                            "only the images without a problem (the report counts what was skipped)")
+    aligned = {i: v for i, v in aligned.items() if i not in problems.bad_images}
+    if not aligned:
+        raise PipelineError(f"{predictions}: no image left to score ({problems.describe() or 'no prediction'}); "
+                            f"score predictions against the annotations they were made on ({annotations})")
 
-    ious, nonempty, full_ious, areas, categories = [], [], [], [], []
-    for image_id, entries in tqdm(by_image.items(), desc="scoring", unit="img", disable=None):
-        anns = [a for a in coco.imgToAnns.get(image_id, []) if _scorable(a)]
-        if len(entries) != len(anns):
-            raise PipelineError(f"{predictions}: image {image_id} has {len(entries)} prediction(s) but {len(anns)} non-crowd annotation(s) in {annotations}; the k-th prediction of an image must belong to its k-th non-crowd annotation (JSON order)")
-        pred = decode_crop_masks(entries, size, predictions)
+    ious, nonempty, full_ious, areas, categories, scored_entries = [], [], [], [], [], []
+    for image_id, (entries, anns) in tqdm(aligned.items(), desc="scoring", unit="img", disable=None):
+        pred = decode_masks(entries)  # (n, S, S) crop frame or (n, H, W) image frame, bool
         gts = []
-        for k, (entry, ann) in enumerate(zip(entries, anns)):
-            if "annotation_id" in entry and int(entry["annotation_id"]) != ann["id"]:
-                raise PipelineError(f"{predictions}: prediction {k} of image {image_id} names annotation {entry['annotation_id']} but the {k}-th non-crowd annotation is {ann['id']}; keep annotation JSON order")
+        for k, ann in enumerate(anns):
             mask = coco.annToMask(ann)
-            crop, box = gt_crop(mask, ann["bbox"], protocol, size)
-            gts.append(crop)
-            full_ious.append(full_image_iou(pred[k], box, mask))
+            if checked.frame == "crop":
+                crop, box = gt_crop(mask, ann["bbox"], protocol, size)
+                gts.append(crop)
+                full_ious.append(full_image_iou(pred[k], box, mask))
+            else:
+                gts.append(mask)
+                full_ious.append(_mask_iou(pred[k], mask))
             areas.append(float(ann.get("area", np.count_nonzero(mask))))
             categories.append(coco.cats[ann["category_id"]]["name"] if ann["category_id"] in coco.cats else str(ann["category_id"]))
-        gt_crops = np.stack(gts)  # (n, size, size) uint8
-        ious.append(crop_ious(pred, gt_crops))
-        nonempty.append(gt_nonempty(gt_crops))
+        if checked.frame == "crop":
+            gt_crops = np.stack(gts)  # (n, size, size) uint8
+            ious.append(crop_ious(pred, gt_crops))
+            nonempty.append(gt_nonempty(gt_crops))
+        else:
+            nonempty.append(np.array([np.any(g) for g in gts], dtype=bool))
+        scored_entries += entries
 
-    ious_all = np.concatenate(ious) if ious else np.zeros(0)
-    nonempty_all = np.concatenate(nonempty) if nonempty else np.zeros(0, dtype=bool)
-    report = {"protocol": protocol, "annotations": str(annotations), "predictions": str(predictions),
-              "images": len(by_image), "images_without_predictions": len(annotated - set(by_image))}
-    report.update(summarize(ious_all, nonempty_all))
-    report["full_image_miou"] = float(np.mean(full_ious)) if full_ious else None
-    report["by_size"] = breakdown(ious_all, nonempty_all, size_buckets(areas), order=SIZE_BUCKETS)
-    report["by_category"] = breakdown(ious_all, nonempty_all, np.asarray(categories, dtype=str))
+    nonempty_all = np.concatenate(nonempty)
+    full_all, buckets = np.asarray(full_ious, dtype=np.float64), size_buckets(areas)
+    report = {"protocol": protocol, "frame": checked.frame, "annotations": str(annotations),
+              "predictions": str(predictions), "images": len(aligned),
+              "images_without_predictions": len(annotated - set(by_image))}
+    if problems:
+        report["skipped"] = {"entries": checked.entries - len(scored_entries), "images": len(problems.bad_images),
+                             "problems": dict(problems.counts)}
+    if checked.frame == "crop":
+        ious_all = np.concatenate(ious)
+        report.update(summarize(ious_all, nonempty_all))
+        report["by_size"] = breakdown(ious_all, nonempty_all, buckets, order=SIZE_BUCKETS)
+        report["by_category"] = breakdown(ious_all, nonempty_all, np.asarray(categories, dtype=str))
+    else:
+        report.update(samples=len(full_all), gt_nonempty=int(nonempty_all.sum()), crop_miou=None,
+                      crop_success_map_50_95=None)
+        report["by_size"] = {b: {"samples": int((buckets == b).sum())} for b in SIZE_BUCKETS if (buckets == b).any()}
+        report["by_category"] = {}
+        report["coco_segm"] = _coco_segm_ap(coco, scored_entries, list(aligned))
+    report["full_image_miou"] = float(full_all.mean())
+    for name, group in report["by_size"].items():
+        group["full_image_miou"] = float(full_all[buckets == name].mean())
     return report
 
 
@@ -382,12 +368,26 @@ def _fmt(value: float | None) -> str:
 def format_report(report: dict[str, Any]) -> str:
     """Human-readable summary of :func:`score_predictions` (3 decimals; categories are in the JSON only)."""
     lines = [
-        f"protocol {report['protocol']}: {report['samples']} samples from {report['images']} images "
-        f"({report['gt_nonempty']} with a non-empty GT crop; {report['images_without_predictions']} annotated images without predictions not scored)",
-        f"crop mIoU                  {_fmt(report['crop_miou'])}",
-        f"crop mAP@[.5:.95]          {_fmt(report['crop_success_map_50_95'])}   (share with IoU >= t, mean over t = .50:.05:.95; not COCO AP)",
-        f"full-image mIoU (pasted)   {_fmt(report['full_image_miou'])}",
+        f"protocol {report['protocol']}, {report['frame']}-frame predictions: {report['samples']} samples from "
+        f"{report['images']} images ({report['gt_nonempty']} with a non-empty GT; {report['images_without_predictions']} "
+        "annotated images without predictions not scored)",
     ]
+    if "skipped" in report:
+        s = report["skipped"]
+        lines.append(f"partial scoring: skipped {s['entries']} entries of {s['images']} images with problems {s['problems']}")
+    if report["frame"] == "crop":
+        lines += [
+            f"crop mIoU                  {_fmt(report['crop_miou'])}",
+            f"crop mAP@[.5:.95]          {_fmt(report['crop_success_map_50_95'])}   (share with IoU >= t, mean over t = .50:.05:.95; not COCO AP)",
+        ]
+    else:
+        ap = report.get("coco_segm") or {}
+        lines += ["crop metrics               n/a (image-frame file; score its .crop.json for the papers' crop figures)",
+                  f"COCO segm AP [.5:.95]      {_fmt(ap.get('ap'))}   AP50 {_fmt(ap.get('ap50'))}   AP75 {_fmt(ap.get('ap75'))}"
+                  + ("" if ap else "   (needs real category ids and scores)")]
+    lines.append(f"full-image mIoU            {_fmt(report['full_image_miou'])}")
     for name, group in report["by_size"].items():
-        lines.append(f"  {name:<7} n={group['samples']:<6} crop mIoU {_fmt(group['crop_miou'])}  crop mAP {_fmt(group['crop_success_map_50_95'])}")
+        crop = (f"  crop mIoU {_fmt(group.get('crop_miou'))}  crop mAP {_fmt(group.get('crop_success_map_50_95'))}"
+                if report["frame"] == "crop" else "")
+        lines.append(f"  {name:<7} n={group['samples']:<6}{crop}  full-image mIoU {_fmt(group['full_image_miou'])}")
     return "\n".join(lines)

@@ -23,6 +23,13 @@ images, store and checkpoint at the same absolute paths (a shared file system) a
 --resources GPU=1``; when workers advertise a ``GPU`` resource every task asks for one. With
 ``threads_per_worker: 0`` a worker computes with all the cores its process may use.
 
+A task that stops on bad input (a :class:`PipelineError`: a missing checkpoint, an image that became unreadable)
+returns the error instead of raising it (:func:`_reporting`), and the client raises it: dask would log every
+failed task as a "Compute Failed" block with a traceback on the worker's stderr, before the one-paragraph
+message the user needs. Other exceptions are bugs and keep dask's report. The LocalCluster's scheduler serves
+its (unused) HTTP endpoints on a free port of 127.0.0.1, not on 8787, so a second cluster on a shared machine
+neither warns that the port is taken nor listens on the network.
+
 The ``if __name__ == "__main__"`` guard that process-based dask needs is in the console script
 (``picosam-pipeline``); scripts that call the stage directly must have it too.
 """
@@ -52,6 +59,32 @@ TASK_INSTANCES = 2048
 
 # Metadata that may differ between workers that built the same teacher.
 _PER_PROCESS_METADATA = ("torch_threads",)
+
+
+@dataclass(frozen=True)
+class _Refused:
+    """A task's bad-input error, returned instead of raised (see the module docstring).
+
+    Only the message travels: an exception pickles with its chained ``__context__`` (dask's tblib support),
+    which may be of a class that cannot be rebuilt from its args on the client.
+    """
+
+    message: str
+
+
+def _reporting(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in a dask task, a :class:`PipelineError` returned as :class:`_Refused` (not logged by dask)."""
+    try:
+        return fn(*args)
+    except PipelineError as err:
+        return _Refused(str(err))
+
+
+def _result(value: Any) -> Any:
+    """A task's value, or the :class:`PipelineError` it returned raised here, in the client."""
+    if isinstance(value, _Refused):
+        raise PipelineError(value.message)
+    return value
 
 
 def compute_threads() -> int:
@@ -175,7 +208,9 @@ class DaskExecutor:
         )
         workers = {p.name: {"cls": Nanny, "options": {"nthreads": 1, "host": "127.0.0.1", "env": p.env,
                                                       "silence_logs": logging.ERROR}} for p in plans}
-        scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard": False, "dashboard_address": None}}
+        # No dashboard; its HTTP endpoints on any free local port (the default, 8787, is often taken on a shared machine).
+        scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard": False,
+                                                   "dashboard_address": "127.0.0.1:0"}}
         try:
             self.cluster = SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR,
                                        name="picosam-teacher")
@@ -216,10 +251,10 @@ class DaskExecutor:
 
     def teacher_metadata(self) -> dict[str, Any]:
         """Build the teacher on every worker (in a task, off the worker's event loop) and check they all match."""
-        futures = [self.client.submit(teacher_metadata, self.spec, workers=[addr], allow_other_workers=False,
+        futures = [self.client.submit(_reporting, teacher_metadata, self.spec, workers=[addr], allow_other_workers=False,
                                       pure=False, resources=self.resources, key=f"teacher-build-{uuid.uuid4().hex}")
                    for addr in self._task_workers()]
-        metas = self.client.gather(futures)
+        metas = [_result(m) for m in self.client.gather(futures)]
         shared = [{k: v for k, v in m.items() if k not in _PER_PROCESS_METADATA} for m in metas]
         for other in shared[1:]:
             if other != shared[0]:
@@ -236,12 +271,12 @@ class DaskExecutor:
         from distributed import as_completed
 
         run = uuid.uuid4().hex[:8]
-        futures = [self.client.submit(run_shards, store_path, part, self.spec, pure=False, resources=self.resources,
-                                      key=f"teacher-shards-{part[0][0]}-{run}")
+        futures = [self.client.submit(_reporting, run_shards, store_path, part, self.spec, pure=False,
+                                      resources=self.resources, key=f"teacher-shards-{part[0][0]}-{run}")
                    for part in task_runs(jobs, self.workers, TASK_INSTANCES if self.runtime.device.type == "cuda" else 1)]
         try:
             for future in as_completed(futures):
-                yield from future.result()
+                yield from _result(future.result())
         finally:  # an error or an interrupt: drop the tasks not started yet
             self.client.cancel(futures)
 

@@ -11,6 +11,7 @@ boundary pixels. Confidence is 1 for every instance (or the ``confidence`` given
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from picosam_pipeline.teacher.store import PROMPT_CONVENTIONS, LogitStore, creat
 
 def write_mask_teacher_store(index: str | Path, out: str | Path, *, splits: list[str], prompt: str = "roi",
                              store_size: int = 96, context_margin: float = 0.0, codec: str = "sigmoid_uint8",
-                             instances_per_shard: int = 64, gain: float = 4.0, confidence: float = 1.0) -> LogitStore:
+                             instances_per_shard: int | str = 64, gain: float = 4.0, confidence: float = 1.0) -> LogitStore:
     """Write a store for the rows of ``splits`` (in that order, index order within each) and return it open.
 
     Args:
@@ -44,24 +45,46 @@ def write_mask_teacher_store(index: str | Path, out: str | Path, *, splits: list
         "prompt": {"convention": prompt, "description": PROMPT_CONVENTIONS[prompt]},
         "crop": {"store_size": store_size, "context_margin": context_margin, "stored_size": side},
     }
-    store = create_store(out, n_instances=rows.num_rows, side=side, instances_per_shard=instances_per_shard,
-                         codec=codec, compression_level=5, attrs=attrs)
-
-    logits = np.empty((rows.num_rows, side, side), np.float32)
+    boxes = stored_boxes(crop_boxes, store_size, context_margin)
+    store = create_store(out, side=side, instances_per_shard=instances_per_shard, codec=codec, compression_level=5,
+                         attrs=attrs, rows=dict(ann_id=rows["ann_id"].to_numpy(), image_id=rows["image_id"].to_numpy(),
+                                                crop_box=crop_boxes, stored_box=boxes))
+    # One shard in memory at a time (float32 (K, S, S)): memory follows the shard size, not the dataset's.
+    pending = set(store.pending_shards())
+    shard, buffer, filled = -1, np.empty((0, side, side), np.float32), 0
     start = 0
     for group in tqdm(iter_images(rows), desc="gt-mask teacher", unit="img", leave=False):
         span = slice(start, start + len(group))
         start = span.stop
-        masks = np.stack([decode_mask(rle, group.height, group.width) for rle in group.rows["rle_counts"].to_pylist()])
-        image_logits = torch.from_numpy(masks).float().mul_(2 * gain).sub_(gain)  # (m, H, W): +gain in, -gain out
-        logits[span] = crop_logits(image_logits, (group.width, group.height), crop_boxes[span], store_size,
-                                   context_margin).numpy()
-
-    ids = {name: rows[name].to_numpy() for name in ("ann_id", "image_id")}
-    boxes = stored_boxes(crop_boxes, store_size, context_margin)
-    for k in store.pending_shards():
-        part = store.shard_slice(k)
-        store.write_shard(k, logits[part], ann_id=ids["ann_id"][part], image_id=ids["image_id"][part],
-                          confidence=np.full(part.stop - part.start, confidence, np.float32), crop_box=crop_boxes[part],
-                          stored_box=boxes[part])
+        first, last = span.start // store.instances_per_shard, (span.stop - 1) // store.instances_per_shard
+        if not pending.intersection(range(first, last + 1)):
+            continue  # a resumed store: these rows are written
+        logits = [_window_logits(decode_mask(rle, group.height, group.width), crop_boxes[row], boxes[row], gain,
+                                 store_size, context_margin)
+                  for row, rle in zip(range(span.start, span.stop), group.rows["rle_counts"].to_pylist())]
+        for row, values in zip(range(span.start, span.stop), logits):
+            k = row // store.instances_per_shard
+            if k not in pending:
+                continue
+            if k != shard:
+                shard, part = k, store.shard_slice(k)
+                buffer, filled = np.empty((part.stop - part.start, side, side), np.float32), 0
+            buffer[row - part.start] = values
+            filled += 1
+            if filled == len(buffer):
+                store.write_shard(k, buffer, confidence=np.full(len(buffer), confidence, np.float32))
     return store
+
+
+def _window_logits(mask: np.ndarray, crop_box: np.ndarray, stored_box: np.ndarray, gain: float, store_size: int,
+                   context_margin: float) -> np.ndarray:
+    """``(S, S)`` float32 stored logits of one ``(H, W)`` {0, 1} mask, resampled from the window of the image that the
+    stored frame's bilinear taps reach (its box grown by one pixel, clipped to the image) instead of the whole
+    image: the same values up to float rounding (outside the image both replicate the border), at the cost of the
+    box, not of the image."""
+    height, width = mask.shape
+    x0, y0 = max(0, math.floor(stored_box[0]) - 1), max(0, math.floor(stored_box[1]) - 1)
+    x1, y1 = min(width, math.ceil(stored_box[2]) + 1), min(height, math.ceil(stored_box[3]) + 1)
+    window = torch.from_numpy(mask[y0:y1, x0:x1] * np.float32(2 * gain) - np.float32(gain))  # +gain in, -gain out
+    box = np.asarray(crop_box, np.int64) - np.array([x0, y0, x0, y0])
+    return crop_logits(window[None], (x1 - x0, y1 - y0), box[None], store_size, context_margin)[0].numpy()

@@ -30,7 +30,7 @@ import torch
 from picosam_pipeline.config import SAM2_MODELS, TeacherConfig
 from picosam_pipeline.data.checksums import sha256_file as file_sha256  # teacher metadata and verify-logits use this name
 from picosam_pipeline.device import Runtime
-from picosam_pipeline.errors import PipelineError, require_extra
+from picosam_pipeline.errors import PipelineError, is_weights_only_refusal, refused_checkpoint, require_extra
 
 SAM3_PROB_EPS = 1e-7  # PicoSAM3's clamp before probability -> logit: |logit| <= 16.12
 
@@ -291,12 +291,11 @@ def load_state_dict_safely(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise PipelineError(
-            f"checkpoint {str(path)!r} was refused: it contains pickled objects other than tensors, and loading it "
-            f"would run code from the file ({reason}). Use the official file (`picosam-pipeline fetch MODEL`) or "
-            "re-save only the state dict (torch.save(model.state_dict(), path)) from a source you trust"
-        ) from None
+        if not is_weights_only_refusal(err):  # damaged pickle data ("invalid load key"), not a refusal
+            raise PipelineError(f"checkpoint {str(path)!r} is not a readable torch checkpoint ({str(err)[:200]}); "
+                                "fetch it again") from None
+        raise refused_checkpoint(path, err, "Use the official file (`picosam-pipeline fetch MODEL` checks its sha256), "
+                                 "or have its maker re-save only the tensors (torch.save(model.state_dict(), path))") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
         raise PipelineError(f"checkpoint {str(path)!r} is not a readable torch checkpoint ({err}); fetch it again") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
@@ -317,8 +316,8 @@ def _checkpoint_or_none(cfg: TeacherConfig, seed: int) -> Path | None:
     if not cfg.allow_random_weights:
         raise PipelineError(
             f"{where}; download the weights with `picosam-pipeline fetch {cfg.model}` (or `dvc pull` them where the "
-            "team tracks them, or point teacher.checkpoint at the file), or set teacher.allow_random_weights=true to run the real "
-            "architecture with random weights (smoke tests only: the logits are noise)"
+            "team tracks them, or point teacher.checkpoint at the file). Without them there is nothing to distil: "
+            "teacher.allow_random_weights is off, as it must be outside smoke tests (random weights give noise logits)"
         )
     warnings.warn(f"{where}: teacher {cfg.model} runs with RANDOM weights (seed {seed}); its logits are noise",
                   RandomWeightsWarning, stacklevel=4)

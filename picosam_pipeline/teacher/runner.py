@@ -349,7 +349,7 @@ def process_shards(store_path: str, jobs: list[tuple[int, InstanceRows]], spec: 
             counts.update(encoder_passes=0, teacher_seconds=0.0, images_decoded_on_device=0)
             last, splits_seen = now, splits
 
-    with session.lock, ShardWriter(store, cfg.store_size, cfg.context_margin) as writer:
+    with session.lock, ShardWriter(store) as writer:
         for batch in batches:
             tick = time.perf_counter()
             batch_rows = [stream.take(g) for g in batch.groups]

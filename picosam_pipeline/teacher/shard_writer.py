@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from picosam_pipeline.teacher.store import LogitStore, stored_boxes
+from picosam_pipeline.teacher.store import LogitStore
 
 
 @dataclass
@@ -70,9 +70,8 @@ class ShardAssembler:
 class ShardWriter:
     """Writes shards of ``store`` in one background thread, ``max_pending`` at most in its queue."""
 
-    def __init__(self, store: LogitStore, store_size: int, context_margin: float, max_pending: int = 4) -> None:
+    def __init__(self, store: LogitStore, max_pending: int = 4) -> None:
         self.store = store
-        self.store_size, self.context_margin = store_size, context_margin
         self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self.written: queue.Queue = queue.Queue()  # shard numbers, as their writes complete
         self.error: BaseException | None = None
@@ -119,12 +118,8 @@ class ShardWriter:
             if self.error is not None:
                 continue  # drain: the teacher's thread raises at its next submit
             job, codes, confidence = item
-            rows = job.rows
             try:
-                self.store.write_shard(
-                    job.shard, codes, encoded=True, ann_id=rows.ann_id, image_id=rows.image_id, confidence=confidence,
-                    crop_box=rows.crop_box, stored_box=stored_boxes(rows.crop_box, self.store_size, self.context_margin),
-                )
+                self.store.write_shard(job.shard, codes, encoded=True, confidence=confidence)
             except BaseException as err:  # noqa: BLE001 -- handed to the teacher's thread
                 self.error = err
                 continue

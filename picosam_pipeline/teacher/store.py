@@ -1,45 +1,56 @@
 """The teacher-logit store: the teacher's soft logits for every instance, in one Zarr v3 group.
 
-Layout of the group (one per teacher pass, ``data/teacher/stores/<NAME>.zarr``); ``N`` instances, row ``i`` = row ``i`` of the
-teacher's instance index, ``S`` = stored side, ``K`` = instances per shard, ``n_shards = ceil(N / K)``:
+Layout of the group (one per teacher pass, ``data/teacher/stores/<NAME>.zarr``); ``N`` instances, row ``i`` = row
+``i`` of the teacher's instance index, ``S`` = stored side, ``K`` = instances per shard, ``n_shards = ceil(N / K)``:
 
-==============  ===========  =============  ===============  ============================================
-array           shape        dtype          chunks / shards  content
-==============  ===========  =============  ===============  ============================================
-``logits``      (N, S, S)    uint8/float16  (1,S,S)/(K,S,S)  codec values; decode rule in its attributes
-``ann_id``      (N,)         int64          (K,)             COCO / LVIS annotation id
-``image_id``    (N,)         int64          (K,)             image id
-``confidence``  (N,)         float32        (K,)             teacher's predicted IoU of the kept mask
-``crop_box``    (N, 4)       int32          (K, 4)           student crop x1, y1, x2, y2 (image px, half-open)
-``stored_box``  (N, 4)       float64        (K, 4)           frame of ``logits``: crop_box + context margin
-``shard_done``  (n_shards,)  uint8          (1,)             1 once shard k is completely written
-==============  ===========  =============  ===============  ============================================
+================  ===========  =============  ===============  ============================================
+array             shape        dtype          chunks / shards  content
+================  ===========  =============  ===============  ============================================
+``logits``        (N, S, S)    uint8/float16  (C,S,S)/(K,S,S)  codec values; decode rule in its attributes
+``confidence``    (N,)         float32        (K,)             teacher's predicted IoU of the kept mask
+``ann_id``        (N,)         int64          (M,)             COCO / LVIS annotation id
+``image_id``      (N,)         int64          (M,)             image id
+``crop_box``      (N, 4)       int32          (M, 4)           student crop x1, y1, x2, y2 (image px, half-open)
+``stored_box``    (N, 4)       float64        (M, 4)           frame of ``logits``: crop_box + context margin
+``shard_digest``  (n, 32)      uint8          (1, 32)          sha256 of shard k's files once it is complete
+================  ===========  =============  ===============  ============================================
 
 Logits pixel ``(v, u)`` of instance ``i`` samples image point ``x1 + (u + 0.5) * (x2 - x1) / S`` (same for y)
 of ``stored_box[i]`` (the ``align_corners=False`` convention of ``crops.crop_pixel_centres``). The group's
-``logit_store`` attribute holds the layout, codec and code version; the caller's attributes
+``logit_store`` attribute holds the layout, codec, code version and the pass id; the caller's attributes
 (:func:`teacher_attrs`) hold the teacher, its checkpoint sha256, the prompt convention and crop parameters.
 Plain zarr reads it all: ``zarr.open_group(path, mode="r")["logits"][i]`` plus ``["logits"].attrs``.
 
+``C`` (``chunk_rows``, 16 for ``auto`` shard sizes) instances share an inner chunk of a logits shard.
+
+Files (format 2, for COCO scale). The id and box arrays are known before the teacher runs (they come from the
+index), so :func:`create_store` writes them whole, in chunks of ``M = 2**20`` rows. A shard then costs three
+files: its ``logits`` shard, its ``confidence`` chunk and its ``shard_digest`` row. ``instances_per_shard: auto``
+(:func:`shard_size`) aims at 256 shards per store, 64 to 8,192 instances each: a COCO train2017 + val2017 store
+(~897k instances) has 256 shards of 3,504 and ~780 files; a shard is ~4 s of SAM2.1-tiny on an H200, so a kill
+loses seconds of teacher work and 256 tasks balance over many GPUs.
+
+Proof of contents. Shard ``k``'s digest is the sha256 of the pass id and the bytes of its two data files, as they
+are on disk. The pass id is a sha256 of the layout and attributes (teacher, params, index digest, id/box arrays),
+so a shard written by another pass, a lost chunk file (zarr would read its fill value, zeros) or an altered one is
+caught. Readers verify every shard they touch, once per open store (:meth:`LogitStore.verify_shard`), and name the
+bad shard; a resumed teacher pass rewrites shards that fail.
+
 Writing and crash safety. Writers own whole shards: :meth:`LogitStore.write_shard` for shard ``k`` touches
-exactly one file per array (the ``logits`` shard, the ``k``-th chunk of each metadata array) and one marker
-file. It first deletes whatever files shard ``k`` already has (zarr 3.1.6 reads an existing shard before
-rewriting it, even for a write that covers the whole shard, and fails on a truncated one), writes the
-arrays, and only then sets ``shard_done[k] = 1``. So a shard is taken as done only after all its files were
-written; killed at any moment, a rerun rewrites exactly the shards without a marker, and the result is
+exactly its two data files and its digest row. It first deletes the digest row and the data files (zarr 3.1.6
+reads an existing shard before rewriting it, even for a write that covers the whole shard, and fails on a
+truncated one), writes the data, and only then the digest. So a shard is taken as done only after all its
+files were written; killed at any moment, a rerun rewrites exactly the shards without a digest, and the result is
 byte-identical to an uninterrupted run (the codecs and Blosc are deterministic). zarr 3.1.6's ``LocalStore``
 also writes every file to ``<name>.<uuid>.partial`` and renames it into place, so no file is ever half
 written in place; a kill can leave such temporaries behind, which :func:`create_store` removes. This covers
 process death (SIGKILL, OOM, preemption), not power loss: zarr does not fsync.
-
-The metadata arrays are plain chunks of ``K`` rather than shards of 1-row chunks: the shard index (16 bytes
-per inner chunk) would outweigh 8-byte rows, and one chunk per ``K`` rows gives shard ``k``'s writer one file
-per array just the same.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import shutil
@@ -56,18 +67,23 @@ from picosam_pipeline.config import TeacherConfig
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.teacher.codec import LogitCodec, decode_logits, encode_logits, get_codec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: id/box arrays written at creation, per-shard digests (1: 7 files per shard, no digests)
 STORE_ATTR = "logit_store"  # group attribute owned by this module; the rest belongs to the caller
+DIGEST = "shard_digest"
+META_CHUNK_ROWS = 1 << 20  # rows per chunk of the id/box arrays: one file each up to ~1M instances
+AUTO_SHARDS, MIN_AUTO_SHARD, MAX_AUTO_SHARD = 256, 64, 8192
+MAX_CHUNK_ROWS = 16  # instances per inner chunk of the logits (zarr's per-chunk cost dominates 1-row chunks)
 
-# name -> (dtype, trailing shape, description); written per shard together with the logits.
-META_ARRAYS: dict[str, tuple[str, tuple[int, ...], str]] = {
+# name -> (dtype, trailing shape, description): the rows' identity, from the index, written by create_store.
+INDEX_ARRAYS: dict[str, tuple[str, tuple[int, ...], str]] = {
     "ann_id": ("int64", (), "COCO / LVIS annotation id"),
     "image_id": ("int64", (), "image id"),
-    "confidence": ("float32", (), "teacher's predicted IoU of the kept mask"),
     "crop_box": ("int32", (4,), "student crop (x1, y1, x2, y2), image pixels, half-open"),
     "stored_box": ("float64", (4,), "frame of the stored logits (x1, y1, x2, y2), image pixels: crop_box + context margin"),
 }
-DATA_ARRAYS = ("logits", *META_ARRAYS)
+CONFIDENCE = ("float32", (), "teacher's predicted IoU of the kept mask")
+META_ARRAYS = (*INDEX_ARRAYS, "confidence")  # what read_meta returns
+SHARD_ARRAYS = ("logits", "confidence")  # written per shard by the teacher, covered by the shard's digest
 
 # Teacher settings that change how the pass runs but not one stored byte; left out of the attributes so
 # that resuming on another cluster (or with the store moved) is not refused as a different teacher.
@@ -105,6 +121,25 @@ def stored_boxes(crop_boxes: np.ndarray, store_size: int, context_margin: float)
     margin = (stored_side(store_size, context_margin) - store_size) / 2 / store_size  # fraction of the crop side
     grow = np.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]] * 2, axis=1) * margin
     return boxes + grow * np.array([-1.0, -1.0, 1.0, 1.0])
+
+
+def shard_size(instances_per_shard: int | str, n_instances: int) -> int:
+    """Instances per shard ``K``: the given number, or for ``"auto"`` about ``n_instances / 256`` within [64, 8192].
+
+    ``auto`` keeps a store at ~256 shards (~780 files) up to ~2M instances, whatever the dataset's size, while a
+    shard stays small enough (seconds of GPU teacher work) to lose on a kill and to balance over many workers.
+    """
+    if instances_per_shard == "auto":  # a multiple of 16, so that inner chunks of 16 rows tile the shard
+        per_shard = MAX_CHUNK_ROWS * math.ceil(n_instances / AUTO_SHARDS / MAX_CHUNK_ROWS)
+        return int(min(MAX_AUTO_SHARD, max(MIN_AUTO_SHARD, per_shard)))
+    return int(instances_per_shard)
+
+
+def chunk_rows(instances_per_shard: int) -> int:
+    """Rows per inner ``logits`` chunk: the largest divisor of the shard size up to 16 (zarr needs chunks that tile a
+    shard). Reading one instance decodes its chunk (16 x 9 KB at most); writing and reading whole shards, what the
+    teacher pass and ``pack`` do, is ~5x faster than with 1-row chunks (zarr 3.1's cost per chunk dominates)."""
+    return max(d for d in range(1, MAX_CHUNK_ROWS + 1) if instances_per_shard % d == 0)
 
 
 def teacher_attrs(cfg: TeacherConfig, *, checkpoint_sha256: str | None, crop: Mapping[str, Any]) -> dict[str, Any]:
@@ -152,8 +187,10 @@ class LogitStore:
         self.side: int = layout["side"]
         self.instances_per_shard: int = layout["instances_per_shard"]
         self.n_shards: int = layout["n_shards"]
+        self.pass_id: str = layout["pass_id"]
         self.codec: LogitCodec = get_codec(layout["codec"])
-        self._arrays = {name: group[name] for name in (*DATA_ARRAYS, "shard_done")}  # metadata read once
+        self._arrays = {name: group[name] for name in (*META_ARRAYS, "logits", DIGEST)}
+        self._verified: set[int] = set()  # shards whose files matched their digest in this process
 
     def __len__(self) -> int:
         return self.n_instances
@@ -172,46 +209,91 @@ class LogitStore:
         start = k * self.instances_per_shard
         return slice(start, min(start + self.instances_per_shard, self.n_instances))
 
+    def shard_files(self, k: int) -> list[Path]:
+        """Shard ``k``'s data files (its ``logits`` shard and ``confidence`` chunk), in digest order."""
+        return [self.path / name / self._arrays[name].metadata.encode_chunk_key((k,) + (0,) * (self._arrays[name].ndim - 1))
+                for name in SHARD_ARRAYS]
+
+    def digests(self) -> np.ndarray:
+        """uint8 ``(n_shards, 32)``: each shard's recorded digest, zeros while it is not complete (read fresh)."""
+        return self._arrays[DIGEST][:]
+
     def done_shards(self) -> np.ndarray:
-        """Bool ``(n_shards,)``: which shards are completely written (read fresh from disk on every call)."""
-        return self._arrays["shard_done"][:] == 1
+        """Bool ``(n_shards,)``: which shards carry a digest, i.e. were completely written (read fresh on every call)."""
+        return self.digests().any(axis=1)
 
     def pending_shards(self) -> list[int]:
         """Shard numbers still to write, ascending (what a resumed run hands out as tasks)."""
         return np.flatnonzero(~self.done_shards()).tolist()
 
-    def write_shard(self, k: int, logits: np.ndarray, *, ann_id, image_id, confidence, crop_box, stored_box,
-                    encoded: bool = False) -> None:
-        """Encode and write shard ``k`` (rows ``shard_slice(k)``, ``n`` of them), then mark it done.
+    def file_digest(self, k: int) -> bytes:
+        """sha256 of the pass id and shard ``k``'s data files as they are on disk (b"" for a missing file)."""
+        digest = hashlib.sha256(self.pass_id.encode())
+        for file in self.shard_files(k):
+            digest.update(file.name.encode())
+            try:
+                digest.update(file.read_bytes())
+            except FileNotFoundError:
+                digest.update(b"<missing>")
+        return digest.digest()
+
+    def shard_problem(self, k: int, recorded: np.ndarray | None = None) -> str | None:
+        """Why shard ``k`` cannot be trusted (missing or altered file, other pass, not written), or None if it is sound."""
+        recorded = self._arrays[DIGEST][k] if recorded is None else recorded
+        if not recorded.any():
+            return "not written yet"
+        if self.file_digest(k) == bytes(recorded):
+            return None
+        missing = [f.relative_to(self.path).as_posix() for f in self.shard_files(k) if not f.exists()]
+        if missing:
+            return f"file {', '.join(missing)} is missing"
+        return ("its files differ from what the teacher wrote (altered, or written by another teacher pass: "
+                f"{', '.join(f.relative_to(self.path).as_posix() for f in self.shard_files(k))})")
+
+    def verify_shard(self, k: int) -> None:
+        """Raise PipelineError naming shard ``k`` unless its files match its digest (checked once per open store)."""
+        if k in self._verified:
+            return
+        problem = self.shard_problem(k)
+        if problem:
+            raise PipelineError(
+                f"{self.path}: shard {k} (rows {self.shard_slice(k).start}:{self.shard_slice(k).stop}) cannot be read: "
+                f"{problem}. Rerun the teacher stage: it rewrites every shard that fails its digest"
+                + ("" if problem == "not written yet" else " (or `dvc pull` / `dvc checkout` the store if it came from a remote)"))
+        self._verified.add(k)
+
+    def failing_shards(self) -> list[int]:
+        """Shards marked complete whose files do not match their digest (reads every complete shard once)."""
+        digests = self.digests()
+        return [k for k in np.flatnonzero(digests.any(axis=1)).tolist() if self.shard_problem(k, digests[k])]
+
+    def write_shard(self, k: int, logits: np.ndarray, *, confidence, encoded: bool = False) -> None:
+        """Encode and write shard ``k`` (rows ``shard_slice(k)``, ``n`` of them), then record its digest.
 
         Args:
             logits: float32 ``(n, S, S)`` teacher logits in the ``stored_box`` frame (any finite range); with
                 ``encoded``, the codec's values already (``codec.dtype``, e.g. from ``codec.encode_logits_torch``).
-            ann_id, image_id: int ``(n,)``. confidence: float ``(n,)``.
-            crop_box: int ``(n, 4)`` student crop boxes. stored_box: float ``(n, 4)`` frames of ``logits``.
+            confidence: float ``(n,)``, the teacher's predicted IoU of each kept mask.
         """
         if not self.writable:
             raise PermissionError(f"{self.path} is open read-only; writers get their store from create_store()")
         rows = self.shard_slice(k)
         n = rows.stop - rows.start
-        given = dict(ann_id=ann_id, image_id=image_id, confidence=confidence, crop_box=crop_box, stored_box=stored_box)
         shape = (n, self.side, self.side)
         values = {"logits": _checked(k, "logits", logits, shape, np.dtype(self.codec.dtype), exact=True) if encoded
-                  else encode_logits(_checked(k, "logits", logits, shape, np.float32), self.codec)}
-        for name, (dtype, tail, _) in META_ARRAYS.items():
-            values[name] = _checked(k, name, given[name], (n, *tail), np.dtype(dtype))
-        done = self._arrays["shard_done"]
-        done[k] = 0  # un-commit first when rewriting a finished shard (fill value: the marker file is deleted)
-        for name in DATA_ARRAYS:  # a previous attempt's files, possibly truncated on a non-atomic store
-            array = self._arrays[name]
-            key = array.metadata.encode_chunk_key((k,) + (0,) * (array.ndim - 1))
-            (self.path / array.path / key).unlink(missing_ok=True)
-        for name in DATA_ARRAYS:
+                  else encode_logits(_checked(k, "logits", logits, shape, np.float32), self.codec),
+                  "confidence": _checked(k, "confidence", confidence, (n,), np.dtype(CONFIDENCE[0]))}
+        digest = self._arrays[DIGEST]
+        digest[k] = 0  # un-commit first when rewriting a finished shard (fill value: its file is deleted)
+        self._verified.discard(k)
+        for file in self.shard_files(k):  # a previous attempt's files, possibly truncated on a non-atomic store
+            file.unlink(missing_ok=True)
+        for name in SHARD_ARRAYS:
             self._arrays[name][rows] = values[name]
-        done[k] = 1  # the commit: written last, its own file
+        digest[k] = np.frombuffer(self.file_digest(k), np.uint8)  # the commit: written last, its own file
 
     def _selection(self, indices) -> int | slice | np.ndarray:
-        """``indices`` (int, slice or 1-D int sequence) as a zarr row selection whose shards are all written."""
+        """``indices`` (int, slice or 1-D int sequence) as a zarr row selection whose shards are all verified."""
         n = self.n_instances
         if isinstance(indices, slice):
             start, stop, step = indices.indices(n)
@@ -226,12 +308,19 @@ class LogitStore:
             rows = picked.astype(np.int64) % n  # wraps negatives like numpy
             selection = int(rows) if rows.ndim == 0 else rows
         shards = np.unique(np.atleast_1d(rows) // self.instances_per_shard)
-        missing = shards[~self.done_shards()[shards]]
-        if len(missing):
-            raise PipelineError(
-                f"{self.path}: shards {missing[:8].tolist()}{' ...' if len(missing) > 8 else ''} are not written yet "
-                f"({len(self.pending_shards())} of {self.n_shards} pending); rerun the teacher stage to finish the store"
-            )
+        unverified = [int(k) for k in shards if int(k) not in self._verified]
+        if unverified:  # only these shards' digest rows are read: a block read costs its own shards, not the store's
+            recorded = {k: self._arrays[DIGEST][k] for k in unverified}
+            missing = [k for k in unverified if not recorded[k].any()]
+            if missing:
+                raise PipelineError(
+                    f"{self.path}: shards {missing[:8]}{' ...' if len(missing) > 8 else ''} are not written yet "
+                    f"({len(self.pending_shards())} of {self.n_shards} pending); rerun the teacher stage to finish the store"
+                )
+            for k in unverified:
+                if self.shard_problem(k, recorded[k]):
+                    self.verify_shard(k)  # raises, naming the shard and the problem
+                self._verified.add(k)
         return selection
 
     def read_raw(self, indices) -> np.ndarray:
@@ -242,7 +331,7 @@ class LogitStore:
         """Decoded teacher logits, float32 ``(n, S, S)`` (``(S, S)`` for an int index); mask = logits > 0.
 
         ``indices``: an int, a slice or a 1-D int sequence (any order, repeats allowed) of rows.
-        Raises PipelineError when a row's shard is not written yet.
+        Raises PipelineError when a row's shard is not written yet or fails its digest.
         """
         return decode_logits(self.read_raw(indices), self.codec)
 
@@ -252,41 +341,53 @@ class LogitStore:
         return {name: self._arrays[name].get_orthogonal_selection((rows,)) for name in META_ARRAYS}
 
 
-def create_store(path: str | Path, *, n_instances: int, side: int, instances_per_shard: int, codec: str,
-                 compression_level: int, attrs: Mapping[str, Any]) -> LogitStore:
-    """Create the store at ``path``, or reopen it to resume: finished shards are kept.
+def create_store(path: str | Path, *, side: int, instances_per_shard: int | str, codec: str, compression_level: int,
+                 attrs: Mapping[str, Any], rows: Mapping[str, np.ndarray]) -> LogitStore:
+    """Create the store at ``path``, or reopen it to resume: shards that pass their digest are kept.
 
     Call it once, before any writer starts. Creation is atomic (built beside ``path``, then renamed).
 
     Args:
-        n_instances: rows ``N`` (the teacher's index length). side: stored side ``S`` (:func:`stored_side`).
-        instances_per_shard: ``K``, rows per shard file and per writer task.
+        side: stored side ``S`` (:func:`stored_side`).
+        instances_per_shard: ``K``, rows per shard file and per writer task, or ``"auto"`` (:func:`shard_size`).
         codec: a name from ``codec.CODECS``. compression_level: Blosc-zstd level 1..9.
         attrs: JSON-serialisable description of the pass (:func:`teacher_attrs`).
+        rows: the rows' identity, ``N`` each: ``ann_id``, ``image_id`` int ``(N,)``, ``crop_box`` int ``(N, 4)``,
+            ``stored_box`` float ``(N, 4)`` (``INDEX_ARRAYS``).
 
     Raises:
-        PipelineError: ``path`` holds something else, or a store with another layout, codec, teacher or code
-            version (``attrs`` and the layout must match exactly to resume).
+        PipelineError: ``path`` holds something else, or a store with another layout, codec, teacher, rows or
+            code version (``attrs``, ``rows`` and the layout must match exactly to resume).
     """
-    if n_instances < 1 or side < 1 or instances_per_shard < 1:
-        raise ValueError(f"create_store: n_instances, side and instances_per_shard must be >= 1, got "
-                         f"{n_instances}, {side}, {instances_per_shard}")
     if STORE_ATTR in attrs:
         raise ValueError(f"create_store: the attribute {STORE_ATTR!r} is reserved for the store layout")
+    if set(rows) != set(INDEX_ARRAYS):
+        raise ValueError(f"create_store: rows must hold exactly {sorted(INDEX_ARRAYS)}, got {sorted(rows)}")
+    n_instances = len(rows["ann_id"])
+    meta = {name: _checked(-1, name, rows[name], (n_instances, *tail), np.dtype(dtype))
+            for name, (dtype, tail, _) in INDEX_ARRAYS.items()}
+    per_shard = shard_size(instances_per_shard, n_instances)
+    if n_instances < 1 or side < 1 or per_shard < 1:
+        raise ValueError(f"create_store: n_instances, side and instances_per_shard must be >= 1, got "
+                         f"{n_instances}, {side}, {per_shard}")
     spec = get_codec(codec)
     layout = {
         "format_version": FORMAT_VERSION,
         "code_version": picosam_pipeline.__version__,
         "n_instances": n_instances,
         "side": side,
-        "instances_per_shard": instances_per_shard,
-        "n_shards": math.ceil(n_instances / instances_per_shard),
+        "instances_per_shard": per_shard,
+        "n_shards": math.ceil(n_instances / per_shard),
+        "chunk_rows": chunk_rows(per_shard),
         "codec": spec.name,
         "compression_level": compression_level,
+        "rows_sha256": _rows_digest(meta),
         # derived from the two above; also the logits array's attributes, for plain-zarr readers
         "encoding": {**spec.attrs(), "blosc": {"cname": "zstd", "clevel": compression_level, "shuffle": spec.shuffle}},
     }
     expected = json.loads(json.dumps({STORE_ATTR: layout, **attrs}))  # the JSON zarr will hand back
+    layout["pass_id"] = expected[STORE_ATTR]["pass_id"] = hashlib.sha256(
+        json.dumps(expected, sort_keys=True).encode()).hexdigest()
     path = Path(path)
     if path.is_file() or (path.is_dir() and any(path.iterdir())):
         try:
@@ -302,12 +403,22 @@ def create_store(path: str | Path, *, n_instances: int, side: int, instances_per
             )
         for leftover in path.rglob("*.partial"):  # zarr's temporaries from a write killed mid-file
             leftover.unlink()
+        for k in store.failing_shards():  # lost or altered since: un-commit, so the pass rewrites it
+            store._arrays[DIGEST][k] = 0
         return store
     building = path.with_name(path.name + ".creating")
     shutil.rmtree(building, ignore_errors=True)  # a creation killed half-way
-    _build(building, layout, expected, compression_level)
+    _build(building, layout, expected, compression_level, meta)
     building.replace(path)
     return open_store(path, writable=True)
+
+
+def is_logit_store(path: str | Path) -> bool:
+    """Whether ``path`` holds a teacher-logit store of any format version (one this code wrote, perhaps an older one)."""
+    try:
+        return isinstance(zarr.open_group(Path(path), mode="r").attrs.get(STORE_ATTR), dict)
+    except (FileNotFoundError, zarr.errors.BaseZarrError):
+        return False
 
 
 def open_store(path: str | Path, writable: bool = False) -> LogitStore:
@@ -324,42 +435,62 @@ def open_store(path: str | Path, writable: bool = False) -> LogitStore:
     if layout.get("format_version") != FORMAT_VERSION:
         raise PipelineError(f"{path} has logit-store format {layout.get('format_version')}, this code reads "
                             f"format {FORMAT_VERSION}; recompute it with this version (delete it and rerun the teacher stage)")
+    missing = [name for name in (*META_ARRAYS, "logits", DIGEST) if name not in group]
+    if missing:
+        raise PipelineError(f"{path}: the store has lost its arrays {missing}; delete it and rerun the teacher stage "
+                            "(or `dvc checkout` / `dvc pull` it)")
     return LogitStore(path, group, writable)
 
 
-def _build(path: Path, layout: dict[str, Any], attrs: dict[str, Any], level: int) -> None:
-    """Write the empty group and arrays (metadata only; chunks appear as shards are written)."""
+def _build(path: Path, layout: dict[str, Any], attrs: dict[str, Any], level: int, meta: dict[str, np.ndarray]) -> None:
+    """Write the group, the empty per-shard arrays and the id/box arrays (``meta``) whole."""
     n, s, k = layout["n_instances"], layout["side"], layout["instances_per_shard"]
     codec = get_codec(layout["codec"])
     group = zarr.create_group(path, attributes=attrs)
     group.create_array(
-        "logits", shape=(n, s, s), chunks=(1, s, s), shards=(k, s, s), dtype=codec.dtype, fill_value=0,
+        "logits", shape=(n, s, s), chunks=(layout["chunk_rows"], s, s), shards=(k, s, s), dtype=codec.dtype, fill_value=0,
         compressors=BloscCodec(cname="zstd", clevel=level, shuffle=codec.shuffle),
         dimension_names=("instance", "y", "x"), attributes=layout["encoding"],
     )
-    for name, (dtype, tail, description) in META_ARRAYS.items():
-        group.create_array(
-            name, shape=(n, *tail), chunks=(k, *tail), dtype=dtype, fill_value=0,
+    arrays = {**INDEX_ARRAYS, "confidence": CONFIDENCE}
+    for name, (dtype, tail, description) in arrays.items():
+        rows = k if name == "confidence" else min(n, META_CHUNK_ROWS)
+        array = group.create_array(
+            name, shape=(n, *tail), chunks=(rows, *tail), dtype=dtype, fill_value=0,
             compressors=BloscCodec(cname="zstd", clevel=level, shuffle="shuffle"),
             dimension_names=("instance", "xyxy")[: 1 + len(tail)], attributes={"description": description},
         )
+        if name in meta:
+            array[:] = meta[name]
     group.create_array(
-        "shard_done", shape=(layout["n_shards"],), chunks=(1,), dtype="uint8", fill_value=0, compressors=None,
-        dimension_names=("shard",),
-        attributes={"description": f"1 once rows [k * {k}, (k + 1) * {k}) of every array are completely written"},
+        DIGEST, shape=(layout["n_shards"], 32), chunks=(1, 32), dtype="uint8", fill_value=0, compressors=None,
+        dimension_names=("shard", "byte"),
+        attributes={"description": f"sha256 of the pass id and shard k's files (logits, confidence: rows "
+                                   f"[k * {k}, (k + 1) * {k})), written once both are complete; zeros = not written"},
     )
+
+
+def _rows_digest(meta: Mapping[str, np.ndarray]) -> str:
+    """sha256 of the id/box arrays (names, dtypes, shapes, bytes): which rows the store is for."""
+    digest = hashlib.sha256()
+    for name in INDEX_ARRAYS:
+        array = np.ascontiguousarray(meta[name])
+        digest.update(f"{name}:{array.dtype.str}:{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 def _checked(k: int, name: str, value, shape: tuple[int, ...], dtype: np.dtype, exact: bool = False) -> np.ndarray:
     """``value`` as a ``dtype`` array of exactly ``shape`` (no silent broadcasting or truncation); with ``exact``
-    it must already be of ``dtype`` (codec values: a cast would silently reinterpret them)."""
+    it must already be of ``dtype`` (codec values: a cast would silently reinterpret them). ``k`` < 0: creation."""
+    where = f"write_shard({k})" if k >= 0 else "create_store"
     array = np.asarray(value)
     if array.shape != shape:
-        raise ValueError(f"write_shard({k}): {name} has shape {array.shape}, expected {shape}")
+        raise ValueError(f"{where}: {name} has shape {array.shape}, expected {shape}")
     if exact and array.dtype != dtype:
-        raise ValueError(f"write_shard({k}): encoded {name} must be {dtype}, got {array.dtype}")
+        raise ValueError(f"{where}: encoded {name} must be {dtype}, got {array.dtype}")
     if np.dtype(dtype).kind in "iu" and array.dtype.kind not in "iu":
-        raise ValueError(f"write_shard({k}): {name} must hold integers, got {array.dtype}")
+        raise ValueError(f"{where}: {name} must hold integers, got {array.dtype}")
     return array.astype(dtype, copy=False)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from picosam_pipeline.teacher.store import DATA_ARRAYS, LogitStore
+from picosam_pipeline.teacher.store import DIGEST, META_ARRAYS, LogitStore
 
 
 def summarize(store: LogitStore, max_scan: int = 20_000) -> dict[str, Any]:
@@ -21,7 +21,7 @@ def summarize(store: LogitStore, max_scan: int = 20_000) -> dict[str, Any]:
     done = np.flatnonzero(store.done_shards())
     spans = [store.shard_slice(int(k)) for k in done]
     done_rows = np.concatenate([np.arange(r.start, r.stop) for r in spans]) if spans else np.zeros(0, np.int64)
-    on_disk = {name: _tree_bytes(store.path / name) for name in (*DATA_ARRAYS, "shard_done")}
+    on_disk = {name: _tree_bytes(store.path / name) for name in ("logits", *META_ARRAYS, DIGEST)}
     summary: dict[str, Any] = {
         "instances": store.n_instances, "instances_done": len(done_rows),
         "shards": store.n_shards, "shards_done": len(done), "bytes_on_disk": _tree_bytes(store.path),

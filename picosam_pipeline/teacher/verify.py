@@ -75,7 +75,8 @@ def verify_store(path: str | Path, sample: int = 16, *, seed: int = 0, device: s
 
     Args:
         index: the instance index the store was made from (default: the path the store records).
-        checkpoint: the teacher checkpoint (default: the path the store records); its sha256 must match.
+        checkpoint: the teacher checkpoint (default: the path the store records); its sha256 must match. Refused for a
+            store made with random weights (it could only be ignored).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; the precision is the one the store records.
         backend: ``torch`` or ``onnxruntime`` to recompute with that backend instead of the one the store
             records (a cross-check of one backend against the other). onnx_dir: where exported teachers are cached.
@@ -130,6 +131,11 @@ def _teacher_config(store: LogitStore, checkpoint: str | None) -> TeacherConfig:
     cfg = build(TeacherConfig, recorded["config"], "store attribute teacher.config")
     expected = recorded.get("checkpoint_sha256")
     if expected is None:  # random weights: rebuilt from the recorded seed, digest checked after the build
+        if checkpoint is not None:  # it would be ignored: say so instead of verifying something else than asked
+            raise PipelineError(f"--checkpoint {checkpoint!r} does not apply: {store.path} was made with RANDOM weights "
+                                f"(seed {store.attrs['teacher']['build'].get('seed')}, no checkpoint), so it is checked "
+                                "against the same random weights; rerun without --checkpoint, or make the store with "
+                                "that checkpoint (teacher.checkpoint) first")
         return dataclasses.replace(cfg, checkpoint=None, allow_random_weights=True)
     path = Path(checkpoint or cfg.checkpoint or "")
     if not path.is_file():

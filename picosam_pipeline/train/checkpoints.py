@@ -17,15 +17,17 @@ the previous checkpoint intact.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.errors import PipelineError, is_weights_only_refusal, refused_checkpoint
 
 FORMAT = "picosam-checkpoint/1"
 
@@ -40,7 +42,17 @@ def save_checkpoint(path: str | Path, tensors: dict[str, Tensor], meta: dict[str
         "tensors": {name: t.detach().cpu().contiguous() for name, t in tensors.items()},
     }
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
+    try:
+        torch.save(payload, tmp)
+    except RuntimeError as err:  # torch's zip writer reports a full disk as "file write failed", not as an OSError
+        tmp.unlink(missing_ok=True)
+        size = sum(t.numel() * t.element_size() for t in payload["tensors"].values())
+        if shutil.disk_usage(path.parent).free < size:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp)) from err
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     return path
 
@@ -58,6 +70,9 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> tuple[dict[str
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError or zip errors depending on the damage
+        if is_weights_only_refusal(err):
+            raise refused_checkpoint(path, err, "Pass a checkpoint written by the train stage (`picosam-pipeline "
+                                     "run-stage train`, or `dvc pull` the team's), which holds tensors only") from None
         raise PipelineError(f"checkpoint {str(path)!r} cannot be read as a weights-only torch file ({type(err).__name__}: "
                             f"{str(err).splitlines()[0][:200]}); pass a checkpoint written by the train stage") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -86,10 +101,16 @@ def load_student(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a trained student from a ``student`` checkpoint: ``(module on CPU in eval mode, meta)``.
 
     The module maps ImageNet-normalised float32 (B, 3, S, S) to (B, 1, S, S) logits, ``S = meta["input_size"]``.
+    A checkpoint with NaN / infinite weights (a diverged run) is refused.
     """
     from picosam_pipeline.train.students import build_student
 
     tensors, meta = load_checkpoint(path, kind="student")
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:  # a diverged run: such a student outputs NaN logits, i.e. empty masks everywhere, without a word
+        raise PipelineError(f"checkpoint {str(path)!r} holds NaN or infinite weights in {len(bad)} of {len(tensors)} "
+                            f"tensors ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): the training run that "
+                            "wrote it diverged. Retrain (e.g. with a lower train.lr) and use the new student.pt")
     model = build_student(meta["student"])
     try:
         model.load_state_dict(tensors, strict=True)

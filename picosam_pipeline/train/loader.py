@@ -147,7 +147,8 @@ class ShardLoader:
                 if item.fatal:
                     raise ForeignMemberError(item.message)
                 if self.on_corrupt_shard == "stop":
-                    raise CorruptShardError(f"{item.message}; set on_corrupt_shard=skip to train on without it")
+                    raise CorruptShardError(f"{item.message}; repack it (dvc repro pack) or `dvc pull` it, or set "
+                                            "on_corrupt_shard=skip to train on without it (counted in metrics)")
                 self.skipped.append(item)
                 continue
             yield item

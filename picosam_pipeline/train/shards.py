@@ -29,14 +29,16 @@ pixels, as the stored logits do (``teacher/geometry.py``). With no margin this i
 ``image.crop(box).resize((96, 96), BILINEAR)`` (``NEAREST`` for the mask).
 
 Sizes per 96x96 sample, measured on the 524 instances of ``../shared/data/coco-sample`` (ROI crops, logits
-made from the GT masks): JPEG q90 3.2 KB (``optimize`` saves 11 %), logits PNG 1.41 KB at zlib level 9
-(1.48 at the default 6; raw zlib 1.36, lossless WebP 1.18 but WebP is not a format the loader accepts),
+made from the GT masks): JPEG q90 3.2 KB (``optimize`` saves 11 %), logits PNG 1.48 KB at zlib level 6,
+the one used (1.41 at level 9, but 5x the encoding time, which made it pack's largest cost at COCO scale;
+raw zlib 1.36, lossless WebP 1.18 but WebP is not a format the loader accepts),
 mask 0.2 KB, JSON 0.3 KB, plus a 512-byte tar header and padding per member. Whole packs
 (``bench/loader.py``): 7.1 KB per sample on the built-in sample, 7.4 KB on coco-sample; a random-weights
 SAM2 teacher's noise logits take 4 KB as PNG, 10.5 KB per sample.
 
 Layout: ``<out_dir>/<split>/shard-000000.tar ...`` and ``<out_dir>/<split>/shards.json`` (:class:`ShardIndex`:
-frame, codec, and every shard with its sample count, size and sha256).
+frame, codec, the crop convention (``crop``: ``crops.crop_convention``, PicoSAM3 ROI or PicoSAM2 point window and its
+parameters), and every shard with its sample count, size and sha256).
 
 Packing (:func:`pack_split`): a seeded permutation of the split's instances decides each sample's position,
 so every shard is a uniform random sample of the split, and each image is still decoded once. Pass 1
@@ -145,7 +147,7 @@ def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
 def encode_mask_png(mask: np.ndarray) -> bytes:
     """{0, 1} mask ``(T, T)`` -> 1-bit PNG."""
     out = io.BytesIO()
-    Image.fromarray(mask.astype(bool)).save(out, "PNG", optimize=True)
+    Image.fromarray(mask.astype(bool)).save(out, "PNG", compress_level=6)  # optimize: 1.6x the time, same bytes
     return out.getvalue()
 
 
@@ -156,7 +158,8 @@ def encode_logits_png(values: np.ndarray) -> bytes:
     elif values.dtype != np.uint8:
         raise ValueError(f"logit store values must be uint8 or float16, got {values.dtype}")
     out = io.BytesIO()
-    Image.fromarray(values).save(out, "PNG", optimize=True)  # optimize = zlib level 9
+    # zlib level 6: ~5 % more bytes than optimize (level 9) but 5x faster, and this member dominated pack's time
+    Image.fromarray(values).save(out, "PNG", compress_level=6)
     return out.getvalue()
 
 
@@ -213,6 +216,7 @@ class ShardIndex:
     frame: Frame
     teachers: dict[str, str]  # teacher pass name -> its logits codec, in pack.teachers order
     shards: tuple[ShardEntry, ...]
+    crop: dict[str, Any]  # the crop convention of every sample (crops.crop_convention): what the student learns
 
     @property
     def samples(self) -> int:
@@ -249,7 +253,10 @@ def read_shard_index(path: str | Path) -> ShardIndex:
         teachers = {t["name"]: get_codec(t["codec"]["codec"]).name for t in raw["teachers"]}
         if not teachers or any(not MEMBER_NAME.match(f"k.{logits_member(t)}") for t in teachers):
             raise ValueError(f"teachers {list(teachers)}: expected at least one teacher pass name")
-        index = ShardIndex(path, raw["split"], Frame(**raw["frame"]), teachers, shards)
+        if not isinstance(raw.get("crop"), dict) or "convention" not in raw["crop"]:
+            raise PipelineError(f"{path} does not record its crop convention (written by an older pack); repack with "
+                                "`picosam-pipeline run-stage pack` (or `dvc repro pack`)")
+        index = ShardIndex(path, raw["split"], Frame(**raw["frame"]), teachers, shards, raw["crop"])
     except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
         raise PipelineError(f"{path} is not a shard index this code reads ({err}); repack with "
                             "`picosam-pipeline run-stage pack`") from None
@@ -350,7 +357,7 @@ class PackedTeacher:
 
 
 def pack_split(split: str, rows: pa.Table, teachers: list[PackedTeacher], frame: Frame, out: Path, *,
-               samples_per_shard: int, seed: int, jpeg_quality: int,
+               samples_per_shard: int, seed: int, jpeg_quality: int, crop: dict[str, Any],
                workers: int = min(8, os.cpu_count() or 1)) -> SplitSummary:
     """Write split ``split`` as shards + ``shards.json`` in ``out`` (two passes, see the module doc).
 
@@ -359,6 +366,7 @@ def pack_split(split: str, rows: pa.Table, teachers: list[PackedTeacher], frame:
         teachers: the passes to pack, in member order; their stores hold the same crop boxes for ``rows``
             (``stages/pack.py`` checks it), so the first one's stored boxes and frame serve all.
         frame: ``store_frame`` of the stores (``stages/pack.py``).
+        crop: the crop convention record (``crops.crop_convention``) written into ``shards.json``.
     """
     n = rows.num_rows
     if n == 0:
@@ -388,8 +396,7 @@ def pack_split(split: str, rows: pa.Table, teachers: list[PackedTeacher], frame:
                 for m in members:
                     member_bytes[m] += len(sample[m])
     finally:
-        for sink in spills.values():
-            sink.close()
+        close_all(spills.values())
 
     # Pass 2: each spill in position order -> the final shard, then its size and sha256.
     entries = []
@@ -407,13 +414,26 @@ def pack_split(split: str, rows: pa.Table, teachers: list[PackedTeacher], frame:
 
     index = {"format": FORMAT, "format_version": FORMAT_VERSION, "split": split, "samples": n,
              "samples_per_shard": samples_per_shard, "seed": seed, "jpeg_quality": jpeg_quality,
-             "frame": asdict(frame), "members": list(members),
+             "frame": asdict(frame), "crop": crop, "members": list(members),
              "teachers": [{"name": t.name, "codec": t.store.codec.attrs(), "store": str(t.store.path),
                            "model": t.store.attrs.get("teacher", {}).get("model")} for t in teachers],
              "shards": [asdict(e) for e in entries]}
     (out / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
     total = sum(e.bytes for e in entries)
     return SplitSummary(n, len(entries), total, total / n, {m: b / n for m, b in member_bytes.items()})
+
+
+def close_all(sinks) -> None:
+    """Close every tar writer even when one fails (a full disk), then raise the first error: a writer left unclosed
+    would be flushed by the garbage collector into its closed file, with a traceback after the user's message."""
+    error = None
+    for sink in sinks:
+        try:
+            sink.close()
+        except BaseException as err:  # re-raised below, after the other writers are closed
+            error = error or err
+    if error is not None:
+        raise error
 
 
 def _image_jobs(split: str, rows: pa.Table, teachers: list[PackedTeacher], frame: Frame) -> Iterator[_ImageJob]:

@@ -11,6 +11,11 @@ Validation IoU is the papers' crop-space mIoU (``iou.crop_ious``: logit > 0 agai
 union = 1, mean over every val sample). It is measured on the untrained student first (step 0), every
 ``eval_every`` steps and at the end, so "before" and "after" come from the same run.
 
+Best and last. Every evaluation after step 0 that beats the best val IoU so far (strictly: the earliest of equal
+ones) keeps a copy of the weights; the run ends by writing the last step's weights as ``student.pt`` and the best
+ones as ``student_best.pt`` (PicoSAM3 ships a "best" checkpoint; val IoU can fall late in a run on real images).
+The best copy and its step are part of the resumable state, so a resumed run writes the same two files.
+
 Resuming. Every ``checkpoint_every`` steps ``state_dir/checkpoint.pt`` stores the weights, the AdamW moments,
 the RNG states, the loss log and each rank's data position ``(epoch, batches consumed)``. The data stream
 is a fresh, deterministic loader per epoch (its seed derived from ``(seed, epoch)``), so a rerun rebuilds the
@@ -54,7 +59,7 @@ from picosam_pipeline.train.losses import DistillationLoss
 from picosam_pipeline.train.students import NORMALIZATION, build_student, normalize
 from picosam_pipeline.train.targets import resolve_target
 
-CHECKPOINT_FILE, STUDENT_FILE = "checkpoint.pt", "student.pt"
+CHECKPOINT_FILE, STUDENT_FILE, BEST_FILE = "checkpoint.pt", "student.pt", "student_best.pt"
 TERMS = ("gt", "teacher", "area", "lambda")  # DistillationLoss's logged terms
 LOG_COLUMNS = ("step", "lr", "loss", *TERMS)  # one row per optimizer step
 VAL_COLUMNS = ("step", "val_iou")  # one row per evaluation; step 0 = the untrained student
@@ -90,6 +95,7 @@ class TrainData:
     epoch (on the same rank): that is what makes resuming exact. ``val()`` gives one pass over the val split.
     ``fingerprint`` identifies the training data (e.g. the sha256 of ``shards.json``); ``source`` names it in messages.
     ``teachers`` names the channels of the batches' ``teacher_logits`` (``ShardLoader.teachers``).
+    ``crop``: the crop convention of the samples (``shards.json``'s ``crop``), recorded in the student checkpoints.
     """
 
     train_epoch: Callable[[int], Iterable[dict[str, Any]]]
@@ -98,6 +104,7 @@ class TrainData:
     fingerprint: str
     source: str
     teachers: tuple[str, ...] = ("teacher",)
+    crop: dict[str, Any] | None = None
 
 
 def batch_stream(data: TrainData, epoch: int, consumed: int) -> Iterator[tuple[int, int, dict[str, Any]]]:
@@ -188,6 +195,19 @@ class TrainState:
     consumed: int = 0
     train_log: list[list[float]] = field(default_factory=list)  # rows of LOG_COLUMNS
     val_log: list[list[float]] = field(default_factory=list)  # rows of VAL_COLUMNS
+    best_step: int = 0  # the step of the best val IoU after step 0 (0: no evaluation yet)
+    best_weights: dict[str, Tensor] | None = None  # its state dict, on the CPU
+
+    @property
+    def best_iou(self) -> float:
+        return next((iou for step, iou in self.val_log if step == self.best_step), -1.0) if self.best_step else -1.0
+
+    def note_evaluation(self, model: nn.Module) -> None:
+        """After appending an evaluation to ``val_log``: keep the weights when it beats the best (step 0 excluded)."""
+        step, iou = self.val_log[-1]
+        if step > 0 and iou > self.best_iou:
+            self.best_step = int(step)
+            self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def run_identity(cfg: TrainConfig, seed: int, world_size: int, fingerprint: str) -> dict[str, Any]:
@@ -217,10 +237,12 @@ def save_train_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
         "data.position": torch.stack(positions),  # (world_size, 2): epoch, batches consumed
         "log.train": torch.tensor(state.train_log, dtype=torch.float64).reshape(-1, len(LOG_COLUMNS)),
         "log.val": torch.tensor(state.val_log, dtype=torch.float64).reshape(-1, len(VAL_COLUMNS)),
+        **{f"best.{k}": v for k, v in (state.best_weights or {}).items()},
     }
     if dist.device.type == "cuda":
         tensors["rng.cuda"] = torch.cuda.get_rng_state(dist.device)
-    meta = {"kind": "train_state", "step": state.step, "identity": identity, "optimizer": optimizer_rest,
+    meta = {"kind": "train_state", "step": state.step, "best_step": state.best_step, "identity": identity,
+            "optimizer": optimizer_rest,
             "log_columns": list(LOG_COLUMNS), "val_columns": list(VAL_COLUMNS)}
     save_checkpoint(path, tensors, meta)
 
@@ -246,8 +268,10 @@ def load_train_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
     if "rng.cuda" in tensors and dist.device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng.cuda"], dist.device)
     epoch, consumed = tensors["data.position"][dist.rank].tolist()
+    best = {k.removeprefix("best."): v for k, v in tensors.items() if k.startswith("best.")}
     return TrainState(step=meta["step"], epoch=epoch, consumed=consumed,
-                      train_log=tensors["log.train"].tolist(), val_log=tensors["log.val"].tolist())
+                      train_log=tensors["log.train"].tolist(), val_log=tensors["log.val"].tolist(),
+                      best_step=meta.get("best_step", 0) if best else 0, best_weights=best or None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,6 +291,7 @@ class TrainResult:
     world_size: int
     is_main: bool
     student_path: Path
+    best_path: Path
 
     @property
     def val_iou_before(self) -> float:
@@ -283,22 +308,31 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig, runtime: Runtime, data: TrainData, out_dir: str | Path,
-          state_dir: str | Path | None = None) -> TrainResult:
+          state_dir: str | Path | None = None, on_log: Callable[[TrainState], None] | None = None) -> TrainResult:
     """Train ``cfg.student`` for ``cfg.steps`` steps, resuming from ``state_dir/checkpoint.pt`` when it fits.
 
-    Writes (rank 0) ``state_dir/checkpoint.pt`` every ``checkpoint_every`` steps and at the end, and the final
-    weights as ``out_dir/student.pt`` (a ``student`` checkpoint, see ``checkpoints.py``). ``state_dir``
+    Writes (rank 0) ``state_dir/checkpoint.pt`` every ``checkpoint_every`` steps and at the end, the final
+    weights as ``out_dir/student.pt`` and the best-val-IoU weights as ``out_dir/student_best.pt`` (``student``
+    checkpoints, see ``checkpoints.py``). ``state_dir``
     defaults to ``out_dir``; the train stage keeps it apart, so that its DVC output holds only the result.
+    ``on_log(state)`` is called on rank 0 whenever rows were added to ``state.train_log`` / ``state.val_log`` (at
+    the start, with a resumed run's whole log, then every ``log_every`` steps and after each evaluation): the
+    train stage streams them to dvclive.
     """
+    if not isinstance(cfg.steps, int):
+        raise ValueError(f"train.steps must be resolved to a number of steps before training, got {cfg.steps!r}")
     dist = init_distributed(runtime)
     try:
-        return _train(cfg, runtime, data, Path(out_dir), Path(state_dir or out_dir), dist)
+        return _train(cfg, runtime, data, Path(out_dir), Path(state_dir or out_dir), dist,
+                      on_log if dist.is_main else None)
     finally:
         if dist.world_size > 1:
             torch_dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, runtime: Runtime, data: TrainData, out_dir: Path, state_dir: Path, dist: Dist) -> TrainResult:
+def _train(cfg: TrainConfig, runtime: Runtime, data: TrainData, out_dir: Path, state_dir: Path, dist: Dist,
+           on_log: Callable[[TrainState], None] | None = None) -> TrainResult:
+    on_log = on_log or (lambda state: None)
     torch.manual_seed(runtime.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_student(cfg.student).to(dist.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -315,9 +349,11 @@ def _train(cfg: TrainConfig, runtime: Runtime, data: TrainData, out_dir: Path, s
         _say(dist, f"untrained {cfg.student}: val IoU {state.val_log[0][1]:.4f}")
     else:
         _say(dist, f"resuming {checkpoint} at step {state.step} (epoch {state.epoch}, {state.consumed} batches in)")
-    student_path = out_dir / STUDENT_FILE
+    on_log(state)
+    student_path, best_path = out_dir / STUDENT_FILE, out_dir / BEST_FILE
     if dist.is_main and state.step < cfg.steps:
-        student_path.unlink(missing_ok=True)  # student.pt exists only once the run it belongs to has finished
+        for path in (student_path, best_path):  # they exist only once the run they belong to has finished
+            path.unlink(missing_ok=True)
     net = model
     if dist.world_size > 1:
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -373,9 +409,12 @@ def _train(cfg: TrainConfig, runtime: Runtime, data: TrainData, out_dir: Path, s
             train_time, mark = train_time + now - mark, now
             bar.set_postfix(loss=f"{values[-1][0]:.4f}", samples_s=f"{samples * dist.world_size / train_time:.1f}")
             bar.update(state.step - bar.n)
+            on_log(state)
         if do_eval:
             state.val_log.append([state.step, evaluate(model, data.val(), runtime, dist)])
+            state.note_evaluation(model)
             _say(dist, f"step {state.step}: val IoU {state.val_log[-1][1]:.4f}")
+            on_log(state)
         if do_checkpoint:
             save_train_state(checkpoint, model, optimizer, state, identity, dist)
         if do_eval or do_checkpoint:
@@ -383,13 +422,19 @@ def _train(cfg: TrainConfig, runtime: Runtime, data: TrainData, out_dir: Path, s
     bar.close()
     batches.close()  # ends the current epoch's loader (and its worker processes) now, not at garbage collection
 
+    if state.best_weights is None:  # resumed at its end from a checkpoint written before best copies were kept
+        state.best_step = state.step
+        state.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     if dist.is_main:
-        save_student(student_path, model, {
-            "student": cfg.student, "input_size": data.input_size, "normalization": asdict(NORMALIZATION),
-            "step": state.step, "seed": runtime.seed, "config": asdict(cfg), "data": data.fingerprint,
-            "val_iou_before": state.val_log[0][1], "val_iou_after": state.val_log[-1][1],
-        })
+        meta = {"student": cfg.student, "input_size": data.input_size, "normalization": asdict(NORMALIZATION),
+                "seed": runtime.seed, "config": asdict(cfg), "data": data.fingerprint, "crop": data.crop,
+                "val_iou_before": state.val_log[0][1], "val_iou_after": state.val_log[-1][1],
+                "best_step": state.best_step, "best_val_iou": state.best_iou, "last_step": state.step}
+        save_student(student_path, model, {**meta, "step": state.step, "val_iou": state.val_log[-1][1], "which": "last"})
+        best = build_student(cfg.student)
+        best.load_state_dict(state.best_weights)
+        save_student(best_path, best, {**meta, "step": state.best_step, "val_iou": state.best_iou, "which": "best"})
     return TrainResult(model=model, state=state, params=sum(p.numel() for p in model.parameters()),
                        resumed_from=resumed_from,
                        samples_per_s=samples * dist.world_size / train_time if train_time > 0 and samples else None,
-                       world_size=dist.world_size, is_main=dist.is_main, student_path=student_path)
+                       world_size=dist.world_size, is_main=dist.is_main, student_path=student_path, best_path=best_path)

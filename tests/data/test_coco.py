@@ -93,7 +93,10 @@ def test_compressed_rle_string_round_trips(tmp_path):
     "ann, kind, bad_input",
     [
         (_ann(iscrowd=1), "crowd", False),
-        (_ann(segmentation=[]), "no_segmentation", False),
+        (_ann(segmentation=[]), "no_segmentation", True),  # a bad input: strict mode stops on it
+        (_ann(segmentation={}), "no_segmentation", True),
+        (_ann(iscrowd="0"), "bad_iscrowd", True),  # a string is truthy: it must not be dropped as a crowd
+        (_ann(iscrowd=2), "bad_iscrowd", True),
         (_ann(category_id=7), "unknown_category", True),
         (_ann(bbox=(2, 2, 0, 3)), "degenerate_bbox", True),
         (_ann(bbox=(2, 2, 3, 0)), "degenerate_bbox", True),
@@ -108,7 +111,13 @@ def test_compressed_rle_string_round_trips(tmp_path):
         (_ann(segmentation={"size": [H, W], "counts": "a0171O1f0"}), "bad_rle", True),  # an 8x8 mask's runs
         (_ann(segmentation={"size": [H, W], "counts": "\u00ff"}), "bad_rle", True),  # not ASCII
         # a valid polygon entirely left of the image, bbox inside: rasterises to nothing
-        (_ann(segmentation=[[-9, 1, -5, 1, -5, 5, -9, 5]]), "empty_mask", True),
+        (_ann(segmentation=[[-7, 1, -3, 1, -3, 5, -7, 5]]), "empty_mask", True),
+        # a vertex at 5e8 made pycocotools' C rasteriser crash the process (exit 139): refused before it runs
+        (_ann(segmentation=[[1, 1, 5e8, 1, 5, 5]]), "polygon_outside_image", True),
+        (_ann(segmentation=[[1, 1, 5, 1, 5, -3 * H]]), "polygon_outside_image", True),
+        # runs 1 + 2 of the 48 pixels: pycocotools decoded it into uninitialised memory, which was kept as the mask
+        (_ann(segmentation={"size": [H, W], "counts": "12"}), "bad_rle", True),
+        (_ann(segmentation={"size": [H, W], "counts": "0000"}), "bad_rle", True),  # zero-length runs
     ],
 )
 def test_dropped_annotations(tmp_path, ann, kind, bad_input):
@@ -116,6 +125,12 @@ def test_dropped_annotations(tmp_path, ann, kind, bad_input):
     assert checked.mask is None and checked.drop is not None
     assert (checked.drop.kind, checked.drop.bad_input, checked.drop.action) == (kind, bad_input, "dropped")
     assert "annotation 1" in checked.drop.reason
+
+
+def test_polygon_straying_past_the_border_is_kept(tmp_path):
+    # vertices a few pixels outside (as in real COCO polygons) are within the bound of one image size
+    checked = _check(tmp_path, _ann(segmentation=[[-3, -2, W + 4, 1, 5, H + 5]], bbox=(0, 0, W, H)))
+    assert checked.drop is None and checked.mask.sum() > 0
 
 
 def test_polygon_part_with_two_points_is_removed_and_the_rest_kept(tmp_path):
@@ -162,6 +177,70 @@ def test_binary_file_is_rejected_with_its_name(tmp_path):
     path.write_bytes(b"\xff\xd8\xff\xe0 not json")
     with pytest.raises(PipelineError, match=r"photo\.json: not UTF-8"):
         load_annotations(path)
+
+
+def test_folder_given_as_annotations_is_named(tmp_path):
+    with pytest.raises(PipelineError, match=r"a folder, not a file; point prepare.splits at the instances"):
+        load_annotations(tmp_path)
+
+
+def test_json_nested_too_deep_is_a_clear_error_not_a_recursion_traceback(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text('{"images": [], "annotations": [' + "[" * 200_000 + "]" * 200_000 + '], "categories": []}')
+    with pytest.raises(PipelineError, match=r"deep\.json: the JSON is nested deeper than the parser allows"):
+        load_annotations(path)
+
+
+def test_ids_beyond_int64_are_set_aside_not_an_overflow(tmp_path):
+    big = 2**63
+    images = [{"id": 1, "file_name": "a.jpg", "width": W, "height": H}, {"id": big, "file_name": "b.jpg", "width": W, "height": H}]
+    anns = [_ann(1), _ann(big), {**_ann(2), "image_id": big}, _ann(3, category_id=big)]
+    categories = [{"id": 1, "name": "thing"}, {"id": big, "name": "huge"}]
+    annset = _load(tmp_path, _dataset(anns, images=images, categories=categories))
+    kinds = [(r.issue.kind, r.ann_id, r.image_id) for r in annset.record_issues]
+    assert kinds == [("bad_image_record", None, None), ("bad_annotation_record", big, 1),
+                     ("bad_annotation_record", 2, big)]
+    assert "64-bit" in annset.record_issues[0].issue.reason and set(annset.images) == {1}
+    assert set(annset.categories) == {1}
+    ann3 = annset.annotations_of(1)[1]
+    checked = check_annotation(ann3, annset.images[1], annset.coco, annset.categories)
+    assert checked.drop.kind == "unknown_category"
+
+
+def test_duplicate_image_id_with_another_size_drops_its_annotations(tmp_path):
+    images = [{"id": 1, "file_name": "a.jpg", "width": W, "height": H},
+              {"id": 1, "file_name": "b.jpg", "width": 2 * W, "height": H}]
+    annset = _load(tmp_path, _dataset([_ann()], images=images))
+    problem = annset.images[1].problem
+    assert problem.kind == "duplicate_image_id" and "a.jpg 8x6 and b.jpg 16x6" in problem.reason
+    assert annset.record_issues == []  # reported once, with the image and its annotations
+    # the same record twice is harmless: the first is kept and the repeat reported
+    annset = _load(tmp_path, _dataset([_ann()], images=[images[0], dict(images[0])]))
+    assert annset.images[1].problem is None
+    assert [r.issue.kind for r in annset.record_issues] == ["duplicate_image_id"]
+
+
+@pytest.mark.parametrize("name, outside", [
+    ("a.jpg", False), ("sub/./a.jpg", False), ("sub/../a.jpg", False),
+    ("../a.jpg", True), ("sub/../../a.jpg", True), ("/etc/passwd", True), ("C:\\x.jpg", True),
+])
+def test_file_name_must_stay_inside_the_images_folder(tmp_path, name, outside):
+    images = [{"id": 1, "file_name": name, "width": W, "height": H}]
+    problem = _load(tmp_path, _dataset([_ann()], images=images)).images[1].problem
+    assert (problem.kind if problem else None) == ("image_path_outside_folder" if outside else None)
+    allowed = load_annotations(tmp_path / "instances.json", allow_outside_images=True).images[1]
+    assert allowed.problem is None and allowed.file_name == name
+
+
+def test_lvis_coco_url_cannot_climb_out_and_huge_images_are_refused(tmp_path):
+    images = [{"id": 1, "width": W, "height": H, "coco_url": "http://images.cocodataset.org/../x.jpg"},
+              {"id": 2, "file_name": "b.jpg", "width": 10**6, "height": 10**6},
+              {"id": 3, "file_name": "c\x00.jpg", "width": W, "height": H}]
+    ann = {k: v for k, v in _ann().items() if k != "iscrowd"}
+    annset = _load(tmp_path, _dataset([ann], images=images, categories=_lvis_categories(3)))
+    assert annset.format.name == "lvis"
+    assert [annset.images[i].problem.kind for i in (1, 2, 3)] == ["bad_image_record"] * 3
+    assert "decompression-bomb" in annset.images[2].problem.reason
 
 
 def test_records_set_aside_while_loading(tmp_path):

@@ -82,7 +82,9 @@ def _config(tmp_path: Path, splits: list[SplitSource], **prepare) -> Config:
 
 
 def _outputs(tmp_path: Path) -> tuple[dict, list[dict]]:
-    metrics = json.loads((tmp_path / "metrics" / "prepare.json").read_text())
+    metrics = json.loads((tmp_path / "prepared" / "report.json").read_text())  # the details
+    headline = json.loads((tmp_path / "metrics" / "prepare.json").read_text())
+    assert headline == {"kept": metrics["total"]["kept"], "dropped": metrics["total"]["dropped"]}
     lines = (tmp_path / "prepared" / "bad_inputs.jsonl").read_text().splitlines()
     return metrics, [json.loads(line) for line in lines]
 
@@ -116,6 +118,23 @@ BAD_INPUTS = {
     "duplicate ann id": (_add_ann(id=1), "duplicate_ann_id", "dropped", 1, "annotation id 1 appears twice"),
     "image record without size": (_add(2, "nosize.jpg", _encode(_noise_rgb()), width=None), "bad_image_record",
                                   "dropped", 1, "image 2 (nosize.jpg) has width/height None"),
+    # hostile annotation files (issue 13): reported, never a crash nor a silent keep or drop
+    "polygon vertex at 5e8": (_add_ann(segmentation=[[10, 8, 5e8, 8, 30, 24]]), "polygon_outside_image", "dropped", 1,
+                              "polygon vertex (5e+08, 8) lies far outside"),
+    "annotation id 2**63": (_add_ann(id=2**63), "bad_annotation_record", "dropped", 1,
+                            "ids must fit a signed 64-bit integer"),
+    "garbage RLE counts": (_add_ann(segmentation={"size": [H, W], "counts": "12"}), "bad_rle", "dropped", 1,
+                           'counts "12" are not a valid encoding'),
+    "iscrowd string": (_add_ann(iscrowd="0"), "bad_iscrowd", "dropped", 1, "iscrowd '0' (str), expected 0 or 1"),
+    "empty segmentation": (_add_ann(segmentation=[]), "no_segmentation", "dropped", 1, "segmentation []"),
+    "duplicate image id, other size": (lambda ds: ds.images.append({"id": 1, "file_name": "good.jpg", "width": W + 8,
+                                                                     "height": H}),
+                                       "duplicate_image_id", "dropped", 1, "image id 1 names two different images"),
+    # the file exists (root/outside.jpg) but is outside the images folder: never read
+    "file_name with ..": (_add(2, "../outside.jpg", _encode(_noise_rgb())), "image_path_outside_folder", "dropped", 1,
+                          "'../outside.jpg', which points outside"),
+    "absolute file_name": (lambda ds: ds.add_image(2, str(ds.root / "elsewhere.jpg"), _encode(_noise_rgb())),
+                           "image_path_outside_folder", "dropped", 1, "elsewhere.jpg', which points outside"),
 }
 
 
@@ -167,6 +186,37 @@ def test_malformed_json_always_stops(tmp_path, mode):
         run(_config(tmp_path, [split], on_bad_input=mode))
 
 
+@pytest.mark.parametrize("mode", ["skip", "strict"])
+def test_json_nested_200k_deep_stops_with_a_message_not_a_recursion_error(tmp_path, mode):
+    split = Dataset(tmp_path).write(text='{"images": [], "annotations": [' + "[" * 200_000 + "]" * 200_000 + "]}")
+    with pytest.raises(PipelineError, match=r"instances_val\.json: the JSON is nested deeper than the parser allows"):
+        run(_config(tmp_path, [split], on_bad_input=mode))
+
+
+def test_folder_given_as_annotations_stops_with_its_name(tmp_path):
+    split = Dataset(tmp_path).write()
+    with pytest.raises(PipelineError, match=r"images: a folder, not a file"):
+        run(_config(tmp_path, [SplitSource("val", split.images, split.images)]))
+
+
+def test_image_id_beyond_int64_is_reported_with_its_annotations(tmp_path):
+    ds = Dataset(tmp_path)
+    ds.add_image(2**63, "big.jpg", _encode(_noise_rgb()), n_anns=0)
+    ds.annotations.append(_ann(2, 2**63))
+    run(_config(tmp_path, [ds.write()]))
+    metrics, records = _outputs(tmp_path)
+    assert [r["kind"] for r in records] == ["bad_image_record", "bad_annotation_record"]
+    assert metrics["splits"]["val"]["kept"] == 1 and metrics["splits"]["val"]["dropped"] == 1
+
+
+def test_images_outside_the_folder_are_read_when_the_param_allows_it(tmp_path):
+    ds = Dataset(tmp_path)
+    ds.add_image(2, "../outside.jpg", _encode(_noise_rgb()))
+    run(_config(tmp_path, [ds.write()], allow_outside_images=True))
+    metrics, records = _outputs(tmp_path)
+    assert records == [] and metrics["splits"]["val"]["kept"] == 2
+
+
 def test_without_image_checks_only_missing_files_are_caught(tmp_path):
     ds = Dataset(tmp_path)
     ds.add_image(2, "gone.jpg", None)
@@ -188,11 +238,10 @@ def test_selection_and_index_rows(tmp_path):
         _ann(3, 1, box=(30, 30, 1, 1), area=25.0),  # 1x1: ROI 2x2 < min_roi_side 4 (area set to pass min_area)
         _ann(4, 1, box=(2, 2, 4, 4)),  # area 16 < min_area 20
         _ann(5, 1, iscrowd=1),
-        {**_ann(6, 1), "segmentation": []},
     ]
     run(_config(tmp_path, [ds.write()], min_area=20.0))
     metrics, records = _outputs(tmp_path)
-    assert metrics["splits"]["val"]["dropped_by_reason"] == {"crowd": 1, "no_segmentation": 1, "small_area": 1, "small_roi": 1}
+    assert metrics["splits"]["val"]["dropped_by_reason"] == {"crowd": 1, "small_area": 1, "small_roi": 1}
     assert records == []  # selection drops are counted, not reported as bad input
 
     table = read_index(tmp_path / "prepared" / "index.parquet")
@@ -227,6 +276,7 @@ def test_rows_sorted_and_grouped_by_image(tmp_path):
     assert roi.shape == (table.num_rows, 4) and roi.dtype == np.int32 and roi[0].tolist() == [8, 4, 32, 28]
     meta = read_metadata(index)
     assert meta["splits"]["val"]["format"] == "coco" and meta["prepare"]["roi_padding"] == 0.1
+    assert meta["crop_conventions"]["roi"]["roi_padding"] == 0.1 and meta["crop_conventions"]["point"]["window"] == 96
     with pytest.raises(PipelineError, match="no split 'test'"):
         read_index(index, split="test")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +115,9 @@ def quantize_dir(exported, tmp_path_factory):
     (folder / quantize_stage.FAKEQUANT_FILE).write_bytes(files["fakequant"].read_bytes())
     np.savez(folder / quantize_stage.PROBE_FILE, rgb=rgb, int8_logits=reference, float_logits=reference)
     meta = {"student": "picosam2", "input_size": SIZE, "normalization": dataclasses.asdict(NORMALIZATION)}
-    (folder / quantize_stage.REPORT_FILE).write_text(json.dumps({"student_meta": meta, "tpc_version": "4.0", "method": "ptq"}))
+    crop = {"convention": "point", "prompt": "point", "paper": "PicoSAM2", "window": 96, "input_size": SIZE}
+    (folder / quantize_stage.REPORT_FILE).write_text(json.dumps({"student_meta": meta, "crop": crop, "tpc_version": "4.0",
+                                                                 "method": "ptq"}))
     return folder
 
 
@@ -141,10 +144,16 @@ def test_stage_writes_checked_files_and_their_contract(quantize_dir, tmp_path):
     assert set(summary) == {"fakequant", "mctq"} and set(contract["checks"]) == {*summary, "torch_int8_vs_float"}
     assert contract["checks"]["fakequant"]["mean_diff_steps"] <= contract["checks"]["fakequant"]["max_diff_steps"]
     assert contract["checks"]["mctq"]["samples"] == cfg.export.mctq_check_samples
+    made = json.loads((quantize_dir / "report.json").read_text())
+    assert contract["crop"] == made["crop"] and contract["crop"]["convention"] == "point"
     for name in (export_stage.MCTQ_FILE, export_stage.FAKEQUANT_FILE):
         assert read_metadata(out / name)[METADATA_PREFIX + "input_normalization"] == "in_graph"
-    metrics = json.loads((tmp_path / "metrics" / "export.json").read_text())
+        assert json.loads(read_metadata(out / name)[METADATA_PREFIX + "crop"]) == made["crop"]  # predict reads it
+    metrics = json.loads((out / "report.json").read_text())
     assert metrics["checks"] == contract["checks"] and metrics["bytes"]["mctq"] > 0
+    headline = json.loads((tmp_path / "metrics" / "export.json").read_text())
+    assert headline == {"mctq_mask_agreement": contract["checks"]["mctq"]["mask_agreement"],
+                        "fakequant_mask_agreement": contract["checks"]["fakequant"]["mask_agreement"]}
 
 
 def test_evaluate_feeds_the_fake_quant_file_rgb_as_it_is(quantize_dir, tmp_path):
@@ -158,6 +167,7 @@ def test_evaluate_feeds_the_fake_quant_file_rgb_as_it_is(quantize_dir, tmp_path)
     with np.load(quantize_dir / "probe.npz") as probe:
         diff = np.abs(model(probe["rgb"]) - probe["int8_logits"]).max()
     assert model.normalizes_input and diff <= 8 * output_step(quantize_dir / "quantized_mctq.onnx")
+    assert model.crop["convention"] == "point"  # the exported model says which prompt it takes
 
 
 def test_stage_fails_when_onnxruntime_disagrees_beyond_the_bound(quantize_dir, tmp_path):
@@ -174,3 +184,14 @@ def test_stage_fails_when_onnxruntime_disagrees_beyond_the_bound(quantize_dir, t
     with pytest.raises(PipelineError, match=r"disagrees with the quantised torch model.*[34]\d\.0 output steps, bound "
                                             r"export.max_diff_steps=16"):
         export_stage.run(_export_config(shifted, tmp_path), None)
+
+
+def test_stage_refuses_a_quantize_report_without_the_crop_convention(quantize_dir, tmp_path):
+    from picosam_pipeline.stages import export as export_stage
+
+    old = tmp_path / "old-quantize"
+    shutil.copytree(quantize_dir, old)
+    report = json.loads((old / "report.json").read_text())
+    (old / "report.json").write_text(json.dumps({k: v for k, v in report.items() if k != "crop"}))
+    with pytest.raises(PipelineError, match="does not record the student's crop convention.*rerun quantize"):
+        export_stage.run(_export_config(old, tmp_path), None)

@@ -196,7 +196,8 @@ def test_read_dnn_params(tmp_path):
         <dimensions><dimension size="96" ordinal="2"/><dimension size="1" ordinal="0"/><dimension size="96" ordinal="1"/></dimensions>
       </outputTensor></outputTensors></network></networks></dnnParams>""")
     tensors = read_dnn_params(xml)
-    assert tensors["inputs"] == [{"name": "in:0", "dims": [3, 96, 96], "bits": 8, "scale": 0.00390625, "format": "unsigned"}]
+    assert tensors["inputs"] == [{"name": "in:0", "dims": [3, 96, 96], "serialization": [0, 1, 2], "bits": 8,
+                                  "scale": 0.00390625, "format": "unsigned"}]  # no serializationOrder: ordinal order
     assert tensors["outputs"][0]["dims"] == [1, 96, 96] and tensors["outputs"][0]["format"] == "signed"
 
 
@@ -265,3 +266,14 @@ def test_oversized_network_fails_with_required_and_available_memory(tmp_path):
     assert report.used_bytes > report.available_bytes and not report.fits
     assert f"needs {report.used_bytes:,} bytes" in message and f"the chip has {report.available_bytes:,}" in message
     assert (tmp_path / "out" / "converter.log").read_text().count("[ISM]") >= 1
+
+
+def test_converter_output_is_collected_while_a_progress_line_runs(tmp_path):
+    """The converter runs through _run_with_progress: its output lines are kept (for converter.log) and a run past
+    the timeout is killed and reported as such (returncode None)."""
+    import sys
+
+    done = imx500._run_with_progress([sys.executable, "-c", "import time; print('loading'); time.sleep(0.7); print('done')"], 30)
+    assert done.returncode == 0 and done.lines == ["loading\n", "done\n"]
+    stuck = imx500._run_with_progress([sys.executable, "-c", "import time; print('start', flush=True); time.sleep(30)"], 1)
+    assert stuck.returncode is None and stuck.lines == ["start\n"]

@@ -160,7 +160,15 @@ def quantized_stage(tmp_path_factory):
         checkpoint=str(checkpoint), train_shards=str(root / "shards" / "train"), val_shards=str(root / "shards" / "val"),
         index=cfg.pack.index, representative_batches=2, batch_size=4, probe_samples=4, out_dir=str(root / "quantize")))
     summary = quantize_stage.run(cfg, Runtime(device=torch.device("cpu"), autocast_dtype=None, seed=0))
-    return cfg, summary, json.loads((Path(cfg.runtime.metrics_dir) / "quantize.json").read_text())
+    headline = json.loads((Path(cfg.runtime.metrics_dir) / "quantize.json").read_text())
+    details = json.loads((Path(cfg.quantize.out_dir) / "report.json").read_text())["metrics"]
+    # metrics/quantize.json: the headline only, float vs INT8 and the drop, taken from the details
+    assert headline == {"float_crop_miou": details["float"]["crop_miou"], "int8_crop_miou": details["int8"]["crop_miou"],
+                        "crop_miou_drop": details["float"]["crop_miou"] - details["int8"]["crop_miou"],
+                        "int8_within_target": details["int8_within_target"]}
+    plot = (Path(cfg.quantize.out_dir) / "plots" / "by_size.csv").read_text().splitlines()
+    assert plot[0] == "size,model,crop_miou,samples" and {line.split(",")[1] for line in plot[1:]} == {"student", "student_int8"}
+    return cfg, summary, details
 
 
 def test_stage_scores_float_and_int8_side_by_side(quantized_stage):
@@ -200,6 +208,26 @@ def test_stage_serialises_the_int8_model_for_export(quantized_stage):
     from picosam_pipeline.evaluate.predict import OnnxCropModel
 
     assert OnnxCropModel(out / "quantized_fakequant.onnx").normalizes_input
+    # The student here records no crop convention: the val shards' (ROI) goes with the model, in both files.
+    from picosam_pipeline.train.shards import read_shard_index
+
+    crop = read_shard_index(cfg.quantize.val_shards).crop
+    assert json.loads((out / "report.json").read_text())["crop"] == crop and crop["convention"] == "roi"
+    assert OnnxCropModel(out / "quantized_fakequant.onnx").crop == OnnxCropModel(out / "quantized_mctq.onnx").crop == crop
+
+
+def test_stage_refuses_a_student_trained_on_other_crops(quantized_stage, tmp_path):
+    from picosam_pipeline.device import Runtime
+    from picosam_pipeline.stages import quantize as quantize_stage
+    from picosam_pipeline.train.checkpoints import load_checkpoint, save_checkpoint
+
+    cfg, _, _ = quantized_stage
+    tensors, meta = load_checkpoint(cfg.quantize.checkpoint, kind="student")
+    point = {"convention": "point", "prompt": "point", "paper": "PicoSAM2", "window": 96, "input_size": 96}
+    other = save_checkpoint(tmp_path / "point.pt", tensors, {**meta, "crop": point})
+    cfg = dataclasses.replace(cfg, quantize=dataclasses.replace(cfg.quantize, checkpoint=str(other)))
+    with pytest.raises(PipelineError, match="quantize.checkpoint: .* trained on point crops but .* holds roi crops"):
+        quantize_stage.run(cfg, Runtime(device=torch.device("cpu"), autocast_dtype=None, seed=0))
 
 
 def test_stage_names_a_missing_checkpoint(quantized_stage, tmp_path):

@@ -20,14 +20,14 @@ from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.evaluate.lvis import evaluate_annotations
 from picosam_pipeline.evaluate.metrics import (
     InstanceGT,
+    category_report,
     evaluate_batches,
     evaluation_report,
     format_report,
-    iou_histogram,
-    size_bars,
 )
 from picosam_pipeline.evaluate.predict import crop_rgb
-from picosam_pipeline.evaluate.report import GridPool, draw_grid
+from picosam_pipeline.evaluate.plots import category_bars, iou_histogram, iou_vs_area, size_bars, student_vs_teacher
+from picosam_pipeline.evaluate.report import GridPool, crop_prompt, draw_grid, errors_overlay
 from picosam_pipeline.evaluate.scoring import gt_crop, score_predictions
 from picosam_pipeline.stages import evaluate as evaluate_stage
 from picosam_pipeline.train.checkpoints import load_student, save_student
@@ -111,12 +111,22 @@ def test_batch_scores_crop_and_full_image_iou_per_model(batch_and_gt):
 def test_plot_rows_histogram_shares_and_size_bars(batch_and_gt):
     batch, gt = batch_and_gt
     table, _ = evaluate_batches([batch], {"student": RedChannelModel()}, gt)
-    hist = iou_histogram(table)
-    assert len(hist) == 20 and hist[0]["iou"] == 0.025
-    assert sum(r["student"] for r in hist) == pytest.approx(1.0) and hist[-1]["student"] == 1.0  # IoU 1.0: last bin
-    assert hist[0]["teacher"] == pytest.approx(1 / 3) and hist[10]["teacher"] == pytest.approx(2 / 3)  # 0.5 -> [.5, .55)
+    hist = {(r["bin"], r["model"]): r["share"] for r in iou_histogram(table)}  # long format: one row per bin and model
+    assert len(hist) == 40 and ("0.00-0.05", "student") in hist and ("0.95-1.00", "teacher") in hist
+    assert sum(v for (_, m), v in hist.items() if m == "student") == pytest.approx(1.0)
+    assert hist["0.95-1.00", "student"] == 1.0  # IoU 1.0: last bin
+    assert hist["0.00-0.05", "teacher"] == pytest.approx(1 / 3) and hist["0.50-0.55", "teacher"] == pytest.approx(2 / 3)
     bars = size_bars(evaluation_report(table), ["student", "teacher"])
-    assert [b["group"] for b in bars] == ["small / student", "large / student", "small / teacher", "large / teacher"]
+    assert [(b["size"], b["model"]) for b in bars] == [("small", "student"), ("large", "student"), ("small", "teacher"),
+                                                        ("large", "teacher")]
+    by_category = {m: category_report(table, m) for m in table.models}
+    cats = category_bars(table, by_category)
+    assert {(c["category"], c["model"]) for c in cats} == {(c, m) for c in by_category["student"] for m in ("student", "teacher")}
+    area = iou_vs_area(table)
+    assert len(area) == 2 * len(table) and {r["model"] for r in area} == {"student", "teacher"}
+    pairs = student_vs_teacher(table)
+    assert [(r["student_iou"], r["teacher_iou"]) for r in pairs] == [
+        (round(float(s), 6), round(float(t), 6)) for s, t in zip(table["student_iou"], table["teacher_iou"])]
 
 
 def test_shards_from_another_index_are_an_error(batch_and_gt):
@@ -169,6 +179,33 @@ def test_grid_png_has_an_int8_column_only_when_int8_logits_exist(tmp_path):
     w_with, h2 = Image.open(with_int8).size
     assert h == h2 and w_with > w_without  # one more column
     assert draw_grid([], tmp_path / "empty.png", title="t").is_file()
+
+
+def test_grid_colours_errors_apart_and_marks_the_prompt(tmp_path):
+    """False positives and false negatives get their own colours; the prompt is drawn on every cell."""
+    from picosam_pipeline.evaluate.report import FN_COLOUR, FP_COLOUR, TP_COLOUR
+
+    image = np.full((S, S, 3), 128, np.uint8)
+    gt = np.zeros((S, S), bool)
+    gt[10:40, 10:40] = True
+    pred = np.zeros((S, S), bool)
+    pred[20:60, 20:60] = True
+    out = errors_overlay(image, pred, gt)
+    inside = {name: out[y, x].astype(float) for name, (y, x) in {"tp": (30, 30), "fp": (50, 50), "fn": (12, 30)}.items()}
+    for name, colour in (("tp", TP_COLOUR), ("fp", FP_COLOUR), ("fn", FN_COLOUR)):
+        others = [c for c in (TP_COLOUR, FP_COLOUR, FN_COLOUR) if c is not colour]
+        assert all(np.abs(inside[name] - colour).sum() < np.abs(inside[name] - o).sum() for o in others), name
+    assert (out[80, 80] == 128).all()  # true negatives untouched
+    assert (out[39, 15] == FN_COLOUR).all() or (out[10, 15] == FN_COLOUR).all()  # solid outline
+
+    # prompts in the crop frame: a point at the crop's centre pixel, a box scaled by crop size / box size
+    assert crop_prompt(("point", (150.0, 250.0)), (100, 200, 196, 296), S) == ("point", (50.0, 50.0))
+    kind, (x, y, w, h) = crop_prompt(("box", (110.0, 210.0, 48.0, 24.0)), (100, 200, 292, 392), S)
+    assert kind == "box" and (x, y, w, h) == (4.5, 4.5, 24.0, 12.0)
+    samples = [{**_sample(i, 0.5, False), "crop_box": (0, 0, S, S), "prompt": ("point", (40.0, 50.0))} for i in range(2)]
+    marked = np.asarray(Image.open(draw_grid(samples, tmp_path / "p.png", title="t")).convert("RGB"))
+    plain = np.asarray(Image.open(draw_grid([_sample(i, 0.5, False) for i in range(2)], tmp_path / "n.png", title="t")).convert("RGB"))
+    assert marked.shape == plain.shape and (marked != plain).any(axis=2).sum() > 4 * 30  # a mark in each of 4+ cells
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,38 +321,56 @@ def evaluated(tmp_path_factory):
         write_predictions=str(root / "evaluate" / "predictions.json"), out_dir=str(root / "evaluate"),
         lvis=LvisEvalConfig(annotations=str(lvis_json), images=val.images)))
     summary = evaluate_stage.run(cfg, Runtime(device=torch.device("cpu"), autocast_dtype=None, seed=0))
-    metrics = json.loads((Path(cfg.runtime.metrics_dir) / "evaluate.json").read_text())
-    return cfg, summary, metrics, lvis_anns
+    details = json.loads((Path(cfg.evaluate.out_dir) / "report.json").read_text())  # metrics/evaluate.json's details
+    return cfg, summary, details, lvis_anns
 
 
 def test_stage_scores_student_and_teacher_on_the_val_shards(evaluated):
     cfg, summary, metrics, _ = evaluated
     n = read_index(cfg.evaluate.index, split="val", columns=["ann_id"]).num_rows
     assert summary["samples"] == metrics["samples"] == n and metrics["protocol"] == "picosam3-roi"
+    out = Path(cfg.evaluate.out_dir)
+    report = metrics
+    # metrics/evaluate.json: the headline only (three figures per model, the LVIS student); details in report.json
+    headline = json.loads((Path(cfg.runtime.metrics_dir) / "evaluate.json").read_text())
+    assert set(headline) == {"crop_miou", "crop_map", "full_miou", "student_int8", "teacher", "lvis"}
+    assert headline["lvis"] == {"crop_miou": report["lvis"]["student"]["crop_miou"]}
     for model in ("student", "student_int8", "teacher"):
-        m = metrics[model]
-        assert set(m) >= {"crop_miou", "crop_success_map_50_95", "full_image_miou", "by_size", "samples"}
-        assert sum(g["samples"] for g in m["by_size"].values()) == n
+        figures = {k: headline[k] for k in ("crop_miou", "crop_map", "full_miou")} if model == "student" else headline[model]
+        assert figures == {"crop_miou": report[model]["crop_miou"], "full_miou": report[model]["full_image_miou"],
+                           "crop_map": report[model]["crop_success_map_50_95"]}
+        assert sum(g["samples"] for g in report[model]["by_size"].values()) == n
     # the stand-in teacher is the GT mask as logits: right up to boundary pixels of the stored crop
     assert metrics["teacher"]["crop_miou"] > 0.9 and metrics["teacher"]["full_image_miou"] > 0.85
-    out = Path(cfg.evaluate.out_dir)
-    report = json.loads((out / "report.json").read_text())
     assert metrics["student_int8"]["crop_miou"] == pytest.approx(metrics["student"]["crop_miou"], abs=0.01)
     assert set(report["by_category"]) == {"student", "student_int8", "teacher"}
     assert sum(g["samples"] for g in report["by_category"]["student"].values()) == n
     assert len((out / "per_sample.csv").read_text().splitlines()) == n + 1
-    assert (out / "plots" / "iou_histogram.csv").is_file() and (out / "plots" / "by_size.csv").is_file()
+    plots = {p.name: p.read_text().splitlines() for p in (out / "plots").iterdir()}
+    assert set(plots) == {"iou_histogram.csv", "by_size.csv", "by_category.csv", "iou_vs_area.csv",
+                          "student_vs_teacher.csv", "teacher_confidence.csv"}
+    assert len(plots["iou_vs_area.csv"]) == 3 * n + 1 and len(plots["student_vs_teacher.csv"]) == n + 1
+    assert len(plots["teacher_confidence.csv"]) == 20 + 1  # one teacher, 20 bins
     assert Image.open(out / "grid.png").size[0] > 0 and (out / "config.resolved.json").is_file()
 
 
 def test_stage_predictions_file_scores_the_same_with_score_predictions(evaluated):
     cfg, _, metrics, _ = evaluated
     val = cfg.prepare.splits[1]
-    scored = score_predictions(val.annotations, cfg.evaluate.write_predictions, "picosam3-roi", val.images)
-    assert scored["samples"] == metrics["samples"] and 0.05 < metrics["student"]["crop_miou"] < 0.95
+    image_file = Path(cfg.evaluate.write_predictions)
+    crop_file = image_file.with_name("predictions.crop.json")
+    scored = score_predictions(val.annotations, crop_file, "picosam3-roi", val.images)
+    assert scored["frame"] == "crop" and scored["samples"] == metrics["samples"]
+    assert 0.05 < metrics["student"]["crop_miou"] < 0.95
     # same masks, same GT crops (the shard's mask crop is scoring.gt_crop's): the same figures
     assert scored["crop_miou"] == pytest.approx(metrics["student"]["crop_miou"], abs=1e-9)
     assert scored["crop_success_map_50_95"] == pytest.approx(metrics["student"]["crop_success_map_50_95"], abs=1e-9)
+    # the full-image mIoU: evaluate, the crop-frame file and the image-frame file agree (one paste, NEAREST)
+    in_image = score_predictions(val.annotations, image_file, "picosam3-roi", val.images)
+    assert in_image["frame"] == "image" and in_image["samples"] == metrics["samples"]
+    assert in_image["full_image_miou"] == pytest.approx(metrics["student"]["full_image_miou"], abs=1e-12)
+    assert scored["full_image_miou"] == pytest.approx(metrics["student"]["full_image_miou"], abs=1e-12)
+    assert in_image["coco_segm"] is not None and 0.0 <= in_image["coco_segm"]["ap"] <= 1.0
 
 
 def test_stage_lvis_block_evaluates_from_annotations_and_images(evaluated):
@@ -326,3 +381,27 @@ def test_stage_lvis_block_evaluates_from_annotations_and_images(evaluated):
     assert lvis["scored"] == lvis["student"]["samples"] == metrics["samples"]  # the sample's val has nothing prepare drops
     # raw crops here vs JPEG crops in the shards: the same student, nearly the same figures
     assert lvis["student"]["crop_miou"] == pytest.approx(metrics["student"]["crop_miou"], abs=0.05)
+
+
+def test_evaluate_int8_stage_puts_float_teacher_and_int8_side_by_side(evaluated):
+    """Stage evaluate-int8 (after export in dvc.yaml): the INT8 file of evaluate.int8_onnx on the same val crops,
+    its own metrics file and a grid with the INT8 column; the evaluate stage's own figures are unchanged."""
+    from picosam_pipeline.stages import evaluate_int8
+
+    cfg, _, metrics, _ = evaluated
+    root = Path(cfg.evaluate.out_dir).parent
+    section = dataclasses.replace(cfg.evaluate, int8_model=None, int8_onnx=cfg.evaluate.int8_model,
+                                  int8_out_dir=str(root / "evaluate-int8"))
+    evaluate_int8.run(dataclasses.replace(cfg, evaluate=section), Runtime(device=torch.device("cpu"), autocast_dtype=None,
+                                                                          seed=0))
+    side_by_side = json.loads((Path(cfg.runtime.metrics_dir) / "evaluate-int8.json").read_text())
+    out = root / "evaluate-int8"
+    report = json.loads((out / "report.json").read_text())
+    assert report["int8_model"] == cfg.evaluate.int8_model and "lvis" not in side_by_side
+    assert side_by_side["crop_miou"] == pytest.approx(metrics["student"]["crop_miou"], abs=1e-9)  # the student, top-level
+    for model in ("student_int8", "teacher"):  # the same crops as the evaluate stage: the same figures
+        assert side_by_side[model]["crop_miou"] == pytest.approx(metrics[model]["crop_miou"], abs=1e-9)
+    assert (out / "grid.png").is_file() and (out / "report.json").is_file() and (out / "per_sample.csv").is_file()
+    assert Image.open(out / "grid.png").size == Image.open(Path(cfg.evaluate.out_dir) / "grid.png").size  # INT8 column
+    headline = json.loads((Path(cfg.runtime.metrics_dir) / "evaluate.json").read_text())  # not overwritten
+    assert headline["crop_miou"] == metrics["student"]["crop_miou"] and "student_int8" in headline

@@ -197,3 +197,64 @@ def test_predict_command_errors_are_one_paragraph(tmp_path, onnx_paths, pixels):
     assert result.exit_code == 1 and "lies outside" in result.output
     result = runner.invoke(cli, ["predict", "--model", str(onnx_paths["dynamic"]), "--image", str(image), "--box", "1,2,3"])
     assert result.exit_code == 2 and "X,Y,W,H" in result.output
+
+
+def test_predict_command_takes_the_prompt_kind_the_model_recorded(tmp_path, pixels, student):
+    image = tmp_path / "ok.png"
+    Image.fromarray(pixels).save(image)
+    crop = {"convention": "point", "prompt": "point", "paper": "PicoSAM2", "window": 96, "input_size": 96}
+    path = save_student(tmp_path / "student_best.pt", student, {"student": "picosam2", "input_size": 96, "crop": crop})
+    runner = CliRunner()
+    base = ["predict", "--model", str(path), "--image", str(image), "--out", str(tmp_path / "m.png"), "--overlay", ""]
+    result = runner.invoke(cli, [*base, "--box", "30,20,20,10"])
+    assert result.exit_code == 1 and "trained on PicoSAM2 point crops" in result.output and "--point X,Y" in result.output
+    result = runner.invoke(cli, [*base, "--point", "30,20"])
+    assert result.exit_code == 0, result.output
+    assert "crop box (0, 0, " in result.output  # the recorded 96-px window around the point, clamped at 0
+    result = runner.invoke(cli, [*base, "--point", "30,20", "--window", "48"])
+    assert result.exit_code == 1 and "trained with window 96" in result.output
+
+
+# --------------------------------------------------------------------------------------------------
+# hostile prompts, outputs and model files (issue 13)
+
+
+def test_non_finite_and_sub_pixel_prompts_are_refused():
+    with pytest.raises(PipelineError, match="every coordinate must be a finite number"):
+        prompt_box(W, H, box=(float("nan"), 1.0, 10.0, 10.0))  # NaN passed every bound: the whole image was used
+    with pytest.raises(PipelineError, match="every coordinate must be a finite number"):
+        prompt_box(W, H, point=(3.0, float("inf")))
+    with pytest.raises(PipelineError, match=r"--box 10.2,10.2,0.3,0.3 is smaller than a pixel"):
+        prompt_box(W, H, box=(10.2, 10.2, 0.3, 0.3))  # its crop (10, 10, 10, 10) crashed the resampler
+    assert prompt_box(W, H, box=(10.2, 10.2, 0.9, 0.9))[0] == CropBox(10, 10, 11, 11)  # one whole pixel: fine
+
+
+def test_student_with_nan_weights_is_refused_on_load(student, tmp_path):
+    state = {name: t.clone() for name, t in student.state_dict().items()}
+    name = next(n for n, t in state.items() if t.is_floating_point())
+    state[name].view(-1)[0] = float("nan")
+    path = save_checkpoint(tmp_path / "student.pt", state, {"kind": "student", "student": "picosam2", "input_size": 96})
+    with pytest.raises(PipelineError, match=rf"NaN or infinite weights in 1 of {len(state)} tensors \({name}\)"):
+        load_crop_model(path, CPU)
+
+
+def test_predict_command_refuses_bad_prompts_and_outputs_before_running_the_model(tmp_path, onnx_paths, pixels):
+    image = tmp_path / "ok.png"
+    Image.fromarray(pixels).save(image)
+    base = ["predict", "--model", str(onnx_paths["dynamic"]), "--image", str(image)]
+    runner = CliRunner()
+    for prompt in (["--box", "nan,1,10,10"], ["--box", "1,1,inf,10"], ["--point", "nan,3"], ["--roi-padding", "nan",
+                                                                                            "--box", "1,1,10,10"]):
+        result = runner.invoke(cli, base + prompt)
+        assert result.exit_code == 2 and "finite" in result.output, (prompt, result.output)
+    result = runner.invoke(cli, base + ["--box", "10.2,10.2,0.3,0.3"])
+    assert result.exit_code == 1 and "smaller than a pixel" in result.output and "Traceback" not in result.output
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file, not a folder")
+    for out, expected in ((blocker / "mask.png", "its folder cannot be made"), (tmp_path, "it is a folder"),
+                          (tmp_path / "mask.xyz", "is not an image format")):
+        result = runner.invoke(cli, base + ["--point", "3,3", "--out", str(out), "--overlay", ""])
+        assert result.exit_code == 1 and f"cannot write {str(out)!r}" in result.output, result.output
+        assert expected in result.output
+    result = runner.invoke(cli, base + ["--point", "3,3", "--out", str(tmp_path / "m.png"), "--overlay", str(blocker / "o.png")])
+    assert result.exit_code == 1 and not (tmp_path / "m.png").exists()  # checked before anything is written

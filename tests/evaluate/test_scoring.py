@@ -14,20 +14,23 @@ from click.testing import CliRunner
 from conftest import shared_data_or_skip
 from picosam_pipeline.cli import cli
 from picosam_pipeline.data.crops import CropBox
-from picosam_pipeline.evaluate.scoring import (
+from picosam_pipeline.evaluate.predictions import (
+    CROP_SCHEMA,
     CropPrediction,
+    decode_masks,
+    read_predictions,
+    write_crop_predictions,
+)
+from picosam_pipeline.evaluate.scoring import (
     breakdown,
     crop_ious,
     crop_miou,
     crop_success_map_50_95,
-    decode_crop_masks,
     full_image_iou,
     gt_crop,
     load_coco,
     paste_crop,
-    read_predictions,
     size_buckets,
-    write_predictions,
 )
 
 
@@ -139,21 +142,25 @@ def test_gt_crops_match_hand_computed_windows_and_paste_back_exactly():
 # prediction files
 
 
-def test_write_predictions_round_trip(tmp_path):
+def test_write_crop_predictions_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(5, 96, 96)).astype(np.float32)
     records = [CropPrediction(image_id=7 + i // 3, logits=torch.from_numpy(logits[i])[None] if i % 2 else logits[i],
                               score=0.1 * i, category_id=3, annotation_id=100 + i) for i in range(5)]
-    path = tmp_path / "out" / "preds.json"
-    assert write_predictions(records, path) == 5
-    entries = json.loads(path.read_text())
+    path = tmp_path / "out" / "preds.crop.json"
+    assert write_crop_predictions(records, path) == 5
+    data = json.loads(path.read_text())
+    assert data["schema"] == CROP_SCHEMA and data["crop_size"] == 96  # not a COCO results list: COCO tools refuse it
+    entries = data["predictions"]
     assert [e["id"] for e in entries] == list(range(5))
     assert set(entries[0]) == {"image_id", "category_id", "segmentation", "score", "id", "annotation_id"}
     assert entries[0]["segmentation"]["size"] == [96, 96] and isinstance(entries[0]["segmentation"]["counts"], str)
 
-    grouped = read_predictions(path)
+    checked = read_predictions(path, {7: (480, 640), 8: (96, 96)})
+    assert checked.frame == "crop" and not checked.problems
+    grouped = checked.by_image
     assert list(grouped) == [7, 8] and [len(v) for v in grouped.values()] == [3, 2]
-    decoded = np.concatenate([decode_crop_masks(v, 96, path) for v in grouped.values()])
+    decoded = np.concatenate([decode_masks(v) for v in grouped.values()])
     np.testing.assert_array_equal(decoded, logits > 0)
     assert [e["annotation_id"] for v in grouped.values() for e in v] == [100, 101, 102, 103, 104]
     assert [e["score"] for e in entries] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
@@ -196,8 +203,9 @@ def _gt_records(ann_path, protocol, flip=False):
     records = []
     for image_id in (1, 2):
         for ann in coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=False)):
-            crop, _ = gt_crop(coco.annToMask(ann), ann["bbox"], protocol)
-            records.append(CropPrediction(image_id, (1 - crop) if flip else crop, 1.0, annotation_id=ann["id"]))
+            crop, box = gt_crop(coco.annToMask(ann), ann["bbox"], protocol)
+            records.append(CropPrediction(image_id, (1 - crop) if flip else crop, 1.0, ann["category_id"], ann["id"],
+                                          crop_box=tuple(box), image_size=(120, 160)))
     return records
 
 
@@ -209,12 +217,12 @@ def _score(*args):
 def test_score_predictions_aligns_skips_crowd_and_scores(tmp_path, protocol):
     ann_path = _tiny_coco(tmp_path)
     preds = tmp_path / "preds.json"
-    write_predictions(_gt_records(ann_path, protocol), preds)
+    write_crop_predictions(_gt_records(ann_path, protocol), preds)
     out = tmp_path / "metrics" / "score.json"
     result = _score("--annotations", ann_path, "--predictions", preds, "--protocol", protocol, "--json-out", out)
     assert result.exit_code == 0, result.output
     assert re.search(r"(?m)^crop mIoU\s+1\.000", result.output) and re.search(r"(?m)^crop mAP@\[\.5:\.95\]\s+1\.000", result.output)
-    assert "3 samples from 2 images" in result.output
+    assert "crop-frame predictions: 3 samples from 2 images" in result.output
     report = json.loads(out.read_text())
     assert report["by_size"]["small"]["samples"] == 1 and report["by_size"]["large"]["samples"] == 1
     assert sorted(report["by_category"]) == ["cat", "dog"] and report["by_category"]["dog"]["samples"] == 2
@@ -222,11 +230,11 @@ def test_score_predictions_aligns_skips_crowd_and_scores(tmp_path, protocol):
     # Swapping image 1's two predictions must show up: alignment is by annotation order, not by best match.
     records = _gt_records(ann_path, protocol)
     records[:2] = [CropPrediction(1, records[1].logits, 1.0), CropPrediction(1, records[0].logits, 1.0)]
-    write_predictions(records, preds)
+    write_crop_predictions(records, preds)
     result = _score("--annotations", ann_path, "--predictions", preds, "--protocol", protocol)
     assert result.exit_code == 0 and not re.search(r"(?m)^crop mIoU\s+1\.000", result.output)
 
-    write_predictions(_gt_records(ann_path, protocol, flip=True), preds)
+    write_crop_predictions(_gt_records(ann_path, protocol, flip=True), preds)
     result = _score("--annotations", ann_path, "--predictions", preds, "--protocol", protocol)
     assert re.search(r"(?m)^crop mIoU\s+0\.000", result.output) and re.search(r"(?m)^crop mAP@\[\.5:\.95\]\s+0\.000", result.output)
 
@@ -237,21 +245,97 @@ def test_score_predictions_rejects_misaligned_files(tmp_path):
     args = ["--annotations", ann_path, "--predictions", preds, "--protocol", "picosam2-point"]
     records = _gt_records(ann_path, "picosam2-point")
 
-    write_predictions(records[1:], preds)  # image 1 loses one of its 2 predictions
+    write_crop_predictions(records[1:], preds)  # image 1 loses one of its 2 predictions
     result = _score(*args)
     assert result.exit_code == 1
-    assert "image 1 has 1 prediction(s) but 2 non-crowd annotation(s)" in result.output
+    assert "image 1 has 1 prediction(s) but 2 non-crowd annotation(s)" in result.output and "--allow-partial" in result.output
 
-    write_predictions([CropPrediction(1, r.logits, 1.0, annotation_id=r.annotation_id) for r in reversed(records[:2])], preds)
+    write_crop_predictions([CropPrediction(1, r.logits, 1.0, annotation_id=r.annotation_id) for r in reversed(records[:2])], preds)
     result = _score(*args)
-    assert result.exit_code == 1 and "names annotation 13 but the 0-th non-crowd annotation is 11" in result.output
+    assert result.exit_code == 1 and "prediction 0 of image 1 names annotation 13 but the 0-th non-crowd annotation is 11" in result.output
 
-    write_predictions([CropPrediction(99, records[0].logits, 1.0)], preds)
+    write_crop_predictions([CropPrediction(99, records[0].logits, 1.0)], preds)
     result = _score(*args)
-    assert result.exit_code == 1 and "(e.g. [99])" in result.output
+    assert result.exit_code == 1 and "1 entries for images that are not in the annotations (e.g. entry 0 (image 99))" in result.output
 
     result = _score("--annotations", tmp_path / "nope.json", "--predictions", preds, "--protocol", "picosam3-roi")
     assert result.exit_code == 1 and "nope.json does not exist" in result.output
+
+
+def _crop_entries(ann_path, protocol="picosam3-roi"):
+    path = ann_path.parent / "good.crop.json"
+    write_crop_predictions(_gt_records(ann_path, protocol), path)
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty", "holds no prediction"),
+    ("unknown_image", "2 entries for images that are not in the annotations"),
+    ("wrong_size", "1 entries whose mask size is neither the crop size nor the image's size (e.g. image 2: size [64, 64]"),
+    ("counts_sum", "1 entries whose RLE counts are garbage or do not add up to the mask size (e.g. entry 0 (image 1): sum 9215 for 96x96"),
+    ("garbage_counts", "1 entries whose RLE counts are garbage or do not add up to the mask size (e.g. entry 1 (image 1): garbage)"),
+    ("non_integer_id", "2 entries whose image_id is not an integer (e.g. entry 0: '1', entry 3: '2.5')"),
+    ("duplicate_ids", "1 entries whose result id repeats an earlier entry's (e.g. entry 1 (image 1): id 0)"),
+])
+def test_score_predictions_refuses_bad_files_with_counts(tmp_path, case, message):
+    """Issue 13 item 8: every kind of bad scoring input stops with what is wrong and how many (exit 1)."""
+    ann_path = _tiny_coco(tmp_path)
+    data = _crop_entries(ann_path)
+    entries = data["predictions"]
+    if case == "empty":
+        data["predictions"] = []
+    elif case == "unknown_image":
+        entries += [dict(entries[0], image_id=99, id=10), dict(entries[0], image_id=98, id=11)]
+    elif case == "wrong_size":
+        entries[2]["segmentation"] = {"size": [64, 64], "counts": [64 * 64]}
+    elif case == "counts_sum":
+        entries[0]["segmentation"] = {"size": [96, 96], "counts": [9000, 215]}
+    elif case == "garbage_counts":
+        entries[1]["segmentation"]["counts"] = "\x7f\x7f~~garbage"
+    elif case == "non_integer_id":
+        entries[0]["image_id"] = "1"
+        entries.append(dict(entries[2], image_id=2.5, id=10))
+    elif case == "duplicate_ids":
+        entries[1]["id"] = 0
+    preds = tmp_path / "bad.crop.json"
+    preds.write_text(json.dumps(data))
+    result = _score("--annotations", ann_path, "--predictions", preds, "--protocol", "picosam3-roi")
+    assert result.exit_code == 1, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+    if case != "empty":  # the explicit option scores what is sound and counts what it skipped
+        result = _score("--annotations", ann_path, "--predictions", preds, "--protocol", "picosam3-roi", "--allow-partial")
+        assert result.exit_code == 0, result.output
+        assert "partial scoring: skipped" in result.output and "crop mIoU                  1.000" in result.output
+
+
+def test_image_frame_predictions_score_with_cocoeval_and_match_the_crop_file(tmp_path):
+    """Issue 14 item 6: the image-frame file is what COCOeval scores meaningfully; the crop file is refused by it."""
+    from pycocotools.cocoeval import COCOeval
+
+    from picosam_pipeline.evaluate.predictions import crop_predictions_path, write_predictions
+
+    ann_path = _tiny_coco(tmp_path)
+    preds = tmp_path / "predictions.json"
+    paths = write_predictions(_gt_records(ann_path, "picosam3-roi"), preds)
+    assert paths == {"image": preds, "crop": crop_predictions_path(preds)} and paths["crop"].name == "predictions.crop.json"
+    coco = load_coco(ann_path)
+    entries = json.loads(preds.read_text())
+    assert [e["segmentation"]["size"] for e in entries] == [[120, 160]] * 3 and [e["category_id"] for e in entries] == [1, 2, 2]
+    ev = COCOeval(coco, coco.loadRes(str(preds)), "segm")
+    ev.evaluate(), ev.accumulate(), ev.summarize()
+    assert ev.stats[1] > 0.9  # AP50 of the GT crops pasted back: near-perfect masks, real categories
+    with pytest.raises(Exception):
+        coco.loadRes(str(paths["crop"]))  # a schema-marked object, not a results list: refused, not AP 0.000
+
+    image = _score("--annotations", ann_path, "--predictions", preds, "--protocol", "picosam3-roi", "--json-out", tmp_path / "i.json")
+    crop = _score("--annotations", ann_path, "--predictions", paths["crop"], "--protocol", "picosam3-roi", "--json-out", tmp_path / "c.json")
+    assert image.exit_code == 0 and crop.exit_code == 0, image.output + crop.output
+    image_report, crop_report = (json.loads((tmp_path / f).read_text()) for f in ("i.json", "c.json"))
+    assert image_report["frame"] == "image" and crop_report["frame"] == "crop"
+    assert image_report["coco_segm"]["ap50"] == pytest.approx(ev.stats[1])
+    assert image_report["full_image_miou"] == pytest.approx(crop_report["full_image_miou"], abs=1e-12)
+    assert "COCO segm AP [.5:.95]" in image.output and image_report["crop_miou"] is None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ Here: SAM3's probability -> logit conversion and the missing-extra error; the SA
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -233,6 +234,11 @@ def test_checkpoint_with_pickled_code_is_refused_without_running_it(tmp_path):
     with pytest.raises(PipelineError, match="refused") as err:
         build_teacher(cfg, CPU)
     assert str(path) in str(err.value)
+    assert "it asks for " in str(err.value) and "_write_marker" in str(err.value)
+    # our own advice (the official file, or tensors re-saved by its maker), never torch's: weights_only=False or
+    # allow-listing the global, both of which run the file's code
+    assert "picosam-pipeline fetch" in str(err.value)
+    assert not re.search(r"weights_only|allowlist|safe_globals|trust", str(err.value)), str(err.value)
     assert not marker.exists()
     torch.load(path, weights_only=False)  # the payload is live: an unsafe load WOULD have run it
     assert marker.exists()

@@ -182,16 +182,17 @@ def test_shards_are_handed_out_when_their_last_row_arrives_and_write_errors_surf
     assert assembler.add(np.array([0, 1, 2]), codes[:3], np.ones(3, np.float32)) == [0]
     assert np.array_equal(assembler.pop(0)[0], codes[:4]) and np.array_equal(assembler.pop(1)[0], codes[4:])
 
-    store = create_store(tmp_path / "s.zarr", n_instances=2, side=2, instances_per_shard=2, codec="sigmoid_uint8",
-                         compression_level=1, attrs={})
+    store = create_store(tmp_path / "s.zarr", side=2, instances_per_shard=2, codec="sigmoid_uint8", compression_level=1,
+                         attrs={}, rows=dict(ann_id=[1, 2], image_id=[1, 1], crop_box=[[0, 0, 4, 4]] * 2,
+                                             stored_box=[[0.0, 0.0, 4.0, 4.0]] * 2))
     rows = runner.InstanceRows(ann_id=np.array([1, 2]), image_id=np.array([1, 1]), split=np.array(["v", "v"], object),
                                image_path=np.array(["a", "a"], object), size=np.array([[8, 8]] * 2),
                                prompt=np.zeros((2, 4), np.float32), crop_box=np.array([[0, 0, 4, 4]] * 2, np.int32))
-    with ShardWriter(store, 2, 0.0) as writer:
+    with ShardWriter(store) as writer:
         writer.submit(PendingShard(0, rows), codes[:2], np.ones(2, np.float32))
     assert open_store(tmp_path / "s.zarr").done_shards().tolist() == [True]
     with pytest.raises(ValueError, match="encoded logits must be uint8"):
-        with ShardWriter(store, 2, 0.0) as writer:
+        with ShardWriter(store) as writer:
             writer.submit(PendingShard(0, rows), codes[:2].astype(np.float32), np.ones(2, np.float32))
 
 

@@ -20,7 +20,7 @@ from picosam_pipeline.cli import cli
 from picosam_pipeline.config import TeacherConfig
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.teacher.codec import CODECS, decode_logits, encode_logits
-from picosam_pipeline.teacher.store import create_store, open_store, stored_boxes, stored_side, teacher_attrs
+from picosam_pipeline.teacher.store import chunk_rows, create_store, is_logit_store, open_store, shard_size, stored_boxes, stored_side, teacher_attrs
 
 SIGMOID_ERROR_BOUND = {"sigmoid_uint8": 1 / 254, "linear_uint8": 1 / 16, "float16": 1e-3}
 N, SIDE, K = 10, 16, 3  # 4 shards, the last one holding a single instance
@@ -38,20 +38,26 @@ def hard_logits(seed: int = 0) -> np.ndarray:
     return np.concatenate([edges, rng.normal(0.0, 8.0, 4000), rng.uniform(-0.05, 0.05, 4000)]).astype(np.float32)
 
 
+def row_meta(n: int = N) -> dict:
+    """The rows' ids and boxes (what the index gives create_store), deterministic."""
+    rng = np.random.default_rng(n)
+    crop = np.stack([rng.integers(0, 50, n), rng.integers(0, 50, n)], 1).repeat(2, 1) + [0, 0, 40, 40]
+    return dict(ann_id=np.arange(n) + 1000, image_id=np.arange(n) // 2, crop_box=crop,
+                stored_box=stored_boxes(crop, SIDE, 0.0))
+
+
 def shard_inputs(k: int, rows: slice, seed: int = 0) -> dict:
-    """Deterministic inputs for shard ``k`` of an ``(N, SIDE, SIDE)`` store."""
+    """Deterministic teacher outputs for shard ``k`` of an ``(N, SIDE, SIDE)`` store."""
     rng = np.random.default_rng([seed, k])
     n = rows.stop - rows.start
-    crop = np.stack([rng.integers(0, 50, n), rng.integers(0, 50, n)], 1).repeat(2, 1) + [0, 0, 40, 40]
-    return dict(logits=rng.normal(0.0, 8.0, (n, SIDE, SIDE)).astype(np.float32),
-                ann_id=np.arange(rows.start, rows.stop) + 1000, image_id=np.arange(rows.start, rows.stop) // 2,
-                confidence=rng.uniform(0.5, 1.0, n), crop_box=crop, stored_box=stored_boxes(crop, SIDE, 0.0))
+    return dict(logits=rng.normal(0.0, 8.0, (n, SIDE, SIDE)).astype(np.float32), confidence=rng.uniform(0.5, 1.0, n))
 
 
-def make_store(path, codec="sigmoid_uint8", n=N, checkpoint_sha256=None, **teacher):
+def make_store(path, codec="sigmoid_uint8", n=N, checkpoint_sha256=None, rows=None, **teacher):
     cfg = dataclasses.replace(TeacherConfig(), codec=codec, store_size=SIDE, instances_per_shard=K, **teacher)
-    return create_store(path, n_instances=n, side=SIDE, instances_per_shard=K, codec=codec, compression_level=5,
-                        attrs=teacher_attrs(cfg, checkpoint_sha256=checkpoint_sha256, crop={"roi_padding": 0.1}))
+    return create_store(path, side=SIDE, instances_per_shard=K, codec=codec, compression_level=5,
+                        attrs=teacher_attrs(cfg, checkpoint_sha256=checkpoint_sha256, crop={"roi_padding": 0.1}),
+                        rows=row_meta(n) if rows is None else rows)
 
 
 def write(store, shards) -> dict:
@@ -117,8 +123,9 @@ def test_round_trip_through_the_store(tmp_path, codec):
     assert np.array_equal(reader.read_logits([9, 0, 9]), reader.read_logits(slice(None))[[9, 0, 9]])
     assert reader.read_logits(-1).shape == (SIDE, SIDE) and reader.read_raw([]).shape == (0, SIDE, SIDE)
     meta = reader.read_meta()
-    for name in ("ann_id", "image_id", "crop_box", "stored_box"):
-        assert np.array_equal(meta[name], np.concatenate([written[k][name] for k in range(4)])), name
+    for name, expected_meta in row_meta().items():
+        assert np.array_equal(meta[name], expected_meta), name
+    assert np.array_equal(meta["confidence"], np.concatenate([written[k]["confidence"] for k in range(4)]).astype(np.float32))
     assert meta["confidence"].dtype == np.float32 and meta["crop_box"].dtype == np.int32
 
 
@@ -131,8 +138,10 @@ def test_unwritten_shards_bad_shapes_and_read_only_writes_are_refused(tmp_path):
     good = shard_inputs(1, store.shard_slice(1))
     with pytest.raises(ValueError, match=r"logits has shape \(3, 15, 16\)"):
         store.write_shard(1, **{**good, "logits": good["logits"][:, 1:]})
-    with pytest.raises(ValueError, match="ann_id must hold integers"):
-        store.write_shard(1, **{**good, "ann_id": good["ann_id"] + 0.5})
+    with pytest.raises(ValueError, match=r"confidence has shape \(2,\)"):
+        store.write_shard(1, **{**good, "confidence": good["confidence"][1:]})
+    with pytest.raises(ValueError, match="create_store: ann_id must hold integers"):
+        make_store(tmp_path / "m.zarr", rows={**row_meta(), "ann_id": row_meta()["ann_id"] + 0.5})
     with pytest.raises(PermissionError):
         open_store(tmp_path / "l.zarr").write_shard(1, **good)
     assert store.pending_shards() == [1, 2, 3]
@@ -143,7 +152,7 @@ def test_plain_zarr_reads_the_store_and_decodes_with_the_attribute_formula(tmp_p
     write(make_store(tmp_path / "l.zarr", codec), range(4))
     group = zarr.open_group(tmp_path / "l.zarr", mode="r")
     logits = group["logits"]
-    assert logits.shape == (N, SIDE, SIDE) and logits.chunks == (1, SIDE, SIDE) and logits.shards == (K, SIDE, SIDE)
+    assert logits.shape == (N, SIDE, SIDE) and logits.chunks == (K, SIDE, SIDE) and logits.shards == (K, SIDE, SIDE)
     a = dict(logits.attrs)
     v = (logits[:].astype(np.float64) - a["offset"]) * a["scale"]  # the rule a teammate reads off the attributes
     if a["quantity"] == "sigmoid":
@@ -152,7 +161,7 @@ def test_plain_zarr_reads_the_store_and_decodes_with_the_attribute_formula(tmp_p
     assert np.allclose(v, open_store(tmp_path / "l.zarr").read_logits(slice(None)), atol=1e-5)
     assert group.attrs["teacher"]["random_weights"] is True and group.attrs["prompt"]["convention"] == "roi"
     assert group.attrs["logit_store"]["encoding"]["blosc"]["cname"] == "zstd"
-    assert group["shard_done"][:].tolist() == [1, 1, 1, 1]
+    assert group["shard_digest"].shape == (4, 32) and group["shard_digest"][:].any(axis=1).all()
 
 
 def test_reopening_keeps_finished_shards_and_removes_write_leftovers(tmp_path):
@@ -169,7 +178,9 @@ def test_reopening_keeps_finished_shards_and_removes_write_leftovers(tmp_path):
 def test_reopening_with_another_layout_or_teacher_is_refused(tmp_path):
     path = tmp_path / "l.zarr"
     write(make_store(path), [0])
-    for change in (dict(codec="float16"), dict(n=N + 1), dict(checkpoint_sha256="ab" * 32), dict(multimask_output=False)):
+    moved = {**row_meta(), "crop_box": row_meta()["crop_box"] + 1}  # an index rebuilt since
+    for change in (dict(codec="float16"), dict(n=N + 1), dict(checkpoint_sha256="ab" * 32), dict(multimask_output=False),
+                   dict(rows=moved)):
         with pytest.raises(PipelineError, match=r"different layout or teacher .*rm -r .*teacher\.out"):
             make_store(path, **change)
     (tmp_path / "other").mkdir()
@@ -188,11 +199,67 @@ def test_a_truncated_shard_without_marker_is_rewritten_whole(tmp_path):
     reference = tree(path)
     shard = path / "logits" / "c" / "3" / "0" / "0"
     shard.write_bytes(shard.read_bytes()[:7])
-    (path / "shard_done" / "c" / "3").unlink()
+    (path / "shard_digest" / "c" / "3" / "0").unlink()
     store = make_store(path)
     assert store.pending_shards() == [3]
     write(store, [3])
     assert tree(path) == reference
+
+
+# --------------------------------------------------------------------------------------------------
+# digests: a store proves its contents
+
+
+@pytest.mark.parametrize("damage", ["missing_logits", "missing_confidence", "altered", "other_pass"])
+def test_a_lost_altered_or_foreign_shard_file_is_named_and_rewritten_on_resume(tmp_path, damage):
+    path = tmp_path / "l.zarr"
+    write(make_store(path), range(4))
+    reference = tree(path)
+    logits_file, confidence_file = open_store(path).shard_files(1)
+    if damage == "missing_logits":
+        logits_file.unlink()  # zarr alone would read fill values (zeros: confident background)
+    elif damage == "missing_confidence":
+        confidence_file.unlink()
+    elif damage == "altered":
+        data = bytearray(logits_file.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        logits_file.write_bytes(bytes(data))
+    else:  # the same shard from a pass with another teacher checkpoint: same layout, other pass id
+        other = tmp_path / "other.zarr"
+        foreign = make_store(other, checkpoint_sha256="cd" * 32)
+        for k in range(4):
+            foreign.write_shard(k, **shard_inputs(k, foreign.shard_slice(k), seed=1))
+        for mine, theirs in zip(open_store(path).shard_files(1), open_store(other).shard_files(1)):
+            mine.write_bytes(theirs.read_bytes())
+    reader = open_store(path)
+    assert reader.read_logits(slice(0, 3)).shape == (3, SIDE, SIDE)  # shard 0 is sound
+    expected = {"missing_logits": "file logits/c/1/0/0 is missing", "missing_confidence": "file confidence/c/1 is missing",
+                "altered": "differ from what the teacher wrote", "other_pass": "another teacher pass"}[damage]
+    with pytest.raises(PipelineError, match=rf"shard 1 \(rows 3:6\) cannot be read: .*{expected}.*Rerun the teacher stage"):
+        reader.read_logits([4])
+    with pytest.raises(PipelineError, match="shard 1"):
+        reader.read_meta()
+    result = CliRunner().invoke(cli, ["inspect", str(path)])
+    assert result.exit_code == 1 and "1 of 4 shards fail their digest" in result.stderr and "shard 1 (rows 3:6)" in result.stderr
+    store = make_store(path)  # a resumed pass
+    assert store.pending_shards() == [1]
+    write(store, [1])
+    assert tree(path) == reference
+
+
+def test_auto_shard_size_keeps_a_coco_size_store_under_a_thousand_files(tmp_path):
+    assert shard_size("auto", 100) == 64 and shard_size(32, 10**6) == 32
+    assert shard_size("auto", 897_000) == 3504 and shard_size("auto", 1_270_000) == 4976
+    assert chunk_rows(3504) == 16 and chunk_rows(64) == 16 and chunk_rows(100) == 10 and chunk_rows(3) == 3
+    assert shard_size("auto", 10**8) == 8192
+    store = make_store(tmp_path / "l.zarr")
+    write(store, [0])
+    per_shard = len(tree(store.path))
+    write(store, [1])
+    assert len(tree(store.path)) - per_shard == 3  # a shard costs its logits, confidence and digest files
+    fixed = per_shard - 3  # group and array metadata + the id/box arrays, written once
+    for instances in (897_000, 1_270_000):  # COCO train+val, LVIS v1 train+val
+        assert fixed + 3 * -(-instances // shard_size("auto", instances)) <= 1000
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,7 +279,7 @@ def block(message):
     time.sleep(60)
 
 if point in ("before_commit", "mid_file_atomic", "mid_file_in_place"):
-    target = "shard_done/c/1" if point == "before_commit" else "logits/c/1/0/0"
+    target = "shard_digest/c/1/0" if point == "before_commit" else "logits/c/1/0/0"
     real_put = local._put
     def put(file, value, exclusive=False):
         if not str(file).endswith(target):
@@ -306,12 +373,23 @@ def test_sigmoid_uint8_meets_the_size_target_on_logits_from_real_coco_masks(tmp_
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     data = bench.coco_like_logits(coco, limit=128)
-    store = create_store(tmp_path / "l.zarr", n_instances=128, side=96, instances_per_shard=64, codec="sigmoid_uint8",
-                         compression_level=5, attrs={})
+    store = create_store(tmp_path / "l.zarr", side=96, instances_per_shard=64, codec="sigmoid_uint8",
+                         compression_level=5, attrs={},
+                         rows=dict(ann_id=data["ann_id"], image_id=data["image_id"], crop_box=data["crop_box"],
+                                   stored_box=data["crop_box"].astype(np.float64)))
     for k in store.pending_shards():
         r = store.shard_slice(k)
-        store.write_shard(k, data["logits"][r], ann_id=data["ann_id"][r], image_id=data["image_id"][r],
-                          confidence=data["confidence"][r], crop_box=data["crop_box"][r], stored_box=data["crop_box"][r])
+        store.write_shard(k, data["logits"][r], confidence=data["confidence"][r])
     bytes_per_instance = sum(f.stat().st_size for f in store.path.rglob("*") if f.is_file()) / 128
     quality = bench.fidelity(data["logits"], open_store(store.path).read_logits(slice(None)))
     assert bytes_per_instance <= 2500 and quality["flipped"] == 0.0 and quality["max_sigmoid_err"] <= 0.01
+
+
+def test_a_store_of_an_older_format_is_recognised_but_not_read(tmp_path):
+    path = tmp_path / "l.zarr"
+    write(make_store(path), [0])
+    group = zarr.open_group(path, mode="r+")
+    group.attrs["logit_store"] = {**group.attrs["logit_store"], "format_version": 1}
+    assert is_logit_store(path) and not is_logit_store(tmp_path) and not is_logit_store(tmp_path / "missing")
+    with pytest.raises(PipelineError, match="has logit-store format 1, this code reads format 2; recompute it"):
+        open_store(path)

@@ -113,7 +113,7 @@ def store_files(path: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("prompt", ["roi", "point"])
 def test_rows_follow_the_index_and_each_image_is_encoded_once(project, fake, tmp_path, prompt):
     out = tmp_path / "logits.zarr"
-    cfg, metrics = run_stage(project, out, f"teacher.prompt={prompt}")
+    cfg, metrics = run_stage(project, out, f"recipe.name={'picosam3' if prompt == 'roi' else 'picosam2'}")
     index = read_index("data/prepared/index.parquet", split="val")
     store = open_store(out)
     meta = store.read_meta()
@@ -125,9 +125,9 @@ def test_rows_follow_the_index_and_each_image_is_encoded_once(project, fake, tmp
     # images, so each image is encoded once; its prompts are decoded one call per (image, shard), so that the
     # stored bytes do not depend on how shards are grouped into tasks: 3 + 2 calls.
     assert fake == {"set_image": 2, "predict": 5}
-    assert (metrics["instances"], metrics["images"], metrics["encoder_passes"], metrics["shards_computed"]) == (16, 2, 2, 4)
+    assert (metrics["instances"], metrics["encoder_passes"], metrics["shards_computed"]) == (16, 2, 4)
     assert metrics["random_weights"] is True and metrics["bytes_per_instance"] > 0
-    assert metrics["all_instances_empty"] is False and metrics["zero_confidence_instances"] == 0
+    assert metrics["all_instances_empty"] is False and 0 < metrics["confidence_mean"] <= 1
     assert json.loads((out / "config.resolved.json").read_text())["teacher"]["prompt"] == prompt
 
     # Row 11 (image 200002) recomputed by hand: prompt = COCO bbox as xyxy (roi) or the index point, crop = the index box.
@@ -258,8 +258,10 @@ def test_a_pass_where_every_instance_comes_back_empty_is_flagged_in_metrics_and_
     out = tmp_path / "logits.zarr"
     _, metrics = run_stage(project, out)
     assert metrics["all_instances_empty"] is True
-    assert (metrics["all_background_instances"], metrics["instances_scanned"], metrics["zero_confidence_instances"]) \
-        == (16, 16, 16)
+    assert metrics["confidence_mean"] == 0  # (the all-background and zero-confidence counts: `inspect`, below)
+    headline = json.loads((tmp_path / "metrics" / "teacher-logits.json").read_text())
+    assert set(headline) == {"model", "random_weights", "instances", "bytes_per_instance", "confidence_mean",
+                             "all_instances_empty"}
     assert "WARNING: every instance of the teacher pass came back empty (16 of 16 scanned" in capsys.readouterr().err
     result = CliRunner().invoke(cli, ["inspect", str(out)])
     assert result.exit_code == 0 and "WARNING     every instance of the teacher pass came back empty" in result.output
@@ -287,6 +289,11 @@ def test_verify_logits_passes_an_intact_store_and_fails_a_tampered_one(project, 
 
     logits = zarr.open_array(out / "logits", mode="r+")
     logits[:] = 254 - logits[:]  # every probability mirrored: every decision flipped
+    result = runner.invoke(cli, ["verify-logits", str(out), "--sample", "6", "--device", "cpu"])
+    assert result.exit_code == 1 and "differ from what the teacher wrote" in result.output  # the shard digests
+    digests, store = zarr.open_array(out / "shard_digest", mode="r+"), open_store(out)
+    for k in range(store.n_shards):  # a pass that wrote wrong logits consistently: only recomputing catches it
+        digests[k] = np.frombuffer(store.file_digest(k), np.uint8)
     result = runner.invoke(cli, ["verify-logits", str(out), "--sample", "6", "--device", "cpu"])
     assert result.exit_code == 1 and "FAILED" in result.output
 
@@ -350,7 +357,8 @@ def test_stage_is_registered_and_its_dvc_params_are_the_keys_that_change_stored_
     fields = {f.name for f in dataclasses.fields(TeacherConfig)}
     # A new teacher field must be listed (or declared execution-only in store.EXECUTION_FIELDS).
     byte_relevant = {f"teacher.{n}" for n in fields - set(EXECUTION_FIELDS)}
-    assert set(stage["params"]) == byte_relevant | {"teachers.${key}", "runtime.seed", "runtime.precision"}
+    # recipe.name: the recipe decides teacher.prompt when params.yaml leaves it auto
+    assert set(stage["params"]) == byte_relevant | {"teachers.${key}", "runtime.seed", "runtime.precision", "recipe.name"}
     assert {"stages/teacher_logits.py", "picosam_pipeline/teacher/runner.py", "picosam_pipeline/teacher/executors.py",
             "picosam_pipeline/teacher/models.py", "${teacher.index}"} <= set(stage["deps"])
     # the path comes from params.yaml (DVC templating), written once; pack reads the folder
@@ -382,3 +390,97 @@ def test_real_teacher_in_process_and_on_dask_write_identical_stores(tmp_path, mo
     result = CliRunner().invoke(cli, ["verify-logits", str(stores["dask"]), "--sample", "4", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "100.00%" in result.output and "0 of 36,864 pixels" in result.output
+
+
+# --------------------------------------------------------------------------------------------------
+# errors from dask workers, the scheduler's port, verify-logits --checkpoint (issue 13 items 3 and 9)
+
+
+def test_verify_logits_refuses_a_checkpoint_for_a_random_weights_store(project, fake, tmp_path):
+    out = tmp_path / "logits.zarr"
+    run_stage(project, out)  # no checkpoint file: the store records random weights
+    other = tmp_path / "sam2.pt"
+    other.write_bytes(b"weights")
+    result = CliRunner().invoke(cli, ["verify-logits", str(out), "--checkpoint", str(other), "--device", "cpu"])
+    assert result.exit_code == 1
+    assert f"--checkpoint '{other}' does not apply" in result.output and "RANDOM weights" in result.output
+
+
+def test_a_bad_input_error_in_a_dask_task_is_returned_not_logged_and_survives_pickling():
+    from distributed.protocol.pickle import dumps, loads
+
+    from picosam_pipeline.data.images import BadImageError
+    from picosam_pipeline.teacher.executors import _reporting, _result
+
+    def unreadable():
+        try:
+            raise BadImageError("truncated", "a.jpg", "image 'a.jpg' is truncated")
+        except BadImageError as err:  # as load_pixels does: the BadImageError stays chained as __context__
+            raise PipelineError(f"{err} (image 7)") from None
+
+    refused = loads(dumps(_reporting(unreadable)))  # as a worker returns it to the client
+    with pytest.raises(PipelineError, match=r"^image 'a.jpg' is truncated \(image 7\)$"):
+        _result(refused)
+    assert _result(loads(dumps(_reporting(sum, [1, 2])))) == 3
+    with pytest.raises(ZeroDivisionError):  # a bug is not a bad input: raised as it is, dask reports it
+        _reporting(lambda: 1 / 0)
+    err = loads(dumps(BadImageError("missing", "b.jpg", "image 'b.jpg' does not exist")))
+    assert (err.kind, err.path, str(err)) == ("missing", "b.jpg", "image 'b.jpg' does not exist")
+
+
+def test_an_unreadable_image_in_a_dask_task_is_one_paragraph_without_compute_failed(project, fake, tmp_path,
+                                                                                    monkeypatch, caplog):
+    """A real LocalCluster (in this process, so that FakeTeacher applies); its worker logs into caplog."""
+    from distributed import LocalCluster
+
+    from picosam_pipeline.data.images import BadImageError
+
+    def unreadable(path, expected_size=None):
+        raise BadImageError("unreadable", path, f"image {str(path)!r} cannot be decoded (test)")
+
+    monkeypatch.setattr(teacher_runner, "load_image", unreadable)
+    messages = {}
+    for executor in ("local", "dask"):
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+                pytest.raises(PipelineError) as err:
+            run_stage(project, tmp_path / executor / "logits.zarr", f"teacher.executor={executor}",
+                      f"teacher.scheduler_address={cluster.scheduler_address}")
+        messages[executor] = str(err.value)
+    assert messages["dask"] == messages["local"]
+    assert "cannot be decoded (test) (image 200001" in messages["dask"]
+    assert not [r for r in caplog.records if "Compute Failed" in r.getMessage()]
+
+
+@pytest.mark.slow
+def test_worker_process_errors_and_a_busy_dashboard_port_print_only_our_message(project, capfd, monkeypatch):
+    """The default LocalCluster (worker processes) on a machine where port 8787 is taken: a missing checkpoint
+    is one paragraph, as in process; no "Compute Failed" block, no traceback, no warning about the port."""
+    import socket
+    import warnings
+
+    monkeypatch.chdir(project[0])
+    sets = [a for s in project[1] if "allow_random_weights" not in s for a in ("--set", s)]
+    sets += ["--set", "teacher.allow_random_weights=false", "--set", "runtime.device=cpu"]
+    busy = socket.socket()
+    try:
+        busy.bind(("", 8787))  # what another user's dask dashboard does (taken already: just as good)
+        busy.listen()
+    except OSError:
+        pass
+    outputs = {}
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for executor in ("local", "dask"):
+                result = CliRunner().invoke(cli, ["run-stage", "teacher-logits", *sets, "--set",
+                                                  f"teacher.executor={executor}", "--set", f"teacher.out={executor}.zarr"])
+                assert result.exit_code == 1, result.output
+                outputs[executor] = result.output + capfd.readouterr().err  # the worker's stderr is fd 2
+    finally:
+        busy.close()
+    for executor, text in outputs.items():
+        error = [line for line in text.splitlines() if line.startswith("Error: ")]
+        assert len(error) == 1 and "teacher.checkpoint" in error[0] and "does not exist" in error[0], text
+        assert not re.search(r"Compute Failed|Traceback|already in use|distributed\.", text), text
+    assert outputs["dask"].split("Error: ")[1] == outputs["local"].split("Error: ")[1]
+    assert not [w for w in caught if "already in use" in str(w.message)]

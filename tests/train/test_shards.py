@@ -196,6 +196,6 @@ def test_pack_refuses_to_replace_a_folder_it_did_not_write(inputs, tmp_path):
     out = tmp_path / "shards"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(PipelineError, match=r"notes.txt.*not shards this stage wrote"):
+    with pytest.raises(PipelineError, match=r"notes.txt.*which stage pack did not write"):
         run_pack(inputs, out)
     assert (out / "notes.txt").read_text() == "mine"

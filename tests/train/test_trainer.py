@@ -10,6 +10,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -133,7 +134,8 @@ def test_student_checkpoint_loads_weights_only_and_reproduces_outputs(tmp_path):
 def test_load_rejects_foreign_files_with_a_message(tmp_path):
     pickled = tmp_path / "module.pt"
     torch.save(build_student("picosam2"), pickled)  # a pickled module would run code on load
-    with pytest.raises(PipelineError, match="weights-only"):
+    with pytest.raises(PipelineError, match=r"was refused: loading it would run code from the file \(it asks for "
+                                            r"picosam_pipeline\.train\.students\.PicoSAM2"):
         load_checkpoint(pickled)
     plain = tmp_path / "state_dict.pt"
     torch.save(build_student("picosam2").state_dict(), plain)
@@ -177,12 +179,38 @@ def test_interrupted_run_resumes_to_bit_identical_weights(tmp_path):
     resumed = train(cfg, CPU, SyntheticShards().data(), tmp_path / "killed")
     assert resumed.resumed_from == 4 and (resumed.state.epoch, resumed.state.consumed) == (1, 3)
 
-    a, _ = load_checkpoint(tmp_path / "straight" / "student.pt")
-    b, _ = load_checkpoint(tmp_path / "killed" / "student.pt")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # BN running stats included
+    for name in ("student.pt", "student_best.pt"):  # last and best: the best copy (step 3) came back from checkpoint 4
+        a, meta_a = load_checkpoint(tmp_path / "straight" / name)
+        b, meta_b = load_checkpoint(tmp_path / "killed" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # BN running stats included
+        assert meta_a["step"] == meta_b["step"] and meta_a["val_iou"] == meta_b["val_iou"]
     assert resumed.state.train_log == straight.state.train_log
     assert resumed.state.val_log == straight.state.val_log  # step 0 (untrained), 3, 6
     assert [row[0] for row in straight.state.val_log] == [0, 3, 6]
+    assert resumed.state.best_step == straight.state.best_step
+
+
+def test_best_checkpoint_is_the_earliest_best_val_iou_after_step_0(tmp_path, monkeypatch):
+    """Scripted val IoUs: step 0 (untrained) would win but is not a trained student; 0.6 at steps 2 and 4: step 2."""
+    from picosam_pipeline.train import trainer as trainer_module
+
+    scores = iter([0.9, 0.3, 0.6, 0.5, 0.6, 0.2])  # steps 0, 1, ..., 5
+    weights = {}
+
+    def scripted(model, batches, runtime, dist):
+        weights[len(weights)] = {k: v.clone() for k, v in model.state_dict().items()}
+        return next(scores)
+
+    monkeypatch.setattr(trainer_module, "evaluate", scripted)
+    result = train(small_config(student="picosam2", steps=5, eval_every=1), CPU, SyntheticShards().data(), tmp_path)
+    assert result.state.best_step == 2 and result.state.best_iou == 0.6
+    best, meta = load_checkpoint(tmp_path / "student_best.pt", kind="student")
+    last, last_meta = load_checkpoint(tmp_path / "student.pt", kind="student")
+    assert (meta["step"], meta["val_iou"], meta["which"]) == (2, 0.6, "best") and meta["best_step"] == 2
+    assert (last_meta["step"], last_meta["val_iou"], last_meta["which"]) == (5, 0.2, "last")
+    assert all(torch.equal(best[k], weights[2][k]) for k in best)  # the weights evaluated at step 2
+    assert all(torch.equal(last[k], weights[5][k]) for k in last)
+    assert not all(torch.equal(best[k], last[k]) for k in best)
 
 
 def test_checkpoint_of_other_settings_is_not_resumed(tmp_path, capsys):
@@ -262,19 +290,36 @@ def packed(tmp_path_factory) -> Config:
 
 def test_stage_writes_student_metrics_and_plots(packed):
     summary = train_stage.run(packed, CPU)
-    metrics = json.loads((Path(packed.runtime.metrics_dir) / "train.json").read_text())
-    metrics.update(last_run(packed.runtime.metrics_dir, "train"))  # the run's own facts: rate, resumed step
+    metrics_dir = Path(packed.runtime.metrics_dir)
+    headline = json.loads((metrics_dir / "train.json").read_text())
+    assert set(headline) == {"val_iou_before", "val_iou_after"}
+    metrics = json.loads((Path(packed.train.out_dir) / "report.json").read_text())  # the details
+    metrics.update(last_run(metrics_dir, "train"))  # the run's own facts: rate, resumed step
     assert metrics["steps"] == summary["steps"] == 4 and metrics["resumed_from_step"] is None
     assert metrics["params"] == 1_262_818 and metrics["samples_per_s"] > 0 and metrics["skipped_shards"] == 0
     assert set(metrics["loss"]) == {"loss", "gt", "teacher", "area", "lambda"}
     assert 0 <= metrics["val_iou_before"] <= 1 and 0 <= metrics["val_iou_after"] <= 1
+    assert {k: metrics[k] for k in headline} == headline
 
-    with open(Path(packed.runtime.metrics_dir) / "train_steps.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [r["step"] for r in rows] == ["1", "2", "3", "4"] and list(rows[0]) == list(LOG_COLUMNS)
-    with open(Path(packed.runtime.metrics_dir) / "train_val.csv") as f:
-        val = list(csv.DictReader(f))
-    assert [r["step"] for r in val] == ["0", "4"] and float(val[0]["val_iou"]) == metrics["val_iou_before"]
+    # dvclive: one TSV per logged quantity (step, value; no timestamps), one row per train.log_every (2) steps: the
+    # window's mean loss and terms, the lr at its last step; and the live summary
+    live = metrics_dir / "train"
+    tensors, _ = load_checkpoint(Path(packed.train.resume_dir()) / "checkpoint.pt")
+    steps = tensors["log.train"].numpy()  # the trainer's per-step log: step, lr, loss, terms
+    for name in LOG_COLUMNS[1:]:
+        with open(live / "plots" / "metrics" / "train" / f"{name}.tsv") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+        assert [r["step"] for r in rows] == ["2", "4"] and list(rows[0]) == ["step", name]
+        column = steps[:, LOG_COLUMNS.index(name)]
+        expected = [column[1], column[3]] if name == "lr" else [column[:2].mean(), column[2:4].mean()]
+        assert [float(r[name]) for r in rows] == pytest.approx(expected, rel=1e-12)
+    with open(live / "plots" / "metrics" / "val" / "iou.tsv") as f:
+        val = list(csv.DictReader(f, delimiter="\t"))
+    assert [r["step"] for r in val] == ["0", "4"] and float(val[0]["iou"]) == metrics["val_iou_before"]
+    with open(live / "plots" / "metrics" / "train" / "loss.tsv") as f:
+        last_loss = float(list(csv.DictReader(f, delimiter="\t"))[-1]["loss"])
+    assert json.loads((live / "metrics.json").read_text()) == {"step": 4, "loss": last_loss}
+    assert not (live / "dvc.yaml").exists() and not (live / "report.html").exists()
 
     model, meta = load_student(Path(packed.train.out_dir) / "student.pt")
     assert meta["input_size"] == 96 and meta["val_iou_after"] == metrics["val_iou_after"]
@@ -308,11 +353,43 @@ def test_killed_cli_run_resumes_to_the_uninterrupted_result(packed, tmp_path):
     assert not (tmp_path / "killed" / "student.pt").exists()
 
     subprocess.run(command, env=env, check=True, capture_output=True)
-    metrics = {**json.loads((tmp_path / "metrics" / "train.json").read_text()), **last_run(tmp_path / "metrics", "train")}
+    metrics = {**json.loads((tmp_path / "killed" / "report.json").read_text()), **last_run(tmp_path / "metrics", "train")}
     assert metrics["resumed_from_step"] in (2, 4) and metrics["steps"] == 6
 
-    reference = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(tmp_path / "straight")))
+    reference = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(tmp_path / "straight")),
+                                    runtime=dataclasses.replace(cfg.runtime, metrics_dir=str(tmp_path / "straight_metrics")))
     train_stage.run(reference, CPU)
     a, _ = load_checkpoint(tmp_path / "killed" / "student.pt")
     b, _ = load_checkpoint(tmp_path / "straight" / "student.pt")
     assert all(torch.equal(a[k], b[k]) for k in b)
+    # the dvclive log of the resumed run (replayed from the checkpoint's state) is the uninterrupted run's, byte for byte
+    resumed, straight = tmp_path / "metrics" / "train", tmp_path / "straight_metrics" / "train"
+    files = sorted(p.relative_to(straight) for p in straight.rglob("*") if p.is_file())
+    assert files and files == sorted(p.relative_to(resumed) for p in resumed.rglob("*") if p.is_file())
+    assert all((resumed / f).read_bytes() == (straight / f).read_bytes() for f in files)
+
+
+def _run_on_load(marker: str) -> None:  # what the malicious checkpoint below would run when unpickled
+    Path(marker).write_text("code from a checkpoint ran")
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return _run_on_load, (str(self.marker),)
+
+
+def test_a_checkpoint_that_needs_unpickling_gets_our_message_not_torchs_advice(tmp_path):
+    """torch's refusal advises loading with weights_only=False or allow-listing the global: code from the file."""
+    marker, path = tmp_path / "ran.txt", tmp_path / "student.pt"
+    torch.save({"format": "picosam-checkpoint/1", "meta": "{}", "tensors": {}, "x": _Payload(marker)}, path)
+    with pytest.raises(PipelineError) as err:
+        load_checkpoint(path, kind="student")
+    text = str(err.value)
+    assert f"checkpoint {str(path)!r} was refused: loading it would run code from the file" in text
+    assert "it asks for " in text and "_run_on_load" in text and "nothing from it was run" in text
+    assert "checkpoint written by the train stage" in text
+    assert not re.search(r"weights_only|allowlist|add_safe_globals|safe_globals|trust", text), text
+    assert not marker.exists()

@@ -153,10 +153,11 @@ def test_train_runs_on_each_target_rule(two, tmp_path, target):
                     out_dir=str(tmp_path / "train"))
     run_cfg = dataclasses.replace(cfg, train=t, runtime=dataclasses.replace(cfg.runtime, metrics_dir=str(tmp_path / "m")))
     train.run(run_cfg, resolve_runtime(run_cfg.runtime))
-    metrics = json.loads((tmp_path / "m" / "train.json").read_text())
+    metrics = json.loads((tmp_path / "train" / "report.json").read_text())  # the details; train.json the headline
     described = {"gt": "gt", "soft": "soft", "mean": "mean of gt, soft", "confident": "confident of gt, soft",
                  "weighted": "weighted of gt 0.75, soft 0.25"}
     assert metrics["target"] == described[target] and metrics["steps"] == 3
+    assert set(json.loads((tmp_path / "m" / "train.json").read_text())) == {"val_iou_before", "val_iou_after"}
     # confidence_batch_mean: lambda is the batch mean of the target's confidence (gt 1, soft 0.5)
     lam = {"gt": 1.0, "soft": 0.5, "mean": 0.75, "confident": 0.75, "weighted": 0.875}[target]
     assert metrics["loss"]["lambda"] == pytest.approx(lam, abs=1e-6)
@@ -180,7 +181,7 @@ def test_evaluate_scores_every_packed_teacher(two, tmp_path):
                        index=cfg.pack.index, grid_samples=2, out_dir=str(tmp_path / "evaluate"))
     evaluate.run(dataclasses.replace(run_cfg, evaluate=e), resolve_runtime(run_cfg.runtime))
     report = json.loads((metrics_dir / "evaluate.json").read_text())
-    assert {"student", "teacher_gt", "teacher_soft"} <= set(report)
+    assert {"crop_miou", "teacher_gt", "teacher_soft"} <= set(report)  # the student's figures are top-level
     # Both stand-ins are the GT mask (up to boundary pixels): each scores near 1 in the crop frame.
     assert report["teacher_gt"]["crop_miou"] > 0.9 and report["teacher_soft"]["crop_miou"] > 0.9
 

@@ -1,0 +1,283 @@
+"""COCO-scale benchmark of the stages that need no teacher model and no trainer: rate, memory, bytes, files.
+
+Run from the repository root:  ``.venv/bin/python bench/scale.py --instances 900000 [--work DIR] [--no-dvc]``
+
+Builds a synthetic COCO-format dataset from ``../shared/data/coco-sample`` (its 65 images' annotations repeated
+under new image and annotation ids until ``--instances`` is reached, 5 % of them in ``val`` as in COCO; the
+image files hard-linked, not copied), then runs, each in its own process so its peak RSS is its own:
+
+* ``prepare``   the real stage (``run-stage prepare``: annotations checked, every image decoded once);
+* ``teacher``   the teacher store written by the GT-mask stand-in (``teacher/gt_mask.py``: every mask decoded,
+                resampled into its crop frame, encoded, written shard by shard, with digests);
+* ``pack``      the real stage (``run-stage pack``): WebDataset shards of the train and val splits;
+* ``loader``    one pass of the training loader over the train shards (batch 64, decode + shuffle buffer);
+* ``evaluate``  the evaluate stage's GT handling on the val split: ``InstanceGT.from_index``, the loader, every
+                sample's full-image GT mask decoded and scored against the stored teacher logits.
+
+Then, unless ``--no-dvc``, the DVC times for the store and the shards: ``dvc add`` (hashing into the cache, hard
+links), ``dvc push`` to a local remote, and ``dvc pull`` into an emptied cache and workspace.
+
+``--instances N`` runs two sizes, N / 10 and N, so growth is visible (``--sizes A B ...`` picks them). Per stage
+it prints instances/s, peak RSS, output bytes and file count. Targets at 860k instances on the 2-core CPU
+machine (issue 12): peak RSS <= 8 GB in every stage, each stage >= 2,000 instances/s, teacher store <= 1,000
+files, shards <= 300 files. Nothing is asserted: the figures are printed, and written as JSON to
+``bench/out/scale.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+COCO = REPO.parent / "shared" / "data" / "coco-sample"
+VAL_SHARE = 0.05  # COCO 2017: 36.8k of 896k instances are val
+TARGETS = {"rss_gb": 8.0, "instances_per_s": 2000, "store_files": 1000, "shard_files": 300}
+
+# --------------------------------------------------------------------------------------------------
+# the synthetic dataset
+
+
+def build_dataset(root: Path, instances: int) -> dict[str, int]:
+    """Write ``root/annotations/instances_{train,val}.json`` and ``root/{train,val}/`` (hard links) with ``instances``
+    annotations in all; returns images and instances per split. Streams the JSON: memory stays at one image."""
+    templates = []
+    for split in ("train2017", "val2017"):
+        data = json.loads((COCO / "annotations" / f"instances_{split}.json").read_text())
+        by_image: dict[int, list] = {}
+        for ann in data["annotations"]:
+            by_image.setdefault(ann["image_id"], []).append(ann)
+        templates += [(COCO / split / img["file_name"], img, by_image[img["id"]], data["categories"])
+                      for img in data["images"] if by_image.get(img["id"])]
+    categories = templates[0][3]
+    quotas = {"val": round(instances * VAL_SHARE)}
+    quotas["train"] = instances - quotas["val"]
+    counts, image_id, ann_id = {}, 0, 0
+    for split, quota in quotas.items():
+        images = root / split
+        images.mkdir(parents=True)
+        (root / "annotations").mkdir(exist_ok=True)
+        done, n_images = 0, 0
+        with open(root / "annotations" / f"instances_{split}.json", "w") as out:
+            out.write('{"info": {"description": "bench/scale.py: coco-sample repeated"}, "licenses": [], "categories": ')
+            out.write(json.dumps(categories) + ', "images": [')
+            image_lines, ann_lines = [], []
+            while done < quota:
+                path, img, anns, _ = templates[image_id % len(templates)]
+                image_id += 1
+                name = f"{image_id:012d}.jpg"
+                os.link(path, images / name) if _same_device(path, images) else os.symlink(path, images / name)
+                image_lines.append(json.dumps({**img, "id": image_id, "file_name": name}))
+                for ann in anns[: quota - done]:
+                    ann_id += 1
+                    ann_lines.append(json.dumps({**ann, "id": ann_id, "image_id": image_id}))
+                done += min(len(anns), quota - done)
+                n_images += 1
+            out.write(", ".join(image_lines) + '], "annotations": [')
+            del image_lines
+            out.write(", ".join(ann_lines) + "]}")
+        counts[split] = {"images": n_images, "instances": done}
+    return counts
+
+
+def _same_device(a: Path, b: Path) -> bool:
+    return a.stat().st_dev == b.stat().st_dev
+
+
+# --------------------------------------------------------------------------------------------------
+# the stages, each in a process of its own
+
+TEACHER = """
+import json, sys
+from picosam_pipeline.teacher.gt_mask import write_mask_teacher_store
+store = write_mask_teacher_store(sys.argv[1], sys.argv[2], splits=["train", "val"], instances_per_shard="auto")
+print(json.dumps({"instances": len(store), "shards": store.n_shards}))
+"""
+
+LOADER = """
+import json, sys, torch
+torch.set_num_threads(1)
+from picosam_pipeline.train.loader import make_loader
+n = 0
+for batch in make_loader(sys.argv[1], batch_size=64, shuffle_buffer=1000, num_workers=int(sys.argv[2]), seed=0):
+    n += len(batch["image"])
+print(json.dumps({"instances": n}))
+"""
+
+EVALUATE = """
+import json, sys
+from picosam_pipeline.evaluate.metrics import InstanceGT, evaluate_batches
+from picosam_pipeline.train.loader import make_loader
+gt = InstanceGT.from_index(sys.argv[1], "val")
+batches = make_loader(sys.argv[2], batch_size=64, shuffle_buffer=0, num_workers=0, seed=0)
+table, _ = evaluate_batches(batches, {}, gt, teachers=batches.teachers)
+print(json.dumps({"instances": len(table), "teacher_full_image_miou": float(table["teacher_full_iou"].mean())}))
+"""
+
+
+def measure(command: list[str], cwd: Path, log: Path) -> dict:
+    """Run ``command``; its wall time, peak RSS (its own, from wait4) and the JSON it printed last."""
+    start = time.perf_counter()
+    with open(log, "w") as err:
+        proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=err, text=True,
+                                env={**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"})
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(command[:4])} failed (exit {proc.returncode}); its log: {log}\n{log.read_text()[-3000:]}")
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    return {"seconds": seconds, "peak_rss_gb": usage.ru_maxrss / 2**20, **(json.loads(lines[-1]) if lines else {})}
+
+
+def tree(path: Path) -> tuple[int, int]:
+    """Bytes and file count under ``path``."""
+    files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
+    return sum(f.stat().st_size for f in files), len(files)
+
+
+def run_size(work: Path, instances: int, dvc: bool, loader_workers: int) -> dict:
+    """Build the dataset of ``instances`` under ``work`` and measure every stage; returns the figures."""
+    t0 = time.perf_counter()
+    counts = build_dataset(work / "dataset", instances)
+    built = time.perf_counter() - t0
+    params = {
+        "runtime": {"device": "cpu", "metrics_dir": str(work / "metrics")},
+        "dataset": {"name": "dataset", "dir": str(work)},
+        "prepare": {"splits": "auto", "out_dir": str(work / "prepared")},
+        "pack": {"index": str(work / "prepared/index.parquet"), "stores_dir": str(work / "stores"), "teachers": ["gt"],
+                 "out_dir": str(work / "shards")},
+    }
+    (work / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
+    python, cli = sys.executable, [sys.executable, "-m", "picosam_pipeline"]
+    index, store, shards = work / "prepared/index.parquet", work / "stores/gt.zarr", work / "shards"
+    stages = {
+        "prepare": (cli + ["run-stage", "prepare", "--params", "params.yaml"], work / "prepared"),
+        "teacher": ([python, "-c", TEACHER, str(index), str(store)], store),
+        "pack": (cli + ["run-stage", "pack", "--params", "params.yaml"], shards),
+        "loader": ([python, "-c", LOADER, str(shards / "train"), str(loader_workers)], None),
+        "evaluate": ([python, "-c", EVALUATE, str(index), str(shards / "val")], None),
+    }
+    figures = {"instances": instances, "images": sum(c["images"] for c in counts.values()), "splits": counts,
+               "dataset_seconds": round(built, 1), "stages": {}}
+    for name, (command, output) in stages.items():
+        result = measure(command, work, work / f"{name}.log")
+        n = result.get("instances") or instances
+        result.update(instances=n, instances_per_s=n / result["seconds"])
+        if output is not None:
+            result["output_bytes"], result["output_files"] = tree(output)
+        figures["stages"][name] = result
+        print(f"  {instances:>9,} {name:<9} {_row(result)}", flush=True)
+    if dvc:
+        figures["dvc"] = dvc_times(work, [store, shards])
+        print(f"  {instances:>9,} dvc       " + ", ".join(f"{k} {v:.1f} s" for k, v in figures["dvc"].items()
+                                                    if k.endswith("_s")), flush=True)
+    return figures
+
+
+def dvc_times(work: Path, outputs: list[Path]) -> dict:
+    """``dvc add`` / ``push`` / ``pull`` of ``outputs`` in a fresh repository at ``work`` (local remote, hard links)."""
+    dvc = [sys.executable, "-m", "dvc"]
+
+    def timed(*args: str) -> float:
+        start = time.perf_counter()
+        subprocess.run([*dvc, *args], cwd=work, check=True, capture_output=True, text=True,
+                       env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+        return time.perf_counter() - start
+
+    subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=work, check=True)
+    subprocess.run([*dvc, "config", "cache.type", "hardlink"], cwd=work, check=True)  # no second copy of the data
+    subprocess.run([*dvc, "remote", "add", "-d", "local", str(work / "remote")], cwd=work, check=True)
+    names = [str(p.relative_to(work)) for p in outputs]
+    times = {"add_s": timed("add", "-q", *names), "push_s": timed("push", "-q")}
+    objects = sum(1 for f in (work / "remote").rglob("*") if f.is_file())
+    for path in outputs:
+        shutil.rmtree(path)
+    shutil.rmtree(work / ".dvc" / "cache")
+    times["pull_s"] = timed("pull", "-q")
+    times["remote_objects"] = objects
+    return times
+
+
+def _row(r: dict) -> str:
+    text = f"{r['instances_per_s']:>9,.0f} inst/s  {r['seconds']:>7.1f} s  peak RSS {r['peak_rss_gb']:5.2f} GB"
+    if "output_files" in r:
+        text += f"  {r['output_bytes'] / 2**20:>8,.1f} MiB in {r['output_files']:>6,} files"
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--instances", type=int, default=100_000, help="the larger size; N / 10 runs too")
+    parser.add_argument("--sizes", type=int, nargs="+", help="run exactly these sizes instead")
+    parser.add_argument("--work", type=Path, help="folder for the datasets and outputs (default: a temporary one)")
+    parser.add_argument("--no-dvc", dest="dvc", action="store_false", help="skip the DVC add/push/pull timings")
+    parser.add_argument("--loader-workers", type=int, default=2, help="DataLoader workers of the loader pass")
+    parser.add_argument("--keep", action="store_true", help="keep the outputs (default: each size's are deleted)")
+    args = parser.parse_args()
+    if not COCO.is_dir():
+        sys.exit(f"{COCO} not found: bench/scale.py builds its dataset from ../shared/data/coco-sample")
+    sizes = args.sizes or sorted({max(1000, args.instances // 10), args.instances})
+    base = Path(tempfile.mkdtemp(prefix="scale-", dir=args.work))
+    print(f"bench/scale.py: sizes {sizes}; {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+          f"Python {platform.python_version()}; work folder {base}", flush=True)
+    results = []
+    try:
+        for n in sizes:
+            work = base / f"n{n}"
+            work.mkdir()
+            results.append(run_size(work, n, args.dvc, args.loader_workers))
+            if not args.keep:
+                shutil.rmtree(work)
+    finally:
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+    print_table(results)
+    out = REPO / "bench" / "out" / "scale.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"targets": TARGETS, "results": results}, indent=1) + "\n")
+    print(f"figures written to {out.relative_to(REPO)}")
+
+
+def print_table(results: list[dict]) -> None:
+    """One line per stage and size, then the targets at the largest size."""
+    print(f"\n{'stage':<10}" + "".join(f"{r['instances']:>34,}" for r in results))
+    for stage in results[0]["stages"]:
+        cells = []
+        for r in results:
+            s = r["stages"][stage]
+            cells.append(f"{s['instances_per_s']:>8,.0f}/s {s['peak_rss_gb']:5.2f} GB "
+                         + (f"{s['output_files']:>6,} files" if "output_files" in s else " " * 12))
+        print(f"{stage:<10}" + "".join(f"{c:>34}" for c in cells))
+    if len(results) > 1:  # process start and imports cancel out: the cost of the extra instances alone
+        a, b = results[-2]["stages"], results[-1]["stages"]
+        def marginal(stage: str) -> str:
+            extra, seconds = b[stage]["instances"] - a[stage]["instances"], b[stage]["seconds"] - a[stage]["seconds"]
+            return f"{stage} {extra / seconds:,.0f}/s" if seconds > 0 else f"{stage} n/a (the larger size ran faster: noise)"
+        print("marginal rate between the two largest sizes (process start and imports cancelled out): "
+              + ", ".join(marginal(stage) for stage in b))
+    if "dvc" in results[0]:
+        for key in ("add_s", "push_s", "pull_s", "remote_objects"):
+            print(f"dvc {key:<6}" + "".join(f"{r['dvc'][key]:>34,.1f}" for r in results))
+    last = results[-1]["stages"]
+    checks = {
+        "peak RSS <= 8 GB in every stage": max(s["peak_rss_gb"] for s in last.values()) <= TARGETS["rss_gb"],
+        ">= 2,000 instances/s in every stage": min(s["instances_per_s"] for s in last.values()) >= TARGETS["instances_per_s"],
+        "teacher store <= 1,000 files": last["teacher"]["output_files"] <= TARGETS["store_files"],
+        "shards <= 300 files": last["pack"]["output_files"] <= TARGETS["shard_files"],
+    }
+    print(f"\ntargets at {results[-1]['instances']:,} instances: "
+          + "; ".join(f"{k}: {'met' if ok else 'MISSED'}" for k, ok in checks.items()))
+
+
+if __name__ == "__main__":
+    main()
