@@ -139,8 +139,9 @@ def stage_rate(sets: list[str], out: Path, *more: str) -> dict:
     cfg = load_config(REPO / "params.yaml", [*sets, f"teacher.out={out}", *more])
     with contextlib.redirect_stderr(io.StringIO()):
         teacher_logits.run(cfg, resolve_runtime(cfg.runtime))
+    images = open_store(out).attrs["rows"]["images"]  # not a headline metric: the store's own description
     return {**json.loads((Path(cfg.runtime.metrics_dir) / "teacher-logits.json").read_text()),
-            **last_run(cfg.runtime.metrics_dir, "teacher-logits")}
+            **last_run(cfg.runtime.metrics_dir, "teacher-logits"), "images": images}
 
 
 def store_agreement(a: Path, b: Path) -> tuple[float, float]:

@@ -179,8 +179,13 @@ class DaskExecutor:
         self.spec: TeacherSpec | None = None
         self.workers = 0
         self.images_per_batch = images_per_batch(cfg, runtime.device)  # as this machine resolves it
+        self._environ: dict[str, str] | None = None
 
     def __enter__(self) -> "DaskExecutor":
+        # dask's Nanny writes its pre-spawn environment (OMP_NUM_THREADS=1, MKL_NUM_THREADS=1, ...) into THIS
+        # process's os.environ and leaves it there; every process started from here afterwards (a CLI, a second
+        # cluster, a test's subprocess) would compute with 1 thread, and stored bytes depend on the thread count.
+        self._environ = dict(os.environ)
         try:
             if self.cfg.scheduler_address:
                 self._connect(self.cfg.scheduler_address)
@@ -197,6 +202,11 @@ class DaskExecutor:
         if self.cluster is not None:
             self.cluster.close()
         self.client = self.cluster = None
+        if self._environ is not None:
+            for key in set(os.environ) - set(self._environ):
+                del os.environ[key]
+            os.environ.update({k: v for k, v in self._environ.items() if os.environ.get(k) != v})
+            self._environ = None
 
     def _start_local_cluster(self) -> None:
         from distributed import Client, Nanny, Scheduler, SpecCluster

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.stages import teacher_logits
 from picosam_pipeline.teacher import runner as teacher_runner
 from picosam_pipeline.teacher.codec import SIGMOID_ERROR_BOUND, decode_logits, encode_logits
-from picosam_pipeline.teacher.executors import plan_workers, task_runs
+from picosam_pipeline.teacher.executors import make_executor, plan_workers, task_runs
 from picosam_pipeline.teacher.geometry import crop_logits
 from picosam_pipeline.teacher.models import OneImageAtATime, TeacherOutput, file_sha256
 from picosam_pipeline.teacher.runner import TeacherSpec, instance_rows, process_shards
@@ -344,6 +345,20 @@ def test_local_cluster_plan_one_worker_per_gpu_or_one_cpu_worker_with_all_cores(
     assert [(p.env["CUDA_VISIBLE_DEVICES"], p.threads) for p in plans] == [("5", 2)]  # cuda:1 = 2nd visible GPU
     plans, _ = plan_workers(3, 0, torch.device("cpu"), 0, None, cores=16)
     assert [p.threads for p in plans] == [5, 5, 5]
+
+
+@pytest.mark.slow  # starts a real LocalCluster (a nanny and a worker process): a few seconds
+def test_local_cluster_leaves_this_process_environment_as_it_was(monkeypatch):
+    # dask's nanny writes OMP_NUM_THREADS=1 (and MKL_, OPENBLAS_, MALLOC_TRIM_) into the process that starts it;
+    # left there, every process started afterwards computed with 1 thread, and stored bytes depend on threads.
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("PICOSAM_TEST_KEPT", "yes")
+    before = dict(os.environ)
+    cfg = TeacherConfig(executor="dask", n_workers=1, threads_per_worker=1)
+    with make_executor(cfg, Runtime(torch.device("cpu"), None, 0)) as executor:
+        assert executor.workers == 1 and os.environ.get("OMP_NUM_THREADS") == "1"  # what the nanny did
+    assert dict(os.environ) == before
 
 
 def test_stage_is_registered_and_its_dvc_params_are_the_keys_that_change_stored_bytes():
