@@ -27,6 +27,7 @@ from picosam_pipeline.teacher.models import (
     state_dict_sha256,
 )
 from picosam_pipeline.teacher.sam2_batched import Sam2Teacher
+from malicious_pickle import CodeOnLoad
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = Runtime(device=torch.device("cpu"), autocast_dtype=None, seed=0)
@@ -213,28 +214,16 @@ def test_mismatched_checkpoint_is_refused(tiny, tmp_path):
     assert dropped in str(err.value) and str(path) in str(err.value)
 
 
-def _write_marker(path: str) -> None:  # what the malicious checkpoint would run when unpickled
-    Path(path).write_text("code from a checkpoint ran")
-
-
-class Payload:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return _write_marker, (str(self.marker),)
-
-
 def test_checkpoint_with_pickled_code_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "marker.txt"
     path = tmp_path / "evil.pt"
-    torch.save({"model": {"w": torch.zeros(1)}, "payload": Payload(marker)}, path)
+    torch.save({"model": {"w": torch.zeros(1)}, "payload": CodeOnLoad(marker)}, path)
     cfg = TeacherConfig(model="sam2.1_hiera_tiny", checkpoint=str(path))
 
     with pytest.raises(PipelineError, match="refused") as err:
         build_teacher(cfg, CPU)
     assert str(path) in str(err.value)
-    assert "it asks for " in str(err.value) and "_write_marker" in str(err.value)
+    assert "it asks for " in str(err.value) and "malicious_pickle.write_marker" in str(err.value)
     # our own advice (the official file, or tensors re-saved by its maker), never torch's: weights_only=False or
     # allow-listing the global, both of which run the file's code
     assert "picosam-pipeline fetch" in str(err.value)

@@ -31,6 +31,7 @@ from picosam_pipeline.train.checkpoints import (flatten_optimizer, load_checkpoi
                                                 unflatten_optimizer)
 from picosam_pipeline.train.students import build_student, normalize
 from picosam_pipeline.train.trainer import LOG_COLUMNS, TrainData, epoch_seed, get_lr, train
+from malicious_pickle import CodeOnLoad
 from pipeline_inputs import build_inputs, run_pack
 
 CPU = Runtime(device=torch.device("cpu"), autocast_dtype=None, seed=0)
@@ -369,27 +370,15 @@ def test_killed_cli_run_resumes_to_the_uninterrupted_result(packed, tmp_path):
     assert all((resumed / f).read_bytes() == (straight / f).read_bytes() for f in files)
 
 
-def _run_on_load(marker: str) -> None:  # what the malicious checkpoint below would run when unpickled
-    Path(marker).write_text("code from a checkpoint ran")
-
-
-class _Payload:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return _run_on_load, (str(self.marker),)
-
-
 def test_a_checkpoint_that_needs_unpickling_gets_our_message_not_torchs_advice(tmp_path):
     """torch's refusal advises loading with weights_only=False or allow-listing the global: code from the file."""
     marker, path = tmp_path / "ran.txt", tmp_path / "student.pt"
-    torch.save({"format": "picosam-checkpoint/1", "meta": "{}", "tensors": {}, "x": _Payload(marker)}, path)
+    torch.save({"format": "picosam-checkpoint/1", "meta": "{}", "tensors": {}, "x": CodeOnLoad(marker)}, path)
     with pytest.raises(PipelineError) as err:
         load_checkpoint(path, kind="student")
     text = str(err.value)
     assert f"checkpoint {str(path)!r} was refused: loading it would run code from the file" in text
-    assert "it asks for " in text and "_run_on_load" in text and "nothing from it was run" in text
+    assert "it asks for " in text and "malicious_pickle.write_marker" in text and "nothing from it was run" in text
     assert "checkpoint written by the train stage" in text
     assert not re.search(r"weights_only|allowlist|add_safe_globals|safe_globals|trust", text), text
     assert not marker.exists()
