@@ -121,8 +121,16 @@ def test_exp_show_compares_two_experiments_by_headline_metrics(tmp_path):
     assert narrow <= 160, shown
 
     shown = sh("dvc", "plots", "show", "--json", cwd=root)
-    ids = set(json.loads(shown)["data"])
+    plots = json.loads(shown)["data"]
+    ids = set(plots)
     assert {p for p in PLOTS} <= ids and "data/evaluate/grid.png" in ids, ids
+    # dvclive's files also get a plot each: against the logged step (10, 20, ...), not the row number DVC would use
+    live = [k for k in plots if k.startswith("metrics/train/")]
+    assert live, ids
+    for name in live:
+        content = plots[name][0]["content"]
+        drawn = [row[content["encoding"]["x"]["field"]] for row in content["data"]["values"]]
+        assert drawn == [line.split("\t")[0] for line in (root / name).read_text().splitlines()[1:]], name
     render = load_script("render_plots")
     try:
         marks = render.check(root, tmp_path / "render", None)
