@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -26,6 +25,7 @@ from typing import Any, Literal
 import yaml
 
 from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.outputs import atomic_write_bytes
 from picosam_pipeline.recipes import RecipeError, apply_recipe, check_pairing
 
 
@@ -751,10 +751,4 @@ def save_resolved(cfg: Config, out_dir: str | Path, sections: list[str]) -> Path
 
 def _replace_text(target: Path, text: str) -> None:
     """Write ``target`` through a temporary sibling and a rename, so a kill never leaves it half written."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(target, text.encode())

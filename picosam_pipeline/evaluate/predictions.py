@@ -24,7 +24,6 @@ the scorer refuses the file unless partial scoring was asked for, and then skips
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 
 from picosam_pipeline.data.crops import CropBox
 from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.outputs import atomic_write_bytes
 from picosam_pipeline.train.iou import to_numpy
 
 CROP_SCHEMA = "picosam-crop-predictions/1"
@@ -102,10 +102,7 @@ def encode_crop_mask(pred: Any) -> dict[str, Any]:
 def _atomic_json(value: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)  # an interrupted run leaves no half-written file
-    return path
+    return atomic_write_bytes(path, json.dumps(value).encode())  # an interrupted run leaves no half-written file
 
 
 def _entry(k: int, rec: CropPrediction, segmentation: dict[str, Any]) -> dict[str, Any]:
