@@ -19,6 +19,22 @@ PARAMS_HELP = "Params file (YAML, one section per stage). Default: params.yaml i
 SET_HELP = "Override one param, KEY.PATH=VALUE (VALUE parsed as YAML); repeatable, e.g. --set train.steps=50."
 
 
+def _caused_by_ctrl_c(err: BaseException) -> bool:
+    """True when ``err`` is a KeyboardInterrupt or was raised while handling one.
+
+    A Ctrl-C landing inside a C extension's import or callback can come out as another exception chained to the
+    KeyboardInterrupt (onnxruntime's pybind11 module: ``ImportError: initialization failed`` from it); that is still
+    the user's interrupt, not a bug, and gets the interrupt's one line and exit 130.
+    """
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def _fail(err: BaseException) -> None:
     """Print a user-facing error as one paragraph and exit 1 (no traceback for bad input)."""
     click.echo(f"Error: {err}", err=True)
@@ -128,7 +144,9 @@ def run_stage_cmd(name: str, params_path: str, overrides: tuple[str, ...], on_lo
             start = time.perf_counter()
             summary = run(stage_cfg, runtime)
             click.echo(f"[{label}] done in {time.perf_counter() - start:.1f} s: {summary}", err=True)
-    except KeyboardInterrupt:
+    except BaseException as err:
+        if not _caused_by_ctrl_c(err):
+            raise
         click.echo(f"[{name}] interrupted; its output is as it was before this run (teacher-logits keeps its finished "
                    "shards and train its last checkpoint: their rerun resumes)", err=True)
         sys.exit(130)
@@ -434,8 +452,11 @@ def main() -> None:
     """Console-script entry point."""
     try:
         cli(standalone_mode=True)
-    except Exception:  # a bug: keep the traceback, it is what a maintainer needs
-        traceback.print_exc()
+    except Exception as err:
+        if _caused_by_ctrl_c(err):  # a command without its own interrupt message
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        traceback.print_exc()  # a bug: keep the traceback, it is what a maintainer needs
         sys.exit(2)
 
 

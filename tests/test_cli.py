@@ -85,6 +85,34 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch, tmp_path):
     assert "pip install 'picosam-pipeline[imx500]'" in message and "Traceback" not in message
 
 
+def _import_interrupted_by_ctrl_c(*args, **kwargs):
+    """What onnxruntime's pybind11 import raises when Ctrl-C lands inside it."""
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt as err:
+        raise ImportError("initialization failed") from err
+
+
+def test_ctrl_c_that_surfaces_as_another_exception_is_still_an_interrupt(monkeypatch):
+    """A Ctrl-C inside a C extension's import comes out chained to an ImportError: exit 130 with one line, no traceback."""
+    from picosam_pipeline import cli as cli_module
+    from picosam_pipeline.stages import StageSpec
+
+    monkeypatch.setattr(StageSpec, "load", lambda self: _import_interrupted_by_ctrl_c)
+    result = CliRunner().invoke(cli, ["run-stage", "export", "--params", str(REPO / "params.yaml")])
+    assert result.exit_code == 130, result.output
+    assert "[export] interrupted; its output is as it was before this run" in result.output
+
+    monkeypatch.setattr(StageSpec, "load", lambda self: lambda *a: 1 / 0)  # a real bug still keeps its traceback
+    result = CliRunner().invoke(cli, ["run-stage", "export", "--params", str(REPO / "params.yaml")])
+    assert isinstance(result.exception, ZeroDivisionError)
+
+    monkeypatch.setattr(cli_module, "cli", _import_interrupted_by_ctrl_c)  # any command, through the console script
+    with pytest.raises(SystemExit) as stopped:
+        cli_module.main()
+    assert stopped.value.code == 130
+
+
 def test_python_dash_m_runs_the_cli(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "picosam_pipeline", "stages"], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
