@@ -115,9 +115,10 @@ print(json.dumps({"instances": n}))
 EVALUATE = """
 import json, sys
 from picosam_pipeline.evaluate.metrics import InstanceGT, evaluate_batches
+from picosam_pipeline.stages.evaluate import evaluate_loader_workers
 from picosam_pipeline.train.loader import make_loader
 gt = InstanceGT.from_index(sys.argv[1], "val")
-batches = make_loader(sys.argv[2], batch_size=64, shuffle_buffer=0, num_workers=0, seed=0)
+batches = make_loader(sys.argv[2], batch_size=64, shuffle_buffer=0, num_workers=evaluate_loader_workers(), seed=0)
 table, _ = evaluate_batches(batches, {}, gt, teachers=batches.teachers)
 print(json.dumps({"instances": len(table), "teacher_full_image_miou": float(table["teacher_full_iou"].mean())}))
 """

@@ -27,6 +27,7 @@ per-size and per-category tables stay in ``report.json`` (1203 LVIS categories w
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -105,8 +106,10 @@ def evaluate(cfg: Config, runtime: Runtime, *, stage: str = "evaluate") -> dict[
                             f"{e.checkpoint} takes {size}-px input; evaluate the shards packed for this student")
     check_model_crops(models, shard_index, {"student": "evaluate.checkpoint", "student_int8": "evaluate.int8_model"})
     gt = InstanceGT.from_index(e.index, e.split)
-    batches = make_loader(e.shards, batch_size=e.batch_size, shuffle_buffer=0, num_workers=0, seed=runtime.seed,
-                          input_size=size)
+    # One loader worker decodes the next batches while this process runs the models and scores: the same sample
+    # order as none (one worker reads the shards in order), which more workers would interleave.
+    batches = make_loader(e.shards, batch_size=e.batch_size, shuffle_buffer=0, num_workers=evaluate_loader_workers(),
+                          seed=runtime.seed, input_size=size)
     pool = GridPool(e.grid_samples) if e.grid_samples else None
     predictions = [] if e.write_predictions else None
     table, timing = evaluate_batches(batches, models, gt, on_sample=pool.offer if pool else None,
@@ -152,6 +155,11 @@ def evaluate(cfg: Config, runtime: Runtime, *, stage: str = "evaluate") -> dict[
             print(f"warning: {warning}", file=sys.stderr)
     headline = {m: round(report[m]["crop_miou"], 4) for m in table.models if report[m]["crop_miou"] is not None}
     return {"samples": len(table), "crop_miou": headline, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def evaluate_loader_workers() -> int:
+    """Loader worker processes of the evaluate stages: one when the machine has a second core, else none."""
+    return 1 if (os.cpu_count() or 1) > 1 else 0
 
 
 def check_model_crops(models: dict[str, Any], shard_index, keys: dict[str, str]) -> None:

@@ -19,24 +19,26 @@ under one drop reason, so ``kept + sum(dropped) == annotations`` per split.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from pycocotools.coco import COCO
 from tqdm import tqdm
 
 from picosam_pipeline.config import Config, PrepareConfig, SplitSource, require_inputs, save_resolved, write_metrics, write_report
-from picosam_pipeline.data.coco import AnnotationSet, ImageRecord, Issue, check_annotation, load_annotations
+from picosam_pipeline.data.coco import (AnnotationSet, CheckedAnnotation, ImageRecord, Issue, check_annotation,
+                                          load_annotations)
 from picosam_pipeline.data.crops import point_box, point_prompt, roi_box
-from picosam_pipeline.datasets import check_dataset
 from picosam_pipeline.data.images import BadImageError, load_image
 from picosam_pipeline.data.index import INDEX_FILE, IndexBuilder, write_index
+from picosam_pipeline.datasets import check_dataset
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.outputs import StageOutput, output_folder, writes_output
+from picosam_pipeline.parallel import default_workers, ordered_map
 
 BAD_INPUTS_FILE = "bad_inputs.jsonl"
 
@@ -163,12 +165,14 @@ def _prepare_split(split: SplitSource, annset: AnnotationSet, p: PrepareConfig, 
     # An unusable record (e.g. a file_name outside the images folder) is not even looked up on disk.
     paths = [img.resolve_path(split.images) if img.problem is None else Path(split.images) / img.file_name
              for img in images]
-    # PIL releases the GIL while decoding, so a few threads overlap decodes; results come back in order.
-    pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+    # Worker processes decode each image and check its annotations (pycocotools rasterisation, mask decode, point
+    # prompt); this one keeps the bookkeeping, in image order, so the index and the report do not depend on them.
+    jobs = ((image, path, annset.annotations_of(image.image_id)) for image, path in zip(images, paths))
+    checks = ordered_map(partial(_check_image_and_annotations, decode=p.check_images, category_ids=frozenset(annset.categories)),
+                         jobs, workers=default_workers(len(images)), in_flight=256)
     try:
-        checks = pool.map(lambda args: _check_image(*args, decode=p.check_images), zip(images, paths))
-        for image, path, (problem, conversions) in tqdm(zip(images, paths, checks), total=len(images),
-                                                        desc=f"prepare {split.name}", unit="img"):
+        for image, path, (problem, conversions, instances) in tqdm(zip(images, paths, checks), total=len(images),
+                                                                   desc=f"prepare {split.name}", unit="img"):
             anns = annset.annotations_of(image.image_id)
             if p.check_images and image.problem is None:
                 counts.images_checked += 1
@@ -181,11 +185,36 @@ def _prepare_split(split: SplitSource, annset: AnnotationSet, p: PrepareConfig, 
                 counts.converted[f"image_{kind}"] += 1
                 log.report(split.name, Issue(f"image_{kind}", f"image {image.image_id}: {kind}", action="converted"),
                            path, image_id=image.image_id)
-            for ann in anns:
-                _add_instance(split, annset, image, path, ann, p, builder, log, counts)
+            for ann, (checked, point) in zip(anns, instances):
+                _add_instance(split, annset, image, path, ann, checked, point, p, builder, log, counts)
     finally:  # a strict-mode stop must not wait for the decodes still queued
-        pool.shutdown(wait=True, cancel_futures=True)
+        checks.close()
     return counts
+
+
+def _check_image_and_annotations(job: tuple[ImageRecord, Path, list[dict]], decode: bool, category_ids: frozenset[int]
+                                 ) -> tuple[Issue | None, tuple[str, ...], list[tuple[CheckedAnnotation, tuple[int, int] | None]]]:
+    """One image's checks (runs in a worker): the image's drop issue or conversions, and per annotation its
+    :class:`CheckedAnnotation` (without the mask) and PicoSAM2 prompt point (None when dropped). A dropped image's
+    annotations are not checked."""
+    image, path, anns = job
+    problem, conversions = _check_image(image, path, decode)
+    if problem is not None:
+        return problem, conversions, []
+    coco = COCO()  # pycocotools' annToRLE looks the image's size up in its `imgs`: this image alone
+    coco.imgs = {image.image_id: {"id": image.image_id, "width": image.width, "height": image.height}}
+    instances = []
+    for ann in anns:
+        checked = check_annotation(ann, image, coco, category_ids)
+        point = None
+        if checked.drop is None:
+            # The prompt from the mask's tight-box window equals the full-mask one shifted by (x0, y0): translation
+            # keeps both the integer centre ((a + b) // 2) and the row-major tie-break, and skips a whole-image scan.
+            window, x0, y0 = checked.mask_window()
+            cx, cy = point_prompt(window)
+            point = (cx + x0, cy + y0)
+        instances.append((replace(checked, mask=None), point))  # the (H, W) mask stays here
+    return None, conversions, instances
 
 
 def _check_image(image: ImageRecord, path: Path, decode: bool) -> tuple[Issue | None, tuple[str, ...]]:
@@ -204,10 +233,10 @@ def _check_image(image: ImageRecord, path: Path, decode: bool) -> tuple[Issue | 
 
 
 def _add_instance(split: SplitSource, annset: AnnotationSet, image: ImageRecord, path: Path, ann: dict,
-                  p: PrepareConfig, builder: IndexBuilder, log: BadInputLog, counts: SplitCounts) -> None:
-    """Check one annotation, apply the selection, and add its row with both prompt conventions."""
+                  checked: CheckedAnnotation, point: tuple[int, int] | None, p: PrepareConfig, builder: IndexBuilder,
+                  log: BadInputLog, counts: SplitCounts) -> None:
+    """Report one checked annotation, apply the selection, and add its row with both prompt conventions."""
     ann_id = ann["id"]
-    checked = check_annotation(ann, image, annset.coco, annset.categories)
     for conv in checked.conversions:
         counts.converted[conv.kind] += 1
         log.report(split.name, conv, annset.path, ann_id=ann_id, image_id=image.image_id)
@@ -224,11 +253,7 @@ def _add_instance(split: SplitSource, annset: AnnotationSet, image: ImageRecord,
         log.report(split.name, drop, annset.path, ann_id=ann_id, image_id=image.image_id)
         return
 
-    # The prompt from the mask's tight-box window equals the full-mask one shifted by (x0, y0): translation keeps
-    # both the integer centre ((a + b) // 2) and the row-major tie-break, and skips a whole-image scan.
-    window, x0, y0 = checked.mask_window()
-    cx, cy = point_prompt(window)
-    cx, cy = cx + x0, cy + y0
+    cx, cy = point
     counts.kept += 1
     builder.add(
         ann_id=ann_id, image_id=image.image_id, split=split.name, file_name=image.file_name,

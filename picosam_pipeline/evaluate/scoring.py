@@ -153,9 +153,12 @@ def full_image_iou(crop: Any, box: CropBox, gt_mask: np.ndarray) -> float:
     ``|GT| + |pred| - |pred & GT|`` and no full-size mask is built.
     """
     inside = resize_crop_to_box(crop, box)
-    gt = np.asarray(gt_mask) > 0.5
-    inter = np.count_nonzero(inside & gt[box.y1 : box.y2, box.x1 : box.x2])
-    union = np.count_nonzero(gt) + np.count_nonzero(inside) - inter
+    gt_mask = np.asarray(gt_mask)
+    # An integer or bool mask is > 0.5 exactly where it is non-zero: counted in place, without a full-image copy
+    # (thresholding the whole image for every sample and model was a fifth of evaluate's time at COCO scale).
+    gt_pixels = np.count_nonzero(gt_mask if gt_mask.dtype.kind in "bu" else gt_mask > 0.5)
+    inter = np.count_nonzero(inside & (gt_mask[box.y1 : box.y2, box.x1 : box.x2] > 0.5))
+    union = gt_pixels + np.count_nonzero(inside) - inter
     return inter / union if union else 1.0
 
 

@@ -12,6 +12,7 @@ boundary pixels. Confidence is 1 for every instance (or the ``confidence`` given
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,8 @@ import torch
 from tqdm import tqdm
 
 from picosam_pipeline.data.index import column_array, decode_mask, iter_images, read_index
+from picosam_pipeline.parallel import default_workers, ordered_map
+from picosam_pipeline.teacher.codec import encode_logits
 from picosam_pipeline.teacher.geometry import crop_logits
 from picosam_pipeline.teacher.store import PROMPT_CONVENTIONS, LogitStore, create_store, stored_boxes, stored_side
 
@@ -49,31 +52,48 @@ def write_mask_teacher_store(index: str | Path, out: str | Path, *, splits: list
     store = create_store(out, side=side, instances_per_shard=instances_per_shard, codec=codec, compression_level=5,
                          attrs=attrs, rows=dict(ann_id=rows["ann_id"].to_numpy(), image_id=rows["image_id"].to_numpy(),
                                                 crop_box=crop_boxes, stored_box=boxes))
-    # One shard in memory at a time (float32 (K, S, S)): memory follows the shard size, not the dataset's.
+    # One shard in memory at a time (float32 (K, S, S)): memory follows the shard size, not the dataset's. Worker
+    # processes decode the masks and resample them, an image a job; results come back in order.
     pending = set(store.pending_shards())
-    shard, buffer, filled = -1, np.empty((0, side, side), np.float32), 0
-    start = 0
-    for group in tqdm(iter_images(rows), desc="gt-mask teacher", unit="img", leave=False):
-        span = slice(start, start + len(group))
-        start = span.stop
-        first, last = span.start // store.instances_per_shard, (span.stop - 1) // store.instances_per_shard
-        if not pending.intersection(range(first, last + 1)):
-            continue  # a resumed store: these rows are written
-        logits = [_window_logits(decode_mask(rle, group.height, group.width), crop_boxes[row], boxes[row], gain,
-                                 store_size, context_margin)
-                  for row, rle in zip(range(span.start, span.stop), group.rows["rle_counts"].to_pylist())]
-        for row, values in zip(range(span.start, span.stop), logits):
+    jobs = _image_jobs(rows, crop_boxes, boxes, pending, store.instances_per_shard, gain, store_size, context_margin,
+                       store.codec.name)
+    shard, buffer, filled = -1, np.empty((0, side, side), store.codec.dtype), 0
+    images = len(set(rows["image_id"].to_pylist()))
+    for start, logits in tqdm(ordered_map(_image_logits, jobs, workers=default_workers(images)), total=images,
+                              desc="gt-mask teacher", unit="img", leave=False):
+        for row, values in enumerate(logits, start):
             k = row // store.instances_per_shard
             if k not in pending:
                 continue
             if k != shard:
                 shard, part = k, store.shard_slice(k)
-                buffer, filled = np.empty((part.stop - part.start, side, side), np.float32), 0
+                buffer, filled = np.empty((part.stop - part.start, side, side), store.codec.dtype), 0
             buffer[row - part.start] = values
             filled += 1
             if filled == len(buffer):
-                store.write_shard(k, buffer, confidence=np.full(len(buffer), confidence, np.float32))
+                store.write_shard(k, buffer, confidence=np.full(len(buffer), confidence, np.float32), encoded=True)
     return store
+
+
+def _image_jobs(rows: pa.Table, crop_boxes: np.ndarray, stored: np.ndarray, pending: set[int], per_shard: int,
+                gain: float, store_size: int, context_margin: float, codec: str) -> Iterator[tuple]:
+    """One job per image with rows in a pending shard: its first row, masks (RLE, H, W), crop and stored boxes."""
+    start = 0
+    for group in iter_images(rows):
+        span = slice(start, start + len(group))
+        start = span.stop
+        if pending.intersection(range(span.start // per_shard, (span.stop - 1) // per_shard + 1)):  # else resumed
+            yield (span.start, group.rows["rle_counts"].to_pylist(), group.height, group.width, crop_boxes[span],
+                   stored[span], gain, store_size, context_margin, codec)
+
+
+def _image_logits(job: tuple) -> tuple[int, list[np.ndarray]]:
+    """``(first row, [(S, S) stored values per instance])`` of one image's job (runs in a worker): the codec's
+    values (uint8 for the default codec), encoded here, so a quarter of the float32 bytes travel back."""
+    start, rles, height, width, crop_boxes, stored, gain, store_size, context_margin, codec = job
+    return start, [encode_logits(_window_logits(decode_mask(rle, height, width), crop_box, box, gain, store_size,
+                                                context_margin), codec)
+                   for rle, crop_box, box in zip(rles, crop_boxes, stored)]
 
 
 def _window_logits(mask: np.ndarray, crop_box: np.ndarray, stored_box: np.ndarray, gain: float, store_size: int,

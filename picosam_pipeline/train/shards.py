@@ -53,12 +53,9 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import re
 import zlib
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -75,6 +72,7 @@ from picosam_pipeline.data.checksums import sha256_file
 from picosam_pipeline.data.images import load_image
 from picosam_pipeline.data.index import decode_mask, iter_images
 from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.parallel import default_workers, ordered_map
 from picosam_pipeline.teacher.codec import LogitCodec, get_codec
 from picosam_pipeline.teacher.store import LogitStore
 
@@ -283,7 +281,7 @@ class _ImageJob:
 
 
 def _encode_image(job: _ImageJob, side: int, quality: int) -> list[dict[str, Any]]:
-    """Decode the image once and encode every instance's sample (runs in a worker thread)."""
+    """Decode the image once and encode every instance's sample (runs in a worker process)."""
     pixels = load_image(job.path, expected_size=job.size).pixels
     width, height = job.size
     samples = []
@@ -297,24 +295,6 @@ def _encode_image(job: _ImageJob, side: int, quality: int) -> list[dict[str, Any
             "json": json.dumps(record, sort_keys=True, separators=(",", ":")).encode(),
         })
     return samples
-
-
-def _ordered_map(fn: Callable, jobs: Iterable, workers: int, in_flight: int) -> Iterator:
-    """``map(fn, jobs)`` on a thread pool (PIL and zlib release the GIL), in order, at most ``in_flight`` queued.
-
-    Unlike ``Executor.map`` it pulls ``jobs`` lazily, so the stored logits the jobs carry never pile up.
-    """
-    pool = ThreadPoolExecutor(max_workers=workers)
-    pending: deque = deque()
-    try:
-        for job in jobs:
-            pending.append(pool.submit(fn, job))
-            if len(pending) >= in_flight:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _BlockReader:
@@ -358,7 +338,7 @@ class PackedTeacher:
 
 def pack_split(split: str, rows: pa.Table, teachers: list[PackedTeacher], frame: Frame, out: Path, *,
                samples_per_shard: int, seed: int, jpeg_quality: int, crop: dict[str, Any],
-               workers: int = min(8, os.cpu_count() or 1)) -> SplitSummary:
+               workers: int | None = None) -> SplitSummary:
     """Write split ``split`` as shards + ``shards.json`` in ``out`` (two passes, see the module doc).
 
     Args:
@@ -367,6 +347,7 @@ def pack_split(split: str, rows: pa.Table, teachers: list[PackedTeacher], frame:
             (``stages/pack.py`` checks it), so the first one's stored boxes and frame serve all.
         frame: ``store_frame`` of the stores (``stages/pack.py``).
         crop: the crop convention record (``crops.crop_convention``) written into ``shards.json``.
+        workers: processes encoding samples (``parallel.ordered_map``); default one per core, none for a small split.
     """
     n = rows.num_rows
     if n == 0:
@@ -383,11 +364,12 @@ def pack_split(split: str, rows: pa.Table, teachers: list[PackedTeacher], frame:
     members = sample_members(t.name for t in teachers)
     jobs = _image_jobs(split, rows, teachers, frame)
     encode = partial(_encode_image, side=frame.stored_size, quality=jpeg_quality)
+    images = len(set(rows["image_id"].to_pylist()))
+    workers = default_workers(images) if workers is None else workers
     member_bytes = dict.fromkeys(members, 0)
     spills: dict[int, TarWriter] = {}
     try:
-        for samples in tqdm(_ordered_map(encode, jobs, workers, 4 * workers), total=len(set(rows["image_id"].to_pylist())),
-                            desc=f"pack {split}", unit="img"):
+        for samples in tqdm(ordered_map(encode, jobs, workers=workers), total=images, desc=f"pack {split}", unit="img"):
             for sample in samples:
                 k = order[int(sample["__key__"])] // samples_per_shard
                 if k not in spills:

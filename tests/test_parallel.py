@@ -1,0 +1,117 @@
+"""Worker processes of prepare, pack and the GT-mask teacher: order, laziness, errors, and byte-identical outputs."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from picosam_pipeline import parallel
+from picosam_pipeline.config import Config
+from picosam_pipeline.stages import prepare
+from picosam_pipeline.teacher.gt_mask import write_mask_teacher_store
+from pipeline_inputs import build_inputs, run_pack
+
+
+def _square(x: int) -> int:
+    if x == 13:
+        raise ValueError("job 13 is bad")
+    return x * x
+
+
+def test_ordered_map_keeps_job_order_pulls_jobs_lazily_and_raises_a_jobs_error():
+    assert list(parallel.ordered_map(_square, range(12), workers=2)) == [x * x for x in range(12)]
+    assert list(parallel.ordered_map(_square, range(12), workers=0)) == [x * x for x in range(12)]
+
+    pulled = []
+    jobs = (pulled.append(x) or x for x in itertools.count())  # endless: only a lazy map can return
+    results = parallel.ordered_map(_square, jobs, workers=2, in_flight=3)
+    assert [next(results) for _ in range(5)] == [0, 1, 4, 9, 16]
+    assert len(pulled) <= 5 + 3  # the jobs taken are those returned plus at most in_flight queued
+    results.close()
+
+    with pytest.raises(ValueError, match="job 13 is bad"):
+        list(parallel.ordered_map(_square, range(20), workers=2))
+
+
+def test_default_workers_skip_small_inputs():
+    assert parallel.default_workers(2 * parallel.MIN_JOBS_PER_WORKER - 1) == 0
+    assert parallel.default_workers(100 * parallel.MIN_JOBS_PER_WORKER) >= 1
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def test_prepare_teacher_and_pack_write_the_same_bytes_with_worker_processes(tmp_path, monkeypatch):
+    """The built-in sample through prepare, the GT-mask teacher and pack, in this process and then again with two
+    worker processes (the threshold lowered so its 9 images get them): every output file is byte-identical."""
+    outputs = ("prepared", "stores", "shards")
+    cfg: Config = build_inputs(tmp_path)  # workers=0: the sample is below the threshold
+    assert parallel.default_workers(9) == 0
+    run_pack(cfg, Path(cfg.pack.out_dir))
+    inline = {name: _tree(tmp_path / name) for name in outputs}
+    for name in outputs:
+        shutil.rmtree(tmp_path / name)
+
+    monkeypatch.setattr(parallel, "MIN_JOBS_PER_WORKER", 1)
+    monkeypatch.setattr(parallel.os, "cpu_count", lambda: 2)
+    assert parallel.default_workers(9) == 2
+    prepare.run(cfg, None)
+    write_mask_teacher_store(cfg.pack.index, cfg.pack.store_paths()["gt"], splits=cfg.pack.splits)
+    run_pack(cfg, Path(cfg.pack.out_dir))
+    for name in outputs:
+        files = _tree(tmp_path / name)
+        assert files.keys() == inline[name].keys(), name
+        assert [k for k in files if files[k] != inline[name][k]] == [], name
+
+
+SLOW_MAP = """
+import itertools, sys, time
+from picosam_pipeline.parallel import ordered_map
+jobs = itertools.repeat(0.05, int(sys.argv[1])) if len(sys.argv) > 1 else itertools.repeat(0.05)
+try:
+    for i, _ in enumerate(ordered_map(time.sleep, jobs, workers=2)):
+        if i == 10:
+            print("running", flush=True)
+    print("done", i + 1, flush=True)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(130)
+"""
+
+
+def _start_slow_map(*args: str) -> tuple[subprocess.Popen, list]:
+    psutil = pytest.importorskip("psutil")
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_MAP, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    assert proc.stdout.readline().strip() == "running"
+    helpers = psutil.Process(proc.pid).children(recursive=True)
+    assert len(helpers) >= 3  # the forkserver and two workers
+    return proc, helpers
+
+
+def test_ctrl_c_reaches_the_main_process_alone_and_no_worker_outlives_it():
+    """SIGINT to the workers alone does nothing (a job is never cut short by it); SIGINT to the whole process group
+    (a terminal's Ctrl-C) gives the main process one KeyboardInterrupt, no worker traceback, and no worker left."""
+    import psutil
+
+    proc, helpers = _start_slow_map("60")
+    for helper in helpers:
+        helper.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "done 60" in out, (out, err)
+
+    proc, helpers = _start_slow_map()
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in out
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    gone, alive = psutil.wait_procs(helpers, timeout=10)
+    assert alive == []
