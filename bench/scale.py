@@ -4,7 +4,7 @@ Run from the repository root:  ``.venv/bin/python bench/scale.py --instances 900
 
 Builds a synthetic COCO-format dataset from ``../shared/data/coco-sample`` (its 65 images' annotations repeated
 under new image and annotation ids until ``--instances`` is reached, 5 % of them in ``val`` as in COCO; the
-image files hard-linked, not copied), then runs, each in its own process so its peak RSS is its own:
+image files hard-linked, not copied), then runs, each in its own process (with its workers) so its peak RSS is its own:
 
 * ``prepare``   the real stage (``run-stage prepare``: annotations checked, every image decoded once);
 * ``teacher``   the teacher store written by the GT-mask stand-in (``teacher/gt_mask.py``: every mask decoded,
@@ -125,19 +125,37 @@ print(json.dumps({"instances": len(table), "teacher_full_image_miou": float(tabl
 
 
 def measure(command: list[str], cwd: Path, log: Path) -> dict:
-    """Run ``command``; its wall time, peak RSS (its own, from wait4) and the JSON it printed last."""
+    """Run ``command``; its wall time, peak RSS and the JSON it printed last.
+
+    Peak RSS is that of the stage's whole process tree (the stage and its worker processes, summed, sampled every
+    0.2 s; pages the processes share, such as torch's libraries, count once per process, so it errs high), or the
+    stage process's own peak from wait4 when that is larger (a peak between two samples)."""
+    import psutil
+
     start = time.perf_counter()
-    with open(log, "w") as err:
-        proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=err, text=True,
+    tree_peak = 0
+    with open(log, "w") as err, tempfile.TemporaryFile("w+") as out_file:
+        proc = subprocess.Popen(command, cwd=cwd, stdout=out_file, stderr=err, text=True,
                                 env={**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"})
-        out = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
+        root = psutil.Process(proc.pid)
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            try:
+                tree_peak = max(tree_peak, sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]))
+            except psutil.Error:  # a worker exited between listing and reading it
+                pass
+            time.sleep(0.2)
+        out_file.seek(0)
+        out = out_file.read()
     seconds = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(command[:4])} failed (exit {proc.returncode}); its log: {log}\n{log.read_text()[-3000:]}")
     lines = [line for line in out.splitlines() if line.startswith("{")]
-    return {"seconds": seconds, "peak_rss_gb": usage.ru_maxrss / 2**20, **(json.loads(lines[-1]) if lines else {})}
+    return {"seconds": seconds, "peak_rss_gb": max(usage.ru_maxrss * 1024, tree_peak) / 2**30,
+            **(json.loads(lines[-1]) if lines else {})}
 
 
 def tree(path: Path) -> tuple[int, int]:

@@ -20,7 +20,7 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from picosam_pipeline.data.index import column_array, decode_mask, iter_images, read_index
+from picosam_pipeline.data.index import column_array, decode_mask, read_index, stream_images
 from picosam_pipeline.parallel import default_workers, ordered_map
 from picosam_pipeline.teacher.codec import encode_logits
 from picosam_pipeline.teacher.geometry import crop_logits
@@ -40,7 +40,9 @@ def write_mask_teacher_store(index: str | Path, out: str | Path, *, splits: list
         gain: ``|logit|`` away from the mask boundary.
         confidence: every instance's confidence (a second stand-in teacher can differ from the first).
     """
-    rows = pa.concat_tables([read_index(index, split=split) for split in splits])
+    # Ids and boxes of every row (about 40 bytes each); the RLEs are streamed image by image (index.stream_images).
+    rows = pa.concat_tables([read_index(index, split=split, columns=["ann_id", "image_id", "roi_box", "point_box"])
+                             for split in splits])
     crop_boxes = column_array(rows, f"{prompt}_box").astype(np.int32)
     side = stored_side(store_size, context_margin)
     attrs = {
@@ -55,10 +57,10 @@ def write_mask_teacher_store(index: str | Path, out: str | Path, *, splits: list
     # One shard in memory at a time (float32 (K, S, S)): memory follows the shard size, not the dataset's. Worker
     # processes decode the masks and resample them, an image a job; results come back in order.
     pending = set(store.pending_shards())
-    jobs = _image_jobs(rows, crop_boxes, boxes, pending, store.instances_per_shard, gain, store_size, context_margin,
-                       store.codec.name)
+    jobs = _image_jobs(index, splits, rows["ann_id"].to_numpy(), crop_boxes, boxes, pending, store.instances_per_shard,
+                       gain, store_size, context_margin, store.codec.name)
     shard, buffer, filled = -1, np.empty((0, side, side), store.codec.dtype), 0
-    images = len(set(rows["image_id"].to_pylist()))
+    images = len(np.unique(rows["image_id"].to_numpy()))  # for the progress bar
     for start, logits in tqdm(ordered_map(_image_logits, jobs, workers=default_workers(images)), total=images,
                               desc="gt-mask teacher", unit="img", leave=False):
         for row, values in enumerate(logits, start):
@@ -75,11 +77,16 @@ def write_mask_teacher_store(index: str | Path, out: str | Path, *, splits: list
     return store
 
 
-def _image_jobs(rows: pa.Table, crop_boxes: np.ndarray, stored: np.ndarray, pending: set[int], per_shard: int,
-                gain: float, store_size: int, context_margin: float, codec: str) -> Iterator[tuple]:
-    """One job per image with rows in a pending shard: its first row, masks (RLE, H, W), crop and stored boxes."""
+def _image_jobs(index: str | Path, splits: list[str], ann_ids: np.ndarray, crop_boxes: np.ndarray, stored: np.ndarray,
+                pending: set[int], per_shard: int, gain: float, store_size: int, context_margin: float,
+                codec: str) -> Iterator[tuple]:
+    """One job per image with rows in a pending shard: its first row, masks (RLE, H, W), crop and stored boxes.
+    Images are streamed from ``index`` split by split, in the order of the store's rows (``ann_ids``, checked)."""
     start = 0
-    for group in iter_images(rows):
+    groups = (group for split in splits for group in stream_images(index, split, ["rle_counts"]))
+    for group in groups:
+        if not np.array_equal(group.rows["ann_id"].to_numpy(), ann_ids[start:start + len(group)]):
+            raise RuntimeError(f"{index} changed while the GT-mask teacher read it (image {group.image_id})")
         span = slice(start, start + len(group))
         start = span.stop
         if pending.intersection(range(span.start // per_shard, (span.stop - 1) // per_shard + 1)):  # else resumed

@@ -55,6 +55,7 @@ import json
 import math
 import re
 import zlib
+from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -70,7 +71,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from picosam_pipeline.data.checksums import sha256_file
 from picosam_pipeline.data.images import load_image
-from picosam_pipeline.data.index import decode_mask, iter_images
+from picosam_pipeline.data.index import decode_mask, stream_images
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.parallel import default_workers, ordered_map
 from picosam_pipeline.teacher.codec import LogitCodec, get_codec
@@ -87,8 +88,10 @@ MEMBER_NAME = re.compile(r"^([^./]+)\.(jpg|mask\.png|logits\.[a-z][a-z0-9_]{0,31
 # mtime must be an int: Python's tarfile stores a float mtime (webdataset's default, time.time()) in an extra
 # 1 KB PAX header per member, which made a 96x96 sample 11.5 KB instead of 7.4 KB.
 TAR_OPTIONS: dict[str, Any] = {"encoder": False, "mtime": 0, "user": "picosam", "group": "picosam"}
-INDEX_COLUMNS = ["ann_id", "image_id", "split", "file_name", "image_path", "width", "height", "category_id", "area",
-                 "rle_counts", "roi_box", "point_box"]
+# The index columns pack holds for the whole split (ids and both crop conventions' boxes: about 40 bytes a row);
+# the rest (RLE strings, paths: ten times more) is streamed image by image (index.stream_images).
+INDEX_COLUMNS = ["ann_id", "image_id", "roi_box", "point_box"]
+STREAMED_COLUMNS = ["category_id", "area", "rle_counts"]
 
 
 def logits_member(teacher: str) -> str:
@@ -336,12 +339,13 @@ class PackedTeacher:
     rows_in_store: np.ndarray
 
 
-def pack_split(split: str, rows: pa.Table, teachers: list[PackedTeacher], frame: Frame, out: Path, *,
+def pack_split(split: str, index: str | Path, rows: pa.Table, teachers: list[PackedTeacher], frame: Frame, out: Path, *,
                samples_per_shard: int, seed: int, jpeg_quality: int, crop: dict[str, Any],
                workers: int | None = None) -> SplitSummary:
     """Write split ``split`` as shards + ``shards.json`` in ``out`` (two passes, see the module doc).
 
     Args:
+        index: the instance index file; the split's images, RLEs and records are streamed from it in batches.
         rows: the split's index rows (``INDEX_COLUMNS``) in index order, as ``read_index`` returns them.
         teachers: the passes to pack, in member order; their stores hold the same crop boxes for ``rows``
             (``stages/pack.py`` checks it), so the first one's stored boxes and frame serve all.
@@ -353,30 +357,33 @@ def pack_split(split: str, rows: pa.Table, teachers: list[PackedTeacher], frame:
     if n == 0:
         raise PipelineError(f"split {split!r} has no instances in the index; remove it from pack.splits")
     # Position of each instance in the split's sample order; a stream per split, so splits are independent.
-    position = np.random.default_rng([seed, zlib.crc32(split.encode())]).permutation(n)
-    order = dict(zip(rows["ann_id"].to_pylist(), position.tolist()))  # ann_id -> position
-    if len(order) != n:
+    position = np.random.default_rng([seed, zlib.crc32(split.encode())]).permutation(n)  # of each row
+    if len(np.unique(rows["ann_id"].to_numpy())) != n:
         raise PipelineError(f"split {split!r} of the index holds an ann_id twice; rerun prepare (it drops duplicates)")
     spill_dir = out / ".spill"
     spill_dir.mkdir(parents=True, exist_ok=True)
 
     # Pass 1: images in index order -> one spill tar per destination shard.
     members = sample_members(t.name for t in teachers)
-    jobs = _image_jobs(split, rows, teachers, frame)
+    jobs = _image_jobs(split, index, rows, teachers, frame)
     encode = partial(_encode_image, side=frame.stored_size, quality=jpeg_quality)
-    images = len(set(rows["image_id"].to_pylist()))
+    images = len(np.unique(rows["image_id"].to_numpy()))
     workers = default_workers(images) if workers is None else workers
     member_bytes = dict.fromkeys(members, 0)
     spills: dict[int, TarWriter] = {}
+    spilled: dict[int, array] = {}  # positions of the samples in spill k, in write order (8 bytes a sample)
+    row = 0
     try:
         for samples in tqdm(ordered_map(encode, jobs, workers=workers), total=images, desc=f"pack {split}", unit="img"):
-            for sample in samples:
-                k = order[int(sample["__key__"])] // samples_per_shard
+            for sample, at in zip(samples, position[row:row + len(samples)].tolist()):  # results come in row order
+                k = at // samples_per_shard
                 if k not in spills:
-                    spills[k] = TarWriter(str(spill_dir / f"{k:06d}.tar"), **TAR_OPTIONS)
+                    spills[k], spilled[k] = TarWriter(str(spill_dir / f"{k:06d}.tar"), **TAR_OPTIONS), array("q")
                 spills[k].write(sample)
+                spilled[k].append(at)
                 for m in members:
                     member_bytes[m] += len(sample[m])
+            row += len(samples)
     finally:
         close_all(spills.values())
 
@@ -385,7 +392,11 @@ def pack_split(split: str, rows: pa.Table, teachers: list[PackedTeacher], frame:
     for k in tqdm(range(math.ceil(n / samples_per_shard)), desc=f"shards {split}", unit="shard"):
         spill = spill_dir / f"{k:06d}.tar"
         with open(spill, "rb") as stream:
-            samples = sorted(group_by_keys(read_tar_members(stream, str(spill))), key=lambda s: order[int(s["__key__"])])
+            written = list(group_by_keys(read_tar_members(stream, str(spill))))
+        if len(written) != len(spilled[k]):
+            raise PipelineError(f"{spill}: {len(written)} samples read back of the {len(spilled[k])} written; is the "
+                                f"disk of {out} full or failing?")
+        samples = [written[i] for i in np.argsort(np.asarray(spilled.pop(k)), kind="stable")]
         target = out / SHARD_NAME.format(k)
         with TarWriter(str(target), **TAR_OPTIONS) as sink:
             for sample in samples:
@@ -418,13 +429,21 @@ def close_all(sinks) -> None:
         raise error
 
 
-def _image_jobs(split: str, rows: pa.Table, teachers: list[PackedTeacher], frame: Frame) -> Iterator[_ImageJob]:
-    """One job per image of ``rows``, with its instances' JSON records and every teacher's stored values (read lazily)."""
+def _image_jobs(split: str, index: str | Path, rows: pa.Table, teachers: list[PackedTeacher],
+                frame: Frame) -> Iterator[_ImageJob]:
+    """One job per image of ``rows``, with its instances' JSON records and every teacher's stored values (read lazily).
+
+    The images, RLEs and record fields are streamed from ``index`` (``stream_images``), whose rows must be
+    ``rows`` in the same order (checked per image: the store rows and positions are indexed by it)."""
     readers = {t.name: _BlockReader(t.store) for t in teachers}
     codecs = {t.name: {"codec": t.store.codec.name, "decode": t.store.codec.formula} for t in teachers}
     first = teachers[0]  # every store holds the same crop boxes (stages/pack.py checks it)
     start = 0
-    for group in iter_images(rows):  # rows are in index order, so each image is the next len(group) rows
+    ann_ids = rows["ann_id"].to_numpy()
+    for group in stream_images(index, split, STREAMED_COLUMNS):  # in index order: each image is the next len(group) rows
+        if not np.array_equal(group.rows["ann_id"].to_numpy(), ann_ids[start:start + len(group)]):
+            raise PipelineError(f"{index} changed while pack read it (image {group.image_id} of split {split!r} is not "
+                                "where it was); rerun pack")
         in_store = {t.name: t.rows_in_store[start:start + len(group)] for t in teachers}  # store row of each instance
         start += len(group)
         confidence = {t.name: t.meta["confidence"][in_store[t.name]] for t in teachers}
