@@ -20,7 +20,11 @@ import os
 import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from picosam_pipeline.errors import PipelineError
 
 
 # Jobs (images) a worker must get to pay for its start (it imports numpy, PIL and torch: about 2 s); the tests
@@ -46,25 +50,41 @@ def worker_pool(workers: int) -> Executor:
                                initializer=_ignore_sigint)
 
 
-def ordered_map(fn: Callable, jobs: Iterable, *, workers: int, in_flight: int | None = None) -> Iterator:
+def ordered_map(fn: Callable, jobs: Iterable, *, workers: int, in_flight: int | None = None,
+                pool: Executor | None = None) -> Iterator:
     """``map(fn, jobs)`` on ``workers`` processes (0: in this process), in order, at most ``in_flight`` jobs queued.
 
     ``fn`` and the jobs must pickle (a module-level function, plain data and numpy arrays). Unlike
     ``Executor.map`` it pulls ``jobs`` lazily, so the arrays the jobs carry never pile up. An exception in a job
-    is raised here, at that job's turn, after the pool has been shut down.
+    is raised here, at that job's turn, after the pool has been shut down. ``pool``: a :func:`worker_pool` of
+    ``workers`` to use (and leave running) instead of starting one, for a stage that maps twice.
     """
     if workers <= 0:
         yield from map(fn, jobs)
         return
     in_flight = in_flight or 4 * workers
-    pool = worker_pool(workers)
+    own_pool = pool is None
+    pool = worker_pool(workers) if own_pool else pool
     pending: deque = deque()
     try:
         for job in jobs:
             pending.append(pool.submit(fn, job))
             if len(pending) >= in_flight:
-                yield pending.popleft().result()
+                yield _result(pending.popleft())
         while pending:
-            yield pending.popleft().result()
+            yield _result(pending.popleft())
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        if own_pool:
+            pool.shutdown(wait=True, cancel_futures=True)
+        else:  # the jobs this map queued and no longer wants (a stop part way): the pool's next user must not wait
+            for future in pending:
+                future.cancel()
+
+
+def _result(future: Future) -> Any:
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        raise PipelineError("a worker process of this stage died (killed, out of memory, or crashed in a C extension "
+                            "on a hostile input; the kernel log, `dmesg`, names an out-of-memory kill); rerun the "
+                            "stage") from None

@@ -14,6 +14,7 @@ import pytest
 
 from picosam_pipeline import parallel
 from picosam_pipeline.config import Config
+from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.stages import prepare
 from picosam_pipeline.teacher.gt_mask import write_mask_teacher_store
 from pipeline_inputs import build_inputs, run_pack
@@ -38,6 +39,11 @@ def test_ordered_map_keeps_job_order_pulls_jobs_lazily_and_raises_a_jobs_error()
 
     with pytest.raises(ValueError, match="job 13 is bad"):
         list(parallel.ordered_map(_square, range(20), workers=2))
+
+
+def test_a_worker_that_dies_is_one_message_not_a_broken_pool_traceback():
+    with pytest.raises(PipelineError, match="a worker process of this stage died"):
+        list(parallel.ordered_map(os._exit, [3], workers=1))
 
 
 def test_default_workers_skip_small_inputs():

@@ -28,6 +28,7 @@ import json
 import math
 import re
 import sys
+from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -313,8 +314,11 @@ def _same_image(a: ImageRecord, b: ImageRecord) -> bool:
 # per-annotation checks
 
 
-def check_annotation(ann: dict, image: ImageRecord, coco: COCO, categories: dict[int, str]) -> CheckedAnnotation:
+def check_annotation(ann: dict, image: ImageRecord, coco: COCO, categories: Container[int]) -> CheckedAnnotation:
     """Validate one annotation of ``image`` and decode its mask.
+
+    ``coco`` rasterises the segmentation (``annToRLE``: it needs ``image`` in its ``imgs``); ``categories`` holds
+    the file's category ids (its categories dict, or a set of their ids).
 
     Order: crowd (``iscrowd`` 0 or 1), segmentation present, known category, bbox (degenerate / outside /
     clipped), segmentation well-formed, non-empty mask. Polygon parts with fewer than 3 points are removed (a

@@ -73,7 +73,7 @@ from picosam_pipeline.data.checksums import sha256_file
 from picosam_pipeline.data.images import load_image
 from picosam_pipeline.data.index import decode_mask, stream_images
 from picosam_pipeline.errors import PipelineError
-from picosam_pipeline.parallel import default_workers, ordered_map
+from picosam_pipeline.parallel import default_workers, ordered_map, worker_pool
 from picosam_pipeline.teacher.codec import LogitCodec, get_codec
 from picosam_pipeline.teacher.store import LogitStore
 
@@ -373,8 +373,10 @@ def pack_split(split: str, index: str | Path, rows: pa.Table, teachers: list[Pac
     spills: dict[int, TarWriter] = {}
     spilled: dict[int, array] = {}  # positions of the samples in spill k, in write order (8 bytes a sample)
     row = 0
+    pool = worker_pool(workers) if workers else None  # one pool for both passes: a worker's start costs ~2 s
     try:
-        for samples in tqdm(ordered_map(encode, jobs, workers=workers), total=images, desc=f"pack {split}", unit="img"):
+        for samples in tqdm(ordered_map(encode, jobs, workers=workers, pool=pool), total=images, desc=f"pack {split}",
+                            unit="img"):
             for sample, at in zip(samples, position[row:row + len(samples)].tolist()):  # results come in row order
                 k = at // samples_per_shard
                 if k not in spills:
@@ -384,25 +386,18 @@ def pack_split(split: str, index: str | Path, rows: pa.Table, teachers: list[Pac
                 for m in members:
                     member_bytes[m] += len(sample[m])
             row += len(samples)
+        close_all(spills.values())
+        shards, spills = len(spills), {}
+        # Pass 2: each spill in position order -> the final shard, then its size and sha256; shards are independent,
+        # so the workers take one each.
+        finish = ((spill_dir / f"{k:06d}.tar", np.asarray(spilled.pop(k)), out / SHARD_NAME.format(k), members)
+                  for k in range(shards))  # every shard has samples: positions are a permutation of the rows
+        entries = list(tqdm(ordered_map(_finish_shard, finish, workers=workers, pool=pool), total=shards,
+                            desc=f"shards {split}", unit="shard"))
     finally:
         close_all(spills.values())
-
-    # Pass 2: each spill in position order -> the final shard, then its size and sha256.
-    entries = []
-    for k in tqdm(range(math.ceil(n / samples_per_shard)), desc=f"shards {split}", unit="shard"):
-        spill = spill_dir / f"{k:06d}.tar"
-        with open(spill, "rb") as stream:
-            written = list(group_by_keys(read_tar_members(stream, str(spill))))
-        if len(written) != len(spilled[k]):
-            raise PipelineError(f"{spill}: {len(written)} samples read back of the {len(spilled[k])} written; is the "
-                                f"disk of {out} full or failing?")
-        samples = [written[i] for i in np.argsort(np.asarray(spilled.pop(k)), kind="stable")]
-        target = out / SHARD_NAME.format(k)
-        with TarWriter(str(target), **TAR_OPTIONS) as sink:
-            for sample in samples:
-                sink.write({m: sample[m] for m in ("__key__", *members)})
-        spill.unlink()
-        entries.append(ShardEntry(target.name, len(samples), target.stat().st_size, sha256_file(target)))
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     spill_dir.rmdir()
 
     index = {"format": FORMAT, "format_version": FORMAT_VERSION, "split": split, "samples": n,
@@ -414,6 +409,22 @@ def pack_split(split: str, index: str | Path, rows: pa.Table, teachers: list[Pac
     (out / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
     total = sum(e.bytes for e in entries)
     return SplitSummary(n, len(entries), total, total / n, {m: b / n for m, b in member_bytes.items()})
+
+
+def _finish_shard(job: tuple[Path, np.ndarray, Path, tuple[str, ...]]) -> ShardEntry:
+    """Pass 2 of one shard (runs in a worker): the samples of its spill tar, written in the order of their positions
+    (``positions``: each spilled sample's, in write order), to the final shard; the spill is deleted."""
+    spill, positions, target, members = job
+    with open(spill, "rb") as stream:
+        written = list(group_by_keys(read_tar_members(stream, str(spill))))
+    if len(written) != len(positions):
+        raise PipelineError(f"{spill}: {len(written)} samples read back of the {len(positions)} written; is the disk "
+                            f"of {target.parent} full or failing?")
+    with TarWriter(str(target), **TAR_OPTIONS) as sink:
+        for i in np.argsort(positions, kind="stable"):
+            sink.write({m: written[i][m] for m in ("__key__", *members)})
+    spill.unlink()
+    return ShardEntry(target.name, len(written), target.stat().st_size, sha256_file(target))
 
 
 def close_all(sinks) -> None:
