@@ -2,8 +2,9 @@
 stage lists as deps exactly the library files its code imports (so a change reruns the stages it affects).
 
 Phases, in the order data flows: ``data`` -> ``teacher`` -> ``train`` -> ``evaluate`` -> ``deploy``. A phase
-imports the phases before it and the cross-cutting modules at the top (``config``, ``errors``, ``device``, the
-torchvision shim); never a later phase, never the stages and never the CLI. Function-level (lazy) imports count.
+imports the phases before it and the cross-cutting modules at the top (``config``, ``errors``, ``device``,
+``parallel``, the torchvision shim); never a later phase, never the stages and never the CLI. Function-level (lazy)
+imports count.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from picosam_pipeline.stages import STAGES
 
 PACKAGE = "picosam_pipeline"
 PHASES = ("data", "teacher", "train", "evaluate", "deploy")
-CROSS_CUTTING = {"config", "datasets", "errors", "device", "outputs", "recipes", "_torchvision_compat"}
+CROSS_CUTTING = {"config", "datasets", "errors", "device", "outputs", "parallel", "recipes", "_torchvision_compat"}
 TOP = {"cli", "__main__", "doctor"}  # the command line (and its `doctor`): imports everything, imported by nothing in the library
 # Files that a stage imports but whose changes cannot change its outputs: package docstrings, the import shim,
 # and the error classes (messages only).
