@@ -139,7 +139,8 @@ def evaluate(cfg: Config, runtime: Runtime, *, stage: str = "evaluate") -> dict[
         write_predictions(predictions, out / Path(e.write_predictions).relative_to(e.out_dir) if inside
                           else e.write_predictions)
 
-    full = {**report, "by_category": by_category, "timing": _rounded(timing)}
+    # No timing here: it changes every run, and the output must not (it goes to metrics/runs/<stage>.jsonl).
+    full = {**report, "by_category": by_category}
     if lvis is not None:
         full["lvis"] = lvis
     (out / "report.json").write_text(json.dumps(full, indent=1, sort_keys=True) + "\n")

@@ -112,17 +112,10 @@ def stage_sets(stage: str, root: Path, out: Path) -> tuple[list[str], list[str]]
 
 
 def contents(folder: Path) -> dict[str, object] | None:
-    """What a complete output is made of (None when missing): file bytes, with this run's timings left out."""
+    """What a complete output is made of (None when missing): its files' bytes (no stage writes a timing into them)."""
     if not folder.exists():
         return None
-    found: dict[str, object] = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            name = str(path.relative_to(folder))
-            found[name] = path.read_bytes()
-            if path.name == "report.json":  # evaluate: its timing is this run's
-                found[name] = {k: v for k, v in json.loads(path.read_bytes()).items() if k != "timing"}
-    return found
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
 def run_in_process(stage: str, sets: list[str]) -> float:
