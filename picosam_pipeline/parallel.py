@@ -10,7 +10,9 @@ whatever the worker count), jobs are pulled lazily so at most ``in_flight`` of t
 time, and ``workers=0`` runs everything in the calling process (small inputs, where starting workers would cost
 more than it saves). Workers are started by a forkserver, not forked from the caller, whose zarr, dask or torch
 threads could hold locks a forked child would inherit; they ignore SIGINT, so Ctrl-C reaches the main process
-alone, which stops the pool and reports the interrupt once instead of a traceback per worker.
+alone, which stops the pool and reports the interrupt once instead of a traceback per worker. As with any
+non-fork worker processes, each worker imports the caller's ``__main__`` script: a script that runs stages needs an
+``if __name__ == "__main__":`` guard (the CLI, ``python -m`` and pytest are fine).
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ def _result(future: Future) -> Any:
     try:
         return future.result()
     except BrokenProcessPool:
-        raise PipelineError("a worker process of this stage died (killed, out of memory, or crashed in a C extension "
-                            "on a hostile input; the kernel log, `dmesg`, names an out-of-memory kill); rerun the "
-                            "stage") from None
+        raise PipelineError("a worker process of this stage died: killed, out of memory (the kernel log, `dmesg`, "
+                            "names an out-of-memory kill), or crashed in a C extension; rerun the stage. A Python "
+                            "script that runs stages itself needs an `if __name__ == \"__main__\":` guard, as for any "
+                            "worker processes: each worker imports the script") from None
