@@ -18,8 +18,10 @@ non-fork worker processes, each worker imports the caller's ``__main__`` script:
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import signal
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
@@ -48,8 +50,17 @@ def _ignore_sigint() -> None:
 
 def worker_pool(workers: int) -> Executor:
     """A process pool of ``workers`` forkserver workers that leave Ctrl-C to the main process."""
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver"),
-                               initializer=_ignore_sigint)
+    context = multiprocessing.get_context("forkserver")
+    if threading.current_thread() is threading.main_thread():
+        # The forkserver inherits an ignored SIGINT (Python keeps a disposition it was started with) and hands it to
+        # every worker it forks, so none has a moment between its start and the initializer in which a Ctrl-C kills
+        # it; a server someone else started already is covered by the initializer alone.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_ignore_sigint)
 
 
 def ordered_map(fn: Callable, jobs: Iterable, *, workers: int, in_flight: int | None = None,

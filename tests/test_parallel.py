@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -81,42 +82,62 @@ def test_prepare_teacher_and_pack_write_the_same_bytes_with_worker_processes(tmp
 SLOW_MAP = """
 import itertools, sys, time
 from picosam_pipeline.parallel import ordered_map
-jobs = itertools.repeat(0.05, int(sys.argv[1])) if len(sys.argv) > 1 else itertools.repeat(0.05)
 try:
-    for i, _ in enumerate(ordered_map(time.sleep, jobs, workers=2)):
+    for i, _ in enumerate(ordered_map(time.sleep, itertools.repeat(0.05), workers=2)):
         if i == 10:
             print("running", flush=True)
-    print("done", i + 1, flush=True)
 except KeyboardInterrupt:
     print("interrupted", flush=True)
     sys.exit(130)
 """
 
 
-def _start_slow_map(*args: str) -> tuple[subprocess.Popen, list]:
+def _ignores_sigint(pid: int) -> bool:
+    """Whether process ``pid`` has SIGINT's disposition set to ignore (Linux: the SigIgn mask of /proc/PID/status)."""
+    try:
+        mask = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigIgn:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(mask.split()[1], 16) >> (signal.SIGINT - 1) & 1)
+
+
+def _start_slow_map() -> tuple[subprocess.Popen, list]:
+    """The slow map running, and its helpers (resource tracker, forkserver, two workers), once all four exist and
+    each ignores SIGINT (AssertionError after a minute otherwise)."""
     psutil = pytest.importorskip("psutil")
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_MAP, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_MAP], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     assert proc.stdout.readline().strip() == "running"
-    helpers = psutil.Process(proc.pid).children(recursive=True)
-    assert len(helpers) >= 3  # the forkserver and two workers
-    return proc, helpers
+    deadline = time.monotonic() + 60
+    while True:
+        helpers = psutil.Process(proc.pid).children(recursive=True)
+        if len(helpers) >= 4 and all(_ignores_sigint(h.pid) for h in helpers):
+            return proc, helpers
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"the pool's helpers do not all ignore SIGINT: {[h.pid for h in helpers]}")
+        time.sleep(0.05)
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 60) -> tuple[str, str]:
+    """Wait for the slow map; one that hangs is killed, and its output shown."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"the slow map hung; its output: {out!r} {err[-3000:]!r}") from None
 
 
 def test_ctrl_c_reaches_the_main_process_alone_and_no_worker_outlives_it():
-    """SIGINT to the workers alone does nothing (a job is never cut short by it); SIGINT to the whole process group
-    (a terminal's Ctrl-C) gives the main process one KeyboardInterrupt, no worker traceback, and no worker left."""
+    """Every helper of the pool (resource tracker, forkserver, workers) ignores SIGINT from its start, so a job is
+    never cut short by one; SIGINT to the whole process group (a terminal's Ctrl-C) gives the main process one
+    KeyboardInterrupt, no worker traceback, and no helper left behind."""
     import psutil
 
-    proc, helpers = _start_slow_map("60")
-    for helper in helpers:
-        helper.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and "done 60" in out, (out, err)
-
-    proc, helpers = _start_slow_map()
+    proc, helpers = _start_slow_map()  # fails unless every helper ignores SIGINT
     os.killpg(proc.pid, signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    out, err = _stop(proc)
     assert proc.returncode == 130 and "interrupted" in out
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     gone, alive = psutil.wait_procs(helpers, timeout=10)
