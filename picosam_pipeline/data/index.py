@@ -17,7 +17,8 @@ the schema metadata key :data:`METADATA_KEY`.
 
 Reader API for later stages: :func:`read_index` (a ``pyarrow.Table``, optionally one split),
 :func:`read_metadata`, :func:`iter_images` (one :class:`ImageGroup` per image, for stages that decode each
-image once) and :func:`stream_images` (the same for a whole split, read in batches), :func:`column_array` (a box column as an ``(N, 4)`` array) and :func:`decode_mask`.
+image once), :func:`stream_images` (the same for a whole split, read in batches), :func:`column_array` (a box
+column as an ``(N, 4)`` array) and :func:`decode_mask`.
 """
 
 from __future__ import annotations
