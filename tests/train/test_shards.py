@@ -199,3 +199,20 @@ def test_pack_refuses_to_replace_a_folder_it_did_not_write(inputs, tmp_path):
     with pytest.raises(PipelineError, match=r"notes.txt.*which stage pack did not write"):
         run_pack(inputs, out)
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_store_rows_joins_on_image_and_annotation_ids():
+    """The store row of each index row, whatever the store's order; an ann_id the store holds for two images is
+    told apart by the image; a missing pair and a pair stored twice are refused."""
+    import pyarrow as pa
+
+    from picosam_pipeline.stages.pack import store_rows
+
+    meta = {"image_id": np.array([7, 3, 3, 9, 5]), "ann_id": np.array([70, 31, 30, 90, 30])}
+    rows = pa.table({"image_id": [3, 3, 5, 7, 9], "ann_id": [30, 31, 30, 70, 90]})
+    assert store_rows(meta, rows, "val", Path("s.zarr")).tolist() == [2, 1, 4, 0, 3]
+    with pytest.raises(PipelineError, match=r"no teacher logits for 1 of the 2 instances .*ann_id \[30\]"):
+        store_rows(meta, pa.table({"image_id": [3, 4], "ann_id": [31, 30]}), "val", Path("s.zarr"))
+    twice = {"image_id": np.array([3, 3]), "ann_id": np.array([30, 30])}
+    with pytest.raises(PipelineError, match="pairs twice"):
+        store_rows(twice, rows, "val", Path("s.zarr"))
