@@ -6,7 +6,9 @@ DVC's ``dvc.yaml`` runs the same ``run-stage`` commands a person types.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
 import sys
 import time
 import traceback
@@ -19,13 +21,41 @@ PARAMS_HELP = "Params file (YAML, one section per stage). Default: params.yaml i
 SET_HELP = "Override one param, KEY.PATH=VALUE (VALUE parsed as YAML); repeatable, e.g. --set train.steps=50."
 
 
-def _caused_by_ctrl_c(err: BaseException) -> bool:
-    """True when ``err`` is a KeyboardInterrupt or was raised while handling one.
+_ctrl_c_pressed = False  # set by _recording_ctrl_c's handler: a SIGINT reached this process
 
-    A Ctrl-C landing inside a C extension's import or callback can come out as another exception chained to the
-    KeyboardInterrupt (onnxruntime's pybind11 module: ``ImportError: initialization failed`` from it); that is still
-    the user's interrupt, not a bug, and gets the interrupt's one line and exit 130.
+
+def _record_ctrl_c(signum, frame):
+    """SIGINT handler: remember the Ctrl-C, then raise KeyboardInterrupt as Python's default handler does."""
+    global _ctrl_c_pressed
+    _ctrl_c_pressed = True
+    signal.default_int_handler(signum, frame)
+
+
+@contextlib.contextmanager
+def _recording_ctrl_c():
+    """Install :func:`_record_ctrl_c` for the duration of a command (main thread, default handler only)."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.default_int_handler:  # SIGINT ignored (nohup, a worker) or handled by an embedding app
+        yield
+        return
+    signal.signal(signal.SIGINT, _record_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _caused_by_ctrl_c(err: BaseException) -> bool:
+    """True when ``err`` is the user's Ctrl-C: a KeyboardInterrupt, raised while handling one, or after one arrived.
+
+    A Ctrl-C landing inside a C extension can come out as another exception: chained to the KeyboardInterrupt
+    (onnxruntime's pybind11 import: ``ImportError: initialization failed``), or with the interrupt swallowed
+    altogether (pycocotools' ``decode`` under numpy 2: ``TypeError: __array__() got an unexpected keyword argument
+    'copy'``, the interrupt nowhere in its chain). Both are the user's interrupt, not a bug, and get the interrupt's
+    one line and exit 130; the second is recognised by the SIGINT the console script's handler recorded.
     """
+    if _ctrl_c_pressed:
+        return True
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, KeyboardInterrupt):
@@ -451,7 +481,8 @@ def verify_logits_cmd(path: str, sample: int, seed: int, device: str, index: str
 def main() -> None:
     """Console-script entry point."""
     try:
-        cli(standalone_mode=True)
+        with _recording_ctrl_c():
+            cli(standalone_mode=True)
     except Exception as err:
         if _caused_by_ctrl_c(err):  # a command without its own interrupt message
             click.echo("interrupted", err=True)

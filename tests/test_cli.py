@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 
@@ -111,6 +112,37 @@ def test_ctrl_c_that_surfaces_as_another_exception_is_still_an_interrupt(monkeyp
     with pytest.raises(SystemExit) as stopped:
         cli_module.main()
     assert stopped.value.code == 130
+
+
+def _ctrl_c_swallowed_by_an_extension(*args, **kwargs):
+    """A real SIGINT that a C extension swallows and reports as another error, the interrupt not in its chain."""
+    try:
+        signal.raise_signal(signal.SIGINT)
+    except KeyboardInterrupt:
+        pass
+    raise TypeError("__array__() got an unexpected keyword argument 'copy'")  # pycocotools' decode under numpy 2
+
+
+def test_ctrl_c_swallowed_by_an_extension_is_still_an_interrupt(monkeypatch, capsys):
+    """The console script records the SIGINT itself, so an error that lost the interrupt is still exit 130."""
+    from picosam_pipeline import cli as cli_module
+    from picosam_pipeline.stages import StageSpec
+
+    monkeypatch.setattr(cli_module, "_ctrl_c_pressed", False)
+    monkeypatch.setattr(StageSpec, "load", lambda self: _ctrl_c_swallowed_by_an_extension)
+    monkeypatch.setattr(sys, "argv", ["picosam-pipeline", "run-stage", "sample", "--params", str(REPO / "params.yaml")])
+    with pytest.raises(SystemExit) as stopped:
+        cli_module.main()
+    assert stopped.value.code == 130
+    err = capsys.readouterr().err
+    assert "[sample] interrupted; its output is as it was before this run" in err and "Traceback" not in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+    monkeypatch.setattr(cli_module, "_ctrl_c_pressed", False)  # without a SIGINT the same error is a bug
+    monkeypatch.setattr(StageSpec, "load", lambda self: lambda *a: int("x"))
+    with pytest.raises(SystemExit) as stopped:
+        cli_module.main()
+    assert stopped.value.code == 2 and "Traceback" in capsys.readouterr().err
 
 
 def test_python_dash_m_runs_the_cli(tmp_path):
