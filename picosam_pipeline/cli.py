@@ -65,6 +65,18 @@ def _caused_by_ctrl_c(err: BaseException) -> bool:
     return False
 
 
+def _exit_interrupted(message: str) -> None:
+    """Print the interrupt's one line and exit 130.
+
+    The Ctrl-C may have left objects half-built (it lands anywhere, e.g. inside ``tqdm.__init__``); their ``__del__``
+    then fails on the way out and Python prints "Exception ignored ... Traceback" after the message. The process
+    is ending on the user's request, so those reports are dropped.
+    """
+    sys.unraisablehook = lambda unraisable: None
+    click.echo(message, err=True)
+    sys.exit(130)
+
+
 def _fail(err: BaseException) -> None:
     """Print a user-facing error as one paragraph and exit 1 (no traceback for bad input)."""
     click.echo(f"Error: {err}", err=True)
@@ -177,9 +189,8 @@ def run_stage_cmd(name: str, params_path: str, overrides: tuple[str, ...], on_lo
     except BaseException as err:
         if not _caused_by_ctrl_c(err):
             raise
-        click.echo(f"[{name}] interrupted; its output is as it was before this run (teacher-logits keeps its finished "
-                   "shards and train its last checkpoint: their rerun resumes)", err=True)
-        sys.exit(130)
+        _exit_interrupted(f"[{name}] interrupted; its output is as it was before this run (teacher-logits keeps its "
+                          "finished shards and train its last checkpoint: their rerun resumes)")
 
 
 @cli.command("score-predictions")
@@ -269,8 +280,7 @@ def fetch_cmd(asset_names: tuple[str, ...], list_assets: bool, dest_root: str, u
         if track:
             click.echo(fetch.track(fetch.tracked_paths(asset_names, dest_root)))
     except KeyboardInterrupt:
-        click.echo("[fetch] interrupted; the .part file is kept and rerunning the same command resumes it", err=True)
-        sys.exit(130)
+        _exit_interrupted("[fetch] interrupted; the .part file is kept and rerunning the same command resumes it")
 
 
 @cli.command("model-summary")
@@ -485,8 +495,7 @@ def main() -> None:
             cli(standalone_mode=True)
     except Exception as err:
         if _caused_by_ctrl_c(err):  # a command without its own interrupt message
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+            _exit_interrupted("interrupted")
         traceback.print_exc()  # a bug: keep the traceback, it is what a maintainer needs
         sys.exit(2)
 

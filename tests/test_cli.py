@@ -145,6 +145,33 @@ def test_ctrl_c_swallowed_by_an_extension_is_still_an_interrupt(monkeypatch, cap
     assert stopped.value.code == 2 and "Traceback" in capsys.readouterr().err
 
 
+HALF_BUILT_BY_CTRL_C = """
+import signal, sys
+from picosam_pipeline import cli
+from picosam_pipeline.stages import StageSpec
+
+class Bar:  # as tqdm: __del__ reads what __init__ had not set yet when the Ctrl-C landed
+    def __init__(self):
+        signal.raise_signal(signal.SIGINT)
+        self.disable = False
+
+    def __del__(self):
+        self.disable
+
+StageSpec.load = lambda self: lambda cfg, runtime: Bar()
+sys.argv = ["picosam-pipeline", "run-stage", "sample", "--params", sys.argv[1]]
+cli.main()
+"""
+
+
+def test_ctrl_c_that_leaves_an_object_half_built_prints_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", HALF_BUILT_BY_CTRL_C, str(REPO / "params.yaml")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert "[sample] interrupted" in proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+
+
 def test_python_dash_m_runs_the_cli(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "picosam_pipeline", "stages"], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
