@@ -178,7 +178,10 @@ def test_kills_at_random_moments_leave_the_previous_or_the_new_output_and_the_re
         proc, log = start_cli(stage, sets, tmp_path)
         wait_until_working(proc, out)
         time.sleep(delay)
-        os.killpg(proc.pid, sig)
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:  # a short stage (export: ~0.05 s) ended, and was reaped, before the kill
+            pass
         proc.wait(timeout=300)
         now = contents(out)
         assert now in (before, reference), f"after {sig.name} at {delay:.2f} s the output is neither P nor R"
