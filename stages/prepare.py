@@ -160,14 +160,15 @@ def _prepare_split(split: SplitSource, annset: AnnotationSet, p: PrepareConfig, 
             counts.dropped[rec.issue.kind] += 1
         log.report(split.name, rec.issue, annset.path, ann_id=rec.ann_id, image_id=rec.image_id)
 
-    images = [img for img in annset.images.values() if annset.annotations_of(img.image_id)]
+    images = [img for img in annset.images.values() if annset.has_annotations(img.image_id)]
     counts.images_with_annotations = len(images)
     # An unusable record (e.g. a file_name outside the images folder) is not even looked up on disk.
     paths = [img.resolve_path(split.images) if img.problem is None else Path(split.images) / img.file_name
              for img in images]
     # Worker processes decode each image and check its annotations (pycocotools rasterisation, mask decode, point
     # prompt); this one keeps the bookkeeping, in image order, so the index and the report do not depend on them.
-    jobs = ((image, path, annset.annotations_of(image.image_id)) for image, path in zip(images, paths))
+    # A job carries the annotations' JSON text (what the set holds; lighter to send than parsed polygons).
+    jobs = ((image, path, annset.annotation_texts[image.image_id]) for image, path in zip(images, paths))
     checks = ordered_map(partial(_check_image_and_annotations, decode=p.check_images, category_ids=frozenset(annset.categories)),
                          jobs, workers=default_workers(len(images)), in_flight=256)
     try:
@@ -192,20 +193,20 @@ def _prepare_split(split: SplitSource, annset: AnnotationSet, p: PrepareConfig, 
     return counts
 
 
-def _check_image_and_annotations(job: tuple[ImageRecord, Path, list[dict]], decode: bool, category_ids: frozenset[int]
+def _check_image_and_annotations(job: tuple[ImageRecord, Path, list[str]], decode: bool, category_ids: frozenset[int]
                                  ) -> tuple[Issue | None, tuple[str, ...], list[tuple[CheckedAnnotation, tuple[int, int] | None]]]:
     """One image's checks (runs in a worker): the image's drop issue or conversions, and per annotation its
     :class:`CheckedAnnotation` (without the mask) and PicoSAM2 prompt point (None when dropped). A dropped image's
     annotations are not checked."""
-    image, path, anns = job
+    image, path, texts = job
     problem, conversions = _check_image(image, path, decode)
     if problem is not None:
         return problem, conversions, []
     coco = COCO()  # pycocotools' annToRLE looks the image's size up in its `imgs`: this image alone
     coco.imgs = {image.image_id: {"id": image.image_id, "width": image.width, "height": image.height}}
     instances = []
-    for ann in anns:
-        checked = check_annotation(ann, image, coco, category_ids)
+    for text in texts:
+        checked = check_annotation(json.loads(text), image, coco, category_ids)
         point = None
         if checked.drop is None:
             # The prompt from the mask's tight-box window equals the full-mask one shifted by (x0, y0): translation

@@ -2,7 +2,8 @@
 
 :func:`load_annotations` parses one instances JSON (malformed JSON stops with file, line and column),
 detects COCO or LVIS (and the LVIS version), sets aside records that cannot be indexed (duplicate
-ids, annotations whose image id is not in ``images``) and builds the pycocotools :class:`COCO` index.
+ids, annotations whose image id is not in ``images``) and keeps each annotation as its JSON text, grouped
+by image (parsed again when asked for: ~0.5 KB an annotation held instead of ~3 KB of Python objects).
 :func:`check_annotation` then validates one annotation against its image and decodes its mask with
 pycocotools (polygons and RLE alike) into a full-image ``(H, W)`` uint8 {0, 1} mask.
 
@@ -21,9 +22,8 @@ writes for the mask they decode to; a file nested too deep for the JSON parser i
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
+import functools
 import json
 import math
 import re
@@ -107,19 +107,35 @@ class RecordIssue:
 
 @dataclass
 class AnnotationSet:
-    """One parsed annotation file, indexed by pycocotools."""
+    """One parsed annotation file: its images and categories, and its kept annotations as their JSON text.
+
+    Each annotation is held as the text it has in the file (about its JSON size), not as parsed Python objects
+    (about 3 KB each with their polygons), and parsed when asked for: at COCO scale (860k annotations) this is
+    the difference between ~0.5 GB and ~2.6 GB held by the prepare stage.
+    """
 
     path: Path
     format: DatasetFormat
-    coco: COCO
     images: dict[int, ImageRecord]
     categories: dict[int, str]
     num_annotations: int  # every entry of ``annotations``, including the ones set aside in ``record_issues``
     record_issues: list[RecordIssue] = field(default_factory=list)
+    annotation_texts: dict[int, list[str]] = field(default_factory=dict)  # image id -> kept annotations, file order
 
     def annotations_of(self, image_id: int) -> list[dict]:
         """The image's annotations in file order (the order PicoSAM2's reference predictions follow)."""
-        return self.coco.imgToAnns.get(image_id, [])
+        return [json.loads(text) for text in self.annotation_texts.get(image_id, ())]
+
+    def has_annotations(self, image_id: int) -> bool:
+        return image_id in self.annotation_texts
+
+    @functools.cached_property
+    def coco(self) -> COCO:
+        """A pycocotools :class:`COCO` that knows every image's size: what ``annToRLE`` (:func:`check_annotation`)
+        looks up. Its annotation index is empty; use :meth:`annotations_of`."""
+        coco = COCO()
+        coco.imgs = {i: {"id": i, "width": im.width, "height": im.height} for i, im in self.images.items()}
+        return coco
 
 
 @dataclass
@@ -156,7 +172,7 @@ def load_annotations(path: str | Path, requested: Literal["auto", "coco", "lvis"
             whose detected format contradicts an explicit ``requested`` format.
     """
     path = Path(path)
-    data = _read_json(path)
+    data, raw_annotations = _read_json(path)
     fmt = detect_format(data)
     if requested != "auto" and requested != fmt.name:
         raise PipelineError(
@@ -166,7 +182,7 @@ def load_annotations(path: str | Path, requested: Literal["auto", "coco", "lvis"
         )
 
     issues: list[RecordIssue] = []
-    images, raw_images = {}, []
+    images = {}
     for img in data["images"]:
         record = _image_record(img, fmt, allow_outside_images)
         if record is None:
@@ -186,14 +202,13 @@ def load_annotations(path: str | Path, requested: Literal["auto", "coco", "lvis"
                     "annotations cannot be placed and are dropped"))
         else:
             images[record.image_id] = record
-            raw_images.append(img)
 
-    annotations, seen = [], set()
-    for ann in data["annotations"]:
-        ann_id, image_id = (ann.get("id"), ann.get("image_id")) if isinstance(ann, dict) else (None, None)
+    texts: dict[int, list[str]] = {}
+    seen = set()
+    for ann_id, image_id, text in raw_annotations:
         if not (_is_id(ann_id) and _is_id(image_id)):
             issue = Issue("bad_annotation_record", "annotation without an integer id/image_id (ids must fit a signed "
-                          f"64-bit integer): {_short(ann)}")
+                          f"64-bit integer): {_short(json.loads(text))}")
         elif ann_id in seen:
             # Downstream stores are keyed by annotation id, so a second record with the same id cannot be kept.
             issue = Issue("duplicate_ann_id", f"annotation id {ann_id} appears twice; the first is kept")
@@ -202,17 +217,13 @@ def load_annotations(path: str | Path, requested: Literal["auto", "coco", "lvis"
                           "which is not in 'images'")
         else:
             seen.add(ann_id)
-            annotations.append(ann)
+            texts.setdefault(image_id, []).append(text)
             continue
         issues.append(RecordIssue(issue, ann_id=ann_id, image_id=image_id, is_annotation=True))
 
-    coco = COCO()
-    coco.dataset = {**data, "images": raw_images, "annotations": annotations}
-    with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress lines
-        coco.createIndex()
     categories = {c["id"]: str(c.get("name", c["id"])) for c in data["categories"]
                   if isinstance(c, dict) and _is_id(c.get("id"))}
-    return AnnotationSet(path, fmt, coco, images, categories, len(data["annotations"]), issues)
+    return AnnotationSet(path, fmt, images, categories, len(raw_annotations), issues, texts)
 
 
 def detect_format(data: dict) -> DatasetFormat:
@@ -228,7 +239,17 @@ def detect_format(data: dict) -> DatasetFormat:
     return DatasetFormat("coco", None, len(cats))
 
 
-def _read_json(path: Path) -> dict:
+# JSON insignificant whitespace (RFC 8259): what may stand between the tokens the instances reader steps over.
+_JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
+# Annotations parsed into the returned ``data["annotations"]``, for detect_format; the rest stay text only.
+_ANNOTATIONS_SAMPLED = 1000
+
+
+def _read_json(path: Path) -> tuple[dict, list[tuple[Any, Any, str]]]:
+    """The instances file's top-level object, and its annotations as ``(id, image_id, JSON text)`` in file order.
+
+    ``data["annotations"]`` holds only the first annotations, parsed (format detection looks at them).
+    """
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -239,7 +260,7 @@ def _read_json(path: Path) -> dict:
         raise PipelineError(f"{path}: {what}; point prepare.splits at the instances_*.json (or lvis_v1_*.json) "
                             "file itself") from None
     try:
-        data = json.loads(text)
+        data, annotations = _decode_instances(text)
     except RecursionError:  # the parser recurses once per nesting level: ~1000 levels exhaust Python's stack
         raise PipelineError(f"{path}: the JSON is nested deeper than the parser allows (Python's recursion limit, "
                             f"{sys.getrecursionlimit()}); an instances file nests 4 levels. The file is damaged or "
@@ -254,7 +275,60 @@ def _read_json(path: Path) -> dict:
     if missing:
         raise PipelineError(f"{path}: not a COCO/LVIS instances file, expected an object with lists {missing}; "
                             "point prepare.splits at an instances_*.json (or lvis_v1_*.json) file")
-    return data
+    return data, annotations
+
+
+def _decode_instances(text: str) -> tuple[Any, list[tuple[Any, Any, str]]]:
+    """``json.loads(text)``, except that the elements of a top-level ``"annotations"`` array are parsed one at a
+    time and kept as their text (with their ``id`` and ``image_id``): the parsed annotations of a COCO-size file
+    take ~3 KB each, their text ~0.5 KB. Malformed JSON raises the same ``JSONDecodeError`` (position included)."""
+    decoder = json.JSONDecoder()
+
+    def skip(pos: int) -> int:
+        return _JSON_WHITESPACE.match(text, pos).end()
+
+    def expect(char: str, pos: int, what: str) -> int:
+        if not text.startswith(char, pos):
+            raise json.JSONDecodeError(f"Expecting {what}", text, pos)
+        return skip(pos + 1)
+
+    pos = skip(0)
+    if not text.startswith("{", pos):  # not an object: parsed whole, and refused by the caller's layout check
+        return json.loads(text), []
+    data: dict[str, Any] = {}
+    annotations: list[tuple[Any, Any, str]] = []
+    pos = skip(pos + 1)
+    more = not text.startswith("}", pos)
+    while more:
+        if not text.startswith('"', pos):
+            raise json.JSONDecodeError("Expecting property name enclosed in double quotes", text, pos)
+        key, pos = decoder.raw_decode(text, pos)
+        pos = expect(":", skip(pos), "':' delimiter")
+        if key == "annotations" and text.startswith("[", pos):
+            annotations, sampled = [], []
+            pos = skip(pos + 1)
+            more_elements = not text.startswith("]", pos)
+            while more_elements:
+                value, end = decoder.raw_decode(text, pos)
+                ids = (value.get("id"), value.get("image_id")) if isinstance(value, dict) else (None, None)
+                annotations.append((*ids, text[pos:end]))
+                if len(sampled) < _ANNOTATIONS_SAMPLED:
+                    sampled.append(value)
+                pos = skip(end)
+                more_elements = not text.startswith("]", pos)
+                if more_elements:
+                    pos = expect(",", pos, "',' delimiter")
+            data[key], pos = sampled, skip(pos + 1)
+        else:
+            data[key], pos = decoder.raw_decode(text, pos)
+            pos = skip(pos)
+        more = not text.startswith("}", pos)
+        if more:
+            pos = expect(",", pos, "',' delimiter")
+    pos = skip(pos + 1)
+    if pos != len(text):
+        raise json.JSONDecodeError("Extra data", text, pos)
+    return data, annotations
 
 
 def _image_record(img: Any, fmt: DatasetFormat, allow_outside_images: bool = False) -> ImageRecord | None:

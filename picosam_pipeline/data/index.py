@@ -67,21 +67,37 @@ SCHEMA = pa.schema(
 
 
 class IndexBuilder:
-    """Collects rows column by column (a list per column is far lighter than a dict per row at COCO scale)."""
+    """Collects rows column by column, turning every ``batch_rows`` rows into an Arrow record batch.
 
-    def __init__(self) -> None:
+    Python lists cost ~1.3 KB a row (boxes as lists of floats, one string per image path); the Arrow batches
+    ~0.3 KB, so the rows of a COCO-size split (860k) are ~0.3 GB, not ~1.1 GB, while prepare runs.
+    """
+
+    def __init__(self, batch_rows: int = ROW_GROUP_ROWS) -> None:
+        self.batch_rows = batch_rows
+        self._batches: list[pa.RecordBatch] = []
+        self._rows = 0
         self._columns: dict[str, list] = {name: [] for name in SCHEMA.names}
 
     def add(self, **row: Any) -> None:
         """Append one row; every :data:`SCHEMA` column must be given (a missing one is a bug: KeyError)."""
         for name, values in self._columns.items():
             values.append(row[name])
+        self._rows += 1
+        if len(self._columns["ann_id"]) >= self.batch_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._batches.append(pa.record_batch(self._columns, schema=SCHEMA))
+        self._columns = {name: [] for name in SCHEMA.names}
 
     def __len__(self) -> int:
-        return len(self._columns["ann_id"])
+        return self._rows
 
     def to_table(self) -> pa.Table:
-        return pa.table(self._columns, schema=SCHEMA).sort_by(SORT_KEYS)
+        if self._columns["ann_id"] or not self._batches:
+            self._flush()
+        return pa.Table.from_batches(self._batches, schema=SCHEMA).sort_by(SORT_KEYS)
 
 
 def write_index(table: pa.Table, path: str | Path, metadata: dict[str, Any]) -> Path:

@@ -164,6 +164,43 @@ def test_malformed_json_names_file_line_and_column(tmp_path):
         load_annotations(path)
 
 
+MALFORMED = ['{"a": 1,}', '{"annotations": [1,]}', '{"a": 1', '{"annotations": [{"id": 1}', '{"annotations": [1 2]}',
+             '{"a": 1} x', '{"a" 1}', '{a: 1}', '{"images": [], "annotations": [{"id": 1, "bbox": [1, 2,, 3]}]}', '']
+
+
+@pytest.mark.parametrize("text", MALFORMED)
+def test_the_instances_reader_refuses_what_json_refuses_at_the_same_spot(text):
+    """The reader keeps annotations as text (``_decode_instances``); its errors must be json's, position included."""
+    from picosam_pipeline.data.coco import _decode_instances
+
+    with pytest.raises(json.JSONDecodeError) as expected:
+        json.loads(text)
+    with pytest.raises(json.JSONDecodeError) as got:
+        _decode_instances(text)
+    assert (got.value.msg, got.value.lineno, got.value.colno) == (expected.value.msg, expected.value.lineno,
+                                                                  expected.value.colno)
+
+
+def test_annotations_held_as_text_parse_back_to_the_files_records():
+    """On the real COCO file: every annotation's kept text parses to the record json.loads gives, in file order."""
+    from picosam_pipeline.data.coco import _decode_instances
+
+    path = shared_data_or_skip("coco-sample", "annotations", "instances_val2017.json")
+    text = path.read_text()
+    data, annotations = _decode_instances(text)
+    reference = json.loads(text)
+    assert [json.loads(t) for _, _, t in annotations] == reference["annotations"]
+    assert [(a, i) for a, i, _ in annotations] == [(r["id"], r["image_id"]) for r in reference["annotations"]]
+    assert data["annotations"] == reference["annotations"][:1000]  # the parsed sample format detection reads
+    assert {k: v for k, v in data.items() if k != "annotations"} == {k: v for k, v in reference.items()
+                                                                      if k != "annotations"}
+    annset = load_annotations(path)
+    by_image = {}
+    for record in reference["annotations"]:
+        by_image.setdefault(record["image_id"], []).append(record)
+    assert all(annset.annotations_of(i) == anns for i, anns in by_image.items())
+
+
 @pytest.mark.parametrize("text", ['[1, 2]', '{"images": [], "annotations": []}'])
 def test_json_that_is_not_an_instances_file(tmp_path, text):
     path = tmp_path / "x.json"
@@ -298,6 +335,6 @@ def test_real_lvis_v05_file_is_detected():
     assert annset.num_annotations == 977 and len(annset.images) == 100 and not annset.record_issues
     # v0.5 names files COCO_val2014_000000xxxxxx.jpg; COCO 2017 folders hold 000000xxxxxx.jpg
     assert annset.images[266409].file_name == "000000266409.jpg"
-    image_id = next(iter(annset.coco.imgToAnns))
+    image_id = next(i for i in annset.images if annset.has_annotations(i))
     checked = check_annotation(annset.annotations_of(image_id)[0], annset.images[image_id], annset.coco, annset.categories)
     assert checked.drop is None and checked.mask.shape == (annset.images[image_id].height, annset.images[image_id].width)

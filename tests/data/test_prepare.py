@@ -352,3 +352,26 @@ def test_real_lvis_v05_without_images_counts_every_instance_as_missing(tmp_path)
     assert all(r["file"].endswith(f"val2017/{r['image_id']:012d}.jpg") for r in records)
     meta = read_metadata(tmp_path / "prepared" / "index.parquet")
     assert (meta["splits"]["val"]["format"], meta["splits"]["val"]["version"]) == ("lvis", "v0.5")
+
+
+def test_index_rows_held_in_arrow_batches_write_the_same_file_as_one_batch(tmp_path):
+    """IndexBuilder turns every batch_rows rows into an Arrow batch (memory); the file must not depend on it."""
+    from picosam_pipeline.data.index import IndexBuilder, write_index
+
+    rng = np.random.default_rng(0)
+    rows = [dict(ann_id=int(a), image_id=int(rng.integers(50)), split=str(rng.choice(["train", "val"])),
+                 file_name="a.jpg", image_path=f"/images/{i}.jpg", width=640, height=480, category_id=1,
+                 category_name="thing", iscrowd=False, bbox=[1.5, 2.0, 3.0, 4.0], area=float(i),
+                 roi_box=[1, 2, 3, 4], roi_float_box=[1.0, 2.0, 3.0, 4.0], point=[1, 2], point_box=[0, 0, 96, 96],
+                 rle_counts="x" * int(rng.integers(1, 40)))
+            for i, a in enumerate(rng.permutation(1000))]
+    files = []
+    for batch_rows in (10**9, 64, 7):
+        builder = IndexBuilder(batch_rows=batch_rows)
+        for row in rows:
+            builder.add(**row)
+        assert len(builder) == len(rows)
+        files.append(write_index(builder.to_table(), tmp_path / f"{batch_rows}.parquet", {"m": 1}).read_bytes())
+    assert files[0] == files[1] == files[2]
+    in_order = sorted(rows, key=lambda r: (r["split"], r["image_id"], r["ann_id"]))
+    assert read_index(tmp_path / "7.parquet").column("ann_id").to_pylist() == [r["ann_id"] for r in in_order]
