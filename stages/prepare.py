@@ -25,12 +25,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from pycocotools.coco import COCO
 from tqdm import tqdm
 
 from picosam_pipeline.config import Config, PrepareConfig, SplitSource, require_inputs, save_resolved, write_metrics, write_report
 from picosam_pipeline.data.coco import (AnnotationSet, CheckedAnnotation, ImageRecord, Issue, check_annotation,
-                                          load_annotations)
+                                          load_annotations, sizes_coco)
 from picosam_pipeline.data.crops import point_box, point_prompt, roi_box
 from picosam_pipeline.data.images import BadImageError, load_image
 from picosam_pipeline.data.index import INDEX_FILE, IndexBuilder, write_index
@@ -202,8 +201,7 @@ def _check_image_and_annotations(job: tuple[ImageRecord, Path, list[str]], decod
     problem, conversions = _check_image(image, path, decode)
     if problem is not None:
         return problem, conversions, []
-    coco = COCO()  # pycocotools' annToRLE looks the image's size up in its `imgs`: this image alone
-    coco.imgs = {image.image_id: {"id": image.image_id, "width": image.width, "height": image.height}}
+    coco = sizes_coco([image])  # this image alone: a worker need not know the others
     instances = []
     for text in texts:
         checked = check_annotation(json.loads(text), image, coco, category_ids)

@@ -28,7 +28,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Container
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -131,11 +131,16 @@ class AnnotationSet:
 
     @functools.cached_property
     def coco(self) -> COCO:
-        """A pycocotools :class:`COCO` that knows every image's size: what ``annToRLE`` (:func:`check_annotation`)
-        looks up. Its annotation index is empty; use :meth:`annotations_of`."""
-        coco = COCO()
-        coco.imgs = {i: {"id": i, "width": im.width, "height": im.height} for i, im in self.images.items()}
-        return coco
+        """:func:`sizes_coco` of every image (its annotation index is empty; use :meth:`annotations_of`)."""
+        return sizes_coco(self.images.values())
+
+
+def sizes_coco(images: Iterable[ImageRecord]) -> COCO:
+    """A pycocotools :class:`COCO` that knows only the images' sizes: all ``annToRLE`` (:func:`check_annotation`)
+    looks up to rasterise an annotation of one of them."""
+    coco = COCO()
+    coco.imgs = {im.image_id: {"id": im.image_id, "width": im.width, "height": im.height} for im in images}
+    return coco
 
 
 @dataclass
