@@ -42,6 +42,8 @@ from picosam_pipeline.errors import PipelineError
 
 # LVIS versions differ in their category list (and ids): v0.5 has 1230 categories, v1 has 1203.
 LVIS_VERSIONS = {1203: "v1", 1230: "v0.5"}
+# Annotations detect_format looks at, and the reader keeps parsed for it (the rest stay text only).
+_ANNOTATIONS_SAMPLED = 1000
 # Ids are stored as int64 (index, stores, shards): anything outside is refused while loading.
 ID_MIN, ID_MAX = -(2**63), 2**63 - 1
 # The largest image area accepted: what PIL decodes before refusing a file as a decompression bomb. Masks are
@@ -238,7 +240,7 @@ def detect_format(data: dict) -> DatasetFormat:
     """
     cats = data["categories"]
     lvis_cats = bool(cats) and all(isinstance(c, dict) and ("synset" in c or "frequency" in c) for c in cats)
-    has_crowd = any(isinstance(a, dict) and "iscrowd" in a for a in data["annotations"][:1000])
+    has_crowd = any(isinstance(a, dict) and "iscrowd" in a for a in data["annotations"][:_ANNOTATIONS_SAMPLED])
     if lvis_cats and not has_crowd:
         return DatasetFormat("lvis", LVIS_VERSIONS.get(len(cats), "unknown"), len(cats))
     return DatasetFormat("coco", None, len(cats))
@@ -246,8 +248,6 @@ def detect_format(data: dict) -> DatasetFormat:
 
 # JSON insignificant whitespace (RFC 8259): what may stand between the tokens the instances reader steps over.
 _JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
-# Annotations parsed into the returned ``data["annotations"]``, for detect_format; the rest stay text only.
-_ANNOTATIONS_SAMPLED = 1000
 
 
 def _read_json(path: Path) -> tuple[dict, list[tuple[Any, Any, str]]]:
