@@ -77,14 +77,12 @@ class IndexBuilder:
     def __init__(self, batch_rows: int = ROW_GROUP_ROWS) -> None:
         self.batch_rows = batch_rows
         self._batches: list[pa.RecordBatch] = []
-        self._rows = 0
         self._columns: dict[str, list] = {name: [] for name in SCHEMA.names}
 
     def add(self, **row: Any) -> None:
         """Append one row; every :data:`SCHEMA` column must be given (a missing one is a bug: KeyError)."""
         for name, values in self._columns.items():
             values.append(row[name])
-        self._rows += 1
         if len(self._columns["ann_id"]) >= self.batch_rows:
             self._flush()
 
@@ -93,7 +91,7 @@ class IndexBuilder:
         self._columns = {name: [] for name in SCHEMA.names}
 
     def __len__(self) -> int:
-        return self._rows
+        return sum(b.num_rows for b in self._batches) + len(self._columns["ann_id"])
 
     def to_table(self) -> pa.Table:
         if self._columns["ann_id"] or not self._batches:
