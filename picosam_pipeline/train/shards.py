@@ -42,7 +42,7 @@ parameters), and every shard with its sample count, size and sha256).
 
 Packing (:func:`pack_split`): a seeded permutation of the split's instances decides each sample's position,
 so every shard is a uniform random sample of the split, and each image is still decoded once. Pass 1
-walks the images in index order and appends each encoded sample to a spill tar of its destination shard;
+walks the images in index order and appends each encoded sample to a spill file of its destination shard;
 pass 2 puts each spill into permutation order and writes the final shard. Memory stays at one shard; the
 disk traffic is twice the shard bytes. Encoders and tar headers (fixed mtime and owner) are deterministic,
 so a rerun reproduces every sha256.
@@ -54,8 +54,8 @@ import io
 import json
 import math
 import re
+import struct
 import zlib
-from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -67,11 +67,11 @@ import pyarrow as pa
 from PIL import Image
 from tqdm import tqdm
 from webdataset import TarWriter
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import tar_file_iterator
 
 from picosam_pipeline.data.checksums import sha256_file
-from picosam_pipeline.data.images import load_image
-from picosam_pipeline.data.index import decode_mask, stream_images
+from picosam_pipeline.data.images import load_rgb
+from picosam_pipeline.data.index import decode_mask_window, stream_images
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.parallel import default_workers, ordered_map, worker_pool
 from picosam_pipeline.teacher.codec import LogitCodec, get_codec
@@ -121,6 +121,17 @@ class Frame:
 # members: encode (pack) and decode (loader)
 
 
+def _window(box, width: int, height: int) -> tuple[tuple[int, int, int, int], tuple, tuple[float, ...]]:
+    """Geometry shared by :func:`resample_window` and :func:`crop_window`: the whole pixels covering ``box`` clipped
+    to the image (x1, y1, x2, y2), the edge padding per side ((top, bottom), (left, right)) that completes them, and
+    ``box`` in the padded window's pixels (PIL's ``resize(box=...)``)."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    ix1, iy1, ix2, iy2 = math.floor(x1), math.floor(y1), math.ceil(x2), math.ceil(y2)
+    clipped = (max(ix1, 0), max(iy1, 0), min(ix2, width), min(iy2, height))
+    pad = ((max(0, -iy1), max(0, iy2 - height)), (max(0, -ix1), max(0, ix2 - width)))
+    return clipped, pad, (x1 - ix1, y1 - iy1, x2 - ix1, y2 - iy1)
+
+
 def resample_window(pixels: np.ndarray, box, side: int, resample: Image.Resampling) -> np.ndarray:
     """Resample window ``box`` = (x1, y1, x2, y2) (float image px) of ``pixels`` (H, W[, 3]) uint8 to ``side``.
 
@@ -128,20 +139,40 @@ def resample_window(pixels: np.ndarray, box, side: int, resample: Image.Resampli
     leave the image (a context margin at a border): only the part outside is edge-padded, never the image.
     """
     h, w = pixels.shape[:2]
-    x1, y1, x2, y2 = (float(v) for v in box)
-    ix1, iy1, ix2, iy2 = math.floor(x1), math.floor(y1), math.ceil(x2), math.ceil(y2)
-    window = pixels[max(iy1, 0):min(iy2, h), max(ix1, 0):min(ix2, w)]
-    pad = ((max(0, -iy1), max(0, iy2 - h)), (max(0, -ix1), max(0, ix2 - w))) + ((0, 0),) * (pixels.ndim - 2)
+    (cx1, cy1, cx2, cy2), pad, inner = _window(box, w, h)
+    return _pad_and_resize(pixels[cy1:cy2, cx1:cx2], pad, inner, side, resample)
+
+
+def resample_mask_window(rle_counts: str, height: int, width: int, box, side: int) -> np.ndarray:
+    """``resample_window(decode_mask(rle_counts, height, width), box, side, NEAREST)``, decoding only the window."""
+    clipped, pad, inner = _window(box, width, height)
+    return _pad_and_resize(decode_mask_window(rle_counts, height, width, clipped), pad, inner, side,
+                           Image.Resampling.NEAREST)
+
+
+def _pad_and_resize(window: np.ndarray, pad, inner, side: int, resample: Image.Resampling) -> np.ndarray:
     if any(any(p) for p in pad):
-        window = np.pad(window, pad, mode="edge")
-    image = Image.fromarray(np.ascontiguousarray(window))
-    return np.asarray(image.resize((side, side), resample, box=(x1 - ix1, y1 - iy1, x2 - ix1, y2 - iy1)))
+        window = np.pad(window, pad + ((0, 0),) * (window.ndim - 2), mode="edge")
+    return np.asarray(Image.fromarray(np.ascontiguousarray(window)).resize((side, side), resample, box=inner))
 
 
-def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
-    """RGB uint8 ``(T, T, 3)`` -> JPEG (``optimize``: Huffman tables fitted to the crop, 11 % smaller)."""
+def crop_window(image: Image.Image, box, side: int, resample: Image.Resampling) -> Image.Image:
+    """:func:`resample_window` of a PIL image, same pixels: the window is cropped in PIL, so the whole image is
+    never copied into numpy (pack cuts several crops from each decoded image)."""
+    clipped, pad, inner = _window(box, *image.size)
+    window = image.crop(clipped)
+    if any(any(p) for p in pad):
+        pixels = np.asarray(window)
+        window = Image.fromarray(np.pad(pixels, pad + ((0, 0),) * (pixels.ndim - 2), mode="edge"))
+    return window.resize((side, side), resample, box=inner)
+
+
+def encode_jpeg(rgb: np.ndarray | Image.Image, quality: int) -> bytes:
+    """RGB uint8 ``(T, T, 3)`` (or that PIL image) -> JPEG (``optimize``: Huffman tables fitted to the crop, 11 %
+    smaller)."""
     out = io.BytesIO()
-    Image.fromarray(rgb, "RGB").save(out, "JPEG", quality=quality, optimize=True)
+    (rgb if isinstance(rgb, Image.Image) else Image.fromarray(rgb, "RGB")).save(out, "JPEG", quality=quality,
+                                                                                 optimize=True)
     return out.getvalue()
 
 
@@ -283,21 +314,51 @@ class _ImageJob:
     stored_boxes: np.ndarray
 
 
-def _encode_image(job: _ImageJob, side: int, quality: int) -> list[dict[str, Any]]:
-    """Decode the image once and encode every instance's sample (runs in a worker process)."""
-    pixels = load_image(job.path, expected_size=job.size).pixels
+def _encode_image(job: _ImageJob, side: int, quality: int, fields: tuple[str, ...]) -> list[bytes]:
+    """Decode the image once and encode every instance's sample as a spill record body (runs in a worker process)."""
+    image, _ = load_rgb(job.path, expected_size=job.size)
     width, height = job.size
     samples = []
     for i, (rle, record, box) in enumerate(zip(job.rle_counts, job.records, job.stored_boxes)):
-        mask = decode_mask(rle, height, width)
-        samples.append({
-            "__key__": str(record["ann_id"]),
-            "jpg": encode_jpeg(resample_window(pixels, box, side, Image.Resampling.BILINEAR), quality),
-            "mask.png": encode_mask_png(resample_window(mask, box, side, Image.Resampling.NEAREST)),
+        samples.append(_spill_body(fields, {
+            "__key__": str(record["ann_id"]).encode(),
+            "jpg": encode_jpeg(crop_window(image, box, side, Image.Resampling.BILINEAR), quality),
+            "mask.png": encode_mask_png(resample_mask_window(rle, height, width, box, side)),
             **{logits_member(name): encode_logits_png(values[i]) for name, values in job.values.items()},
             "json": json.dumps(record, sort_keys=True, separators=(",", ":")).encode(),
-        })
+        }))
     return samples
+
+
+# A spill record: the sample's position (int64), the byte length of each field (uint32, ``("__key__", *members)``
+# order), then the fields' bytes. Plain records, not tar members: pass 1 only appends them, pass 2 builds each
+# tar header once (tarfile's Python header code was a third of the main process's time when spills were tars).
+_POSITION = struct.Struct("<q")
+
+
+def _spill_body(fields: tuple[str, ...], sample: dict[str, bytes]) -> bytes:
+    """A spill record without its position: the lengths of ``sample[f]`` for ``f`` in ``fields``, then the bytes."""
+    parts = [sample[f] for f in fields]
+    return struct.pack(f"<{len(parts)}I", *map(len, parts)) + b"".join(parts)
+
+
+def _read_spill(data: bytes, fields: tuple[str, ...], path: Path) -> list[tuple[int, list[memoryview]]]:
+    """Every ``(position, field bytes)`` record of a spill file's ``data``; PipelineError when it is cut short."""
+    lengths_of = struct.Struct(f"<{len(fields)}I")
+    view, at, records = memoryview(data), 0, []
+    while at < len(data):
+        if at + _POSITION.size + lengths_of.size > len(data):
+            raise PipelineError(f"{path}: the spill file ends inside a record header at byte {at}")
+        (position,), lengths = _POSITION.unpack_from(data, at), lengths_of.unpack_from(data, at + _POSITION.size)
+        at += _POSITION.size + lengths_of.size
+        if at + sum(lengths) > len(data):
+            raise PipelineError(f"{path}: the spill file ends inside the record of sample position {position}")
+        parts = []
+        for length in lengths:
+            parts.append(view[at:at + length])
+            at += length
+        records.append((position, parts))
+    return records
 
 
 class _BlockReader:
@@ -363,37 +424,35 @@ def pack_split(split: str, index: str | Path, rows: pa.Table, teachers: list[Pac
     spill_dir = out / ".spill"
     spill_dir.mkdir(parents=True, exist_ok=True)
 
-    # Pass 1: images in index order -> one spill tar per destination shard.
+    # Pass 1: images in index order -> one spill file per destination shard.
     members = sample_members(t.name for t in teachers)
+    fields = ("__key__", *members)
+    lengths_of = struct.Struct(f"<{len(fields)}I")
     jobs = _image_jobs(split, index, rows, teachers, frame)
-    encode = partial(_encode_image, side=frame.stored_size, quality=jpeg_quality)
+    encode = partial(_encode_image, side=frame.stored_size, quality=jpeg_quality, fields=fields)
     images = len(np.unique(rows["image_id"].to_numpy()))
     workers = default_workers(images) if workers is None else workers
-    member_bytes = dict.fromkeys(members, 0)
-    spills: dict[int, TarWriter] = {}
-    spilled: dict[int, array] = {}  # positions of the samples in spill k, in write order (8 bytes a sample)
+    field_bytes = np.zeros(len(fields), np.int64)
+    spills: dict[int, IO[bytes]] = {}
+    spilled = np.zeros(-(-n // samples_per_shard), np.int64)  # samples written to each spill
     row = 0
     pool = worker_pool(workers) if workers else None  # one pool for both passes: a worker's start costs ~2 s
     try:
         for samples in tqdm(ordered_map(encode, jobs, workers=workers, pool=pool), total=images, desc=f"pack {split}",
                             unit="img"):
-            for sample, at in zip(samples, position[row:row + len(samples)].tolist()):  # results come in row order
+            for body, at in zip(samples, position[row:row + len(samples)].tolist()):  # results come in row order
                 k = at // samples_per_shard
                 if k not in spills:
-                    spills[k], spilled[k] = TarWriter(str(spill_dir / f"{k:06d}.tar"), **TAR_OPTIONS), array("q")
-                spills[k].write(sample)
-                # tarfile keeps a TarInfo per member written (~400 bytes, five a sample): 1.2 GB of them at COCO size
-                # across the open spills. Nothing reads them back in write mode; webdataset's reader drops them too.
-                spills[k].tarstream.members.clear()
-                spilled[k].append(at)
-                for m in members:
-                    member_bytes[m] += len(sample[m])
+                    spills[k] = open(spill_dir / f"{k:06d}.spill", "wb")
+                spills[k].write(_POSITION.pack(at) + body)
+                spilled[k] += 1
+                field_bytes += lengths_of.unpack_from(body)
             row += len(samples)
         close_all(spills.values())
         shards, spills = len(spills), {}
         # Pass 2: each spill in position order -> the final shard, then its size and sha256; shards are independent,
         # so the workers take one each.
-        finish = ((spill_dir / f"{k:06d}.tar", np.asarray(spilled.pop(k)), out / SHARD_NAME.format(k), members)
+        finish = ((spill_dir / f"{k:06d}.spill", int(spilled[k]), out / SHARD_NAME.format(k), fields)
                   for k in range(shards))  # every shard has samples: positions are a permutation of the rows
         entries = list(tqdm(ordered_map(_finish_shard, finish, workers=workers, pool=pool), total=shards,
                             desc=f"shards {split}", unit="shard"))
@@ -402,6 +461,7 @@ def pack_split(split: str, index: str | Path, rows: pa.Table, teachers: list[Pac
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     spill_dir.rmdir()
+    member_bytes = dict(zip(members, field_bytes[1:].tolist()))
 
     index = {"format": FORMAT, "format_version": FORMAT_VERSION, "split": split, "samples": n,
              "samples_per_shard": samples_per_shard, "seed": seed, "jpeg_quality": jpeg_quality,
@@ -414,20 +474,20 @@ def pack_split(split: str, index: str | Path, rows: pa.Table, teachers: list[Pac
     return SplitSummary(n, len(entries), total, total / n, {m: b / n for m, b in member_bytes.items()})
 
 
-def _finish_shard(job: tuple[Path, np.ndarray, Path, tuple[str, ...]]) -> ShardEntry:
-    """Pass 2 of one shard (runs in a worker): the samples of its spill tar, written in the order of their positions
-    (``positions``: each spilled sample's, in write order), to the final shard; the spill is deleted."""
-    spill, positions, target, members = job
-    with open(spill, "rb") as stream:
-        written = list(group_by_keys(read_tar_members(stream, str(spill))))
-    if len(written) != len(positions):
-        raise PipelineError(f"{spill}: {len(written)} samples read back of the {len(positions)} written; is the disk "
+def _finish_shard(job: tuple[Path, int, Path, tuple[str, ...]]) -> ShardEntry:
+    """Pass 2 of one shard (runs in a worker): the ``count`` records of its spill file, in the order of their
+    positions, written as WebDataset samples to the final shard; the spill is deleted."""
+    spill, count, target, fields = job
+    records = _read_spill(spill.read_bytes(), fields, spill)
+    if len(records) != count:
+        raise PipelineError(f"{spill}: {len(records)} samples read back of the {count} written; is the disk "
                             f"of {target.parent} full or failing?")
+    records.sort(key=lambda record: record[0])
     with TarWriter(str(target), **TAR_OPTIONS) as sink:
-        for i in np.argsort(positions, kind="stable"):
-            sink.write({m: written[i][m] for m in ("__key__", *members)})
+        for _, parts in records:
+            sink.write({"__key__": bytes(parts[0]).decode(), **dict(zip(fields[1:], parts[1:]))})
     spill.unlink()
-    return ShardEntry(target.name, len(written), target.stat().st_size, sha256_file(target))
+    return ShardEntry(target.name, count, target.stat().st_size, sha256_file(target))
 
 
 def close_all(sinks) -> None:
@@ -452,6 +512,7 @@ def _image_jobs(split: str, index: str | Path, rows: pa.Table, teachers: list[Pa
     readers = {t.name: _BlockReader(t.store) for t in teachers}
     codecs = {t.name: {"codec": t.store.codec.name, "decode": t.store.codec.formula} for t in teachers}
     first = teachers[0]  # every store holds the same crop boxes (stages/pack.py checks it)
+    frame_record = asdict(frame)
     start = 0
     ann_ids = rows["ann_id"].to_numpy()
     for group in stream_images(index, split, STREAMED_COLUMNS):  # in index order: each image is the next len(group) rows
@@ -464,7 +525,7 @@ def _image_jobs(split: str, index: str | Path, rows: pa.Table, teachers: list[Pa
         boxes = {key: first.meta[key][in_store[first.name]] for key in ("crop_box", "stored_box")}
         records = [{**r, "split": split, "confidence": {name: float(c[j]) for name, c in confidence.items()},
                     "crop_box": boxes["crop_box"][j].tolist(), "stored_box": boxes["stored_box"][j].tolist(),
-                    "frame": asdict(frame), "logits": codecs}
+                    "frame": frame_record, "logits": codecs}
                    for j, r in enumerate(group.rows.select(["ann_id", "image_id", "category_id", "area"]).to_pylist())]
         yield _ImageJob(group.image_path, (group.width, group.height), group.rows["rle_counts"].to_pylist(), records,
                         {t.name: readers[t.name](in_store[t.name]) for t in teachers}, boxes["stored_box"])

@@ -6,21 +6,36 @@ import dataclasses
 import hashlib
 import io
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from conftest import shared_data_or_skip
 from picosam_pipeline.config import Config, SplitSource
+from picosam_pipeline.data.images import load_rgb
 from picosam_pipeline.data.index import decode_mask, read_index
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.stages import prepare
 from picosam_pipeline.teacher.codec import CODECS, encode_logits, get_codec
 from picosam_pipeline.teacher.gt_mask import write_mask_teacher_store
 from picosam_pipeline.teacher.store import open_store
-from picosam_pipeline.train.shards import INDEX_FILE, decode_logits_png, encode_logits_png, read_shard_index
+from picosam_pipeline.train.shards import (
+    _POSITION,
+    INDEX_FILE,
+    _finish_shard,
+    _spill_body,
+    crop_window,
+    decode_logits_png,
+    encode_jpeg,
+    encode_logits_png,
+    read_shard_index,
+    resample_mask_window,
+    resample_window,
+)
 from pipeline_inputs import build_inputs, read_tar_samples, run_pack, split_samples
 
 
@@ -216,3 +231,49 @@ def test_store_rows_joins_on_image_and_annotation_ids():
     twice = {"image_id": np.array([3, 3]), "ann_id": np.array([30, 30])}
     with pytest.raises(PipelineError, match="pairs twice"):
         store_rows(twice, rows, "val", Path("s.zarr"))
+
+
+# --------------------------------------------------------------------------------------------------
+# pack's fast paths: the same bytes as the plain array code
+
+
+def test_crop_windows_cut_in_pil_and_masks_decoded_by_window_equal_the_array_path(tmp_path):
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (61, 83, 3), dtype=np.uint8)
+    path = tmp_path / "comment.jpg"
+    # A JPEG comment (as in many COCO files) must not reach the crops: the array path never carried it, PIL would.
+    Image.fromarray(pixels).save(path, "JPEG", quality=95, comment=b"a comment", icc_profile=b"not a profile" * 4)
+    image, _ = load_rgb(path, expected_size=(83, 61))
+    array = np.asarray(image)
+    yy, xx = np.mgrid[:61, :83]
+    mask = ((yy - 30) ** 2 + (xx - 50) ** 2 < 400).astype(np.uint8)
+    rle = mask_utils.encode(np.asfortranarray(mask))["counts"].decode("ascii")
+    boxes = [(10.0, 5.0, 40.0, 35.0), (0.0, 0.0, 83.0, 61.0), (12.3, 7.7, 70.2, 44.9),  # inside
+             (-8.5, -3.0, 30.0, 35.5), (60.0, 40.0, 95.5, 75.0), (-10.0, -10.0, 93.0, 71.0)]  # leaving the image
+    for box in boxes:
+        for side in (16, 96):
+            want = resample_window(array, box, side, Image.Resampling.BILINEAR)
+            got = crop_window(image, box, side, Image.Resampling.BILINEAR)
+            np.testing.assert_array_equal(np.asarray(got), want, err_msg=str(box))
+            assert encode_jpeg(got, 90) == encode_jpeg(want, 90)
+            np.testing.assert_array_equal(resample_mask_window(rle, 61, 83, box, side),
+                                          resample_window(decode_mask(rle, 61, 83), box, side, Image.Resampling.NEAREST))
+
+
+def test_a_spill_cut_short_or_missing_samples_is_an_error_naming_it(tmp_path):
+    fields = ("__key__", "jpg", "json")
+    spill = tmp_path / "000000.spill"
+    records = [_POSITION.pack(p) + _spill_body(fields, {"__key__": str(p).encode(), "jpg": b"x" * p, "json": b"{}"})
+               for p in (2, 0, 1)]
+    spill.write_bytes(b"".join(records))
+    entry = _finish_shard((spill, 3, tmp_path / "shard.tar", fields))
+    assert entry.samples == 3 and not spill.exists()
+    keys = [m.name for m in tarfile.open(tmp_path / "shard.tar")]
+    assert keys == ["0.jpg", "0.json", "1.jpg", "1.json", "2.jpg", "2.json"]  # in position order
+    spill.write_bytes(b"".join(records))
+    with pytest.raises(PipelineError, match=r"000000.spill: 3 samples read back of the 4 written"):
+        _finish_shard((spill, 4, tmp_path / "shard.tar", fields))
+    for cut in (len(records[0]) + 5, len(records[0]) + 20):  # inside the second record's header, then its bytes
+        spill.write_bytes(b"".join(records)[:cut])
+        with pytest.raises(PipelineError, match=r"000000.spill: the spill file ends inside"):
+            _finish_shard((spill, 3, tmp_path / "shard.tar", fields))
