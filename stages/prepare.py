@@ -171,40 +171,43 @@ def _prepare_split(split: SplitSource, annset: AnnotationSet, p: PrepareConfig, 
     checks = ordered_map(partial(_check_image_and_annotations, decode=p.check_images, category_ids=frozenset(annset.categories)),
                          jobs, workers=default_workers(len(images)), in_flight=256)
     try:
-        for image, path, (problem, conversions, instances) in tqdm(zip(images, paths, checks), total=len(images),
-                                                                   desc=f"prepare {split.name}", unit="img"):
-            anns = annset.annotations_of(image.image_id)
+        for image, path, (problem, conversions, heads, instances) in tqdm(
+                zip(images, paths, checks), total=len(images), desc=f"prepare {split.name}", unit="img"):
             if p.check_images and image.problem is None:
                 counts.images_checked += 1
             if problem is not None:
-                counts.dropped[problem.kind] += len(anns)
+                counts.dropped[problem.kind] += len(heads)
                 log.report(split.name, problem, path if image.problem is None else annset.path,
-                           image_id=image.image_id, ann_ids=[a["id"] for a in anns])
+                           image_id=image.image_id, ann_ids=[ann_id for ann_id, _ in heads])
                 continue
             for kind in conversions:
                 counts.converted[f"image_{kind}"] += 1
                 log.report(split.name, Issue(f"image_{kind}", f"image {image.image_id}: {kind}", action="converted"),
                            path, image_id=image.image_id)
-            for ann, (checked, point) in zip(anns, instances):
-                _add_instance(split, annset, image, path, ann, checked, point, p, builder, log, counts)
+            for (ann_id, category_id), (checked, point) in zip(heads, instances):
+                _add_instance(split, annset, image, path, ann_id, category_id, checked, point, p, builder, log, counts)
     finally:  # a strict-mode stop must not wait for the decodes still queued
         checks.close()
     return counts
 
 
 def _check_image_and_annotations(job: tuple[ImageRecord, Path, list[str]], decode: bool, category_ids: frozenset[int]
-                                 ) -> tuple[Issue | None, tuple[str, ...], list[tuple[CheckedAnnotation, tuple[int, int] | None]]]:
-    """One image's checks (runs in a worker): the image's drop issue or conversions, and per annotation its
-    :class:`CheckedAnnotation` (without the mask) and PicoSAM2 prompt point (None when dropped). A dropped image's
+                                 ) -> tuple[Issue | None, tuple[str, ...], list[tuple[Any, Any]],
+                                            list[tuple[CheckedAnnotation, tuple[int, int] | None]]]:
+    """One image's checks (runs in a worker): the image's drop issue or conversions, every annotation's
+    ``(id, category_id)`` (the bookkeeping needs no more, so the main process parses none of them), and per annotation
+    its :class:`CheckedAnnotation` (without the mask) and PicoSAM2 prompt point (None when dropped). A dropped image's
     annotations are not checked."""
     image, path, texts = job
+    anns = [json.loads(text) for text in texts]
+    heads = [(ann["id"], ann.get("category_id")) for ann in anns]  # load_annotations kept only dicts with an id
     problem, conversions = _check_image(image, path, decode)
     if problem is not None:
-        return problem, conversions, []
+        return problem, conversions, heads, []
     coco = sizes_coco([image])  # this image alone: a worker need not know the others
     instances = []
-    for text in texts:
-        checked = check_annotation(json.loads(text), image, coco, category_ids)
+    for ann in anns:
+        checked = check_annotation(ann, image, coco, category_ids)
         point = None
         if checked.drop is None:
             # The prompt from the mask's tight-box window equals the full-mask one shifted by (x0, y0): translation
@@ -213,7 +216,7 @@ def _check_image_and_annotations(job: tuple[ImageRecord, Path, list[str]], decod
             cx, cy = point_prompt(window)
             point = (cx + x0, cy + y0)
         instances.append((replace(checked, mask=None), point))  # the (H, W) mask stays here
-    return None, conversions, instances
+    return None, conversions, heads, instances
 
 
 def _check_image(image: ImageRecord, path: Path, decode: bool) -> tuple[Issue | None, tuple[str, ...]]:
@@ -231,11 +234,10 @@ def _check_image(image: ImageRecord, path: Path, decode: bool) -> tuple[Issue | 
         return Issue(f"image_{err.kind}", str(err)), ()
 
 
-def _add_instance(split: SplitSource, annset: AnnotationSet, image: ImageRecord, path: Path, ann: dict,
-                  checked: CheckedAnnotation, point: tuple[int, int] | None, p: PrepareConfig, builder: IndexBuilder,
-                  log: BadInputLog, counts: SplitCounts) -> None:
+def _add_instance(split: SplitSource, annset: AnnotationSet, image: ImageRecord, path: Path, ann_id: int,
+                  category_id: Any, checked: CheckedAnnotation, point: tuple[int, int] | None, p: PrepareConfig,
+                  builder: IndexBuilder, log: BadInputLog, counts: SplitCounts) -> None:
     """Report one checked annotation, apply the selection, and add its row with both prompt conventions."""
-    ann_id = ann["id"]
     for conv in checked.conversions:
         counts.converted[conv.kind] += 1
         log.report(split.name, conv, annset.path, ann_id=ann_id, image_id=image.image_id)
@@ -257,7 +259,7 @@ def _add_instance(split: SplitSource, annset: AnnotationSet, image: ImageRecord,
     builder.add(
         ann_id=ann_id, image_id=image.image_id, split=split.name, file_name=image.file_name,
         image_path=str(path), width=image.width, height=image.height,
-        category_id=ann["category_id"], category_name=annset.categories[ann["category_id"]], iscrowd=False,
+        category_id=category_id, category_name=annset.categories[category_id], iscrowd=False,
         bbox=list(checked.bbox), area=checked.area, roi_box=list(roi), roi_float_box=list(roi_float),
         point=[cx, cy], point_box=list(point_box(cx, cy, image.width, image.height, p.point_crop_size)),
         rle_counts=checked.rle_counts,
