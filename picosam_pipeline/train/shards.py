@@ -151,9 +151,15 @@ def resample_mask_window(rle_counts: str, height: int, width: int, box, side: in
 
 
 def _pad_and_resize(window: np.ndarray, pad, inner, side: int, resample: Image.Resampling) -> np.ndarray:
-    if any(any(p) for p in pad):
-        window = np.pad(window, pad + ((0, 0),) * (window.ndim - 2), mode="edge")
+    window = _edge_pad(window, pad)
     return np.asarray(Image.fromarray(np.ascontiguousarray(window)).resize((side, side), resample, box=inner))
+
+
+def _edge_pad(window: np.ndarray, pad) -> np.ndarray:
+    """``window`` (H, W[, C]) with its edge pixels repeated by ``pad`` ((top, bottom), (left, right)); as is if none."""
+    if not any(any(p) for p in pad):
+        return window
+    return np.pad(window, pad + ((0, 0),) * (window.ndim - 2), mode="edge")
 
 
 def crop_window(image: Image.Image, box, side: int, resample: Image.Resampling) -> Image.Image:
@@ -162,8 +168,7 @@ def crop_window(image: Image.Image, box, side: int, resample: Image.Resampling) 
     clipped, pad, inner = _window(box, *image.size)
     window = image.crop(clipped)
     if any(any(p) for p in pad):
-        pixels = np.asarray(window)
-        window = Image.fromarray(np.pad(pixels, pad + ((0, 0),) * (pixels.ndim - 2), mode="edge"))
+        window = Image.fromarray(_edge_pad(np.asarray(window), pad))
     return window.resize((side, side), resample, box=inner)
 
 
