@@ -61,29 +61,32 @@ def build_dataset(root: Path, instances: int) -> dict[str, int]:
     quotas = {"val": round(instances * VAL_SHARE)}
     quotas["train"] = instances - quotas["val"]
     counts, image_id, ann_id = {}, 0, 0
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
     for split, quota in quotas.items():
         images = root / split
         images.mkdir(parents=True)
-        (root / "annotations").mkdir(exist_ok=True)
         done, n_images = 0, 0
-        with open(root / "annotations" / f"instances_{split}.json", "w") as out:
+        target = root / "annotations" / f"instances_{split}.json"
+        # The images array is written straight to the file and the annotations to a second one, appended at the end:
+        # nothing accumulates (the bench process stays small, and with it what its stage processes inherit).
+        with open(target, "w") as out, tempfile.TemporaryFile("w+", dir=root / "annotations") as ann_out:
             out.write('{"info": {"description": "bench/scale.py: coco-sample repeated"}, "licenses": [], "categories": ')
             out.write(json.dumps(categories) + ', "images": [')
-            image_lines, ann_lines = [], []
             while done < quota:
                 path, img, anns, _ = templates[image_id % len(templates)]
                 image_id += 1
                 name = f"{image_id:012d}.jpg"
                 os.link(path, images / name) if _same_device(path, images) else os.symlink(path, images / name)
-                image_lines.append(json.dumps({**img, "id": image_id, "file_name": name}))
+                out.write((", " if n_images else "") + json.dumps({**img, "id": image_id, "file_name": name}))
                 for ann in anns[: quota - done]:
                     ann_id += 1
-                    ann_lines.append(json.dumps({**ann, "id": ann_id, "image_id": image_id}))
-                done += min(len(anns), quota - done)
+                    ann_out.write((", " if done else "") + json.dumps({**ann, "id": ann_id, "image_id": image_id}))
+                    done += 1
                 n_images += 1
-            out.write(", ".join(image_lines) + '], "annotations": [')
-            del image_lines
-            out.write(", ".join(ann_lines) + "]}")
+            out.write('], "annotations": [')
+            ann_out.seek(0)
+            shutil.copyfileobj(ann_out, out)
+            out.write("]}")
         counts[split] = {"images": n_images, "instances": done}
     return counts
 
@@ -127,35 +130,43 @@ print(json.dumps({"instances": len(table), "teacher_full_image_miou": float(tabl
 def measure(command: list[str], cwd: Path, log: Path) -> dict:
     """Run ``command``; its wall time, peak RSS and the JSON it printed last.
 
-    Peak RSS is that of the stage's whole process tree (the stage and its worker processes, summed, sampled every
-    0.2 s; pages the processes share, such as torch's libraries, count once per process, so it errs high), or the
-    stage process's own peak from wait4 when that is larger (a peak between two samples)."""
+    Peak RSS is the larger of the stage's whole process tree (the stage and its worker processes, summed, sampled
+    every 0.2 s; pages the processes share, such as torch's libraries, count once per process, so it errs high) and
+    the stage process's own high-water mark (``VmHWM``, which also catches a peak between two samples). Not wait4's
+    ``ru_maxrss``: Linux carries the parent's resident size across fork + exec into it, so every stage would report
+    at least this process's size."""
     import psutil
 
     start = time.perf_counter()
-    tree_peak = 0
+    tree_peak = own_peak = 0
     with open(log, "w") as err, tempfile.TemporaryFile("w+") as out_file:
         proc = subprocess.Popen(command, cwd=cwd, stdout=out_file, stderr=err, text=True,
                                 env={**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"})
         root = psutil.Process(proc.pid)
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
+        while proc.poll() is None:
             try:
                 tree_peak = max(tree_peak, sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]))
-            except psutil.Error:  # a worker exited between listing and reading it
+                own_peak = max(own_peak, _high_water_mark(proc.pid))
+            except (psutil.Error, OSError):  # a worker, or the stage, exited between listing and reading it
                 pass
             time.sleep(0.2)
         out_file.seek(0)
         out = out_file.read()
     seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(command[:4])} failed (exit {proc.returncode}); its log: {log}\n{log.read_text()[-3000:]}")
     lines = [line for line in out.splitlines() if line.startswith("{")]
-    return {"seconds": seconds, "peak_rss_gb": max(usage.ru_maxrss * 1024, tree_peak) / 2**30,
+    return {"seconds": seconds, "peak_rss_gb": max(own_peak, tree_peak) / 2**30,
             **(json.loads(lines[-1]) if lines else {})}
+
+
+def _high_water_mark(pid: int) -> int:
+    """``VmHWM`` of a running process, bytes: the peak resident size of its own address space since its exec."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def tree(path: Path) -> tuple[int, int]:
