@@ -32,7 +32,7 @@ from picosam_pipeline.data.coco import (AnnotationSet, CheckedAnnotation, ImageR
                                           load_annotations, sizes_coco)
 from picosam_pipeline.data.crops import point_box, point_prompt, roi_box
 from picosam_pipeline.data.images import BadImageError, load_rgb
-from picosam_pipeline.data.index import INDEX_FILE, IndexBuilder, write_index
+from picosam_pipeline.data.index import INDEX_FILE, IndexBuilder
 from picosam_pipeline.datasets import check_dataset
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
@@ -99,11 +99,17 @@ class BadInputLog:
                 f.write(json.dumps(record, sort_keys=True, default=str) + "\n")
 
 
+# What a killed run may leave in the unfinished folder besides the outputs: the index rows spilled so far, the index
+# file being written.
+WORK_FILES = (".index-rows.arrow", INDEX_FILE + ".tmp")
+
+
 def output(cfg: Config) -> StageOutput:
     """``prepare.out_dir``: replaced whole, only when it holds an earlier index (outputs.py); never the dataset."""
     p = cfg.prepare
-    return StageOutput(cfg, "prepare", "prepare.out_dir", p.out_dir, sections=["prepare"], names=(INDEX_FILE, BAD_INPUTS_FILE),
-                       what="instance index", inputs=p.input_paths("prepare"), writes={"runtime.metrics_dir": cfg.runtime.metrics_dir})
+    return StageOutput(cfg, "prepare", "prepare.out_dir", p.out_dir, sections=["prepare"],
+                       names=(INDEX_FILE, BAD_INPUTS_FILE, *WORK_FILES), what="instance index",
+                       inputs=p.input_paths("prepare"), writes={"runtime.metrics_dir": cfg.runtime.metrics_dir})
 
 
 @writes_output(output)
@@ -119,22 +125,22 @@ def run(cfg: Config, runtime: Runtime | None = None) -> dict[str, Any]:
     check_dataset(cfg.dataset.name, folder, in_dataset)  # names `fetch` / the sample stage for a missing dataset
     require_inputs(p.input_paths("prepare"))
     log = BadInputLog(strict=p.on_bad_input == "strict")
-    builder = IndexBuilder()
+    out_dir = output_folder(p.out_dir)  # <out_dir>.partial, renamed to out_dir when this returns
+    builder = IndexBuilder(out_dir / WORK_FILES[0])  # rows spilled as they come: memory holds one batch
     splits_meta, split_counts = {}, {}
     for split in p.splits:
         annset = load_annotations(split.annotations, p.dataset_format, p.allow_outside_images)
         split_counts[split.name] = counts = _prepare_split(split, annset, p, builder, log)
+        annset.close()
         splits_meta[split.name] = {"format": annset.format.name, "version": annset.format.version,
                                    "categories": annset.format.num_categories, "annotations": split.annotations,
                                    "images": split.images, "kept": counts.kept}
 
-    out_dir = output_folder(p.out_dir)  # <out_dir>.partial, renamed to out_dir when this returns
     # Both crop conventions are in every row (roi_box, point + point_box); the metadata says with which parameters,
     # for the teacher stores and the shards that pick one (crops.crop_convention adds the input size).
     conventions = {"roi": {"column": "roi_box", "roi_padding": p.roi_padding, "min_roi_side": p.min_roi_side},
                    "point": {"column": "point_box", "point_column": "point", "window": p.point_crop_size}}
-    write_index(builder.to_table(), out_dir / INDEX_FILE,
-                {"splits": splits_meta, "prepare": asdict(p), "crop_conventions": conventions})
+    builder.write(out_dir / INDEX_FILE, {"splits": splits_meta, "prepare": asdict(p), "crop_conventions": conventions})
     log.write(out_dir / BAD_INPUTS_FILE)
     save_resolved(cfg, out_dir, ["prepare"])
 
@@ -159,15 +165,17 @@ def _prepare_split(split: SplitSource, annset: AnnotationSet, p: PrepareConfig, 
             counts.dropped[rec.issue.kind] += 1
         log.report(split.name, rec.issue, annset.path, ann_id=rec.ann_id, image_id=rec.image_id)
 
-    images = [img for img in annset.images.values() if annset.has_annotations(img.image_id)]
+    # In image id order, the index's order within a split: the builder then sorts rows that are nearly in place.
+    images = [annset.images[image_id] for image_id in annset.image_ids.tolist()]
     counts.images_with_annotations = len(images)
     # An unusable record (e.g. a file_name outside the images folder) is not even looked up on disk.
     paths = [img.resolve_path(split.images) if img.problem is None else Path(split.images) / img.file_name
              for img in images]
     # Worker processes decode each image and check its annotations (pycocotools rasterisation, mask decode, point
     # prompt); this one keeps the bookkeeping, in image order, so the index and the report do not depend on them.
-    # A job carries the annotations' JSON text (what the set holds; lighter to send than parsed polygons).
-    jobs = ((image, path, annset.annotation_texts[image.image_id]) for image, path in zip(images, paths))
+    # A job carries the annotations' JSON text, read from the file as the job is made (lighter to send than parsed
+    # polygons, and only the jobs in flight hold it).
+    jobs = ((image, path, annset.texts_of(image.image_id)) for image, path in zip(images, paths))
     checks = ordered_map(partial(_check_image_and_annotations, decode=p.check_images, category_ids=frozenset(annset.categories)),
                          jobs, workers=default_workers(len(images)), in_flight=256)
     try:
@@ -191,7 +199,7 @@ def _prepare_split(split: SplitSource, annset: AnnotationSet, p: PrepareConfig, 
     return counts
 
 
-def _check_image_and_annotations(job: tuple[ImageRecord, Path, list[str]], decode: bool, category_ids: frozenset[int]
+def _check_image_and_annotations(job: tuple[ImageRecord, Path, list[bytes]], decode: bool, category_ids: frozenset[int]
                                  ) -> tuple[Issue | None, tuple[str, ...], list[tuple[Any, Any]],
                                             list[tuple[CheckedAnnotation, tuple[int, int] | None]]]:
     """One image's checks (runs in a worker): the image's drop issue or conversions, every annotation's

@@ -2,8 +2,9 @@
 
 :func:`load_annotations` parses one instances JSON (malformed JSON stops with file, line and column),
 detects COCO or LVIS (and the LVIS version), sets aside records that cannot be indexed (duplicate
-ids, annotations whose image id is not in ``images``) and keeps each annotation as its JSON text, grouped
-by image (parsed again when asked for; Python objects would take ~3 KB an annotation).
+ids, annotations whose image id is not in ``images``) and keeps, per image, where each annotation's JSON text
+lies in the file (:mod:`instances_json`); the text is read back and parsed when asked for, so a COCO-size
+file is never held in memory, as text or as Python objects (~3 KB an annotation).
 :func:`check_annotation` then validates one annotation against its image and decodes its mask with
 pycocotools (polygons and RLE alike) into a full-image ``(H, W)`` uint8 {0, 1} mask.
 
@@ -26,6 +27,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Container, Iterable
@@ -38,14 +40,12 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from picosam_pipeline.data.instances_json import ANNOTATIONS_SAMPLED, AnnotationSpans, read_instances
+from picosam_pipeline.data.instances_json import is_int64 as _is_id
 from picosam_pipeline.errors import PipelineError
 
 # LVIS versions differ in their category list (and ids): v0.5 has 1230 categories, v1 has 1203.
 LVIS_VERSIONS = {1203: "v1", 1230: "v0.5"}
-# Annotations detect_format looks at, and the reader keeps parsed for it (the rest stay text only).
-_ANNOTATIONS_SAMPLED = 1000
-# Ids are stored as int64 (index, stores, shards): anything outside is refused while loading.
-ID_MIN, ID_MAX = -(2**63), 2**63 - 1
 # The largest image area accepted: what PIL decodes before refusing a file as a decompression bomb. Masks are
 # decoded at full size (one byte per pixel), so an absurd width/height must stop here, not in pycocotools.
 MAX_IMAGE_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
@@ -109,11 +109,11 @@ class RecordIssue:
 
 @dataclass
 class AnnotationSet:
-    """One parsed annotation file: its images and categories, and its kept annotations as their JSON text.
+    """One parsed annotation file: its images and categories, and where its kept annotations lie in the file.
 
-    Each annotation is held as the text it has in the file, not as parsed Python objects (~3 KB each with their
-    polygons, measured on coco-sample's annotations), and parsed when asked for: at COCO scale (900k annotations,
-    ``bench/scale.py``'s dataset) this alone took the prepare stage's peak RSS from 4.76 to 2.90 GB.
+    The annotations are read back from the file (kept open) and parsed when asked for, an image at a time: held
+    as parsed Python objects they took ~3 KB each (measured on coco-sample's annotations), and even as their text
+    the prepare stage's memory grew with the file (2.4 GB at 900k annotations, ``bench/scale.py``'s dataset).
     """
 
     path: Path
@@ -122,14 +122,46 @@ class AnnotationSet:
     categories: dict[int, str]
     num_annotations: int  # every entry of ``annotations``, including the ones set aside in ``record_issues``
     record_issues: list[RecordIssue] = field(default_factory=list)
-    annotation_texts: dict[int, list[str]] = field(default_factory=dict)  # image id -> kept annotations, file order
+    # The kept annotations grouped by image: image ``image_ids[k]`` (sorted, int64) has the annotations at
+    # ``offsets[starts[k]:starts[k + 1]]`` / ``lengths[...]`` (byte spans in the file, in file order).
+    image_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    starts: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
+    offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    fd: int | None = None  # the file, open read-only while the set lives (a file replaced meanwhile is not read)
+
+    def __del__(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def texts_of(self, image_id: int) -> list[bytes]:
+        """The JSON texts of the image's annotations, in file order (``json.loads`` parses each)."""
+        k = self._position(image_id)
+        if k is None:
+            return []
+        rows = slice(self.starts[k], self.starts[k + 1])
+        texts = []
+        for offset, length in zip(self.offsets[rows].tolist(), self.lengths[rows].tolist()):
+            texts.append(os.pread(self.fd, length, offset))
+            if len(texts[-1]) != length:
+                raise PipelineError(f"{self.path} was cut short while being read (the annotation at byte {offset} "
+                                    "is gone); something rewrote it in place. Rerun once nothing writes to it")
+        return texts
 
     def annotations_of(self, image_id: int) -> list[dict]:
         """The image's annotations in file order (the order PicoSAM2's reference predictions follow)."""
-        return [json.loads(text) for text in self.annotation_texts.get(image_id, ())]
+        return [json.loads(text) for text in self.texts_of(image_id)]
 
     def has_annotations(self, image_id: int) -> bool:
-        return image_id in self.annotation_texts
+        return self._position(image_id) is not None
+
+    def _position(self, image_id: int) -> int | None:
+        k = int(np.searchsorted(self.image_ids, image_id))
+        return k if k < len(self.image_ids) and self.image_ids[k] == image_id else None
 
     @functools.cached_property
     def coco(self) -> COCO:
@@ -179,7 +211,16 @@ def load_annotations(path: str | Path, requested: Literal["auto", "coco", "lvis"
             whose detected format contradicts an explicit ``requested`` format.
     """
     path = Path(path)
-    data, raw_annotations = _read_json(path)
+    data, spans, fd = _read_json(path)
+    try:
+        return _annotation_set(path, data, spans, fd, requested, allow_outside_images)
+    except BaseException:
+        os.close(fd)  # the set that would own it was not made
+        raise
+
+
+def _annotation_set(path: Path, data: dict, spans: AnnotationSpans, fd: int, requested: str,
+                    allow_outside_images: bool) -> AnnotationSet:
     fmt = detect_format(data)
     if requested != "auto" and requested != fmt.name:
         raise PipelineError(
@@ -210,27 +251,53 @@ def load_annotations(path: str | Path, requested: Literal["auto", "coco", "lvis"
         else:
             images[record.image_id] = record
 
-    texts: dict[int, list[str]] = {}
-    seen = set()
-    for ann_id, image_id, text in raw_annotations:
-        if not (_is_id(ann_id) and _is_id(image_id)):
-            issue = Issue("bad_annotation_record", "annotation without an integer id/image_id (ids must fit a signed "
-                          f"64-bit integer): {_short(json.loads(text))}")
-        elif ann_id in seen:
-            # Downstream stores are keyed by annotation id, so a second record with the same id cannot be kept.
-            issue = Issue("duplicate_ann_id", f"annotation id {ann_id} appears twice; the first is kept")
-        elif image_id not in images:
-            issue = Issue("missing_image_id", f"annotation {ann_id} points at image id {image_id}, "
-                          "which is not in 'images'")
-        else:
-            seen.add(ann_id)
-            texts.setdefault(image_id, []).append(text)
-            continue
-        issues.append(RecordIssue(issue, ann_id=ann_id, image_id=image_id, is_annotation=True))
-
     categories = {c["id"]: str(c.get("name", c["id"])) for c in data["categories"]
                   if isinstance(c, dict) and _is_id(c.get("id"))}
-    return AnnotationSet(path, fmt, images, categories, len(raw_annotations), issues, texts)
+    groups = _place_annotations(spans, images, issues)
+    return AnnotationSet(path, fmt, images, categories, len(spans), issues, *groups, fd=fd)
+
+
+def _place_annotations(spans: AnnotationSpans, images: dict[int, ImageRecord], issues: list[RecordIssue]
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Keep each annotation that can be indexed, grouped by image, and add an issue for each one set aside, in file
+    order: an id or image id that is not an int64 integer, an id an earlier kept annotation has, an image id not
+    in ``images`` (checked in that order, as a reader going through the file would).
+
+    Returns the kept annotations' :class:`AnnotationSet` arrays ``(image_ids, starts, offsets, lengths)``."""
+    n = len(spans)
+    ids, image_ids = np.frombuffer(spans.ids, np.int64), np.frombuffer(spans.image_ids, np.int64)
+    usable = np.ones(n, bool)
+    usable[list(spans.unusable)] = False
+    present = usable & np.isin(image_ids, np.fromiter(images, np.int64, len(images)))
+    # Downstream stores are keyed by annotation id, so only the first entry of an id whose image exists is kept;
+    # a later entry with that id is a duplicate (whether or not its own image exists).
+    entries = np.flatnonzero(present)
+    unique_ids, first = np.unique(ids[entries], return_index=True)
+    first_kept = np.full(n, n, np.int64)  # per entry: the entry kept for its id (n: none)
+    if len(unique_ids):
+        at = np.minimum(np.searchsorted(unique_ids, ids), len(unique_ids) - 1)
+        hit = unique_ids[at] == ids
+        first_kept[hit] = entries[first][at[hit]]
+    entry = np.arange(n)
+    duplicate = usable & (first_kept < entry)
+    kept = present & (first_kept == entry)
+    for i in np.flatnonzero(~kept).tolist():
+        if i in spans.unusable:
+            ann_id, image_id, value = spans.unusable[i]
+            issue = Issue("bad_annotation_record", "annotation without an integer id/image_id (ids must fit a signed "
+                          f"64-bit integer): {_short(value)}")
+        else:
+            ann_id, image_id = int(ids[i]), int(image_ids[i])
+            issue = (Issue("duplicate_ann_id", f"annotation id {ann_id} appears twice; the first is kept")
+                     if duplicate[i] else Issue("missing_image_id", f"annotation {ann_id} points at image id "
+                                                f"{image_id}, which is not in 'images'"))
+        issues.append(RecordIssue(issue, ann_id=ann_id, image_id=image_id, is_annotation=True))
+
+    kept = np.flatnonzero(kept)
+    kept = kept[np.argsort(image_ids[kept], kind="stable")]  # grouped by image, file order within an image
+    image_ids_kept, starts = np.unique(image_ids[kept], return_index=True)
+    return (image_ids_kept, np.append(starts, len(kept)).astype(np.int64),
+            np.frombuffer(spans.offsets, np.int64)[kept], np.frombuffer(spans.lengths, np.int64)[kept])
 
 
 def detect_format(data: dict) -> DatasetFormat:
@@ -240,100 +307,47 @@ def detect_format(data: dict) -> DatasetFormat:
     """
     cats = data["categories"]
     lvis_cats = bool(cats) and all(isinstance(c, dict) and ("synset" in c or "frequency" in c) for c in cats)
-    has_crowd = any(isinstance(a, dict) and "iscrowd" in a for a in data["annotations"][:_ANNOTATIONS_SAMPLED])
+    has_crowd = any(isinstance(a, dict) and "iscrowd" in a for a in data["annotations"][:ANNOTATIONS_SAMPLED])
     if lvis_cats and not has_crowd:
         return DatasetFormat("lvis", LVIS_VERSIONS.get(len(cats), "unknown"), len(cats))
     return DatasetFormat("coco", None, len(cats))
 
 
-# JSON insignificant whitespace (RFC 8259): what may stand between the tokens the instances reader steps over.
-_JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
-
-
-def _read_json(path: Path) -> tuple[dict, list[tuple[Any, Any, str]]]:
-    """The instances file's top-level object, and its annotations as ``(id, image_id, JSON text)`` in file order.
+def _read_json(path: Path) -> tuple[dict, AnnotationSpans, int]:
+    """The instances file's top-level object, its annotations located (:func:`instances_json.read_instances`),
+    and the file, left open for reading the annotations back (closed here when the file is refused).
 
     ``data["annotations"]`` holds only the first annotations, parsed (format detection looks at them).
     """
+    fd = None
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY)
+        with os.fdopen(os.dup(fd), "rb") as stream:
+            data, spans = read_instances(stream)
     except UnicodeDecodeError as err:
-        raise PipelineError(f"{path}: not UTF-8 text ({err}); it is not an annotation JSON, point prepare.splits "
-                            "at the instances_*.json file") from None
+        message = (f"{path}: not UTF-8 text ({err}); it is not an annotation JSON, point prepare.splits at the "
+                   "instances_*.json file")
     except OSError as err:  # a directory, no permission, an I/O error
         what = "a folder, not a file" if path.is_dir() else f"unreadable ({err.strerror or err})"
-        raise PipelineError(f"{path}: {what}; point prepare.splits at the instances_*.json (or lvis_v1_*.json) "
-                            "file itself") from None
-    try:
-        data, annotations = _decode_instances(text)
+        message = (f"{path}: {what}; point prepare.splits at the instances_*.json (or lvis_v1_*.json) file itself")
     except RecursionError:  # the parser recurses once per nesting level: ~1000 levels exhaust Python's stack
-        raise PipelineError(f"{path}: the JSON is nested deeper than the parser allows (Python's recursion limit, "
-                            f"{sys.getrecursionlimit()}); an instances file nests 4 levels. The file is damaged or "
-                            "not an annotation file: re-download it") from None
+        message = (f"{path}: the JSON is nested deeper than the parser allows (Python's recursion limit, "
+                   f"{sys.getrecursionlimit()}); an instances file nests 4 levels. The file is damaged or not an "
+                   "annotation file: re-download it")
     except json.JSONDecodeError as err:
-        raise PipelineError(
-            f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}. The file is probably "
-            f"truncated or hand-edited; re-download it, or repair it (`python -m json.tool {path}` shows the spot)"
-        ) from None
-    lists = ("images", "annotations", "categories")
-    missing = [k for k in lists if not (isinstance(data, dict) and isinstance(data.get(k), list))]
-    if missing:
-        raise PipelineError(f"{path}: not a COCO/LVIS instances file, expected an object with lists {missing}; "
-                            "point prepare.splits at an instances_*.json (or lvis_v1_*.json) file")
-    return data, annotations
-
-
-def _decode_instances(text: str) -> tuple[Any, list[tuple[Any, Any, str]]]:
-    """``json.loads(text)``, except that the elements of a top-level ``"annotations"`` array are parsed one at a
-    time and kept as their text (with their ``id`` and ``image_id``), so a COCO-size file is never held as parsed
-    objects. Malformed JSON raises the same ``JSONDecodeError`` as ``json.loads`` (message and position)."""
-    decoder = json.JSONDecoder()
-
-    def skip(pos: int) -> int:
-        return _JSON_WHITESPACE.match(text, pos).end()
-
-    def expect(char: str, pos: int, what: str) -> int:
-        if not text.startswith(char, pos):
-            raise json.JSONDecodeError(f"Expecting {what}", text, pos)
-        return skip(pos + 1)
-
-    pos = skip(0)
-    if not text.startswith("{", pos):  # not an object: parsed whole, and refused by the caller's layout check
-        return json.loads(text), []
-    data: dict[str, Any] = {}
-    annotations: list[tuple[Any, Any, str]] = []
-    pos = skip(pos + 1)
-    more = not text.startswith("}", pos)
-    while more:
-        if not text.startswith('"', pos):
-            raise json.JSONDecodeError("Expecting property name enclosed in double quotes", text, pos)
-        key, pos = decoder.raw_decode(text, pos)
-        pos = expect(":", skip(pos), "':' delimiter")
-        if key == "annotations" and text.startswith("[", pos):
-            annotations, sampled = [], []
-            pos = skip(pos + 1)
-            more_elements = not text.startswith("]", pos)
-            while more_elements:
-                value, end = decoder.raw_decode(text, pos)
-                ids = (value.get("id"), value.get("image_id")) if isinstance(value, dict) else (None, None)
-                annotations.append((*ids, text[pos:end]))
-                if len(sampled) < _ANNOTATIONS_SAMPLED:
-                    sampled.append(value)
-                pos = skip(end)
-                more_elements = not text.startswith("]", pos)
-                if more_elements:
-                    pos = expect(",", pos, "',' delimiter")
-            data[key], pos = sampled, skip(pos + 1)
-        else:
-            data[key], pos = decoder.raw_decode(text, pos)
-            pos = skip(pos)
-        more = not text.startswith("}", pos)
-        if more:
-            pos = expect(",", pos, "',' delimiter")
-    pos = skip(pos + 1)
-    if pos != len(text):
-        raise json.JSONDecodeError("Extra data", text, pos)
-    return data, annotations
+        message = (f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}. The file is probably "
+                   f"truncated or hand-edited; re-download it, or repair it (`python -m json.tool {path}` shows the "
+                   "spot)")
+    else:
+        lists = ("images", "annotations", "categories")
+        missing = [k for k in lists if not (isinstance(data, dict) and isinstance(data.get(k), list))]
+        if not missing:
+            return data, spans, fd
+        message = (f"{path}: not a COCO/LVIS instances file, expected an object with lists {missing}; point "
+                   "prepare.splits at an instances_*.json (or lvis_v1_*.json) file")
+    if fd is not None:
+        os.close(fd)
+    raise PipelineError(message) from None
 
 
 def _image_record(img: Any, fmt: DatasetFormat, allow_outside_images: bool = False) -> ImageRecord | None:
@@ -522,11 +536,6 @@ def _is_number(v: Any) -> bool:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_id(v: Any) -> bool:
-    """An integer id that fits int64, as the index and the stores keep ids (JSON allows any size)."""
-    return _is_int(v) and ID_MIN <= v <= ID_MAX
 
 
 def _short(record: Any, limit: int = 120) -> str:

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from array import array
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,47 +68,89 @@ SCHEMA = pa.schema(
 
 
 class IndexBuilder:
-    """Collects rows column by column, turning every ``batch_rows`` rows into an Arrow record batch.
+    """Collects index rows, in any order, and writes the index file sorted by :data:`SORT_KEYS`.
 
-    Rows kept as Python objects (boxes as lists of floats, a string per image path) cost far more than Arrow's
-    columns: at 900k instances (``bench/scale.py``'s dataset) the batches took prepare's peak RSS from 2.90 to
-    2.40 GB. The file written does not depend on ``batch_rows``.
+    Every ``batch_rows`` rows become an Arrow record batch appended to ``spill`` (an Arrow IPC file), so memory
+    holds one batch and the rows' sort keys (24 bytes a row), not the index: at 900k instances (``bench/scale.py``'s
+    dataset) the index is 420 MB in memory, twice that while being sorted. :meth:`write` then sorts the keys and
+    writes each row group of the file from the batches that hold its rows: one or two when the rows came nearly in
+    order (prepare adds them image by image in image id order), every batch otherwise (correct, slower). The file
+    written does not depend on ``batch_rows`` and is the one :func:`write_index` writes for the same rows.
     """
 
-    def __init__(self, batch_rows: int = ROW_GROUP_ROWS) -> None:
-        self.batch_rows = batch_rows
-        self._batches: list[pa.RecordBatch] = []
+    def __init__(self, spill: str | Path, batch_rows: int = ROW_GROUP_ROWS) -> None:
+        self.spill, self.batch_rows = Path(spill), batch_rows
         self._columns: dict[str, list] = {name: [] for name in SCHEMA.names}
+        self._splits: dict[str, int] = {}  # split name -> its code in _keys
+        self._keys = {name: array("q") for name in ("split", "image_id", "ann_id")}
+        self._writer: pa.ipc.RecordBatchFileWriter | None = None
 
     def add(self, **row: Any) -> None:
         """Append one row; every :data:`SCHEMA` column must be given (a missing one is a bug: KeyError)."""
         for name, values in self._columns.items():
             values.append(row[name])
+        self._keys["split"].append(self._splits.setdefault(row["split"], len(self._splits)))
+        self._keys["image_id"].append(row["image_id"])
+        self._keys["ann_id"].append(row["ann_id"])
         if len(self._columns["ann_id"]) >= self.batch_rows:
             self._flush()
 
     def _flush(self) -> None:
-        self._batches.append(pa.record_batch(self._columns, schema=SCHEMA))
+        if self._writer is None:
+            self._writer = pa.ipc.new_file(str(self.spill), SCHEMA)
+        self._writer.write_batch(pa.record_batch(self._columns, schema=SCHEMA))
         self._columns = {name: [] for name in SCHEMA.names}
 
     def __len__(self) -> int:
-        return sum(b.num_rows for b in self._batches) + len(self._columns["ann_id"])
+        return len(self._keys["ann_id"])
 
-    def to_table(self) -> pa.Table:
-        if self._columns["ann_id"] or not self._batches:
+    def write(self, path: str | Path, metadata: dict[str, Any]) -> Path:
+        """Write the index file (atomic, as :func:`write_index`) and delete the spill file."""
+        if self._columns["ann_id"]:
             self._flush()
-        return pa.Table.from_batches(self._batches, schema=SCHEMA).sort_by(SORT_KEYS)
+        if self._writer is not None:
+            self._writer.close()
+        # Split codes ranked by name: the file's order is (split, image_id, ann_id), each ascending (lexsort is
+        # stable, as Arrow's sort is).
+        rank = np.argsort(np.argsort(np.array(list(self._splits), dtype=object)))
+        split = rank[np.frombuffer(self._keys["split"], np.int64)] if len(self) else np.zeros(0, np.int64)
+        order = np.lexsort((np.frombuffer(self._keys["ann_id"], np.int64),
+                            np.frombuffer(self._keys["image_id"], np.int64), split))
+        if self._writer is None:
+            return _write_row_groups([pa.Table.from_batches([], schema=SCHEMA)], path, metadata)
+        with pa.OSFile(str(self.spill), "rb") as source:
+            reader = pa.ipc.open_file(source)
+            path = _write_row_groups((_gather(reader, rows, self.batch_rows)
+                                      for rows in np.array_split(order, range(ROW_GROUP_ROWS, len(order),
+                                                                              ROW_GROUP_ROWS))), path, metadata)
+        self.spill.unlink()
+        return path
+
+
+def _gather(reader: pa.ipc.RecordBatchFileReader, rows: np.ndarray, batch_rows: int) -> pa.Table:
+    """Rows ``rows`` (positions in the order they were added) of the spilled batches, in that order."""
+    batches = np.unique(rows // batch_rows)
+    first_row = np.searchsorted(batches, rows // batch_rows) * batch_rows  # batches are full but the last
+    table = pa.Table.from_batches([reader.get_batch(int(b)) for b in batches], schema=SCHEMA)
+    return table.take(first_row + rows % batch_rows)
 
 
 def write_index(table: pa.Table, path: str | Path, metadata: dict[str, Any]) -> Path:
     """Write ``table`` sorted by :data:`SORT_KEYS`, with JSON ``metadata``; atomic (readers never see half a file)."""
+    table = table.cast(SCHEMA).sort_by(SORT_KEYS)
+    return _write_row_groups([table], path, metadata)
+
+
+def _write_row_groups(tables: Iterable[pa.Table], path: str | Path, metadata: dict[str, Any]) -> Path:
+    """Write ``tables`` (rows in file order) as the index file ``path`` with JSON ``metadata``, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = table.cast(SCHEMA).sort_by(SORT_KEYS)
-    table = table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True, default=str)})
+    schema = SCHEMA.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True, default=str)})
     tmp = path.with_name(path.name + ".tmp")
     # Row groups of 64k rows: a stage streaming one split (stream_images) reads a row group's pages at a time.
-    pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for table in tables:
+            writer.write_table(table.replace_schema_metadata(schema.metadata), row_group_size=ROW_GROUP_ROWS)
     os.replace(tmp, path)
     return path
 

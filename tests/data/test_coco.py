@@ -164,43 +164,6 @@ def test_malformed_json_names_file_line_and_column(tmp_path):
         load_annotations(path)
 
 
-MALFORMED = ['{"a": 1,}', '{"annotations": [1,]}', '{"a": 1', '{"annotations": [{"id": 1}', '{"annotations": [1 2]}',
-             '{"a": 1} x', '{"a" 1}', '{a: 1}', '{"images": [], "annotations": [{"id": 1, "bbox": [1, 2,, 3]}]}', '']
-
-
-@pytest.mark.parametrize("text", MALFORMED)
-def test_the_instances_reader_refuses_what_json_refuses_at_the_same_spot(text):
-    """The reader keeps annotations as text (``_decode_instances``); its errors must be json's, position included."""
-    from picosam_pipeline.data.coco import _decode_instances
-
-    with pytest.raises(json.JSONDecodeError) as expected:
-        json.loads(text)
-    with pytest.raises(json.JSONDecodeError) as got:
-        _decode_instances(text)
-    assert (got.value.msg, got.value.lineno, got.value.colno) == (expected.value.msg, expected.value.lineno,
-                                                                  expected.value.colno)
-
-
-def test_annotations_held_as_text_parse_back_to_the_files_records():
-    """On the real COCO file: every annotation's kept text parses to the record json.loads gives, in file order."""
-    from picosam_pipeline.data.coco import _decode_instances
-
-    path = shared_data_or_skip("coco-sample", "annotations", "instances_val2017.json")
-    text = path.read_text()
-    data, annotations = _decode_instances(text)
-    reference = json.loads(text)
-    assert [json.loads(t) for _, _, t in annotations] == reference["annotations"]
-    assert [(a, i) for a, i, _ in annotations] == [(r["id"], r["image_id"]) for r in reference["annotations"]]
-    assert data["annotations"] == reference["annotations"][:1000]  # the parsed sample format detection reads
-    assert {k: v for k, v in data.items() if k != "annotations"} == {k: v for k, v in reference.items()
-                                                                      if k != "annotations"}
-    annset = load_annotations(path)
-    by_image = {}
-    for record in reference["annotations"]:
-        by_image.setdefault(record["image_id"], []).append(record)
-    assert all(annset.annotations_of(i) == anns for i, anns in by_image.items())
-
-
 @pytest.mark.parametrize("text", ['[1, 2]', '{"images": [], "annotations": []}'])
 def test_json_that_is_not_an_instances_file(tmp_path, text):
     path = tmp_path / "x.json"
@@ -288,6 +251,40 @@ def test_records_set_aside_while_loading(tmp_path):
     assert kinds == [("duplicate_ann_id", 1, True), ("missing_image_id", 2, True), ("bad_annotation_record", None, True)]
     assert [a["id"] for a in annset.annotations_of(1)] == [1, 4] and annset.num_annotations == 5
     assert annset.images[2].problem.kind == "bad_image_record"  # no width/height
+
+
+def test_an_id_first_seen_on_a_missing_image_is_kept_where_its_image_exists(tmp_path):
+    """Only kept annotations claim their id: a missing image's annotation does not make a later one a duplicate,
+    and a kept one makes every later entry with its id a duplicate, whatever that entry's image."""
+    anns = [{**_ann(7), "image_id": 99}, _ann(7), {**_ann(7), "image_id": 98}, _ann(7), _ann(8)]
+    annset = _load(tmp_path, _dataset(anns))
+    kinds = [(r.issue.kind, r.ann_id, r.image_id) for r in annset.record_issues]
+    assert kinds == [("missing_image_id", 7, 99), ("duplicate_ann_id", 7, 98), ("duplicate_ann_id", 7, 1)]
+    assert [a["id"] for a in annset.annotations_of(1)] == [7, 8] and annset.annotations_of(99) == []
+    assert annset.has_annotations(1) and not annset.has_annotations(99) and annset.num_annotations == 5
+
+
+def test_annotations_are_read_back_from_the_open_file_grouped_by_image(tmp_path):
+    """Images interleaved in the file: each image's annotations come back in file order, read from the file
+    opened at load (a file replaced afterwards is not the one read)."""
+    images = [{"id": i, "file_name": f"{i}.jpg", "width": W, "height": H} for i in (3, 1, 2)]
+    anns = [{**_ann(10 + k), "image_id": image_id} for k, image_id in enumerate([2, 1, 2, 3, 1, 2])]
+    annset = _load(tmp_path, _dataset(anns, images=images))
+    (tmp_path / "new.json").write_text("{}")
+    (tmp_path / "new.json").replace(tmp_path / "instances.json")  # a new file: the set keeps reading the old one
+    assert annset.image_ids.tolist() == [1, 2, 3]
+    assert {i: [a["id"] for a in annset.annotations_of(i)] for i in (1, 2, 3)} == {1: [11, 14], 2: [10, 12, 15],
+                                                                                  3: [13]}
+    annset.close()
+    annset.close()  # idempotent
+
+
+def test_an_annotation_file_cut_short_while_read_is_named(tmp_path):
+    annset = _load(tmp_path, _dataset([_ann(1), _ann(2)]))
+    with open(tmp_path / "instances.json", "r+") as f:  # rewritten in place: the open file is this one
+        f.truncate(40)
+    with pytest.raises(PipelineError, match=r"instances\.json was cut short while being read"):
+        annset.annotations_of(1)
 
 
 # --------------------------------------------------------------------------------------------------

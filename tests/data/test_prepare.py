@@ -259,6 +259,25 @@ def test_selection_and_index_rows(tmp_path):
     assert mask.shape == (H, W) and mask[40:48, 50:64].all() and mask.sum() == 112
 
 
+def test_a_killed_runs_spilled_rows_and_half_written_index_are_cleared_by_the_next_run(tmp_path):
+    """prepare spills index rows into its unfinished folder as it goes: what a killed run leaves there is its own
+    (not someone else's folder to refuse), and the next run starts over."""
+    ds = Dataset(tmp_path)
+    ds.add_image(2, "two.jpg", _encode(_noise_rgb()), n_anns=3)
+    cfg = _config(tmp_path, [ds.write()])
+    run(cfg)
+    index = (tmp_path / "prepared" / "index.parquet").read_bytes()
+    partial = tmp_path / "prepared.partial"
+    partial.mkdir()
+    (partial / "config.resolved.json").write_bytes((tmp_path / "prepared" / "config.resolved.json").read_bytes())
+    (partial / ".index-rows.arrow").write_bytes(b"ARROW1\0\0 cut short")
+    (partial / "index.parquet.tmp").write_bytes(b"PAR1 cut short")
+    run(cfg)
+    assert (tmp_path / "prepared" / "index.parquet").read_bytes() == index and not partial.exists()
+    assert sorted(p.name for p in (tmp_path / "prepared").iterdir()) == ["bad_inputs.jsonl", "config.resolved.json",
+                                                                         "index.parquet", "report.json"]
+
+
 def test_rows_sorted_and_grouped_by_image(tmp_path):
     ds = Dataset(tmp_path)
     ds.add_image(3, "c.jpg", _encode(_noise_rgb()), n_anns=3)
@@ -354,24 +373,33 @@ def test_real_lvis_v05_without_images_counts_every_instance_as_missing(tmp_path)
     assert (meta["splits"]["val"]["format"], meta["splits"]["val"]["version"]) == ("lvis", "v0.5")
 
 
-def test_index_rows_held_in_arrow_batches_write_the_same_file_as_one_batch(tmp_path):
-    """IndexBuilder turns every batch_rows rows into an Arrow batch (memory); the file must not depend on it."""
-    from picosam_pipeline.data.index import IndexBuilder, write_index
+@pytest.mark.parametrize("row_group_rows", [65_536, 100])
+def test_index_rows_spilled_in_batches_write_the_file_write_index_writes(tmp_path, monkeypatch, row_group_rows):
+    """IndexBuilder spills every batch_rows rows to disk and sorts at the end; the file must not depend on the batch
+    size, nor on the order rows came in, and must be write_index's for the same rows (row groups of 100 rows: each
+    gathered from several batches)."""
+    from picosam_pipeline.data import index as index_module
+    from picosam_pipeline.data.index import SCHEMA, IndexBuilder, write_index
 
+    monkeypatch.setattr(index_module, "ROW_GROUP_ROWS", row_group_rows)
     rng = np.random.default_rng(0)
-    rows = [dict(ann_id=int(a), image_id=int(rng.integers(50)), split=str(rng.choice(["train", "val"])),
+    rows = [dict(ann_id=int(a), image_id=int(rng.integers(50)), split=str(rng.choice(["val", "train", "minival"])),
                  file_name="a.jpg", image_path=f"/images/{i}.jpg", width=640, height=480, category_id=1,
                  category_name="thing", iscrowd=False, bbox=[1.5, 2.0, 3.0, 4.0], area=float(i),
                  roi_box=[1, 2, 3, 4], roi_float_box=[1.0, 2.0, 3.0, 4.0], point=[1, 2], point_box=[0, 0, 96, 96],
                  rle_counts="x" * int(rng.integers(1, 40)))
             for i, a in enumerate(rng.permutation(1000))]
-    files = []
-    for batch_rows in (10**9, 64, 7):
-        builder = IndexBuilder(batch_rows=batch_rows)
-        for row in rows:
+    in_order = sorted(rows, key=lambda r: (r["split"], r["image_id"], r["ann_id"]))
+    reference = write_index(pa.Table.from_pylist(rows, schema=SCHEMA), tmp_path / "ref.parquet", {"m": 1}).read_bytes()
+    for name, added, batch_rows in [("shuffled-whole", rows, 10**9), ("shuffled-64", rows, 64), ("shuffled-7", rows, 7),
+                                    ("sorted-64", in_order, 64), ("reversed-33", in_order[::-1], 33)]:
+        builder = IndexBuilder(tmp_path / f"{name}.arrow", batch_rows=batch_rows)
+        for row in added:
             builder.add(**row)
         assert len(builder) == len(rows)
-        files.append(write_index(builder.to_table(), tmp_path / f"{batch_rows}.parquet", {"m": 1}).read_bytes())
-    assert files[0] == files[1] == files[2]
-    in_order = sorted(rows, key=lambda r: (r["split"], r["image_id"], r["ann_id"]))
-    assert read_index(tmp_path / "7.parquet").column("ann_id").to_pylist() == [r["ann_id"] for r in in_order]
+        assert builder.write(tmp_path / f"{name}.parquet", {"m": 1}).read_bytes() == reference, name
+        assert not (tmp_path / f"{name}.arrow").exists()  # the spill is deleted
+    assert read_index(tmp_path / "ref.parquet").column("ann_id").to_pylist() == [r["ann_id"] for r in in_order]
+    assert pq.ParquetFile(tmp_path / "ref.parquet").metadata.num_row_groups == -(-1000 // row_group_rows)
+    empty = IndexBuilder(tmp_path / "empty.arrow").write(tmp_path / "empty.parquet", {"m": 1}).read_bytes()
+    assert empty == write_index(SCHEMA.empty_table(), tmp_path / "empty-ref.parquet", {"m": 1}).read_bytes()
