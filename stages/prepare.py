@@ -73,11 +73,18 @@ class SplitCounts:
 
 
 class BadInputLog:
-    """Records bad inputs for ``bad_inputs.jsonl``; in strict mode a dropping bad input raises instead."""
+    """Writes bad inputs to ``bad_inputs.jsonl`` as they are reported (a line each, nothing held); in strict mode a
+    dropping bad input raises instead."""
 
-    def __init__(self, strict: bool) -> None:
-        self.strict = strict
-        self.records: list[dict[str, Any]] = []
+    def __init__(self, path: Path, strict: bool) -> None:
+        self.strict, self.records = strict, 0
+        self._file = open(path, "w")
+
+    def __enter__(self) -> BadInputLog:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._file.close()
 
     def report(self, split: str, issue: Issue, file: str | Path, **ids: Any) -> None:
         if not issue.bad_input:
@@ -90,13 +97,10 @@ class BadInputLog:
                 f"{where}{issue.reason} [{issue.kind}, split {split!r}]. {f'Fix: {fix}; or set' if fix else 'Or set'} "
                 f"prepare.on_bad_input=skip to drop such inputs and list them in {BAD_INPUTS_FILE}"
             )
-        self.records.append({"split": split, "kind": issue.kind, **ids, "file": str(file),
-                             "reason": issue.reason, "action": issue.action})
-
-    def write(self, path: Path) -> None:
-        with open(path, "w") as f:
-            for record in self.records:
-                f.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+        record = {"split": split, "kind": issue.kind, **ids, "file": str(file), "reason": issue.reason,
+                  "action": issue.action}
+        self._file.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+        self.records += 1
 
 
 # What a killed run may leave in the unfinished folder besides the outputs: the index rows spilled so far, the index
@@ -124,24 +128,23 @@ def run(cfg: Config, runtime: Runtime | None = None) -> dict[str, Any]:
                   if folder in Path(s.annotations).parents and folder in Path(s.images).parents]
     check_dataset(cfg.dataset.name, folder, in_dataset)  # names `fetch` / the sample stage for a missing dataset
     require_inputs(p.input_paths("prepare"))
-    log = BadInputLog(strict=p.on_bad_input == "strict")
     out_dir = output_folder(p.out_dir)  # <out_dir>.partial, renamed to out_dir when this returns
     builder = IndexBuilder(out_dir / WORK_FILES[0])  # rows spilled as they come: memory holds one batch
     splits_meta, split_counts = {}, {}
-    for split in p.splits:
-        annset = load_annotations(split.annotations, p.dataset_format, p.allow_outside_images)
-        split_counts[split.name] = counts = _prepare_split(split, annset, p, builder, log)
-        annset.close()
-        splits_meta[split.name] = {"format": annset.format.name, "version": annset.format.version,
-                                   "categories": annset.format.num_categories, "annotations": split.annotations,
-                                   "images": split.images, "kept": counts.kept}
+    with BadInputLog(out_dir / BAD_INPUTS_FILE, strict=p.on_bad_input == "strict") as log:
+        for split in p.splits:
+            annset = load_annotations(split.annotations, p.dataset_format, p.allow_outside_images)
+            split_counts[split.name] = counts = _prepare_split(split, annset, p, builder, log)
+            annset.close()
+            splits_meta[split.name] = {"format": annset.format.name, "version": annset.format.version,
+                                       "categories": annset.format.num_categories, "annotations": split.annotations,
+                                       "images": split.images, "kept": counts.kept}
 
     # Both crop conventions are in every row (roi_box, point + point_box); the metadata says with which parameters,
     # for the teacher stores and the shards that pick one (crops.crop_convention adds the input size).
     conventions = {"roi": {"column": "roi_box", "roi_padding": p.roi_padding, "min_roi_side": p.min_roi_side},
                    "point": {"column": "point_box", "point_column": "point", "window": p.point_crop_size}}
     builder.write(out_dir / INDEX_FILE, {"splits": splits_meta, "prepare": asdict(p), "crop_conventions": conventions})
-    log.write(out_dir / BAD_INPUTS_FILE)
     save_resolved(cfg, out_dir, ["prepare"])
 
     total = sum((c.dropped for c in split_counts.values()), Counter())
@@ -149,7 +152,7 @@ def run(cfg: Config, runtime: Runtime | None = None) -> dict[str, Any]:
         "dataset": {name: {k: m[k] for k in ("format", "version", "categories")} for name, m in splits_meta.items()},
         "splits": {name: c.as_metrics() for name, c in split_counts.items()},
         "total": {"annotations": sum(c.annotations for c in split_counts.values()), "kept": len(builder),
-                  "dropped": sum(total.values()), "bad_input_records": len(log.records)},
+                  "dropped": sum(total.values()), "bad_input_records": log.records},
     }
     write_report(out_dir, metrics)
     # Headline: what was kept and dropped; per split, by reason and by kind of conversion in report.json.
