@@ -130,11 +130,11 @@ print(json.dumps({"instances": len(table), "teacher_full_image_miou": float(tabl
 def measure(command: list[str], cwd: Path, log: Path) -> dict:
     """Run ``command``; its wall time, peak RSS and the JSON it printed last.
 
-    Peak RSS is the larger of the stage's whole process tree (the stage and its worker processes, summed, sampled
-    every 0.2 s; pages the processes share, such as torch's libraries, count once per process, so it errs high) and
-    the stage process's own high-water mark (``VmHWM``, which also catches a peak between two samples). Not wait4's
-    ``ru_maxrss``: Linux carries the parent's resident size across fork + exec into it, so every stage would report
-    at least this process's size."""
+    Peak memory is the larger of the stage's whole process tree (the stage and its worker processes, sampled every
+    0.2 s, each process's proportional set size summed: a page the processes share, such as torch's libraries or a
+    forked worker's copy-on-write view of its parent, counts once in all) and the stage process's own peak resident
+    size (``VmHWM``, which also catches a peak between two samples). Not wait4's ``ru_maxrss``: Linux carries the
+    parent's resident size across fork + exec into it, so every stage would report at least this process's size."""
     import psutil
 
     start = time.perf_counter()
@@ -145,7 +145,7 @@ def measure(command: list[str], cwd: Path, log: Path) -> dict:
         root = psutil.Process(proc.pid)
         while proc.poll() is None:
             try:
-                tree_peak = max(tree_peak, sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]))
+                tree_peak = max(tree_peak, sum(p.memory_full_info().pss for p in [root, *root.children(recursive=True)]))
                 own_peak = max(own_peak, _high_water_mark(proc.pid))
             except (psutil.Error, OSError):  # a worker, or the stage, exited between listing and reading it
                 pass
