@@ -27,6 +27,7 @@ files, shards <= 300 files. Nothing is asserted: the figures are printed, and wr
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -70,7 +71,8 @@ def build_dataset(root: Path, instances: int) -> dict[str, int]:
         # The images array is written straight to the file and the annotations to a second one, appended at the end:
         # nothing accumulates (the bench process stays small, and with it what its stage processes inherit).
         with open(target, "w") as out, tempfile.TemporaryFile("w+", dir=root / "annotations") as ann_out:
-            out.write('{"info": {"description": "bench/scale.py: coco-sample repeated"}, "licenses": [], "categories": ')
+            out.write('{"info": {"description": "bench/scale.py: coco-sample repeated"}, "licenses": [], '
+                      '"categories": ')
             out.write(json.dumps(categories) + ', "images": [')
             while done < quota:
                 path, img, anns, _ = templates[image_id % len(templates)]
@@ -130,10 +132,11 @@ print(json.dumps({"instances": len(table), "teacher_full_image_miou": float(tabl
 def measure(command: list[str], cwd: Path, log: Path) -> dict:
     """Run ``command``; its wall time, peak RSS and the JSON it printed last.
 
-    Peak memory is the larger of the stage's whole process tree (the stage and its worker processes, sampled every
-    0.2 s, each process's proportional set size summed: a page the processes share, such as torch's libraries or a
-    forked worker's copy-on-write view of its parent, counts once in all) and the stage process's own peak resident
-    size (``VmHWM``, which also catches a peak between two samples). Not wait4's ``ru_maxrss``: Linux carries the
+    Peak memory is the larger of the stage's whole process tree (the stage and its worker processes, each process's
+    proportional set size summed: a page the processes share, such as torch's libraries or a forked worker's
+    copy-on-write view of its parent, counts once in all; sampled every 2 s, as reading it costs ~10 ms a process)
+    and the stage process's own peak resident size (``VmHWM``, read every 0.2 s; it also catches a peak between two
+    samples). Not wait4's ``ru_maxrss``: Linux carries the
     parent's resident size across fork + exec into it, so every stage would report at least this process's size."""
     import psutil
 
@@ -143,10 +146,14 @@ def measure(command: list[str], cwd: Path, log: Path) -> dict:
         proc = subprocess.Popen(command, cwd=cwd, stdout=out_file, stderr=err, text=True,
                                 env={**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"})
         root = psutil.Process(proc.pid)
-        while proc.poll() is None:
+        for tick in itertools.count():
+            if proc.poll() is not None:
+                break
             try:
-                tree_peak = max(tree_peak, sum(p.memory_full_info().pss for p in [root, *root.children(recursive=True)]))
                 own_peak = max(own_peak, _high_water_mark(proc.pid))
+                if tick % 10 == 0:
+                    processes = [root, *root.children(recursive=True)]
+                    tree_peak = max(tree_peak, sum(p.memory_full_info().pss for p in processes))
             except (psutil.Error, OSError):  # a worker, or the stage, exited between listing and reading it
                 pass
             time.sleep(0.2)
