@@ -279,6 +279,18 @@ def test_annotations_are_read_back_from_the_open_file_grouped_by_image(tmp_path)
     annset.close()  # idempotent
 
 
+def test_real_coco_annotations_come_back_per_image_as_in_the_file():
+    """On the real COCO val file: each image's annotations, read back from the file, are json.loads' records."""
+    path = shared_data_or_skip("coco-sample", "annotations", "instances_val2017.json")
+    reference = json.loads(path.read_text())
+    by_image = {}
+    for record in reference["annotations"]:
+        by_image.setdefault(record["image_id"], []).append(record)
+    annset = load_annotations(path)
+    assert annset.image_ids.tolist() == sorted(by_image) and not annset.record_issues
+    assert all(annset.annotations_of(i) == anns for i, anns in by_image.items())
+
+
 def test_an_annotation_file_cut_short_while_read_is_named(tmp_path):
     annset = _load(tmp_path, _dataset([_ann(1), _ann(2)]))
     with open(tmp_path / "instances.json", "r+") as f:  # rewritten in place: the open file is this one
