@@ -322,7 +322,7 @@ def _read_json(path: Path) -> tuple[dict, AnnotationSpans, int]:
     fd = None
     try:
         fd = os.open(path, os.O_RDONLY)
-        with os.fdopen(os.dup(fd), "rb") as stream:
+        with open(fd, "rb", closefd=False) as stream:
             data, spans = read_instances(stream)
     except UnicodeDecodeError as err:
         message = (f"{path}: not UTF-8 text ({err}); it is not an annotation JSON, point prepare.splits at the "

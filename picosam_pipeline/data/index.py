@@ -108,16 +108,15 @@ class IndexBuilder:
         """Write the index file (atomic, as :func:`write_index`) and delete the spill file."""
         if self._columns["ann_id"]:
             self._flush()
-        if self._writer is not None:
-            self._writer.close()
+        if self._writer is None:  # no rows
+            return _write_row_groups([pa.Table.from_batches([], schema=SCHEMA)], path, metadata)
+        self._writer.close()
         # Split codes ranked by name: the file's order is (split, image_id, ann_id), each ascending (lexsort is
         # stable, as Arrow's sort is).
         rank = np.argsort(np.argsort(np.array(list(self._splits), dtype=object)))
-        split = rank[np.frombuffer(self._keys["split"], np.int64)] if len(self) else np.zeros(0, np.int64)
+        split = rank[np.frombuffer(self._keys["split"], np.int64)]
         order = np.lexsort((np.frombuffer(self._keys["ann_id"], np.int64),
                             np.frombuffer(self._keys["image_id"], np.int64), split))
-        if self._writer is None:
-            return _write_row_groups([pa.Table.from_batches([], schema=SCHEMA)], path, metadata)
         with pa.OSFile(str(self.spill), "rb") as source:
             reader = pa.ipc.open_file(source)
             path = _write_row_groups((_gather(reader, rows, self.batch_rows)
