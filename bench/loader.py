@@ -16,6 +16,11 @@ Run from the repository root:  ``.venv/bin/python bench/loader.py [--data sample
    first one (worker start-up excluded).
 3. **Trainer**: one PicoSAM2 step (forward, PicoSAM2 distillation loss, backward, AdamW) on CPU at batch 32
    on a loader batch; samples/s over ``--steps`` steps after one warm-up step, torch on all cores.
+4. **Epoch boundaries**: ``--epochs`` epochs of the train split through the trainer's ``batch_stream`` (a fresh,
+   seeded loader per epoch, as the train stage makes them), consumed by a stand-in for a GPU step that holds
+   each batch for a fixed time (the host idles while the device works) at half the loader's measured rate.
+   Side by side in one run: the next epoch's loader started when the last one ends, and ``batch_stream``'s
+   default lookahead; for each the wall time and the share of it spent waiting for batches.
 
 Loader and trainer run one after the other, not together. Prints bytes per sample (target <= 15 KB at
 96x96), the loader / trainer ratio (target >= 3), and CPU milliseconds per sample of each (the loader's
@@ -48,6 +53,7 @@ from picosam_pipeline.train.loader import count_samples, make_loader  # noqa: E4
 from picosam_pipeline.train.losses import PRESETS, DistillationLoss  # noqa: E402
 from picosam_pipeline.train.shards import read_shard_index  # noqa: E402
 from picosam_pipeline.train.students import build_student, normalize  # noqa: E402
+from picosam_pipeline.train.trainer import EPOCH_LOOKAHEAD, TrainData, batch_stream  # noqa: E402
 
 COCO = REPO.parent / "shared" / "data" / "coco-sample"
 BATCH = 32
@@ -83,7 +89,7 @@ def build_pack(root: Path, data: str, teacher: str, context_margin: float) -> tu
     metrics = json.loads((root / "metrics/pack.json").read_text())
     small = dataclasses.replace(cfg.pack, out_dir=str(root / "small_shards"), samples_per_shard=16)
     pack.run(dataclasses.replace(cfg, pack=small), None)
-    return root / "small_shards/train", metrics["total"]["bytes_per_sample"], made
+    return root / "small_shards/train", metrics["bytes_per_sample"], made
 
 
 def loader_rate(split: Path, workers: int, batches: int, jitter: float) -> float:
@@ -109,6 +115,28 @@ def loader_cpu_ms(split: Path, batches: int, jitter: float) -> float:
     for _ in range(batches):
         n += len(next(stream)["ann_id"])
     return 1000 * (time.process_time() - start) / n
+
+
+def epoch_boundaries(split: Path, workers: int, epochs: int, hold_s: float, lookahead: int | None) -> tuple[float, float]:
+    """(seconds, share of them waiting for batches) for ``epochs`` epochs of ``split`` through ``batch_stream``,
+    each batch held ``hold_s`` seconds (a GPU step's time, the host idle)."""
+    def train_epoch(epoch: int):
+        return make_loader(split, batch_size=BATCH, shuffle_buffer=256, num_workers=workers, seed=epoch, hflip=True)
+
+    data = TrainData(train_epoch=train_epoch, val=list, input_size=96, fingerprint="bench", source=str(split))
+    stream = batch_stream(data, 0, 0, lookahead=lookahead)
+    next(stream)  # the first epoch's start-up, as the trainer's rate excludes its first step
+    waited, start = 0.0, time.perf_counter()
+    while True:
+        asked = time.perf_counter()
+        epoch, _, _ = next(stream)
+        if epoch == epochs:
+            break
+        waited += time.perf_counter() - asked
+        time.sleep(hold_s)
+    elapsed = time.perf_counter() - start
+    stream.close()
+    return elapsed, waited / elapsed
 
 
 def trainer_rate(batch: dict[str, torch.Tensor], steps: int) -> tuple[float, float]:
@@ -146,6 +174,7 @@ def main() -> None:
     parser.add_argument("--jitter", type=float, default=0.1, help="box jitter (fraction of the crop side)")
     parser.add_argument("--batches", type=int, default=60, help="timed loader batches")
     parser.add_argument("--steps", type=int, default=10, help="timed trainer steps")
+    parser.add_argument("--epochs", type=int, default=6, help="epochs of the epoch-boundary measurement")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
@@ -160,6 +189,9 @@ def main() -> None:
         loader_ms = loader_cpu_ms(split, args.batches // 2, args.jitter)
         batch = next(iter(make_loader(split, batch_size=BATCH, shuffle_buffer=0, num_workers=0, seed=0, infinite=True)))
         trainer_sps, trainer_ms = trainer_rate(batch, args.steps)
+        hold_s = BATCH / (0.5 * loader_sps)  # a consumer at half the loader's rate: it never waits mid-epoch
+        boundaries = {lookahead: epoch_boundaries(split, args.workers, args.epochs, hold_s, lookahead)
+                      for lookahead in (None, EPOCH_LOOKAHEAD)}
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads)")
@@ -175,6 +207,11 @@ def main() -> None:
     # Wall-clock rates move with whatever else runs on the machine; CPU time per sample does much less.
     print(f"CPU per sample: loader {loader_ms:.2f} ms (one process, no workers), trainer {trainer_ms:.1f} ms "
           f"(all threads): one loader core feeds {trainer_ms / loader_ms:,.0f} trainer cores' worth of steps")
+    batches = -(-samples // BATCH)
+    for lookahead, (elapsed, wait_share) in boundaries.items():
+        when = "when the last one ends" if lookahead is None else f"{lookahead} batches ahead"
+        print(f"epoch boundaries, next epoch's loader started {when}: {args.epochs} epochs of ~{batches} batches, "
+              f"each held {hold_s * 1000:.0f} ms: {elapsed:.2f} s, {wait_share * 100:.0f} % waiting for batches")
 
 
 if __name__ == "__main__":

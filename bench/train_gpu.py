@@ -4,13 +4,14 @@ Run from the repository root:  ``python bench/train_gpu.py [--train-images 600] 
 
 In one run, PicoSAM3 (or ``--student``) at ``--batch``, for each ``train.compile`` setting in ``--compile``:
 
-* **bare step**: forward, distillation loss, backward, AdamW on one batch resident on the device (no loader),
-  under the stage's autocast, compiled or not (compile time excluded: warm-up steps first). The limit of any
-  trainer.
+* **bare step**: the stage's own optimizer step (``trainer.TrainStep``: target, forward, distillation loss,
+  backward, gradient clipping, AdamW) on one batch resident on the device (no loader), under the stage's
+  autocast, compiled or not (compile time excluded: warm-up steps first). The limit of any trainer.
 * **stage**: ``stages.train.run`` on shards packed from the built-in sample (``--train-images`` synthetic images,
   GT masks as teacher logits via ``teacher/gt_mask.py``: the loader's work is the same as with real logits),
   ``train.num_workers`` at its default (``auto``) unless ``--set`` says otherwise; its rate is the trainer's own
-  ``samples_per_s`` (after the first step; evaluation and checkpoints excluded, epoch restarts included).
+  ``samples_per_s`` (after the first step; evaluation and checkpoints excluded, epoch restarts included), and
+  the share of that time its host spent waiting for the loader.
 
 Prints both rates and their ratio (target on a GPU: stage >= 80 % of the bare step). Nothing is asserted. The
 defaults depend on the device: on a GPU as measured for the README; on a CPU a smoke test (8 images, 4 steps of
@@ -34,13 +35,15 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 import torch  # noqa: E402
 
-from picosam_pipeline.config import last_run, load_config  # noqa: E402
-from picosam_pipeline.device import resolve_runtime  # noqa: E402
+from picosam_pipeline.config import TrainConfig, last_run, load_config  # noqa: E402
+from picosam_pipeline.device import Runtime, resolve_runtime  # noqa: E402
 from picosam_pipeline.recipes import recipe_values  # noqa: E402
 from picosam_pipeline.stages import pack, prepare, sample, train  # noqa: E402
 from picosam_pipeline.teacher.gt_mask import write_mask_teacher_store  # noqa: E402
-from picosam_pipeline.train.losses import PRESETS, DistillationLoss  # noqa: E402
-from picosam_pipeline.train.students import build_student, normalize  # noqa: E402
+from picosam_pipeline.train.losses import DistillationLoss  # noqa: E402
+from picosam_pipeline.train.students import build_student  # noqa: E402
+from picosam_pipeline.train.targets import resolve_target  # noqa: E402
+from picosam_pipeline.train.trainer import TrainStep, build_optimizer  # noqa: E402
 
 
 def packed_sets(tmp: Path, train_images: int, samples_per_shard: int) -> list[str]:
@@ -62,32 +65,26 @@ def packed_sets(tmp: Path, train_images: int, samples_per_shard: int) -> list[st
     return sets
 
 
-def bare_step_rate(student: str, batch: int, steps: int, device: torch.device, autocast, compiled: bool) -> float:
-    """Samples/s of forward + loss + backward + AdamW on one resident batch."""
+def bare_step_rate(cfg: TrainConfig, steps: int, runtime: Runtime, compiled: bool) -> float:
+    """Samples/s of the stage's own optimizer step (``trainer.TrainStep``: target, forward, loss, backward, gradient
+    clipping, AdamW) on one batch resident on the device."""
     torch.manual_seed(0)
-    model = build_student(student).to(device).train()
-    net = torch.compile(model) if compiled else model  # as the trainer compiles it
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
-    loss_fn = DistillationLoss(**PRESETS[student])
+    device, batch = runtime.device, cfg.batch_size
+    model = build_student(cfg.student).to(device).train()
+    step = TrainStep(model, model, build_optimizer(model, cfg, device), DistillationLoss(**cfg.loss_kwargs()),
+                     resolve_target(cfg.target, cfg.target_weights, ("gt",)), runtime, cfg.grad_clip,
+                     compile_batch=batch if compiled else None)
     image = torch.rand(batch, 3, 96, 96, device=device)
     gt = (torch.rand(batch, 1, 96, 96, device=device) > 0.5).float()
     teacher = torch.randn(batch, 1, 96, 96, device=device) * 4
-    confidence = torch.rand(batch, device=device)
-
-    def step() -> None:
-        with autocast():
-            logits = net(normalize(image))
-        loss, _ = loss_fn(logits.float(), gt, teacher, confidence)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    confidence = torch.rand(batch, 1, device=device)
 
     for _ in range(3):  # compile, allocator, kernel selection
-        step()
+        step(image, gt, teacher, confidence, cfg.lr)
     sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        step()
+        step(image, gt, teacher, confidence, cfg.lr)
     sync(device)
     return steps * batch / (time.perf_counter() - start)
 
@@ -126,17 +123,17 @@ def main() -> None:
         print(f"# training throughput on {device} ({name}), {runtime.describe()}; torch {torch.__version__}, "
               f"{os.cpu_count()} CPUs; {args.student}, batch {args.batch}", flush=True)
         for setting in args.compile:
-            compiled = setting == "true"
-            bare = bare_step_rate(args.student, args.batch, args.steps, device, runtime.autocast, compiled)
             cfg = load_config(REPO / "params.yaml", [*sets, f"train.compile={setting}",
                                                      f"train.out_dir={tmp / f'train-{setting}'}"])
+            bare = bare_step_rate(cfg.train, args.steps, runtime, compiled=setting == "true")
             with contextlib.redirect_stderr(io.StringIO()):
                 train.run(cfg, runtime)
             facts = last_run(cfg.runtime.metrics_dir, "train")
             stage = facts["samples_per_s"]
             print(f"compile {setting:<5}: bare step {bare:9.1f} samples/s; train stage ({args.steps} steps, "
                   f"{facts['loader_workers']} loader workers) {stage:9.1f} samples/s = {stage / bare * 100:.0f} % of "
-                  "the bare step", flush=True)
+                  f"the bare step; {facts['loader_wait_share'] * 100:.0f} % of its time waiting for batches",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ and runs the loop of ``picosam_pipeline/train/trainer.py``. Writes, from rank 0:
 * ``<train.state_dir>/checkpoint.pt`` (default ``<out_dir>.state``): the resumable state, outside the output;
 * ``<train.out_dir>/report.json``: student, target, steps, epochs, parameters, both val IoUs, the best step, the final
   loss terms and lambda (mean of the last steps), world size, skipped shards;
-* ``metrics/train.json``: the headline, val IoU before (the untrained student) and after (samples/s goes to the
-  run log ``metrics/runs/train.jsonl``: a rate is not a result);
+* ``metrics/train.json``: the headline, val IoU before (the untrained student) and after (samples/s, the share of
+  that time spent waiting for the loader, the loader workers and whether the student was compiled go to the run
+  log ``metrics/runs/train.jsonl``: a rate is not a result);
 * ``metrics/train/``: the dvclive log (``train/live.py``): per step the loss, its terms and the learning rate, per
   evaluation the val IoU (plots for ``dvc plots show``), and ``metrics.json``, the live summary (step, last loss)
   that ``dvc exp show`` shows while the run trains.
@@ -95,6 +96,7 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         return loaders[-1]
 
     check_shard_crops(cfg, train_index, val_index)  # before any work: the student and the crops must go together
+    t = dataclasses.replace(t, compile=t.compiles(runtime.device.type))  # auto resolved once, recorded as such
     if t.steps == "epoch":  # the papers' one epoch: every train sample once, over all ranks
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         t = dataclasses.replace(t, steps=max(1, math.ceil(train_index.samples / (t.batch_size * world_size))))
@@ -135,8 +137,9 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         "world_size": result.world_size,
         "skipped_shards": len({problem.shard for loader in loaders for problem in loader.skipped}),
     }
-    run = {"samples_per_s": result.samples_per_s, "device": runtime.describe(), "resumed_from_step": result.resumed_from,
-           "loader_workers": workers, "compiled": t.compile}
+    run = {"samples_per_s": result.samples_per_s, "loader_wait_share": result.loader_wait_share,
+           "device": runtime.describe(), "resumed_from_step": result.resumed_from, "loader_workers": workers,
+           "compiled": t.compile}
     write_report(out_dir, metrics)
     # The step and the last loss are in the live summary (metrics/train/metrics.json); the rest in report.json.
     headline = {k: metrics[k] for k in ("val_iou_before", "val_iou_after")}

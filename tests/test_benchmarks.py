@@ -33,7 +33,17 @@ def test_teacher_gpu_bench_prints_the_limit_the_stage_and_their_ratio_on_the_cpu
 def test_train_gpu_bench_prints_the_bare_step_and_the_stage_on_the_cpu():
     out = run_bench("train_gpu.py")
     assert re.search(r"compile false: bare step +[\d.]+ samples/s; train stage \(4 steps, 0 loader workers\) +[\d.]+ "
-                     r"samples/s = \d+ % of the bare step", out), out
+                     r"samples/s = \d+ % of the bare step; \d+ % of its time waiting for batches", out), out
+
+
+@pytest.mark.slow
+def test_loader_bench_prints_bytes_rates_and_the_epoch_boundaries_side_by_side():
+    out = run_bench("loader.py", "--batches", "4", "--steps", "2", "--epochs", "2")
+    assert re.search(r"^shards: [\d,]+ bytes/sample", out, re.M) and re.search(r"^loader: [\d,]+ samples/s", out, re.M), out
+    assert re.search(r"^ratio loader / trainer: [\d,.]+x", out, re.M), out
+    for when in ("when the last one ends", "64 batches ahead"):
+        assert re.search(rf"^epoch boundaries, next epoch's loader started {when}: 2 epochs of ~\d+ batches, each held "
+                         r"\d+ ms: [\d.]+ s, \d+ % waiting for batches", out, re.M), out
 
 
 @pytest.mark.slow

@@ -136,13 +136,25 @@ class ShardLoader:
         self.skipped: list[ShardProblem] = []
         self._epoch = 0
 
+    @property
+    def expected_batches(self) -> int:
+        """Batches of one epoch when no shard is skipped: at least this many, and at most ``num_workers - 1`` more
+        (each worker batches its own shards and ends with a short batch)."""
+        return -(-self.samples // self.stream.batch_size)
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """One epoch. The worker processes start here, not at the first ``next``: a trainer can start the next
+        epoch's loader ahead of time (``trainer.batch_stream``)."""
         self.stream.epoch, self._epoch = self._epoch, self._epoch + 1  # workers get a fresh copy per epoch
         loader = torch.utils.data.DataLoader(
             self.stream, batch_size=None, num_workers=self.num_workers, worker_init_fn=_one_thread,
             prefetch_factor=4 if self.num_workers else None, persistent_workers=False, pin_memory=self.pin_memory,
         )
-        for item in loader:
+        return self._deliver(iter(loader))
+
+    def _deliver(self, items: Iterator[dict[str, torch.Tensor] | ShardProblem]) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches of ``items``; a shard problem raises or is recorded, as ``on_corrupt_shard`` says."""
+        for item in items:
             if isinstance(item, ShardProblem):
                 if item.fatal:
                     raise ForeignMemberError(item.message)

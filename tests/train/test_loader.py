@@ -93,6 +93,20 @@ def test_shuffling_is_seeded_and_differs_per_epoch(shards):
     assert sorted(first[0]) == sorted(first[1]) == sorted(other[0]) == sorted(in_order)
 
 
+def test_iter_starts_the_workers_at_once_and_the_epoch_size_is_bounded(shards):
+    # The trainer starts the next epoch's loader ahead of its first batch (trainer.batch_stream): iter must start
+    # the worker processes, not the first next().
+    import multiprocessing
+
+    loader = make_loader(shards / "train", batch_size=3, shuffle_buffer=16, num_workers=2, seed=0)
+    before = set(multiprocessing.active_children())
+    batches = iter(loader)
+    assert len(set(multiprocessing.active_children()) - before) == 2
+    sizes = [len(batch["ann_id"]) for batch in batches]
+    assert sum(sizes) == loader.samples
+    assert loader.expected_batches <= len(sizes) <= loader.expected_batches + loader.num_workers - 1
+
+
 def test_fewer_shards_than_workers(tmp_path):
     root = tmp_path / "one"
     run_pack(build_inputs(root), root / "shards", samples_per_shard=4096, splits=["val"])

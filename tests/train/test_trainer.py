@@ -30,7 +30,8 @@ from picosam_pipeline.stages import train as train_stage
 from picosam_pipeline.train.checkpoints import (flatten_optimizer, load_checkpoint, load_student, save_student,
                                                 unflatten_optimizer)
 from picosam_pipeline.train.students import build_student, normalize
-from picosam_pipeline.train.trainer import LOG_COLUMNS, TrainData, epoch_seed, get_lr, train
+from picosam_pipeline.train.trainer import (EPOCH_LOOKAHEAD, LOG_COLUMNS, TrainData, batch_stream, epoch_seed, get_lr,
+                                            train)
 from malicious_pickle import CodeOnLoad
 from pipeline_inputs import build_inputs, run_pack
 
@@ -241,6 +242,77 @@ def test_empty_training_data_is_a_pipeline_error(tmp_path):
     data = dataclasses.replace(SyntheticShards().data(), train_epoch=lambda epoch: iter(()), source="data/shards/train")
     with pytest.raises(PipelineError, match="data/shards/train: epoch 0 gave no training batch"):
         train(small_config(student="picosam2"), CPU, data, tmp_path)
+
+
+class CountedEpochs:
+    """``train_epoch`` stand-in with ``expected_batches``, as ShardLoader has: records when each epoch's ``iter``
+    was called (after how many batches had been handed out in all) and whether its iterator was closed."""
+
+    def __init__(self, batches_per_epoch: int) -> None:
+        self.batches_per_epoch, self.handed_out = batches_per_epoch, 0
+        self.started: dict[int, int] = {}
+        self.closed: set[int] = set()
+
+    def __call__(self, epoch: int) -> "CountedEpochs.Epoch":
+        return CountedEpochs.Epoch(self, epoch)
+
+    class Epoch:
+        def __init__(self, owner: "CountedEpochs", epoch: int) -> None:
+            self.owner, self.epoch, self.expected_batches = owner, epoch, owner.batches_per_epoch
+
+        def __iter__(self):
+            self.owner.started[self.epoch] = self.owner.handed_out
+            return self._batches()
+
+        def _batches(self):
+            try:
+                for i in range(self.owner.batches_per_epoch):
+                    self.owner.handed_out += 1
+                    yield {"epoch": self.epoch, "i": i}
+            finally:
+                self.owner.closed.add(self.epoch)
+
+
+@pytest.mark.parametrize("per_epoch", [3, 100])
+def test_next_epoch_loader_starts_before_the_current_one_ends(per_epoch):
+    epochs = CountedEpochs(per_epoch)
+    data = TrainData(train_epoch=epochs, val=list, input_size=32, fingerprint="x", source="x")
+    stream = batch_stream(data, epoch=0, consumed=1)
+    got = [next(stream) for _ in range(2 * per_epoch)]
+    # the same batches as epoch after epoch, in order; the resumed epoch 0 skips the one batch it consumed
+    assert [(e, seen, b["epoch"], b["i"]) for e, seen, b in got] == [
+        (e, i + 1, e, i) for e in range(3) for i in range(per_epoch) if (e, i) != (0, 0)][:2 * per_epoch]
+    start_at = max(1, per_epoch - EPOCH_LOOKAHEAD)  # batches of an epoch handed out when the next one starts
+    assert epochs.started[0] == 0 and epochs.started[1] == start_at and epochs.started[2] == per_epoch + start_at
+    stream.close()
+    assert epochs.closed == {0, 1, 2}  # the started-ahead epoch 2 is shut down with the stream
+
+    late = CountedEpochs(per_epoch)  # lookahead None: each epoch starts when the one before has ended
+    stream = batch_stream(dataclasses.replace(data, train_epoch=late), epoch=0, consumed=0, lookahead=None)
+    assert [b for _, _, b in (next(stream) for _ in range(2 * per_epoch + 1))] == [
+        {"epoch": e, "i": i} for e in range(3) for i in range(per_epoch)][:2 * per_epoch + 1]
+    assert late.started == {0: 0, 1: per_epoch, 2: 2 * per_epoch}
+
+
+def test_a_compiled_student_runs_full_batches_compiled_and_short_ones_eagerly(tmp_path, monkeypatch):
+    # SyntheticShards(n=10, batch 4) ends every epoch with a batch of 2. torch.compile of the whole batch range
+    # recompiled for it (dynamic shapes); here only batches of train.batch_size reach the compiled student. The
+    # eager backend traces with dynamo (the graphs and recompiles counted) without generating kernels.
+    import functools
+
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = small_config(student="picosam2", steps=9, compile=True, checkpoint_every=9, eval_every=9)
+    result = train(cfg, CPU, SyntheticShards().data(), tmp_path)  # 3 epochs: 4, 4, 2 samples each
+    assert counters["frames"]["total"] == 1, dict(counters["frames"])  # one graph, no recompile
+    eager = train(dataclasses.replace(cfg, compile=False), CPU, SyntheticShards().data(), tmp_path / "eager")
+    assert counters["frames"]["total"] == 1
+    for name, weight in result.model.state_dict().items():  # the same training, compiled or not
+        torch.testing.assert_close(weight, eager.model.state_dict()[name], rtol=1e-4, atol=1e-5)
+    assert 0 <= result.loader_wait_share < 1
 
 
 # --------------------------------------------------------------------------------------------------
