@@ -203,9 +203,10 @@ class TrainStep:
 
     ``net`` is the student as trained (the model, or its DDP wrapper); ``model`` the plain module (gradient
     clipping). With ``compile_batch`` set, ``torch.compile(net)`` runs the batches of exactly that many samples
-    and ``net`` the rest: each loader worker ends an epoch with a short batch, and compiling one graph per
-    batch size recompiled several times an epoch (measured: the compiled stage at 7 % of the bare step on an
-    H200, 16 % on this project's 2-core CPU), so short batches run eagerly on the same parameters.
+    and ``net`` the rest, eagerly, on the same parameters: each loader worker ends an epoch with a short batch,
+    and the first one made dynamo recompile the student for dynamic batch sizes, a slow compile
+    (measured: the compiled stage at 7 % of the bare step on an H200, 16 % on this project's 2-core CPU;
+    91 % on that CPU with short batches run eagerly).
 
     ``__call__(image (B, 3, S, S) float32 in [0, 1], gt (B, 1, S, S) {0, 1}, teacher_logits (B, K, S, S),
     confidences (B, K), lr)`` returns ``[loss, *TERMS]`` as a float32 (1 + len(TERMS),) tensor on the device,
