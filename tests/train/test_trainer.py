@@ -319,24 +319,29 @@ def test_a_compiled_student_runs_full_batches_compiled_and_short_ones_eagerly(tm
 # DDP
 
 
-def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, compiled: bool) -> None:
+    import functools
     import os
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
-    cfg = small_config(student="picosam2", steps=2, batch_size=2, checkpoint_every=2, eval_every=2)
-    result = train(cfg, CPU, SyntheticShards(n=8, batch_size=2, rank=rank, world_size=world_size).data(), out_dir)
+    if compiled:  # dynamo traces the DDP wrapper; the eager backend skips generating kernels
+        torch.compile = functools.partial(torch.compile, backend="eager")
+    # 5 samples per rank in batches of 2: steps 1-2 full batches (compiled when compiled), step 3 a short one (eager)
+    cfg = small_config(student="picosam2", steps=3, batch_size=2, checkpoint_every=3, eval_every=3, compile=compiled)
+    result = train(cfg, CPU, SyntheticShards(n=10, batch_size=2, rank=rank, world_size=world_size).data(), out_dir)
     assert result.is_main == (rank == 0) and result.world_size == world_size
     torch.save(result.model.state_dict(), Path(out_dir) / f"rank{rank}.pt")
 
 
 @pytest.mark.slow  # two fresh interpreters import torch: ~10 s on an idle machine, 30 s on a busy one
-def test_ddp_two_gloo_processes_keep_replicas_in_sync(tmp_path):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_ddp_two_gloo_processes_keep_replicas_in_sync(tmp_path, compiled):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path), compiled), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     params = dict(build_student("picosam2").named_parameters())
