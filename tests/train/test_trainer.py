@@ -29,6 +29,7 @@ from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.stages import train as train_stage
 from picosam_pipeline.train.checkpoints import (flatten_optimizer, load_checkpoint, load_student, save_student,
                                                 unflatten_optimizer)
+from picosam_pipeline.train.shards import read_shard_index
 from picosam_pipeline.train.students import build_student, normalize
 from picosam_pipeline.train.trainer import (EPOCH_LOOKAHEAD, LOG_COLUMNS, TrainData, batch_stream, epoch_seed, get_lr,
                                             train)
@@ -445,6 +446,29 @@ def test_killed_cli_run_resumes_to_the_uninterrupted_result(packed, tmp_path):
     files = sorted(p.relative_to(straight) for p in straight.rglob("*") if p.is_file())
     assert files and files == sorted(p.relative_to(resumed) for p in resumed.rglob("*") if p.is_file())
     assert all((resumed / f).read_bytes() == (straight / f).read_bytes() for f in files)
+
+
+def test_loader_workers_over_epochs_started_ahead_resume_to_the_uninterrupted_result(packed, tmp_path):
+    # Two loader worker processes, epochs of ~a dozen batches, so every epoch's loader is started ahead
+    # (trainer.EPOCH_LOOKAHEAD): a run stopped at step 14 and extended to 30 (constant schedule) ends with the
+    # weights of a run of 30 steps straight.
+    def run(name: str, steps: int) -> dict[str, torch.Tensor]:
+        section = dataclasses.replace(packed.train, steps=steps, eval_every=100, checkpoint_every=100, num_workers=2,
+                                      schedule="constant", shuffle_buffer=16, out_dir=str(tmp_path / name))
+        cfg = dataclasses.replace(packed, train=section,
+                                  runtime=dataclasses.replace(packed.runtime, metrics_dir=str(tmp_path / f"{name}_metrics")))
+        train_stage.run(cfg, CPU)
+        facts = last_run(cfg.runtime.metrics_dir, "train")
+        assert facts["loader_workers"] == 2 and 0 <= facts["loader_wait_share"] < 1 and facts["compiled"] is False
+        return load_checkpoint(tmp_path / name / "student.pt")[0]
+
+    batches = -(-read_shard_index(Path(packed.train.shards) / "train").samples // packed.train.batch_size)
+    assert 2 * batches < 30 < 4 * batches  # the runs cross epoch boundaries
+    run("extended", 14)
+    extended = run("extended", 30)
+    assert last_run(tmp_path / "extended_metrics", "train")["resumed_from_step"] == 14
+    straight = run("straight", 30)
+    assert all(torch.equal(extended[k], straight[k]) for k in straight)
 
 
 def test_a_checkpoint_that_needs_unpickling_gets_our_message_not_torchs_advice(tmp_path):
