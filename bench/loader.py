@@ -189,7 +189,7 @@ def main() -> None:
         loader_ms = loader_cpu_ms(split, args.batches // 2, args.jitter)
         batch = next(iter(make_loader(split, batch_size=BATCH, shuffle_buffer=0, num_workers=0, seed=0, infinite=True)))
         trainer_sps, trainer_ms = trainer_rate(batch, args.steps)
-        hold_s = BATCH / (0.5 * loader_sps)  # a consumer at half the loader's rate: it never waits mid-epoch
+        hold_s = BATCH / (0.5 * loader_sps)  # a consumer at half the loader's rate: it waits mostly at epoch starts
         boundaries = {lookahead: epoch_boundaries(split, args.workers, args.epochs, hold_s, lookahead)
                       for lookahead in (None, EPOCH_LOOKAHEAD)}
 
