@@ -14,8 +14,9 @@ Run from the repository root:  ``.venv/bin/python bench/loader.py [--data sample
 2. **Loader**: ``make_loader`` on the train split, batch 32, shuffle buffer 256, ``--workers`` worker
    processes, real decoders, hflip + box jitter, endless; samples/s over ``--batches`` batches after the
    first one (worker start-up excluded).
-3. **Trainer**: one PicoSAM2 step (forward, PicoSAM2 distillation loss, backward, AdamW) on CPU at batch 32
-   on a loader batch; samples/s over ``--steps`` steps after one warm-up step, torch on all cores.
+3. **Trainer**: the train stage's step (``trainer.TrainStep``: PicoSAM2 forward, its distillation loss, backward,
+   AdamW) on CPU at batch 32 on a loader batch; samples/s over ``--steps`` steps after one warm-up step, torch on
+   all cores.
 4. **Epoch boundaries**: ``--epochs`` epochs of the train split through the trainer's ``batch_stream`` (a fresh,
    seeded loader per epoch, as the train stage makes them), consumed by a stand-in for a GPU step that holds
    each batch for a fixed time (the host idles while the device works) at half the loader's measured rate.
@@ -45,15 +46,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from picosam_pipeline.config import (Config, PackConfig, PrepareConfig, RuntimeConfig, SampleConfig,  # noqa: E402
-                                     SplitSource, TeacherConfig)
-from picosam_pipeline.device import resolve_runtime  # noqa: E402
+                                     SplitSource, TeacherConfig, TrainConfig)
+from picosam_pipeline.device import Runtime, resolve_runtime  # noqa: E402
 from picosam_pipeline.stages import pack, prepare, sample, teacher_logits  # noqa: E402
 from picosam_pipeline.teacher.gt_mask import write_mask_teacher_store  # noqa: E402
 from picosam_pipeline.train.loader import count_samples, make_loader  # noqa: E402
 from picosam_pipeline.train.losses import PRESETS, DistillationLoss  # noqa: E402
 from picosam_pipeline.train.shards import read_shard_index  # noqa: E402
-from picosam_pipeline.train.students import build_student, normalize  # noqa: E402
-from picosam_pipeline.train.trainer import EPOCH_LOOKAHEAD, TrainData, batch_stream  # noqa: E402
+from picosam_pipeline.train.students import build_student  # noqa: E402
+from picosam_pipeline.train.targets import resolve_target  # noqa: E402
+from picosam_pipeline.train.trainer import EPOCH_LOOKAHEAD, TrainData, TrainStep, batch_stream, build_optimizer  # noqa: E402
 
 COCO = REPO.parent / "shared" / "data" / "coco-sample"
 BATCH = 32
@@ -140,24 +142,20 @@ def epoch_boundaries(split: Path, workers: int, epochs: int, hold_s: float, look
 
 
 def trainer_rate(batch: dict[str, torch.Tensor], steps: int) -> tuple[float, float]:
-    """Samples/s of PicoSAM2 forward + loss + backward + AdamW on CPU at the batch's size, and CPU ms per sample."""
+    """Samples/s of the train stage's step (``trainer.TrainStep``: PicoSAM2 forward, its distillation loss,
+    backward, AdamW; no clipping, as the papers) on CPU at the batch's size, and CPU ms per sample."""
     model = build_student("picosam2").train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loss_fn = DistillationLoss(**PRESETS["picosam2"])
+    cpu = Runtime(device=torch.device("cpu"), autocast_dtype=None, seed=0)
+    step = TrainStep(model, model, build_optimizer(model, TrainConfig(lr=1e-3), cpu.device),
+                     DistillationLoss(**PRESETS["picosam2"]), resolve_target("auto", {}, ("gt",)), cpu, grad_clip=0.0)
+    tensors = (batch["image"], batch["gt_mask"], batch["teacher_logits"], batch["confidence"])
 
-    def step() -> None:
-        logits = model(normalize(batch["image"]))
-        loss, _ = loss_fn(logits, batch["gt_mask"], batch["teacher_logits"], batch["confidence"][:, 0])  # one teacher
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    step()  # warm-up: allocator, first-call overheads
-    start, cpu = time.perf_counter(), time.process_time()
+    step(*tensors, 1e-3)  # warm-up: allocator, first-call overheads
+    start, cpu_time = time.perf_counter(), time.process_time()
     for _ in range(steps):
-        step()
+        step(*tensors, 1e-3)
     n = steps * len(batch["ann_id"])
-    return n / (time.perf_counter() - start), 1000 * (time.process_time() - cpu) / n
+    return n / (time.perf_counter() - start), 1000 * (time.process_time() - cpu_time) / n
 
 
 def main() -> None:
