@@ -121,20 +121,20 @@ def batch_stream(data: TrainData, epoch: int, consumed: int,
     stalling the step at every epoch boundary. The batches are the same: each epoch's loader depends only on
     its epoch.
     """
+    def start(epoch: int) -> tuple[Iterable[dict[str, Any]], Iterator[dict[str, Any]]]:
+        loader = data.train_epoch(epoch)
+        return loader, iter(loader)  # a ShardLoader's workers start here
+
     upcoming: tuple[Iterable[dict[str, Any]], Iterator[dict[str, Any]]] | None = None  # (loader, its batches)
     try:
         while True:
-            if upcoming is None:
-                loader = data.train_epoch(epoch)
-                upcoming = loader, iter(loader)
-            (loader, batches), upcoming = upcoming, None
+            (loader, batches), upcoming = upcoming or start(epoch), None
             expected = getattr(loader, "expected_batches", None)
             start_next_at = None if expected is None or lookahead is None else max(1, expected - lookahead)
             seen = 0
             for seen, batch in enumerate(batches, start=1):
                 if seen == start_next_at:
-                    following = data.train_epoch(epoch + 1)
-                    upcoming = following, iter(following)
+                    upcoming = start(epoch + 1)
                 if seen > consumed:  # a resumed epoch re-reads and drops the batches the checkpoint already used
                     yield epoch, seen, batch
             if seen == 0:
