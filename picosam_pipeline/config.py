@@ -636,7 +636,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         same_kind = [e for arg, e in errors if (typing.get_origin(arg) is list) == isinstance(value, list)]
         if len(errors) == 1 or len(same_kind) == 1:
             raise ConfigError(errors[0][1] if len(errors) == 1 else same_kind[0])
-        raise ConfigError(f"{key}: {value!r} matches none of {args}")
+        words = [word for arg in args if arg is not type(None) for word in _describe(arg)]
+        raise ConfigError(f"{key}: expected {', '.join(words[:-1])} or {words[-1]}, got {value!r}")
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -670,6 +671,16 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 
 _FLOAT_MAX = int(sys.float_info.max)
+
+
+def _describe(tp: Any) -> list[str]:
+    """A field type as the alternatives the error messages above name, e.g. ``["true", "false"]`` for bool."""
+    if typing.get_origin(tp) is Literal:
+        return [str(a) for a in typing.get_args(tp)]
+    words = {bool: ["true", "false"], int: ["an integer"], float: ["a number"], str: ["a string"]}
+    if tp in words:
+        return words[tp]
+    return [{list: "a list", dict: "a mapping"}.get(typing.get_origin(tp), getattr(tp, "__name__", str(tp)))]
 
 
 def _join(key: str, name: str) -> str:

@@ -47,6 +47,9 @@ def test_defaults_without_file():
         ("runtime.seed=" + str(2**64), "runtime.seed: expected an integer that fits 64 bits"),
         ("runtime.device=cuda:banana", "runtime.device: expected auto, cpu, cuda or cuda:N"),
         ("runtime.device=cuda:-1", "runtime.device: expected auto, cpu, cuda or cuda:N"),
+        # a value that fits no member of a union names the alternatives in words, not Python types
+        ("train.compile=maybe", "train.compile: expected true, false or auto, got 'maybe'"),
+        ("train.num_workers=many", "train.num_workers: expected an integer or auto, got 'many'"),
     ],
 )
 def test_bad_values_are_rejected_naming_the_key(override, message):
