@@ -3,25 +3,32 @@
 #   make test    run the test suite                           (creates/refreshes .venv first)
 #   make bench   run the benchmarks in bench/ (figures printed, nothing asserted)
 #   make lock    regenerate the hash-locked requirements (requirements/lock-*.txt) after changing a requirement
-# Every installed file is checked against the lock's sha256 hashes (README, "Install notes"). `make env TORCH=cuda`
-# or `TORCH=cpu` picks the torch build (default: the venv's, else cuda where nvidia-smi sees a GPU, else cpu); on a
-# CPU machine whose pip finds no CPU torch wheel, `make env TORCH_INDEX=cpu` also searches the PyTorch CPU index.
+#   make check-install   install the locks as a user would (public registry only) under Python 3.12 and 3.13 in
+#                temporary venvs and run smoke stages there (CI runs it; PYTHONS="3.11 3.12" picks others)
+# Every installed file is checked against the lock's sha256 hashes (README, "Install"). The torch build is chosen
+# by scripts/install.sh and named in its last line (the venv's; else CUDA where nvidia-smi sees a GPU; else PyTorch's
+# CPU build where a locked file of it is reachable; else the registry's build, which runs on a CPU too);
+# `make env TORCH=cpu` or `TORCH=cuda` forces one. PYTHON=python3.12 picks the interpreter of a new .venv.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
-TORCH_INDEX ?=
 TORCH ?=
+PYTHON ?= python3
+PYTHONS ?= 3.12 3.13
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: env lock repro test bench clean-env
+.PHONY: env lock repro test bench check-install clean-env
 
 env: $(STAMP)
 
 $(STAMP): scripts/install.sh scripts/lockfile.py scripts/upstream_manifest.py pyproject.toml \
           $(wildcard requirements/*.txt requirements/*.in requirements/upstream/*.txt)
-	bash scripts/install.sh $(if $(TORCH),--torch $(TORCH)) $(if $(TORCH_INDEX),--torch-index $(TORCH_INDEX)) $(VENV)
+	PYTHON=$(PYTHON) bash scripts/install.sh $(if $(TORCH),--torch $(TORCH)) $(VENV)
 	touch $(STAMP)
+
+check-install:
+	bash scripts/check_install.sh $(PYTHONS)
 
 # Resolves requirements/lock.in + pyproject.toml again (needs the registry; ~3.5 min); review the diff, commit.
 lock:

@@ -2,9 +2,10 @@
 # Create or refresh the project's virtual environment from the hash-locked requirements. Idempotent; `make env`
 # calls it when requirements/*, pyproject.toml or this script changed.
 #
-# Every file pip installs is checked against a lock (see README, "Install notes"): requirements/lock-cpu.txt or
-# requirements/lock-cuda.txt, written by `make lock`, list the sha256 of every file of every pinned release, and
-# pip runs with --require-hashes, so a file whose hash is not listed stops the install. Order matters:
+# Every file pip installs is checked against a lock (see docs in README, "Install"): requirements/lock-cpu.txt or
+# requirements/lock-cuda.txt, written by `make lock`, list the sha256 of every file of every pinned release for
+# every supported Python (3.11-3.13), and pip runs with --require-hashes, so a file whose hash is not listed stops
+# the install. Order matters:
 #   0. the lock must match its inputs (requirements/*.txt, pyproject.toml): a stale lock stops here.
 #   1. pip, setuptools and wheel from the lock (the sdist-only packages are built with them, without build
 #      isolation: pip does not check what an isolated build environment downloads).
@@ -16,49 +17,85 @@
 #      facebookresearch/sam2 at 2b90b9f (requirements/upstream/sam2.txt): the registry's sam2 is not Meta's upload.
 #   4. this project, editable, without dependencies (nothing downloaded).
 #
-# Usage: scripts/install.sh [--torch cpu|cuda] [--torch-index cpu|URL] [VENV]
-#   --torch cpu|cuda    which lock (torch build) to install. Default: the build of a torch 2.13.0 already in the
-#                       venv; else cuda where `nvidia-smi -L` lists a GPU; else cpu.
-#   --torch-index cpu   also look for torch on the PyTorch CPU wheel index (a CPU machine that does not already
-#                       hold the CPU wheel, as ours do in pip's find-links). The file found there must still have
-#                       a hash in the lock. --torch-index URL: any other extra index (a mirror).
+# Which torch (--torch auto, the default), decided once and said in the last line:
+#   * the build of a torch 2.13.0 already in the venv (a refresh keeps it);
+#   * else cuda where `nvidia-smi -L` lists a GPU;
+#   * else PyTorch's CPU build (the cpu lock) where a file of it whose hash the lock lists is reachable by pip
+#     (our machines keep one in pip's find-links; PyTorch's own index serves it, the public registry does not);
+#   * else the registry's torch (the cuda lock): the CUDA build, which runs on a CPU too; the line before the
+#     install says so, with what it downloads.
+#
+# Usage: scripts/install.sh [--torch auto|cpu|cuda] [VENV]       (VENV default .venv)
+#   --torch cpu|cuda    install that lock whatever the machine has (cpu stops, saying why, where no locked CPU
+#                       build of torch is reachable for this Python).
+#   PYTHON=...          the interpreter that creates a new VENV (default python3; 3.11, 3.12 or 3.13).
 set -euo pipefail
-TORCH_INDEX=""
-TORCH=""
+TORCH=auto
 while [ $# -gt 0 ]; do
   case "$1" in
-    --torch) TORCH=${2:?"--torch needs cpu or cuda"}; shift 2 ;;
+    --torch) TORCH=${2:?"--torch needs auto, cpu or cuda"}; shift 2 ;;
     --torch=*) TORCH=${1#*=}; shift ;;
-    --torch-index) TORCH_INDEX=${2:?"--torch-index needs cpu or an index URL"}; shift 2 ;;
-    --torch-index=*) TORCH_INDEX=${1#*=}; shift ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
     -*) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) break ;;
   esac
 done
-[ "$TORCH_INDEX" = cpu ] && { TORCH_INDEX=https://download.pytorch.org/whl/cpu; TORCH=${TORCH:-cpu}; }
+case "$TORCH" in auto|cpu|cuda) ;; *) echo "install.sh: --torch must be auto, cpu or cuda, not $TORCH" >&2; exit 2 ;; esac
 VENV=${1:-.venv}
+PYTHON=${PYTHON:-python3}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 cd "$HERE"
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+START=$(date +%s)
+SUPPORTED="3.11 3.12 3.13"  # scripts/lockfile.py SUPPORTED_PYTHONS; `make check-install` installs each in CI
+if [ ! -x "$VENV/bin/python" ]; then
+  command -v "$PYTHON" >/dev/null || { echo "install.sh: no Python interpreter '$PYTHON'; set PYTHON=/path/to/python3.X" \
+                                            "(one of $SUPPORTED)" >&2; exit 2; }
+  "$PYTHON" -m venv "$VENV"
+fi
 PY="$VENV/bin/python"
+PYVER=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+case " $SUPPORTED " in
+  *" $PYVER "*) ;;
+  *) echo "install.sh: $VENV has Python $PYVER; the locks are tested with Python $SUPPORTED. Remove $VENV and run" \
+          "again with PYTHON=/path/to/python3.12 (e.g. \`make env PYTHON=python3.12\`)" >&2; exit 2 ;;
+esac
 LOG="$VENV/install.log"
 PARTS=$(mktemp -d)
 trap 'rm -rf "$PARTS"' EXIT
 : > "$LOG"
 
-if [ -z "$TORCH" ]; then
-  if TORCH=$("$PY" -c "import torch; assert torch.__version__.split('+')[0] == '2.13.0'; print('cuda' if torch.version.cuda else 'cpu')" 2>/dev/null); then :
-  elif command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then TORCH=cuda
-  else TORCH=cpu
-  fi
-fi
-case "$TORCH" in cpu|cuda) ;; *) echo "install.sh: --torch must be cpu or cuda, not $TORCH" >&2; exit 2 ;; esac
-LOCK=requirements/lock-$TORCH.txt
-
 # 0. A lock that no longer matches its inputs would install something other than what requirements/ says.
 "$PY" scripts/lockfile.py check >/dev/null || exit 1
-echo "install.sh: installing the $TORCH lock ($LOCK), every file checked by sha256; pip's output: $LOG"
+
+# Is a file of the cpu lock's torch (PyTorch's CPU build) reachable, with a hash the lock lists? A dry run reads
+# a local file in place and fails fast ("no matching distribution") where the configured indexes lack the build.
+cpu_torch_reachable() {
+  "$PY" scripts/lockfile.py select requirements/lock-cpu.txt --only torch > "$PARTS/torch-cpu.txt"
+  "$PY" -m pip install --dry-run --ignore-installed --no-deps --require-hashes --progress-bar off \
+    -r "$PARTS/torch-cpu.txt" >>"$LOG" 2>&1
+}
+
+REASON=""
+if [ "$TORCH" = auto ]; then
+  if TORCH=$("$PY" -c "import torch; assert torch.__version__.split('+')[0] == '2.13.0'; print('cuda' if torch.version.cuda else 'cpu')" 2>/dev/null); then
+    REASON="the build already in $VENV"
+  elif command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+    TORCH=cuda REASON="nvidia-smi lists a GPU"
+  elif cpu_torch_reachable; then
+    TORCH=cpu REASON="no GPU, and a locked CPU build is reachable"
+  else
+    TORCH=cuda
+    REASON="no GPU, but no locked CPU build of torch for Python $PYVER is reachable (PyTorch serves those on its own index, not the public registry); the registry's build runs on a CPU too"
+    echo "install.sh: no CPU build of torch 2.13.0 for Python $PYVER is reachable with a hash in requirements/lock-cpu.txt," \
+         "so this installs the registry's torch 2.13.0, its CUDA 13 build, which runs on a CPU: 2.7 GB of the" \
+         "3.2 GB this install downloads once (a 0.5 GB wheel and 2.2 GB of CUDA libraries and triton; pip caches" \
+         "them). To use PyTorch's smaller CPU build instead, see scripts/lock.sh (TORCH_CPU_FIND_LINKS)."
+  fi
+else
+  REASON="asked for (--torch $TORCH)"
+fi
+LOCK=requirements/lock-$TORCH.txt
+echo "install.sh: installing the $TORCH lock ($LOCK) for Python $PYVER, every file checked by sha256; pip's output: $LOG"
 
 # pip install --require-hashes; on failure one paragraph says what was refused and what to do.
 pip_locked() {
@@ -74,7 +111,7 @@ pip_locked --no-deps -r "$PARTS/tools.txt"
 # 2. The stack. The sdist-only packages among it (iopath, antlr4-python3-runtime, stringcase) build with the
 #    setuptools of step 1.
 "$PY" scripts/lockfile.py select "$LOCK" --exclude sam2 > "$PARTS/stack.txt"
-pip_locked --no-build-isolation ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} -r "$PARTS/stack.txt"
+pip_locked --no-build-isolation -r "$PARTS/stack.txt"
 # 3. sam2, then its proof of origin.
 "$PY" scripts/lockfile.py select "$LOCK" --only sam2 > "$PARTS/sam2.txt"
 SAM2_BUILD_CUDA=0 pip_locked --no-deps --no-build-isolation -r "$PARTS/sam2.txt"
@@ -83,7 +120,19 @@ SAM2_BUILD_CUDA=0 pip_locked --no-deps --no-build-isolation -r "$PARTS/sam2.txt"
 if ! "$PY" -m pip install --no-deps --no-build-isolation -e . >>"$LOG" 2>&1; then
   echo "install.sh: the editable install of this project failed; see $LOG" >&2; exit 1
 fi
-"$PY" -m pip check
-# Fails loudly if the stack does not import (e.g. a CUDA torch crept in, or torchvision's ops are missing).
-"$PY" -c "import picosam_pipeline, torch, torchvision, sam2, zarr, webdataset, pycocotools, dask.distributed; \
-print(f'environment ok: torch {torch.__version__} (cuda={torch.version.cuda}), torchvision {torchvision.__version__}, zarr {zarr.__version__}')"
+"$PY" -m pip check >>"$LOG" 2>&1 || { echo "install.sh: pip check found broken requirements:" >&2; "$PY" -m pip check >&2; exit 1; }
+# Fails loudly if the stack does not import (e.g. torchvision's ops are missing). The last line says what was
+# installed and why: the one line a user reads.
+"$PY" - "$TORCH" "$REASON" "$VENV" "$(( $(date +%s) - START ))" "$LOG" <<'EOF'
+import re, sys
+import picosam_pipeline, torch, torchvision, sam2, zarr, webdataset, pycocotools, dask.distributed  # noqa: F401
+variant, reason, venv, seconds, log = sys.argv[1:]
+text = open(log, errors="replace").read()
+# pip prints "Downloading NAME-...whl (123.4 MB)" for each file it fetched (cached files: "Using cached ...").
+units = {"kB": 1e3, "MB": 1e6, "GB": 1e9}
+fetched = sum(float(n) * units[u] for n, u in re.findall(r"Downloading \S+ \(([\d.]+) (kB|MB|GB)\)", text))
+print(f"install.sh: done in {int(seconds) // 60} min {int(seconds) % 60} s, {fetched / 1e9:.2f} GB downloaded: "
+      f"{venv} has Python {sys.version.split()[0]}, torch {torch.__version__} (the {variant} lock: {reason}; "
+      f"CUDA {'available' if torch.cuda.is_available() else 'not available, runs on the CPU'}), "
+      f"torchvision {torchvision.__version__}, zarr {zarr.__version__}")
+EOF

@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # Regenerate the hash-locked environment: requirements/lock-cpu.txt and requirements/lock-cuda.txt (`make lock`).
 #
-# Each lock is one `uv pip compile --generate-hashes` of requirements/lock.in + pyproject.toml (all extras) +
-# requirements/torch-<variant>.txt, resolved for CPython 3.11 on x86_64 Linux (manylinux_2_28). The sha256 of
-# every file of each pinned release is listed (all platforms the registry serves), so pip can check whatever
-# file it picks. Deterministic: uv comes from requirements/lock-tool.txt (pinned, hashed), nothing is taken
+# Each lock is one `uv pip compile --universal --generate-hashes` of requirements/lock.in + pyproject.toml (all
+# extras) + requirements/torch-<variant>.txt: one file for every Python from 3.11 up (the README's supported
+# 3.11-3.13 are installed from it in CI: `make check-install`), with an environment marker where a pin applies to
+# some Pythons or platforms only. `--fork-strategy fewest` keeps one version of a package for all Pythons where
+# one version fits them all, so 3.11 and 3.13 run the same code. The sha256 of every file of each pinned release is
+# listed (all platforms the registry serves), so pip can check whatever file it picks. Deterministic: uv comes from requirements/lock-tool.txt (pinned, hashed), nothing is taken
 # from the old locks (--upgrade), and only uploads up to LOCK_SNAPSHOT count (--exclude-newer), so the same
 # inputs give the same locks on any day. Move LOCK_SNAPSHOT forward on purpose to take newer releases.
 #
 # The cpu lock's torch is PyTorch's CPU build, which the default registry does not serve: it is read from
 # TORCH_CPU_FIND_LINKS, a folder holding the torch-2.13.0+cpu wheel(s) (default /opt/wheels, where our machines
-# keep it). Fill such a folder elsewhere with `pip download --no-deps --index-url <PyTorch CPU index>
-# torch==2.13.0+cpu --python-version 3.11 --platform manylinux_2_28_x86_64 -d DIR` (one call per Python and
-# platform to cover); the lock then lists the hash of every file in it.
+# keep the CPython 3.11 one). Fill such a folder elsewhere with `pip download --no-deps --index-url <PyTorch CPU
+# index> torch==2.13.0+cpu --python-version 3.12 --platform manylinux_2_28_x86_64 -d DIR` (one call per Python
+# and platform to cover); the lock then lists the hash of every file in it, and scripts/install.sh uses the cpu
+# lock wherever one of those files is reachable (else the cuda lock, whose torch runs on a CPU too).
 #
 # Usage: scripts/lock.sh            (needs the package registry; ~3-4 min on 2 cores)
 set -euo pipefail
@@ -20,6 +23,7 @@ HERE=$(cd "$(dirname "$0")/.." && pwd)
 cd "$HERE"
 LOCK_SNAPSHOT=${LOCK_SNAPSHOT:-2026-12-04T18:00:00Z}
 TORCH_CPU_FIND_LINKS=${TORCH_CPU_FIND_LINKS:-/opt/wheels}
+LOCK_MIN_PYTHON=3.11  # the oldest Python the locks cover (zarr 3 and numpy 2.3 need 3.11); scripts/lockfile.py checks it
 TOOL=.venv-lock
 
 if ! ls "$TORCH_CPU_FIND_LINKS"/torch-2.13.0+cpu-*.whl >/dev/null 2>&1; then
@@ -42,12 +46,12 @@ compile() {  # compile VARIANT [extra uv options]: writes requirements/lock-VARI
     "$TOOL/bin/uv" pip compile requirements/lock.in pyproject.toml --all-extras \
       -c "requirements/torch-$variant.txt" \
       --generate-hashes --upgrade --no-config --quiet \
-      --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+      --universal --fork-strategy fewest --python-version "$LOCK_MIN_PYTHON" \
       --exclude-newer "$LOCK_SNAPSHOT" \
       --custom-compile-command "make lock" \
       "$@" -o "$out"
   # The header records what the lock was made from (the snapshot is not in uv's header).
-  { sed -n '1,2p' "$out"; echo "#    (snapshot: uploads up to $LOCK_SNAPSHOT; Python 3.11, x86_64 manylinux_2_28; torch variant: $variant)"; \
+  { sed -n '1,2p' "$out"; echo "#    (snapshot: uploads up to $LOCK_SNAPSHOT; universal: Python >= $LOCK_MIN_PYTHON, any platform; torch variant: $variant)"; \
     sed '1,2d' "$out"; } > "requirements/lock-$variant.txt"
   rm -f "$out"
   echo "lock.sh: requirements/lock-$variant.txt: $(grep -c '^[A-Za-z0-9]' "requirements/lock-$variant.txt") packages," \

@@ -43,11 +43,14 @@ except ImportError:  # Python 3.10
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("cpu", "cuda")
 LOCK_INPUT = "requirements/lock.in"
-# The environment the locks are resolved for (scripts/lock.sh: --python-version 3.11, x86_64 manylinux).
-# Markers of declared requirements are evaluated against it.
-LOCK_ENV = {"python_version": "3.11", "python_full_version": "3.11.7", "sys_platform": "linux",
-            "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
+# The Pythons the README names as supported: the locks are universal (scripts/lock.sh: --universal from 3.11 up)
+# and CI installs each of these from them with the public registry only (`make check-install`). Markers of declared
+# requirements are evaluated against each; a requirement that applies to any of them must be in the lock.
+SUPPORTED_PYTHONS = ("3.11", "3.12", "3.13")
+LOCK_ENV = {"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
             "implementation_name": "cpython", "platform_python_implementation": "CPython"}
+# The line scripts/lock.sh writes into each lock's header; a lock resolved for one Python lacks it.
+UNIVERSAL_HEADER = re.compile(r"universal: Python >= (?P<min>3\.\d+)")
 PYPROJECT_VIA = "picosam-pipeline (pyproject.toml)"
 
 
@@ -90,6 +93,13 @@ def parse_lock(path: Path) -> dict[str, Entry]:
             if not m:
                 raise ValueError(f"{path}: cannot read the line {raw!r} (expected name==version)")
             current = Entry(canonicalize_name(m.group(1)), m.group(3), marker.strip())
+            if current.name in entries:
+                # A universal resolution forked this package by Python or platform. install.sh cuts the lock by name
+                # and the README promises the same code on every supported Python, so one pin per package.
+                raise ValueError(f"{path}: {current.name} is pinned twice ({entries[current.name].version} ; "
+                                 f"{entries[current.name].marker or 'always'} and {current.version} ; {marker.strip()}): "
+                                 "pin one version that fits every supported Python in requirements/constraints.txt, "
+                                 "then `make lock`")
             entries[current.name] = current
             in_via = False
             continue
@@ -148,7 +158,12 @@ def declared(root: Path, variant: str) -> list[Declared]:
     for extra, specs in sorted(project.get("optional-dependencies", {}).items()):
         for spec in specs:
             out.append(Declared(Requirement(spec), f"pyproject.toml [{extra}]", "require"))
-    return [d for d in out if d.req.marker is None or d.req.marker.evaluate(dict(LOCK_ENV, extra=""))]
+    return [d for d in out if d.req.marker is None or any(d.req.marker.evaluate(marker_env(v)) for v in SUPPORTED_PYTHONS)]
+
+
+def marker_env(python: str) -> dict[str, str]:
+    """The marker environment of CPython ``python`` (e.g. "3.12") on x86_64 Linux."""
+    return dict(LOCK_ENV, python_version=python, python_full_version=f"{python}.0", extra="")
 
 
 def _via_sources(entry: Entry) -> set[str]:
@@ -171,7 +186,12 @@ def check(root: Path = REPO) -> list[str]:
         if not path.exists():
             problems.append(f"{lock_path(variant)} is missing")
             continue
-        lock = locks[variant] = parse_lock(path)
+        try:
+            lock = locks[variant] = parse_lock(path)
+        except ValueError as err:
+            problems.append(str(err))
+            continue
+        problems += _check_header(path, lock_path(variant))
         decl = declared(root, variant)
         for d in decl:
             entry = lock.get(d.name)
@@ -199,6 +219,18 @@ def check(root: Path = REPO) -> list[str]:
     if len(locks) == len(VARIANTS):
         problems += _compare_variants(locks["cpu"], locks["cuda"])
     return problems
+
+
+def _check_header(path: Path, name: str) -> list[str]:
+    """A lock must say it was resolved universally from the oldest supported Python up (scripts/lock.sh's header)."""
+    header = "".join(line for line in path.read_text().splitlines()[:5] if line.startswith("#"))
+    m = UNIVERSAL_HEADER.search(header)
+    if m is None:
+        return [f"{name} was not resolved for every supported Python ({', '.join(SUPPORTED_PYTHONS)}): its header lacks "
+                "'universal: Python >= ...' (a lock made for one Python, e.g. with --python-platform)"]
+    if Version(m.group("min")) > Version(SUPPORTED_PYTHONS[0]):
+        return [f"{name} covers Python >= {m.group('min')}, but {SUPPORTED_PYTHONS[0]} is supported"]
+    return []
 
 
 def _compare_variants(cpu: dict[str, Entry], cuda: dict[str, Entry]) -> list[str]:
@@ -276,9 +308,11 @@ def explain(log_text: str, lock: str, log_name: str) -> str:
     for line in lines:
         if (m := _NO_MATCH.search(line)):
             hint = ""
-            if m.group("req").startswith("torch=="):
-                hint = (" This lock's torch build is not on the configured indexes: on a CPU machine use "
-                        "`make env TORCH_INDEX=cpu` (the PyTorch CPU index), on a CUDA machine `make env TORCH=cuda`.")
+            if m.group("req").startswith("torch==") and "+cpu" in m.group("req"):
+                hint = (" That is PyTorch's CPU build, which the public registry does not serve, and no locked file of it "
+                        "is reachable for this Python: run `make env` without TORCH=cpu (it then installs the registry's "
+                        "torch, which runs on a CPU too), or put the CPU wheel in a folder on pip's find-links and "
+                        "lock its hash (`make lock TORCH_CPU_FIND_LINKS=DIR`, see scripts/lock.sh).")
             return (f"install.sh: no file of {m.group('req')} (pinned in {lock}) was found on the package indexes.{hint} "
                     f"Full pip output: {log_name}")
     tail = "\n".join(lines[-15:])

@@ -169,3 +169,39 @@ def test_pinned_file_not_on_the_indexes_is_named(tmp_path: Path):
     assert _pip_locked(lock, wheels, tmp_path / "t", log) != 0
     message = lockfile.explain(log.read_text(), "requirements/lock-cpu.txt", str(log))
     assert message.startswith("install.sh: no file of lockprobe==1.0 (pinned in requirements/lock-cpu.txt) was found")
+
+
+def test_cpu_torch_not_reachable_says_what_to_do_instead():
+    log = "ERROR: Could not find a version that satisfies the requirement torch==2.13.0+cpu (from versions: 2.13.0)\n" \
+          "ERROR: No matching distribution found for torch==2.13.0+cpu\n"
+    message = lockfile.explain(log, "requirements/lock-cpu.txt", "install.log")
+    assert "torch==2.13.0+cpu" in message and "without TORCH=cpu" in message and "TORCH_CPU_FIND_LINKS" in message
+    assert "TORCH_INDEX" not in message  # the PyTorch-index option is gone: its files' hashes were never locked
+
+
+def test_locks_cover_every_supported_python():
+    for variant in lockfile.VARIANTS:
+        head = (REPO / lockfile.lock_path(variant)).read_text().splitlines()[:5]
+        assert any("universal: Python >= 3.11" in line for line in head), head
+    # A marker that holds only on 3.13 still asks for the package: such a requirement must be in the lock too.
+    assert [v for v in lockfile.SUPPORTED_PYTHONS if lockfile.Requirement("x ; python_version >= '3.13'").marker
+            .evaluate(lockfile.marker_env(v))] == ["3.13"]
+
+
+def test_lock_made_for_one_python_is_named(inputs: Path):
+    path = inputs / "requirements/lock-cuda.txt"
+    text = path.read_text()
+    path.write_text(text.replace("universal: Python >= 3.11, any platform", "Python 3.11, x86_64 manylinux_2_28", 1))
+    problems = lockfile.check(inputs)
+    assert any("lock-cuda.txt was not resolved for every supported Python" in p for p in problems), problems
+    path.write_text(text.replace("universal: Python >= 3.11", "universal: Python >= 3.12", 1))
+    assert any("covers Python >= 3.12, but 3.11 is supported" in p for p in lockfile.check(inputs))
+
+
+def test_package_pinned_twice_by_a_forked_resolution_is_named(inputs: Path):
+    path = inputs / "requirements/lock-cpu.txt"
+    text = path.read_text()
+    path.write_text(text.replace("scipy==1.17.1 \\", "scipy==1.17.1 ; python_full_version < '3.12' \\", 1)
+                    + "scipy==1.18.1 ; python_full_version >= '3.12' \\\n    --hash=sha256:" + "1" * 64 + "\n")
+    problems = lockfile.check(inputs)
+    assert any("scipy is pinned twice" in p and "constraints.txt" in p for p in problems), problems
