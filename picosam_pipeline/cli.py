@@ -109,6 +109,7 @@ def cli() -> None:
     """Distil SAM2/SAM3 into PicoSAM2/PicoSAM3 students for the Sony IMX500, reproducibly.
 
     Each pipeline stage is run with `run-stage NAME` (what `dvc repro` calls); `stages` lists them.
+    `init DIR` makes a new project there (dvc.yaml, params.yaml, data/) for `dvc repro`, no clone needed.
     The commands that read params (run-stage, export-teacher, doctor) read params.yaml in the working
     directory unless given --params; the others take what they need as options. Every command exits
     non-zero with a one-paragraph message on bad input; warnings go to stderr. `doctor` checks what this
@@ -141,6 +142,50 @@ def _complete_stage(ctx: click.Context, param: click.Parameter, incomplete: str)
     except Exception:
         pass
     return [CompletionItem(n, help=STAGES[n.partition("@")[0]].writes) for n in names if n.startswith(incomplete)]
+
+
+@cli.command("init")
+@click.argument("directory", default=".", metavar="[DIR]", type=click.Path(file_okay=False))
+@click.option("--git/--no-git", "use_git", default=None,
+              help="Default: DIR inside a git repository joins it (dvc init, --subdir below its top); otherwise a new "
+                   "git repository is made in DIR (git init) when git is installed, else DVC runs without git. "
+                   "--git: the same, but fail when git is not installed. --no-git: no git at all (dvc init --no-scm; "
+                   "then `dvc exp` and sharing dvc.lock through git are not available).")
+def init_cmd(directory: str, use_git: bool | None) -> None:
+    """Create a runnable pipeline project in DIR (default: the current folder), for an installed picosam-pipeline.
+
+    DIR must be new or empty (nothing is overwritten; there is no --force). It gets params.yaml and a dvc.yaml from
+    this version of the package (the code deps of each stage become .picosam/code/STAGE.sha256, written by a first
+    stage, code-stamp, from the installed code, so that `dvc repro` after an upgrade reruns the stages whose code
+    changed), .dvc/ (dvc init), .dvcignore, .gitignore, data/ and a README.md. Then `cd DIR && dvc repro` runs the
+    pipeline on the built-in sample; the README says how to switch to real COCO.
+    """
+    from pathlib import Path
+
+    from picosam_pipeline.project_init import init_project
+
+    result = init_project(directory, git=use_git)
+    click.echo(f"Created a picosam-pipeline project in {result.path} (git: {result.scm}): dvc.yaml, params.yaml, "
+               f"README.md, data/, .dvc/")
+    go = "" if result.path == Path.cwd().resolve() else f"cd {directory} && "
+    click.echo(f"Run it:  {go}dvc repro    (the built-in sample; README.md: real COCO, results)")
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+
+
+@cli.command("code-stamp", hidden=True)
+def code_stamp_cmd() -> None:
+    """Write .picosam/code/STAGE.sha256 here: the sha256 of each installed code file every stage runs.
+
+    The first stage of a project made by `init` (dvc.yaml's code-stamp, run on every `dvc repro`); a stage's file
+    changes only when an upgrade changes its code, and DVC then reruns that stage. Warns when the project was made
+    by another version of picosam-pipeline than the installed one.
+    """
+    from picosam_pipeline.project_init import write_code_stamps
+
+    _, warning = write_code_stamps()
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
 
 
 @cli.command("run-stage")

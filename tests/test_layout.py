@@ -21,7 +21,7 @@ from picosam_pipeline.stages import STAGES
 PACKAGE = "picosam_pipeline"
 PHASES = ("data", "teacher", "train", "evaluate", "deploy")
 CROSS_CUTTING = {"config", "datasets", "errors", "device", "outputs", "parallel", "recipes", "_torchvision_compat"}
-TOP = {"cli", "__main__", "doctor"}  # the command line (and its `doctor`): imports everything, imported by nothing in the library
+TOP = {"cli", "__main__", "doctor", "project_init"}  # the command line (and its `doctor`, `init`): imports everything, imported by nothing in the library
 # Files that a stage imports but whose changes cannot change its outputs: package docstrings, the import shim,
 # and the error classes (messages only).
 NOT_DEPS = {"picosam_pipeline/errors.py", "picosam_pipeline/_torchvision_compat.py"}

@@ -3,54 +3,22 @@ virtualenv beside the pinned stack, run from a folder that is not the repository
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
-import sysconfig
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO
+from conftest import run_checked as run
 
 pytestmark = pytest.mark.slow
 
 
-def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    return proc
-
-
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    """``(venv, env)``: the wheel installed into a new virtualenv whose only extra path is this environment's
-    site-packages (torch, sam2, zarr, ... at the tested pins), without its editable install of this repo."""
-    root = tmp_path_factory.mktemp("wheel")
-    # Build from a copy of the sources, so the build leaves nothing in the checkout.
-    src = root / "src"
-    everywhere = shutil.ignore_patterns("__pycache__", "*.egg-info", ".pytest_cache")
-
-    def ignore(folder: str, names: list[str]) -> set[str]:
-        top = {".git", ".venv", ".dvc", "data", "metrics", "build"} if Path(folder) == REPO else set()
-        return (top & set(names)) | everywhere(folder, names)
-
-    shutil.copytree(REPO, src, ignore=ignore)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(root / "dist"),
-         str(src)], cwd=root, env=env)
-    (wheel,) = (root / "dist").glob("picosam_pipeline-*.whl")
-    venv = root / "venv"
-    run([sys.executable, "-m", "venv", str(venv)], cwd=root, env=env)
-    purelib = Path(run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                       cwd=root, env=env).stdout.strip())
-    # A plain path line: the pinned stack is importable, while the .pth files inside it (our editable install's
-    # finder among them) are not processed.
-    (purelib / "pinned_stack.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], cwd=root, env=env)
-    return venv, env
+def installed(installed_wheel) -> tuple[Path, dict[str, str]]:
+    """The wheel installed into a fresh virtualenv (conftest.installed_wheel, built once per session)."""
+    return installed_wheel
 
 
 def test_wheel_installs_stages_under_our_namespace(installed, tmp_path):
