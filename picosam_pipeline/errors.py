@@ -5,6 +5,7 @@ No message here advises turning a safety check off: a refused input gets the saf
 """
 
 import re
+import sys
 
 
 class PipelineError(Exception):
@@ -17,6 +18,11 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "sam3": ("sam3",),
     "imx500": ("model_compression_toolkit", "mct_quantizers", "edgemdt_tpc", "imx500_converter", "uni"),
 }
+
+
+# Extras whose packages exist for some Pythons only (pyproject.toml's markers): Sony's IMX500 converter front end
+# (uni-pytorch) is published for 3.10-3.12; of those the project supports 3.11 and 3.12.
+PYTHONS_OF_EXTRA: dict[str, tuple[tuple[int, int], ...]] = {"imx500": ((3, 11), (3, 12))}
 
 
 class MissingExtraError(PipelineError):
@@ -32,6 +38,12 @@ def require_extra(extra: str, purpose: str) -> None:
     import importlib.util
 
     missing = [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
+    if missing and extra in PYTHONS_OF_EXTRA and sys.version_info[:2] not in PYTHONS_OF_EXTRA[extra]:
+        versions = ", ".join("%d.%d" % v for v in PYTHONS_OF_EXTRA[extra])
+        raise MissingExtraError(
+            f"{purpose} needs the optional package(s) {', '.join(missing)} (the [{extra}] extra), which are not "
+            f"published for Python {sys.version_info[0]}.{sys.version_info[1]}; run this stage with Python {versions} "
+            f"(e.g. `make env PYTHON=python3.12` into a fresh .venv)")
     if missing:
         raise MissingExtraError(
             f"{purpose} needs the optional package(s) {', '.join(missing)}, which are not installed; install them with "

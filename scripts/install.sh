@@ -71,8 +71,9 @@ trap 'rm -rf "$PARTS"' EXIT
 # a local file in place and fails fast ("no matching distribution") where the configured indexes lack the build.
 cpu_torch_reachable() {
   "$PY" scripts/lockfile.py select requirements/lock-cpu.txt --only torch > "$PARTS/torch-cpu.txt"
+  # Its own log: a "no matching distribution" here is an answer, not the failure that lockfile.py explain reads.
   "$PY" -m pip install --dry-run --ignore-installed --no-deps --require-hashes --progress-bar off \
-    -r "$PARTS/torch-cpu.txt" >>"$LOG" 2>&1
+    -r "$PARTS/torch-cpu.txt" >"$VENV/torch-probe.log" 2>&1
 }
 
 REASON=""
@@ -82,10 +83,10 @@ if [ "$TORCH" = auto ]; then
   elif command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
     TORCH=cuda REASON="nvidia-smi lists a GPU"
   elif cpu_torch_reachable; then
-    TORCH=cpu REASON="no GPU, and a locked CPU build is reachable"
+    TORCH=cpu REASON="no GPU; a locked CPU build is reachable"
   else
     TORCH=cuda
-    REASON="no GPU, but no locked CPU build of torch for Python $PYVER is reachable (PyTorch serves those on its own index, not the public registry); the registry's build runs on a CPU too"
+    REASON="no GPU and no locked CPU build for Python $PYVER reachable, so the registry's build"
     echo "install.sh: no CPU build of torch 2.13.0 for Python $PYVER is reachable with a hash in requirements/lock-cpu.txt," \
          "so this installs the registry's torch 2.13.0, its CUDA 13 build, which runs on a CPU: 2.7 GB of the" \
          "3.2 GB this install downloads once (a 0.5 GB wheel and 2.2 GB of CUDA libraries and triton; pip caches" \
@@ -128,11 +129,11 @@ import re, sys
 import picosam_pipeline, torch, torchvision, sam2, zarr, webdataset, pycocotools, dask.distributed  # noqa: F401
 variant, reason, venv, seconds, log = sys.argv[1:]
 text = open(log, errors="replace").read()
-# pip prints "Downloading NAME-...whl (123.4 MB)" for each file it fetched (cached files: "Using cached ...").
+# pip prints "Downloading NAME-...whl (123.4 MB)" for each file it fetches, from the network or its HTTP cache.
 units = {"kB": 1e3, "MB": 1e6, "GB": 1e9}
 fetched = sum(float(n) * units[u] for n, u in re.findall(r"Downloading \S+ \(([\d.]+) (kB|MB|GB)\)", text))
-print(f"install.sh: done in {int(seconds) // 60} min {int(seconds) % 60} s, {fetched / 1e9:.2f} GB downloaded: "
-      f"{venv} has Python {sys.version.split()[0]}, torch {torch.__version__} (the {variant} lock: {reason}; "
-      f"CUDA {'available' if torch.cuda.is_available() else 'not available, runs on the CPU'}), "
-      f"torchvision {torchvision.__version__}, zarr {zarr.__version__}")
+device = "a CUDA device is available" if torch.cuda.is_available() else "no CUDA device: runs on the CPU"
+print(f"install.sh: done in {int(seconds) // 60} min {int(seconds) % 60} s ({fetched / 1e9:.2f} GB of packages "
+      f"fetched, network or pip's cache): {venv} has Python {sys.version.split()[0]} and torch {torch.__version__} "
+      f"(the {variant} lock: {reason}; {device}), torchvision {torchvision.__version__}, zarr {zarr.__version__}")
 EOF

@@ -27,10 +27,12 @@ from pathlib import Path
 from urllib.parse import unquote
 
 try:
+    from packaging.markers import Marker
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
     from packaging.version import Version
 except ImportError:  # a fresh venv before the lock is installed: pip's own copy
+    from pip._vendor.packaging.markers import Marker  # type: ignore[no-redef]
     from pip._vendor.packaging.requirements import Requirement  # type: ignore[no-redef]
     from pip._vendor.packaging.utils import canonicalize_name  # type: ignore[no-redef]
     from pip._vendor.packaging.version import Version  # type: ignore[no-redef]
@@ -72,15 +74,20 @@ class Entry:
     hashes: list[str] = field(default_factory=list)
     via: list[str] = field(default_factory=list)
 
+    def applies(self, python: str) -> bool:
+        """Whether pip installs this pin on CPython ``python`` (e.g. "3.13") on x86_64 Linux."""
+        return not self.marker or Marker(self.marker).evaluate(marker_env(python))
+
     def text(self) -> str:
         """The entry as a requirements line pip accepts under --require-hashes."""
         head = f"{self.name}=={self.version}" + (f" ; {self.marker}" if self.marker else "")
         return " \\\n    ".join([head] + [f"--hash=sha256:{h}" for h in self.hashes]) + "\n"
 
 
-def parse_lock(path: Path) -> dict[str, Entry]:
-    """The entries of a uv/pip-tools style hashed requirements file, by canonical name."""
-    entries: dict[str, Entry] = {}
+def parse_lock(path: Path) -> dict[str, list[Entry]]:
+    """The entries of a uv/pip-tools style hashed requirements file, by canonical name: one pin per package, or
+    several with disjoint markers where the universal resolution forked it (e.g. onnx by Python version)."""
+    entries: dict[str, list[Entry]] = {}
     current: Entry | None = None
     in_via = False
     for raw in path.read_text().splitlines():
@@ -93,14 +100,7 @@ def parse_lock(path: Path) -> dict[str, Entry]:
             if not m:
                 raise ValueError(f"{path}: cannot read the line {raw!r} (expected name==version)")
             current = Entry(canonicalize_name(m.group(1)), m.group(3), marker.strip())
-            if current.name in entries:
-                # A universal resolution forked this package by Python or platform. install.sh cuts the lock by name
-                # and the README promises the same code on every supported Python, so one pin per package.
-                raise ValueError(f"{path}: {current.name} is pinned twice ({entries[current.name].version} ; "
-                                 f"{entries[current.name].marker or 'always'} and {current.version} ; {marker.strip()}): "
-                                 "pin one version that fits every supported Python in requirements/constraints.txt, "
-                                 "then `make lock`")
-            entries[current.name] = current
+            entries.setdefault(current.name, []).append(current)
             in_via = False
             continue
         if current is None:
@@ -180,44 +180,64 @@ def _via_sources(entry: Entry) -> set[str]:
 def check(root: Path = REPO) -> list[str]:
     """Every difference between the lock inputs and requirements/lock-*.txt, one sentence each ([] = in step)."""
     problems: list[str] = []
-    locks: dict[str, dict[str, Entry]] = {}
+    locks: dict[str, dict[str, list[Entry]]] = {}
     for variant in VARIANTS:
         path = root / lock_path(variant)
         if not path.exists():
             problems.append(f"{lock_path(variant)} is missing")
             continue
-        try:
-            lock = locks[variant] = parse_lock(path)
-        except ValueError as err:
-            problems.append(str(err))
-            continue
+        lock = locks[variant] = parse_lock(path)
         problems += _check_header(path, lock_path(variant))
+        problems += _check_forks(lock, lock_path(variant))
         decl = declared(root, variant)
         for d in decl:
-            entry = lock.get(d.name)
-            if entry is None:
-                if d.kind == "require":
-                    problems.append(f"{d.req} ({d.source}) is not in {lock_path(variant)}")
-                continue
-            if not d.req.specifier.contains(Version(entry.version), prereleases=True):
-                problems.append(f"{lock_path(variant)} pins {entry.name}=={entry.version}, which {d.source} "
-                                f"no longer allows ({d.req})")
+            problems += _check_declared(d, lock.get(d.name, []), lock_path(variant))
         # The reverse: a package the lock says an input file asked for must still be asked for there.
         asked: dict[str, set[str]] = {}
         for d in decl:
             asked.setdefault(d.source.split(" [", 1)[0], set()).add(d.name)
-        for entry in lock.values():
+        for entry in (e for pins in lock.values() for e in pins):
             for source in sorted(_via_sources(entry)):
                 if source not in asked and not (root / source).exists():
                     problems.append(f"{lock_path(variant)} has {entry.name} from {source}, which no longer exists")
                 elif entry.name not in asked.get(source, set()):
                     problems.append(f"{lock_path(variant)} has {entry.name}=={entry.version} as asked for by "
                                     f"{source}, which no longer asks for it")
-        for entry in lock.values():
             if not entry.hashes:
                 problems.append(f"{lock_path(variant)}: {entry.name}=={entry.version} has no hash")
     if len(locks) == len(VARIANTS):
         problems += _compare_variants(locks["cpu"], locks["cuda"])
+    return problems
+
+
+def _check_declared(d: Declared, pins: list[Entry], name: str) -> list[str]:
+    """A declared requirement against the lock's pins of its package, on every supported Python it applies to."""
+    problems = []
+    for python in SUPPORTED_PYTHONS:
+        if d.req.marker is not None and not d.req.marker.evaluate(marker_env(python)):
+            continue
+        applying = [e for e in pins if e.applies(python)]
+        if not applying:
+            if d.kind == "require":
+                where = "" if not pins else f" for Python {python}"
+                problems.append(f"{d.req} ({d.source}) is not in {name}{where}")
+            continue
+        for entry in applying:
+            if not d.req.specifier.contains(Version(entry.version), prereleases=True):
+                problems.append(f"{name} pins {entry.name}=={entry.version}, which {d.source} no longer allows ({d.req})")
+    return sorted(set(problems))
+
+
+def _check_forks(lock: dict[str, list[Entry]], name: str) -> list[str]:
+    """Several pins of one package are a fork of the universal resolution: on each supported Python at most one may
+    apply, or pip would be asked for two versions at once."""
+    problems = []
+    for pins in (p for p in lock.values() if len(p) > 1):
+        for python in SUPPORTED_PYTHONS:
+            applying = [e for e in pins if e.applies(python)]
+            if len(applying) > 1:
+                problems.append(f"{name} pins {pins[0].name} twice for Python {python}: "
+                                + " and ".join(f"{e.version} ; {e.marker or 'always'}" for e in applying))
     return problems
 
 
@@ -233,35 +253,41 @@ def _check_header(path: Path, name: str) -> list[str]:
     return []
 
 
-def _compare_variants(cpu: dict[str, Entry], cuda: dict[str, Entry]) -> list[str]:
+def _compare_variants(cpu: dict[str, list[Entry]], cuda: dict[str, list[Entry]]) -> list[str]:
     """The two locks must differ only in torch's build and what that build alone pulls in (CUDA libraries)."""
     problems = []
     for name in sorted(cpu.keys() & cuda.keys()):
         a, b = cpu[name], cuda[name]
         if name == "torch":
-            if Version(a.version).public != Version(b.version).public:
-                problems.append(f"torch differs beyond its build: {a.version} (cpu) vs {b.version} (cuda)")
-        elif (a.version, sorted(a.hashes)) != (b.version, sorted(b.hashes)):
-            problems.append(f"{name} differs between the cpu and cuda locks ({a.version} vs {b.version}): "
+            if {Version(e.version).public for e in a} != {Version(e.version).public for e in b}:
+                problems.append(f"torch differs beyond its build: {_versions(a)} (cpu) vs {_versions(b)} (cuda)")
+        elif sorted((e.version, e.marker, sorted(e.hashes)) for e in a) != \
+                sorted((e.version, e.marker, sorted(e.hashes)) for e in b):
+            problems.append(f"{name} differs between the cpu and cuda locks ({_versions(a)} vs {_versions(b)}): "
                             "regenerate both with make lock")
     for variant, lock, other in (("cpu", cpu, cuda), ("cuda", cuda, cpu)):
         only = lock.keys() - other.keys()
         for name in sorted(only):
-            vias = {canonicalize_name(v.split()[0]) for v in lock[name].via if not v.startswith("-")}
+            via = [v for e in lock[name] for v in e.via]
+            vias = {canonicalize_name(v.split()[0]) for v in via if not v.startswith("-")}
             if not vias or not vias <= (only | {"torch"}):
                 problems.append(f"{name} is only in the {variant} lock but is not pulled in by that torch build alone "
-                                f"(via {', '.join(lock[name].via)})")
+                                f"(via {', '.join(via)})")
     return problems
 
 
+def _versions(pins: list[Entry]) -> str:
+    return " / ".join(e.version + (f" ; {e.marker}" if len(pins) > 1 and e.marker else "") for e in pins)
+
+
 def select(lock: Path, names: list[str], exclude: bool) -> str:
-    """The lock's entries for ``names`` (or for all packages but them), as a requirements file."""
+    """The lock's entries for ``names`` (or for all packages but them, every fork of each), as a requirements file."""
     entries = parse_lock(lock)
     wanted = {canonicalize_name(n) for n in names}
     unknown = wanted - entries.keys()
     if unknown:
         raise SystemExit(f"lockfile.py select: {', '.join(sorted(unknown))} not in {lock}")
-    return "".join(e.text() for n, e in entries.items() if (n in wanted) != exclude)
+    return "".join(e.text() for n, pins in entries.items() if (n in wanted) != exclude for e in pins)
 
 
 # --- why pip stopped --------------------------------------------------------------------------------------

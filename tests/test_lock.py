@@ -30,11 +30,11 @@ def test_every_lock_entry_is_pinned_and_hashed():
     for variant in lockfile.VARIANTS:
         entries = lockfile.parse_lock(REPO / lockfile.lock_path(variant))
         assert len(entries) > 100  # the whole stack, not a fragment
-        for entry in entries.values():
+        for entry in (e for pins in entries.values() for e in pins):
             assert entry.hashes and all(len(h) == 64 for h in entry.hashes), entry.name
     cpu = lockfile.parse_lock(REPO / "requirements/lock-cpu.txt")
     cuda = lockfile.parse_lock(REPO / "requirements/lock-cuda.txt")
-    assert cpu["torch"].version == "2.13.0+cpu" and cuda["torch"].version == "2.13.0"
+    assert [e.version for e in cpu["torch"]] == ["2.13.0+cpu"] and [e.version for e in cuda["torch"]] == ["2.13.0"]
     # nvidia-ml-py (dvclive's dependency) is pure-Python NVML bindings, no CUDA library: allowed in the CPU lock.
     assert any(n.startswith("nvidia-") for n in cuda)
     assert not any(n.startswith("nvidia-") and n != "nvidia-ml-py" for n in cpu)
@@ -61,10 +61,10 @@ def test_added_requirement_without_relocking_is_named(inputs: Path):
 
 def test_changed_pin_without_relocking_is_named(inputs: Path):
     path = inputs / "requirements/constraints.txt"
-    path.write_text(path.read_text().replace("onnx==1.17.0", "onnx==1.18.0"))
+    path.write_text(path.read_text().replace("onnxruntime==1.21.1", "onnxruntime==1.22.0"))
     problems = lockfile.check(inputs)
-    assert any("pins onnx==1.17.0, which requirements/constraints.txt no longer allows (onnx==1.18.0)" in p
-               for p in problems), problems
+    assert any("pins onnxruntime==1.21.1, which requirements/constraints.txt no longer allows (onnxruntime==1.22.0)"
+               in p for p in problems), problems
 
 
 def test_pyproject_extra_without_relocking_is_named(inputs: Path):
@@ -158,7 +158,8 @@ def test_select_cuts_a_lock_for_one_pip_call(tmp_path: Path):
     rest.write_text(lockfile.select(cpu, ["sam2"], exclude=True))
     entries, full = lockfile.parse_lock(rest), lockfile.parse_lock(cpu)
     assert "sam2" not in entries and len(entries) == len(full) - 1
-    assert entries["torch"].hashes == full["torch"].hashes
+    assert entries["torch"][0].hashes == full["torch"][0].hashes
+    assert len(entries["onnx"]) == 2  # both forks of a forked package (1.17.0 below Python 3.13, a newer one from it)
 
 
 def test_pinned_file_not_on_the_indexes_is_named(tmp_path: Path):
@@ -198,10 +199,31 @@ def test_lock_made_for_one_python_is_named(inputs: Path):
     assert any("covers Python >= 3.12, but 3.11 is supported" in p for p in lockfile.check(inputs))
 
 
-def test_package_pinned_twice_by_a_forked_resolution_is_named(inputs: Path):
+def test_forked_pins_must_not_overlap_and_must_cover_every_python(inputs: Path):
+    # The committed fork (onnx by Python version) passes; markers that overlap, or leave a Python out, are named.
+    onnx = lockfile.parse_lock(inputs / "requirements/lock-cpu.txt")["onnx"]
+    assert sorted((e.version, [v for v in lockfile.SUPPORTED_PYTHONS if e.applies(v)]) for e in onnx)[0] == \
+        ("1.17.0", ["3.11", "3.12"])
     path = inputs / "requirements/lock-cpu.txt"
     text = path.read_text()
-    path.write_text(text.replace("scipy==1.17.1 \\", "scipy==1.17.1 ; python_full_version < '3.12' \\", 1)
+    path.write_text(text.replace("scipy==1.17.1 \\", "scipy==1.17.1 ; python_full_version < '3.13' \\", 1)
                     + "scipy==1.18.1 ; python_full_version >= '3.12' \\\n    --hash=sha256:" + "1" * 64 + "\n")
     problems = lockfile.check(inputs)
-    assert any("scipy is pinned twice" in p and "constraints.txt" in p for p in problems), problems
+    assert any("lock-cpu.txt pins scipy twice for Python 3.12: 1.17.1" in p for p in problems), problems
+    path.write_text(text.replace("scipy==1.17.1 \\", "scipy==1.17.1 ; python_full_version < '3.13' \\", 1))
+    problems = lockfile.check(inputs)
+    assert any("(pyproject.toml [bench]) is not in requirements/lock-cpu.txt for Python 3.13" in p for p in problems), problems
+
+
+def test_install_refuses_an_unknown_torch_choice_and_an_unsupported_python(tmp_path: Path):
+    script = str(REPO / "scripts/install.sh")
+    bad = subprocess.run(["bash", script, "--torch", "rocm", str(tmp_path / "v")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--torch must be auto, cpu or cuda, not rocm" in bad.stderr
+    old = sorted(Path.home().glob(".pyenv/versions/3.10.*/bin/python"))
+    if not old:
+        pytest.skip("no Python 3.10 under ~/.pyenv/versions to try an unsupported interpreter with")
+    env = dict(os.environ, PYTHON=str(old[0]))
+    run = subprocess.run(["bash", script, str(tmp_path / "venv")], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert "has Python 3.10; the locks are tested with Python 3.11 3.12 3.13" in run.stderr
+    assert "PYTHON=" in run.stderr  # says how to pick another interpreter
