@@ -86,7 +86,6 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch, tmp_path):
     assert "pip install 'picosam-pipeline[imx500]'" in message and "Traceback" not in message
 
 
-
 def test_a_missing_extra_that_has_no_build_for_this_python_says_which_pythons(monkeypatch):
     """On Python 3.13 the IMX500 extra is not installable (Sony ships its converter for 3.10-3.12): the message says
     so and names the Pythons to use, instead of a `pip install` that cannot work."""
@@ -101,6 +100,7 @@ def test_a_missing_extra_that_has_no_build_for_this_python_says_which_pythons(mo
     message = result.output.strip()
     assert "(the [imx500] extra), which are not published for Python 3.13; run this stage with Python 3.11, 3.12" in message, message
     assert "make env PYTHON=python3.12" in message and "pip install" not in message
+
 
 def _import_interrupted_by_ctrl_c(*args, **kwargs):
     """What onnxruntime's pybind11 import raises when Ctrl-C lands inside it."""
