@@ -148,7 +148,8 @@ def _complete_stage(ctx: click.Context, param: click.Parameter, incomplete: str)
 @click.argument("directory", default=".", metavar="[DIR]", type=click.Path(file_okay=False))
 @click.option("--git/--no-git", "use_git", default=None,
               help="Default: DIR inside a git repository joins it (dvc init, --subdir below its top); otherwise a new "
-                   "git repository is made in DIR (git init) when git is installed, else DVC runs without git. "
+                   "git repository is made in DIR (git init) with the project as its first commit (the train "
+                   "stage's dvclive and `dvc exp` need one) when git is installed, else DVC runs without git. "
                    "--git: the same, but fail when git is not installed. --no-git: no git at all (dvc init --no-scm; "
                    "then `dvc exp` and sharing dvc.lock through git are not available).")
 def init_cmd(directory: str, use_git: bool | None) -> None:

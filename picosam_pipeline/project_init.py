@@ -24,6 +24,10 @@ when the package is upgraded (nothing would rerun), and a version refreshed on e
 hours of teacher work included, for any release, while missing code changes under the same number (installs from
 git). The version that wrote the project is kept in ``.picosam/version``: code-stamp warns when the installed one
 differs, since dvc.yaml and params.yaml are then an older version's (a new key or stage is not in them).
+
+**Git.** DIR inside a git repository joins it (``dvc init --subdir`` below its top). Otherwise init makes one (``git
+init``) and commits the project as its first commit: dvclive, which the train stage logs through, fails in a
+repository without commits, and ``dvc exp run`` needs one. ``--no-git`` (or no git installed): ``dvc init --no-scm``.
 """
 
 from __future__ import annotations
@@ -247,7 +251,20 @@ def _populate(target: Path, template: Path, dvc_yaml: str, git: bool | None, has
     (target / VERSION_FILE).write_text(__version__ + "\n")
     (target / "README.md").write_text(README.format(name=target.name, version=__version__))
 
-    notes = []
+    notes, failed = [], ""
+    if scm.startswith("a new git"):
+        # The first commit, of what init wrote into its own new repository: dvclive (the train stage) fails in a git
+        # repository without commits ("Empty git repo", treeverse/dvclive#522) and `dvc exp run` needs one too.
+        made = _git("-C", str(target), "add", "-A")
+        if made.returncode == 0:
+            made = _git("-C", str(target), "commit", "-q", "-m", f"picosam-pipeline init (picosam-pipeline {__version__})")
+        if made.returncode == 0:
+            scm += " with a first commit"
+        else:
+            failed = f" (git commit: {(made.stderr.strip().splitlines() or ['exit ' + str(made.returncode)])[-1]})"
+    if not no_scm and _git("-C", str(target), "rev-parse", "-q", "--verify", "HEAD").returncode != 0:
+        notes.append(f"the git repository has no commit yet{failed}: commit the project (git add -A && git commit -m "
+                     "init) before `dvc repro`; its train stage (dvclive) and `dvc exp run` need a commit")
     if not (shutil.which("dvc") and shutil.which("picosam-pipeline")):
         notes.append("dvc or picosam-pipeline is not on PATH: activate the environment picosam-pipeline is installed "
                      "in (source VENV/bin/activate) before `dvc repro`, whose stages run `picosam-pipeline ...`")
@@ -289,7 +306,7 @@ picosam-pipeline predict --image photo.jpg --box 40,30,120,90 # the trained stud
 
 ```bash
 picosam-pipeline fetch coco2017 sam2.1_hiera_tiny --track    # 20 GB into data/datasets/coco2017, the checkpoint
-dvc exp run -S dataset.name=coco2017 -S teacher.allow_random_weights=false   # needs git and a first commit
+dvc exp run -S dataset.name=coco2017 -S teacher.allow_random_weights=false   # needs git (init made a commit)
 ```
 
 Without `dvc exp`: set `dataset.name: coco2017` and `teacher.allow_random_weights: false` in params.yaml, then

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -70,12 +71,28 @@ def test_init_makes_a_git_repository_or_joins_the_enclosing_one(tmp_path):
     assert runner.invoke(cli, ["init", str(tmp_path / "alone")]).exit_code == 0
     assert (tmp_path / "alone/.git").is_dir() and "no_scm" not in (tmp_path / "alone/.dvc/config").read_text()
     check_project(tmp_path / "alone")
+    # ... with the project as its first commit (dvclive in the train stage fails in a repository without one)
+    git = ["git", "-C", str(tmp_path / "alone")]
+    assert subprocess.run([*git, "rev-list", "--count", "HEAD"], capture_output=True, text=True).stdout == "1\n"
+    assert subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True).stdout == ""
     # Below the top of a repository: DVC's --subdir, no second git repository
     (tmp_path / "alone/sub").mkdir()
     result = runner.invoke(cli, ["init", "--git", str(tmp_path / "alone/sub")])
     assert result.exit_code == 0, result.output
     assert "enclosing git repository" in result.output
     assert (tmp_path / "alone/sub/.dvc").is_dir() and not (tmp_path / "alone/sub/.git").exists()
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_without_a_git_identity_init_says_to_commit(tmp_path, monkeypatch):
+    for name in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL", "EMAIL"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {"GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_COUNT": "1",
+                        "GIT_CONFIG_KEY_0": "user.useConfigOnly", "GIT_CONFIG_VALUE_0": "true"}.items():
+        monkeypatch.setenv(name, value)
+    result = project_init.init_project(tmp_path / "proj")
+    assert result.scm == "a new git repository (git init)"
+    assert any("no commit yet (git commit: " in n and "git add -A && git commit" in n for n in result.notes)
 
 
 def test_without_git_installed_init_runs_dvc_without_git_and_git_is_refused(tmp_path, monkeypatch):
