@@ -5,13 +5,18 @@ Checks Java 17 first (the converter's back end is Java), then reads the export s
 ``imx500.convert``: operator pre-flight, the converter, its memory report and error codes. A network that
 does not fit on the chip fails with the required and available bytes. Writes, in ``package.out_dir``:
 
-* ``packerOut.zip``, ``dnnParams.xml``, ``picosam_int8.pbtxt``, ``picosam_int8_MemoryReport.json`` (the
-  converter's outputs) and ``converter.log``;
+* ``packerOut.zip`` (its dates fixed, the one in its manifest too: ``imx500.normalize_packer_zip``),
+  ``dnnParams.xml``, ``picosam_int8.pbtxt``, ``picosam_int8_MemoryReport.json`` (the converter's outputs);
 * ``deploy/``: ``packerOut.zip``, the picamera2 demo, ``deploy.py`` + ``crops.py`` (its numpy helpers), the
   contract JSON and a README with the ``imx500-package`` step and the memory figures;
-* ``report.json``: the memory report, the converter's input and output tensors, its version and Java's;
+* ``report.json``: the memory report, the converter's input and output tensors and its version;
 * ``config.resolved.json``; and ``metrics/package.json``: the headline, fits, chip memory utilisation and the INT8
-  model's bytes on the chip (the converter's time goes to the run log).
+  model's bytes on the chip.
+
+Every file of the folder is a function of the export and the params, so a rerun gives the same bytes (DVC's hash
+stays). What belongs to one run on one machine stays out of it: the converter's log (timestamps, absolute paths)
+goes to ``metrics/runs/package.converter.log``, its time and the Java version to the run log
+(``metrics/runs/package.jsonl``).
 
 The converter's input tensor must be 8-bit unsigned with scale 1/256, i.e. the camera's RGB read as [0, 1],
 which is what the network was quantised for; anything else fails the stage (it would segment garbage).
@@ -26,7 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from picosam_pipeline.config import Config, require_inputs, save_resolved, write_metrics, write_report
+from picosam_pipeline.config import (RUN_LOG_DIR, Config, require_inputs, save_resolved, write_metrics,
+                                     write_report)
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.outputs import StageOutput, output_folder, writes_output
@@ -34,6 +40,7 @@ from picosam_pipeline.outputs import StageOutput, output_folder, writes_output
 TEMPLATES = "template"  # inside picosam_pipeline/deploy
 DEMO = "picosam_imx500_demo.py"
 CAMERA_INPUT_SCALE = 1 / 256  # 8-bit pixel p read as p / 256: RGB in [0, 1]
+CONVERTER_LOG = "package.converter.log"  # in <runtime.metrics_dir>/runs: per machine, git-ignored, not hashed by DVC
 
 
 def output(cfg: Config) -> StageOutput:
@@ -70,7 +77,9 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
                             "quantize and export (`dvc repro export`)")
 
     out = output_folder(p.out_dir)  # a fresh <out_dir>.partial (--overwrite-output would keep stale files), renamed at the end
-    conversion = convert(onnx_path, out, input_persistency=p.input_persistency, timeout_s=p.timeout_s)
+    log_path = Path(cfg.runtime.metrics_dir) / RUN_LOG_DIR / CONVERTER_LOG
+    conversion = convert(onnx_path, out, input_persistency=p.input_persistency, timeout_s=p.timeout_s,
+                         log_path=log_path)
     tensors = read_dnn_params(out / "dnnParams.xml")
     camera_input = tensors["inputs"][0]
     if camera_input["format"] != "unsigned" or abs(camera_input["scale"] - CAMERA_INPUT_SCALE) > 1e-12:
@@ -90,8 +99,9 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     shutil.copyfile(templates / DEMO, deploy_dir / DEMO)
     shutil.copyfile(raspberry_pi.__file__, deploy_dir / "deploy.py")  # the name the demo imports
     shutil.copyfile(crops.__file__, deploy_dir / "crops.py")
+    onnx_name = project_path(onnx_path)
     (deploy_dir / "README.md").write_text(string.Template((templates / "README.md").read_text()).substitute(
-        **convention_text(crop), student=contract["student"], onnx=onnx_path, converter_version=imx500_converter.__version__,
+        **convention_text(crop), student=contract["student"], onnx=onnx_name, converter_version=imx500_converter.__version__,
         tpc_version=contract["tpc_version"], method=contract["method"], input_size=contract["input"]["shape"][-1],
         input_summary=contract["input"]["summary"], input_bits=camera_input["bits"], input_format=camera_input["format"],
         input_scale=camera_input["scale"], mean=contract["input"]["normalization"]["mean"],
@@ -110,11 +120,13 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         "utilization": report.utilization,
         "tensors": tensors,
         "packer_zip_bytes": conversion.packer_zip.stat().st_size,
-        "converter": {"version": imx500_converter.__version__, "java": conversion.java.version},
+        "converter": {"version": imx500_converter.__version__},
     }
     write_report(out, metrics)
     headline = {"fits": report.fits, "utilization": report.utilization, "model_bytes": report.model_bytes}
+    # the run's own facts (time, this machine's Java, where the log went): the run log, not the hashed output
     write_metrics(cfg, "package", headline, {"converter_seconds": round(conversion.seconds, 2),
+                                            "java": conversion.java.version, "converter_log": str(log_path),
                                             "seconds": round(time.perf_counter() - start, 2)})
     return {"crop": crop["convention"], "fits": report.fits, "used_bytes": report.used_bytes, "available_bytes": report.available_bytes,
             "utilization": round(report.utilization, 3), "converter_seconds": round(conversion.seconds, 1)}
@@ -135,3 +147,10 @@ def convention_text(crop: dict[str, Any]) -> dict[str, str]:
         example = "--point 640,480           # x,y of a point on the object in preview pixels"
     return {"prompt": prompt, "paper": paper, "convention": crop["convention"], "convention_text": text,
             "example": example}
+
+
+def project_path(path: Path) -> str:
+    """``path`` relative to the working directory (the project) when it lies inside it, else as given."""
+    # the deploy README is part of the hashed output: it must not name the folder a clone happens to live in
+    absolute, project = path.resolve(), Path.cwd().resolve()
+    return str(absolute.relative_to(project)) if absolute.is_relative_to(project) else str(path)

@@ -8,6 +8,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from picosam_pipeline.config import Config, PackConfig, PrepareConfig, RuntimeConfig, SampleConfig, SplitSource
@@ -15,7 +16,7 @@ from picosam_pipeline.stages import pack, prepare, sample
 from picosam_pipeline.teacher.gt_mask import write_mask_teacher_store
 from picosam_pipeline.train.loader import make_loader
 from picosam_pipeline.train.shards import read_shard_index
-from picosam_pipeline.train.students import build_student, normalize
+from picosam_pipeline.train.students import NORMALIZATION, build_student, normalize
 
 
 def build_inputs(root: Path, *, context_margin: float = 0.0, splits: list[SplitSource] | None = None) -> Config:
@@ -43,6 +44,38 @@ def run_pack(cfg: Config, out: Path, **pack_params) -> dict:
     cfg = dataclasses.replace(cfg, pack=dataclasses.replace(cfg.pack, out_dir=str(out), **pack_params))
     pack.run(cfg, None)
     return json.loads((Path(out) / "report.json").read_text())
+
+
+def tiny_export(root: Path, size: int = 16) -> Path:
+    """``root/export``, the export stage's folder for a camera-input network of two convs (``size`` px, ImageNet
+    normalisation in the graph) quantised by MCT for the IMX500: what the package stage converts, in seconds
+    instead of the student's minutes. The stage's files come from the quantize stage's layout (``root/quantize``)."""
+    from torch import nn
+
+    from picosam_pipeline.config import load_config
+    from picosam_pipeline.data.crops import crop_convention
+    from picosam_pipeline.deploy import onnx_export as files
+    from picosam_pipeline.deploy.quantize import RgbModel, camera_input_model, quantize
+    from picosam_pipeline.stages import export
+
+    torch.manual_seed(0)
+    net = camera_input_model(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 1)).eval())
+    int8 = quantize(net, [torch.rand(8, 3, size, size) for _ in range(2)])  # [0, 1): the camera's p / 256 input
+    quantized = root / "quantize"
+    quantized.mkdir(parents=True)
+    files.export_quantized(int8, quantized / files.QUANTIZE_MCTQ_FILE, fmt="mctq", input_size=size)
+    files.export_quantized(int8, quantized / files.QUANTIZE_FAKEQUANT_FILE, fmt="fakequant", input_size=size)
+    rgb = torch.rand(4, 3, size, size).numpy()
+    logits = RgbModel(int8, "int8", size)(rgb)
+    np.savez(quantized / files.QUANTIZE_PROBE_FILE, rgb=rgb, int8_logits=logits, float_logits=logits)
+    meta = {"student": "tiny", "input_size": size, "normalization": dataclasses.asdict(NORMALIZATION)}
+    crop = crop_convention("roi", roi_padding=0.1, window=96, input_size=size)
+    (quantized / files.QUANTIZE_REPORT_FILE).write_text(json.dumps({"student_meta": meta, "crop": crop,
+                                                                    "tpc_version": "4.0", "method": "ptq"}))
+    cfg = load_config(None, [f"export.quantized_dir={quantized}", f"export.out_dir={root / 'export'}",
+                             f"runtime.metrics_dir={root / 'metrics'}", "export.min_mask_agreement=0.9"])
+    export.run(cfg, None)
+    return root / "export"
 
 
 def read_tar_samples(path: Path) -> list[dict[str, bytes]]:

@@ -12,27 +12,31 @@
    maps (its own table, ``uni.pytorch.onnx_parser.onnx_op_to_factory``), and the graph must carry MCT's
    quantisers; the offending node names are listed.
 3. :func:`run_converter`: ``imxconv-pt -i MODEL -o OUT --overwrite-output --report-size-unit B`` (15-70 s on two
-   cores, minutes when they are busy); its log is kept as ``converter.log``.
+   cores, minutes when they are busy); its log is kept as ``OUT/converter.log`` or where ``log_path`` says.
 4. :func:`read_memory_report` (``<name>_MemoryReport.json``, written even when the network does not fit) and
    :func:`converter_issues`, which turns the converter's ``CODE: [XXX]`` error lines into one
    :class:`ConverterIssue` each (``[USOP]`` unsupported ops, ``[ISM]`` not enough memory, ...).
 
 A network that does not fit (``Fit In Chip: false``, or ``[ISM]``) fails with the required and available bytes.
+On success ``packerOut.zip`` is rewritten without the converter's timestamps (:func:`normalize_packer_zip`), so
+two runs on the same model give the same bytes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from collections import Counter
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import onnx
 
@@ -160,28 +164,32 @@ class ConverterRun:
     seconds: float
     log: str  # stdout + stderr of the converter
     out_dir: Path
+    log_path: Path | None = None  # where the log was written
 
 
 def run_converter(onnx_path: str | Path, out_dir: str | Path, *, input_persistency: bool = True,
-                  timeout_s: float = 1800) -> ConverterRun:
-    """Run ``imxconv-pt`` on ``onnx_path`` into ``out_dir`` (overwritten); its log goes to ``out_dir/converter.log``.
+                  timeout_s: float = 1800, log_path: str | Path | None = None) -> ConverterRun:
+    """Run ``imxconv-pt`` on ``onnx_path`` into ``out_dir`` (overwritten); its log goes to ``log_path`` (default
+    ``out_dir/converter.log``).
 
     ``input_persistency=False`` adds ``--no-input-persistency``: more memory for the network, but no input-tensor
     stream for debugging on the camera.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = Path(log_path) if log_path is not None else out_dir / LOG_FILE
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [converter_executable(), "-i", str(onnx_path), "-o", str(out_dir), "--overwrite-output",
            "--report-size-unit", "B"]
     if not input_persistency:
         cmd.append("--no-input-persistency")
     start = time.perf_counter()
     log = _run_with_progress(cmd, timeout_s)
-    (out_dir / LOG_FILE).write_text("".join(log.lines))
+    log_path.write_text("".join(log.lines))
     if log.returncode is None:
         raise ConverterError(f"{CONVERTER} did not finish within {timeout_s:.0f} s on {onnx_path}; raise package.timeout_s "
                              f"or run it by hand: {' '.join(cmd)}")
-    return ConverterRun(log.returncode, time.perf_counter() - start, "".join(log.lines), out_dir)
+    return ConverterRun(log.returncode, time.perf_counter() - start, "".join(log.lines), out_dir, log_path)
 
 
 @dataclass
@@ -333,7 +341,7 @@ def converter_issues(log: str) -> list[ConverterIssue]:
             continue
         detail = _LOG_SUFFIX.sub("", match["detail"]).strip()
         issues[match["code"]] = ConverterIssue(match["code"], detail, EXPLANATIONS.get(
-            match["code"], f"see {LOG_FILE} in the converter output folder for the context of this code"))
+            match["code"], "see the converter log (named below) for the context of this code"))
     return list(issues.values())
 
 
@@ -353,8 +361,9 @@ class Conversion:
 
 
 def convert(onnx_path: str | Path, out_dir: str | Path, *, input_persistency: bool = True,
-            timeout_s: float = 1800) -> Conversion:
-    """Java check, pre-flight, ``imxconv-pt``, memory report; see the module docstring.
+            timeout_s: float = 1800, log_path: str | Path | None = None) -> Conversion:
+    """Java check, pre-flight, ``imxconv-pt``, memory report, ``packerOut.zip`` normalised; see the module
+    docstring. The converter's log goes to ``log_path`` (default ``out_dir/converter.log``).
 
     Raises:
         ConverterError: no Java 17, an unsupported operator, a float model, a network that does not fit (the
@@ -362,7 +371,9 @@ def convert(onnx_path: str | Path, out_dir: str | Path, *, input_persistency: bo
     """
     java = check_java()
     checked = preflight(onnx_path)
-    run = run_converter(onnx_path, out_dir, input_persistency=input_persistency, timeout_s=timeout_s)
+    run = run_converter(onnx_path, out_dir, input_persistency=input_persistency, timeout_s=timeout_s,
+                        log_path=log_path)
+    log_file = run.log_path or Path(out_dir) / LOG_FILE
     report_path = find_memory_report(out_dir)
     report = read_memory_report(report_path) if report_path else None
     issues = converter_issues(run.log)
@@ -374,10 +385,70 @@ def convert(onnx_path: str | Path, out_dir: str | Path, *, input_persistency: bo
             f"{report.available_bytes:,} ({report.available_bytes / mib:.2f} MiB), {report.utilization:.0%} utilisation. "
             f"{EXPLANATIONS['ISM']}")
     if run.returncode != 0 or issues:
-        found = "; ".join(str(i) for i in issues) or f"no error code in its log; see {Path(out_dir) / LOG_FILE}"
-        raise ConverterError(f"{CONVERTER} failed on {onnx_path} (exit code {run.returncode}): {found}")
+        found = "; ".join(str(i) for i in issues) or "no error code in its log"
+        raise ConverterError(f"{CONVERTER} failed on {onnx_path} (exit code {run.returncode}): {found}; "
+                             f"log: {log_file}")
     packer = Path(out_dir) / "packerOut.zip"
     if report is None or not packer.is_file():
         missing = "memory report" if report is None else "packerOut.zip"
-        raise ConverterError(f"{CONVERTER} exited 0 but wrote no {missing} in {out_dir}; see {Path(out_dir) / LOG_FILE}")
+        raise ConverterError(f"{CONVERTER} exited 0 but wrote no {missing} in {out_dir}; see {log_file}")
+    normalize_packer_zip(packer)
     return Conversion(packer, report, run.seconds, java, checked)
+
+
+# --------------------------------------------------------------------------------------------------
+# reproducible bytes
+
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip can record
+FILE_MODE, DIR_MODE = 0o100644, 0o040755
+MSDOS_DIRECTORY = 0x10
+UNIX = 3  # ZipInfo.create_system: the "made by" host whose mode bits external_attr carries
+
+# The packer's manifest.json records when it ran (Java's `new Date().toString()`, in the machine's time zone): the
+# only member whose content changes between two runs on the same model. Its other entries (each file's load address,
+# size and md5) stay as they are; the date keeps the packer's format, set to the zip epoch.
+MANIFEST = "manifest.json"
+MANIFEST_DATE = re.compile(rb'("Date Info"\s*:\s*)"[^"]*"')
+FIXED_MANIFEST_DATE = b"Tue Jan 01 00:00:00 UTC 1980"
+
+
+def normalize_packer_zip(path: str | Path) -> Path:
+    """Make the converter's ``packerOut.zip`` a function of the network: :func:`normalize_zip`, with the date in
+    its ``manifest.json`` fixed too. The network's files (``*.bin``, ``dnnParams.xml``, ...) are copied unchanged."""
+    return normalize_zip(path, {MANIFEST: fixed_manifest_date})
+
+
+def fixed_manifest_date(manifest: bytes) -> bytes:
+    """``manifest.json``'s ``"Date Info"`` value replaced by 1980-01-01 in the packer's format; the rest unchanged."""
+    return MANIFEST_DATE.sub(lambda m: m.group(1) + b'"' + FIXED_MANIFEST_DATE + b'"', manifest, count=1)
+
+
+def normalize_zip(path: str | Path, fixes: Mapping[str, Callable[[bytes], bytes]] | None = None) -> Path:
+    """Rewrite the zip at ``path`` so that its bytes depend only on its members' names and contents.
+
+    Members in name order, each dated 1980-01-01 with mode 0644 (folders 0755), without extra fields or comments,
+    and compressed as before (same method, zlib's default level). Contents are copied unchanged, except those of
+    the members named in ``fixes``, which go through their function; the archive comment is kept. The rewrite goes
+    through a temporary sibling and a rename.
+    """
+    path, fixes = Path(path), fixes or {}
+    tmp = path.with_name(path.name + ".normalizing")
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(tmp, "w") as dst:
+        dst.comment = src.comment
+        for info in sorted(src.infolist(), key=lambda i: i.filename):
+            data = src.read(info)
+            dst.writestr(_fixed_info(info), fixes[info.filename](data) if info.filename in fixes else data)
+    os.replace(tmp, path)
+    return path
+
+
+def _fixed_info(info: zipfile.ZipInfo) -> zipfile.ZipInfo:
+    """A fresh header for ``info``'s member: its name and compression method, everything else fixed."""
+    fixed = zipfile.ZipInfo(info.filename, date_time=ZIP_EPOCH)
+    fixed.create_system = UNIX
+    if info.is_dir():
+        fixed.external_attr = DIR_MODE << 16 | MSDOS_DIRECTORY
+    else:
+        fixed.external_attr = FILE_MODE << 16
+        fixed.compress_type = info.compress_type
+    return fixed

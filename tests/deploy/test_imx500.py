@@ -1,13 +1,16 @@
 """The converter step: Java check, operator pre-flight, memory report, error codes (``imx500.py``).
 
-Everything but the last test runs without the converter. The last one converts a deliberately oversized
-network with the real ``imxconv-pt`` (about 70 s on two idle cores) and is marked ``slow``.
+Everything but the ``slow`` tests runs without the converter. Those run the real ``imxconv-pt``: on a deliberately
+oversized network (about 70 s on two idle cores), and twice through the package stage on a tiny one, whose output
+must come out byte-identical.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import stat
+import zipfile
 from pathlib import Path
 
 import onnx
@@ -15,7 +18,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from picosam_pipeline.deploy import imx500
-from picosam_pipeline.deploy.imx500 import (ConverterError, check_java, converter_issues, find_memory_report, parse_size,
+from picosam_pipeline.deploy.imx500 import (ConverterError, check_java, converter_issues, find_memory_report,
+                                            fixed_manifest_date, normalize_packer_zip, normalize_zip, parse_size,
                                             preflight, read_dnn_params, read_memory_report)
 
 # Lines as imxconv-pt 3.19.2 printed them here (a fake-quant file, a network of 9.8 MB, a float ONNX).
@@ -210,7 +214,7 @@ def test_converter_issues_one_clear_message_per_code():
     (ge,) = converter_issues(FLOAT_LOG)  # [FEFSUC] only summarises the failure
     assert ge.code == "GE" and "float" in ge.explanation
     (unknown,) = converter_issues("2026-01-01 ERROR: CODE: [XYZ] something new\n")
-    assert unknown.code == "XYZ" and "converter.log" in unknown.explanation
+    assert unknown.code == "XYZ" and "converter log" in unknown.explanation
     assert converter_issues("2026-01-01 INFO : CODE: [START] Starting SDSPconv\n") == []
 
 
@@ -226,6 +230,68 @@ def test_convert_reports_required_and_available_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(imx500, "run_converter", replay)
     with pytest.raises(ConverterError, match=r"needs 10,308,320 bytes .* the chip has 8,388,480 .* 123% utilisation"):
         imx500.convert(path, tmp_path / "out")
+
+
+# --------------------------------------------------------------------------------------------------
+# reproducible packerOut.zip
+
+# manifest.json as imxconv-pt 3.19.2's packer wrote it (shortened): the date of the run, in Java's Date format
+PACKER_MANIFEST = b"""{
+  "Release Version": "3.19.1",
+  "Network Name": "picosam_int8",
+  "Date Info": "Mon Dec 07 12:16:52 UTC 2026",
+  "coef": {
+    "File": "l2staticData.bin",
+    "md5": "93300A11B64FAE0FBF3C88BC32CE0C15"
+  }
+}
+"""
+MEMBERS = {"sdpsA.bin": bytes(range(256)) * 64, "cfgC.bin": b"\x00\x01\x02\x03", "dnnParams.xml": b"<dnnParams/>",
+           "manifest.json": PACKER_MANIFEST}
+
+
+def _zip(path: Path, members: dict[str, bytes], when: tuple[int, ...], order: list[str], mode: int) -> Path:
+    """A zip of ``members`` written in ``order``, dated ``when``, with Unix ``mode``; ``cfgC.bin`` stored, the rest
+    deflated (as a converter run at that time on that machine would leave it)."""
+    with zipfile.ZipFile(path, "w") as z:
+        for name in order:
+            info = zipfile.ZipInfo(name, date_time=when)
+            info.compress_type = zipfile.ZIP_STORED if name == "cfgC.bin" else zipfile.ZIP_DEFLATED
+            info.external_attr = mode << 16
+            z.writestr(info, members[name])
+    return path
+
+
+def test_normalize_zip_gives_the_same_bytes_for_the_same_members(tmp_path):
+    first = _zip(tmp_path / "first.zip", MEMBERS, (2026, 12, 7, 12, 16, 52), list(MEMBERS), 0o600)
+    second = _zip(tmp_path / "second.zip", MEMBERS, (2026, 12, 7, 12, 18, 44), sorted(MEMBERS, reverse=True), 0o644)
+    assert first.read_bytes() != second.read_bytes()
+    assert normalize_zip(first).read_bytes() == normalize_zip(second).read_bytes()
+    with zipfile.ZipFile(first) as z:
+        infos = z.infolist()
+        assert z.testzip() is None and [i.filename for i in infos] == sorted(MEMBERS)
+        assert {i.filename: z.read(i) for i in infos} == MEMBERS  # contents untouched, the manifest's date too
+        assert {(i.date_time, i.external_attr >> 16) for i in infos} == {((1980, 1, 1, 0, 0, 0), 0o100644)}
+        assert {i.filename: i.compress_type for i in infos} == {
+            n: zipfile.ZIP_STORED if n == "cfgC.bin" else zipfile.ZIP_DEFLATED for n in MEMBERS}
+    assert not list(tmp_path.glob("*.normalizing"))
+
+
+def test_the_packer_manifest_date_is_fixed_and_nothing_else():
+    fixed = fixed_manifest_date(PACKER_MANIFEST)
+    assert fixed == PACKER_MANIFEST.replace(b"Mon Dec 07 12:16:52 UTC 2026", b"Tue Jan 01 00:00:00 UTC 1980")
+    assert fixed_manifest_date(fixed) == fixed
+    assert fixed_manifest_date(b'{"Network Name": "n"}') == b'{"Network Name": "n"}'  # no date: left as it is
+
+
+def test_normalize_packer_zip_fixes_the_manifest_date_and_copies_the_network(tmp_path):
+    later = {**MEMBERS, "manifest.json": PACKER_MANIFEST.replace(b"12:16:52 UTC", b"14:18:44 CET")}
+    first = _zip(tmp_path / "first.zip", MEMBERS, (2026, 12, 7, 12, 16, 52), list(MEMBERS), 0o600)
+    second = _zip(tmp_path / "second.zip", later, (2026, 12, 7, 14, 18, 44), list(MEMBERS), 0o600)
+    assert normalize_packer_zip(first).read_bytes() == normalize_packer_zip(second).read_bytes()
+    with zipfile.ZipFile(first) as z:
+        assert json.loads(z.read("manifest.json"))["Date Info"] == "Tue Jan 01 00:00:00 UTC 1980"
+        assert all(z.read(name) == data for name, data in MEMBERS.items() if name != "manifest.json")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,6 +332,42 @@ def test_oversized_network_fails_with_required_and_available_memory(tmp_path):
     assert report.used_bytes > report.available_bytes and not report.fits
     assert f"needs {report.used_bytes:,} bytes" in message and f"the chip has {report.available_bytes:,}" in message
     assert (tmp_path / "out" / "converter.log").read_text().count("[ISM]") >= 1
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_package_stage_output_is_byte_identical_across_runs_and_folders(tmp_path, monkeypatch):
+    """The package stage on one export, in two project folders (other absolute paths) one converter run (~20 s)
+    apart: every file of data/package has the same bytes, so DVC records the same hash. The converter's log, with
+    its timestamps and absolute paths, goes to metrics/runs/ (per machine, not hashed)."""
+    from pipeline_inputs import tiny_export
+
+    from picosam_pipeline.config import load_config
+    from picosam_pipeline.stages import package
+
+    try:
+        check_java()
+    except ConverterError as err:
+        pytest.skip(f"no Java 17 for the converter: {err}")
+    export = tiny_export(tmp_path / "inputs")
+    outputs = []
+    for name in ("first", "second"):
+        project = tmp_path / name
+        shutil.copytree(export, project / "data" / "export")
+        monkeypatch.chdir(project)
+        package.run(load_config(None, []), None)  # the default params: data/export -> data/package, metrics/
+        outputs.append(_files(project / "data" / "package"))
+        assert "INFO" in (project / "metrics" / "runs" / package.CONVERTER_LOG).read_text()
+    first, second = outputs
+    assert sorted(first) == sorted(second) and "converter.log" not in first and "deploy/packerOut.zip" in first
+    assert [name for name in first if first[name] != second[name]] == []
+    with zipfile.ZipFile(tmp_path / "first" / "data" / "package" / "packerOut.zip") as z:
+        assert {i.date_time for i in z.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+        assert json.loads(z.read("manifest.json"))["Date Info"] == "Tue Jan 01 00:00:00 UTC 1980"
 
 
 def test_converter_output_is_collected_while_a_progress_line_runs(tmp_path):
