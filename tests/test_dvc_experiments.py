@@ -7,6 +7,10 @@ train.steps=...`` and ``dvc exp run -S train.student=picosam2``: ``dvc exp show 
 metrics (named as the stages write them), ``dvc exp show --only-changed`` must fit a 160-column terminal, and ``dvc
 plots show`` must list every plot (its rendering in a browser: ``scripts/render_plots.py``, run here when Chromium
 and the Vega scripts are at hand).
+
+An experiment and back (issue 29): the same project plus the package stage, ``dvc repro``, other params, ``dvc
+repro``, then the baseline's params, lock and metrics from git: ``dvc checkout`` must restore every output from the
+cache, byte for byte, and leave ``dvc status`` clean.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import pytest
 import yaml
 
 from conftest import load_script
-from pipeline_inputs import build_inputs, run_pack
+from pipeline_inputs import build_inputs, run_pack, tiny_export
 from teacher_project import BIN, REPO
 
 pytestmark = pytest.mark.slow
@@ -45,18 +49,23 @@ def sh(*args: str, cwd: Path, columns: int = 400) -> str:
     return done.stdout
 
 
-def make_project(root: Path) -> None:
-    """Code, the train + evaluate stages and their plots, params pointing at packed sample shards (paths relative)."""
+def make_project(root: Path, stages: tuple[str, ...] = STAGES) -> None:
+    """Code, ``stages`` (train + evaluate, and package if named) and their plots, params pointing at packed sample
+    shards and, for package, a tiny network's export (paths relative)."""
     root.mkdir()
     inputs = root / "inputs"
     cfg = build_inputs(inputs)
     run_pack(cfg, inputs / "shards")
-    shutil.rmtree(inputs / "metrics")  # prepare's and pack's: not stages of this project
+    if "package" in stages:
+        tiny_export(inputs)
+        shutil.rmtree(inputs / "quantize")  # the export's own input, not one of the package stage
+    shutil.rmtree(inputs / "metrics")  # prepare's, pack's and export's: not stages of this project
+    shutil.copy(REPO / ".gitignore", root / ".gitignore")  # the run logs (metrics/runs/) and train's state stay out of git
     for package in ("picosam_pipeline", "stages"):
         shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / ".dvc" / "plots", root / "dvc_plots")  # our templates (moved in after `dvc init`)
     pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    pipeline["stages"] = {name: pipeline["stages"][name] for name in STAGES}
+    pipeline["stages"] = {name: pipeline["stages"][name] for name in stages}
     pipeline["plots"] = [p for p in pipeline["plots"] if isinstance(p, str) or next(iter(p)) in PLOTS]
     (root / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -68,7 +77,22 @@ def make_project(root: Path) -> None:
                            checkpoint_every=2, batch_size=8, student="picosam3", grad_clip=1.0,
                            lambda_mode="confidence_batch_mean", temperature=0.2, area_weight=0.4)
     params["evaluate"].update(shards="inputs/shards/val", index="inputs/prepared/index.parquet", grid_samples=3)
+    params["package"].update(export_dir="inputs/export")
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def commit(root: Path, message: str) -> None:
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", message, cwd=root)
+
+
+def init_project(root: Path, stages: tuple[str, ...] = STAGES) -> None:
+    """:func:`make_project` as a git repository with DVC, committed."""
+    make_project(root, stages)
+    sh("git", "init", "-q", cwd=root)
+    sh("dvc", "init", "-q", cwd=root)
+    shutil.move(root / "dvc_plots", root / ".dvc" / "plots")
+    commit(root, "project")
 
 
 def flat(tree: dict, prefix: str = "") -> set[str]:
@@ -81,15 +105,9 @@ def flat(tree: dict, prefix: str = "") -> set[str]:
 
 def test_exp_show_compares_two_experiments_by_headline_metrics(tmp_path):
     root = tmp_path / "project"
-    make_project(root)
-    sh("git", "init", "-q", cwd=root)
-    sh("dvc", "init", "-q", cwd=root)
-    shutil.move(root / "dvc_plots", root / ".dvc" / "plots")
-    sh("git", "add", "-A", cwd=root)
-    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "project", cwd=root)
+    init_project(root)
     sh("dvc", "repro", cwd=root)
-    sh("git", "add", "-A", cwd=root)
-    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "baseline", cwd=root)
+    commit(root, "baseline")
 
     sh("dvc", "exp", "run", "-n", "longer", "-S", "train.steps=3", cwd=root)
     sh("dvc", "exp", "run", "-n", "pico2", "-S", "train.student=picosam2", cwd=root)
@@ -138,3 +156,43 @@ def test_exp_show_compares_two_experiments_by_headline_metrics(tmp_path):
         pytest.skip(f"dvc exp show checked; the browser rendering cannot run here: {why}")
     empty = [k for k, n in marks.items() if n == 0]
     assert not empty and set(PLOTS) <= set(marks), marks
+
+
+PER_MACHINE = ("data/train.state/", "metrics/runs/")  # train's resumable state and the run logs: git-ignored
+
+
+def outputs(root: Path) -> dict[str, bytes]:
+    """Bytes of every file the stages write: their DVC outputs under data/ and the metrics and plots in git."""
+    files = [f for folder in ("data", "metrics") for f in sorted((root / folder).rglob("*")) if f.is_file()]
+    named = {str(f.relative_to(root)): f for f in files}
+    return {name: f.read_bytes() for name, f in named.items() if not name.startswith(PER_MACHINE)}
+
+
+def test_an_experiment_and_back_restores_every_output_from_the_cache(tmp_path):
+    """train and evaluate (as above: seconds on the packed sample) and package, on a tiny network's export so that its
+    converter takes ~20 s a run (a student through quantize and export would take minutes). The experiment changes
+    a param of each stage, so that each writes another output, then goes back."""
+    root = tmp_path / "project"
+    init_project(root, STAGES + ("package",))
+    sh("dvc", "repro", cwd=root)
+    commit(root, "baseline")
+    baseline = outputs(root)
+    assert any(name.startswith("data/package/") for name in baseline), sorted(baseline)
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["steps"] = 3
+    params["evaluate"]["grid_samples"] = 2  # evaluate's own: train's best checkpoint may stay the step-2 one
+    params["package"]["input_persistency"] = False
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    ran = sh("dvc", "repro", cwd=root)
+    assert all(f"Running stage '{stage}'" in ran for stage in STAGES + ("package",)), ran
+    changed = {name.split("/")[1] for name, data in outputs(root).items()
+               if name.startswith("data/") and baseline.get(name) != data}
+    assert {"train", "evaluate", "package"} <= changed, changed
+
+    sh("git", "checkout", "--", "params.yaml", "dvc.lock", "metrics", cwd=root)
+    restored = sh("dvc", "checkout", cwd=root)
+    assert "failed" not in restored.lower(), restored
+    assert "Data and pipelines are up to date" in sh("dvc", "status", cwd=root)
+    assert outputs(root) == baseline
+    assert sh("git", "status", "--porcelain", cwd=root).strip() == ""
