@@ -119,7 +119,7 @@ print(json.dumps({"instances": n}))
 
 EVALUATE = """
 import json, sys
-from picosam_pipeline.evaluate.metrics import InstanceGT, evaluate_batches
+from picosam_pipeline.evaluate.score_table import InstanceGT, evaluate_batches
 from picosam_pipeline.stages.evaluate import evaluate_loader_workers
 from picosam_pipeline.train.loader import make_loader
 gt = InstanceGT.from_index(sys.argv[1], "val")

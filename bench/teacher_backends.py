@@ -47,7 +47,9 @@ from picosam_pipeline.data.images import load_image  # noqa: E402
 from picosam_pipeline.data.index import decode_mask, read_index  # noqa: E402
 from picosam_pipeline.device import resolve_runtime  # noqa: E402
 from picosam_pipeline.stages import prepare  # noqa: E402
-from picosam_pipeline.teacher.models import RandomWeightsWarning, _version, build_teacher  # noqa: E402
+from picosam_pipeline.teacher.base import RandomWeightsWarning  # noqa: E402
+from picosam_pipeline.teacher.build import build_teacher  # noqa: E402
+from picosam_pipeline.teacher.weights import package_version  # noqa: E402
 from picosam_pipeline.teacher.runner import TeacherSpec, instance_rows, teacher_session  # noqa: E402
 from picosam_pipeline.teacher.sam2_onnx import export_teacher, read_manifest  # noqa: E402
 from picosam_pipeline.train.iou import crop_ious  # noqa: E402
@@ -183,7 +185,7 @@ def main() -> None:
     weights = "checkpoint" if CHECKPOINT.is_file() else "random weights"
     print(f"# SAM2.1-tiny ({weights}), {n} instances on {n_images} coco-sample val2017 images ({n / n_images:.2f} "
           f"per image), box prompts; {args.threads} threads per backend, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"onnxruntime {_version('onnxruntime')}, Python {platform.python_version()}")
+          f"onnxruntime {package_version('onnxruntime')}, Python {platform.python_version()}")
     print(f"ONNX export (once, cached): {export_s:.1f} s; encoder.onnx {files['encoder.onnx']['bytes'] / 2**20:.1f} MiB, "
           f"decoder.onnx {files['decoder.onnx']['bytes'] / 2**20:.1f} MiB")
     header = f"{'backend':<12} {'build s':>8} {'1st enc':>8} {'1st dec':>8} {'enc med':>8} {'dec med':>8} {'img med':>8} {'img/s':>7} {'inst/s':>7} {'peak RSS':>9}"

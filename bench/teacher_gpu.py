@@ -45,12 +45,14 @@ import torch  # noqa: E402
 
 from logit_storage import DEFAULT_COCO  # noqa: E402
 from teacher_logits import subset_annotations  # noqa: E402
-from picosam_pipeline.config import last_run, load_config  # noqa: E402
+from picosam_pipeline.config import load_config  # noqa: E402
+from picosam_pipeline.reports import last_run  # noqa: E402
 from picosam_pipeline.device import resolve_runtime  # noqa: E402
 from picosam_pipeline.stages import prepare, teacher_logits  # noqa: E402
 from picosam_pipeline.teacher import runner  # noqa: E402
 from picosam_pipeline.teacher.executors import compute_threads  # noqa: E402
-from picosam_pipeline.teacher.models import RandomWeightsWarning, Sam2PredictorTeacher  # noqa: E402
+from picosam_pipeline.teacher.base import RandomWeightsWarning  # noqa: E402
+from picosam_pipeline.teacher.sam2_predictor import Sam2PredictorTeacher  # noqa: E402
 from picosam_pipeline.teacher.sam2_batched import INPUT_SIZE  # noqa: E402
 from picosam_pipeline.teacher.store import open_store  # noqa: E402
 

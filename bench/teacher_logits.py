@@ -47,12 +47,13 @@ sys.path.insert(0, str(REPO / "bench"))
 import torch  # noqa: E402
 
 from logit_storage import DEFAULT_COCO, coco_like_logits, storage_figures  # noqa: E402
-from picosam_pipeline.config import TeacherConfig, last_run, load_config  # noqa: E402
+from picosam_pipeline.config import TeacherConfig, load_config  # noqa: E402
+from picosam_pipeline.reports import last_run  # noqa: E402
 from picosam_pipeline.data.images import load_image  # noqa: E402
 from picosam_pipeline.device import resolve_runtime  # noqa: E402
 from picosam_pipeline.stages import prepare, teacher_logits  # noqa: E402
 from picosam_pipeline.teacher.executors import compute_threads  # noqa: E402
-from picosam_pipeline.teacher.models import RandomWeightsWarning  # noqa: E402
+from picosam_pipeline.teacher.base import RandomWeightsWarning  # noqa: E402
 from picosam_pipeline.teacher.runner import TeacherSpec, instance_rows, predict_crops, teacher_session  # noqa: E402
 
 CHECKPOINT = REPO / "data" / "checkpoints" / "sam2.1_hiera_tiny.pt"

@@ -10,7 +10,7 @@ autocast on CUDA). Teachers (``--teachers``): ``sam2.1_hiera_tiny`` (the stage's
 ``sam3:geometric`` (PicoSAM3's path: each box a geometric prompt of the grounding head) and ``sam3:instance``
 (``predict_inst``: all boxes of an image in one call). Per teacher:
 
-* **build**: ``models.build_teacher`` (import included for SAM3: a child process starts cold);
+* **build**: ``build.build_teacher`` (import included for SAM3: a child process starts cold);
 * **encode**: ``set_image`` per image (SAM2.1 at 1024x1024, SAM3 at 1008x1008);
 * **per prompt**: one ``predict_boxes`` of all the image's boxes (the stage's call; SAM3's geometric path splits
   it into calls of ``decode_batch`` prompts, 1 on a CPU), divided by the number of boxes;
@@ -78,7 +78,7 @@ def measure(teacher_name: str, n_images: int, n_prompts: int, coco: Path, device
 
     from picosam_pipeline.config import RuntimeConfig, TeacherConfig
     from picosam_pipeline.device import resolve_runtime
-    from picosam_pipeline.teacher.models import build_teacher
+    from picosam_pipeline.teacher.build import build_teacher
 
     warnings.simplefilter("ignore")
     runtime = resolve_runtime(RuntimeConfig(device=device))

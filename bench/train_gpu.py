@@ -35,7 +35,8 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 import torch  # noqa: E402
 
-from picosam_pipeline.config import TrainConfig, last_run, load_config  # noqa: E402
+from picosam_pipeline.config import TrainConfig, load_config  # noqa: E402
+from picosam_pipeline.reports import last_run  # noqa: E402
 from picosam_pipeline.device import Runtime, resolve_runtime  # noqa: E402
 from picosam_pipeline.recipes import recipe_values  # noqa: E402
 from picosam_pipeline.stages import pack, prepare, sample, train  # noqa: E402

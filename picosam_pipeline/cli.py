@@ -267,7 +267,7 @@ def score_predictions_cmd(annotations: str, predictions: str, protocol: str, fra
     import json
     from pathlib import Path
 
-    from picosam_pipeline.evaluate.scoring import format_report, score_predictions
+    from picosam_pipeline.evaluate.prediction_scoring import format_report, score_predictions
 
     report = score_predictions(annotations, predictions, protocol, images_dir, frame=frame, allow_partial=allow_partial)
     if "skipped" in report:

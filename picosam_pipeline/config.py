@@ -11,11 +11,9 @@ Paths are strings relative to the working directory (the repository root when ru
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import sys
-import time
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,7 +23,6 @@ from typing import Any, Literal
 import yaml
 
 from picosam_pipeline.errors import PipelineError
-from picosam_pipeline.outputs import atomic_write_bytes
 from picosam_pipeline.recipes import RecipeError, apply_recipe, check_pairing
 
 
@@ -698,7 +695,7 @@ def _non_negative(section: str, name: str, value: float) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# helpers for stages
+# inputs
 
 
 def require_inputs(paths: dict[str, str]) -> None:
@@ -707,65 +704,3 @@ def require_inputs(paths: dict[str, str]) -> None:
         if not Path(p).exists():
             raise ConfigError(f"{key}: path {p!r} does not exist; fix the path in params.yaml or with --set {key}=PATH "
                               "(an earlier stage's output: run that stage, or `dvc pull` it from the team's remote)")
-
-
-RUN_LOG_DIR = "runs"  # inside runtime.metrics_dir: one JSON line per stage run, git-ignored, not a DVC output
-
-
-def write_metrics(cfg: Config, stage: str, metrics: dict[str, Any], run: dict[str, Any] | None = None) -> Path:
-    """Write ``metrics/<stage>.json`` (what ``dvc metrics show`` reads) and log this run's facts.
-
-    ``metrics`` are the stage's headline numbers (at most ~12, flat where possible: every nested key is a column of
-    ``dvc exp show``); details go to :func:`write_report`. They hold only figures that the stage's inputs and params determine, so a rerun that changes nothing
-    leaves the file byte-identical and ``dvc status`` clean. ``run`` holds what belongs to this run alone
-    (seconds, rates, what was computed this time, the device): it is appended with a timestamp as one JSON line
-    to ``metrics/runs/<stage>.jsonl`` (:func:`last_run` reads it back).
-    """
-    out = Path(cfg.runtime.metrics_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / f"{stage}.json"
-    _replace_text(target, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    if run is not None:
-        log = out / RUN_LOG_DIR / f"{stage}.jsonl"
-        log.parent.mkdir(exist_ok=True)
-        with open(log, "a") as f:
-            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **run}, sort_keys=True) + "\n")
-    return target
-
-
-REPORT_FILE = "report.json"  # a stage's details, beside its outputs (a stage output, not a DVC metric)
-
-
-def write_report(out_dir: str | Path, details: dict[str, Any]) -> Path:
-    """Write a stage's detailed figures to ``<out_dir>/report.json``, beside its outputs.
-
-    ``metrics/<stage>.json`` holds only the few headline numbers people compare experiments by (``dvc metrics
-    show``, ``dvc exp show``); the breakdowns (per split, per size, per category, versions, byte counts) go here.
-    Like the metrics, only figures the stage's inputs and params determine, so a rerun leaves it byte-identical.
-    """
-    target = Path(out_dir) / REPORT_FILE
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(details, indent=1, sort_keys=True) + "\n")
-    return target
-
-
-def last_run(metrics_dir: str | Path, stage: str) -> dict[str, Any]:
-    """The run facts :func:`write_metrics` logged for the latest run of ``stage`` (``{}`` when there is none)."""
-    log = Path(metrics_dir) / RUN_LOG_DIR / f"{stage}.jsonl"
-    lines = log.read_text().splitlines() if log.is_file() else []
-    return json.loads(lines[-1]) if lines else {}
-
-
-def save_resolved(cfg: Config, out_dir: str | Path, sections: list[str]) -> Path:
-    """Write the sections a stage read (resolved, defaults filled in) to ``out_dir/config.resolved.json``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    full = cfg.to_dict()
-    target = out / "config.resolved.json"
-    _replace_text(target, json.dumps({s: full[s] for s in sections}, indent=2, sort_keys=True) + "\n")
-    return target
-
-
-def _replace_text(target: Path, text: str) -> None:
-    """Write ``target`` through a temporary sibling and a rename, so a kill never leaves it half written."""
-    atomic_write_bytes(target, text.encode())

@@ -59,12 +59,16 @@ import socket
 import sys
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from picosam_pipeline.errors import PipelineError
 
+if TYPE_CHECKING:
+    from picosam_pipeline.config import Config
+
 MARKER = "config.resolved.json"  # every stage's save_resolved file; its sections name the stage that wrote it
-OWN_FILES = (MARKER, "report.json")  # in every stage's folder: the marker and the stage's details (config.write_report)
+REPORT_FILE = "report.json"  # a stage's details, beside its outputs (reports.write_report; a DVC output, not a metric)
+OWN_FILES = (MARKER, REPORT_FILE)  # in every stage's folder: the marker and the stage's details
 PARTIAL, REPLACED, LOCK = ".partial", ".replaced", ".stage-lock"
 HOLDER = ".holder"  # <lock>.holder: JSON naming the run that holds the lock (pid, host, start time, stage)
 ON_LOCKED_ENV = "PICOSAM_ON_LOCKED"
@@ -233,6 +237,16 @@ def _write_holder(lock_path: Path, stage: str) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # 3. whole or nothing
+
+
+def save_resolved(cfg: Config, out_dir: str | Path, sections: list[str]) -> Path:
+    """Write the sections a stage read (resolved, defaults filled in) to ``out_dir/config.resolved.json``: the
+    stage's marker (:data:`MARKER`), by which a later run recognises the folder as this stage's."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    full = cfg.to_dict()
+    text = json.dumps({s: full[s] for s in sections}, indent=2, sort_keys=True) + "\n"
+    return atomic_write_bytes(out / MARKER, text.encode())
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -424,8 +438,6 @@ class StageOutput:
         return self.work
 
     def _prepare(self) -> None:
-        from picosam_pipeline.config import save_resolved
-
         # Under the lock: what another run left is looked at again, and a killed publish is undone.
         recover(self.out)
         check_target(self.stage, self.key, self.out, {}, sections=self.sections, names=self.names)

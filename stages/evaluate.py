@@ -32,10 +32,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from picosam_pipeline.config import Config, require_inputs, save_resolved, write_metrics
+from picosam_pipeline.config import Config, require_inputs
+from picosam_pipeline.outputs import save_resolved
+from picosam_pipeline.reports import write_metrics
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
-from picosam_pipeline.evaluate.metrics import (
+from picosam_pipeline.evaluate.score_table import (
     InstanceGT,
     category_report,
     evaluate_batches,

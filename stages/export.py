@@ -29,7 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from picosam_pipeline.config import Config, require_inputs, save_resolved, write_metrics, write_report
+from picosam_pipeline.config import Config, require_inputs
+from picosam_pipeline.outputs import save_resolved
+from picosam_pipeline.reports import write_metrics, write_report
 from picosam_pipeline.deploy.onnx_export import (CONTRACT_FILE, NETWORK, QUANTIZE_FAKEQUANT_FILE, QUANTIZE_MCTQ_FILE,
                                                  QUANTIZE_PROBE_FILE, QUANTIZE_REPORT_FILE)
 from picosam_pipeline.deploy.onnx_export import EXPORT_FAKEQUANT_FILE as FAKEQUANT_FILE

@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from picosam_pipeline.config import Config, require_inputs, save_resolved, write_metrics, write_report
+from picosam_pipeline.config import Config, require_inputs
+from picosam_pipeline.outputs import save_resolved
+from picosam_pipeline.reports import write_metrics, write_report
 from picosam_pipeline.data.crops import crop_convention
 from picosam_pipeline.data.index import column_array, read_index, read_metadata
 from picosam_pipeline.device import Runtime

@@ -31,8 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from picosam_pipeline.config import (RUN_LOG_DIR, Config, require_inputs, save_resolved, write_metrics,
-                                     write_report)
+from picosam_pipeline.config import Config, require_inputs
+from picosam_pipeline.outputs import save_resolved
+from picosam_pipeline.reports import RUN_LOG_DIR, write_metrics, write_report
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.outputs import StageOutput, output_folder, writes_output

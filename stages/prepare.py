@@ -27,7 +27,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from picosam_pipeline.config import Config, PrepareConfig, SplitSource, require_inputs, save_resolved, write_metrics, write_report
+from picosam_pipeline.config import Config, PrepareConfig, SplitSource, require_inputs
+from picosam_pipeline.outputs import save_resolved
+from picosam_pipeline.reports import write_metrics, write_report
 from picosam_pipeline.data.coco import (AnnotationSet, CheckedAnnotation, ImageRecord, Issue, check_annotation,
                                           load_annotations, sizes_coco)
 from picosam_pipeline.data.crops import point_box, point_prompt, roi_box

@@ -4,7 +4,7 @@ Reads the student checkpoint (``quantize.checkpoint``), draws ``representative_b
 at random from the train shards, wraps the student with its input normalisation (the camera feeds RGB; see
 ``picosam_pipeline/deploy/quantize.py``) and quantises it with MCT for the IMX500 target platform
 ``tpc_version`` (PTQ, or GPTQ when ``gptq_epochs > 0``). Float and INT8 are then scored on the same val
-shards by the evaluate stage's code (``metrics.evaluate_batches``): crop-space mIoU, the papers'
+shards by the evaluate stage's code (``score_table.evaluate_batches``): crop-space mIoU, the papers'
 "mAP@[.5:.95]" and full-image mIoU.
 
 MCT's quantised PyTorch model lives only in this process and its exporter is its only serialisation, so
@@ -31,7 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from picosam_pipeline.config import Config, require_inputs, save_resolved, write_metrics
+from picosam_pipeline.config import Config, require_inputs
+from picosam_pipeline.outputs import save_resolved
+from picosam_pipeline.reports import write_metrics
 from picosam_pipeline.deploy.onnx_export import QUANTIZE_FAKEQUANT_FILE as FAKEQUANT_FILE
 from picosam_pipeline.deploy.onnx_export import QUANTIZE_MCTQ_FILE as MCTQ_FILE
 from picosam_pipeline.deploy.onnx_export import QUANTIZE_PROBE_FILE as PROBE_FILE
@@ -62,7 +64,7 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     from picosam_pipeline.deploy.onnx_export import export_quantized
     from picosam_pipeline.deploy.quantize import (RgbModel, camera_input_model, quantize, quantized_weight_bytes,
                                                   representative_batches)
-    from picosam_pipeline.evaluate.metrics import InstanceGT, evaluate_batches, evaluation_report
+    from picosam_pipeline.evaluate.score_table import InstanceGT, evaluate_batches, evaluation_report
     from picosam_pipeline.evaluate.plots import size_bars, write_csv
     from picosam_pipeline.train.checkpoints import load_student
     from picosam_pipeline.train.loader import make_loader

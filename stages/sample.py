@@ -10,7 +10,9 @@ from typing import Any
 
 import dataclasses
 
-from picosam_pipeline.config import Config, save_resolved, write_metrics
+from picosam_pipeline.config import Config
+from picosam_pipeline.outputs import save_resolved
+from picosam_pipeline.reports import write_metrics
 from picosam_pipeline.data.sample import MANAGED, generate
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.outputs import StageOutput, output_folder, writes_output

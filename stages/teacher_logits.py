@@ -37,7 +37,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from picosam_pipeline.config import Config, TeacherConfig, require_inputs, save_resolved, write_metrics
+from picosam_pipeline.config import Config, TeacherConfig, require_inputs
+from picosam_pipeline.outputs import save_resolved
+from picosam_pipeline.reports import write_metrics
 from picosam_pipeline.data.index import read_metadata
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError

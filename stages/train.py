@@ -31,7 +31,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from picosam_pipeline.config import Config, ConfigError, require_inputs, save_resolved, write_metrics, write_report
+from picosam_pipeline.config import Config, ConfigError, require_inputs
+from picosam_pipeline.outputs import save_resolved
+from picosam_pipeline.reports import write_metrics, write_report
 from picosam_pipeline.data.crops import convention_differences
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError

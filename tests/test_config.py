@@ -7,7 +7,8 @@ import json
 import pytest
 
 from conftest import REPO
-from picosam_pipeline.config import Config, ConfigError, load_config, require_inputs, save_resolved
+from picosam_pipeline.config import Config, ConfigError, load_config, require_inputs
+from picosam_pipeline.outputs import save_resolved
 
 
 def test_repo_params_file_loads_and_matches_sections():

@@ -20,7 +20,8 @@ from picosam_pipeline.stages import STAGES
 
 PACKAGE = "picosam_pipeline"
 PHASES = ("data", "teacher", "train", "evaluate", "deploy")
-CROSS_CUTTING = {"config", "datasets", "errors", "device", "outputs", "parallel", "recipes", "_torchvision_compat"}
+CROSS_CUTTING = {"config", "datasets", "errors", "device", "outputs", "parallel", "recipes", "reports",
+                 "_torchvision_compat"}
 TOP = {"cli", "__main__", "doctor", "project_init"}  # the command line (and its `doctor`, `init`): imports everything, imported by nothing in the library
 # Files that a stage imports but whose changes cannot change its outputs: package docstrings, the import shim,
 # and the error classes (messages only).
@@ -106,6 +107,60 @@ def test_the_checker_sees_lazy_and_upward_imports(tmp_path):
     assert imports_of(lazy, modules) == {"picosam_pipeline.deploy", "picosam_pipeline.deploy.quantize"}
     assert [line.split(" imports ")[1] for line in violations(fake)] == [
         "picosam_pipeline.deploy (deploy)", "picosam_pipeline.deploy.quantize (deploy)", "picosam_pipeline.cli (top)"]
+
+
+def import_cycles(modules: dict[str, Path]) -> list[list[str]]:
+    """Every import circle among ``modules`` (lazy imports count), as the sorted modules of each strongly connected
+    component of more than one module or with a self-import; ``[]`` when the graph has none."""
+    graph = {name: sorted(imports_of(path, modules) - {name.rsplit(".", 1)[0]}) for name, path in modules.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:  # Tarjan's algorithm
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in graph[node]:
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1 or node in graph[node]:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return sorted(cycles)
+
+
+def test_no_import_circles():
+    cycles = import_cycles(source_files())
+    assert not cycles, "import circles (break each by moving the shared part into a module both import):\n" + \
+        "\n".join(" <-> ".join(c) for c in cycles)
+
+
+def test_the_circle_check_finds_a_planted_circle(tmp_path):
+    """config importing outputs while outputs imports config (the circle this check was written for) is found, lazy
+    import or not."""
+    config = tmp_path / "config.py"
+    config.write_text("from picosam_pipeline.outputs import atomic_write_bytes\n")
+    outputs = tmp_path / "outputs.py"
+    outputs.write_text("def f():\n    from picosam_pipeline.config import Config\n")
+    modules = {**source_files(), "picosam_pipeline.config": config, "picosam_pipeline.outputs": outputs}
+    assert ["picosam_pipeline.config", "picosam_pipeline.outputs"] in import_cycles(modules)
 
 
 def closure(module: str, modules: dict[str, Path]) -> set[str]:

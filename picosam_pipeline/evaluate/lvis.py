@@ -7,9 +7,9 @@ reported beside the scores. Only ``images_dir/file_name`` is looked at (not the 
 ``coco.ImageRecord.resolve_path`` would also try), to keep that protocol.
 
 Each usable annotation becomes one sample exactly as in the papers' benchmark: GT crop with
-``scoring.gt_crop`` (PicoSAM3 ROI or PicoSAM2 point window from ``crops.py``, NEAREST), image crop with
+``crop_metrics.gt_crop`` (PicoSAM3 ROI or PicoSAM2 point window from ``crops.py``, NEAREST), image crop with
 ``predict.crop_rgb`` (PIL bilinear), student forward; the batches then go through
-``metrics.evaluate_batches`` like loader batches, so the figures mean the same thing.
+``score_table.evaluate_batches`` like loader batches, so the figures mean the same thing.
 
 The file's format and LVIS version are detected (``coco.detect_format``: v1 has 1203 categories, v0.5 1230
 with different ids) and reported; v0.5 scores are not comparable with the papers' v1 figures.
@@ -28,9 +28,9 @@ import numpy as np
 from picosam_pipeline.data.coco import AnnotationSet, ImageRecord, check_annotation, load_annotations
 from picosam_pipeline.data.images import BadImageError, load_image
 from picosam_pipeline.errors import PipelineError
-from picosam_pipeline.evaluate.metrics import InstanceGT, ScoreTable, evaluate_batches
+from picosam_pipeline.evaluate.score_table import InstanceGT, ScoreTable, evaluate_batches
 from picosam_pipeline.evaluate.predict import CropModel, crop_rgb, to_model_input
-from picosam_pipeline.evaluate.scoring import Protocol, gt_crop
+from picosam_pipeline.evaluate.crop_metrics import Protocol, gt_crop
 
 
 @dataclass

@@ -4,7 +4,7 @@ One row per (group, model): DVC's templates colour by one field, so every plot f
 column and the custom templates of ``.dvc/plots/`` draw grouped bars starting at 0 (DVC's own ``bar_horizontal``
 does not start at 0) and scatter plots on fixed ``[0, 1]`` IoU axes. Models come students first, teachers last, so
 bars read "ours, then the reference". Every figure is computed from the score table the stage already has
-(``metrics.ScoreTable``): nothing is re-run for a plot.
+(``score_table.ScoreTable``): nothing is re-run for a plot.
 
 Files (``write_plots``, in the stage's ``plots/`` folder):
 
@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from picosam_pipeline.evaluate.metrics import ScoreTable, is_teacher
+from picosam_pipeline.evaluate.score_table import ScoreTable, is_teacher
 
 HIST_BINS = 20  # IoU histogram bins of width 0.05, the papers' threshold step
-CONFIDENCE_SUFFIX = "_confidence"  # score-table column of a teacher's confidence (metrics.evaluate_batches)
+CONFIDENCE_SUFFIX = "_confidence"  # score-table column of a teacher's confidence (score_table.evaluate_batches)
 
 
 def ordered(models: Iterable[str]) -> list[str]:

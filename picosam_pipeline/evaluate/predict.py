@@ -14,7 +14,7 @@ INT8 model, which takes the camera's RGB and normalises in its first layer (ONNX
 :func:`predict_image` is the whole inference path for one prompt, in the conventions of
 ``../shared/docs/picosam-reference.md`` section 2: the crop box comes from ``crops.py`` (PicoSAM3 ROI for a
 box, PicoSAM2 96-px window for a point), the crop is resized to ``S x S`` (PIL bilinear, as in training), the
-logits are resized back into the crop box and pasted into the image frame (``scoring.paste_crop``).
+logits are resized back into the crop box and pasted into the image frame (``crop_metrics.paste_crop``).
 
 A model records the crop it was trained on (``crop``: ``crops.crop_convention``; in ``student.pt``'s meta, in the
 exported ONNX files' ``picosam.crop`` metadata): :func:`prompt_settings` takes the prompt kind and the crop
@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw
 from picosam_pipeline.data.crops import CONVENTIONS, CropBox, point_box, roi_box
 from picosam_pipeline.data.images import load_image
 from picosam_pipeline.errors import PipelineError
-from picosam_pipeline.evaluate.scoring import paste_crop
+from picosam_pipeline.evaluate.crop_metrics import paste_crop
 from picosam_pipeline.train.students import NORMALIZATION
 
 if TYPE_CHECKING:

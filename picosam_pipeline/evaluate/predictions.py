@@ -33,6 +33,7 @@ import numpy as np
 
 from picosam_pipeline.data.crops import CropBox
 from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.evaluate.crop_metrics import paste_crop
 from picosam_pipeline.outputs import atomic_write_bytes
 from picosam_pipeline.train.iou import to_numpy
 
@@ -129,8 +130,6 @@ def write_crop_predictions(records: Iterable[CropPrediction], path: str | Path) 
 
 def write_image_predictions(records: Iterable[CropPrediction], path: str | Path) -> int:
     """The image-frame COCO results list (crop mask NEAREST-resized into its box); returns the number of entries."""
-    from picosam_pipeline.evaluate.scoring import paste_crop
-
     entries = []
     for k, rec in enumerate(records):
         if rec.crop_box is None or rec.image_size is None:

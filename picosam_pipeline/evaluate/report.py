@@ -31,7 +31,7 @@ LEGEND = "green: right, magenta: false positive, blue: missed (false negative); 
 class GridPool:
     """Keeps up to ``n`` samples per student-IoU bin in one pass; :meth:`pick` chooses ``n`` spread over the bins.
 
-    A sample is what ``metrics.evaluate_batches`` hands its ``on_sample`` callback: ``image`` ``(S, S, 3)``
+    A sample is what ``score_table.evaluate_batches`` hands its ``on_sample`` callback: ``image`` ``(S, S, 3)``
     uint8, ``gt`` ``(S, S)`` bool, ``logits`` ``{model: (S, S)}``, ``iou`` ``{model: float}``, ``ann_id``,
     ``category``. Memory stays at most ``bins * n`` samples whatever the dataset size.
     """
@@ -130,7 +130,7 @@ def draw_grid(samples: Sequence[Mapping[str, Any]], path: str | Path, *, title: 
 
     present = set().union(*(s["logits"] for s in samples)) if samples else set()
     models = [(key, label) for key, label in MODEL_COLUMNS if key in present]
-    # Several teachers (teacher_<NAME>, metrics.teacher_models): one column each, before the students.
+    # Several teachers (teacher_<NAME>, score_table.teacher_models): one column each, before the students.
     models = [(key, key.replace("_", " ", 1)) for key in sorted(present) if key.startswith("teacher_")] + models
     columns = 2 + len(models)
     rows = max(len(samples), 1)

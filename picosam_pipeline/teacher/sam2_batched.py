@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from picosam_pipeline.config import TeacherConfig
 from picosam_pipeline.device import Runtime
-from picosam_pipeline.teacher.models import TeacherOutput, _as_rows, _check_rgb, build_sam2_model
+from picosam_pipeline.teacher.base import TeacherOutput, as_rows, check_rgb
+from picosam_pipeline.teacher.sam2_predictor import build_sam2_model
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class Sam2Features(NamedTuple):
 class Sam2Teacher:
     """SAM2 / SAM2.1 on its own modules, batched over images and prompts (see the module doc).
 
-    Implements the :class:`~picosam_pipeline.teacher.models.Teacher` protocol: :meth:`predict_images` for the
+    Implements the :class:`~picosam_pipeline.teacher.base.Teacher` protocol: :meth:`predict_images` for the
     teacher pass, and ``set_image`` / ``predict_boxes`` / ``predict_points`` (a batch of one) for callers that
     hold one image, such as ``verify-logits``.
     """
@@ -98,7 +99,7 @@ class Sam2Teacher:
         codec's bound rather than byte for byte.
         """
         width = 4 if prompt == "roi" else 2
-        rows = [_as_rows(p, width, "prompts") for p in prompts]
+        rows = [as_rows(p, width, "prompts") for p in prompts]
         sizes = [(int(img.shape[1]), int(img.shape[0])) for img in images]
         features = self.encode(self.preprocess(images))
         counts = [len(r) for r in rows]
@@ -226,14 +227,14 @@ class Sam2Teacher:
     # one image at a time (verify-logits, the Teacher protocol)
 
     def set_image(self, rgb: np.ndarray) -> None:
-        _check_rgb(rgb)
+        check_rgb(rgb)
         self._held = self.encode(self.preprocess([torch.from_numpy(rgb)])), (rgb.shape[1], rgb.shape[0])
 
     def predict_boxes(self, boxes_xyxy: np.ndarray) -> TeacherOutput:
-        return self._predict_held(_as_rows(boxes_xyxy, 4, "boxes_xyxy"), "roi")
+        return self._predict_held(as_rows(boxes_xyxy, 4, "boxes_xyxy"), "roi")
 
     def predict_points(self, points_xy: np.ndarray) -> TeacherOutput:
-        return self._predict_held(_as_rows(points_xy, 2, "points_xy"), "point")
+        return self._predict_held(as_rows(points_xy, 2, "points_xy"), "point")
 
     def _predict_held(self, prompts: np.ndarray, prompt: str) -> TeacherOutput:
         if self._held is None:

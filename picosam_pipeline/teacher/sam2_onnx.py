@@ -36,8 +36,9 @@ from picosam_pipeline.config import TeacherConfig
 from picosam_pipeline.data.checksums import sha256_file
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError, require_extra
-from picosam_pipeline.teacher.models import (OneImageAtATime, TeacherOutput, _as_rows, _check_rgb, _checkpoint_or_none,
-                                             _version, build_sam2_model)
+from picosam_pipeline.teacher.base import OneImageAtATime, TeacherOutput, as_rows, check_rgb
+from picosam_pipeline.teacher.sam2_predictor import build_sam2_model
+from picosam_pipeline.teacher.weights import checkpoint_or_none, package_version
 
 ENCODER_FILE, DECODER_FILE, MANIFEST_FILE = "encoder.onnx", "decoder.onnx", "export.json"
 OPSET = 17  # the dynamo exporter needs onnxscript (not installed); the TorchScript exporter at opset 17 works
@@ -95,7 +96,7 @@ def export_settings(cfg: TeacherConfig, seed: int) -> dict[str, Any]:
                else f"random weights, seed {seed}")
     return {"model": cfg.model, "weights": weights, "multimask_output": cfg.multimask_output, "opset": OPSET,
             "exporter": "torch.onnx.export (TorchScript, dynamo=False)", "torch": torch.__version__,
-            "sam2": _version("sam2")}
+            "sam2": package_version("sam2")}
 
 
 def export_dir(cfg: TeacherConfig, seed: int) -> Path:
@@ -239,7 +240,7 @@ class OrtSam2Teacher(OneImageAtATime):
     @classmethod
     def build(cls, cfg: TeacherConfig, runtime: Runtime) -> "OrtSam2Teacher":
         require_extra("teacher", f"teacher.model={cfg.model}")  # the host transforms and the export use sam2
-        _checkpoint_or_none(cfg, runtime.seed)  # the missing-checkpoint error / random-weights warning, as in torch
+        checkpoint_or_none(cfg, runtime.seed)  # the missing-checkpoint error / random-weights warning, as in torch
         folder = export_teacher(cfg, runtime)  # refuses sam3; the files' digests are checked there
         manifest = read_manifest(folder)
         providers = session_providers(cfg.ort_provider, runtime)
@@ -247,24 +248,24 @@ class OrtSam2Teacher(OneImageAtATime):
                     "onnx": {"opset": OPSET, **{name: entry["sha256"] for name, entry in manifest["files"].items()}},
                     "onnx_folder": str(folder),
                     "ort_provider": providers[0] if isinstance(providers[0], str) else providers[0][0],
-                    "package": f"sam2 {_version('sam2')}, onnxruntime {_version('onnxruntime')}", "autocast": "fp32"}
+                    "package": f"sam2 {package_version('sam2')}, onnxruntime {package_version('onnxruntime')}", "autocast": "fp32"}
         return cls(folder, providers, torch.get_num_threads(), metadata)
 
     def set_image(self, rgb: np.ndarray) -> None:
-        _check_rgb(rgb)
+        check_rgb(rgb)
         image = self.transforms(rgb)[None].numpy()  # (1, 3, 1024, 1024) float32, normalised
         names = ("image_embed", "high_res_0", "high_res_1")
         self._features = dict(zip(names, self.encoder.run(list(names), {"image": image})))
         self._size = (rgb.shape[1], rgb.shape[0])
 
     def predict_boxes(self, boxes_xyxy: np.ndarray) -> TeacherOutput:
-        boxes = _as_rows(boxes_xyxy, 4, "boxes_xyxy")
+        boxes = as_rows(boxes_xyxy, 4, "boxes_xyxy")
         coords = boxes.reshape(-1, 2, 2)
         labels = np.tile(np.array([[2.0, 3.0]], dtype=np.float32), (len(boxes), 1))
         return self._decode(coords, labels)
 
     def predict_points(self, points_xy: np.ndarray) -> TeacherOutput:
-        points = _as_rows(points_xy, 2, "points_xy")
+        points = as_rows(points_xy, 2, "points_xy")
         return self._decode(points[:, None, :], np.ones((len(points), 1), dtype=np.float32))
 
     def _decode(self, coords_xy: np.ndarray, labels: np.ndarray) -> TeacherOutput:

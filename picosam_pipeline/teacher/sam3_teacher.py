@@ -8,7 +8,7 @@ resize to 1008x1008 without keeping the aspect ratio, normalise, the 840 M-param
   the dummy text prompt ``"visual"``; of its 200 queries the one with the highest score
   ``sigmoid(logit) * sigmoid(presence)`` is kept; its mask is resized to the image with the processor's bilinear
   ``interpolate``, turned into probabilities (sigmoid) and back into logits clamped at ``p in [1e-7, 1 - 1e-7]``
-  (``models.probabilities_to_logits``): ``(N, H, W)`` logits within +-16.12, confidence = the kept query's score.
+  (:func:`probabilities_to_logits`): ``(N, H, W)`` logits within +-16.12, confidence = the kept query's score.
   Each box is its own prompt (N boxes of one exemplar set would be one concept, not N instances), but the boxes of
   an image go through ``forward_grounding`` together, ``decode_batch`` prompts per call (the model's prompt batch:
   ``FindStage.img_ids`` maps every prompt to the one encoded image). What PicoSAM3's per-box loop recomputes is
@@ -48,15 +48,27 @@ import torch
 from picosam_pipeline.config import TeacherConfig
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.teacher import sam3_compat
-from picosam_pipeline.teacher.models import (
-    TeacherOutput, _as_rows, _autocast_name, _check_rgb, _checkpoint_or_none, _load_checked,
-    _random_weights, _runs, _version, load_state_dict_safely, probabilities_to_logits,
-)
+from picosam_pipeline.teacher.base import TeacherOutput, as_rows, check_rgb, runs
+from picosam_pipeline.teacher.weights import (autocast_name, checkpoint_or_none, load_checked, load_state_dict_safely,
+                                              package_version, random_weights)
 
 log = logging.getLogger(__name__)
 
 DUMMY_TEXT = "visual"  # the text prompt Sam3Processor.add_geometric_prompt uses when none was set
 INSTANCE_LOW_RES = 288  # predict_inst's low-res mask side (1008 / 14 * 4)
+
+SAM3_PROB_EPS = 1e-7  # PicoSAM3's clamp before probability -> logit: |logit| <= 16.12
+
+
+def probabilities_to_logits(prob: torch.Tensor, eps: float = SAM3_PROB_EPS) -> torch.Tensor:
+    """Mask probabilities in [0, 1] -> float32 logits ``log(p / (1 - p))``, ``p`` clamped to ``[eps, 1 - eps]``.
+
+    SAM3's processor returns sigmoid probabilities (named ``masks_logits``); PicoSAM3 stores them as logits
+    after this clamp, so saturated pixels map to +-16.12 instead of +-inf. Computed in float64: in float32
+    ``1 - 1e-7`` rounds to ``1 - 1.19e-7`` and the positive bound would come out as 15.94, not 16.12.
+    """
+    p = prob.double().clamp(eps, 1.0 - eps)
+    return (torch.log(p) - torch.log1p(-p)).float()
 
 
 def build_sam3_teacher(cfg: TeacherConfig, runtime: Runtime) -> "Sam3GeometricTeacher | Sam3InstanceTeacher":
@@ -72,34 +84,34 @@ def build_sam3_teacher(cfg: TeacherConfig, runtime: Runtime) -> "Sam3GeometricTe
     api = sam3_compat.import_sam3()
     bpe_path, bpe_sha256 = sam3_compat.bpe_vocabulary()
     instance = cfg.sam3_path == "instance"
-    checkpoint = _checkpoint_or_none(cfg, runtime.seed)
+    checkpoint = checkpoint_or_none(cfg, runtime.seed)
     state_dict = load_state_dict_safely(checkpoint) if checkpoint else None
     model, drawn = sam3_compat.seeded_build(
         lambda: api.build_sam3_image_model(bpe_path=str(bpe_path), device="cpu", eval_mode=True, checkpoint_path=None,
                                            load_from_HF=False, enable_inst_interactivity=instance),
         runtime.seed, runtime.device)
     if checkpoint is None:
-        weights = _random_weights(model, runtime.seed)
+        weights = random_weights(model, runtime.seed)
     else:
         # Only parameters must be covered: the image model recomputes some buffers (position encodings) at init.
         mapped = {k.removeprefix("detector."): v for k, v in state_dict.items() if k.startswith("detector.")}
         if instance:
             mapped.update({"inst_interactive_predictor.model." + k.removeprefix("tracker."): v
                            for k, v in state_dict.items() if k.startswith("tracker.")})
-        weights = _load_checked(model, mapped, {k for k, _ in model.named_parameters()}, checkpoint, cfg.model)
+        weights = load_checked(model, mapped, {k for k, _ in model.named_parameters()}, checkpoint, cfg.model)
     model.to(runtime.device)
     processor = api.Sam3Processor(model, device=str(runtime.device), confidence_threshold=0.0)
     metadata = {
         "teacher": "sam3",
         "backend": "torch",
         "model": "sam3",
-        "package": f"sam3 {_version('sam3')}",
+        "package": f"sam3 {package_version('sam3')}",
         **weights,
         "initialised_after_build": drawn,  # left uninitialised by the package: drawn from the seed (sam3_compat)
         "bpe_vocabulary_sha256": bpe_sha256,
         "prompt": cfg.prompt,
         "sam3_path": cfg.sam3_path,
-        "autocast": _autocast_name(runtime),
+        "autocast": autocast_name(runtime),
     }
     cls = Sam3InstanceTeacher if instance else Sam3GeometricTeacher
     return cls(model, processor, api, runtime, cfg, metadata)
@@ -133,21 +145,21 @@ class _Sam3Teacher(abc.ABC):
         outputs = []
         for i, (image, image_prompts) in enumerate(zip(images, prompts)):
             self._encode(image)
-            rows = _as_rows(image_prompts, 4 if prompt == "roi" else 2, "prompts")
-            parts = [self._decode_all(rows[a:b], prompt) for a, b in _runs(segments[i] if segments else [len(rows)])]
+            rows = as_rows(image_prompts, 4 if prompt == "roi" else 2, "prompts")
+            parts = [self._decode_all(rows[a:b], prompt) for a, b in runs(segments[i] if segments else [len(rows)])]
             outputs.append(TeacherOutput(torch.cat([p.image_logits for p in parts]),
                                          torch.cat([p.confidence for p in parts])))
         return outputs
 
     def set_image(self, rgb: np.ndarray) -> None:
-        _check_rgb(rgb)
+        check_rgb(rgb)
         self._encode(torch.from_numpy(rgb))
 
     def predict_boxes(self, boxes_xyxy: np.ndarray) -> TeacherOutput:
-        return self._decode_all(_as_rows(boxes_xyxy, 4, "boxes_xyxy"), "roi")
+        return self._decode_all(as_rows(boxes_xyxy, 4, "boxes_xyxy"), "roi")
 
     def predict_points(self, points_xy: np.ndarray) -> TeacherOutput:
-        return self._decode_all(_as_rows(points_xy, 2, "points_xy"), "point")
+        return self._decode_all(as_rows(points_xy, 2, "points_xy"), "point")
 
     # ----------------------------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from picosam_pipeline.device import Runtime, resolve_runtime
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.teacher.codec import SIGMOID_ERROR_BOUND, decode_logits, encode_logits
 from picosam_pipeline.teacher.executors import compute_threads
-from picosam_pipeline.teacher.models import file_sha256
+from picosam_pipeline.data.checksums import sha256_file
 from picosam_pipeline.teacher.runner import (
     InstanceRows, TeacherSpec, instance_rows, load_pixels, predict_crops, teacher_session,
 )
@@ -141,7 +141,7 @@ def _teacher_config(store: LogitStore, checkpoint: str | None) -> TeacherConfig:
     if not path.is_file():
         raise PipelineError(f"{store.path} was made with checkpoint {cfg.checkpoint!r} (sha256 {expected}), which is not at "
                             f"{str(path)!r}; fetch it (`picosam-pipeline fetch {cfg.model}`) or pass --checkpoint PATH")
-    found = file_sha256(path)
+    found = sha256_file(path)
     if found != expected:
         raise PipelineError(f"refusing to verify {store.path}: checkpoint {str(path)!r} has sha256 {found}, the store was "
                             f"made with {expected}; pass --checkpoint with the checkpoint the store was made with")

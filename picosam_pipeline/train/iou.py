@@ -1,7 +1,7 @@
 """The papers' per-sample IoU in the crop frame, shared by the trainer's validation and the evaluate phase.
 
 It lives in ``train/`` because training validates with it and imports only downward (``data``, ``teacher``);
-``evaluate/scoring.py`` builds the papers' mIoU and success "mAP" on top of it. numpy only: ``pred`` and ``gt``
+``evaluate/crop_metrics.py`` builds the papers' mIoU and success "mAP" on top of it. numpy only: ``pred`` and ``gt``
 may be numpy arrays or torch tensors on any device.
 """
 

@@ -21,7 +21,7 @@ from picosam_pipeline.deploy.raspberry_pi import (SENSOR_SIZE, as_xywh, inferenc
                                                   paste_mask, point_roi, preview_to_sensor, prompt_roi, resize_nearest,
                                                   sensor_size)
 from picosam_pipeline.errors import PipelineError
-from picosam_pipeline.evaluate.scoring import paste_crop, resize_crop_to_box
+from picosam_pipeline.evaluate.crop_metrics import paste_crop, resize_crop_to_box
 
 TEMPLATES = Path(deploy.__file__).parent / "template"
 FULL_SENSOR = (0, 0, 4056, 3040)
@@ -209,7 +209,7 @@ def test_logits_from_outputs_without_result_and_with_a_foreign_network():
 def test_resize_nearest_matches_the_pipelines_mask_resize(hw):
     rng = np.random.default_rng(1)
     mask = rng.random((96, 96)) > 0.5
-    expected = resize_crop_to_box(mask, CropBox(0, 0, hw[1], hw[0]))  # bool input: PIL NEAREST (scoring.py)
+    expected = resize_crop_to_box(mask, CropBox(0, 0, hw[1], hw[0]))  # bool input: PIL NEAREST (crop_metrics.py)
     np.testing.assert_array_equal(resize_nearest(mask, *hw), expected)
 
 
@@ -317,7 +317,7 @@ def _package_config(root: Path):
 
 @pytest.mark.parametrize("crop", [ROI_CROP, POINT_CROP], ids=["picosam3-roi", "picosam2-point"])
 def test_package_stage_writes_the_deploy_folder_and_memory_metrics(tmp_path, monkeypatch, crop):
-    from picosam_pipeline.config import last_run
+    from picosam_pipeline.reports import last_run
     from picosam_pipeline.stages import package
 
     _export_dir(tmp_path, crop)

@@ -18,7 +18,7 @@ from picosam_pipeline.data.index import read_index
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.evaluate.lvis import evaluate_annotations
-from picosam_pipeline.evaluate.metrics import (
+from picosam_pipeline.evaluate.score_table import (
     InstanceGT,
     category_report,
     evaluate_batches,
@@ -28,7 +28,8 @@ from picosam_pipeline.evaluate.metrics import (
 from picosam_pipeline.evaluate.predict import crop_rgb
 from picosam_pipeline.evaluate.plots import category_bars, iou_histogram, iou_vs_area, size_bars, student_vs_teacher
 from picosam_pipeline.evaluate.report import GridPool, crop_prompt, draw_grid, errors_overlay
-from picosam_pipeline.evaluate.scoring import gt_crop, score_predictions
+from picosam_pipeline.evaluate.crop_metrics import gt_crop
+from picosam_pipeline.evaluate.prediction_scoring import score_predictions
 from picosam_pipeline.stages import evaluate as evaluate_stage
 from picosam_pipeline.train.checkpoints import load_student, save_student
 
@@ -248,7 +249,7 @@ def test_lvis_v1_from_annotations_counts_missing_images_and_scores_the_rest(tmp_
     assert summary["annotations_without_image"] == 2 and summary["images_missing"] == 1 and summary["images_scored"] == 2
     assert summary["dropped_by_reason"] == {"bad_polygon": 1, "missing_image_id": 1}  # 8 = 4 + 2 + 2: all accounted for
     assert [len(x) for x in model.inputs] == [3, 1]  # batches of batch_size
-    # each sample is the papers' crop: GT via scoring.gt_crop, image via PIL bilinear, scored like the shards
+    # each sample is the papers' crop: GT via crop_metrics.gt_crop, image via PIL bilinear, scored like the shards
     first_image = np.asarray(Image.open(images_dir / "000000000001.jpg").convert("RGB"))
     mask = np.zeros((120, 160), np.uint8)
     mask[20:60, 10:40] = 1  # annotation 1: polygon = its bbox
@@ -362,7 +363,7 @@ def test_stage_predictions_file_scores_the_same_with_score_predictions(evaluated
     scored = score_predictions(val.annotations, crop_file, "picosam3-roi", val.images)
     assert scored["frame"] == "crop" and scored["samples"] == metrics["samples"]
     assert 0.05 < metrics["student"]["crop_miou"] < 0.95
-    # same masks, same GT crops (the shard's mask crop is scoring.gt_crop's): the same figures
+    # same masks, same GT crops (the shard's mask crop is crop_metrics.gt_crop's): the same figures
     assert scored["crop_miou"] == pytest.approx(metrics["student"]["crop_miou"], abs=1e-9)
     assert scored["crop_success_map_50_95"] == pytest.approx(metrics["student"]["crop_success_map_50_95"], abs=1e-9)
     # the full-image mIoU: evaluate, the crop-frame file and the image-frame file agree (one paste, NEAREST)

@@ -21,17 +21,9 @@ from picosam_pipeline.evaluate.predictions import (
     read_predictions,
     write_crop_predictions,
 )
-from picosam_pipeline.evaluate.scoring import (
-    breakdown,
-    crop_ious,
-    crop_miou,
-    crop_success_map_50_95,
-    full_image_iou,
-    gt_crop,
-    load_coco,
-    paste_crop,
-    size_buckets,
-)
+from picosam_pipeline.evaluate.crop_metrics import breakdown, crop_miou, crop_success_map_50_95, full_image_iou, gt_crop, paste_crop, size_buckets
+from picosam_pipeline.evaluate.prediction_scoring import load_coco
+from picosam_pipeline.train.iou import crop_ious
 
 
 def _masks(n: int, size: int = 8) -> np.ndarray:
@@ -360,7 +352,7 @@ def test_images_dir_accepts_exif_rotated_files_in_either_orientation(tmp_path):
     from PIL import Image
 
     from picosam_pipeline.errors import PipelineError
-    from picosam_pipeline.evaluate.scoring import _images_on_disk
+    from picosam_pipeline.evaluate.prediction_scoring import _images_on_disk
 
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90 degrees to display

@@ -19,13 +19,11 @@ import torch
 from picosam_pipeline.config import SAM2_MODELS, TeacherConfig
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
-from picosam_pipeline.teacher.models import (
-    RandomWeightsWarning,
-    build_teacher,
-    probabilities_to_logits,
-    sam2_config_name,
-    state_dict_sha256,
-)
+from picosam_pipeline.teacher.base import RandomWeightsWarning
+from picosam_pipeline.teacher.build import build_teacher
+from picosam_pipeline.teacher.sam2_predictor import sam2_config_name
+from picosam_pipeline.teacher.sam3_teacher import probabilities_to_logits
+from picosam_pipeline.teacher.weights import state_dict_sha256
 from picosam_pipeline.teacher.sam2_batched import Sam2Teacher
 from malicious_pickle import CodeOnLoad
 
@@ -166,7 +164,7 @@ def test_random_weights_are_seeded_identically_in_every_process(tiny):
         "import warnings, torch; warnings.simplefilter('ignore')\n"
         "from picosam_pipeline.config import TeacherConfig\n"
         "from picosam_pipeline.device import Runtime\n"
-        "from picosam_pipeline.teacher.models import build_teacher\n"
+        "from picosam_pipeline.teacher.build import build_teacher\n"
         "cfg = TeacherConfig(model='sam2.1_hiera_tiny', checkpoint=None, allow_random_weights=True)\n"
         "print(build_teacher(cfg, Runtime(torch.device('cpu'), None, 0)).metadata['weights_sha256'])\n"
     )

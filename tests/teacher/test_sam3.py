@@ -26,7 +26,7 @@ from picosam_pipeline.teacher import runner as teacher_runner
 from picosam_pipeline.teacher import sam3_compat
 from picosam_pipeline.teacher.codec import encode_logits
 from picosam_pipeline.teacher.geometry import crop_logits
-from picosam_pipeline.teacher.models import probabilities_to_logits
+from picosam_pipeline.teacher.sam3_teacher import probabilities_to_logits
 from picosam_pipeline.teacher.store import open_store
 from teacher_project import config, tiny_project
 from test_teacher_logits import stage_figures, store_files

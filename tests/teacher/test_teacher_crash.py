@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from picosam_pipeline.config import last_run
+from picosam_pipeline.reports import last_run
 from picosam_pipeline.device import resolve_runtime
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.stages import teacher_logits

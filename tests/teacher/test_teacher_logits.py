@@ -22,7 +22,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from picosam_pipeline.cli import cli
-from picosam_pipeline.config import Config, TeacherConfig, last_run
+from picosam_pipeline.config import Config, TeacherConfig
+from picosam_pipeline.reports import last_run
 from picosam_pipeline.data.images import load_image
 from picosam_pipeline.data.index import column_array, read_index
 from picosam_pipeline.device import Runtime, resolve_runtime
@@ -32,7 +33,8 @@ from picosam_pipeline.teacher import runner as teacher_runner
 from picosam_pipeline.teacher.codec import SIGMOID_ERROR_BOUND, decode_logits, encode_logits
 from picosam_pipeline.teacher.executors import make_executor, plan_workers, task_runs
 from picosam_pipeline.teacher.geometry import crop_logits
-from picosam_pipeline.teacher.models import OneImageAtATime, TeacherOutput, file_sha256
+from picosam_pipeline.data.checksums import sha256_file as file_sha256
+from picosam_pipeline.teacher.base import OneImageAtATime, TeacherOutput
 from picosam_pipeline.teacher.runner import TeacherSpec, instance_rows, process_shards
 from picosam_pipeline.teacher.store import EXECUTION_FIELDS, open_store
 from teacher_project import REPO, config, tiny_project
@@ -375,7 +377,7 @@ def test_stage_is_registered_and_its_dvc_params_are_the_keys_that_change_stored_
     # recipe.name: the recipe decides teacher.prompt when params.yaml leaves it auto
     assert set(stage["params"]) == byte_relevant | {"teachers.${key}", "runtime.seed", "runtime.precision", "recipe.name"}
     assert {"stages/teacher_logits.py", "picosam_pipeline/teacher/runner.py", "picosam_pipeline/teacher/executors.py",
-            "picosam_pipeline/teacher/models.py", "${teacher.index}"} <= set(stage["deps"])
+            "picosam_pipeline/teacher/build.py", "${teacher.index}"} <= set(stage["deps"])
     # the path comes from params.yaml (DVC templating), written once; pack reads the folder
     assert stage["outs"] == ["${teacher.stores_dir}/${key}.zarr"]
 

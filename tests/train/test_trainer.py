@@ -23,7 +23,8 @@ import pytest
 import torch
 import yaml
 
-from picosam_pipeline.config import Config, TrainConfig, last_run
+from picosam_pipeline.config import Config, TrainConfig
+from picosam_pipeline.reports import last_run
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.stages import train as train_stage

@@ -4,15 +4,15 @@ One pass over batches of crops fills a :class:`ScoreTable`: one row per sample, 
 For every model ``m`` (``student``, ``student_int8``, ``teacher``) it holds
 
 * ``m_iou``       crop-frame IoU of ``logits > 0`` against the ``S x S`` GT crop (empty union = 1), the
-                  papers' per-sample IoU (``scoring.crop_ious``);
+                  papers' per-sample IoU (``crop_metrics.crop_ious``);
 * ``m_full_iou``  the crop mask (logit > 0) resized NEAREST back into its crop box and pasted into the image
-                  frame, against the full GT mask (``scoring.full_image_iou``): what the student's answer is worth
+                  frame, against the full GT mask (``crop_metrics.full_image_iou``): what the student's answer is worth
                   on the image, including the parts of a large object a 96-px window never sees. The same paste
                   makes the image-frame predictions file, so ``score-predictions`` on it gives the same figure;
 
 plus ``gt_nonempty``, ``ann_id``, ``image_id``, ``category``, COCO ``area`` and the crop box
 (``box_x1`` .. ``box_y2``, from which :meth:`InstanceGT.protocol_of` reads the crop convention). :func:`evaluation_report`
-turns the table into the figures ``metrics/evaluate.json`` holds, under the names of ``scoring.py``:
+turns the table into the figures ``metrics/evaluate.json`` holds, under the names of ``crop_metrics.py``:
 ``crop_miou``, ``crop_success_map_50_95`` (the papers' "mAP@[.5:.95]", a success rate over IoU thresholds
 on non-empty GT crops, NOT COCO AP) and ``full_image_miou``, overall and per COCO size bucket; per
 category in :func:`category_report`.
@@ -37,17 +37,8 @@ from picosam_pipeline.data.crops import CropBox
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.evaluate.predict import CropModel
 from picosam_pipeline.evaluate.predictions import CropPrediction
-from picosam_pipeline.evaluate.scoring import (
-    SIZE_BUCKETS,
-    Protocol,
-    breakdown,
-    crop_ious,
-    gt_nonempty,
-    pasted_iou,
-    size_buckets,
-    summarize,
-    to_numpy,
-)
+from picosam_pipeline.evaluate.crop_metrics import SIZE_BUCKETS, Protocol, breakdown, pasted_iou, size_buckets, summarize
+from picosam_pipeline.train.iou import crop_ious, gt_nonempty, to_numpy
 
 TEACHER = "teacher"
 
@@ -123,7 +114,7 @@ class InstanceGT:
 
     def in_box(self, ann_id: int, box: CropBox) -> tuple[np.ndarray, int]:
         """The GT mask inside ``box`` (clipped to the image; uint8 {0, 1}) and the mask's pixel count in the whole
-        image: what :func:`scoring.pasted_iou` needs, without decoding the rest of the image."""
+        image: what :func:`crop_metrics.pasted_iou` needs, without decoding the rest of the image."""
         from pycocotools import mask as mask_utils
 
         from picosam_pipeline.data.index import decode_mask_window
