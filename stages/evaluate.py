@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from picosam_pipeline.config import Config, require_inputs
-from picosam_pipeline.outputs import save_resolved
-from picosam_pipeline.reports import write_metrics
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.outputs import save_resolved
+from picosam_pipeline.reports import write_metrics
 from picosam_pipeline.evaluate.score_table import (
     InstanceGT,
     category_report,
@@ -46,8 +46,8 @@ from picosam_pipeline.evaluate.score_table import (
 )
 from picosam_pipeline.evaluate.plots import write_plots
 from picosam_pipeline.evaluate.predict import load_crop_model
-from picosam_pipeline.evaluate.report import GridPool, draw_grid
 from picosam_pipeline.evaluate.predictions import crop_predictions_path, write_predictions
+from picosam_pipeline.evaluate.report import GridPool, draw_grid
 from picosam_pipeline.outputs import StageOutput, output_folder, writes_output
 
 NAMES = ("report.json", "per_sample.csv", "plots/", "grid.png")  # besides its marker and evaluate.write_predictions

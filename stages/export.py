@@ -34,8 +34,7 @@ from picosam_pipeline.outputs import save_resolved
 from picosam_pipeline.reports import write_metrics, write_report
 from picosam_pipeline.deploy.onnx_export import (CONTRACT_FILE, NETWORK, QUANTIZE_FAKEQUANT_FILE, QUANTIZE_MCTQ_FILE,
                                                  QUANTIZE_PROBE_FILE, QUANTIZE_REPORT_FILE)
-from picosam_pipeline.deploy.onnx_export import EXPORT_FAKEQUANT_FILE as FAKEQUANT_FILE
-from picosam_pipeline.deploy.onnx_export import EXPORT_MCTQ_FILE as MCTQ_FILE
+from picosam_pipeline.deploy.onnx_export import EXPORT_FAKEQUANT_FILE as FAKEQUANT_FILE, EXPORT_MCTQ_FILE as MCTQ_FILE
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.outputs import StageOutput, output_folder, writes_output

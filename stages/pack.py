@@ -29,13 +29,12 @@ import numpy as np
 import pyarrow as pa
 
 from picosam_pipeline.config import Config, require_inputs
-from picosam_pipeline.outputs import save_resolved
-from picosam_pipeline.reports import write_metrics, write_report
 from picosam_pipeline.data.crops import crop_convention
 from picosam_pipeline.data.index import column_array, read_index, read_metadata
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
-from picosam_pipeline.outputs import StageOutput, output_folder, writes_output
+from picosam_pipeline.outputs import StageOutput, output_folder, save_resolved, writes_output
+from picosam_pipeline.reports import write_metrics, write_report
 from picosam_pipeline.teacher.store import LogitStore, open_store
 from picosam_pipeline.train.shards import INDEX_COLUMNS, Frame, PackedTeacher, pack_split
 

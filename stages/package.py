@@ -32,11 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from picosam_pipeline.config import Config, require_inputs
-from picosam_pipeline.outputs import save_resolved
-from picosam_pipeline.reports import RUN_LOG_DIR, write_metrics, write_report
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
-from picosam_pipeline.outputs import StageOutput, output_folder, writes_output
+from picosam_pipeline.outputs import StageOutput, output_folder, save_resolved, writes_output
+from picosam_pipeline.reports import RUN_LOG_DIR, write_metrics, write_report
 
 TEMPLATES = "template"  # inside picosam_pipeline/deploy
 DEMO = "picosam_imx500_demo.py"

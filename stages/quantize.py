@@ -32,15 +32,11 @@ from typing import Any
 import numpy as np
 
 from picosam_pipeline.config import Config, require_inputs
-from picosam_pipeline.outputs import save_resolved
-from picosam_pipeline.reports import write_metrics
-from picosam_pipeline.deploy.onnx_export import QUANTIZE_FAKEQUANT_FILE as FAKEQUANT_FILE
-from picosam_pipeline.deploy.onnx_export import QUANTIZE_MCTQ_FILE as MCTQ_FILE
-from picosam_pipeline.deploy.onnx_export import QUANTIZE_PROBE_FILE as PROBE_FILE
-from picosam_pipeline.deploy.onnx_export import QUANTIZE_REPORT_FILE as REPORT_FILE
+from picosam_pipeline.deploy.onnx_export import QUANTIZE_FAKEQUANT_FILE as FAKEQUANT_FILE, QUANTIZE_MCTQ_FILE as MCTQ_FILE, QUANTIZE_PROBE_FILE as PROBE_FILE, QUANTIZE_REPORT_FILE as REPORT_FILE
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
-from picosam_pipeline.outputs import StageOutput, output_folder, writes_output
+from picosam_pipeline.outputs import StageOutput, output_folder, save_resolved, writes_output
+from picosam_pipeline.reports import write_metrics
 
 HEADLINE = ("crop_miou", "crop_success_map_50_95", "full_image_miou")
 

@@ -11,11 +11,10 @@ from typing import Any
 import dataclasses
 
 from picosam_pipeline.config import Config
-from picosam_pipeline.outputs import save_resolved
-from picosam_pipeline.reports import write_metrics
 from picosam_pipeline.data.sample import MANAGED, generate
 from picosam_pipeline.device import Runtime
-from picosam_pipeline.outputs import StageOutput, output_folder, writes_output
+from picosam_pipeline.outputs import StageOutput, output_folder, save_resolved, writes_output
+from picosam_pipeline.reports import write_metrics
 
 
 def output(cfg: Config) -> StageOutput:

@@ -38,12 +38,11 @@ from typing import Any
 from tqdm import tqdm
 
 from picosam_pipeline.config import Config, TeacherConfig, require_inputs
-from picosam_pipeline.outputs import save_resolved
-from picosam_pipeline.reports import write_metrics
 from picosam_pipeline.data.index import read_metadata
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
-from picosam_pipeline.outputs import check_target, output_lock, probe_writable, publish, recover, write_errors
+from picosam_pipeline.outputs import check_target, output_lock, probe_writable, publish, recover, save_resolved, write_errors
+from picosam_pipeline.reports import write_metrics
 from picosam_pipeline.teacher.executors import DaskExecutor, InProcess, make_executor
 from picosam_pipeline.teacher.geometry import stored_size
 from picosam_pipeline.teacher.runner import InstanceRows, instance_rows

@@ -32,13 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from picosam_pipeline.config import Config, ConfigError, require_inputs
-from picosam_pipeline.outputs import save_resolved
-from picosam_pipeline.reports import write_metrics, write_report
 from picosam_pipeline.data.crops import convention_differences
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
-from picosam_pipeline.outputs import StageOutput, check_space, output_folder, probe_writable, writes_output
+from picosam_pipeline.outputs import StageOutput, check_space, output_folder, probe_writable, save_resolved, writes_output
 from picosam_pipeline.recipes import PAIRS
+from picosam_pipeline.reports import write_metrics, write_report
 from picosam_pipeline.train.live import LiveLog
 from picosam_pipeline.train.loader import ShardLoader, make_loader
 from picosam_pipeline.train.shards import read_shard_index

@@ -28,9 +28,9 @@ import numpy as np
 from picosam_pipeline.data.coco import AnnotationSet, ImageRecord, check_annotation, load_annotations
 from picosam_pipeline.data.images import BadImageError, load_image
 from picosam_pipeline.errors import PipelineError
-from picosam_pipeline.evaluate.score_table import InstanceGT, ScoreTable, evaluate_batches
-from picosam_pipeline.evaluate.predict import CropModel, crop_rgb, to_model_input
 from picosam_pipeline.evaluate.crop_metrics import Protocol, gt_crop
+from picosam_pipeline.evaluate.predict import CropModel, crop_rgb, to_model_input
+from picosam_pipeline.evaluate.score_table import InstanceGT, ScoreTable, evaluate_batches
 
 
 @dataclass

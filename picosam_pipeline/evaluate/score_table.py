@@ -35,9 +35,9 @@ import numpy as np
 
 from picosam_pipeline.data.crops import CropBox
 from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.evaluate.crop_metrics import SIZE_BUCKETS, Protocol, breakdown, pasted_iou, size_buckets, summarize
 from picosam_pipeline.evaluate.predict import CropModel
 from picosam_pipeline.evaluate.predictions import CropPrediction
-from picosam_pipeline.evaluate.crop_metrics import SIZE_BUCKETS, Protocol, breakdown, pasted_iou, size_buckets, summarize
 from picosam_pipeline.train.iou import crop_ious, gt_nonempty, to_numpy
 
 TEACHER = "teacher"

@@ -37,11 +37,11 @@ from picosam_pipeline.data.images import BadImageError, load_image
 from picosam_pipeline.data.index import column_array, read_index, read_metadata
 from picosam_pipeline.device import Runtime, resolve_runtime
 from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.teacher.base import Teacher, TeacherOutput
+from picosam_pipeline.teacher.build import build_teacher
 from picosam_pipeline.teacher.codec import encode_logits_torch
 from picosam_pipeline.teacher.geometry import crop_logits
 from picosam_pipeline.teacher.image_feed import gpu_jpeg_bytes, image_batches
-from picosam_pipeline.teacher.base import Teacher, TeacherOutput
-from picosam_pipeline.teacher.build import build_teacher
 from picosam_pipeline.teacher.shard_writer import PendingShard, ShardAssembler, ShardWriter
 from picosam_pipeline.teacher.store import open_store
 

@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from picosam_pipeline.config import RuntimeConfig, TeacherConfig, build
+from picosam_pipeline.data.checksums import sha256_file
 from picosam_pipeline.device import Runtime, resolve_runtime
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.teacher.codec import SIGMOID_ERROR_BOUND, decode_logits, encode_logits
 from picosam_pipeline.teacher.executors import compute_threads
-from picosam_pipeline.data.checksums import sha256_file
 from picosam_pipeline.teacher.runner import (
     InstanceRows, TeacherSpec, instance_rows, load_pixels, predict_crops, teacher_session,
 )

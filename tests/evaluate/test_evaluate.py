@@ -25,11 +25,11 @@ from picosam_pipeline.evaluate.score_table import (
     evaluation_report,
     format_report,
 )
-from picosam_pipeline.evaluate.predict import crop_rgb
-from picosam_pipeline.evaluate.plots import category_bars, iou_histogram, iou_vs_area, size_bars, student_vs_teacher
-from picosam_pipeline.evaluate.report import GridPool, crop_prompt, draw_grid, errors_overlay
 from picosam_pipeline.evaluate.crop_metrics import gt_crop
+from picosam_pipeline.evaluate.plots import category_bars, iou_histogram, iou_vs_area, size_bars, student_vs_teacher
+from picosam_pipeline.evaluate.predict import crop_rgb
 from picosam_pipeline.evaluate.prediction_scoring import score_predictions
+from picosam_pipeline.evaluate.report import GridPool, crop_prompt, draw_grid, errors_overlay
 from picosam_pipeline.stages import evaluate as evaluate_stage
 from picosam_pipeline.train.checkpoints import load_student, save_student
 

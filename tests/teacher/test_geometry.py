@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from picosam_pipeline.data.crops import point_box, roi_box
-from picosam_pipeline.teacher.geometry import central_slice, context_pixels, crop_logits, stored_size
 from picosam_pipeline.teacher.base import Teacher, TeacherOutput
+from picosam_pipeline.teacher.geometry import central_slice, context_pixels, crop_logits, stored_size
 
 GRID = 256  # SAM2's low-resolution logit grid
 A, B, C = 0.05, -0.03, 1.5  # logit(x, y) = A x + B y + C (+ instance index, to catch mixed-up instances)

@@ -21,10 +21,10 @@ from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.teacher.base import RandomWeightsWarning
 from picosam_pipeline.teacher.build import build_teacher
+from picosam_pipeline.teacher.sam2_batched import Sam2Teacher
 from picosam_pipeline.teacher.sam2_predictor import sam2_config_name
 from picosam_pipeline.teacher.sam3_teacher import probabilities_to_logits
 from picosam_pipeline.teacher.weights import state_dict_sha256
-from picosam_pipeline.teacher.sam2_batched import Sam2Teacher
 from malicious_pickle import CodeOnLoad
 
 REPO = Path(__file__).resolve().parents[2]

@@ -24,12 +24,12 @@ from picosam_pipeline.device import Runtime, resolve_runtime
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.stages import teacher_logits
 from picosam_pipeline.teacher import runner
+from picosam_pipeline.teacher.base import RandomWeightsWarning, TeacherOutput
 from picosam_pipeline.teacher.codec import CODECS, SIGMOID_ERROR_BOUND, encode_logits, encode_logits_torch
 from picosam_pipeline.teacher.geometry import crop_logits
 from picosam_pipeline.teacher.image_feed import gpu_jpeg_bytes, image_batches
-from picosam_pipeline.teacher.base import RandomWeightsWarning, TeacherOutput
-from picosam_pipeline.teacher.sam2_predictor import Sam2PredictorTeacher
 from picosam_pipeline.teacher.sam2_batched import Sam2Teacher
+from picosam_pipeline.teacher.sam2_predictor import Sam2PredictorTeacher
 from picosam_pipeline.teacher.shard_writer import PendingShard, ShardAssembler, ShardWriter
 from picosam_pipeline.teacher.store import create_store, open_store
 from teacher_project import config, tiny_project

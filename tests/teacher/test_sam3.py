@@ -22,8 +22,7 @@ from picosam_pipeline.cli import cli
 from picosam_pipeline.config import ConfigError, TeacherConfig
 from picosam_pipeline.device import resolve_runtime
 from picosam_pipeline.stages import teacher_logits
-from picosam_pipeline.teacher import runner as teacher_runner
-from picosam_pipeline.teacher import sam3_compat
+from picosam_pipeline.teacher import runner as teacher_runner, sam3_compat
 from picosam_pipeline.teacher.codec import encode_logits
 from picosam_pipeline.teacher.geometry import crop_logits
 from picosam_pipeline.teacher.sam3_teacher import probabilities_to_logits

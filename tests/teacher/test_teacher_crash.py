@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from picosam_pipeline.reports import last_run
 from picosam_pipeline.device import resolve_runtime
 from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.reports import last_run
 from picosam_pipeline.stages import teacher_logits
 from picosam_pipeline.teacher.store import open_store
 from teacher_project import CLI, config, tiny_project

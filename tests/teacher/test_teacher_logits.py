@@ -23,18 +23,18 @@ from PIL import Image
 
 from picosam_pipeline.cli import cli
 from picosam_pipeline.config import Config, TeacherConfig
-from picosam_pipeline.reports import last_run
+from picosam_pipeline.data.checksums import sha256_file as file_sha256
 from picosam_pipeline.data.images import load_image
 from picosam_pipeline.data.index import column_array, read_index
 from picosam_pipeline.device import Runtime, resolve_runtime
 from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.reports import last_run
 from picosam_pipeline.stages import teacher_logits
 from picosam_pipeline.teacher import runner as teacher_runner
+from picosam_pipeline.teacher.base import OneImageAtATime, TeacherOutput
 from picosam_pipeline.teacher.codec import SIGMOID_ERROR_BOUND, decode_logits, encode_logits
 from picosam_pipeline.teacher.executors import make_executor, plan_workers, task_runs
 from picosam_pipeline.teacher.geometry import crop_logits
-from picosam_pipeline.data.checksums import sha256_file as file_sha256
-from picosam_pipeline.teacher.base import OneImageAtATime, TeacherOutput
 from picosam_pipeline.teacher.runner import TeacherSpec, instance_rows, process_shards
 from picosam_pipeline.teacher.store import EXECUTION_FIELDS, open_store
 from teacher_project import REPO, config, tiny_project

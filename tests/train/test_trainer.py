@@ -24,9 +24,9 @@ import torch
 import yaml
 
 from picosam_pipeline.config import Config, TrainConfig
-from picosam_pipeline.reports import last_run
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.reports import last_run
 from picosam_pipeline.stages import train as train_stage
 from picosam_pipeline.train.checkpoints import (flatten_optimizer, load_checkpoint, load_student, save_student,
                                                 unflatten_optimizer)
