@@ -2,6 +2,7 @@
 #   make repro   run the DVC pipeline on the built-in sample (creates/refreshes .venv first)
 #   make test    run the test suite                           (creates/refreshes .venv first)
 #   make bench   run the benchmarks in bench/ (figures printed, nothing asserted)
+#   make lint    ruff: the formatter's check and the lint rules of pyproject.toml [tool.ruff] (CI runs it)
 #   make lock    regenerate the hash-locked requirements (requirements/lock-*.txt) after changing a requirement
 #   make check-install   install the locks as a user would (public registry only) under Python 3.12 and 3.13 in
 #                temporary venvs and run smoke stages there (CI runs it; PYTHONS="3.11 3.12" picks others)
@@ -18,7 +19,7 @@ PYTHON ?= python3
 PYTHONS ?= 3.12 3.13
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: env lock repro test bench check-install clean-env
+.PHONY: env lock repro test lint format bench check-install clean-env
 
 env: $(STAMP)
 
@@ -39,6 +40,17 @@ repro: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The folders with our Python code; `make format` applies what `make lint` checks for.
+LINTED := picosam_pipeline stages tests bench scripts
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/ruff check $(LINTED)
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format $(LINTED)
+	$(VENV)/bin/ruff check --fix $(LINTED)
 
 bench: $(STAMP)
 	$(PY) bench/logit_storage.py

@@ -46,8 +46,9 @@ from picosam_pipeline.teacher.store import create_store, open_store  # noqa: E40
 DEFAULT_COCO = REPO.parent / "shared" / "data" / "coco-sample"
 
 
-def coco_like_logits(coco_dir: str | Path, size: int = 96, noise: float = 0.3, seed: int = 0,
-                     limit: int | None = None) -> dict[str, np.ndarray]:
+def coco_like_logits(
+    coco_dir: str | Path, size: int = 96, noise: float = 0.3, seed: int = 0, limit: int | None = None
+) -> dict[str, np.ndarray]:
     """Realistic teacher logits from real COCO masks (recipe in the module docstring); ``limit``: at most that many.
 
     Returns:
@@ -91,12 +92,19 @@ def coco_like_logits(coco_dir: str | Path, size: int = 96, noise: float = 0.3, s
 def fidelity(original: np.ndarray, decoded: np.ndarray) -> dict[str, float]:
     """Largest / mean |sigmoid difference| and the share of pixels whose decision (logit > 0) changes."""
     err = np.abs(_sigmoid(decoded) - _sigmoid(original))
-    return {"max_sigmoid_err": float(err.max()), "mean_sigmoid_err": float(err.mean()),
-            "flipped": float(((decoded > 0) != (original > 0)).mean())}
+    return {
+        "max_sigmoid_err": float(err.max()),
+        "mean_sigmoid_err": float(err.mean()),
+        "flipped": float(((decoded > 0) != (original > 0)).mean()),
+    }
 
 
-def storage_figures(data: dict[str, np.ndarray], work_dir: str | Path, instances_per_shard: int | str = "auto",
-                    compression_level: int = 5) -> list[dict]:
+def storage_figures(
+    data: dict[str, np.ndarray],
+    work_dir: str | Path,
+    instances_per_shard: int | str = "auto",
+    compression_level: int = 5,
+) -> list[dict]:
     """Write ``data`` (from :func:`coco_like_logits`) with every codec and as PicoSAM3 ``.pt`` files; measure.
 
     Returns one row per layout: ``layout``, ``bytes`` and ``allocated`` (file-system blocks) per instance,
@@ -106,15 +114,31 @@ def storage_figures(data: dict[str, np.ndarray], work_dir: str | Path, instances
     work_dir = Path(work_dir)
     logits, n = data["logits"], len(data["logits"])
     side = logits.shape[-1]
-    rows = [{"layout": "raw float32", "bytes": 4.0 * side * side, "allocated": 4.0 * side * side,
-             **fidelity(logits, logits)}]
+    rows = [
+        {
+            "layout": "raw float32",
+            "bytes": 4.0 * side * side,
+            "allocated": 4.0 * side * side,
+            **fidelity(logits, logits),
+        }
+    ]
     for codec in CODECS:
         path = work_dir / f"{codec}.zarr"
         start = time.perf_counter()
-        store = create_store(path, side=side, instances_per_shard=instances_per_shard, codec=codec,
-                             compression_level=compression_level, attrs={"bench": "coco_like_logits"},
-                             rows=dict(ann_id=data["ann_id"], image_id=data["image_id"], crop_box=data["crop_box"],
-                                       stored_box=data["crop_box"].astype(np.float64)))
+        store = create_store(
+            path,
+            side=side,
+            instances_per_shard=instances_per_shard,
+            codec=codec,
+            compression_level=compression_level,
+            attrs={"bench": "coco_like_logits"},
+            rows=dict(
+                ann_id=data["ann_id"],
+                image_id=data["image_id"],
+                crop_box=data["crop_box"],
+                stored_box=data["crop_box"].astype(np.float64),
+            ),
+        )
         for k in store.pending_shards():
             r = store.shard_slice(k)
             store.write_shard(k, logits[r], confidence=data["confidence"][r])
@@ -127,9 +151,17 @@ def storage_figures(data: dict[str, np.ndarray], work_dir: str | Path, instances
             reader.read_logits(batch)
         read_rate = batches.size / (time.perf_counter() - start)
         apparent, allocated = _sizes(path)
-        rows.append({"layout": f"zarr {codec}", "bytes": apparent / n, "allocated": allocated / n,
-                     "logits_bytes": _sizes(path / "logits")[0] / n, **fidelity(logits, decoded),
-                     "write_per_s": write_rate, "read_per_s": read_rate})
+        rows.append(
+            {
+                "layout": f"zarr {codec}",
+                "bytes": apparent / n,
+                "allocated": allocated / n,
+                "logits_bytes": _sizes(path / "logits")[0] / n,
+                **fidelity(logits, decoded),
+                "write_per_s": write_rate,
+                "read_per_s": read_rate,
+            }
+        )
     rows.append(_picosam3_files(data, work_dir / "pt"))
     return rows
 
@@ -155,15 +187,27 @@ def _picosam3_files(data: dict[str, np.ndarray], folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     for i, ann_id in enumerate(data["ann_id"]):
-        torch.save({"logits": torch.from_numpy(data["logits"][i][None]).half(), "score": float(data["confidence"][i]),
-                    "bbox": [float(v) for v in data["bbox"][i]], "roi": tuple(int(v) for v in data["crop_box"][i]),
-                    "image_id": int(data["image_id"][i])}, folder / f"ann_{ann_id}.pt")
+        torch.save(
+            {
+                "logits": torch.from_numpy(data["logits"][i][None]).half(),
+                "score": float(data["confidence"][i]),
+                "bbox": [float(v) for v in data["bbox"][i]],
+                "roi": tuple(int(v) for v in data["crop_box"][i]),
+                "image_id": int(data["image_id"][i]),
+            },
+            folder / f"ann_{ann_id}.pt",
+        )
     write_rate = len(data["ann_id"]) / (time.perf_counter() - start)
     decoded = np.stack([torch.load(folder / f"ann_{a}.pt")["logits"][0].float().numpy() for a in data["ann_id"]])
     apparent, allocated = _sizes(folder)
     n = len(data["ann_id"])
-    return {"layout": "PicoSAM3 .pt per annotation", "bytes": apparent / n, "allocated": allocated / n,
-            **fidelity(data["logits"], decoded), "write_per_s": write_rate}
+    return {
+        "layout": "PicoSAM3 .pt per annotation",
+        "bytes": apparent / n,
+        "allocated": allocated / n,
+        **fidelity(data["logits"], decoded),
+        "write_per_s": write_rate,
+    }
 
 
 def _sizes(path: Path) -> tuple[int, int]:
@@ -180,8 +224,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--coco", default=str(DEFAULT_COCO), help="COCO folder with annotations/instances_*2017.json")
     parser.add_argument("--noise", type=float, default=0.3, help="per-pixel logit noise (std) of the recipe")
-    parser.add_argument("--instances-per-shard", type=lambda v: v if v == "auto" else int(v),
-                        default=TeacherConfig().instances_per_shard, help="K, instances per store shard, or auto")
+    parser.add_argument(
+        "--instances-per-shard",
+        type=lambda v: v if v == "auto" else int(v),
+        default=TeacherConfig().instances_per_shard,
+        help="K, instances per store shard, or auto",
+    )
     parser.add_argument("--level", type=int, default=TeacherConfig().compression_level, help="Blosc-zstd level")
     args = parser.parse_args()
     if not (Path(args.coco) / "annotations").is_dir():
@@ -192,18 +240,25 @@ def main() -> None:
 
     data = coco_like_logits(args.coco, noise=args.noise)
     logits = data["logits"]
-    print(f"# {len(logits)} COCO instances, 96x96 logits (mask share {(logits > 0).mean():.3f}, noise {args.noise}); "
-          f"K={args.instances_per_shard}, zstd level {args.level}; zarr {zarr.__version__}, numcodecs "
-          f"{numcodecs.__version__}, Python {platform.python_version()}, {os.cpu_count()} CPUs")
+    print(
+        f"# {len(logits)} COCO instances, 96x96 logits (mask share {(logits > 0).mean():.3f}, noise {args.noise}); "
+        f"K={args.instances_per_shard}, zstd level {args.level}; zarr {zarr.__version__}, numcodecs "
+        f"{numcodecs.__version__}, Python {platform.python_version()}, {os.cpu_count()} CPUs"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         rows = storage_figures(data, tmp, args.instances_per_shard, args.level)
-    print(f"{'layout':<28} {'B/inst':>8} {'alloc':>8} {'logits':>8} {'vs f32':>7} {'max|dsig|':>10} "
-          f"{'mean|dsig|':>10} {'flipped':>8} {'write/s':>8} {'read/s':>8}")
+    print(
+        f"{'layout':<28} {'B/inst':>8} {'alloc':>8} {'logits':>8} {'vs f32':>7} {'max|dsig|':>10} "
+        f"{'mean|dsig|':>10} {'flipped':>8} {'write/s':>8} {'read/s':>8}"
+    )
     for r in rows:
         logits_bytes = f"{r['logits_bytes']:8.0f}" if "logits_bytes" in r else f"{'':8}"
         rates = "".join(f" {r[k]:8.0f}" if k in r else f" {'':8}" for k in ("write_per_s", "read_per_s"))
-        print(f"{r['layout']:<28} {r['bytes']:8.0f} {r['allocated']:8.0f} {logits_bytes} {rows[0]['bytes'] / r['bytes']:6.1f}x "
-              f"{r['max_sigmoid_err']:10.5f} {r['mean_sigmoid_err']:10.6f} {r['flipped']:8.5f}{rates}")
+        print(
+            f"{r['layout']:<28} {r['bytes']:8.0f} {r['allocated']:8.0f} {logits_bytes} "
+            f"{rows[0]['bytes'] / r['bytes']:6.1f}x "
+            f"{r['max_sigmoid_err']:10.5f} {r['mean_sigmoid_err']:10.6f} {r['flipped']:8.5f}{rates}"
+        )
     print("\n# Blosc-zstd bytes per instance by shuffle (values only, one chunk per instance)")
     for codec, sizes in shuffle_sweep(logits, args.level).items():
         print(f"{codec:<14} " + "  ".join(f"{label} {b:6.0f}" for label, b in sizes.items()))

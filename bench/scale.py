@@ -56,8 +56,11 @@ def build_dataset(root: Path, instances: int) -> dict[str, int]:
         by_image: dict[int, list] = {}
         for ann in data["annotations"]:
             by_image.setdefault(ann["image_id"], []).append(ann)
-        templates += [(COCO / split / img["file_name"], img, by_image[img["id"]], data["categories"])
-                      for img in data["images"] if by_image.get(img["id"])]
+        templates += [
+            (COCO / split / img["file_name"], img, by_image[img["id"]], data["categories"])
+            for img in data["images"]
+            if by_image.get(img["id"])
+        ]
     categories = templates[0][3]
     quotas = {"val": round(instances * VAL_SHARE)}
     quotas["train"] = instances - quotas["val"]
@@ -71,8 +74,9 @@ def build_dataset(root: Path, instances: int) -> dict[str, int]:
         # The images array is written straight to the file and the annotations to a second one, appended at the end:
         # nothing accumulates (the bench process stays small, and with it what its stage processes inherit).
         with open(target, "w") as out, tempfile.TemporaryFile("w+", dir=root / "annotations") as ann_out:
-            out.write('{"info": {"description": "bench/scale.py: coco-sample repeated"}, "licenses": [], '
-                      '"categories": ')
+            out.write(
+                '{"info": {"description": "bench/scale.py: coco-sample repeated"}, "licenses": [], "categories": '
+            )
             out.write(json.dumps(categories) + ', "images": [')
             while done < quota:
                 path, img, anns, _ = templates[image_id % len(templates)]
@@ -143,8 +147,14 @@ def measure(command: list[str], cwd: Path, log: Path) -> dict:
     start = time.perf_counter()
     tree_peak = own_peak = 0
     with open(log, "w") as err, tempfile.TemporaryFile("w+") as out_file:
-        proc = subprocess.Popen(command, cwd=cwd, stdout=out_file, stderr=err, text=True,
-                                env={**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"})
+        proc = subprocess.Popen(
+            command,
+            cwd=cwd,
+            stdout=out_file,
+            stderr=err,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"},
+        )
         root = psutil.Process(proc.pid)
         for tick in itertools.count():
             if proc.poll() is not None:
@@ -163,8 +173,11 @@ def measure(command: list[str], cwd: Path, log: Path) -> dict:
     if proc.returncode != 0:
         sys.exit(f"{' '.join(command[:4])} failed (exit {proc.returncode}); its log: {log}\n{log.read_text()[-3000:]}")
     lines = [line for line in out.splitlines() if line.startswith("{")]
-    return {"seconds": seconds, "peak_rss_gb": max(own_peak, tree_peak) / 2**30,
-            **(json.loads(lines[-1]) if lines else {})}
+    return {
+        "seconds": seconds,
+        "peak_rss_gb": max(own_peak, tree_peak) / 2**30,
+        **(json.loads(lines[-1]) if lines else {}),
+    }
 
 
 def _high_water_mark(pid: int) -> int:
@@ -191,8 +204,12 @@ def run_size(work: Path, instances: int, dvc: bool, loader_workers: int) -> dict
         "runtime": {"device": "cpu", "metrics_dir": str(work / "metrics")},
         "dataset": {"name": "dataset", "dir": str(work)},
         "prepare": {"splits": "auto", "out_dir": str(work / "prepared")},
-        "pack": {"index": str(work / "prepared/index.parquet"), "stores_dir": str(work / "stores"), "teachers": ["gt"],
-                 "out_dir": str(work / "shards")},
+        "pack": {
+            "index": str(work / "prepared/index.parquet"),
+            "stores_dir": str(work / "stores"),
+            "teachers": ["gt"],
+            "out_dir": str(work / "shards"),
+        },
     }
     (work / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
     python, cli = sys.executable, [sys.executable, "-m", "picosam_pipeline"]
@@ -204,8 +221,13 @@ def run_size(work: Path, instances: int, dvc: bool, loader_workers: int) -> dict
         "loader": ([python, "-c", LOADER, str(shards / "train"), str(loader_workers)], None),
         "evaluate": ([python, "-c", EVALUATE, str(index), str(shards / "val")], None),
     }
-    figures = {"instances": instances, "images": sum(c["images"] for c in counts.values()), "splits": counts,
-               "dataset_seconds": round(built, 1), "stages": {}}
+    figures = {
+        "instances": instances,
+        "images": sum(c["images"] for c in counts.values()),
+        "splits": counts,
+        "dataset_seconds": round(built, 1),
+        "stages": {},
+    }
     for name, (command, output) in stages.items():
         result = measure(command, work, work / f"{name}.log")
         n = result.get("instances") or instances
@@ -216,8 +238,11 @@ def run_size(work: Path, instances: int, dvc: bool, loader_workers: int) -> dict
         print(f"  {instances:>9,} {name:<9} {_row(result)}", flush=True)
     if dvc:
         figures["dvc"] = dvc_times(work, [store, shards])
-        print(f"  {instances:>9,} dvc       " + ", ".join(f"{k} {v:.1f} s" for k, v in figures["dvc"].items()
-                                                    if k.endswith("_s")), flush=True)
+        print(
+            f"  {instances:>9,} dvc       "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in figures["dvc"].items() if k.endswith("_s")),
+            flush=True,
+        )
     return figures
 
 
@@ -227,8 +252,14 @@ def dvc_times(work: Path, outputs: list[Path]) -> dict:
 
     def timed(*args: str) -> float:
         start = time.perf_counter()
-        subprocess.run([*dvc, *args], cwd=work, check=True, capture_output=True, text=True,
-                       env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+        subprocess.run(
+            [*dvc, *args],
+            cwd=work,
+            check=True,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "DVC_NO_ANALYTICS": "1"},
+        )
         return time.perf_counter() - start
 
     subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=work, check=True)
@@ -265,8 +296,11 @@ def main() -> None:
         sys.exit(f"{COCO} not found: bench/scale.py builds its dataset from ../shared/data/coco-sample")
     sizes = args.sizes or sorted({max(1000, args.instances // 10), args.instances})
     base = Path(tempfile.mkdtemp(prefix="scale-", dir=args.work))
-    print(f"bench/scale.py: sizes {sizes}; {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
-          f"Python {platform.python_version()}; work folder {base}", flush=True)
+    print(
+        f"bench/scale.py: sizes {sizes}; {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+        f"Python {platform.python_version()}; work folder {base}",
+        flush=True,
+    )
     results = []
     try:
         for n in sizes:
@@ -292,28 +326,41 @@ def print_table(results: list[dict]) -> None:
         cells = []
         for r in results:
             s = r["stages"][stage]
-            cells.append(f"{s['instances_per_s']:>8,.0f}/s {s['peak_rss_gb']:5.2f} GB "
-                         + (f"{s['output_files']:>6,} files" if "output_files" in s else " " * 12))
+            cells.append(
+                f"{s['instances_per_s']:>8,.0f}/s {s['peak_rss_gb']:5.2f} GB "
+                + (f"{s['output_files']:>6,} files" if "output_files" in s else " " * 12)
+            )
         print(f"{stage:<10}" + "".join(f"{c:>34}" for c in cells))
     if len(results) > 1:  # process start and imports cancel out: the cost of the extra instances alone
         a, b = results[-2]["stages"], results[-1]["stages"]
+
         def marginal(stage: str) -> str:
             extra, seconds = b[stage]["instances"] - a[stage]["instances"], b[stage]["seconds"] - a[stage]["seconds"]
-            return f"{stage} {extra / seconds:,.0f}/s" if seconds > 0 else f"{stage} n/a (the larger size ran faster: noise)"
-        print("marginal rate between the two largest sizes (process start and imports cancelled out): "
-              + ", ".join(marginal(stage) for stage in b))
+            return (
+                f"{stage} {extra / seconds:,.0f}/s"
+                if seconds > 0
+                else f"{stage} n/a (the larger size ran faster: noise)"
+            )
+
+        print(
+            "marginal rate between the two largest sizes (process start and imports cancelled out): "
+            + ", ".join(marginal(stage) for stage in b)
+        )
     if "dvc" in results[0]:
         for key in ("add_s", "push_s", "pull_s", "remote_objects"):
             print(f"dvc {key:<6}" + "".join(f"{r['dvc'][key]:>34,.1f}" for r in results))
     last = results[-1]["stages"]
     checks = {
         "peak RSS <= 8 GB in every stage": max(s["peak_rss_gb"] for s in last.values()) <= TARGETS["rss_gb"],
-        ">= 2,000 instances/s in every stage": min(s["instances_per_s"] for s in last.values()) >= TARGETS["instances_per_s"],
+        ">= 2,000 instances/s in every stage": min(s["instances_per_s"] for s in last.values())
+        >= TARGETS["instances_per_s"],
         "teacher store <= 1,000 files": last["teacher"]["output_files"] <= TARGETS["store_files"],
         "shards <= 300 files": last["pack"]["output_files"] <= TARGETS["shard_files"],
     }
-    print(f"\ntargets at {results[-1]['instances']:,} instances: "
-          + "; ".join(f"{k}: {'met' if ok else 'MISSED'}" for k, ok in checks.items()))
+    print(
+        f"\ntargets at {results[-1]['instances']:,} instances: "
+        + "; ".join(f"{k}: {'met' if ok else 'MISSED'}" for k, ok in checks.items())
+    )
 
 
 if __name__ == "__main__":

@@ -40,8 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from logit_storage import DEFAULT_COCO  # noqa: E402
+from teacher_logits import CHECKPOINT, bare_teacher, coco_val_sets, run_stage, timed  # noqa: E402
+
 from picosam_pipeline.config import load_config  # noqa: E402
 from picosam_pipeline.data.images import load_image  # noqa: E402
 from picosam_pipeline.data.index import decode_mask, read_index  # noqa: E402
@@ -49,11 +50,10 @@ from picosam_pipeline.device import resolve_runtime  # noqa: E402
 from picosam_pipeline.stages import prepare  # noqa: E402
 from picosam_pipeline.teacher.base import RandomWeightsWarning  # noqa: E402
 from picosam_pipeline.teacher.build import build_teacher  # noqa: E402
-from picosam_pipeline.teacher.weights import package_version  # noqa: E402
 from picosam_pipeline.teacher.runner import TeacherSpec, instance_rows, teacher_session  # noqa: E402
 from picosam_pipeline.teacher.sam2_onnx import export_teacher, read_manifest  # noqa: E402
+from picosam_pipeline.teacher.weights import package_version  # noqa: E402
 from picosam_pipeline.train.iou import crop_ious  # noqa: E402
-from teacher_logits import CHECKPOINT, bare_teacher, coco_val_sets, run_stage, timed  # noqa: E402
 
 BACKENDS = ("torch", "onnxruntime")
 PARTS = {"encode": ("encode",), "decode": ("decode",), "image": ("encode", "decode")}  # timed parts of a record
@@ -76,15 +76,34 @@ def worker(args: argparse.Namespace) -> None:
         records.append({"encode": encode_s, "decode": decode_s})
         point_masks.append(teacher.predict_points(inputs[f"points_{i}"]).image_logits.numpy() > 0)
     np.save(args.masks, np.packbits(np.concatenate(point_masks), axis=-1))
-    print(json.dumps({"build": build_s, "records": records,
-                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(
+        json.dumps(
+            {
+                "build": build_s,
+                "records": records,
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
 
 
 def run_backend(backend: str, params: Path, sets: list[str], inputs: Path, folder: Path, threads: int) -> dict:
     masks = folder / f"masks_{backend}.npy"
-    cmd = [sys.executable, __file__, "--worker", "--params", str(params), "--sets",
-           json.dumps([*sets, f"teacher.backend={backend}"]), "--inputs", str(inputs), "--masks", str(masks),
-           "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--params",
+        str(params),
+        "--sets",
+        json.dumps([*sets, f"teacher.backend={backend}"]),
+        "--inputs",
+        str(inputs),
+        "--masks",
+        str(masks),
+        "--threads",
+        str(threads),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode:
         sys.exit(f"{backend} worker failed:\n{proc.stderr[-3000:]}")
@@ -96,8 +115,12 @@ def run_backend(backend: str, params: Path, sets: list[str], inputs: Path, folde
 def sample_points(rows, index_path: Path, seed: int) -> list[np.ndarray]:
     """Per image of ``rows``: ``(n, 2)`` float32 points, one uniformly inside each instance's GT mask."""
     table = read_index(str(index_path), columns=["ann_id", "rle_counts", "width", "height"])
-    rle = dict(zip(table["ann_id"].to_pylist(), zip(table["rle_counts"].to_pylist(), table["width"].to_pylist(),
-                                                     table["height"].to_pylist())))
+    rle = dict(
+        zip(
+            table["ann_id"].to_pylist(),
+            zip(table["rle_counts"].to_pylist(), table["width"].to_pylist(), table["height"].to_pylist()),
+        )
+    )
     rng = np.random.default_rng(seed)
     out = []
     for _, sl in rows.images():
@@ -153,8 +176,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        sets = coco_val_sets(coco, args.images, tmp, "teacher.instances_per_shard=64", f"teacher.out={tmp / 'stage.zarr'}",
-                             f"teacher.onnx_dir={tmp / 'onnx'}", f"teacher.threads_per_worker={args.threads}")
+        sets = coco_val_sets(
+            coco,
+            args.images,
+            tmp,
+            "teacher.instances_per_shard=64",
+            f"teacher.out={tmp / 'stage.zarr'}",
+            f"teacher.onnx_dir={tmp / 'onnx'}",
+            f"teacher.threads_per_worker={args.threads}",
+        )
         params = REPO / "params.yaml"
         cfg = load_config(params, sets)
         runtime = resolve_runtime(cfg.runtime)
@@ -183,12 +213,20 @@ def main() -> None:
 
     n, n_images = len(rows), len(groups)
     weights = "checkpoint" if CHECKPOINT.is_file() else "random weights"
-    print(f"# SAM2.1-tiny ({weights}), {n} instances on {n_images} coco-sample val2017 images ({n / n_images:.2f} "
-          f"per image), box prompts; {args.threads} threads per backend, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"onnxruntime {package_version('onnxruntime')}, Python {platform.python_version()}")
-    print(f"ONNX export (once, cached): {export_s:.1f} s; encoder.onnx {files['encoder.onnx']['bytes'] / 2**20:.1f} MiB, "
-          f"decoder.onnx {files['decoder.onnx']['bytes'] / 2**20:.1f} MiB")
-    header = f"{'backend':<12} {'build s':>8} {'1st enc':>8} {'1st dec':>8} {'enc med':>8} {'dec med':>8} {'img med':>8} {'img/s':>7} {'inst/s':>7} {'peak RSS':>9}"
+    print(
+        f"# SAM2.1-tiny ({weights}), {n} instances on {n_images} coco-sample val2017 images ({n / n_images:.2f} "
+        f"per image), box prompts; {args.threads} threads per backend, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, "
+        f"onnxruntime {package_version('onnxruntime')}, Python {platform.python_version()}"
+    )
+    print(
+        f"ONNX export (once, cached): {export_s:.1f} s; encoder.onnx {files['encoder.onnx']['bytes'] / 2**20:.1f} MiB, "
+        f"decoder.onnx {files['decoder.onnx']['bytes'] / 2**20:.1f} MiB"
+    )
+    header = (
+        f"{'backend':<12} {'build s':>8} {'1st enc':>8} {'1st dec':>8} {'enc med':>8} {'dec med':>8} "
+        f"{'img med':>8} {'img/s':>7} {'inst/s':>7} {'peak RSS':>9}"
+    )
     print(header)
     median = {}  # backend -> steady-state medians (every image but the first) of encode, decode, image
     for b in BACKENDS:
@@ -198,21 +236,32 @@ def main() -> None:
         median[b] = {part: statistics.median(sum(x[k] for k in keys) for x in steady) for part, keys in PARTS.items()}
         total = sum(x["encode"] + x["decode"] for x in rec)
         m = median[b]
-        print(f"{b:<12} {r['build']:8.2f} {rec[0]['encode']:8.2f} {rec[0]['decode']:8.2f} {m['encode']:8.3f} "
-              f"{m['decode']:8.3f} {m['image']:8.3f} {n_images / total:7.3f} {n / total:7.2f} {r['peak_rss_mib']:7.0f} MiB")
+        print(
+            f"{b:<12} {r['build']:8.2f} {rec[0]['encode']:8.2f} {rec[0]['decode']:8.2f} {m['encode']:8.3f} "
+            f"{m['decode']:8.3f} {m['image']:8.3f} {n_images / total:7.3f} {n / total:7.2f} "
+            f"{r['peak_rss_mib']:7.0f} MiB"
+        )
     speedup = {part: median["torch"][part] / median["onnxruntime"][part] for part in PARTS}
-    print(f"onnxruntime speed-up, steady state (median per image): {speedup['image']:.2f}x (target >= 1.7x); "
-          f"encoder {speedup['encode']:.2f}x, decoder {speedup['decode']:.2f}x")
+    print(
+        f"onnxruntime speed-up, steady state (median per image): {speedup['image']:.2f}x (target >= 1.7x); "
+        f"encoder {speedup['encode']:.2f}x, decoder {speedup['decode']:.2f}x"
+    )
 
     ious = crop_ious(results["torch"]["masks"], results["onnxruntime"]["masks"])  # per-instance Jaccard
     plot = out_dir / "teacher_backends_jaccard.png"
-    box_plot(ious, plot, f"{len(ious)} instances, 1 point inside each GT mask\n{n_images} coco-sample val images, {weights}")
-    print(f"parity, point prompts inside GT masks: Jaccard mean {ious.mean():.6f}, min {ious.min():.6f} over "
-          f"{len(ious)} instances; {int((ious < 1).sum())} not identical; box plot {plot}")
+    box_plot(
+        ious, plot, f"{len(ious)} instances, 1 point inside each GT mask\n{n_images} coco-sample val images, {weights}"
+    )
+    print(
+        f"parity, point prompts inside GT masks: Jaccard mean {ious.mean():.6f}, min {ious.min():.6f} over "
+        f"{len(ious)} instances; {int((ious < 1).sum())} not identical; box plot {plot}"
+    )
     bare_s = (bare_before + bare_after) / 2
-    print(f"stage (backend onnxruntime, local executor) {stage_s:.2f} s vs bare ONNX teacher {bare_s:.2f} s "
-          f"(before / after: {bare_before:.2f} / {bare_after:.2f}): overhead {stage_s / bare_s:.3f}x (target <= 1.15x); "
-          f"over its own teacher calls {stage_s / metrics['teacher_seconds']:.3f}x")
+    print(
+        f"stage (backend onnxruntime, local executor) {stage_s:.2f} s vs bare ONNX teacher {bare_s:.2f} s "
+        f"(before / after: {bare_before:.2f} / {bare_after:.2f}): overhead {stage_s / bare_s:.3f}x (target <= 1.15x); "
+        f"over its own teacher calls {stage_s / metrics['teacher_seconds']:.3f}x"
+    )
 
 
 if __name__ == "__main__":

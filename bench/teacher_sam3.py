@@ -67,8 +67,12 @@ def workload(coco: Path, n_images: int, n_prompts: int) -> tuple[str, list[tuple
     for _ in range(n_images):
         xy = rng.uniform(0, 400, size=(n_prompts, 2))
         wh = rng.uniform(40, 240, size=(n_prompts, 2))
-        out.append(((rng.random((480, 640, 3)) * 255).astype(np.uint8),
-                    np.concatenate([xy, np.minimum(xy + wh, [640, 480])], axis=1).astype(np.float32)))
+        out.append(
+            (
+                (rng.random((480, 640, 3)) * 255).astype(np.uint8),
+                np.concatenate([xy, np.minimum(xy + wh, [640, 480])], axis=1).astype(np.float32),
+            )
+        )
     return f"{n_images} seeded noise images of 640x480 (no coco-sample here)", out
 
 
@@ -83,7 +87,9 @@ def measure(teacher_name: str, n_images: int, n_prompts: int, coco: Path, device
     warnings.simplefilter("ignore")
     runtime = resolve_runtime(RuntimeConfig(device=device))
     model, _, path = teacher_name.partition(":")
-    cfg = TeacherConfig(model=model, checkpoint=None, allow_random_weights=True, **({"sam3_path": path} if path else {}))
+    cfg = TeacherConfig(
+        model=model, checkpoint=None, allow_random_weights=True, **({"sam3_path": path} if path else {})
+    )
     cuda = runtime.device.type == "cuda"
 
     def sync() -> None:
@@ -113,15 +119,22 @@ def measure(teacher_name: str, n_images: int, n_prompts: int, coco: Path, device
         prompts += len(boxes)
     per_prompt = sum(decode) / prompts
     return {
-        "teacher": teacher_name, "device": runtime.describe(), "threads": torch.get_num_threads(),
-        "build_s": build_s, "encode_s": float(np.mean(encode)), "per_prompt_s": per_prompt,
-        "images_timed": len(encode), "prompts_timed": prompts,
+        "teacher": teacher_name,
+        "device": runtime.describe(),
+        "threads": torch.get_num_threads(),
+        "build_s": build_s,
+        "encode_s": float(np.mean(encode)),
+        "per_prompt_s": per_prompt,
+        "images_timed": len(encode),
+        "prompts_timed": prompts,
         "prompts_per_call": getattr(teacher, "decode_batch", None),
-        "rss_after_build_gib": rss_build, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "rss_after_build_gib": rss_build,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "peak_device_gib": torch.cuda.max_memory_allocated(runtime.device) / 2**30 if cuda else None,
         "coco_hours": (COCO_TRAIN_IMAGES * float(np.mean(encode)) + COCO_TRAIN_INSTANCES * per_prompt) / 3600,
         "weights_sha256": teacher.metadata.get("weights_sha256"),
-        "logits_shape": list(out.image_logits.shape), "confidence_mean": float(out.confidence.float().mean()),
+        "logits_shape": list(out.image_logits.shape),
+        "confidence_mean": float(out.confidence.float().mean()),
     }
 
 
@@ -141,27 +154,56 @@ def main() -> None:
     described, _ = workload(Path(args.coco), args.images, args.prompts)
     import torch
 
-    print(f"# teachers side by side on {described}, up to {args.prompts} box prompts each; torch {torch.__version__}, "
-          f"{os.cpu_count()} CPUs, Python {platform.python_version()}, random weights", flush=True)
-    print(f"{'teacher':<20} {'device':<16} {'build s':>8} {'encode s':>9} {'s/prompt':>9} {'per call':>8} "
-          f"{'RSS GiB':>8} {'dev GiB':>8} {'COCO h':>8}", flush=True)
+    print(
+        f"# teachers side by side on {described}, up to {args.prompts} box prompts each; torch {torch.__version__}, "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}, random weights",
+        flush=True,
+    )
+    print(
+        f"{'teacher':<20} {'device':<16} {'build s':>8} {'encode s':>9} {'s/prompt':>9} {'per call':>8} "
+        f"{'RSS GiB':>8} {'dev GiB':>8} {'COCO h':>8}",
+        flush=True,
+    )
     rows = []
     for name in args.teachers:
-        child = subprocess.run([sys.executable, __file__, "--child", name, "--images", str(args.images), "--prompts",
-                                str(args.prompts), "--coco", args.coco, "--device", args.device],
-                               capture_output=True, text=True)
+        child = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                name,
+                "--images",
+                str(args.images),
+                "--prompts",
+                str(args.prompts),
+                "--coco",
+                args.coco,
+                "--device",
+                args.device,
+            ],
+            capture_output=True,
+            text=True,
+        )
         if child.returncode != 0:
-            print(f"{name:<20} failed: {child.stderr.strip().splitlines()[-1] if child.stderr.strip() else child.returncode}",
-                  flush=True)
+            print(
+                f"{name:<20} failed: "
+                f"{child.stderr.strip().splitlines()[-1] if child.stderr.strip() else child.returncode}",
+                flush=True,
+            )
             continue
         r = json.loads(child.stdout.strip().splitlines()[-1])
         rows.append(r)
         device_gib = f"{r['peak_device_gib']:8.2f}" if r["peak_device_gib"] is not None else f"{'-':>8}"
-        print(f"{name:<20} {r['device']:<16} {r['build_s']:8.1f} {r['encode_s']:9.3f} {r['per_prompt_s']:9.3f} "
-              f"{str(r['prompts_per_call']):>8} {r['peak_rss_gib']:8.2f} {device_gib} {r['coco_hours']:8.1f}", flush=True)
+        print(
+            f"{name:<20} {r['device']:<16} {r['build_s']:8.1f} {r['encode_s']:9.3f} {r['per_prompt_s']:9.3f} "
+            f"{str(r['prompts_per_call']):>8} {r['peak_rss_gib']:8.2f} {device_gib} {r['coco_hours']:8.1f}",
+            flush=True,
+        )
     if rows:
-        print("RSS: peak of the child process (the teacher, one image's features and its decoder activations); "
-              "RSS right after the build: " + ", ".join(f"{r['teacher']} {r['rss_after_build_gib']:.2f}" for r in rows))
+        print(
+            "RSS: peak of the child process (the teacher, one image's features and its decoder activations); "
+            "RSS right after the build: " + ", ".join(f"{r['teacher']} {r['rss_after_build_gib']:.2f}" for r in rows)
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -124,7 +124,9 @@ def stages_cmd() -> None:
 
     width = max(len(n) for n in STAGES)
     for spec in STAGES.values():
-        click.echo(f"{spec.name:<{width}}  [{', '.join(spec.sections)}]  reads: {spec.reads}  ->  writes: {spec.writes}")
+        click.echo(
+            f"{spec.name:<{width}}  [{', '.join(spec.sections)}]  reads: {spec.reads}  ->  writes: {spec.writes}"
+        )
 
 
 def _complete_stage(ctx: click.Context, param: click.Parameter, incomplete: str) -> list:
@@ -146,12 +148,16 @@ def _complete_stage(ctx: click.Context, param: click.Parameter, incomplete: str)
 
 @cli.command("init")
 @click.argument("directory", default=".", metavar="[DIR]", type=click.Path(file_okay=False))
-@click.option("--git/--no-git", "use_git", default=None,
-              help="Default: DIR inside a git repository joins it (dvc init, --subdir below its top); otherwise a new "
-                   "git repository is made in DIR (git init) with the project as its first commit (the train "
-                   "stage's dvclive and `dvc exp` need one) when git is installed, else DVC runs without git. "
-                   "--git: the same, but fail when git is not installed. --no-git: no git at all (dvc init --no-scm; "
-                   "then `dvc exp` and sharing dvc.lock through git are not available).")
+@click.option(
+    "--git/--no-git",
+    "use_git",
+    default=None,
+    help="Default: DIR inside a git repository joins it (dvc init, --subdir below its top); otherwise a new "
+    "git repository is made in DIR (git init) with the project as its first commit (the train "
+    "stage's dvclive and `dvc exp` need one) when git is installed, else DVC runs without git. "
+    "--git: the same, but fail when git is not installed. --no-git: no git at all (dvc init --no-scm; "
+    "then `dvc exp` and sharing dvc.lock through git are not available).",
+)
 def init_cmd(directory: str, use_git: bool | None) -> None:
     """Create a runnable pipeline project in DIR (default: the current folder), for an installed picosam-pipeline.
 
@@ -166,8 +172,10 @@ def init_cmd(directory: str, use_git: bool | None) -> None:
     from picosam_pipeline.project_init import init_project
 
     result = init_project(directory, git=use_git)
-    click.echo(f"Created a picosam-pipeline project in {result.path} (git: {result.scm}): dvc.yaml, params.yaml, "
-               f"README.md, data/, .dvc/")
+    click.echo(
+        f"Created a picosam-pipeline project in {result.path} (git: {result.scm}): dvc.yaml, params.yaml, "
+        f"README.md, data/, .dvc/"
+    )
     go = "" if result.path == Path.cwd().resolve() else f"cd {directory} && "
     click.echo(f"Run it:  {go}dvc repro    (the built-in sample; README.md: real COCO, results)")
     for note in result.notes:
@@ -193,9 +201,14 @@ def code_stamp_cmd() -> None:
 @click.argument("name", shell_complete=_complete_stage)
 @click.option("--params", "params_path", default="params.yaml", show_default=True, help=PARAMS_HELP)
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help=SET_HELP)
-@click.option("--on-locked", type=click.Choice(["wait", "fail"]), default=None, envvar="PICOSAM_ON_LOCKED",
-              help="When another run is writing the same outputs: wait for it (default) or fail at once, naming it "
-                   "(pid, host, start time). Also $PICOSAM_ON_LOCKED, e.g. for dvc repro.")
+@click.option(
+    "--on-locked",
+    type=click.Choice(["wait", "fail"]),
+    default=None,
+    envvar="PICOSAM_ON_LOCKED",
+    help="When another run is writing the same outputs: wait for it (default) or fail at once, naming it "
+    "(pid, host, start time). Also $PICOSAM_ON_LOCKED, e.g. for dvc repro.",
+)
 def run_stage_cmd(name: str, params_path: str, overrides: tuple[str, ...], on_locked: str | None) -> None:
     """Run pipeline stage NAME (see `picosam-pipeline stages`) with the given params.
 
@@ -213,9 +226,13 @@ def run_stage_cmd(name: str, params_path: str, overrides: tuple[str, ...], on_lo
 
     stage, _, pass_name = name.partition("@")
     if stage not in STAGES:
-        raise PipelineError(f"unknown stage {name!r}; the stages are: {', '.join(STAGES)} (see `picosam-pipeline stages`)")
+        raise PipelineError(
+            f"unknown stage {name!r}; the stages are: {', '.join(STAGES)} (see `picosam-pipeline stages`)"
+        )
     if pass_name and stage != "teacher-logits":
-        raise PipelineError(f"stage {name!r}: only teacher-logits has named passes (teacher-logits@NAME); run {stage!r}")
+        raise PipelineError(
+            f"stage {name!r}: only teacher-logits has named passes (teacher-logits@NAME); run {stage!r}"
+        )
     try:
         from picosam_pipeline.config import load_config
         from picosam_pipeline.device import resolve_runtime
@@ -235,27 +252,63 @@ def run_stage_cmd(name: str, params_path: str, overrides: tuple[str, ...], on_lo
     except BaseException as err:
         if not _caused_by_ctrl_c(err):
             raise
-        _exit_interrupted(f"[{name}] interrupted; its output is as it was before this run (teacher-logits keeps its "
-                          "finished shards and train its last checkpoint: their rerun resumes)")
+        _exit_interrupted(
+            f"[{name}] interrupted; its output is as it was before this run (teacher-logits keeps its "
+            "finished shards and train its last checkpoint: their rerun resumes)"
+        )
 
 
 @cli.command("score-predictions")
-@click.option("--annotations", required=True, help="COCO/LVIS instances JSON the predictions were made on (GT masks, boxes, areas, categories).")
-@click.option("--predictions", required=True,
-              help="Predictions, per image one per non-crowd annotation in annotation JSON order: a COCO results JSON of "
-                   "image-frame RLE masks, or a crop-frame file (NAME.crop.json, or a list of crop-size RLE masks as in the "
-                   "PicoSAM2 reference files). evaluate.write_predictions writes both.")
-@click.option("--protocol", required=True, type=click.Choice(["picosam2-point", "picosam3-roi"]),
-              help="Crop convention of the predictions: picosam2-point = 96-px window around the mask-centre point; picosam3-roi = bbox padded 10 %/side, squared.")
-@click.option("--frame", default="auto", show_default=True, type=click.Choice(["auto", "crop", "image"]),
-              help="Frame of the masks; auto: a schema-marked file is crop frame, a list is told by its mask sizes.")
-@click.option("--images-dir", default=None, help="Image folder: score only images whose file exists there (the PicoSAM3/LVIS rule) and check their sizes against the JSON.")
-@click.option("--allow-partial", is_flag=True,
-              help="Score the images without problems and skip (and count) the others, instead of refusing a file with "
-                   "bad entries (unknown images, wrong mask sizes, bad RLE, duplicate ids, misaligned predictions).")
-@click.option("--json-out", default=None, help="Also write the figures (overall, by COCO size, by category) to this JSON file.")
-def score_predictions_cmd(annotations: str, predictions: str, protocol: str, frame: str, images_dir: str | None,
-                          allow_partial: bool, json_out: str | None) -> None:
+@click.option(
+    "--annotations",
+    required=True,
+    help="COCO/LVIS instances JSON the predictions were made on (GT masks, boxes, areas, categories).",
+)
+@click.option(
+    "--predictions",
+    required=True,
+    help="Predictions, per image one per non-crowd annotation in annotation JSON order: a COCO results JSON of "
+    "image-frame RLE masks, or a crop-frame file (NAME.crop.json, or a list of crop-size RLE masks as in the "
+    "PicoSAM2 reference files). evaluate.write_predictions writes both.",
+)
+@click.option(
+    "--protocol",
+    required=True,
+    type=click.Choice(["picosam2-point", "picosam3-roi"]),
+    help="Crop convention of the predictions: picosam2-point = 96-px window around the mask-centre point; "
+    "picosam3-roi = bbox padded 10 %/side, squared.",
+)
+@click.option(
+    "--frame",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "crop", "image"]),
+    help="Frame of the masks; auto: a schema-marked file is crop frame, a list is told by its mask sizes.",
+)
+@click.option(
+    "--images-dir",
+    default=None,
+    help="Image folder: score only images whose file exists there (the PicoSAM3/LVIS rule) and check their sizes "
+    "against the JSON.",
+)
+@click.option(
+    "--allow-partial",
+    is_flag=True,
+    help="Score the images without problems and skip (and count) the others, instead of refusing a file with "
+    "bad entries (unknown images, wrong mask sizes, bad RLE, duplicate ids, misaligned predictions).",
+)
+@click.option(
+    "--json-out", default=None, help="Also write the figures (overall, by COCO size, by category) to this JSON file."
+)
+def score_predictions_cmd(
+    annotations: str,
+    predictions: str,
+    protocol: str,
+    frame: str,
+    images_dir: str | None,
+    allow_partial: bool,
+    json_out: str | None,
+) -> None:
     """Score predictions with the PicoSAM papers' crop-space metrics (crop frame) or COCO segm AP (image frame).
 
     Crop frame: crop mIoU = mean per-sample IoU in the 96x96 crop (mask vs NEAREST-resized GT, empty union = 1);
@@ -271,8 +324,11 @@ def score_predictions_cmd(annotations: str, predictions: str, protocol: str, fra
 
     report = score_predictions(annotations, predictions, protocol, images_dir, frame=frame, allow_partial=allow_partial)
     if "skipped" in report:
-        click.echo(f"warning: partial scoring skipped {report['skipped']['entries']} entries "
-                   f"({report['skipped']['problems']})", err=True)
+        click.echo(
+            f"warning: partial scoring skipped {report['skipped']['entries']} entries "
+            f"({report['skipped']['problems']})",
+            err=True,
+        )
     click.echo(format_report(report))
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
@@ -281,19 +337,69 @@ def score_predictions_cmd(annotations: str, predictions: str, protocol: str, fra
 
 @cli.command("fetch")
 @click.argument("asset_names", nargs=-1, metavar="ASSET|DATASET...")
-@click.option("--list", "list_assets", is_flag=True, help="Print the asset table (name, size, destination, URL, sha256 and its source) and exit.")
-@click.option("--dest-root", default="data", show_default=True, type=click.Path(file_okay=False),
-              help="Folder the destinations are relative to; the default puts assets where params.yaml expects them.")
-@click.option("--url", default=None, help="Download from this URL instead of the official one (a mirror, or file:///path); needs exactly one ASSET. The sha256 check is unchanged.")
-@click.option("--sha256", "sha256", default=None, metavar="HEX", help="Expect this sha256 instead of the published or recorded one; needs exactly one ASSET.")
-@click.option("--timeout", default=10.0, show_default=True, type=_FiniteFloatRange(min=0.1),
-              help="Seconds to wait for a connection or for more data before giving up.")
-@click.option("--resumes", default=3, show_default=True, type=click.IntRange(min=0),
-              help="How often a transfer that breaks off is resumed automatically (HTTP Range); the .part file is kept either way.")
-@click.option("--keep-archives", is_flag=True, help="Keep downloaded zip files after unpacking (default: delete them; COCO train is 19 GB).")
-@click.option("--track", is_flag=True, help="Then `dvc add` what was fetched (a dataset's folder, a checkpoint file) so that `dvc push` shares it and a teammate's `dvc pull` gets the same bytes; prints the git add command for the .dvc files.")
-def fetch_cmd(asset_names: tuple[str, ...], list_assets: bool, dest_root: str, url: str | None, sha256: str | None,
-              timeout: float, resumes: int, keep_archives: bool, track: bool) -> None:
+@click.option(
+    "--list",
+    "list_assets",
+    is_flag=True,
+    help="Print the asset table (name, size, destination, URL, sha256 and its source) and exit.",
+)
+@click.option(
+    "--dest-root",
+    default="data",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder the destinations are relative to; the default puts assets where params.yaml expects them.",
+)
+@click.option(
+    "--url",
+    default=None,
+    help="Download from this URL instead of the official one (a mirror, or file:///path); needs exactly one ASSET. "
+    "The sha256 check is unchanged.",
+)
+@click.option(
+    "--sha256",
+    "sha256",
+    default=None,
+    metavar="HEX",
+    help="Expect this sha256 instead of the published or recorded one; needs exactly one ASSET.",
+)
+@click.option(
+    "--timeout",
+    default=10.0,
+    show_default=True,
+    type=_FiniteFloatRange(min=0.1),
+    help="Seconds to wait for a connection or for more data before giving up.",
+)
+@click.option(
+    "--resumes",
+    default=3,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="How often a transfer that breaks off is resumed automatically (HTTP Range); the .part file is kept "
+    "either way.",
+)
+@click.option(
+    "--keep-archives",
+    is_flag=True,
+    help="Keep downloaded zip files after unpacking (default: delete them; COCO train is 19 GB).",
+)
+@click.option(
+    "--track",
+    is_flag=True,
+    help="Then `dvc add` what was fetched (a dataset's folder, a checkpoint file) so that `dvc push` shares it and "
+    "a teammate's `dvc pull` gets the same bytes; prints the git add command for the .dvc files.",
+)
+def fetch_cmd(
+    asset_names: tuple[str, ...],
+    list_assets: bool,
+    dest_root: str,
+    url: str | None,
+    sha256: str | None,
+    timeout: float,
+    resumes: int,
+    keep_archives: bool,
+    track: bool,
+) -> None:
     """Download COCO 2017, LVIS v1 annotations and SAM2.1 checkpoints to where params.yaml expects them.
 
     A DATASET (coco2017, lvis_v1) fetches all its assets into DEST_ROOT/datasets/NAME, ready for
@@ -318,8 +424,17 @@ def fetch_cmd(asset_names: tuple[str, ...], list_assets: bool, dest_root: str, u
         raise click.UsageError("--url and --sha256 apply to a single ASSET, not a whole dataset")
     try:
         for asset in fetch.expand(asset_names):
-            click.echo(fetch.fetch(asset, dest_root, url=url, sha256=sha256, timeout=timeout, resumes=resumes,
-                                   keep_archive=keep_archives))
+            click.echo(
+                fetch.fetch(
+                    asset,
+                    dest_root,
+                    url=url,
+                    sha256=sha256,
+                    timeout=timeout,
+                    resumes=resumes,
+                    keep_archive=keep_archives,
+                )
+            )
         for name in asset_names:
             if name in fetch.SHARED_IMAGES:
                 click.echo(fetch.link_images(dest_root, name))
@@ -331,13 +446,18 @@ def fetch_cmd(asset_names: tuple[str, ...], list_assets: bool, dest_root: str, u
 
 @cli.command("model-summary")
 @click.argument("name")
-@click.option("--input-size", default=96, show_default=True, type=int,
-              help="Square input side in pixels for the MAC count; a multiple of 16 (the papers use 96).")
+@click.option(
+    "--input-size",
+    default=96,
+    show_default=True,
+    type=int,
+    help="Square input side in pixels for the MAC count; a multiple of 16 (the papers use 96).",
+)
 def model_summary_cmd(name: str, input_size: int) -> None:
     """Print student NAME's parameters, MACs at the input size and float32 / int8 sizes.
 
-    NAME is picosam2 or picosam3. Sizes are shown beside the figures the PicoSAM2 / PicoSAM3 papers publish. Runs one forward pass
-    on CPU with fresh weights; no checkpoint or data needed.
+    NAME is picosam2 or picosam3. Sizes are shown beside the figures the PicoSAM2 / PicoSAM3 papers publish. Runs one
+    forward pass on CPU with fresh weights; no checkpoint or data needed.
     """
     from picosam_pipeline.train.students import format_summary, summarize
 
@@ -346,8 +466,12 @@ def model_summary_cmd(name: str, input_size: int) -> None:
 
 @cli.command("inspect")
 @click.argument("path", type=click.Path())
-@click.option("--scan", default=20_000, show_default=True,
-              help="Instances read (whole shards, spread over the store) for the logit ranges; 0 = all.")
+@click.option(
+    "--scan",
+    default=20_000,
+    show_default=True,
+    help="Instances read (whole shards, spread over the store) for the logit ranges; 0 = all.",
+)
 def inspect_cmd(path: str, scan: int) -> None:
     """Summarise the teacher-logit store at PATH: counts, bytes per instance, codec, teacher, value ranges.
 
@@ -360,17 +484,27 @@ def inspect_cmd(path: str, scan: int) -> None:
     store = open_store(path)
     failing = store.failing_shards()
     if failing:
-        lines = [f"  shard {k} (rows {store.shard_slice(k).start}:{store.shard_slice(k).stop}): {store.shard_problem(k)}"
-                 for k in failing[:20]]
-        raise PipelineError(f"{path}: {len(failing)} of {store.n_shards} shards fail their digest:\n" + "\n".join(lines)
-                            + ("\n  ..." if len(failing) > 20 else "")
-                            + "\nRerun the teacher stage (it rewrites exactly these shards), or `dvc checkout` / `dvc pull` the store")
-    click.echo(f"digests     all {int(store.done_shards().sum())} complete shards match their recorded sha256", err=True)
+        lines = [
+            f"  shard {k} (rows {store.shard_slice(k).start}:{store.shard_slice(k).stop}): {store.shard_problem(k)}"
+            for k in failing[:20]
+        ]
+        raise PipelineError(
+            f"{path}: {len(failing)} of {store.n_shards} shards fail their digest:\n"
+            + "\n".join(lines)
+            + ("\n  ..." if len(failing) > 20 else "")
+            + "\nRerun the teacher stage (it rewrites exactly these shards), or `dvc checkout` / `dvc pull` the store"
+        )
+    click.echo(
+        f"digests     all {int(store.done_shards().sum())} complete shards match their recorded sha256", err=True
+    )
     report, random_weights = format_summary(store, summarize(store, max_scan=scan))
     click.echo(report)
     if random_weights:
-        click.echo("WARNING: these logits come from a teacher with RANDOM WEIGHTS (no checkpoint): fine for "
-                   "tests, useless for distillation. Fetch the checkpoint and rerun the teacher stage.", err=True)
+        click.echo(
+            "WARNING: these logits come from a teacher with RANDOM WEIGHTS (no checkpoint): fine for "
+            "tests, useless for distillation. Fetch the checkpoint and rerun the teacher stage.",
+            err=True,
+        )
 
 
 @cli.command("doctor")
@@ -415,31 +549,84 @@ def _numbers(text: str | None, count: int, option: str, form: str) -> tuple[floa
     except ValueError:
         values = ()
     if len(values) != count or not all(math.isfinite(v) for v in values):  # float() reads "nan" and "inf"
-        raise click.BadParameter(f"expected {form} ({count} comma-separated finite numbers), got {text!r}", param_hint=option)
+        raise click.BadParameter(
+            f"expected {form} ({count} comma-separated finite numbers), got {text!r}", param_hint=option
+        )
     return values
 
 
 @cli.command("predict")
-@click.option("--model", "model_path", default=None,
-              help="Student checkpoint written by the train stage, or an exported ONNX model (.onnx, run with onnxruntime "
-                   "on the CPU). Default: evaluate.checkpoint of params.yaml (data/train/student_best.pt, the best val IoU; "
-                   "data/train/student.pt is the last step).")
-@click.option("--image", "image_path", required=True, help="Image file (any format PIL reads; an EXIF rotation is applied, as a viewer shows it).")
-@click.option("--box", default=None, metavar="X,Y,W,H",
-              help="Box prompt in image pixels (COCO x,y,w,h), for a model trained on PicoSAM3 ROI crops: the box padded "
-                   "10 %/side and squared.")
-@click.option("--point", default=None, metavar="X,Y",
-              help="Point prompt in image pixels, for a model trained on PicoSAM2 point crops: a 96-px window around the point.")
-@click.option("--out", "mask_out", default="mask.png", show_default=True, help="Mask PNG in the image frame (8-bit, 255 = object).")
-@click.option("--overlay", "overlay_out", default="overlay.png", show_default=True,
-              help="Overlay PNG: the image with the mask in red, the crop box in yellow, the prompt in cyan. Empty string: no overlay.")
-@click.option("--roi-padding", default=None, type=_FiniteFloatRange(0.0, 1.0, max_open=True),
-              help="Box prompts: fraction of w/h added per side before squaring. Default: what the model recorded (0.1).")
-@click.option("--window", default=None, type=click.IntRange(min=1),
-              help="Point prompts: window side in image pixels. Default: what the model recorded (96).")
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N, for checkpoints (ONNX runs on the CPU).")
-def predict_cmd(model_path: str | None, image_path: str, box: str | None, point: str | None, mask_out: str,
-                overlay_out: str, roi_padding: float | None, window: int | None, device: str) -> None:
+@click.option(
+    "--model",
+    "model_path",
+    default=None,
+    help="Student checkpoint written by the train stage, or an exported ONNX model (.onnx, run with onnxruntime "
+    "on the CPU). Default: evaluate.checkpoint of params.yaml (data/train/student_best.pt, the best val IoU; "
+    "data/train/student.pt is the last step).",
+)
+@click.option(
+    "--image",
+    "image_path",
+    required=True,
+    help="Image file (any format PIL reads; an EXIF rotation is applied, as a viewer shows it).",
+)
+@click.option(
+    "--box",
+    default=None,
+    metavar="X,Y,W,H",
+    help="Box prompt in image pixels (COCO x,y,w,h), for a model trained on PicoSAM3 ROI crops: the box padded "
+    "10 %/side and squared.",
+)
+@click.option(
+    "--point",
+    default=None,
+    metavar="X,Y",
+    help="Point prompt in image pixels, for a model trained on PicoSAM2 point crops: a 96-px window around the point.",
+)
+@click.option(
+    "--out",
+    "mask_out",
+    default="mask.png",
+    show_default=True,
+    help="Mask PNG in the image frame (8-bit, 255 = object).",
+)
+@click.option(
+    "--overlay",
+    "overlay_out",
+    default="overlay.png",
+    show_default=True,
+    help="Overlay PNG: the image with the mask in red, the crop box in yellow, the prompt in cyan. "
+    "Empty string: no overlay.",
+)
+@click.option(
+    "--roi-padding",
+    default=None,
+    type=_FiniteFloatRange(0.0, 1.0, max_open=True),
+    help="Box prompts: fraction of w/h added per side before squaring. Default: what the model recorded (0.1).",
+)
+@click.option(
+    "--window",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Point prompts: window side in image pixels. Default: what the model recorded (96).",
+)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto | cpu | cuda | cuda:N, for checkpoints (ONNX runs on the CPU).",
+)
+def predict_cmd(
+    model_path: str | None,
+    image_path: str,
+    box: str | None,
+    point: str | None,
+    mask_out: str,
+    overlay_out: str,
+    roi_padding: float | None,
+    window: int | None,
+    device: str,
+) -> None:
     """Segment the object a box or point prompt names in one image, with a trained student.
 
     Crops the image as in training (box: PicoSAM3 ROI; point: PicoSAM2 window), runs the student on the
@@ -466,13 +653,25 @@ def predict_cmd(model_path: str | None, image_path: str, box: str | None, point:
         click.echo(f"model: {model_path} (evaluate.checkpoint of params.yaml)", err=True)
     runtime = resolve_runtime(RuntimeConfig(device=device, precision="fp32"))
     model = load_crop_model(model_path, runtime)
-    roi_padding, window, notes = prompt_settings(model, box=box_xywh, point=point_xy, roi_padding=roi_padding, window=window)
-    result = predict_to_files(model, image_path, mask_out, overlay_out or None, box=box_xywh, point=point_xy,
-                              roi_padding=roi_padding, window=window)
+    roi_padding, window, notes = prompt_settings(
+        model, box=box_xywh, point=point_xy, roi_padding=roi_padding, window=window
+    )
+    result = predict_to_files(
+        model,
+        image_path,
+        mask_out,
+        overlay_out or None,
+        box=box_xywh,
+        point=point_xy,
+        roi_padding=roi_padding,
+        window=window,
+    )
     for note in notes + result.notes:
         click.echo(f"note: {note}", err=True)
-    click.echo(f"crop box {tuple(result.crop_box)} (x1, y1, x2, y2) -> {model.input_size}x{model.input_size} crop; "
-               f"mask {int(result.mask.sum())} px -> {mask_out}" + (f", overlay -> {overlay_out}" if overlay_out else ""))
+    click.echo(
+        f"crop box {tuple(result.crop_box)} (x1, y1, x2, y2) -> {model.input_size}x{model.input_size} crop; "
+        f"mask {int(result.mask.sum())} px -> {mask_out}" + (f", overlay -> {overlay_out}" if overlay_out else "")
+    )
 
 
 @cli.command("export-teacher")
@@ -499,24 +698,60 @@ def export_teacher_cmd(params_path: str, overrides: tuple[str, ...]) -> None:
 
 @cli.command("verify-logits")
 @click.argument("path", type=click.Path())
-@click.option("--sample", default=16, show_default=True, type=click.IntRange(min=1),
-              help="Random finished instances to recompute with the teacher (each sampled image is encoded once).")
+@click.option(
+    "--sample",
+    default=16,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Random finished instances to recompute with the teacher (each sampled image is encoded once).",
+)
 @click.option("--seed", default=0, show_default=True, help="Seed of the random instance sample.")
-@click.option("--device", default="auto", show_default=True,
-              help="auto | cpu | cuda | cuda:N. The precision is the one the store records.")
-@click.option("--index", default=None, help="Instance index the store was made from (default: the path the store records).")
-@click.option("--checkpoint", default=None,
-              help="Teacher checkpoint (default: the path the store records); refused unless its sha256 is the recorded one.")
-@click.option("--tolerance", default=1e-4, show_default=True, type=_FiniteFloatRange(min=0.0),
-              help="Sigmoid difference allowed on top of the codec's bound, for teacher recomputation noise (raise it "
-                   "to check a GPU/bf16 store on another device).")
-@click.option("--backend", default=None, type=click.Choice(["torch", "onnxruntime"]),
-              help="Recompute with this teacher backend instead of the one the store records: cross-checks a store "
-                   "made with onnxruntime against PyTorch, or the other way round.")
-@click.option("--onnx-dir", default=None,
-              help="Cache of exported ONNX teachers for --backend onnxruntime (default: teacher.onnx_dir's default, data/teacher/onnx).")
-def verify_logits_cmd(path: str, sample: int, seed: int, device: str, index: str | None, checkpoint: str | None,
-                      tolerance: float, backend: str | None, onnx_dir: str | None) -> None:
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto | cpu | cuda | cuda:N. The precision is the one the store records.",
+)
+@click.option(
+    "--index", default=None, help="Instance index the store was made from (default: the path the store records)."
+)
+@click.option(
+    "--checkpoint",
+    default=None,
+    help="Teacher checkpoint (default: the path the store records); refused unless its sha256 is the recorded one.",
+)
+@click.option(
+    "--tolerance",
+    default=1e-4,
+    show_default=True,
+    type=_FiniteFloatRange(min=0.0),
+    help="Sigmoid difference allowed on top of the codec's bound, for teacher recomputation noise (raise it "
+    "to check a GPU/bf16 store on another device).",
+)
+@click.option(
+    "--backend",
+    default=None,
+    type=click.Choice(["torch", "onnxruntime"]),
+    help="Recompute with this teacher backend instead of the one the store records: cross-checks a store "
+    "made with onnxruntime against PyTorch, or the other way round.",
+)
+@click.option(
+    "--onnx-dir",
+    default=None,
+    help="Cache of exported ONNX teachers for --backend onnxruntime (default: teacher.onnx_dir's default, "
+    "data/teacher/onnx).",
+)
+def verify_logits_cmd(
+    path: str,
+    sample: int,
+    seed: int,
+    device: str,
+    index: str | None,
+    checkpoint: str | None,
+    tolerance: float,
+    backend: str | None,
+    onnx_dir: str | None,
+) -> None:
     """Recompute random instances of the teacher-logit store at PATH and report the largest differences.
 
     Rebuilds the teacher from the configuration the store records (refusing a checkpoint whose sha256, or a
@@ -527,8 +762,17 @@ def verify_logits_cmd(path: str, sample: int, seed: int, device: str, index: str
     """
     from picosam_pipeline.teacher.verify import verify_store
 
-    report = verify_store(path, sample, seed=seed, device=device, index=index, checkpoint=checkpoint,
-                          tolerance=tolerance, backend=backend, onnx_dir=onnx_dir)
+    report = verify_store(
+        path,
+        sample,
+        seed=seed,
+        device=device,
+        index=index,
+        checkpoint=checkpoint,
+        tolerance=tolerance,
+        backend=backend,
+        onnx_dir=onnx_dir,
+    )
     click.echo(report.format())
     if not report.ok:
         sys.exit(1)

@@ -52,7 +52,9 @@ class RuntimeConfig:
 def check_device(device: str, key: str) -> None:
     """Raise :class:`ConfigError` unless ``device`` is auto, cpu, cuda or cuda:N (N a GPU number)."""
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-        raise ConfigError(f"{key}: expected auto, cpu, cuda or cuda:N (N = the GPU number, e.g. cuda:0), got {device!r}")
+        raise ConfigError(
+            f"{key}: expected auto, cpu, cuda or cuda:N (N = the GPU number, e.g. cuda:0), got {device!r}"
+        )
 
 
 @dataclass
@@ -79,7 +81,9 @@ class DatasetConfig:
 
     def validate(self, key: str) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", self.name):
-            raise ConfigError(f"{key}.name: expected a folder name such as sample, coco2017 or lvis_v1, got {self.name!r}")
+            raise ConfigError(
+                f"{key}.name: expected a folder name such as sample, coco2017 or lvis_v1, got {self.name!r}"
+            )
 
 
 @dataclass
@@ -101,7 +105,8 @@ class SampleConfig:
         if self.plant_bad_inputs and self.train_images < 9:
             raise ConfigError(
                 f"{key}.train_images: the planted bad inputs need at least 9 train images (7 bad files, a clean "
-                f"one, one for the bad annotations), got {self.train_images}; raise it or set {key}.plant_bad_inputs=false"
+                f"one, one for the bad annotations), got {self.train_images}; raise it or set "
+                f"{key}.plant_bad_inputs=false"
             )
 
 
@@ -165,13 +170,22 @@ class PrepareConfig:
 TEACHER_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 # train.target values that combine the shards' teachers instead of naming one (see train/targets.py).
 TARGET_RULES = ("auto", "mean", "confident", "weighted")
-SAM2_MODELS = ("sam2.1_hiera_tiny", "sam2.1_hiera_small", "sam2.1_hiera_base_plus", "sam2.1_hiera_large",
-               "sam2_hiera_tiny", "sam2_hiera_small", "sam2_hiera_base_plus", "sam2_hiera_large")
+SAM2_MODELS = (
+    "sam2.1_hiera_tiny",
+    "sam2.1_hiera_small",
+    "sam2.1_hiera_base_plus",
+    "sam2.1_hiera_large",
+    "sam2_hiera_tiny",
+    "sam2_hiera_small",
+    "sam2_hiera_base_plus",
+    "sam2_hiera_large",
+)
 
 
 @dataclass
 class TeacherConfig:
-    """The teacher pass: SAM2/SAM3 run once per image, soft logits into a Zarr v3 store (``stages/teacher_logits.py``)."""
+    """The teacher pass: SAM2/SAM3 run once per image, soft logits into a Zarr v3 store
+    (``stages/teacher_logits.py``)."""
 
     index: str = "data/prepared/index.parquet"
     splits: list[str] = field(default_factory=lambda: ["train", "val"])
@@ -197,7 +211,9 @@ class TeacherConfig:
     # instances per store shard (3 files: logits, confidence, digest) and per writer task; auto: ~1/256 of the
     # pass's instances within [64, 8192] (store.shard_size): a COCO-size store stays under 1,000 files
     instances_per_shard: int | Literal["auto"] = "auto"
-    images_per_batch: int | Literal["auto"] = "auto"  # images per encoder forward; auto: 1 on CPU, 16 on a GPU (4 under 24 GiB)
+    images_per_batch: int | Literal["auto"] = (
+        "auto"  # images per encoder forward; auto: 1 on CPU, 16 on a GPU (4 under 24 GiB)
+    )
     executor: Literal["dask", "local"] = "dask"  # dask: a cluster runs the shard tasks; local: this process, no dask
     scheduler_address: str | None = None  # existing dask scheduler (tcp://host:8786); None = LocalCluster
     n_workers: int = 0  # LocalCluster workers; 0 = one per GPU, else 1
@@ -208,14 +224,20 @@ class TeacherConfig:
 
     def validate(self, key: str) -> None:
         if self.name and not TEACHER_NAME.fullmatch(self.name):
-            raise ConfigError(f"{key}.name: expected a short lower-case name such as sam2 (letters, digits, _), got {self.name!r}")
+            raise ConfigError(
+                f"{key}.name: expected a short lower-case name such as sam2 (letters, digits, _), got {self.name!r}"
+            )
         if self.model not in SAM2_MODELS + ("sam3",):
             raise ConfigError(f"{key}.model: expected one of {list(SAM2_MODELS) + ['sam3']}, got {self.model!r}")
         if self.backend == "onnxruntime" and self.model == "sam3":
-            raise ConfigError(f"{key}.backend: onnxruntime runs SAM2 / SAM2.1 teachers only, not sam3; use backend torch")
+            raise ConfigError(
+                f"{key}.backend: onnxruntime runs SAM2 / SAM2.1 teachers only, not sam3; use backend torch"
+            )
         if self.model == "sam3" and self.prompt == "point" and self.sam3_path == "geometric":
-            raise ConfigError(f"{key}.prompt: point prompts need {key}.sam3_path=instance with model sam3 (the geometric "
-                              f"path, PicoSAM3's, takes boxes only); set {key}.sam3_path=instance or {key}.prompt=roi")
+            raise ConfigError(
+                f"{key}.prompt: point prompts need {key}.sam3_path=instance with model sam3 (the geometric "
+                f"path, PicoSAM3's, takes boxes only); set {key}.sam3_path=instance or {key}.prompt=roi"
+            )
         if not self.splits:
             raise ConfigError(f"{key}.splits: expected at least one split name, e.g. [train, val]")
         _positive(key, "store_size", self.store_size)
@@ -254,7 +276,9 @@ class EvaluateConfig:
     batch_size: int = 64
     grid_samples: int = 8  # rows of the qualitative grid (data/evaluate/grid.png); 0 = no grid
     int8_model: str | None = None  # fake-quant / INT8 ONNX from the quantize stage: scored and shown when set
-    int8_onnx: str = "data/export/picosam_int8_fakequant.onnx"  # what stage evaluate-int8 scores beside the float student
+    int8_onnx: str = (
+        "data/export/picosam_int8_fakequant.onnx"  # what stage evaluate-int8 scores beside the float student
+    )
     int8_out_dir: str = "data/evaluate-int8"  # stage evaluate-int8's output (report, grid with the INT8 column)
     write_predictions: str | None = None  # image-frame COCO results here, crop-frame file beside it (NAME.crop.json)
     lvis: LvisEvalConfig | None = None
@@ -280,13 +304,19 @@ class PackConfig:
 
     def validate(self, key: str) -> None:
         if not self.splits or len(set(self.splits)) != len(self.splits):
-            raise ConfigError(f"{key}.splits: expected a list of distinct split names, e.g. [train, val], got {self.splits}")
+            raise ConfigError(
+                f"{key}.splits: expected a list of distinct split names, e.g. [train, val], got {self.splits}"
+            )
         if not self.teachers or len(set(self.teachers)) != len(self.teachers):
-            raise ConfigError(f"{key}.teachers: expected a list of distinct teacher pass names, e.g. [sam2], got {self.teachers}")
+            raise ConfigError(
+                f"{key}.teachers: expected a list of distinct teacher pass names, e.g. [sam2], got {self.teachers}"
+            )
         for name in self.teachers:
             if not TEACHER_NAME.fullmatch(name) or name in TARGET_RULES:
-                raise ConfigError(f"{key}.teachers: {name!r} is not a teacher pass name (lower-case letters, digits, _; "
-                                  f"not one of {list(TARGET_RULES)})")
+                raise ConfigError(
+                    f"{key}.teachers: {name!r} is not a teacher pass name (lower-case letters, digits, _; "
+                    f"not one of {list(TARGET_RULES)})"
+                )
         _positive(key, "samples_per_shard", self.samples_per_shard)
         if not 1 <= self.jpeg_quality <= 100:
             raise ConfigError(f"{key}.jpeg_quality: expected an integer 1..100 (JPEG quality), got {self.jpeg_quality}")
@@ -323,7 +353,9 @@ class TrainConfig:
     checkpoint_every: int = 100  # steps between resumable checkpoints (state_dir/checkpoint.pt)
     eval_every: int = 100  # steps between val-IoU evaluations (also at step 0 and at the end)
     log_every: int = 10  # steps between host syncs for the loss log and the progress bar
-    num_workers: int | Literal["auto"] = "auto"  # loader worker processes per rank; auto: 0 on CPU, min(8, cores - 2) on a GPU
+    num_workers: int | Literal["auto"] = (
+        "auto"  # loader worker processes per rank; auto: 0 on CPU, min(8, cores - 2) on a GPU
+    )
     compile: bool | Literal["auto"] = "auto"  # torch.compile the student's full batches; auto: on CUDA only
     shuffle_buffer: int = 1000  # samples in the loader's shuffle buffer
     hflip: bool = False  # random horizontal flips (image, mask and teacher logits together)
@@ -353,19 +385,29 @@ class TrainConfig:
         if not 0.0 <= self.jitter < 0.5:
             raise ConfigError(f"{key}.jitter: expected a fraction of the crop side in [0, 0.5), got {self.jitter}")
         if self.temperature <= 0:
-            raise ConfigError(f"{key}.temperature: expected a positive number (1 = PicoSAM2, 0.2 = PicoSAM3), got {self.temperature}")
+            raise ConfigError(
+                f"{key}.temperature: expected a positive number (1 = PicoSAM2, 0.2 = PicoSAM3), got {self.temperature}"
+            )
         if not 0.0 <= self.fixed_lambda <= 1.0:
             raise ConfigError(f"{key}.fixed_lambda: expected a weight in [0, 1], got {self.fixed_lambda}")
         if self.min_lr > self.lr:
             raise ConfigError(f"{key}.min_lr: expected at most lr ({self.lr}), got {self.min_lr}")
         if self.target not in TARGET_RULES and not TEACHER_NAME.fullmatch(self.target):
-            raise ConfigError(f"{key}.target: expected auto, a teacher pass name (e.g. sam2), mean, confident or weighted, "
-                              f"got {self.target!r}")
+            raise ConfigError(
+                f"{key}.target: expected auto, a teacher pass name (e.g. sam2), mean, confident or weighted, "
+                f"got {self.target!r}"
+            )
         if (self.target == "weighted") != bool(self.target_weights):
-            raise ConfigError(f"{key}.target_weights: set it (e.g. {{sam2: 0.5, sam3: 0.5}}) exactly when {key}.target is "
-                              f"weighted; target is {self.target!r}, target_weights {self.target_weights}")
-        if any(w < 0 for w in self.target_weights.values()) or (self.target_weights and sum(self.target_weights.values()) <= 0):
-            raise ConfigError(f"{key}.target_weights: expected weights >= 0 with a positive sum, got {self.target_weights}")
+            raise ConfigError(
+                f"{key}.target_weights: set it (e.g. {{sam2: 0.5, sam3: 0.5}}) exactly when {key}.target is "
+                f"weighted; target is {self.target!r}, target_weights {self.target_weights}"
+            )
+        if any(w < 0 for w in self.target_weights.values()) or (
+            self.target_weights and sum(self.target_weights.values()) <= 0
+        ):
+            raise ConfigError(
+                f"{key}.target_weights: expected weights >= 0 with a positive sum, got {self.target_weights}"
+            )
 
     def loader_workers(self, device_type: str, cores: int) -> int:
         """``num_workers`` resolved: ``auto`` is 0 on a CPU (the step uses every core) and ``min(8, cores - 2)`` on a
@@ -409,7 +451,7 @@ class QuantizeConfig:
         # YAML reads an unquoted 4.0 as a number; MCT wants the string "4.0".
         self.tpc_version = str(self.tpc_version)
         if not re.fullmatch(r"\d+\.\d+(_\w+)?", self.tpc_version):
-            raise ConfigError(f"{key}.tpc_version: expected a version such as \"4.0\", got {self.tpc_version!r}")
+            raise ConfigError(f'{key}.tpc_version: expected a version such as "4.0", got {self.tpc_version!r}')
         for name in ("representative_batches", "batch_size", "eval_batch_size", "probe_samples"):
             _positive(key, name, getattr(self, name))
         for name in ("shuffle_buffer", "gptq_epochs", "max_miou_drop"):
@@ -438,7 +480,8 @@ class ExportConfig:
 
 @dataclass
 class PackageConfig:
-    """``imxconv-pt`` on the MCTQ export: packerOut.zip, memory report, Raspberry Pi deploy folder (``stages/package.py``)."""
+    """``imxconv-pt`` on the MCTQ export: packerOut.zip, memory report, Raspberry Pi deploy folder
+    (``stages/package.py``)."""
 
     export_dir: str = "data/export"  # the export stage's out_dir
     input_persistency: bool = True  # false = --no-input-persistency: more memory, no input-tensor debug stream
@@ -476,31 +519,45 @@ class Config:
         if self.prepare.splits == "auto":  # the one dataset switch: the splits follow dataset.name
             from picosam_pipeline.datasets import dataset_splits
 
-            self.prepare.splits = [SplitSource(*split) for split in dataset_splits(self.dataset.name, self.dataset.folder)]
+            self.prepare.splits = [
+                SplitSource(*split) for split in dataset_splits(self.dataset.name, self.dataset.folder)
+            ]
             if self.dataset.name == "sample" and Path(self.sample.out_dir) != Path(self.dataset.folder):
-                raise ConfigError(f"sample.out_dir: with dataset.name sample the sample stage must write the dataset's "
-                                  f"folder {self.dataset.folder}, got {self.sample.out_dir!r}; set one to the other")
+                raise ConfigError(
+                    f"sample.out_dir: with dataset.name sample the sample stage must write the dataset's "
+                    f"folder {self.dataset.folder}, got {self.sample.out_dir!r}; set one to the other"
+                )
         for name in self.teachers:
             self.teacher_pass(name)  # every pass must build a valid teacher section
 
-    def teacher_pass(self, name: str) -> "Config":
+    def teacher_pass(self, name: str) -> Config:
         """This config with ``teacher`` resolved for pass ``name``: ``teachers[name]`` over ``teacher``, the store at
         ``<teacher.stores_dir>/<name>.zarr``. Raises ConfigError for an unknown pass or an invalid override."""
         if name not in self.teachers:
             known = ", ".join(self.teachers) or "none: params.yaml has no teachers section"
             raise ConfigError(f"teachers.{name}: no such teacher pass; the passes are {known}")
         if not TEACHER_NAME.fullmatch(name) or name in TARGET_RULES:
-            raise ConfigError(f"teachers.{name}: a pass name is lower-case letters, digits and _ (at most 32), not one "
-                              f"of {list(TARGET_RULES)}; rename it")
+            raise ConfigError(
+                f"teachers.{name}: a pass name is lower-case letters, digits and _ (at most 32), not one "
+                f"of {list(TARGET_RULES)}; rename it"
+            )
         override = self.teachers[name] or {}
         if not isinstance(override, dict):
-            raise ConfigError(f"teachers.{name}: expected a mapping of teacher keys (e.g. {{model: sam3}}), got {override!r}")
+            raise ConfigError(
+                f"teachers.{name}: expected a mapping of teacher keys (e.g. {{model: sam3}}), got {override!r}"
+            )
         fixed = sorted(set(override) & {"name", "out", "stores_dir"})
         if fixed:
-            raise ConfigError(f"teachers.{name}.{fixed[0]}: set per pipeline, not per pass (the store of pass {name} is "
-                              f"<teacher.stores_dir>/{name}.zarr); remove it")
-        merged = {**dataclasses.asdict(self.teacher), **override, "name": name,
-                  "out": str(Path(self.teacher.stores_dir) / f"{name}.zarr")}
+            raise ConfigError(
+                f"teachers.{name}.{fixed[0]}: set per pipeline, not per pass (the store of pass {name} is "
+                f"<teacher.stores_dir>/{name}.zarr); remove it"
+            )
+        merged = {
+            **dataclasses.asdict(self.teacher),
+            **override,
+            "name": name,
+            "out": str(Path(self.teacher.stores_dir) / f"{name}.zarr"),
+        }
         return dataclasses.replace(self, teacher=build(TeacherConfig, merged, f"teachers.{name}"))
 
 
@@ -518,21 +575,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         path = Path(path)
         if path.is_dir():
-            raise ConfigError(f"params file {str(path)!r} is a folder; pass the params.yaml file inside it with --params")
+            raise ConfigError(
+                f"params file {str(path)!r} is a folder; pass the params.yaml file inside it with --params"
+            )
         if not path.is_file():
-            raise ConfigError(f"params file {str(path)!r} does not exist; pass --params FILE or run from the repository root")
+            raise ConfigError(
+                f"params file {str(path)!r} does not exist; pass --params FILE or run from the repository root"
+            )
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"params file {str(path)!r} is not valid YAML: {err}") from None
         except UnicodeDecodeError:
-            raise ConfigError(f"params file {str(path)!r} is not UTF-8 text (a binary file?); pass the pipeline's "
-                              "params.yaml with --params") from None
+            raise ConfigError(
+                f"params file {str(path)!r} is not UTF-8 text (a binary file?); pass the pipeline's "
+                "params.yaml with --params"
+            ) from None
         except OSError as err:
             raise ConfigError(f"params file {str(path)!r} cannot be read ({err.strerror or err})") from None
         except RecursionError:
-            raise ConfigError(f"params file {str(path)!r} is nested deeper than the YAML parser allows; it is not a "
-                              "params file") from None
+            raise ConfigError(
+                f"params file {str(path)!r} is nested deeper than the YAML parser allows; it is not a params file"
+            ) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"params file {str(path)!r}: expected a mapping of sections at the top level")
     for item in overrides:
@@ -589,7 +653,9 @@ def build(cls: type, data: Any, key: str) -> Any:
     """Build dataclass ``cls`` from ``data``, recursively, rejecting unknown keys and wrong types."""
     where = key or "params"
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping with keys {sorted(f.name for f in dataclasses.fields(cls))}, got {data!r}")
+        raise ConfigError(
+            f"{where}: expected a mapping with keys {sorted(f.name for f in dataclasses.fields(cls))}, got {data!r}"
+        )
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -702,5 +768,7 @@ def require_inputs(paths: dict[str, str]) -> None:
     """Raise :class:`ConfigError` for the first ``{key: path}`` whose path does not exist."""
     for key, p in paths.items():
         if not Path(p).exists():
-            raise ConfigError(f"{key}: path {p!r} does not exist; fix the path in params.yaml or with --set {key}=PATH "
-                              "(an earlier stage's output: run that stage, or `dvc pull` it from the team's remote)")
+            raise ConfigError(
+                f"{key}: path {p!r} does not exist; fix the path in params.yaml or with --set {key}=PATH "
+                "(an earlier stage's output: run that stage, or `dvc pull` it from the team's remote)"
+            )

@@ -33,14 +33,22 @@ class Layout:
     fetch: str | None = None  # the `picosam-pipeline fetch` name that puts it in place; None: made or put by hand
 
 
-STANDARD = Layout({"train": ("annotations/instances_train.json", "train"),
-                   "val": ("annotations/instances_val.json", "val")})
+STANDARD = Layout(
+    {"train": ("annotations/instances_train.json", "train"), "val": ("annotations/instances_val.json", "val")}
+)
 LAYOUTS: dict[str, Layout] = {
     "sample": STANDARD,
-    "coco2017": Layout({"train": ("annotations/instances_train2017.json", "train2017"),
-                        "val": ("annotations/instances_val2017.json", "val2017")}, fetch="coco2017"),
-    "lvis_v1": Layout({"train": ("annotations/lvis_v1_train.json", "train2017"),
-                       "val": ("annotations/lvis_v1_val.json", "val2017")}, fetch="lvis_v1"),
+    "coco2017": Layout(
+        {
+            "train": ("annotations/instances_train2017.json", "train2017"),
+            "val": ("annotations/instances_val2017.json", "val2017"),
+        },
+        fetch="coco2017",
+    ),
+    "lvis_v1": Layout(
+        {"train": ("annotations/lvis_v1_train.json", "train2017"), "val": ("annotations/lvis_v1_val.json", "val2017")},
+        fetch="lvis_v1",
+    ),
 }
 
 
@@ -62,14 +70,19 @@ def missing_dataset_message(name: str, folder: str | Path, missing: str | Path) 
         how = f"run `picosam-pipeline fetch {layout(name).fetch}`"
     if how is None:
         ann, images = STANDARD.splits["train"]
-        how = (f"put your dataset there in the standard layout ({ann}, {images}/, and the same for val), or set "
-               "dataset.name to sample, coco2017 or lvis_v1")
-    return (f"dataset {name!r}: {missing} is missing from {folder}; {how}, or `dvc pull` it from the team's remote "
-            "if a teammate tracked it (see the README, Real COCO)")
+        how = (
+            f"put your dataset there in the standard layout ({ann}, {images}/, and the same for val), or set "
+            "dataset.name to sample, coco2017 or lvis_v1"
+        )
+    return (
+        f"dataset {name!r}: {missing} is missing from {folder}; {how}, or `dvc pull` it from the team's remote "
+        "if a teammate tracked it (see the README, Real COCO)"
+    )
 
 
 def check_dataset(name: str, folder: str | Path, splits: list[tuple[str, str, str]]) -> None:
-    """Raise :class:`PipelineError` naming the fetch (or stage) for the first missing annotations file or images folder."""
+    """Raise :class:`PipelineError` naming the fetch (or stage) for the first missing annotations file or images
+    folder."""
     for _, annotations_file, images in splits:
         for path in (annotations_file, images):
             if not Path(path).exists():

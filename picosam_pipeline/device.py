@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 class Runtime:
     """The resolved device and autocast dtype (``None`` = plain fp32)."""
 
-    device: "torch.device"
-    autocast_dtype: "torch.dtype | None"
+    device: torch.device
+    autocast_dtype: torch.dtype | None
     seed: int
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -59,19 +59,26 @@ def resolve_runtime(cfg: RuntimeConfig) -> Runtime:
                 "use --set runtime.device=cpu"
             )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"runtime.device: {cfg.device!r} asked for but this machine has {torch.cuda.device_count()} "
-                              f"CUDA device(s), numbered from 0 (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+            raise ConfigError(
+                f"runtime.device: {cfg.device!r} asked for but this machine has {torch.cuda.device_count()} "
+                f"CUDA device(s), numbered from 0 (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+            )
     if cfg.precision == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else None
     elif cfg.precision == "bf16":
         dtype = torch.bfloat16
     else:
         dtype = None
-    if dtype is torch.bfloat16 and device.type == "cpu" and torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "NO AVX", "AVX2"):
+    if (
+        dtype is torch.bfloat16
+        and device.type == "cpu"
+        and torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "NO AVX", "AVX2")
+    ):
         # Without AVX512/AMX bf16 instructions torch emulates bf16 matmuls: a 1024^2 matmul measured 8.9 s
         # in bf16 vs 0.16 s in fp32 on this project's 2-core AVX2 machines.
         warnings.warn(
-            f"runtime.precision=bf16 on a CPU with only {torch.backends.cpu.get_cpu_capability()} runs far slower than fp32; "
+            f"runtime.precision=bf16 on a CPU with only {torch.backends.cpu.get_cpu_capability()} runs far slower "
+            "than fp32; "
             "use --set runtime.precision=fp32 (or auto) on this machine",
             stacklevel=2,
         )

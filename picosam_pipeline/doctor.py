@@ -3,7 +3,8 @@
 Each check is a :class:`Check` with a status: ``ok``, ``warn`` (the pipeline runs, but without something: no CUDA,
 random teacher weights allowed) or ``fail`` (a stage that params.yaml asks for will stop). The checks are cheap (no
 model is built): the Python packages of each extra (``errors.EXTRAS``), the teacher checkpoint of every teacher pass
-in the params, CUDA through torch, the IMX500 converter (``imxconv-pt``) and the Java 17 it needs (``deploy/imx500.py``).
+in the params, CUDA through torch, the IMX500 converter (``imxconv-pt``) and the Java 17 it needs
+(``deploy/imx500.py``).
 """
 
 from __future__ import annotations
@@ -40,8 +41,14 @@ def check_extras() -> list[Check]:
     for extra, modules in EXTRAS.items():
         missing = [m for m in modules if importlib.util.find_spec(m) is None]
         if missing:
-            out.append(Check(f"extra [{extra}]", "warn", f"missing {', '.join(missing)}: pip install "
-                             f"'picosam-pipeline[{extra}]' (`make env` installs every extra)"))
+            out.append(
+                Check(
+                    f"extra [{extra}]",
+                    "warn",
+                    f"missing {', '.join(missing)}: pip install "
+                    f"'picosam-pipeline[{extra}]' (`make env` installs every extra)",
+                )
+            )
         else:
             out.append(Check(f"extra [{extra}]", "ok", ", ".join(f"{m} {_version(m)}" for m in modules)))
     return out
@@ -54,8 +61,14 @@ def check_torch() -> list[Check]:
     if torch.cuda.is_available():
         names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
         return [Check("CUDA", "ok", f"torch {torch.__version__}, {torch.cuda.device_count()} GPU(s): {names}")]
-    why = "a CPU-only torch build" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda}, no GPU visible"
-    return [Check("CUDA", "warn", f"torch {torch.__version__}: {why}; every stage runs on the CPU (slowly for the teacher)")]
+    why = (
+        "a CPU-only torch build"
+        if torch.version.cuda is None
+        else f"torch built for CUDA {torch.version.cuda}, no GPU visible"
+    )
+    return [
+        Check("CUDA", "warn", f"torch {torch.__version__}: {why}; every stage runs on the CPU (slowly for the teacher)")
+    ]
 
 
 def check_teachers(params: str | None, overrides: tuple[str, ...] = ()) -> list[Check]:
@@ -75,24 +88,49 @@ def check_teachers(params: str | None, overrides: tuple[str, ...] = ()) -> list[
         if t.checkpoint and Path(t.checkpoint).is_file():
             out.append(Check(label, "ok", f"checkpoint {t.checkpoint}"))
         elif t.allow_random_weights:
-            out.append(Check(label, "warn", f"no checkpoint at {t.checkpoint}: RANDOM weights (allowed by "
-                             "teacher.allow_random_weights; fine for tests, useless for distillation); "
-                             "`picosam-pipeline fetch --list` names the checkpoints"))
+            out.append(
+                Check(
+                    label,
+                    "warn",
+                    f"no checkpoint at {t.checkpoint}: RANDOM weights (allowed by "
+                    "teacher.allow_random_weights; fine for tests, useless for distillation); "
+                    "`picosam-pipeline fetch --list` names the checkpoints",
+                )
+            )
         else:
-            out.append(Check(label, "fail", f"no checkpoint at {t.checkpoint} and teacher.allow_random_weights is false; "
-                             "`picosam-pipeline fetch sam2.1_hiera_tiny` (or the one params name)"))
+            out.append(
+                Check(
+                    label,
+                    "fail",
+                    f"no checkpoint at {t.checkpoint} and teacher.allow_random_weights is false; "
+                    "`picosam-pipeline fetch sam2.1_hiera_tiny` (or the one params name)",
+                )
+            )
     return out
 
 
 def check_converter() -> list[Check]:
     """``imxconv-pt`` and Java 17 (the package stage); a warning when missing: the stages before it run without."""
-    if importlib.util.find_spec("imx500_converter") is None and importlib.util.find_spec("model_compression_toolkit") is None:
-        return [Check("IMX500 converter", "warn", "the [imx500] extra is not installed: quantize, export and package will not run")]
+    if (
+        importlib.util.find_spec("imx500_converter") is None
+        and importlib.util.find_spec("model_compression_toolkit") is None
+    ):
+        return [
+            Check(
+                "IMX500 converter",
+                "warn",
+                "the [imx500] extra is not installed: quantize, export and package will not run",
+            )
+        ]
     from picosam_pipeline.deploy.imx500 import ConverterError, check_java, converter_executable
 
     out = []
     try:
-        out.append(Check("IMX500 converter", "ok", f"{converter_executable()} (imx500-converter {_version('imx500_converter')})"))
+        out.append(
+            Check(
+                "IMX500 converter", "ok", f"{converter_executable()} (imx500-converter {_version('imx500_converter')})"
+            )
+        )
     except ConverterError as err:
         out.append(Check("IMX500 converter", "warn", str(err)))
     try:

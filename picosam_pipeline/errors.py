@@ -39,15 +39,17 @@ def require_extra(extra: str, purpose: str) -> None:
 
     missing = [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
     if missing and extra in PYTHONS_OF_EXTRA and sys.version_info[:2] not in PYTHONS_OF_EXTRA[extra]:
-        versions = ", ".join("%d.%d" % v for v in PYTHONS_OF_EXTRA[extra])
+        versions = ", ".join(f"{major}.{minor}" for major, minor in PYTHONS_OF_EXTRA[extra])
         raise MissingExtraError(
             f"{purpose} needs the optional package(s) {', '.join(missing)} (the [{extra}] extra), which are not "
             f"published for Python {sys.version_info[0]}.{sys.version_info[1]}; run this stage with Python {versions} "
-            f"(e.g. `make env PYTHON=python3.12` into a fresh .venv)")
+            f"(e.g. `make env PYTHON=python3.12` into a fresh .venv)"
+        )
     if missing:
         raise MissingExtraError(
             f"{purpose} needs the optional package(s) {', '.join(missing)}, which are not installed; install them with "
-            f"pip install 'picosam-pipeline[{extra}]' (`make env` installs every extra with the tested pins)")
+            f"pip install 'picosam-pipeline[{extra}]' (`make env` installs every extra with the tested pins)"
+        )
 
 
 def refused_checkpoint(path: object, err: BaseException, fix: str) -> PipelineError:
@@ -59,7 +61,9 @@ def refused_checkpoint(path: object, err: BaseException, fix: str) -> PipelineEr
     checkpoint that holds tensors only.
     """
     text = str(err)
-    found = re.search(r"Unsupported global: GLOBAL ([\w.<>]+)", text) or re.search(r"WeightsUnpickler error: ([^.\n]+)", text)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.<>]+)", text) or re.search(
+        r"WeightsUnpickler error: ([^.\n]+)", text
+    )
     wanted = f"it asks for {found.group(1)}" if found else "it holds pickled objects other than tensors"
     return PipelineError(
         f"checkpoint {str(path)!r} was refused: loading it would run code from the file ({wanted}, which is not a "

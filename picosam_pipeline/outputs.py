@@ -57,9 +57,10 @@ import os
 import shutil
 import socket
 import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from picosam_pipeline.errors import PipelineError
 
@@ -79,7 +80,8 @@ _policy: dict[str, str | None] = {"on_locked": None}
 
 
 def set_on_locked(value: str | None) -> None:
-    """What a run does when another run holds its outputs' lock: ``wait`` or ``fail`` (None: $PICOSAM_ON_LOCKED or wait)."""
+    """What a run does when another run holds its outputs' lock: ``wait`` or ``fail`` (None: $PICOSAM_ON_LOCKED or
+    wait)."""
     if value is not None and value not in ON_LOCKED:
         raise PipelineError(f"on-locked: {value!r} is not one of {', '.join(ON_LOCKED)}")
     _policy["on_locked"] = value
@@ -88,7 +90,9 @@ def set_on_locked(value: str | None) -> None:
 def on_locked() -> str:
     value = _policy["on_locked"] or os.environ.get(ON_LOCKED_ENV) or "wait"
     if value not in ON_LOCKED:
-        raise PipelineError(f"{ON_LOCKED_ENV}={value!r} is not one of {', '.join(ON_LOCKED)}; unset it or set wait or fail")
+        raise PipelineError(
+            f"{ON_LOCKED_ENV}={value!r} is not one of {', '.join(ON_LOCKED)}; unset it or set wait or fail"
+        )
     return value
 
 
@@ -129,8 +133,15 @@ def _matches(path: Path, pattern: str) -> bool:
     return fnmatch.fnmatchcase(path.name, pattern)
 
 
-def check_target(stage: str, key: str, out: str | Path, inputs: Mapping[str, str | Path], *,
-                 sections: Sequence[str] | None, names: Sequence[str] = ()) -> None:
+def check_target(
+    stage: str,
+    key: str,
+    out: str | Path,
+    inputs: Mapping[str, str | Path],
+    *,
+    sections: Sequence[str] | None,
+    names: Sequence[str] = (),
+) -> None:
     """Refuse an output folder the stage must not replace (see the module docstring, point 1).
 
     ``sections=None`` leaves the contents check to the caller (the teacher's store recognises its own layout).
@@ -140,30 +151,44 @@ def check_target(stage: str, key: str, out: str | Path, inputs: Mapping[str, str
     fix = f"choose a folder of its own with --set {key}=PATH"
     cwd = Path.cwd().resolve()
     if where == cwd or where in cwd.parents:
-        raise PipelineError(f"{key}: {str(out)!r} is the project folder{' or above it' if where != cwd else ''} "
-                            f"({cwd}); stage {stage} replaces its output folder as a whole, so it refuses; {fix}")
+        raise PipelineError(
+            f"{key}: {str(out)!r} is the project folder{' or above it' if where != cwd else ''} "
+            f"({cwd}); stage {stage} replaces its output folder as a whole, so it refuses; {fix}"
+        )
     found = [name for name in PROJECT_FILES if (where / name).exists()]
     if found:
-        raise PipelineError(f"{key}: {str(out)!r} holds {', '.join(found)}, so it is a project, not an output folder; "
-                            f"stage {stage} refuses to replace it; {fix}")
+        raise PipelineError(
+            f"{key}: {str(out)!r} holds {', '.join(found)}, so it is a project, not an output folder; "
+            f"stage {stage} refuses to replace it; {fix}"
+        )
     for input_key, path in inputs.items():
         if path is None:
             continue
         source = _abs(Path(path))
-        relation = ("is" if source == where else "contains" if where in source.parents
-                    else "lies inside" if source in where.parents else None)
+        relation = (
+            "is"
+            if source == where
+            else "contains"
+            if where in source.parents
+            else "lies inside"
+            if source in where.parents
+            else None
+        )
         if relation:
-            raise PipelineError(f"{key}: {str(out)!r} {relation} the stage's input {input_key} ({str(path)!r}); "
-                                f"stage {stage} would replace what it reads; {fix}")
+            raise PipelineError(
+                f"{key}: {str(out)!r} {relation} the stage's input {input_key} ({str(path)!r}); "
+                f"stage {stage} would replace what it reads; {fix}"
+            )
     if out.exists() and not out.is_dir():
         raise PipelineError(f"{key}: {str(out)!r} is a file, not a folder; {fix}")
     if sections is not None and out.is_dir():
         foreign = foreign_entries(out, sections, names)
         if foreign:
             raise PipelineError(
-                f"{key}: {str(out)!r} holds {foreign[:5]}{' ...' if len(foreign) > 5 else ''}, which stage {stage} did "
-                f"not write (its folders carry {MARKER} with the sections {sorted(sections)}); it replaces only its own "
-                f"output, so it refuses: move those files away or {fix}")
+                f"{key}: {str(out)!r} holds {foreign[:5]}{' ...' if len(foreign) > 5 else ''}, which stage {stage} "
+                f"did not write (its folders carry {MARKER} with the sections {sorted(sections)}); it replaces only "
+                f"its own output, so it refuses: move those files away or {fix}"
+            )
 
 
 def _abs(path: Path) -> Path:
@@ -186,8 +211,10 @@ def lock_holder(lock: Path) -> dict[str, Any] | None:
 def _describe(holder: dict[str, Any] | None, lock: Path, pid: int | None) -> str:
     if holder is None or (pid is not None and holder.get("pid") != pid):
         return f"pid {pid} (the run is starting; no details recorded yet)" if pid else "a run that recorded no details"
-    return (f"stage {holder.get('stage')}, pid {holder.get('pid')} on host {holder.get('host')}, started "
-            f"{holder.get('started')}")
+    return (
+        f"stage {holder.get('stage')}, pid {holder.get('pid')} on host {holder.get('host')}, started "
+        f"{holder.get('started')}"
+    )
 
 
 @contextmanager
@@ -207,12 +234,19 @@ def output_lock(out: str | Path, stage: str, *, policy: str | None = None, say=N
         holder = lock_holder(lock_path)
         who = _describe(holder, lock_path, lock.pid)
         remote = holder is not None and holder.get("host") != socket.gethostname()
-        gone = (f" If that machine or run is gone, remove {lock_path} by hand (a lock held from another host "
-                "cannot be proven stale from here).") if remote else ""
+        gone = (
+            (
+                f" If that machine or run is gone, remove {lock_path} by hand (a lock held from another host "
+                "cannot be proven stale from here)."
+            )
+            if remote
+            else ""
+        )
         if policy == "fail":
             raise PipelineError(
                 f"{out} is being written by another run ({who}; lock {lock_path}). Wait for it to finish or stop it, "
-                f"or rerun with --on-locked wait (or {ON_LOCKED_ENV}=wait) to wait for it.{gone}") from None
+                f"or rerun with --on-locked wait (or {ON_LOCKED_ENV}=wait) to wait for it.{gone}"
+            ) from None
         say(f"waiting for {out}: another run holds it ({who}; lock {lock_path}); --on-locked fail stops instead.{gone}")
         lock.acquire(timeout=-1, poll_interval=0.2)
         before = None  # released normally while we waited
@@ -229,9 +263,14 @@ def output_lock(out: str | Path, stage: str, *, policy: str | None = None, say=N
 
 
 def _write_holder(lock_path: Path, stage: str) -> None:
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": started, "stage": stage,
-              "command": " ".join(sys.argv)[:500]}
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    holder = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": started,
+        "stage": stage,
+        "command": " ".join(sys.argv)[:500],
+    }
     atomic_write_bytes(sibling(lock_path, HOLDER), (json.dumps(holder, sort_keys=True) + "\n").encode())
 
 
@@ -335,8 +374,18 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"
 
 
-def os_error_message(err: OSError, stage: str, key: str, what: str, out: Path, *, partial: str,
-                     needed_bytes: int | None = None, written_bytes: int | None = None, where: Path | None = None) -> str:
+def os_error_message(
+    err: OSError,
+    stage: str,
+    key: str,
+    what: str,
+    out: Path,
+    *,
+    partial: str,
+    needed_bytes: int | None = None,
+    written_bytes: int | None = None,
+    where: Path | None = None,
+) -> str:
     """One paragraph for a full disk / permission / read-only error while ``stage`` wrote ``what`` (to the file the
     error names, else to ``where``, else to ``out``)."""
     path = Path(err.filename) if getattr(err, "filename", None) else (where or out)
@@ -345,16 +394,23 @@ def os_error_message(err: OSError, stage: str, key: str, what: str, out: Path, *
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         free = free_bytes(path)
         previous = tree_bytes(out) if out.exists() else 0
-        need = (f"about {_mb(needed_bytes)}" if needed_bytes else
-                f"more than the {_mb(written_bytes)} it had written when the disk filled" if written_bytes else
-                "more space than is free")
+        need = (
+            f"about {_mb(needed_bytes)}"
+            if needed_bytes
+            else f"more than the {_mb(written_bytes)} it had written when the disk filled"
+            if written_bytes
+            else "more space than is free"
+        )
         if previous:
             need += f" (the previous output {out}, kept until the new one is complete, holds {_mb(previous)})"
         text += f" The output needs {need}; {_mb(free) if free is not None else 'an unknown amount'} free there."
         fix = f"free some space there, or set {key} to a folder on a disk with room, and rerun"
     else:
-        fix = (f"make {path.parent if path not in (out, where) else path} writable for this user (or remount it read-write), "
-               f"or set {key} to a writable folder, and rerun")
+        fix = (
+            f"make {path.parent if path not in (out, where) else path} writable for this user "
+            "(or remount it read-write), "
+            f"or set {key} to a writable folder, and rerun"
+        )
     return f"{text} {partial} Nothing else was changed; {fix}."
 
 
@@ -369,8 +425,11 @@ def probe_writable(folder: str | Path, key: str, stage: str) -> None:
     except OSError as err:
         if not is_write_error(err):
             raise
-        raise PipelineError(os_error_message(err, stage, key, "a test file, checked before any work", folder,
-                                             partial="Nothing was computed.")) from None
+        raise PipelineError(
+            os_error_message(
+                err, stage, key, "a test file, checked before any work", folder, partial="Nothing was computed."
+            )
+        ) from None
 
 
 def check_space(folder: Path, needed_bytes: int, key: str, stage: str, what: str) -> None:
@@ -379,7 +438,8 @@ def check_space(folder: Path, needed_bytes: int, key: str, stage: str, what: str
     if free is not None and free < needed_bytes:
         raise PipelineError(
             f"stage {stage} needs about {_mb(needed_bytes)} for {what} in {folder}, but only {_mb(free)} are free "
-            f"there; nothing was computed. Free some space, or set {key} to a folder on a disk with room, and rerun.")
+            f"there; nothing was computed. Free some space, or set {key} to a folder on a disk with room, and rerun."
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -404,10 +464,22 @@ class StageOutput:
         resumes: what the stage keeps elsewhere for a rerun to resume from (train's checkpoint), for messages.
     """
 
-    def __init__(self, cfg, stage: str, key: str, out: str | Path, *, sections: Sequence[str],
-                 inputs: Mapping[str, str | Path | None], names: Sequence[str] = (),
-                 writes: Mapping[str, str | Path] | None = None, needed_bytes: int | None = None,
-                 what: str = "its output", keep_failed: bool = False, resumes: str | None = None) -> None:
+    def __init__(
+        self,
+        cfg,
+        stage: str,
+        key: str,
+        out: str | Path,
+        *,
+        sections: Sequence[str],
+        inputs: Mapping[str, str | Path | None],
+        names: Sequence[str] = (),
+        writes: Mapping[str, str | Path] | None = None,
+        needed_bytes: int | None = None,
+        what: str = "its output",
+        keep_failed: bool = False,
+        resumes: str | None = None,
+    ) -> None:
         self.cfg, self.stage, self.key, self.out = cfg, stage, key, Path(out)
         self.sections, self.inputs, self.names = list(sections), dict(inputs), list(names)
         self.writes = dict(writes or {})
@@ -425,15 +497,26 @@ class StageOutput:
         except OSError as err:
             if not is_write_error(err):
                 raise
-            raise PipelineError(os_error_message(err, self.stage, self.key, "the lock file of its output", self.out,
-                                                 partial="Nothing was computed.")) from None
+            raise PipelineError(
+                os_error_message(
+                    err, self.stage, self.key, "the lock file of its output", self.out, partial="Nothing was computed."
+                )
+            ) from None
         try:
             self._prepare()
         except BaseException as err:
             self._release()
             if is_write_error(err):
-                raise PipelineError(os_error_message(err, self.stage, self.key, f"the unfinished {self.what}", self.out,
-                                                     partial="Nothing was computed.")) from None
+                raise PipelineError(
+                    os_error_message(
+                        err,
+                        self.stage,
+                        self.key,
+                        f"the unfinished {self.what}",
+                        self.out,
+                        partial="Nothing was computed.",
+                    )
+                ) from None
             raise
         return self.work
 
@@ -443,8 +526,10 @@ class StageOutput:
         check_target(self.stage, self.key, self.out, {}, sections=self.sections, names=self.names)
         if self.work.exists() or self.work.is_symlink():
             if not self.work.is_dir() or self._foreign_in_work():
-                raise PipelineError(f"{self.key}: {self.work} exists and was not started by stage {self.stage}; move "
-                                    "it away: the stage builds its output there")
+                raise PipelineError(
+                    f"{self.key}: {self.work} exists and was not started by stage {self.stage}; move "
+                    "it away: the stage builds its output there"
+                )
             _remove(self.work)  # an earlier run's unfinished output: this stage does not resume it
         if self.needed_bytes:
             check_space(self.out.parent, self.needed_bytes, self.key, self.stage, self.what)
@@ -472,18 +557,29 @@ class StageOutput:
                         raise
             written = tree_bytes(self.work) if self.work.exists() else None
             if self.keep_failed and isinstance(exc, PipelineError) and self.work.exists():
-                raise PipelineError(f"{exc} (the unfinished output is kept in {self.work} to look at; {self.out} is as "
-                                    "it was, and the next run removes it)") from None
+                raise PipelineError(
+                    f"{exc} (the unfinished output is kept in {self.work} to look at; {self.out} is as "
+                    "it was, and the next run removes it)"
+                ) from None
             try:
                 _remove(self.work)  # this stage does not resume: an unfinished output is never left behind
             except OSError:
                 pass
             if is_write_error(exc):
-                raise PipelineError(os_error_message(
-                    exc, self.stage, self.key, f"its {self.what}", self.out, needed_bytes=self.needed_bytes,
-                    written_bytes=written, where=self.work,
-                    partial=f"The unfinished output {self.work} was removed and {self.out} is as it was before this run; "
-                            + (self.resumes or f"{self.stage} does not resume, the rerun starts over."))) from None
+                raise PipelineError(
+                    os_error_message(
+                        exc,
+                        self.stage,
+                        self.key,
+                        f"its {self.what}",
+                        self.out,
+                        needed_bytes=self.needed_bytes,
+                        written_bytes=written,
+                        where=self.work,
+                        partial=f"The unfinished output {self.work} was removed and {self.out} is as it was "
+                        "before this run; " + (self.resumes or f"{self.stage} does not resume, the rerun starts over."),
+                    )
+                ) from None
             return False
         finally:
             self._release()
@@ -500,6 +596,7 @@ _ACTIVE: list[StageOutput] = []  # the outputs the running stage writes (innermo
 def writes_output(*specs: Callable[[Any], StageOutput]) -> Callable:
     """Decorate a stage's ``run(cfg, runtime)``: each ``spec(cfg)`` is entered before the body (checks, lock, the
     unfinished folder) and published after it returns; inside, :func:`output_folder` gives the folder to write."""
+
     def wrap(run: Callable) -> Callable:
         @functools.wraps(run)
         def wrapper(cfg, runtime=None):
@@ -512,7 +609,9 @@ def writes_output(*specs: Callable[[Any], StageOutput]) -> Callable:
                     _ACTIVE.append(output)
                     stack.callback(_ACTIVE.remove, output)
                 return run(cfg, runtime)
+
         return wrapper
+
     return wrap
 
 
@@ -528,8 +627,9 @@ def output_folder(out: str | Path, missing_ok: bool = False) -> Path:
 
 
 @contextmanager
-def write_errors(stage: str, key: str, out: Path, what: str, partial: str,
-                 needed_bytes: int | None = None) -> Iterator[None]:
+def write_errors(
+    stage: str, key: str, out: Path, what: str, partial: str, needed_bytes: int | None = None
+) -> Iterator[None]:
     """Turn a full disk / permission / read-only error inside the block into one paragraph (for stages that keep
     their own partial work, like the teacher's resumable store)."""
     try:
@@ -537,8 +637,9 @@ def write_errors(stage: str, key: str, out: Path, what: str, partial: str,
     except OSError as err:
         if not is_write_error(err):
             raise
-        raise PipelineError(os_error_message(err, stage, key, what, out, partial=partial,
-                                             needed_bytes=needed_bytes)) from None
+        raise PipelineError(
+            os_error_message(err, stage, key, what, out, partial=partial, needed_bytes=needed_bytes)
+        ) from None
 
 
 def _say(message: str) -> None:

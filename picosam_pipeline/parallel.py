@@ -30,7 +30,6 @@ from typing import Any
 
 from picosam_pipeline.errors import PipelineError
 
-
 # Jobs (images) a worker must get to pay for its start (it imports numpy, PIL and torch: about 2 s); the tests
 # lower it to run the worker path on the built-in sample.
 MIN_JOBS_PER_WORKER = 64
@@ -63,8 +62,9 @@ def worker_pool(workers: int) -> Executor:
     return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_ignore_sigint)
 
 
-def ordered_map(fn: Callable, jobs: Iterable, *, workers: int, in_flight: int | None = None,
-                pool: Executor | None = None) -> Iterator:
+def ordered_map(
+    fn: Callable, jobs: Iterable, *, workers: int, in_flight: int | None = None, pool: Executor | None = None
+) -> Iterator:
     """``map(fn, jobs)`` on ``workers`` processes (0: in this process), in order, at most ``in_flight`` jobs queued.
 
     ``fn`` and the jobs must pickle (a module-level function, plain data and numpy arrays). Unlike
@@ -98,7 +98,9 @@ def _result(future: Future) -> Any:
     try:
         return future.result()
     except BrokenProcessPool:
-        raise PipelineError("a worker process of this stage died: killed, out of memory (the kernel log, `dmesg`, "
-                            "names an out-of-memory kill), or crashed in a C extension; rerun the stage. A Python "
-                            "script that runs stages itself needs an `if __name__ == \"__main__\":` guard, as for any "
-                            "worker processes: each worker imports the script") from None
+        raise PipelineError(
+            "a worker process of this stage died: killed, out of memory (the kernel log, `dmesg`, "
+            "names an out-of-memory kill), or crashed in a C extension; rerun the stage. A Python "
+            'script that runs stages itself needs an `if __name__ == "__main__":` guard, as for any '
+            "worker processes: each worker imports the script"
+        ) from None

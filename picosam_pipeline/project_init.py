@@ -68,22 +68,32 @@ def template_root() -> Path:
     """The folder holding the repository's root files: the installed package's copy, else a checkout's root."""
     package = Path(__file__).resolve().parent
     for root in (package / TEMPLATE_DIR, package.parent):
-        if (root / "dvc.yaml").is_file() and (root / "params.yaml").is_file() and (
-                root != package.parent or (root / "pyproject.toml").is_file()):
+        if (
+            (root / "dvc.yaml").is_file()
+            and (root / "params.yaml").is_file()
+            and (root != package.parent or (root / "pyproject.toml").is_file())
+        ):
             return root
-    raise PipelineError(f"this picosam-pipeline install has no project template ({package / TEMPLATE_DIR}/dvc.yaml "
-                        "is missing): reinstall the package (pip install --force-reinstall picosam-pipeline)")
+    raise PipelineError(
+        f"this picosam-pipeline install has no project template ({package / TEMPLATE_DIR}/dvc.yaml "
+        "is missing): reinstall the package (pip install --force-reinstall picosam-pipeline)"
+    )
 
 
 def code_deps(dvc: dict) -> dict[str, list[str]]:
     """Stage name (a foreach stage by its own name: one code for all its passes) -> its deps that are our code."""
-    return {name: [d for d in stage.get("do", stage).get("deps", []) if isinstance(d, str) and CODE_DEP.match(d)]
-            for name, stage in dvc["stages"].items()}
+    return {
+        name: [d for d in stage.get("do", stage).get("deps", []) if isinstance(d, str) and CODE_DEP.match(d)]
+        for name, stage in dvc["stages"].items()
+    }
 
 
 def _stamp_stage(stages: list[str]) -> dict:
-    return {"cmd": f"picosam-pipeline {STAMP_STAGE}", "always_changed": True,
-            "outs": [{f"{STAMP_DIR}/{name}.sha256": {"cache": False}} for name in stages]}
+    return {
+        "cmd": f"picosam-pipeline {STAMP_STAGE}",
+        "always_changed": True,
+        "outs": [{f"{STAMP_DIR}/{name}.sha256": {"cache": False}} for name in stages],
+    }
 
 
 HEADER = """\
@@ -136,8 +146,10 @@ def project_dvc_yaml(template: str) -> str:
     expected["stages"] = {STAMP_STAGE: _stamp_stage(list(parsed["stages"])), **expected["stages"]}
     got = yaml.safe_load(text)
     if got != expected or list(got["stages"]) != list(expected["stages"]):
-        raise RuntimeError("project_dvc_yaml: the package's dvc.yaml has a layout its line rules do not handle "
-                           "(code deps as block-list lines, stages two spaces in): a bug in picosam-pipeline")
+        raise RuntimeError(
+            "project_dvc_yaml: the package's dvc.yaml has a layout its line rules do not handle "
+            "(code deps as block-list lines, stages two spaces in): a bug in picosam-pipeline"
+        )
     return text
 
 
@@ -163,16 +175,24 @@ def write_code_stamps(project: Path = Path(".")) -> tuple[list[Path], str | None
         for dep in sorted(deps):
             path = _installed_file(dep)
             if not path.is_file():
-                raise PipelineError(f"{path} is missing from the installed picosam-pipeline (stage {stage} runs it): "
-                                    "reinstall the package (pip install --force-reinstall picosam-pipeline)")
+                raise PipelineError(
+                    f"{path} is missing from the installed picosam-pipeline (stage {stage} runs it): "
+                    "reinstall the package (pip install --force-reinstall picosam-pipeline)"
+                )
             lines.append(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {dep}")
         written.append(out / f"{stage}.sha256")
         written[-1].write_text("\n".join(lines) + "\n")
     recorded = project / VERSION_FILE
     made_by = recorded.read_text().strip() if recorded.is_file() else __version__
-    warning = None if made_by == __version__ else (
-        f"this project was made by picosam-pipeline {made_by}, the installed one is {__version__}: its dvc.yaml and "
-        "params.yaml are that version's (`picosam-pipeline init NEW_DIR` writes the installed one's, to compare)")
+    warning = (
+        None
+        if made_by == __version__
+        else (
+            f"this project was made by picosam-pipeline {made_by}, the installed one is {__version__}: its dvc.yaml "
+            "and params.yaml are that version's (`picosam-pipeline init NEW_DIR` writes the installed one's, to "
+            "compare)"
+        )
+    )
     return written, warning
 
 
@@ -189,8 +209,10 @@ def init_project(directory: str | Path, git: bool | None = None) -> InitResult:
         raise PipelineError(f"{target} is a file: give a new or empty folder for the project")
     if target.is_dir() and any(target.iterdir()):
         shown = sorted(p.name for p in target.iterdir())
-        raise PipelineError(f"{target} is not empty ({', '.join(shown[:5])}{', ...' if len(shown) > 5 else ''}): "
-                            "init writes a new project and overwrites nothing; give a new or empty folder")
+        raise PipelineError(
+            f"{target} is not empty ({', '.join(shown[:5])}{', ...' if len(shown) > 5 else ''}): "
+            "init writes a new project and overwrites nothing; give a new or empty folder"
+        )
     has_git = shutil.which("git") is not None
     if git and not has_git:
         raise PipelineError("--git: git is not installed (or not on PATH); install it, or use --no-git")
@@ -257,17 +279,23 @@ def _populate(target: Path, template: Path, dvc_yaml: str, git: bool | None, has
         # repository without commits ("Empty git repo", treeverse/dvclive#522) and `dvc exp run` needs one too.
         made = _git("-C", str(target), "add", "-A")
         if made.returncode == 0:
-            made = _git("-C", str(target), "commit", "-q", "-m", f"picosam-pipeline init (picosam-pipeline {__version__})")
+            made = _git(
+                "-C", str(target), "commit", "-q", "-m", f"picosam-pipeline init (picosam-pipeline {__version__})"
+            )
         if made.returncode == 0:
             scm += " with a first commit"
         else:
             failed = f" (git commit: {(made.stderr.strip().splitlines() or ['exit ' + str(made.returncode)])[-1]})"
     if not no_scm and _git("-C", str(target), "rev-parse", "-q", "--verify", "HEAD").returncode != 0:
-        notes.append(f"the git repository has no commit yet{failed}: commit the project (git add -A && git commit -m "
-                     "init) before `dvc repro`; its train stage (dvclive) and `dvc exp run` need a commit")
+        notes.append(
+            f"the git repository has no commit yet{failed}: commit the project (git add -A && git commit -m "
+            "init) before `dvc repro`; its train stage (dvclive) and `dvc exp run` need a commit"
+        )
     if not (shutil.which("dvc") and shutil.which("picosam-pipeline")):
-        notes.append("dvc or picosam-pipeline is not on PATH: activate the environment picosam-pipeline is installed "
-                     "in (source VENV/bin/activate) before `dvc repro`, whose stages run `picosam-pipeline ...`")
+        notes.append(
+            "dvc or picosam-pipeline is not on PATH: activate the environment picosam-pipeline is installed "
+            "in (source VENV/bin/activate) before `dvc repro`, whose stages run `picosam-pipeline ...`"
+        )
     return InitResult(target, scm, notes)
 
 

@@ -31,21 +31,49 @@ AUTO = "auto"
 PAIRS = {"picosam2": "point", "picosam3": "roi"}
 
 RECIPES: dict[str, dict[str, Any]] = {
-    "picosam2": {"teacher.prompt": "point", "train.student": "picosam2", "train.temperature": 1.0,
-                 "train.area_weight": 0.0, "train.lambda_mode": "confidence_batch_mean"},
-    "picosam3": {"teacher.prompt": "roi", "train.student": "picosam3", "train.temperature": 0.2,
-                 "train.area_weight": 0.4, "train.lambda_mode": "confidence_batch_mean"},
+    "picosam2": {
+        "teacher.prompt": "point",
+        "train.student": "picosam2",
+        "train.temperature": 1.0,
+        "train.area_weight": 0.0,
+        "train.lambda_mode": "confidence_batch_mean",
+    },
+    "picosam3": {
+        "teacher.prompt": "roi",
+        "train.student": "picosam3",
+        "train.temperature": 0.2,
+        "train.area_weight": 0.4,
+        "train.lambda_mode": "confidence_batch_mean",
+    },
 }
 
 FULL_RUN: dict[str, dict[str, Any]] = {
-    "picosam2": {"train.steps": "epoch", "train.batch_size": 8, "train.warmup_steps": 1000, "train.grad_clip": 0.0,
-                 "train.eval_every": 8000, "train.checkpoint_every": 1000},
-    "picosam3": {"train.steps": "epoch", "train.batch_size": 64, "train.warmup_steps": 1000, "train.grad_clip": 0.0,
-                 "train.eval_every": 1000, "train.checkpoint_every": 1000},
+    "picosam2": {
+        "train.steps": "epoch",
+        "train.batch_size": 8,
+        "train.warmup_steps": 1000,
+        "train.grad_clip": 0.0,
+        "train.eval_every": 8000,
+        "train.checkpoint_every": 1000,
+    },
+    "picosam3": {
+        "train.steps": "epoch",
+        "train.batch_size": 64,
+        "train.warmup_steps": 1000,
+        "train.grad_clip": 0.0,
+        "train.eval_every": 1000,
+        "train.checkpoint_every": 1000,
+    },
 }
 
-SAMPLE_RUN: dict[str, Any] = {"train.steps": 300, "train.batch_size": 8, "train.warmup_steps": 30, "train.grad_clip": 1.0,
-                              "train.eval_every": 100, "train.checkpoint_every": 100}
+SAMPLE_RUN: dict[str, Any] = {
+    "train.steps": 300,
+    "train.batch_size": 8,
+    "train.warmup_steps": 30,
+    "train.grad_clip": 1.0,
+    "train.eval_every": 100,
+    "train.checkpoint_every": 100,
+}
 
 # Every key a recipe may fill: params.yaml writes them as `auto` (so DVC tracks them and an override shows).
 RECIPE_KEYS = tuple(dict.fromkeys([*RECIPES["picosam3"], *FULL_RUN["picosam3"], *SAMPLE_RUN]))
@@ -95,8 +123,10 @@ def apply_recipe(raw: dict[str, Any]) -> dict[str, str]:
             node[key] = values[dotted]
             sources[dotted] = f"recipe {name}"
         elif key in node:
-            raise RecipeError(f"{dotted}: auto takes its value from the recipe, but recipe.name is custom; give "
-                              f"{dotted} a value or choose recipe.name picosam2 / picosam3")
+            raise RecipeError(
+                f"{dotted}: auto takes its value from the recipe, but recipe.name is custom; give "
+                f"{dotted} a value or choose recipe.name picosam2 / picosam3"
+            )
     teachers = raw.get("teachers")
     if isinstance(teachers, dict):
         for entry in teachers.values():
@@ -121,6 +151,7 @@ def check_pairing(recipe: str, student: str, prompts: dict[str, str], sources: d
             where = lambda k: sources.get(k, "params")  # noqa: E731
             raise RecipeError(
                 f"train.student={student} ({where('train.student')}) and {key}={prompt} ({where(key)}) do not go "
-                f"together under recipe.name={recipe}: the {student} student is trained on {want} crops (picosam2: point, "
-                f"picosam3: roi). Set recipe.name to the paper you want and leave both keys at auto, or set "
-                "recipe.name=custom to train any student on any crops")
+                f"together under recipe.name={recipe}: the {student} student is trained on {want} crops "
+                f"(picosam2: point, picosam3: roi). Set recipe.name to the paper you want and leave both keys at "
+                "auto, or set recipe.name=custom to train any student on any crops"
+            )

@@ -30,10 +30,10 @@ def write_metrics(cfg: Config, stage: str, metrics: dict[str, Any], run: dict[st
     """Write ``metrics/<stage>.json`` (what ``dvc metrics show`` reads) and log this run's facts.
 
     ``metrics`` are the stage's headline numbers (at most ~12, flat where possible: every nested key is a column of
-    ``dvc exp show``); details go to :func:`write_report`. They hold only figures that the stage's inputs and params determine, so a rerun that changes nothing
-    leaves the file byte-identical and ``dvc status`` clean. ``run`` holds what belongs to this run alone
-    (seconds, rates, what was computed this time, the device): it is appended with a timestamp as one JSON line
-    to ``metrics/runs/<stage>.jsonl`` (:func:`last_run` reads it back).
+    ``dvc exp show``); details go to :func:`write_report`. They hold only figures that the stage's inputs and params
+    determine, so a rerun that changes nothing leaves the file byte-identical and ``dvc status`` clean. ``run`` holds
+    what belongs to this run alone (seconds, rates, what was computed this time, the device): it is appended with a
+    timestamp as one JSON line to ``metrics/runs/<stage>.jsonl`` (:func:`last_run` reads it back).
     """
     out = Path(cfg.runtime.metrics_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -49,8 +49,14 @@ LOCK_INPUT = "requirements/lock.in"
 # and CI installs each of these from them with the public registry only (`make check-install`). Markers of declared
 # requirements are evaluated against each; a requirement that applies to any of them must be in the lock.
 SUPPORTED_PYTHONS = ("3.11", "3.12", "3.13")
-LOCK_ENV = {"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
-            "implementation_name": "cpython", "platform_python_implementation": "CPython"}
+LOCK_ENV = {
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "platform_machine": "x86_64",
+    "os_name": "posix",
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+}
 # The line scripts/lock.sh writes into each lock's header; a lock resolved for one Python lacks it.
 UNIVERSAL_HEADER = re.compile(r"universal: Python >= (?P<min>3\.\d+)")
 PYPROJECT_VIA = "picosam-pipeline (pyproject.toml)"
@@ -68,6 +74,7 @@ def variant_input(variant: str) -> str:
 class Entry:
     """One pinned package of a lock: ``name==version [; marker]`` with its allowed sha256 hashes and the
     packages or files that asked for it (uv's ``# via`` annotation)."""
+
     name: str
     version: str
     marker: str = ""
@@ -108,7 +115,7 @@ def parse_lock(path: Path) -> dict[str, list[Entry]]:
         if line.startswith("--hash=sha256:"):
             current.hashes.append(line.split(":", 1)[1].rstrip("\\").strip())
         elif line.startswith("# via"):
-            rest = line[len("# via"):].strip()
+            rest = line[len("# via") :].strip()
             in_via = not rest
             if rest:
                 current.via.append(rest)
@@ -123,6 +130,7 @@ def parse_lock(path: Path) -> dict[str, list[Entry]]:
 class Declared:
     """A requirement written in one of the lock's inputs: ``kind`` is "require" (must be in the lock) or
     "constrain" (limits the version if the package is in the lock)."""
+
     req: Requirement
     source: str
     kind: str
@@ -158,7 +166,9 @@ def declared(root: Path, variant: str) -> list[Declared]:
     for extra, specs in sorted(project.get("optional-dependencies", {}).items()):
         for spec in specs:
             out.append(Declared(Requirement(spec), f"pyproject.toml [{extra}]", "require"))
-    return [d for d in out if d.req.marker is None or any(d.req.marker.evaluate(marker_env(v)) for v in SUPPORTED_PYTHONS)]
+    return [
+        d for d in out if d.req.marker is None or any(d.req.marker.evaluate(marker_env(v)) for v in SUPPORTED_PYTHONS)
+    ]
 
 
 def marker_env(python: str) -> dict[str, str]:
@@ -201,8 +211,10 @@ def check(root: Path = REPO) -> list[str]:
                 if source not in asked and not (root / source).exists():
                     problems.append(f"{lock_path(variant)} has {entry.name} from {source}, which no longer exists")
                 elif entry.name not in asked.get(source, set()):
-                    problems.append(f"{lock_path(variant)} has {entry.name}=={entry.version} as asked for by "
-                                    f"{source}, which no longer asks for it")
+                    problems.append(
+                        f"{lock_path(variant)} has {entry.name}=={entry.version} as asked for by "
+                        f"{source}, which no longer asks for it"
+                    )
             if not entry.hashes:
                 problems.append(f"{lock_path(variant)}: {entry.name}=={entry.version} has no hash")
     if len(locks) == len(VARIANTS):
@@ -224,7 +236,9 @@ def _check_declared(d: Declared, pins: list[Entry], name: str) -> list[str]:
             continue
         for entry in applying:
             if not d.req.specifier.contains(Version(entry.version), prereleases=True):
-                problems.append(f"{name} pins {entry.name}=={entry.version}, which {d.source} no longer allows ({d.req})")
+                problems.append(
+                    f"{name} pins {entry.name}=={entry.version}, which {d.source} no longer allows ({d.req})"
+                )
     return sorted(set(problems))
 
 
@@ -236,8 +250,10 @@ def _check_forks(lock: dict[str, list[Entry]], name: str) -> list[str]:
         for python in SUPPORTED_PYTHONS:
             applying = [e for e in pins if e.applies(python)]
             if len(applying) > 1:
-                problems.append(f"{name} pins {pins[0].name} twice for Python {python}: "
-                                + " and ".join(f"{e.version} ; {e.marker or 'always'}" for e in applying))
+                problems.append(
+                    f"{name} pins {pins[0].name} twice for Python {python}: "
+                    + " and ".join(f"{e.version} ; {e.marker or 'always'}" for e in applying)
+                )
     return problems
 
 
@@ -246,8 +262,10 @@ def _check_header(path: Path, name: str) -> list[str]:
     header = "".join(line for line in path.read_text().splitlines()[:5] if line.startswith("#"))
     m = UNIVERSAL_HEADER.search(header)
     if m is None:
-        return [f"{name} was not resolved for every supported Python ({', '.join(SUPPORTED_PYTHONS)}): its header lacks "
-                "'universal: Python >= ...' (a lock made for one Python, e.g. with --python-platform)"]
+        return [
+            f"{name} was not resolved for every supported Python ({', '.join(SUPPORTED_PYTHONS)}): its header lacks "
+            "'universal: Python >= ...' (a lock made for one Python, e.g. with --python-platform)"
+        ]
     if Version(m.group("min")) > Version(SUPPORTED_PYTHONS[0]):
         return [f"{name} covers Python >= {m.group('min')}, but {SUPPORTED_PYTHONS[0]} is supported"]
     return []
@@ -261,18 +279,23 @@ def _compare_variants(cpu: dict[str, list[Entry]], cuda: dict[str, list[Entry]])
         if name == "torch":
             if {Version(e.version).public for e in a} != {Version(e.version).public for e in b}:
                 problems.append(f"torch differs beyond its build: {_versions(a)} (cpu) vs {_versions(b)} (cuda)")
-        elif sorted((e.version, e.marker, sorted(e.hashes)) for e in a) != \
-                sorted((e.version, e.marker, sorted(e.hashes)) for e in b):
-            problems.append(f"{name} differs between the cpu and cuda locks ({_versions(a)} vs {_versions(b)}): "
-                            "regenerate both with make lock")
+        elif sorted((e.version, e.marker, sorted(e.hashes)) for e in a) != sorted(
+            (e.version, e.marker, sorted(e.hashes)) for e in b
+        ):
+            problems.append(
+                f"{name} differs between the cpu and cuda locks ({_versions(a)} vs {_versions(b)}): "
+                "regenerate both with make lock"
+            )
     for variant, lock, other in (("cpu", cpu, cuda), ("cuda", cuda, cpu)):
         only = lock.keys() - other.keys()
         for name in sorted(only):
             via = [v for e in lock[name] for v in e.via]
             vias = {canonicalize_name(v.split()[0]) for v in via if not v.startswith("-")}
             if not vias or not vias <= (only | {"torch"}):
-                problems.append(f"{name} is only in the {variant} lock but is not pulled in by that torch build alone "
-                                f"(via {', '.join(via)})")
+                problems.append(
+                    f"{name} is only in the {variant} lock but is not pulled in by that torch build alone "
+                    f"(via {', '.join(via)})"
+                )
     return problems
 
 
@@ -310,37 +333,55 @@ def explain(log_text: str, lock: str, log_name: str) -> str:
         elif "Hashes are required in --require-hashes mode" in line:
             section = "unhashed"
         elif section == "mismatch" and (m := _MISMATCH.match(line)):
-            refused.append({"req": m.group("req"), "ver": m.group("ver") or "?",
-                            "file": unquote(m.group("url").rsplit("/", 1)[-1].split("#", 1)[0])})
+            refused.append(
+                {
+                    "req": m.group("req"),
+                    "ver": m.group("ver") or "?",
+                    "file": unquote(m.group("url").rsplit("/", 1)[-1].split("#", 1)[0]),
+                }
+            )
         elif section == "mismatch" and refused and (m := _EXPECTED.match(line)):
             refused[-1].setdefault("expected", []).append(m.group("h"))
         elif section == "mismatch" and refused and (m := _GOT.match(line)):
             refused[-1]["got"] = m.group("h")
         elif section == "unhashed" and (m := _UNHASHED.match(line)):
             unhashed.append(f"{m.group('req')} {m.group('ver')}")
-    what = "regenerate the lock with `make lock`, review the diff of requirements/lock-*.txt (which files changed, " \
-           "who publishes them) and commit it; otherwise do not install"
+    what = (
+        "regenerate the lock with `make lock`, review the diff of requirements/lock-*.txt (which files changed, "
+        "who publishes them) and commit it; otherwise do not install"
+    )
     if refused:
-        named = "; ".join(f"{r['req']} {r['ver']} (file {r['file']} has sha256 {r.get('got', '?')}, which is not among "
-                          f"the {len(r.get('expected', []))} the lock lists)" for r in refused)
-        return (f"install.sh: pip refused {len(refused)} file(s) whose sha256 is not in {lock}: {named}. The file pip "
-                f"found (on an index, a mirror, a cache or a local folder) is not the one the lock was reviewed with, so "
-                f"nothing from this step was installed. If the change is expected (a re-upload, a new pin), {what}. "
-                f"Full pip output: {log_name}")
+        named = "; ".join(
+            f"{r['req']} {r['ver']} (file {r['file']} has sha256 {r.get('got', '?')}, which is not among "
+            f"the {len(r.get('expected', []))} the lock lists)"
+            for r in refused
+        )
+        return (
+            f"install.sh: pip refused {len(refused)} file(s) whose sha256 is not in {lock}: {named}. The file pip "
+            f"found (on an index, a mirror, a cache or a local folder) is not the one the lock was reviewed with, so "
+            f"nothing from this step was installed. If the change is expected (a re-upload, a new pin), {what}. "
+            f"Full pip output: {log_name}"
+        )
     if unhashed:
-        return (f"install.sh: pip wanted {len(unhashed)} package(s) that {lock} does not list: {', '.join(unhashed)}. "
-                f"A requirement changed without relocking, or a package gained a dependency: {what}. "
-                f"Full pip output: {log_name}")
+        return (
+            f"install.sh: pip wanted {len(unhashed)} package(s) that {lock} does not list: {', '.join(unhashed)}. "
+            f"A requirement changed without relocking, or a package gained a dependency: {what}. "
+            f"Full pip output: {log_name}"
+        )
     for line in lines:
-        if (m := _NO_MATCH.search(line)):
+        if m := _NO_MATCH.search(line):
             hint = ""
             if m.group("req").startswith("torch==") and "+cpu" in m.group("req"):
-                hint = (" That is PyTorch's CPU build, which the public registry does not serve, and no locked file of it "
-                        "is reachable for this Python: run `make env` without TORCH=cpu (it then installs the registry's "
-                        "torch, which runs on a CPU too), or put the CPU wheel in a folder on pip's find-links and "
-                        "lock its hash (`make lock TORCH_CPU_FIND_LINKS=DIR`, see scripts/lock.sh).")
-            return (f"install.sh: no file of {m.group('req')} (pinned in {lock}) was found on the package indexes.{hint} "
-                    f"Full pip output: {log_name}")
+                hint = (
+                    " That is PyTorch's CPU build, which the public registry does not serve, and no locked file of it "
+                    "is reachable for this Python: run `make env` without TORCH=cpu (it then installs the registry's "
+                    "torch, which runs on a CPU too), or put the CPU wheel in a folder on pip's find-links and "
+                    "lock its hash (`make lock TORCH_CPU_FIND_LINKS=DIR`, see scripts/lock.sh)."
+                )
+            return (
+                f"install.sh: no file of {m.group('req')} (pinned in {lock}) was found on the package indexes.{hint} "
+                f"Full pip output: {log_name}"
+            )
     tail = "\n".join(lines[-15:])
     return f"install.sh: pip failed installing from {lock}; the end of its output:\n{tail}\nFull pip output: {log_name}"
 
@@ -362,8 +403,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "check":
         problems = check(args.root)
         if problems:
-            print(f"The lock no longer matches its inputs ({len(problems)} difference(s)); run `make lock`, review the "
-                  "diff of requirements/lock-*.txt, and commit it:\n  - " + "\n  - ".join(problems), file=sys.stderr)
+            print(
+                f"The lock no longer matches its inputs ({len(problems)} difference(s)); run `make lock`, review the "
+                "diff of requirements/lock-*.txt, and commit it:\n  - " + "\n  - ".join(problems),
+                file=sys.stderr,
+            )
             return 1
         print("lock in step with requirements/ and pyproject.toml")
         return 0

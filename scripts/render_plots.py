@@ -25,11 +25,15 @@ import tempfile
 from pathlib import Path
 
 # The versions `dvc plots show` loads from its CDN (dvc_render/vega.py).
-VEGA_PACKAGES = {"vega": ("5.20.2", "build/vega.min.js"), "vega-lite": ("5.2.0", "build/vega-lite.min.js"),
-                 "vega-embed": ("6.18.2", "build/vega-embed.min.js")}
+VEGA_PACKAGES = {
+    "vega": ("5.20.2", "build/vega.min.js"),
+    "vega-lite": ("5.2.0", "build/vega-lite.min.js"),
+    "vega-embed": ("6.18.2", "build/vega-embed.min.js"),
+}
 CACHE = Path.home() / ".cache" / "picosam-pipeline" / "vega"
 
-TEMPLATE = """<!DOCTYPE html>
+TEMPLATE = (
+    """<!DOCTYPE html>
 <html>
 <head>
   <meta charset="utf-8">
@@ -40,8 +44,10 @@ TEMPLATE = """<!DOCTYPE html>
   <script>
     // SVG instead of canvas, so that the drawn marks are in the DOM and can be counted.
     const embedWith = vegaEmbed;
-    window.vegaEmbed = (el, spec, opts) => embedWith(el, spec, Object.assign({{renderer: "svg", actions: false}}, opts || {{}}));
-  </script>
+"""
+    '    window.vegaEmbed = (el, spec, opts) => embedWith(el, spec, Object.assign({{renderer: "svg", actions: false}}, '
+    "opts || {{}}));\n"
+    """  </script>
   <style>body {{ font-family: sans-serif; }} div {{ margin: 6px; }}</style>
 </head>
 <body>
@@ -49,6 +55,7 @@ TEMPLATE = """<!DOCTYPE html>
 </body>
 </html>
 """
+)
 
 
 class Unavailable(Exception):
@@ -76,7 +83,9 @@ def vega_scripts(js_dir: Path | None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         specs = [f"{name}@{version}" for name, (version, _) in VEGA_PACKAGES.items()]
-        done = subprocess.run([npm, "pack", *specs, "--pack-destination", tmp], capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [npm, "pack", *specs, "--pack-destination", tmp], capture_output=True, text=True, timeout=300
+        )
         if done.returncode != 0:
             raise Unavailable(f"`npm pack {' '.join(specs)}` failed: {done.stderr.strip()[-300:]}")
         for name, (version, member) in VEGA_PACKAGES.items():
@@ -91,16 +100,28 @@ def render(repo: Path, out: Path, js_dir: Path) -> Path:
     template = out / "template.html"
     template.write_text(TEMPLATE.format(js=js_dir.resolve().as_uri()))
     dvc = shutil.which("dvc", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    done = subprocess.run([dvc, "plots", "show", "-o", str(out / "page"), "--html-template", str(template)],
-                          cwd=repo, capture_output=True, text=True)
+    done = subprocess.run(
+        [dvc, "plots", "show", "-o", str(out / "page"), "--html-template", str(template)],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         raise SystemExit(f"dvc plots show failed:\n{done.stdout}\n{done.stderr}")
     return out / "page" / "index.html"
 
 
 def browse(page: Path, *args: str) -> str:
-    command = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-               "--virtual-time-budget=20000", *args, page.as_uri()]
+    command = [
+        chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--virtual-time-budget=20000",
+        *args,
+        page.as_uri(),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=180)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
@@ -133,8 +154,12 @@ def check(repo: Path, out: Path, js_dir: Path | None, width: int = 1500, height:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repo", type=Path, default=Path("."), help="the DVC project (default: here)")
-    parser.add_argument("--out", type=Path, default=Path("data/plots_render"), help="where the page, DOM and screenshot go")
-    parser.add_argument("--js-dir", type=Path, default=None, help="folder with vega.min.js, vega-lite.min.js, vega-embed.min.js")
+    parser.add_argument(
+        "--out", type=Path, default=Path("data/plots_render"), help="where the page, DOM and screenshot go"
+    )
+    parser.add_argument(
+        "--js-dir", type=Path, default=None, help="folder with vega.min.js, vega-lite.min.js, vega-embed.min.js"
+    )
     parser.add_argument("--expect", nargs="*", default=[], help="plot ids that must be on the page")
     args = parser.parse_args()
     try:

@@ -6,7 +6,8 @@ files against it.
 Why: the registry's `sam2` 1.1.0 is not published by Meta. Its files were found equal to facebookresearch/sam2 at
 commit 2b90b9f; the lock pins the sdist's hash, and this check ties that sdist's installed files to Meta's tree.
 
-  build  --git-dir G --commit C --repository OWNER/NAME --distribution NAME==VERSION --complete TOP [--top TOP ...] -o FILE
+  build  --git-dir G --commit C --repository OWNER/NAME --distribution NAME==VERSION
+         --complete TOP [--top TOP ...] -o FILE
          write the manifest from a git directory (a mirror is enough: `git ls-tree` and `git show`, no work tree)
   check  FILE [--root DIR]
          compare the installed distribution (or the package folders under DIR) with FILE; exit 1 naming every
@@ -67,8 +68,9 @@ def _git(git_dir: str, *args: str) -> bytes:
     return subprocess.run(["git", f"--git-dir={git_dir}", *args], check=True, capture_output=True).stdout
 
 
-def build(git_dir: str, commit: str, repository: str, distribution: str, complete: list[str],
-          others: list[str]) -> Manifest:
+def build(
+    git_dir: str, commit: str, repository: str, distribution: str, complete: list[str], others: list[str]
+) -> Manifest:
     """The manifest of the tree at ``commit`` under the ``complete`` and ``others`` top-level folders."""
     full = _git(git_dir, "rev-parse", "--verify", f"{commit}^{{commit}}").decode().strip()
     tops = complete + others
@@ -169,12 +171,15 @@ def installed_files(manifest: Manifest, root: Path | None = None) -> tuple[Path,
     found: set[str] = set()
     if root is None:
         from importlib import metadata
+
         try:
             dist = metadata.distribution(manifest.dist_name)
         except metadata.PackageNotFoundError:
-            raise SystemExit(f"upstream_manifest.py: {manifest.dist_name} is not installed in {sys.prefix}")
+            raise SystemExit(f"upstream_manifest.py: {manifest.dist_name} is not installed in {sys.prefix}") from None
         if dist.version != manifest.dist_version:
-            notes.append(f"installed {manifest.dist_name} is {dist.version}, the manifest is for {manifest.dist_version}")
+            notes.append(
+                f"installed {manifest.dist_name} is {dist.version}, the manifest is for {manifest.dist_version}"
+            )
         root = Path(dist.locate_file(""))
         for f in dist.files or []:
             rel = PurePosixPath(f).as_posix()
@@ -234,14 +239,20 @@ def main(argv: list[str] | None = None) -> int:
     problems, absent_ok = check(manifest, args.root)
     where = f"{manifest.repository} at {manifest.commit[:12]}"
     if problems:
-        print(f"{manifest.dist_name} does not match {where} ({args.manifest}): {len(problems)} difference(s):\n  - "
-              + "\n  - ".join(problems) + f"\nDo not use this install: reinstall {manifest.distribution} from the lock "
-              "(make env), or, if upstream moved on deliberately, rebuild the manifest from the new commit after "
-              "review (see the README's install notes).", file=sys.stderr)
+        print(
+            f"{manifest.dist_name} does not match {where} ({args.manifest}): {len(problems)} difference(s):\n  - "
+            + "\n  - ".join(problems)
+            + f"\nDo not use this install: reinstall {manifest.distribution} from the lock "
+            "(make env), or, if upstream moved on deliberately, rebuild the manifest from the new commit after "
+            "review (see the README's install notes).",
+            file=sys.stderr,
+        )
         return 1
     shipped = sum(1 for f in manifest.files.values() if f.shipped)
-    print(f"{manifest.dist_name} matches {where}: {shipped} files equal"
-          + (f"; not shipped by the package, as expected: {', '.join(absent_ok)}" if absent_ok else ""))
+    print(
+        f"{manifest.dist_name} matches {where}: {shipped} files equal"
+        + (f"; not shipped by the package, as expected: {', '.join(absent_ok)}" if absent_ok else "")
+    )
     return 0
 
 

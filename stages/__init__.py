@@ -9,8 +9,8 @@ reads and writes (what ``picosam-pipeline stages`` prints).
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from picosam_pipeline.errors import require_extra
 
@@ -46,7 +46,8 @@ STAGES: dict[str, StageSpec] = {
             "picosam_pipeline.stages.prepare",
             ("prepare",),
             reads="COCO / LVIS instances JSON + image folders (prepare.splits)",
-            writes="data/prepared/index.parquet (one row per instance), bad_inputs.jsonl, report.json, metrics/prepare.json",
+            writes="data/prepared/index.parquet (one row per instance), bad_inputs.jsonl, report.json, "
+            "metrics/prepare.json",
         ),
         StageSpec(
             "teacher-logits",
@@ -54,14 +55,15 @@ STAGES: dict[str, StageSpec] = {
             ("teacher", "recipe", "runtime"),
             reads="data/prepared/index.parquet + the images it names; the teacher checkpoint (teacher.checkpoint)",
             writes="data/teacher/stores/NAME.zarr per teacher pass (soft logits per instance, Zarr v3 shards), "
-                   "metrics/teacher-logits@NAME.json; run one pass as teacher-logits@NAME",
+            "metrics/teacher-logits@NAME.json; run one pass as teacher-logits@NAME",
         ),
         StageSpec(
             "pack",
             "picosam_pipeline.stages.pack",
             ("pack", "recipe", "teacher"),
             reads="data/prepared/index.parquet + the images + data/teacher/stores/NAME.zarr of each pack.teachers",
-            writes="data/shards/<split>/: WebDataset shards (crop JPEG, mask + logits PNG, JSON) + shards.json, report.json, metrics/pack.json",
+            writes="data/shards/<split>/: WebDataset shards (crop JPEG, mask + logits PNG, JSON) + shards.json, "
+            "report.json, metrics/pack.json",
         ),
         StageSpec(
             "train",
@@ -69,21 +71,25 @@ STAGES: dict[str, StageSpec] = {
             ("train", "recipe", "runtime"),
             reads="data/shards/train + data/shards/val",
             writes="data/train/student.pt (last) + student_best.pt (best val IoU) (+ data/train.state/checkpoint.pt, "
-                   "resumable) and report.json, metrics/train.json, dvclive log metrics/train/ (step plots, live summary)",
+            "resumable) and report.json, metrics/train.json, dvclive log metrics/train/ (step plots, live summary)",
         ),
         StageSpec(
             "evaluate",
             "picosam_pipeline.stages.evaluate",
             ("evaluate", "runtime"),
-            reads="data/shards/val + data/train/student_best.pt + data/prepared/index.parquet (optional: int8 ONNX, LVIS JSON + images)",
-            writes="data/evaluate/ (report.json, per_sample.csv, plots/, grid.png; predictions.json + .crop.json when asked), metrics/evaluate.json",
+            reads="data/shards/val + data/train/student_best.pt + data/prepared/index.parquet (optional: int8 ONNX, "
+            "LVIS JSON + images)",
+            writes="data/evaluate/ (report.json, per_sample.csv, plots/, grid.png; predictions.json + .crop.json when "
+            "asked), metrics/evaluate.json",
         ),
         StageSpec(
             "quantize",
             "picosam_pipeline.stages.quantize",
             ("quantize", "runtime"),
-            reads="data/train/student_best.pt + data/shards/train (representative crops) + data/shards/val + data/prepared/index.parquet",
-            writes="data/quantize/ (MCT's MCTQ + fake-quant ONNX, probe.npz, report.json, plots/), metrics/quantize.json (float vs INT8)",
+            reads="data/train/student_best.pt + data/shards/train (representative crops) + data/shards/val + "
+            "data/prepared/index.parquet",
+            writes="data/quantize/ (MCT's MCTQ + fake-quant ONNX, probe.npz, report.json, plots/), "
+            "metrics/quantize.json (float vs INT8)",
             extra="imx500",
         ),
         StageSpec(
@@ -91,16 +97,18 @@ STAGES: dict[str, StageSpec] = {
             "picosam_pipeline.stages.export",
             ("export",),
             reads="data/quantize/",
-            writes="data/export/ (picosam_int8.onnx for the converter, picosam_int8_fakequant.onnx, picosam_int8.json, report.json), metrics/export.json",
+            writes="data/export/ (picosam_int8.onnx for the converter, picosam_int8_fakequant.onnx, picosam_int8.json, "
+            "report.json), metrics/export.json",
             extra="imx500",
         ),
         StageSpec(
             "evaluate-int8",
             "picosam_pipeline.stages.evaluate_int8",
             ("evaluate", "runtime"),
-            reads="data/shards/val + data/train/student_best.pt + data/export/picosam_int8_fakequant.onnx + data/prepared/index.parquet",
-            writes="data/evaluate-int8/ (float, teacher and INT8 side by side: report.json, per_sample.csv, plots/, grid.png "
-                   "with the INT8 column), metrics/evaluate-int8.json",
+            reads="data/shards/val + data/train/student_best.pt + data/export/picosam_int8_fakequant.onnx + "
+            "data/prepared/index.parquet",
+            writes="data/evaluate-int8/ (float, teacher and INT8 side by side: report.json, per_sample.csv, plots/, "
+            "grid.png with the INT8 column), metrics/evaluate-int8.json",
             extra="imx500",
         ),
         StageSpec(
@@ -108,7 +116,8 @@ STAGES: dict[str, StageSpec] = {
             "picosam_pipeline.stages.package",
             ("package",),
             reads="data/export/picosam_int8.onnx + picosam_int8.json (needs Java 17 for imxconv-pt)",
-            writes="data/package/ (packerOut.zip, memory report, dnnParams.xml, deploy/ for the Raspberry Pi, report.json), metrics/package.json",
+            writes="data/package/ (packerOut.zip, memory report, dnnParams.xml, deploy/ for the Raspberry Pi, "
+            "report.json), metrics/package.json",
             extra="imx500",
         ),
     ]

@@ -35,8 +35,10 @@ from typing import Any
 from picosam_pipeline.config import Config, require_inputs
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
-from picosam_pipeline.outputs import save_resolved
-from picosam_pipeline.reports import write_metrics
+from picosam_pipeline.evaluate.plots import write_plots
+from picosam_pipeline.evaluate.predict import load_crop_model
+from picosam_pipeline.evaluate.predictions import crop_predictions_path, write_predictions
+from picosam_pipeline.evaluate.report import GridPool, draw_grid
 from picosam_pipeline.evaluate.score_table import (
     InstanceGT,
     category_report,
@@ -44,11 +46,8 @@ from picosam_pipeline.evaluate.score_table import (
     evaluation_report,
     format_report,
 )
-from picosam_pipeline.evaluate.plots import write_plots
-from picosam_pipeline.evaluate.predict import load_crop_model
-from picosam_pipeline.evaluate.predictions import crop_predictions_path, write_predictions
-from picosam_pipeline.evaluate.report import GridPool, draw_grid
-from picosam_pipeline.outputs import StageOutput, output_folder, writes_output
+from picosam_pipeline.outputs import StageOutput, output_folder, save_resolved, writes_output
+from picosam_pipeline.reports import write_metrics
 
 NAMES = ("report.json", "per_sample.csv", "plots/", "grid.png")  # besides its marker and evaluate.write_predictions
 
@@ -58,14 +57,29 @@ def output(cfg: Config, stage: str = "evaluate", key: str = "evaluate.out_dir") 
     e = cfg.evaluate
     names = list(NAMES)
     if e.write_predictions and _inside(e.write_predictions, e.out_dir):  # the image-frame file and the crop-frame one
-        names += [Path(p).relative_to(e.out_dir).parts[0]
-                  for p in (e.write_predictions, crop_predictions_path(e.write_predictions))]
-    inputs = {"evaluate.shards": e.shards, "evaluate.checkpoint": e.checkpoint, "evaluate.index": e.index,
-              "evaluate.int8_model": e.int8_model}
+        names += [
+            Path(p).relative_to(e.out_dir).parts[0]
+            for p in (e.write_predictions, crop_predictions_path(e.write_predictions))
+        ]
+    inputs = {
+        "evaluate.shards": e.shards,
+        "evaluate.checkpoint": e.checkpoint,
+        "evaluate.index": e.index,
+        "evaluate.int8_model": e.int8_model,
+    }
     if e.lvis is not None:
         inputs.update({"evaluate.lvis.annotations": e.lvis.annotations, "evaluate.lvis.images": e.lvis.images})
-    return StageOutput(cfg, stage, key, e.out_dir, sections=["evaluate"], names=names,
-                       what="evaluation report", inputs=inputs, writes={"runtime.metrics_dir": cfg.runtime.metrics_dir})
+    return StageOutput(
+        cfg,
+        stage,
+        key,
+        e.out_dir,
+        sections=["evaluate"],
+        names=names,
+        what="evaluation report",
+        inputs=inputs,
+        writes={"runtime.metrics_dir": cfg.runtime.metrics_dir},
+    )
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -103,25 +117,41 @@ def evaluate(cfg: Config, runtime: Runtime, *, stage: str = "evaluate") -> dict[
     size = models["student"].input_size
     shard_index = read_shard_index(e.shards)
     if shard_index.frame.crop_size != size:
-        raise PipelineError(f"evaluate.shards: {e.shards} holds {shard_index.frame.crop_size}-px crops but the student "
-                            f"{e.checkpoint} takes {size}-px input; evaluate the shards packed for this student")
+        raise PipelineError(
+            f"evaluate.shards: {e.shards} holds {shard_index.frame.crop_size}-px crops but the student "
+            f"{e.checkpoint} takes {size}-px input; evaluate the shards packed for this student"
+        )
     check_model_crops(models, shard_index, {"student": "evaluate.checkpoint", "student_int8": "evaluate.int8_model"})
     gt = InstanceGT.from_index(e.index, e.split)
     # Loader workers decode the next batches while this process runs the models and scores; their number is fixed
     # (not the core count) because it sets the batch order, and with it the per-sample CSV, grid and predictions.
-    batches = make_loader(e.shards, batch_size=e.batch_size, shuffle_buffer=0, num_workers=evaluate_loader_workers(),
-                          seed=runtime.seed, input_size=size)
+    batches = make_loader(
+        e.shards,
+        batch_size=e.batch_size,
+        shuffle_buffer=0,
+        num_workers=evaluate_loader_workers(),
+        seed=runtime.seed,
+        input_size=size,
+    )
     pool = GridPool(e.grid_samples) if e.grid_samples else None
     predictions = [] if e.write_predictions else None
-    table, timing = evaluate_batches(batches, models, gt, on_sample=pool.offer if pool else None,
-                                     predictions=predictions, total=shard_index.samples, teachers=batches.teachers)
+    table, timing = evaluate_batches(
+        batches,
+        models,
+        gt,
+        on_sample=pool.offer if pool else None,
+        predictions=predictions,
+        total=shard_index.samples,
+        teachers=batches.teachers,
+    )
     if len(table) == 0:
         raise PipelineError(f"evaluate.shards: {e.shards} yielded no sample; repack the {e.split!r} split")
     protocol = gt.protocol_of(table["ann_id"], table.crop_boxes)
 
     report = evaluation_report(table)
-    report.update(split=e.split, checkpoint=e.checkpoint, int8_model=e.int8_model, protocol=protocol,
-                  crop=shard_index.crop)
+    report.update(
+        split=e.split, checkpoint=e.checkpoint, int8_model=e.int8_model, protocol=protocol, crop=shard_index.crop
+    )
     by_category = {m: category_report(table, m) for m in table.models}
     lvis = _lvis(cfg, models["student"], protocol, read_metadata(e.index).get("prepare", {})) if e.lvis else None
 
@@ -129,16 +159,23 @@ def evaluate(cfg: Config, runtime: Runtime, *, stage: str = "evaluate") -> dict[
     write_plots(out / "plots", table, report, by_category)
     if pool is not None:
         picked = [{**s, "prompt": gt.prompt(s["ann_id"], protocol)} for s in pool.pick()]  # marked on every cell
-        title = (f"{len(picked)} of {len(table)} {e.split} samples, spread over student crop IoU "
-                 f"({protocol or 'unknown'} crops; teacher = stored logits)")
-        draw_grid(picked, out / "grid.png", title=title,
-                  int8_missing_reason=None if e.int8_model else f"INT8: stage evaluate-int8 ({e.int8_out_dir}/grid.png)")
+        title = (
+            f"{len(picked)} of {len(table)} {e.split} samples, spread over student crop IoU "
+            f"({protocol or 'unknown'} crops; teacher = stored logits)"
+        )
+        draw_grid(
+            picked,
+            out / "grid.png",
+            title=title,
+            int8_missing_reason=None if e.int8_model else f"INT8: stage evaluate-int8 ({e.int8_out_dir}/grid.png)",
+        )
     if predictions is not None:
         predictions.sort(key=lambda p: (p.image_id, p.annotation_id))  # scoring order: per image, annotation order
         # inside out_dir: written into the unfinished folder with the rest; elsewhere: its own write-then-rename
         inside = _inside(e.write_predictions, e.out_dir)
-        write_predictions(predictions, out / Path(e.write_predictions).relative_to(e.out_dir) if inside
-                          else e.write_predictions)
+        write_predictions(
+            predictions, out / Path(e.write_predictions).relative_to(e.out_dir) if inside else e.write_predictions
+        )
 
     # No timing here: it changes every run, and the output must not (it goes to metrics/runs/<stage>.jsonl).
     full = {**report, "by_category": by_category}
@@ -150,9 +187,11 @@ def evaluate(cfg: Config, runtime: Runtime, *, stage: str = "evaluate") -> dict[
 
     print(format_report(report, table.models))
     if lvis is not None:
-        print(f"LVIS ({lvis['dataset']['format']} {lvis['dataset']['version']}): {lvis['scored']} of {lvis['annotations']} "
-              f"annotations scored, {lvis['annotations_without_image']} without image; student crop mIoU "
-              f"{_fmt(lvis['student']['crop_miou'])}")
+        print(
+            f"LVIS ({lvis['dataset']['format']} {lvis['dataset']['version']}): {lvis['scored']} of "
+            f"{lvis['annotations']} annotations scored, {lvis['annotations_without_image']} without image; student "
+            f"crop mIoU {_fmt(lvis['student']['crop_miou'])}"
+        )
         for warning in lvis["warnings"]:
             print(f"warning: {warning}", file=sys.stderr)
     headline = {m: round(report[m]["crop_miou"], 4) for m in table.models if report[m]["crop_miou"] is not None}
@@ -176,9 +215,10 @@ def check_model_crops(models: dict[str, Any], shard_index, keys: dict[str, str])
         differences = convention_differences(recorded, shard_index.crop) if recorded else []
         if differences:
             raise PipelineError(
-                f"{keys.get(name, name)}: {model.name} was trained on {recorded['convention']} crops, but {shard_index.path} "
-                f"holds {shard_index.crop['convention']} crops ({'; '.join(differences)}); score it on shards packed "
-                "with its recipe (recipe.name), or point the key at the model trained on these shards")
+                f"{keys.get(name, name)}: {model.name} was trained on {recorded['convention']} crops, but "
+                f"{shard_index.path} holds {shard_index.crop['convention']} crops ({'; '.join(differences)}); score it "
+                "on shards packed with its recipe (recipe.name), or point the key at the model trained on these shards"
+            )
 
 
 # Headline name -> report.json name: short, as they head `dvc exp show` columns ("crop_map", "teacher.crop_map").
@@ -210,17 +250,31 @@ def _lvis(cfg: Config, model, protocol: str | None, prepare: dict[str, Any]) -> 
 
     lv = cfg.evaluate.lvis
     if protocol is None:
-        raise PipelineError("evaluate.lvis: the val shards' crop boxes match neither the index's roi_box nor its point_box, "
-                            "so the crop convention for LVIS is unknown; rerun the stages after prepare (dvc repro)")
-    table, summary = evaluate_annotations(lv.annotations, lv.images, model, protocol, max_annotations=lv.max_annotations,
-                                          batch_size=cfg.evaluate.batch_size,
-                                          roi_padding=prepare.get("roi_padding", 0.1),
-                                          window=prepare.get("point_crop_size", 96))
+        raise PipelineError(
+            "evaluate.lvis: the val shards' crop boxes match neither the index's roi_box nor its point_box, "
+            "so the crop convention for LVIS is unknown; rerun the stages after prepare (dvc repro)"
+        )
+    table, summary = evaluate_annotations(
+        lv.annotations,
+        lv.images,
+        model,
+        protocol,
+        max_annotations=lv.max_annotations,
+        batch_size=cfg.evaluate.batch_size,
+        roi_padding=prepare.get("roi_padding", 0.1),
+        window=prepare.get("point_crop_size", 96),
+    )
     report = evaluation_report(table, models=["student"])
-    return {**summary, "protocol": protocol, "student": report["student"],
-            "by_category": category_report(table, "student")}
+    return {
+        **summary,
+        "protocol": protocol,
+        "student": report["student"],
+        "by_category": category_report(table, "student"),
+    }
 
 
 def _rounded(timing: dict[str, Any]) -> dict[str, Any]:
-    return {"seconds": round(timing["seconds"], 3),
-            "model_seconds": {m: round(s, 3) for m, s in timing["model_seconds"].items()}}
+    return {
+        "seconds": round(timing["seconds"], 3),
+        "model_seconds": {m: round(s, 3) for m, s in timing["model_seconds"].items()},
+    }

@@ -47,9 +47,18 @@ def output(cfg: Config) -> StageOutput:
     """``package.out_dir``: replaced whole, only when it holds an earlier package (outputs.py). The converter decides
     the names of its files, so everything in a folder carrying this stage's marker counts as its own."""
     p = cfg.package
-    return StageOutput(cfg, "package", "package.out_dir", p.out_dir, sections=["package"], names=("*",),
-                       what="converter output and deploy folder", inputs={"package.export_dir": p.export_dir},
-                       writes={"runtime.metrics_dir": cfg.runtime.metrics_dir}, keep_failed=True)
+    return StageOutput(
+        cfg,
+        "package",
+        "package.out_dir",
+        p.out_dir,
+        sections=["package"],
+        names=("*",),
+        what="converter output and deploy folder",
+        inputs={"package.export_dir": p.export_dir},
+        writes={"runtime.metrics_dir": cfg.runtime.metrics_dir},
+        keep_failed=True,
+    )
 
 
 @writes_output(output)
@@ -66,20 +75,29 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     check_java()  # before anything else: without Java 17 the converter fails late and obscurely
     p = cfg.package
     onnx_path, contract_path = Path(p.export_dir) / MCTQ_FILE, Path(p.export_dir) / CONTRACT_FILE
-    require_inputs({f"package.export_dir ({MCTQ_FILE})": str(onnx_path),
-                    f"package.export_dir ({CONTRACT_FILE})": str(contract_path)})
+    require_inputs(
+        {
+            f"package.export_dir ({MCTQ_FILE})": str(onnx_path),
+            f"package.export_dir ({CONTRACT_FILE})": str(contract_path),
+        }
+    )
     start = time.perf_counter()
     contract = json.loads(contract_path.read_text())
     crop = contract.get("crop")
     if not isinstance(crop, dict) or crop.get("convention") not in crops.CONVENTIONS:
-        raise PipelineError(f"package.export_dir: {contract_path} does not record the crop convention the student was "
-                            "trained on (written by an older export stage), so the demo cannot choose its ROI; rerun "
-                            "quantize and export (`dvc repro export`)")
+        raise PipelineError(
+            f"package.export_dir: {contract_path} does not record the crop convention the student was "
+            "trained on (written by an older export stage), so the demo cannot choose its ROI; rerun "
+            "quantize and export (`dvc repro export`)"
+        )
 
-    out = output_folder(p.out_dir)  # a fresh <out_dir>.partial (--overwrite-output would keep stale files), renamed at the end
+    out = output_folder(
+        p.out_dir
+    )  # a fresh <out_dir>.partial (--overwrite-output would keep stale files), renamed at the end
     log_path = Path(cfg.runtime.metrics_dir) / RUN_LOG_DIR / CONVERTER_LOG
-    conversion = convert(onnx_path, out, input_persistency=p.input_persistency, timeout_s=p.timeout_s,
-                         log_path=log_path)
+    conversion = convert(
+        onnx_path, out, input_persistency=p.input_persistency, timeout_s=p.timeout_s, log_path=log_path
+    )
     tensors = read_dnn_params(out / "dnnParams.xml")
     camera_input = tensors["inputs"][0]
     if camera_input["format"] != "unsigned" or abs(camera_input["scale"] - CAMERA_INPUT_SCALE) > 1e-12:
@@ -88,7 +106,8 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
             f"{camera_input['format']} with scale {camera_input['scale']}, but the camera feeds 8-bit RGB that the "
             f"network must read as p / 256 (unsigned, scale {CAMERA_INPUT_SCALE}); MCT chose another input range from "
             "the representative crops. Quantise with representative crops that span the full 0..1 range (more "
-            "quantize.representative_batches)")
+            "quantize.representative_batches)"
+        )
 
     report = conversion.report
     templates = Path(raspberry_pi.__file__).parent / TEMPLATES
@@ -100,16 +119,31 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     shutil.copyfile(raspberry_pi.__file__, deploy_dir / "deploy.py")  # the name the demo imports
     shutil.copyfile(crops.__file__, deploy_dir / "crops.py")
     onnx_name = project_path(onnx_path)
-    (deploy_dir / "README.md").write_text(string.Template((templates / "README.md").read_text()).substitute(
-        **convention_text(crop), student=contract["student"], onnx=onnx_name, converter_version=imx500_converter.__version__,
-        tpc_version=contract["tpc_version"], method=contract["method"], input_size=contract["input"]["shape"][-1],
-        input_summary=contract["input"]["summary"], input_bits=camera_input["bits"], input_format=camera_input["format"],
-        input_scale=camera_input["scale"], mean=contract["input"]["normalization"]["mean"],
-        std=contract["input"]["normalization"]["std"], output_summary=contract["output"]["summary"],
-        output_step=contract["output"]["quantization_step"], used_bytes=f"{report.used_bytes:,}",
-        available_bytes=f"{report.available_bytes:,}", utilization=f"{report.utilization:.0%}",
-        model_bytes=f"{report.model_bytes:,}", runtime_bytes=f"{report.runtime_bytes:,}",
-        input_persistency="on" if report.input_persistent else "off"))
+    (deploy_dir / "README.md").write_text(
+        string.Template((templates / "README.md").read_text()).substitute(
+            **convention_text(crop),
+            student=contract["student"],
+            onnx=onnx_name,
+            converter_version=imx500_converter.__version__,
+            tpc_version=contract["tpc_version"],
+            method=contract["method"],
+            input_size=contract["input"]["shape"][-1],
+            input_summary=contract["input"]["summary"],
+            input_bits=camera_input["bits"],
+            input_format=camera_input["format"],
+            input_scale=camera_input["scale"],
+            mean=contract["input"]["normalization"]["mean"],
+            std=contract["input"]["normalization"]["std"],
+            output_summary=contract["output"]["summary"],
+            output_step=contract["output"]["quantization_step"],
+            used_bytes=f"{report.used_bytes:,}",
+            available_bytes=f"{report.available_bytes:,}",
+            utilization=f"{report.utilization:.0%}",
+            model_bytes=f"{report.model_bytes:,}",
+            runtime_bytes=f"{report.runtime_bytes:,}",
+            input_persistency="on" if report.input_persistent else "off",
+        )
+    )
     save_resolved(cfg, out, ["package"])
 
     metrics = {
@@ -125,11 +159,25 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     write_report(out, metrics)
     headline = {"fits": report.fits, "utilization": report.utilization, "model_bytes": report.model_bytes}
     # the run's own facts (time, this machine's Java, where the log went): the run log, not the hashed output
-    write_metrics(cfg, "package", headline, {"converter_seconds": round(conversion.seconds, 2),
-                                            "java": conversion.java.version, "converter_log": str(log_path),
-                                            "seconds": round(time.perf_counter() - start, 2)})
-    return {"crop": crop["convention"], "fits": report.fits, "used_bytes": report.used_bytes, "available_bytes": report.available_bytes,
-            "utilization": round(report.utilization, 3), "converter_seconds": round(conversion.seconds, 1)}
+    write_metrics(
+        cfg,
+        "package",
+        headline,
+        {
+            "converter_seconds": round(conversion.seconds, 2),
+            "java": conversion.java.version,
+            "converter_log": str(log_path),
+            "seconds": round(time.perf_counter() - start, 2),
+        },
+    )
+    return {
+        "crop": crop["convention"],
+        "fits": report.fits,
+        "used_bytes": report.used_bytes,
+        "available_bytes": report.available_bytes,
+        "utilization": round(report.utilization, 3),
+        "converter_seconds": round(conversion.seconds, 1),
+    }
 
 
 def convention_text(crop: dict[str, Any]) -> dict[str, str]:
@@ -138,15 +186,24 @@ def convention_text(crop: dict[str, Any]) -> dict[str, str]:
 
     prompt, paper = CONVENTIONS[crop["convention"]]
     if prompt == "box":
-        text = (f"the box becomes the IMX500's inference ROI grown by {crop['roi_padding']:g} of its width/height per "
-                "side and squared, in sensor pixels (PicoSAM3's ROI).")
+        text = (
+            f"the box becomes the IMX500's inference ROI grown by {crop['roi_padding']:g} of its width/height per "
+            "side and squared, in sensor pixels (PicoSAM3's ROI)."
+        )
         example = "--box 480,300,320,240     # x,y,w,h of the object in preview pixels"
     else:
-        text = (f"the point becomes the IMX500's inference ROI, the {crop['window']}-sensor-pixel window around it "
-                "(left/top clamped to the sensor, right/bottom clipped: PicoSAM2's native-resolution window).")
+        text = (
+            f"the point becomes the IMX500's inference ROI, the {crop['window']}-sensor-pixel window around it "
+            "(left/top clamped to the sensor, right/bottom clipped: PicoSAM2's native-resolution window)."
+        )
         example = "--point 640,480           # x,y of a point on the object in preview pixels"
-    return {"prompt": prompt, "paper": paper, "convention": crop["convention"], "convention_text": text,
-            "example": example}
+    return {
+        "prompt": prompt,
+        "paper": paper,
+        "convention": crop["convention"],
+        "convention_text": text,
+        "example": example,
+    }
 
 
 def project_path(path: Path) -> str:

@@ -28,18 +28,24 @@ from typing import Any
 from tqdm import tqdm
 
 from picosam_pipeline.config import Config, PrepareConfig, SplitSource, require_inputs
-from picosam_pipeline.outputs import save_resolved
-from picosam_pipeline.reports import write_metrics, write_report
-from picosam_pipeline.data.coco import (AnnotationSet, CheckedAnnotation, ImageRecord, Issue, check_annotation,
-                                          load_annotations, sizes_coco)
+from picosam_pipeline.data.coco import (
+    AnnotationSet,
+    CheckedAnnotation,
+    ImageRecord,
+    Issue,
+    check_annotation,
+    load_annotations,
+    sizes_coco,
+)
 from picosam_pipeline.data.crops import point_box, point_prompt, roi_box
 from picosam_pipeline.data.images import BadImageError, load_rgb
 from picosam_pipeline.data.index import INDEX_FILE, IndexBuilder
 from picosam_pipeline.datasets import check_dataset
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
-from picosam_pipeline.outputs import StageOutput, output_folder, writes_output
+from picosam_pipeline.outputs import StageOutput, output_folder, save_resolved, writes_output
 from picosam_pipeline.parallel import default_workers, ordered_map
+from picosam_pipeline.reports import write_metrics, write_report
 
 BAD_INPUTS_FILE = "bad_inputs.jsonl"
 
@@ -69,9 +75,12 @@ class SplitCounts:
     converted: Counter = field(default_factory=Counter)  # annotations or images, by conversion kind
 
     def as_metrics(self) -> dict[str, Any]:
-        return {**{k: v for k, v in asdict(self).items() if k not in ("dropped", "converted")},
-                "dropped": sum(self.dropped.values()), "dropped_by_reason": dict(sorted(self.dropped.items())),
-                "converted_by_kind": dict(sorted(self.converted.items()))}
+        return {
+            **{k: v for k, v in asdict(self).items() if k not in ("dropped", "converted")},
+            "dropped": sum(self.dropped.values()),
+            "dropped_by_reason": dict(sorted(self.dropped.items())),
+            "converted_by_kind": dict(sorted(self.converted.items())),
+        }
 
 
 class BadInputLog:
@@ -99,8 +108,14 @@ class BadInputLog:
                 f"{where}{issue.reason} [{issue.kind}, split {split!r}]. {f'Fix: {fix}; or set' if fix else 'Or set'} "
                 f"prepare.on_bad_input=skip to drop such inputs and list them in {BAD_INPUTS_FILE}"
             )
-        record = {"split": split, "kind": issue.kind, **ids, "file": str(file), "reason": issue.reason,
-                  "action": issue.action}
+        record = {
+            "split": split,
+            "kind": issue.kind,
+            **ids,
+            "file": str(file),
+            "reason": issue.reason,
+            "action": issue.action,
+        }
         self._file.write(json.dumps(record, sort_keys=True, default=str) + "\n")
         self.records += 1
 
@@ -113,9 +128,17 @@ WORK_FILES = (".index-rows.arrow", INDEX_FILE + ".tmp")
 def output(cfg: Config) -> StageOutput:
     """``prepare.out_dir``: replaced whole, only when it holds an earlier index (outputs.py); never the dataset."""
     p = cfg.prepare
-    return StageOutput(cfg, "prepare", "prepare.out_dir", p.out_dir, sections=["prepare"],
-                       names=(INDEX_FILE, BAD_INPUTS_FILE, *WORK_FILES), what="instance index",
-                       inputs=p.input_paths("prepare"), writes={"runtime.metrics_dir": cfg.runtime.metrics_dir})
+    return StageOutput(
+        cfg,
+        "prepare",
+        "prepare.out_dir",
+        p.out_dir,
+        sections=["prepare"],
+        names=(INDEX_FILE, BAD_INPUTS_FILE, *WORK_FILES),
+        what="instance index",
+        inputs=p.input_paths("prepare"),
+        writes={"runtime.metrics_dir": cfg.runtime.metrics_dir},
+    )
 
 
 @writes_output(output)
@@ -126,8 +149,11 @@ def run(cfg: Config, runtime: Runtime | None = None) -> dict[str, Any]:
     """
     p = cfg.prepare
     folder = Path(cfg.dataset.folder)
-    in_dataset = [(s.name, s.annotations, s.images) for s in p.splits
-                  if folder in Path(s.annotations).parents and folder in Path(s.images).parents]
+    in_dataset = [
+        (s.name, s.annotations, s.images)
+        for s in p.splits
+        if folder in Path(s.annotations).parents and folder in Path(s.images).parents
+    ]
     check_dataset(cfg.dataset.name, folder, in_dataset)  # names `fetch` / the sample stage for a missing dataset
     require_inputs(p.input_paths("prepare"))
     out_dir = output_folder(p.out_dir)  # <out_dir>.partial, renamed to out_dir when this returns
@@ -138,14 +164,21 @@ def run(cfg: Config, runtime: Runtime | None = None) -> dict[str, Any]:
             annset = load_annotations(split.annotations, p.dataset_format, p.allow_outside_images)
             split_counts[split.name] = counts = _prepare_split(split, annset, p, builder, log)
             annset.close()
-            splits_meta[split.name] = {"format": annset.format.name, "version": annset.format.version,
-                                       "categories": annset.format.num_categories, "annotations": split.annotations,
-                                       "images": split.images, "kept": counts.kept}
+            splits_meta[split.name] = {
+                "format": annset.format.name,
+                "version": annset.format.version,
+                "categories": annset.format.num_categories,
+                "annotations": split.annotations,
+                "images": split.images,
+                "kept": counts.kept,
+            }
 
     # Both crop conventions are in every row (roi_box, point + point_box); the metadata says with which parameters,
     # for the teacher stores and the shards that pick one (crops.crop_convention adds the input size).
-    conventions = {"roi": {"column": "roi_box", "roi_padding": p.roi_padding, "min_roi_side": p.min_roi_side},
-                   "point": {"column": "point_box", "point_column": "point", "window": p.point_crop_size}}
+    conventions = {
+        "roi": {"column": "roi_box", "roi_padding": p.roi_padding, "min_roi_side": p.min_roi_side},
+        "point": {"column": "point_box", "point_column": "point", "window": p.point_crop_size},
+    }
     builder.write(out_dir / INDEX_FILE, {"splits": splits_meta, "prepare": asdict(p), "crop_conventions": conventions})
     save_resolved(cfg, out_dir, ["prepare"])
 
@@ -153,8 +186,12 @@ def run(cfg: Config, runtime: Runtime | None = None) -> dict[str, Any]:
     metrics = {
         "dataset": {name: {k: m[k] for k in ("format", "version", "categories")} for name, m in splits_meta.items()},
         "splits": {name: c.as_metrics() for name, c in split_counts.items()},
-        "total": {"annotations": sum(c.annotations for c in split_counts.values()), "kept": len(builder),
-                  "dropped": sum(total.values()), "bad_input_records": log.records},
+        "total": {
+            "annotations": sum(c.annotations for c in split_counts.values()),
+            "kept": len(builder),
+            "dropped": sum(total.values()),
+            "bad_input_records": log.records,
+        },
     }
     write_report(out_dir, metrics)
     # Headline: what was kept and dropped; per split, by reason and by kind of conversion in report.json.
@@ -162,8 +199,9 @@ def run(cfg: Config, runtime: Runtime | None = None) -> dict[str, Any]:
     return {"kept": len(builder), "dropped": dict(sorted(total.items())), "index": str(Path(p.out_dir) / INDEX_FILE)}
 
 
-def _prepare_split(split: SplitSource, annset: AnnotationSet, p: PrepareConfig, builder: IndexBuilder,
-                   log: BadInputLog) -> SplitCounts:
+def _prepare_split(
+    split: SplitSource, annset: AnnotationSet, p: PrepareConfig, builder: IndexBuilder, log: BadInputLog
+) -> SplitCounts:
     counts = SplitCounts(annotations=annset.num_annotations, images=len(annset.images))
     for rec in annset.record_issues:  # duplicates, orphans: set aside while loading
         if rec.is_annotation:
@@ -174,29 +212,44 @@ def _prepare_split(split: SplitSource, annset: AnnotationSet, p: PrepareConfig, 
     images = [annset.images[image_id] for image_id in annset.image_ids.tolist()]
     counts.images_with_annotations = len(images)
     # An unusable record (e.g. a file_name outside the images folder) is not even looked up on disk.
-    paths = [img.resolve_path(split.images) if img.problem is None else Path(split.images) / img.file_name
-             for img in images]
+    paths = [
+        img.resolve_path(split.images) if img.problem is None else Path(split.images) / img.file_name for img in images
+    ]
     # Worker processes decode each image and check its annotations (pycocotools rasterisation, mask decode, point
     # prompt); this one keeps the bookkeeping, in image order, so the index and the report do not depend on them.
     # A job carries the annotations' JSON text, read from the file as the job is made (lighter to send than parsed
     # polygons, and only the jobs in flight hold it).
     jobs = ((image, path, annset.texts_of(image.image_id)) for image, path in zip(images, paths))
-    checks = ordered_map(partial(_check_image_and_annotations, decode=p.check_images, category_ids=frozenset(annset.categories)),
-                         jobs, workers=default_workers(len(images)), in_flight=256)
+    checks = ordered_map(
+        partial(_check_image_and_annotations, decode=p.check_images, category_ids=frozenset(annset.categories)),
+        jobs,
+        workers=default_workers(len(images)),
+        in_flight=256,
+    )
     try:
         for image, path, (problem, conversions, heads, instances) in tqdm(
-                zip(images, paths, checks), total=len(images), desc=f"prepare {split.name}", unit="img"):
+            zip(images, paths, checks), total=len(images), desc=f"prepare {split.name}", unit="img"
+        ):
             if p.check_images and image.problem is None:
                 counts.images_checked += 1
             if problem is not None:
                 counts.dropped[problem.kind] += len(heads)
-                log.report(split.name, problem, path if image.problem is None else annset.path,
-                           image_id=image.image_id, ann_ids=[ann_id for ann_id, _ in heads])
+                log.report(
+                    split.name,
+                    problem,
+                    path if image.problem is None else annset.path,
+                    image_id=image.image_id,
+                    ann_ids=[ann_id for ann_id, _ in heads],
+                )
                 continue
             for kind in conversions:
                 counts.converted[f"image_{kind}"] += 1
-                log.report(split.name, Issue(f"image_{kind}", f"image {image.image_id}: {kind}", action="converted"),
-                           path, image_id=image.image_id)
+                log.report(
+                    split.name,
+                    Issue(f"image_{kind}", f"image {image.image_id}: {kind}", action="converted"),
+                    path,
+                    image_id=image.image_id,
+                )
             for (ann_id, category_id), (checked, point) in zip(heads, instances):
                 _add_instance(split, annset, image, path, ann_id, category_id, checked, point, p, builder, log, counts)
     finally:  # a strict-mode stop must not wait for the decodes still queued
@@ -204,9 +257,11 @@ def _prepare_split(split: SplitSource, annset: AnnotationSet, p: PrepareConfig, 
     return counts
 
 
-def _check_image_and_annotations(job: tuple[ImageRecord, Path, list[bytes]], decode: bool, category_ids: frozenset[int]
-                                 ) -> tuple[Issue | None, tuple[str, ...], list[tuple[Any, Any]],
-                                            list[tuple[CheckedAnnotation, tuple[int, int] | None]]]:
+def _check_image_and_annotations(
+    job: tuple[ImageRecord, Path, list[bytes]], decode: bool, category_ids: frozenset[int]
+) -> tuple[
+    Issue | None, tuple[str, ...], list[tuple[Any, Any]], list[tuple[CheckedAnnotation, tuple[int, int] | None]]
+]:
     """One image's checks (runs in a worker): the image's drop issue or conversions, every annotation's
     ``(id, category_id)`` (the bookkeeping needs no more, so the main process parses none of them), and per annotation
     its :class:`CheckedAnnotation` (without the mask) and PicoSAM2 prompt point (None when dropped). A dropped image's
@@ -239,17 +294,30 @@ def _check_image(image: ImageRecord, path: Path, decode: bool) -> tuple[Issue | 
     if not decode:
         if path.is_file():
             return None, ()
-        return Issue("image_missing", f"image {str(path)!r} does not exist; download it again or fix the split's "
-                     "images folder / file_name"), ()
+        return Issue(
+            "image_missing",
+            f"image {str(path)!r} does not exist; download it again or fix the split's images folder / file_name",
+        ), ()
     try:
         return None, load_rgb(path, expected_size=(image.width, image.height))[1]
     except BadImageError as err:
         return Issue(f"image_{err.kind}", str(err)), ()
 
 
-def _add_instance(split: SplitSource, annset: AnnotationSet, image: ImageRecord, path: Path, ann_id: int,
-                  category_id: Any, checked: CheckedAnnotation, point: tuple[int, int] | None, p: PrepareConfig,
-                  builder: IndexBuilder, log: BadInputLog, counts: SplitCounts) -> None:
+def _add_instance(
+    split: SplitSource,
+    annset: AnnotationSet,
+    image: ImageRecord,
+    path: Path,
+    ann_id: int,
+    category_id: Any,
+    checked: CheckedAnnotation,
+    point: tuple[int, int] | None,
+    p: PrepareConfig,
+    builder: IndexBuilder,
+    log: BadInputLog,
+    counts: SplitCounts,
+) -> None:
     """Report one checked annotation, apply the selection, and add its row with both prompt conventions."""
     for conv in checked.conversions:
         counts.converted[conv.kind] += 1
@@ -260,8 +328,9 @@ def _add_instance(split: SplitSource, annset: AnnotationSet, image: ImageRecord,
     if drop is None:
         roi, roi_float = roi_box(checked.bbox, image.width, image.height, p.roi_padding)
         if min(roi.width, roi.height) < p.min_roi_side:
-            drop = Issue("small_roi", f"annotation {ann_id}: ROI {tuple(roi)} has a side < prepare.min_roi_side",
-                         bad_input=False)
+            drop = Issue(
+                "small_roi", f"annotation {ann_id}: ROI {tuple(roi)} has a side < prepare.min_roi_side", bad_input=False
+            )
     if drop is not None:
         counts.dropped[drop.kind] += 1
         log.report(split.name, drop, annset.path, ann_id=ann_id, image_id=image.image_id)
@@ -270,10 +339,21 @@ def _add_instance(split: SplitSource, annset: AnnotationSet, image: ImageRecord,
     cx, cy = point
     counts.kept += 1
     builder.add(
-        ann_id=ann_id, image_id=image.image_id, split=split.name, file_name=image.file_name,
-        image_path=str(path), width=image.width, height=image.height,
-        category_id=category_id, category_name=annset.categories[category_id], iscrowd=False,
-        bbox=list(checked.bbox), area=checked.area, roi_box=list(roi), roi_float_box=list(roi_float),
-        point=[cx, cy], point_box=list(point_box(cx, cy, image.width, image.height, p.point_crop_size)),
+        ann_id=ann_id,
+        image_id=image.image_id,
+        split=split.name,
+        file_name=image.file_name,
+        image_path=str(path),
+        width=image.width,
+        height=image.height,
+        category_id=category_id,
+        category_name=annset.categories[category_id],
+        iscrowd=False,
+        bbox=list(checked.bbox),
+        area=checked.area,
+        roi_box=list(roi),
+        roi_float_box=list(roi_float),
+        point=[cx, cy],
+        point_box=list(point_box(cx, cy, image.width, image.height, p.point_crop_size)),
         rle_counts=checked.rle_counts,
     )

@@ -6,9 +6,8 @@ Reads nothing; writes ``sample.out_dir`` (JSON, images, ``BAD_INPUTS.md``, ``con
 
 from __future__ import annotations
 
-from typing import Any
-
 import dataclasses
+from typing import Any
 
 from picosam_pipeline.config import Config
 from picosam_pipeline.data.sample import MANAGED, generate
@@ -19,8 +18,17 @@ from picosam_pipeline.reports import write_metrics
 
 def output(cfg: Config) -> StageOutput:
     """``sample.out_dir``: replaced whole, only when it holds an earlier sample (outputs.py)."""
-    return StageOutput(cfg, "sample", "sample.out_dir", cfg.sample.out_dir, sections=["sample"], names=MANAGED,
-                       what="sample dataset", inputs={}, writes={"runtime.metrics_dir": cfg.runtime.metrics_dir})
+    return StageOutput(
+        cfg,
+        "sample",
+        "sample.out_dir",
+        cfg.sample.out_dir,
+        sections=["sample"],
+        names=MANAGED,
+        what="sample dataset",
+        inputs={},
+        writes={"runtime.metrics_dir": cfg.runtime.metrics_dir},
+    )
 
 
 @writes_output(output)
@@ -30,6 +38,13 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     summary = generate(dataclasses.replace(cfg.sample, out_dir=str(work)))
     save_resolved(cfg, work, ["sample"])
     # Headline totals; the per-split counts are the returned summary (printed by run-stage) and the JSON files.
-    write_metrics(cfg, "sample", {"images": sum(summary["images"].values()),
-                                  "annotations": sum(summary["annotations"].values()), "bad_inputs": summary["bad_inputs"]})
+    write_metrics(
+        cfg,
+        "sample",
+        {
+            "images": sum(summary["images"].values()),
+            "annotations": sum(summary["annotations"].values()),
+            "bad_inputs": summary["bad_inputs"],
+        },
+    )
     return summary

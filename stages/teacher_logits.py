@@ -1,6 +1,6 @@
 """Stage ``teacher-logits``: the SAM2/SAM3 teacher run once per image, its soft logits for every instance stored
-in a Zarr v3 store (layout in ``picosam_pipeline/teacher/store.py``). Each teacher pass of ``params.yaml``'s ``teachers``
-(``teacher-logits@NAME``, DVC's stage name too) writes ``<teacher.stores_dir>/NAME.zarr`` and
+in a Zarr v3 store (layout in ``picosam_pipeline/teacher/store.py``). Each teacher pass of ``params.yaml``'s
+``teachers`` (``teacher-logits@NAME``, DVC's stage name too) writes ``<teacher.stores_dir>/NAME.zarr`` and
 ``metrics/teacher-logits@NAME.json``; a run outside the passes (the API, ``teachers: {}``) writes ``teacher.out``.
 
 Rows: store row ``i`` is the ``i``-th index row of ``teacher.splits`` in index order (``(split, image_id,
@@ -17,8 +17,9 @@ store alone). Killed at any moment (SIGKILL included), a rerun of the same pass 
 index rows -- keeps the shards marked done, computes the others, and ends byte-identical to an uninterrupted
 run with one image per encoder forward (a CPU's default: each (image, shard) run of prompts is decoded apart, so
 nothing depends on which shards a run computes); with batches of images on a GPU, the rerun shards agree with an
-uninterrupted run within the codec's bound (the encoder's rounding depends on the batch). A partial store of another pass is discarded. When ``<out>`` already holds this pass nothing is
-recomputed; when it holds another one, the new pass is built beside it and replaces it at the end.
+uninterrupted run within the codec's bound (the encoder's rounding depends on the batch). A partial store of another
+pass is discarded. When ``<out>`` already holds this pass nothing is recomputed; when it holds another one, the new pass
+is built beside it and replaces it at the end.
 
 Writes the store with its ``config.resolved.json`` (teacher + runtime sections) inside, and
 ``metrics/teacher-logits[@NAME].json``: instances, bytes per instance, random-weights flag, ``all_instances_empty`` (a
@@ -41,13 +42,27 @@ from picosam_pipeline.config import Config, TeacherConfig, require_inputs
 from picosam_pipeline.data.index import read_metadata
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
-from picosam_pipeline.outputs import check_target, output_lock, probe_writable, publish, recover, save_resolved, write_errors
+from picosam_pipeline.outputs import (
+    check_target,
+    output_lock,
+    probe_writable,
+    publish,
+    recover,
+    save_resolved,
+    write_errors,
+)
 from picosam_pipeline.reports import write_metrics
 from picosam_pipeline.teacher.executors import DaskExecutor, InProcess, make_executor
 from picosam_pipeline.teacher.geometry import stored_size
 from picosam_pipeline.teacher.runner import InstanceRows, instance_rows
-from picosam_pipeline.teacher.store import (LogitStore, create_store, is_logit_store, open_store, stored_boxes,
-                                            teacher_attrs)
+from picosam_pipeline.teacher.store import (
+    LogitStore,
+    create_store,
+    is_logit_store,
+    open_store,
+    stored_boxes,
+    teacher_attrs,
+)
 from picosam_pipeline.teacher.summary import empty_warning, summarize
 
 STAGE = "teacher-logits"
@@ -62,7 +77,8 @@ def partial_path(out: str | Path) -> Path:
 
 
 def stage_name(t: TeacherConfig) -> str:
-    """``teacher-logits@NAME`` for the pass NAME (DVC's name of the stage; its metrics file), else ``teacher-logits``."""
+    """``teacher-logits@NAME`` for the pass NAME (DVC's name of the stage; its metrics file), else
+    ``teacher-logits``."""
     return f"{STAGE}@{t.name}" if t.name else STAGE
 
 
@@ -75,15 +91,22 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     out = Path(t.out)
     # Before any work: never a store over the project or an input; one run per store (the dask workers write
     # its shards only while this client holds the lock: the executor is closed before the lock is released).
-    check_target(stage_name(t), "teacher.out", out, {"teacher.index": t.index, "teacher.checkpoint": t.checkpoint,
-                                                     "teacher.checkpoints_dir": t.checkpoints_dir}, sections=None)
+    check_target(
+        stage_name(t),
+        "teacher.out",
+        out,
+        {"teacher.index": t.index, "teacher.checkpoint": t.checkpoint, "teacher.checkpoints_dir": t.checkpoints_dir},
+        sections=None,
+    )
     check_store_target(out)
     probe_writable(out.parent, "teacher.out", stage_name(t))
     probe_writable(cfg.runtime.metrics_dir, "runtime.metrics_dir", stage_name(t))
     require_inputs({"teacher.index": t.index})
-    kept = (f"The finished shards in {partial_path(out)} are kept: rerunning the same command resumes from them.")
-    with write_errors(stage_name(t), "teacher.out", out, "the teacher-logit store", kept), \
-            output_lock(out, stage_name(t)):
+    kept = f"The finished shards in {partial_path(out)} are kept: rerunning the same command resumes from them."
+    with (
+        write_errors(stage_name(t), "teacher.out", out, "the teacher-logit store", kept),
+        output_lock(out, stage_name(t)),
+    ):
         recover(out)
         return _run(cfg, runtime, t, out)
 
@@ -99,9 +122,15 @@ def _run(cfg: Config, runtime: Runtime, t: TeacherConfig, out: Path) -> dict[str
         teacher = executor.teacher_metadata()  # builds the teacher in every worker before any shard is handed out
         store = open_output(out, rows, t, store_attrs(t, teacher, rows))
         jobs = [(k, rows.take(store.shard_slice(k))) for k in store.pending_shards()]
-        _say(f"{len(rows)} instances of {len(rows.images())} images in {store.n_shards} shards, "
-             f"{len(jobs)} to compute; {executor.name} executor, {executor.workers} worker(s), teacher {t.model}"
-             + (" with RANDOM WEIGHTS (smoke test: the logits are noise)" if teacher.get("weights") == "random weights" else ""))
+        _say(
+            f"{len(rows)} instances of {len(rows.images())} images in {store.n_shards} shards, "
+            f"{len(jobs)} to compute; {executor.name} executor, {executor.workers} worker(s), teacher {t.model}"
+            + (
+                " with RANDOM WEIGHTS (smoke test: the logits are noise)"
+                if teacher.get("weights") == "random weights"
+                else ""
+            )
+        )
         setup_seconds = time.perf_counter() - start
         summaries = []
         with tqdm(total=sum(len(r) for _, r in jobs), unit="inst", desc=stage_name(t), dynamic_ncols=True) as bar:
@@ -112,30 +141,47 @@ def _run(cfg: Config, runtime: Runtime, t: TeacherConfig, out: Path) -> dict[str
     seconds = time.perf_counter() - start
     metrics, run = stage_metrics(store, rows, summaries, seconds, setup_seconds, executor)
     write_metrics(cfg, stage_name(t), metrics, run)
-    return {"instances": metrics["instances"], "random_weights": metrics["random_weights"]} | {
-        k: run[k] for k in ("instances_computed", "shards_computed", "instances_per_s")} | {"store": str(out)}
+    return (
+        {"instances": metrics["instances"], "random_weights": metrics["random_weights"]}
+        | {k: run[k] for k in ("instances_computed", "shards_computed", "instances_per_s")}
+        | {"store": str(out)}
+    )
 
 
 def store_attrs(t: TeacherConfig, teacher: dict[str, Any], rows: InstanceRows) -> dict[str, Any]:
     """The store's description of this pass; a store is resumed only when these match exactly."""
     prepare = read_metadata(t.index).get("prepare", {})
-    attrs = teacher_attrs(t, checkpoint_sha256=teacher.get("checkpoint_sha256"),
-                          crop={k: prepare[k] for k in CROP_PARAMS if k in prepare})
+    attrs = teacher_attrs(
+        t, checkpoint_sha256=teacher.get("checkpoint_sha256"), crop={k: prepare[k] for k in CROP_PARAMS if k in prepare}
+    )
     attrs["teacher"]["build"] = {k: v for k, v in teacher.items() if k not in _NOT_IN_ATTRS}
     attrs["rows"] = {
         "order": "index rows of teacher.splits in index order (split, image_id, ann_id)",
-        "index": t.index, "splits": list(t.splits), "instances": len(rows), "images": len(rows.images()),
+        "index": t.index,
+        "splits": list(t.splits),
+        "instances": len(rows),
+        "images": len(rows.images()),
         "sha256": rows.digest(),  # ann_id, image_id, image size, prompt, crop box of every row
     }
     return attrs
 
 
 def open_output(out: Path, rows: InstanceRows, t: TeacherConfig, attrs: dict[str, Any]) -> LogitStore:
-    """The store to write: ``out`` itself when it already holds this pass, else ``<out>.partial`` (created or resumed)."""
-    layout = dict(side=stored_size(t.store_size, t.context_margin), instances_per_shard=t.instances_per_shard,
-                  codec=t.codec, compression_level=t.compression_level, attrs=attrs,
-                  rows=dict(ann_id=rows.ann_id, image_id=rows.image_id, crop_box=rows.crop_box,
-                            stored_box=stored_boxes(rows.crop_box, t.store_size, t.context_margin)))
+    """The store to write: ``out`` itself when it already holds this pass, else ``<out>.partial`` (created or
+    resumed)."""
+    layout = dict(
+        side=stored_size(t.store_size, t.context_margin),
+        instances_per_shard=t.instances_per_shard,
+        codec=t.codec,
+        compression_level=t.compression_level,
+        attrs=attrs,
+        rows=dict(
+            ann_id=rows.ann_id,
+            image_id=rows.image_id,
+            crop_box=rows.crop_box,
+            stored_box=stored_boxes(rows.crop_box, t.store_size, t.context_margin),
+        ),
+    )
     if out.exists():
         check_store_target(out)
         try:
@@ -157,23 +203,33 @@ def check_store_target(path: Path) -> None:
     """Refuse ``path`` (the store or its ``.partial``) unless it is missing or a teacher-logit store: never replace
     or delete a folder this stage did not write."""
     if path.exists() and not is_logit_store(path):  # a store of an older format is ours: replaced by the new pass
-        raise PipelineError(f"teacher.out: {path} exists and is not a teacher-logit store, so this stage does not "
-                            "replace it; move it away or set teacher.out to a new path")
+        raise PipelineError(
+            f"teacher.out: {path} exists and is not a teacher-logit store, so this stage does not "
+            "replace it; move it away or set teacher.out to a new path"
+        )
 
 
 def finish(store: LogitStore, out: Path, cfg: Config) -> LogitStore:
     """Check every shard is done, save the resolved config inside the store, move it to ``out``; returns it reopened."""
     pending = store.pending_shards()
     if pending:  # every task returned, so this is a bug, not a user error
-        raise RuntimeError(f"{len(pending)} shards of {store.path} not marked done after all tasks finished: {pending[:8]}")
+        raise RuntimeError(
+            f"{len(pending)} shards of {store.path} not marked done after all tasks finished: {pending[:8]}"
+        )
     save_resolved(cfg, store.path, ["teacher", "runtime"])
     if store.path != out:
         publish(store.path, out)  # replaces the store of a previous pass: the old one or the new one, never none mixed
     return open_store(out)
 
 
-def stage_metrics(store: LogitStore, rows: InstanceRows, summaries: list[dict], seconds: float, setup_seconds: float,
-                  executor: InProcess | DaskExecutor) -> tuple[dict[str, Any], dict[str, Any]]:
+def stage_metrics(
+    store: LogitStore,
+    rows: InstanceRows,
+    summaries: list[dict],
+    seconds: float,
+    setup_seconds: float,
+    executor: InProcess | DaskExecutor,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """``metrics/teacher-logits[@NAME].json`` (what the store holds and costs on disk: the same after a rerun that
     computed nothing) and this run's facts for the run log (what was computed, how fast, where). A store in which
     every instance came back empty is flagged there (``all_instances_empty``) and said on stderr."""
@@ -192,7 +248,7 @@ def stage_metrics(store: LogitStore, rows: InstanceRows, summaries: list[dict], 
         # A teacher that returned nothing (all background / confidence 0 everywhere) is flagged, not trusted.
         "all_instances_empty": summary["all_instances_empty"],
     }
-    if (warning := empty_warning(summary)):
+    if warning := empty_warning(summary):
         _say(f"WARNING: {warning}")
     run = {
         "instances_computed": computed,
@@ -203,7 +259,8 @@ def stage_metrics(store: LogitStore, rows: InstanceRows, summaries: list[dict], 
         "instances_per_s": round(computed / seconds, 3) if computed else None,
         "teacher_seconds": round(sum(s["teacher_seconds"] for s in summaries), 3),  # encoder + decoder calls
         "teacher_share_of_task_time": round(sum(s["teacher_seconds"] for s in summaries) / task_seconds, 4)
-        if task_seconds else None,
+        if task_seconds
+        else None,
         "executor": executor.name,
         "workers": executor.workers,
         "images_per_batch": executor.images_per_batch,

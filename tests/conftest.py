@@ -21,7 +21,10 @@ def shared_data_or_skip(*parts: str) -> Path:
     """Path under ../shared/data, or skip the test (a user's fresh clone has no ../shared)."""
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"{path} not found: real COCO/LVIS data lives in ../shared/data beside the repo (CI has it, a fresh clone does not)")
+        pytest.skip(
+            f"{path} not found: real COCO/LVIS data lives in ../shared/data beside the repo "
+            "(CI has it, a fresh clone does not)"
+        )
     return path
 
 
@@ -60,8 +63,11 @@ def installed_wheel(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     root = tmp_path_factory.mktemp("wheel")
     # Build from a copy of the files a clone has (plus uncommitted work): the build leaves nothing in the checkout,
     # and neither the stages' outputs nor DVC's cache go into it.
-    listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            capture_output=True, text=True)
+    listed = subprocess.run(
+        ["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        capture_output=True,
+        text=True,
+    )
     assert listed.returncode == 0, f"the wheel is built from git's list of the checkout's files: {listed.stderr}"
     src = root / "src"
     for name in listed.stdout.split("\0"):
@@ -69,16 +75,25 @@ def installed_wheel(tmp_path_factory) -> tuple[Path, dict[str, str]]:
             (src / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, src / name)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    run_checked([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", root / "dist",
-                 src], cwd=root, env=env)
+    run_checked(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", root / "dist", src],
+        cwd=root,
+        env=env,
+    )
     (wheel,) = (root / "dist").glob("picosam_pipeline-*.whl")
     venv = root / "venv"
     run_checked([sys.executable, "-m", "venv", venv], cwd=root, env=env)
-    purelib = Path(run_checked([venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               cwd=root, env=env).stdout.strip())
+    purelib = Path(
+        run_checked(
+            [venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            cwd=root,
+            env=env,
+        ).stdout.strip()
+    )
     # A plain path line: the pinned stack is importable, while the .pth files inside it (our editable install's
     # finder among them) are not processed.
     (purelib / "pinned_stack.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    run_checked([venv / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel], cwd=root,
-                env=env)
+    run_checked(
+        [venv / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel], cwd=root, env=env
+    )
     return venv, env

@@ -24,17 +24,29 @@ def build_inputs(root: Path, *, context_margin: float = 0.0, splits: list[SplitS
     builtin = splits is None
     if builtin:
         sample_dir = root / "sample"
-        splits = [SplitSource(s, str(sample_dir / f"annotations/instances_{s}.json"), str(sample_dir / s))
-                  for s in ("train", "val")]
-    cfg = Config(runtime=RuntimeConfig(device="cpu", metrics_dir=str(root / "metrics")),
-                 sample=SampleConfig(out_dir=str(root / "sample"), train_images=6, val_images=3, plant_bad_inputs=False),
-                 prepare=PrepareConfig(splits=splits, out_dir=str(root / "prepared")),
-                 pack=PackConfig(index=str(root / "prepared/index.parquet"), stores_dir=str(root / "stores"), teachers=["gt"],
-                                 splits=[s.name for s in splits], out_dir=str(root / "shards"), samples_per_shard=8))
+        splits = [
+            SplitSource(s, str(sample_dir / f"annotations/instances_{s}.json"), str(sample_dir / s))
+            for s in ("train", "val")
+        ]
+    cfg = Config(
+        runtime=RuntimeConfig(device="cpu", metrics_dir=str(root / "metrics")),
+        sample=SampleConfig(out_dir=str(root / "sample"), train_images=6, val_images=3, plant_bad_inputs=False),
+        prepare=PrepareConfig(splits=splits, out_dir=str(root / "prepared")),
+        pack=PackConfig(
+            index=str(root / "prepared/index.parquet"),
+            stores_dir=str(root / "stores"),
+            teachers=["gt"],
+            splits=[s.name for s in splits],
+            out_dir=str(root / "shards"),
+            samples_per_shard=8,
+        ),
+    )
     if builtin:
         sample.run(cfg, None)
     prepare.run(cfg, None)
-    write_mask_teacher_store(cfg.pack.index, cfg.pack.store_paths()["gt"], splits=cfg.pack.splits, context_margin=context_margin)
+    write_mask_teacher_store(
+        cfg.pack.index, cfg.pack.store_paths()["gt"], splits=cfg.pack.splits, context_margin=context_margin
+    )
     return cfg
 
 
@@ -70,10 +82,18 @@ def tiny_export(root: Path, size: int = 16) -> Path:
     np.savez(quantized / files.QUANTIZE_PROBE_FILE, rgb=rgb, int8_logits=logits, float_logits=logits)
     meta = {"student": "tiny", "input_size": size, "normalization": dataclasses.asdict(NORMALIZATION)}
     crop = crop_convention("roi", roi_padding=0.1, window=96, input_size=size)
-    (quantized / files.QUANTIZE_REPORT_FILE).write_text(json.dumps({"student_meta": meta, "crop": crop,
-                                                                    "tpc_version": "4.0", "method": "ptq"}))
-    cfg = load_config(None, [f"export.quantized_dir={quantized}", f"export.out_dir={root / 'export'}",
-                             f"runtime.metrics_dir={root / 'metrics'}", "export.min_mask_agreement=0.9"])
+    (quantized / files.QUANTIZE_REPORT_FILE).write_text(
+        json.dumps({"student_meta": meta, "crop": crop, "tpc_version": "4.0", "method": "ptq"})
+    )
+    cfg = load_config(
+        None,
+        [
+            f"export.quantized_dir={quantized}",
+            f"export.out_dir={root / 'export'}",
+            f"runtime.metrics_dir={root / 'metrics'}",
+            "export.min_mask_agreement=0.9",
+        ],
+    )
     export.run(cfg, None)
     return root / "export"
 

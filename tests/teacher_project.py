@@ -18,8 +18,14 @@ from picosam_pipeline.config import Config, load_config
 from picosam_pipeline.device import resolve_runtime
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ("sample.train_images=1", "sample.plant_bad_inputs=false", "teacher.splits=[val]",
-        "teacher.instances_per_shard=4", "teacher.executor=local", "teacher.allow_random_weights=true")
+TINY = (
+    "sample.train_images=1",
+    "sample.plant_bad_inputs=false",
+    "teacher.splits=[val]",
+    "teacher.instances_per_shard=4",
+    "teacher.executor=local",
+    "teacher.allow_random_weights=true",
+)
 # The console script of the environment running the tests (what dvc.yaml's `cmd` calls).
 BIN = Path(sys.executable).parent
 CLI = str(BIN / "picosam-pipeline")

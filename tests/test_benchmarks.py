@@ -7,13 +7,13 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, shared_data_or_skip
 
 
 def run_bench(script: str, *args: str) -> str:
-    result = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], capture_output=True, text=True,
-                            timeout=900, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *args], capture_output=True, text=True, timeout=900, cwd=REPO
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result.stdout
 
@@ -32,18 +32,27 @@ def test_teacher_gpu_bench_prints_the_limit_the_stage_and_their_ratio_on_the_cpu
 @pytest.mark.slow
 def test_train_gpu_bench_prints_the_bare_step_and_the_stage_on_the_cpu():
     out = run_bench("train_gpu.py")
-    assert re.search(r"compile false: bare step +[\d.]+ samples/s; train stage \(4 steps, 0 loader workers\) +[\d.]+ "
-                     r"samples/s = \d+ % of the bare step; \d+ % of its time waiting for batches", out), out
+    assert re.search(
+        r"compile false: bare step +[\d.]+ samples/s; train stage \(4 steps, 0 loader workers\) +[\d.]+ "
+        r"samples/s = \d+ % of the bare step; \d+ % of its time waiting for batches",
+        out,
+    ), out
 
 
 @pytest.mark.slow
 def test_loader_bench_prints_bytes_rates_and_the_epoch_boundaries_side_by_side():
     out = run_bench("loader.py", "--batches", "4", "--steps", "2", "--epochs", "2")
-    assert re.search(r"^shards: [\d,]+ bytes/sample", out, re.M) and re.search(r"^loader: [\d,]+ samples/s", out, re.M), out
+    assert re.search(r"^shards: [\d,]+ bytes/sample", out, re.M) and re.search(
+        r"^loader: [\d,]+ samples/s", out, re.M
+    ), out
     assert re.search(r"^ratio loader / trainer: [\d,.]+x", out, re.M), out
     for when in ("when the last one ends", "64 batches ahead"):
-        assert re.search(rf"^epoch boundaries, next epoch's loader started {when}: 2 epochs of ~\d+ batches, each held "
-                         r"\d+ ms: [\d.]+ s, \d+ % waiting for batches", out, re.M), out
+        assert re.search(
+            rf"^epoch boundaries, next epoch's loader started {when}: 2 epochs of ~\d+ batches, each held "
+            r"\d+ ms: [\d.]+ s, \d+ % waiting for batches",
+            out,
+            re.M,
+        ), out
 
 
 @pytest.mark.slow

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import REPO
+
 from picosam_pipeline.cli import cli
 from picosam_pipeline.stages import STAGES
 
@@ -39,7 +39,9 @@ def test_unknown_stage_and_bad_params_exit_non_zero_with_a_message(tmp_path):
     runner = CliRunner()
     result = runner.invoke(cli, ["run-stage", "nosuchstage"])
     assert result.exit_code == 1 and "unknown stage 'nosuchstage'" in result.output
-    result = runner.invoke(cli, ["run-stage", "prepare", "--params", str(REPO / "params.yaml"), "--set", "prepare.min_area=-3"])
+    result = runner.invoke(
+        cli, ["run-stage", "prepare", "--params", str(REPO / "params.yaml"), "--set", "prepare.min_area=-3"]
+    )
     assert result.exit_code == 1 and "prepare.min_area: expected a number >= 0, got -3" in result.output
     result = runner.invoke(cli, ["run-stage", "prepare", "--params", str(tmp_path / "missing.yaml")])
     assert result.exit_code == 1 and "does not exist" in result.output
@@ -52,8 +54,10 @@ def test_hostile_params_and_devices_are_one_paragraph(tmp_path):
     result = runner.invoke(cli, ["run-stage", "prepare", "--params", str(binary)])
     assert result.exit_code == 1 and "is not UTF-8 text" in result.output
     params = ["--params", str(REPO / "params.yaml")]
-    for override, message in (("train.lr=.nan", "train.lr: expected a finite number"),
-                              ("runtime.device=cuda:banana", "runtime.device: expected auto, cpu, cuda or cuda:N")):
+    for override, message in (
+        ("train.lr=.nan", "train.lr: expected a finite number"),
+        ("runtime.device=cuda:banana", "runtime.device: expected auto, cpu, cuda or cuda:N"),
+    ):
         result = runner.invoke(cli, ["run-stage", "train", *params, "--set", override])
         assert result.exit_code == 1 and message in result.output and result.exception.__class__ is SystemExit
     # built in code, not from params: predict --device and verify-logits --device go through the same check
@@ -98,7 +102,10 @@ def test_a_missing_extra_that_has_no_build_for_this_python_says_which_pythons(mo
     result = CliRunner().invoke(cli, ["run-stage", "quantize", "--params", str(REPO / "params.yaml")])
     assert result.exit_code == 1
     message = result.output.strip()
-    assert "(the [imx500] extra), which are not published for Python 3.13; run this stage with Python 3.11, 3.12" in message, message
+    assert (
+        "(the [imx500] extra), which are not published for Python 3.13; run this stage with Python 3.11, 3.12"
+        in message
+    ), message
     assert "make env PYTHON=python3.12" in message and "pip install" not in message
 
 
@@ -111,7 +118,8 @@ def _import_interrupted_by_ctrl_c(*args, **kwargs):
 
 
 def test_ctrl_c_that_surfaces_as_another_exception_is_still_an_interrupt(monkeypatch):
-    """A Ctrl-C inside a C extension's import comes out chained to an ImportError: exit 130 with one line, no traceback."""
+    """A Ctrl-C inside a C extension's import comes out chained to an ImportError: exit 130 with one line, no
+    traceback."""
     from picosam_pipeline import cli as cli_module
     from picosam_pipeline.stages import StageSpec
 
@@ -181,15 +189,22 @@ cli.main()
 
 
 def test_ctrl_c_that_leaves_an_object_half_built_prints_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", HALF_BUILT_BY_CTRL_C, str(REPO / "params.yaml")], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", HALF_BUILT_BY_CTRL_C, str(REPO / "params.yaml")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 130, proc.stderr
     assert "[sample] interrupted" in proc.stderr
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
 
 
 def test_python_dash_m_runs_the_cli(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "picosam_pipeline", "stages"], cwd=tmp_path, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "picosam_pipeline", "stages"], cwd=tmp_path, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     assert [line.split()[0] for line in proc.stdout.strip().splitlines()] == list(STAGES)
 
@@ -210,9 +225,15 @@ def test_shell_completion_completes_stage_names_and_teacher_passes(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     complete = BashComplete(cli, {}, "picosam-pipeline", "_PICOSAM_PIPELINE_COMPLETE")
     assert [c.value for c in complete.get_completions(["run-stage"], "te")] == [
-        "teacher-logits", "teacher-logits@sam2", "teacher-logits@sam3"]
-    assert [c.value for c in complete.get_completions(["run-stage"], "")] == [*STAGES, "teacher-logits@sam2",
-                                                                            "teacher-logits@sam3"]
+        "teacher-logits",
+        "teacher-logits@sam2",
+        "teacher-logits@sam3",
+    ]
+    assert [c.value for c in complete.get_completions(["run-stage"], "")] == [
+        *STAGES,
+        "teacher-logits@sam2",
+        "teacher-logits@sam3",
+    ]
     assert "_PICOSAM_PIPELINE_COMPLETE=bash_complete" in CliRunner().invoke(cli, ["completion", "bash"]).output
 
 

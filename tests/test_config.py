@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import REPO
+
 from picosam_pipeline.config import Config, ConfigError, load_config, require_inputs
 from picosam_pipeline.outputs import save_resolved
 
@@ -60,7 +60,9 @@ def test_bad_values_are_rejected_naming_the_key(override, message):
 
 
 def test_override_parses_yaml_values():
-    cfg = load_config(None, ["teacher.splits=[val]", "teacher.scheduler_address=tcp://127.0.0.1:8786", "teacher.checkpoint=null"])
+    cfg = load_config(
+        None, ["teacher.splits=[val]", "teacher.scheduler_address=tcp://127.0.0.1:8786", "teacher.checkpoint=null"]
+    )
     assert cfg.teacher.splits == ["val"]
     assert cfg.teacher.scheduler_address == "tcp://127.0.0.1:8786"
     assert cfg.teacher.checkpoint is None

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import load_script
 from pipeline_inputs import build_inputs, run_pack, tiny_export
 from teacher_project import BIN, REPO
@@ -32,8 +31,17 @@ pytestmark = pytest.mark.slow
 
 STAGES = ("train", "evaluate")
 # The plots of dvc.yaml whose data the two stages write (the quantize stage's float-vs-INT8 plot is not run here).
-PLOTS = ("train_loss", "train_lr", "train_val_iou", "iou_histogram", "by_size", "by_category", "iou_vs_area",
-         "student_vs_teacher", "teacher_confidence")
+PLOTS = (
+    "train_loss",
+    "train_lr",
+    "train_val_iou",
+    "iou_histogram",
+    "by_size",
+    "by_category",
+    "iou_vs_area",
+    "student_vs_teacher",
+    "teacher_confidence",
+)
 HEADLINE = {
     "metrics/train.json": {"val_iou_before", "val_iou_after"},
     "metrics/train/metrics.json": {"step", "loss"},
@@ -42,8 +50,13 @@ HEADLINE = {
 
 
 def sh(*args: str, cwd: Path, columns: int = 400) -> str:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-           "COLUMNS": str(columns), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "COLUMNS": str(columns),
+        "OMP_NUM_THREADS": "1",
+    }
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     assert done.returncode == 0, f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
     return done.stdout
@@ -60,7 +73,9 @@ def make_project(root: Path, stages: tuple[str, ...] = STAGES) -> None:
         tiny_export(inputs)
         shutil.rmtree(inputs / "quantize")  # the export's own input, not one of the package stage
     shutil.rmtree(inputs / "metrics")  # prepare's, pack's and export's: not stages of this project
-    shutil.copy(REPO / ".gitignore", root / ".gitignore")  # the run logs (metrics/runs/) and train's state stay out of git
+    shutil.copy(
+        REPO / ".gitignore", root / ".gitignore"
+    )  # the run logs (metrics/runs/) and train's state stay out of git
     for package in ("picosam_pipeline", "stages"):
         shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / ".dvc" / "plots", root / "dvc_plots")  # our templates (moved in after `dvc init`)
@@ -73,9 +88,20 @@ def make_project(root: Path, stages: tuple[str, ...] = STAGES) -> None:
     # these ROI shards; under recipe picosam3 that pair is refused, rightly
     params["recipe"]["name"] = "custom"
     params["teacher"]["prompt"] = "roi"
-    params["train"].update(shards="inputs/shards", steps=2, warmup_steps=1, eval_every=2, log_every=1,
-                           checkpoint_every=2, batch_size=8, student="picosam3", grad_clip=1.0,
-                           lambda_mode="confidence_batch_mean", temperature=0.2, area_weight=0.4)
+    params["train"].update(
+        shards="inputs/shards",
+        steps=2,
+        warmup_steps=1,
+        eval_every=2,
+        log_every=1,
+        checkpoint_every=2,
+        batch_size=8,
+        student="picosam3",
+        grad_clip=1.0,
+        lambda_mode="confidence_batch_mean",
+        temperature=0.2,
+        area_weight=0.4,
+    )
     params["evaluate"].update(shards="inputs/shards/val", index="inputs/prepared/index.parquet", grid_samples=3)
     params["package"].update(export_dir="inputs/export")
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -112,8 +138,11 @@ def test_exp_show_compares_two_experiments_by_headline_metrics(tmp_path):
     sh("dvc", "exp", "run", "-n", "longer", "-S", "train.steps=3", cwd=root)
     sh("dvc", "exp", "run", "-n", "pico2", "-S", "train.student=picosam2", cwd=root)
     table = json.loads(sh("dvc", "exp", "show", "--json", cwd=root))
-    rows = {e.get("name") or e["rev"]: e["data"] for row in table
-            for e in [row] + [x for x in row.get("experiments") or [] for x in x["revs"]]}
+    rows = {
+        e.get("name") or e["rev"]: e["data"]
+        for row in table
+        for e in [row] + [x for x in row.get("experiments") or [] for x in x["revs"]]
+    }
     assert {"workspace", "longer", "pico2"} <= set(rows), table
     for name, data in rows.items():  # the baseline, both experiments, the workspace: only the headline columns
         columns = {f: flat(d["data"]) for f, d in data["metrics"].items()}
@@ -121,8 +150,10 @@ def test_exp_show_compares_two_experiments_by_headline_metrics(tmp_path):
     longer, pico2 = rows["longer"], rows["pico2"]
     assert pico2["params"]["params.yaml"]["data"]["train"]["student"] == "picosam2"
     assert longer["params"]["params.yaml"]["data"]["train"]["steps"] == 3
-    assert (pico2["metrics"]["metrics/evaluate.json"]["data"]["crop_miou"]
-            != longer["metrics"]["metrics/evaluate.json"]["data"]["crop_miou"])
+    assert (
+        pico2["metrics"]["metrics/evaluate.json"]["data"]["crop_miou"]
+        != longer["metrics"]["metrics/evaluate.json"]["data"]["crop_miou"]
+    )
 
     # The table a person reads, at its natural width (a wide COLUMNS lets rich lay it out without squeezing): the
     # changed params and headline metrics, and DVC's column of each changed dependency's hash (here evaluate's
@@ -186,8 +217,11 @@ def test_an_experiment_and_back_restores_every_output_from_the_cache(tmp_path):
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     ran = sh("dvc", "repro", cwd=root)
     assert all(f"Running stage '{stage}'" in ran for stage in STAGES + ("package",)), ran
-    changed = {name.split("/")[1] for name, data in outputs(root).items()
-               if name.startswith("data/") and baseline.get(name) != data}
+    changed = {
+        name.split("/")[1]
+        for name, data in outputs(root).items()
+        if name.startswith("data/") and baseline.get(name) != data
+    }
     assert {"train", "evaluate", "package"} <= changed, changed
 
     sh("git", "checkout", "--", "params.yaml", "dvc.lock", "metrics", cwd=root)

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from teacher_project import BIN, REPO
 
 pytestmark = pytest.mark.slow
@@ -96,8 +95,9 @@ def s3_endpoint():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     url = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="test",
-                 aws_secret_access_key="test").create_bucket(Bucket="picosam")
+    boto3.client(
+        "s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test"
+    ).create_bucket(Bucket="picosam")
     yield url
     server.stop()
 

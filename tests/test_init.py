@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-
 from conftest import REPO, run_checked
+
 from picosam_pipeline import __version__, project_init
 from picosam_pipeline.cli import cli
 from picosam_pipeline.errors import PipelineError
@@ -36,7 +36,8 @@ def check_project(project: Path) -> None:
     for name in project_init.COPIED:
         assert (project / name).read_bytes() == (REPO / name).read_bytes(), name
     assert sorted(p.name for p in (project / ".dvc/plots").iterdir()) == sorted(
-        p.name for p in (REPO / ".dvc/plots").glob("*.json"))
+        p.name for p in (REPO / ".dvc/plots").glob("*.json")
+    )
     assert (project / ".picosam/version").read_text() == f"{__version__}\n"
     assert "dvc repro" in (project / "README.md").read_text()
 
@@ -87,8 +88,13 @@ def test_init_makes_a_git_repository_or_joins_the_enclosing_one(tmp_path):
 def test_without_a_git_identity_init_says_to_commit(tmp_path, monkeypatch):
     for name in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL", "EMAIL"):
         monkeypatch.delenv(name, raising=False)
-    for name, value in {"GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_COUNT": "1",
-                        "GIT_CONFIG_KEY_0": "user.useConfigOnly", "GIT_CONFIG_VALUE_0": "true"}.items():
+    for name, value in {
+        "GIT_CONFIG_GLOBAL": os.devnull,
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_COUNT": "1",
+        "GIT_CONFIG_KEY_0": "user.useConfigOnly",
+        "GIT_CONFIG_VALUE_0": "true",
+    }.items():
         monkeypatch.setenv(name, value)
     result = project_init.init_project(tmp_path / "proj")
     assert result.scm == "a new git repository (git init)"
@@ -97,7 +103,9 @@ def test_without_a_git_identity_init_says_to_commit(tmp_path, monkeypatch):
 
 def test_without_git_installed_init_runs_dvc_without_git_and_git_is_refused(tmp_path, monkeypatch):
     which = shutil.which
-    monkeypatch.setattr(project_init.shutil, "which", lambda name, *a, **k: None if name == "git" else which(name, *a, **k))
+    monkeypatch.setattr(
+        project_init.shutil, "which", lambda name, *a, **k: None if name == "git" else which(name, *a, **k)
+    )
     with pytest.raises(PipelineError, match="--git: git is not installed"):
         project_init.init_project(tmp_path / "wanted", git=True)
     assert not (tmp_path / "wanted").exists()
@@ -110,7 +118,9 @@ def test_init_refuses_a_folder_that_is_not_empty_or_a_file(tmp_path):
     (tmp_path / "used").mkdir()
     (tmp_path / "used/notes.txt").write_text("mine")
     result = CliRunner().invoke(cli, ["init", str(tmp_path / "used")])
-    assert result.exit_code == 1 and "is not empty (notes.txt)" in result.output and "overwrites nothing" in result.output
+    assert (
+        result.exit_code == 1 and "is not empty (notes.txt)" in result.output and "overwrites nothing" in result.output
+    )
     assert sorted(p.name for p in (tmp_path / "used").iterdir()) == ["notes.txt"]
     (tmp_path / "file").write_text("")
     result = CliRunner().invoke(cli, ["init", str(tmp_path / "file")])
@@ -150,7 +160,9 @@ def test_code_stamps_change_with_a_stages_code_only(tmp_path, monkeypatch):
     changed = tmp_path / "prepare.py"
     changed.write_text((REPO / "stages/prepare.py").read_text() + "# changed\n")
     real = project_init._installed_file
-    monkeypatch.setattr(project_init, "_installed_file", lambda dep: changed if dep == "stages/prepare.py" else real(dep))
+    monkeypatch.setattr(
+        project_init, "_installed_file", lambda dep: changed if dep == "stages/prepare.py" else real(dep)
+    )
     (tmp_path / ".picosam/version").write_text("0.0.1\n")
     written, warning = project_init.write_code_stamps(tmp_path)
     assert [p.stem for p in written if p.read_text() != stamps[p.stem]] == ["prepare"]
@@ -166,14 +178,18 @@ def test_wheel_init_then_dvc_repro_up_to_the_teacher(installed_wheel, tmp_path):
     # The new venv's commands first; this environment's .venv/bin (our editable install's console script) not at all
     path = [p for p in env["PATH"].split(os.pathsep) if Path(p).resolve() != (REPO / ".venv/bin").resolve()]
     env = {**env, "PATH": os.pathsep.join([str(venv / "bin"), *path]), "DVC_NO_ANALYTICS": "1"}
-    probe = "import picosam_pipeline, picosam_pipeline.project_init as p; print(picosam_pipeline.__file__); print(p.template_root())"
+    probe = (
+        "import picosam_pipeline, picosam_pipeline.project_init as p; print(picosam_pipeline.__file__); "
+        "print(p.template_root())"
+    )
     where, template = run_checked([venv / "bin/python", "-c", probe], cwd=tmp_path, env=env).stdout.splitlines()
     assert where.startswith(str(venv)) and template == str(Path(where).parent / "project_template")
     # The wheel carries exactly the template files (the root mapped as a package: no module of the root slips in)
     names = zipfile.ZipFile(next((venv.parent / "dist").glob("*.whl"))).namelist()
     shipped = sorted(n.removeprefix("picosam_pipeline/project_template/") for n in names if "/project_template/" in n)
-    assert shipped == sorted(["dvc.yaml", *project_init.COPIED, *(f".dvc/plots/{p.name}" for p in
-                                                                  (REPO / ".dvc/plots").glob("*.json"))])
+    assert shipped == sorted(
+        ["dvc.yaml", *project_init.COPIED, *(f".dvc/plots/{p.name}" for p in (REPO / ".dvc/plots").glob("*.json"))]
+    )
 
     run_checked([venv / "bin/picosam-pipeline", "init", "proj"], cwd=tmp_path, env=env)
     project = tmp_path / "proj"
@@ -187,7 +203,9 @@ def test_wheel_init_then_dvc_repro_up_to_the_teacher(installed_wheel, tmp_path):
     for stage in ("code-stamp", "sample", "prepare", "teacher-logits@sam2"):
         assert f"Running stage '{stage}'" in out
     assert (project / "data/prepared/index.parquet").stat().st_size > 0
-    assert (project / "data/teacher/stores/sam2.zarr").is_dir() and (project / "metrics/teacher-logits@sam2.json").is_file()
+    assert (project / "data/teacher/stores/sam2.zarr").is_dir() and (
+        project / "metrics/teacher-logits@sam2.json"
+    ).is_file()
     stamps = (project / ".picosam/code/package.sha256").read_text()
     assert "picosam_pipeline/deploy/template/picosam_imx500_demo.py" in stamps  # package data found as installed
 

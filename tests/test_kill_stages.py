@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO
+
 from picosam_pipeline.config import load_config
 from picosam_pipeline.device import resolve_runtime
 from picosam_pipeline.stages import STAGES
@@ -48,13 +48,15 @@ STAGES_KILLED = ("sample", "prepare", "pack", "train", "evaluate", "export")
 def inputs(tmp_path_factory):
     """build_inputs (sample, index, GT-mask store), shards and a student checkpoint."""
     from pipeline_inputs import build_inputs, half_foreground_student, run_pack
+
     from picosam_pipeline.train.checkpoints import save_student
 
     root = tmp_path_factory.mktemp("inputs")
     cfg = build_inputs(root)
     run_pack(cfg, root / "shards")
-    save_student(root / "student.pt", half_foreground_student(root / "shards" / "val"),
-                 {"student": "picosam2", "input_size": 96})
+    save_student(
+        root / "student.pt", half_foreground_student(root / "shards" / "val"), {"student": "picosam2", "input_size": 96}
+    )
     return root
 
 
@@ -63,10 +65,15 @@ def _quantize_folder(folder: Path) -> None:
     sys.path.insert(0, str(REPO / "tests" / "deploy"))
     from test_quantize import SIZE, tiny_camera_model
 
-    from picosam_pipeline.deploy.onnx_export import (QUANTIZE_FAKEQUANT_FILE, QUANTIZE_MCTQ_FILE, QUANTIZE_PROBE_FILE,
-                                                     QUANTIZE_REPORT_FILE, export_quantized)
-    from picosam_pipeline.deploy.quantize import RgbModel, quantize
     from picosam_pipeline.data.crops import crop_convention
+    from picosam_pipeline.deploy.onnx_export import (
+        QUANTIZE_FAKEQUANT_FILE,
+        QUANTIZE_MCTQ_FILE,
+        QUANTIZE_PROBE_FILE,
+        QUANTIZE_REPORT_FILE,
+        export_quantized,
+    )
+    from picosam_pipeline.deploy.quantize import RgbModel, quantize
     from picosam_pipeline.train.students import NORMALIZATION
 
     torch.manual_seed(0)
@@ -77,37 +84,80 @@ def _quantize_folder(folder: Path) -> None:
     rgb = torch.rand(4, 3, SIZE, SIZE).numpy()
     logits = RgbModel(int8, "int8", SIZE)(rgb)
     np.savez(folder / QUANTIZE_PROBE_FILE, rgb=rgb, int8_logits=logits, float_logits=logits)
-    meta = {"student": "picosam2", "input_size": SIZE,
-            "normalization": {"mean": list(NORMALIZATION.mean), "std": list(NORMALIZATION.std)}}
+    meta = {
+        "student": "picosam2",
+        "input_size": SIZE,
+        "normalization": {"mean": list(NORMALIZATION.mean), "std": list(NORMALIZATION.std)},
+    }
     crop = crop_convention("roi", roi_padding=0.1, window=96, input_size=SIZE)  # what the quantize stage records
-    (folder / QUANTIZE_REPORT_FILE).write_text(json.dumps({"student_meta": meta, "tpc_version": "4.0", "method": "ptq",
-                                                           "crop": crop}))
+    (folder / QUANTIZE_REPORT_FILE).write_text(
+        json.dumps({"student_meta": meta, "tpc_version": "4.0", "method": "ptq", "crop": crop})
+    )
 
 
 def stage_sets(stage: str, root: Path, out: Path) -> tuple[list[str], list[str]]:
     """``--set`` overrides of the reference run R and the extra ones of the previous output P."""
     common = ["runtime.device=cpu", f"runtime.metrics_dir={out.parent / 'metrics'}", "runtime.num_threads=1"]
     if stage == "sample":
-        return [*common, f"sample.out_dir={out}", "dataset.name=coco2017", "sample.plant_bad_inputs=false",
-                "sample.train_images=4", "sample.val_images=2"], ["sample.seed=1"]
+        return [
+            *common,
+            f"sample.out_dir={out}",
+            "dataset.name=coco2017",
+            "sample.plant_bad_inputs=false",
+            "sample.train_images=4",
+            "sample.val_images=2",
+        ], ["sample.seed=1"]
     if stage == "prepare":
-        splits = [{"name": s, "annotations": str(root / f"sample/annotations/instances_{s}.json"),
-                   "images": str(root / "sample" / s)} for s in ("train", "val")]
+        splits = [
+            {
+                "name": s,
+                "annotations": str(root / f"sample/annotations/instances_{s}.json"),
+                "images": str(root / "sample" / s),
+            }
+            for s in ("train", "val")
+        ]
         return [*common, f"prepare.out_dir={out}", f"prepare.splits={json.dumps(splits)}"], ["prepare.min_area=2000"]
     if stage == "pack":
-        return [*common, f"pack.out_dir={out}", f"pack.index={root / 'prepared/index.parquet'}",
-                f"pack.stores_dir={root / 'stores'}", "pack.teachers=[gt]", "pack.samples_per_shard=8"], ["pack.seed=1"]
+        return [
+            *common,
+            f"pack.out_dir={out}",
+            f"pack.index={root / 'prepared/index.parquet'}",
+            f"pack.stores_dir={root / 'stores'}",
+            "pack.teachers=[gt]",
+            "pack.samples_per_shard=8",
+        ], ["pack.seed=1"]
     if stage == "train":
-        return [*common, f"train.out_dir={out}", f"train.state_dir={out}.state", f"train.shards={root / 'shards'}",
-                "train.student=picosam3", "train.steps=4", "train.batch_size=4", "train.checkpoint_every=2",
-                "train.eval_every=4", "train.log_every=2", "train.warmup_steps=2"], ["runtime.seed=1", "train.steps=2"]
+        return [
+            *common,
+            f"train.out_dir={out}",
+            f"train.state_dir={out}.state",
+            f"train.shards={root / 'shards'}",
+            "train.student=picosam3",
+            "train.steps=4",
+            "train.batch_size=4",
+            "train.checkpoint_every=2",
+            "train.eval_every=4",
+            "train.log_every=2",
+            "train.warmup_steps=2",
+        ], ["runtime.seed=1", "train.steps=2"]
     if stage == "evaluate":
-        return [*common, f"evaluate.out_dir={out}", f"evaluate.shards={root / 'shards/val'}",
-                f"evaluate.checkpoint={root / 'student.pt'}", f"evaluate.index={root / 'prepared/index.parquet'}",
-                "evaluate.grid_samples=4", "evaluate.batch_size=4"], ["evaluate.grid_samples=0"]
+        return [
+            *common,
+            f"evaluate.out_dir={out}",
+            f"evaluate.shards={root / 'shards/val'}",
+            f"evaluate.checkpoint={root / 'student.pt'}",
+            f"evaluate.index={root / 'prepared/index.parquet'}",
+            "evaluate.grid_samples=4",
+            "evaluate.batch_size=4",
+        ], ["evaluate.grid_samples=0"]
     if stage == "export":
-        return [*common, f"export.out_dir={out}", f"export.quantized_dir={root / 'quantize'}",
-                "export.mctq_check_samples=2", "export.min_mask_agreement=0.9"], ["export.mctq_check_samples=1"]
+        return [
+            *common,
+            f"export.out_dir={out}",
+            f"export.quantized_dir={root / 'quantize'}",
+            "export.mctq_check_samples=2",
+            "export.min_mask_agreement=0.9",
+        ], ["export.mctq_check_samples=1"]
     raise AssertionError(stage)
 
 
@@ -156,7 +206,8 @@ def wait_until_working(proc: subprocess.Popen, out: Path) -> None:
 
 @pytest.mark.parametrize("stage", STAGES_KILLED)
 def test_kills_at_random_moments_leave_the_previous_or_the_new_output_and_the_rerun_ends_as_an_uninterrupted_run(
-        stage, inputs, tmp_path):
+    stage, inputs, tmp_path
+):
     if stage == "export" and not (inputs / "quantize").exists():
         _quantize_folder(inputs / "quantize")
     out = tmp_path / stage
@@ -190,8 +241,11 @@ def test_kills_at_random_moments_leave_the_previous_or_the_new_output_and_the_re
         # A Ctrl-C landing inside onnxruntime's custom-op callback (MCT's INT8 ops, export's checks) makes pybind11
         # abort the process (SIGABRT) instead of raising: a hard stop like SIGKILL, which the output survives too.
         aborted_in_ort = stage == "export" and proc.returncode == -signal.SIGABRT and "pybind11" in text
-        if proc.returncode not in (0, -signal.SIGKILL) and not (finished and proc.returncode == -signal.SIGINT) \
-                and not aborted_in_ort:
+        if (
+            proc.returncode not in (0, -signal.SIGKILL)
+            and not (finished and proc.returncode == -signal.SIGINT)
+            and not aborted_in_ort
+        ):
             assert proc.returncode == 130 and "Traceback" not in text, text[-3000:]  # Ctrl-C: one line, exit 130
 
     run_in_process(stage, sets)  # the rerun: takes over a killed run's lock, tidies, resumes where it can

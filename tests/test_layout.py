@@ -14,15 +14,29 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
+
 from picosam_pipeline.stages import STAGES
 
 PACKAGE = "picosam_pipeline"
 PHASES = ("data", "teacher", "train", "evaluate", "deploy")
-CROSS_CUTTING = {"config", "datasets", "errors", "device", "outputs", "parallel", "recipes", "reports",
-                 "_torchvision_compat"}
-TOP = {"cli", "__main__", "doctor", "project_init"}  # the command line (and its `doctor`, `init`): imports everything, imported by nothing in the library
+CROSS_CUTTING = {
+    "config",
+    "datasets",
+    "errors",
+    "device",
+    "outputs",
+    "parallel",
+    "recipes",
+    "reports",
+    "_torchvision_compat",
+}
+TOP = {
+    "cli",
+    "__main__",
+    "doctor",
+    "project_init",
+}  # the command line (and its `doctor`, `init`): imports everything, imported by nothing in the library
 # Files that a stage imports but whose changes cannot change its outputs: package docstrings, the import shim,
 # and the error classes (messages only).
 NOT_DEPS = {"picosam_pipeline/errors.py", "picosam_pipeline/_torchvision_compat.py"}
@@ -106,7 +120,10 @@ def test_the_checker_sees_lazy_and_upward_imports(tmp_path):
     fake = {**modules, "picosam_pipeline.data.lazy": lazy, "picosam_pipeline.train.cli_user": cli_user}
     assert imports_of(lazy, modules) == {"picosam_pipeline.deploy", "picosam_pipeline.deploy.quantize"}
     assert [line.split(" imports ")[1] for line in violations(fake)] == [
-        "picosam_pipeline.deploy (deploy)", "picosam_pipeline.deploy.quantize (deploy)", "picosam_pipeline.cli (top)"]
+        "picosam_pipeline.deploy (deploy)",
+        "picosam_pipeline.deploy.quantize (deploy)",
+        "picosam_pipeline.cli (top)",
+    ]
 
 
 def import_cycles(modules: dict[str, Path]) -> list[list[str]]:
@@ -148,8 +165,9 @@ def import_cycles(modules: dict[str, Path]) -> list[list[str]]:
 
 def test_no_import_circles():
     cycles = import_cycles(source_files())
-    assert not cycles, "import circles (break each by moving the shared part into a module both import):\n" + \
-        "\n".join(" <-> ".join(c) for c in cycles)
+    assert not cycles, "import circles (break each by moving the shared part into a module both import):\n" + "\n".join(
+        " <-> ".join(c) for c in cycles
+    )
 
 
 def test_the_circle_check_finds_a_planted_circle(tmp_path):

@@ -14,9 +14,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, load_script
-
 
 lockfile = load_script("lockfile")
 
@@ -55,7 +53,9 @@ def test_added_requirement_without_relocking_is_named(inputs: Path):
     with open(inputs / "requirements/base.txt", "a") as fh:
         fh.write("hypothesis>=6\n")
     problems = lockfile.check(inputs)
-    assert any("hypothesis>=6 (requirements/base.txt) is not in requirements/lock-cpu.txt" in p for p in problems), problems
+    assert any("hypothesis>=6 (requirements/base.txt) is not in requirements/lock-cpu.txt" in p for p in problems), (
+        problems
+    )
     assert any("lock-cuda.txt" in p and "hypothesis" in p for p in problems)
 
 
@@ -63,8 +63,10 @@ def test_changed_pin_without_relocking_is_named(inputs: Path):
     path = inputs / "requirements/constraints.txt"
     path.write_text(path.read_text().replace("onnxruntime==1.21.1", "onnxruntime==1.22.0"))
     problems = lockfile.check(inputs)
-    assert any("pins onnxruntime==1.21.1, which requirements/constraints.txt no longer allows (onnxruntime==1.22.0)"
-               in p for p in problems), problems
+    assert any(
+        "pins onnxruntime==1.21.1, which requirements/constraints.txt no longer allows (onnxruntime==1.22.0)" in p
+        for p in problems
+    ), problems
 
 
 def test_pyproject_extra_without_relocking_is_named(inputs: Path):
@@ -80,8 +82,9 @@ def test_removed_requirement_without_relocking_is_named(inputs: Path):
     path = inputs / "pyproject.toml"
     path.write_text(path.read_text().replace('teacher = ["sam2>=1.1.0"]', "teacher = []"))
     problems = lockfile.check(inputs)
-    assert any("has sam2==1.1.0 as asked for by requirements/lock.in, which no longer asks for it" in p
-               for p in problems), problems
+    assert any(
+        "has sam2==1.1.0 as asked for by requirements/lock.in, which no longer asks for it" in p for p in problems
+    ), problems
 
 
 def test_locks_that_disagree_are_named(inputs: Path):
@@ -94,12 +97,18 @@ def test_locks_that_disagree_are_named(inputs: Path):
 def _wheel(folder: Path, name: str = "lockprobe", version: str = "1.0") -> Path:
     """A minimal pure-Python wheel (a package with one module), built here so the test needs no index."""
     info = f"{name}-{version}.dist-info"
-    files = {f"{name}/__init__.py": b"VALUE = 1\n",
-             f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
-             f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test_lock\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
-    record = "".join(
-        f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},{len(data)}\n"
-        for path, data in files.items()) + f"{info}/RECORD,,\n"
+    files = {
+        f"{name}/__init__.py": b"VALUE = 1\n",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+        f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test_lock\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = (
+        "".join(
+            f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},{len(data)}\n"
+            for path, data in files.items()
+        )
+        + f"{info}/RECORD,,\n"
+    )
     path = folder / f"{name}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as zf:
         for member, data in files.items():
@@ -113,9 +122,28 @@ def _pip_locked(lock: Path, wheels: Path, target: Path, log: Path) -> int:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
     env["PIP_CONFIG_FILE"] = os.devnull  # the machine's pip config adds indexes and find-links
     with open(log, "w") as fh:
-        return subprocess.run([sys.executable, "-m", "pip", "install", "--require-hashes", "--no-index", "--find-links",
-                               str(wheels), "--target", str(target), "--progress-bar", "off", "-r", str(lock)],
-                              stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=120).returncode
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--require-hashes",
+                "--no-index",
+                "--find-links",
+                str(wheels),
+                "--target",
+                str(target),
+                "--progress-bar",
+                "off",
+                "-r",
+                str(lock),
+            ],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+            timeout=120,
+        ).returncode
 
 
 def test_file_whose_hash_is_not_in_the_lock_is_refused_with_a_clear_message(tmp_path: Path):
@@ -132,8 +160,10 @@ def test_file_whose_hash_is_not_in_the_lock_is_refused_with_a_clear_message(tmp_
     assert _pip_locked(lock, wheels, tmp_path / "refused", log) != 0
     assert not (tmp_path / "refused" / "lockprobe").exists()
     message = lockfile.explain(log.read_text(), "requirements/lock-cpu.txt", str(log))
-    assert message.startswith("install.sh: pip refused 1 file(s) whose sha256 is not in requirements/lock-cpu.txt: "
-                              f"lockprobe 1.0 (file lockprobe-1.0-py3-none-any.whl has sha256 {good}")
+    assert message.startswith(
+        "install.sh: pip refused 1 file(s) whose sha256 is not in requirements/lock-cpu.txt: "
+        f"lockprobe 1.0 (file lockprobe-1.0-py3-none-any.whl has sha256 {good}"
+    )
     assert "make lock" in message and str(log) in message
     assert "\n" not in message  # one paragraph, not pip's page
 
@@ -173,8 +203,10 @@ def test_pinned_file_not_on_the_indexes_is_named(tmp_path: Path):
 
 
 def test_cpu_torch_not_reachable_says_what_to_do_instead():
-    log = "ERROR: Could not find a version that satisfies the requirement torch==2.13.0+cpu (from versions: 2.13.0)\n" \
-          "ERROR: No matching distribution found for torch==2.13.0+cpu\n"
+    log = (
+        "ERROR: Could not find a version that satisfies the requirement torch==2.13.0+cpu (from versions: 2.13.0)\n"
+        "ERROR: No matching distribution found for torch==2.13.0+cpu\n"
+    )
     message = lockfile.explain(log, "requirements/lock-cpu.txt", "install.log")
     assert "torch==2.13.0+cpu" in message and "without TORCH=cpu" in message and "TORCH_CPU_FIND_LINKS" in message
     assert "TORCH_INDEX" not in message  # the PyTorch-index option is gone: its files' hashes were never locked
@@ -185,8 +217,11 @@ def test_locks_cover_every_supported_python():
         head = (REPO / lockfile.lock_path(variant)).read_text().splitlines()[:5]
         assert any("universal: Python >= 3.11" in line for line in head), head
     # A marker that holds only on 3.13 still asks for the package: such a requirement must be in the lock too.
-    assert [v for v in lockfile.SUPPORTED_PYTHONS if lockfile.Requirement("x ; python_version >= '3.13'").marker
-            .evaluate(lockfile.marker_env(v))] == ["3.13"]
+    assert [
+        v
+        for v in lockfile.SUPPORTED_PYTHONS
+        if lockfile.Requirement("x ; python_version >= '3.13'").marker.evaluate(lockfile.marker_env(v))
+    ] == ["3.13"]
 
 
 def test_lock_made_for_one_python_is_named(inputs: Path):
@@ -202,17 +237,25 @@ def test_lock_made_for_one_python_is_named(inputs: Path):
 def test_forked_pins_must_not_overlap_and_must_cover_every_python(inputs: Path):
     # The committed fork (onnx by Python version) passes; markers that overlap, or leave a Python out, are named.
     onnx = lockfile.parse_lock(inputs / "requirements/lock-cpu.txt")["onnx"]
-    assert sorted((e.version, [v for v in lockfile.SUPPORTED_PYTHONS if e.applies(v)]) for e in onnx)[0] == \
-        ("1.17.0", ["3.11", "3.12"])
+    assert sorted((e.version, [v for v in lockfile.SUPPORTED_PYTHONS if e.applies(v)]) for e in onnx)[0] == (
+        "1.17.0",
+        ["3.11", "3.12"],
+    )
     path = inputs / "requirements/lock-cpu.txt"
     text = path.read_text()
-    path.write_text(text.replace("scipy==1.17.1 \\", "scipy==1.17.1 ; python_full_version < '3.13' \\", 1)
-                    + "scipy==1.18.1 ; python_full_version >= '3.12' \\\n    --hash=sha256:" + "1" * 64 + "\n")
+    path.write_text(
+        text.replace("scipy==1.17.1 \\", "scipy==1.17.1 ; python_full_version < '3.13' \\", 1)
+        + "scipy==1.18.1 ; python_full_version >= '3.12' \\\n    --hash=sha256:"
+        + "1" * 64
+        + "\n"
+    )
     problems = lockfile.check(inputs)
     assert any("lock-cpu.txt pins scipy twice for Python 3.12: 1.17.1" in p for p in problems), problems
     path.write_text(text.replace("scipy==1.17.1 \\", "scipy==1.17.1 ; python_full_version < '3.13' \\", 1))
     problems = lockfile.check(inputs)
-    assert any("(pyproject.toml [bench]) is not in requirements/lock-cpu.txt for Python 3.13" in p for p in problems), problems
+    assert any("(pyproject.toml [bench]) is not in requirements/lock-cpu.txt for Python 3.13" in p for p in problems), (
+        problems
+    )
 
 
 def test_install_refuses_an_unknown_torch_choice_and_an_unsupported_python(tmp_path: Path):

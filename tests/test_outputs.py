@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
+
 from picosam_pipeline import outputs
 from picosam_pipeline.config import load_config
 from picosam_pipeline.errors import PipelineError
@@ -35,28 +35,51 @@ CLI = str(BIN / "picosam-pipeline")
 PARAMS = REPO / "params.yaml"
 
 # Each stage's output param, and a setting of it that equals, contains or lies inside one of its inputs.
-OUT_KEY = {"sample": "sample.out_dir", "prepare": "prepare.out_dir", "teacher-logits": "teacher.out",
-           "pack": "pack.out_dir", "train": "train.out_dir", "evaluate": "evaluate.out_dir",
-           "quantize": "quantize.out_dir", "export": "export.out_dir", "package": "package.out_dir",
-           "evaluate-int8": "evaluate.int8_out_dir"}
-ON_INPUT = {"prepare": ("data/datasets/sample/train", "is the stage's input prepare.splits"),
-            "teacher-logits": ("data/checkpoints", "contains the stage's input teacher.checkpoint"),
-            "pack": ("data/prepared", "contains the stage's input pack.index"),
-            "train": ("data/shards/train/x", "lies inside the stage's input train.shards"),
-            "evaluate": ("data", "contains the stage's input evaluate.shards"),
-            "quantize": ("data/shards/train", "is the stage's input quantize.train_shards"),
-            "export": ("data/quantize", "is the stage's input export.quantized_dir"),
-            "package": ("data/export", "is the stage's input package.export_dir"),
-            "evaluate-int8": ("data/shards", "contains the stage's input evaluate.shards")}
+OUT_KEY = {
+    "sample": "sample.out_dir",
+    "prepare": "prepare.out_dir",
+    "teacher-logits": "teacher.out",
+    "pack": "pack.out_dir",
+    "train": "train.out_dir",
+    "evaluate": "evaluate.out_dir",
+    "quantize": "quantize.out_dir",
+    "export": "export.out_dir",
+    "package": "package.out_dir",
+    "evaluate-int8": "evaluate.int8_out_dir",
+}
+ON_INPUT = {
+    "prepare": ("data/datasets/sample/train", "is the stage's input prepare.splits"),
+    "teacher-logits": ("data/checkpoints", "contains the stage's input teacher.checkpoint"),
+    "pack": ("data/prepared", "contains the stage's input pack.index"),
+    "train": ("data/shards/train/x", "lies inside the stage's input train.shards"),
+    "evaluate": ("data", "contains the stage's input evaluate.shards"),
+    "quantize": ("data/shards/train", "is the stage's input quantize.train_shards"),
+    "export": ("data/quantize", "is the stage's input export.quantized_dir"),
+    "package": ("data/export", "is the stage's input package.export_dir"),
+    "evaluate-int8": ("data/shards", "contains the stage's input evaluate.shards"),
+}
 
 
 # the sample stage anywhere but the dataset folder (dataset.name sample ties them), small and without bad inputs
-SMALL_SAMPLE = ("dataset.name=coco2017", "sample.plant_bad_inputs=false", "sample.train_images=2", "sample.val_images=1")
+SMALL_SAMPLE = (
+    "dataset.name=coco2017",
+    "sample.plant_bad_inputs=false",
+    "sample.train_images=2",
+    "sample.val_images=1",
+)
 
 
 def stage_config(stage: str, out: str, *more: str):
-    return load_config(PARAMS, [f"{OUT_KEY[stage]}={out}", "runtime.metrics_dir=metrics", "runtime.device=cpu",
-                                *(SMALL_SAMPLE if stage == "sample" else ()), *more])
+    return load_config(
+        PARAMS,
+        [
+            f"{OUT_KEY[stage]}={out}",
+            "runtime.metrics_dir=metrics",
+            "runtime.device=cpu",
+            *(SMALL_SAMPLE if stage == "sample" else ()),
+            *more,
+        ],
+    )
 
 
 def run_stage(stage: str, cfg) -> dict:
@@ -126,8 +149,12 @@ def test_every_stage_refuses_an_output_over_its_input(stage, project):
 def test_the_cli_refuses_export_into_the_checkout_with_one_paragraph(project):
     """The reported data loss: `run-stage export --set export.out_dir=.` deleted a checkout, .git included."""
     before = snapshot(project)
-    proc = subprocess.run([CLI, "run-stage", "export", "--params", str(PARAMS), "--set", "export.out_dir=."],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [CLI, "run-stage", "export", "--params", str(PARAMS), "--set", "export.out_dir=."],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "export.out_dir: '.' is the project folder" in proc.stderr
     assert snapshot(project) == before
@@ -162,8 +189,16 @@ def test_pack_index_pointing_at_params_yaml_does_not_advise_deleting_it(packed, 
     params = tmp_path / "params.yaml"
     params.write_text(PARAMS.read_text())
     with pytest.raises(PipelineError) as err:
-        run_stage("pack", stage_config("pack", "shards", f"pack.index={params}",
-                                       f"pack.stores_dir={packed.pack.stores_dir}", "pack.teachers=[gt]"))
+        run_stage(
+            "pack",
+            stage_config(
+                "pack",
+                "shards",
+                f"pack.index={params}",
+                f"pack.stores_dir={packed.pack.stores_dir}",
+                "pack.teachers=[gt]",
+            ),
+        )
     text = str(err.value)
     assert "not the instance index prepare writes" in text and "point the param that names it" in text
     assert "delete" not in text and params.read_text() == PARAMS.read_text()
@@ -195,10 +230,19 @@ def holder(out: Path, seconds: float):
 
 
 def sample_cli(tmp_path: Path, *extra: str, **popen) -> subprocess.Popen:
-    sets = [a for s in ("sample.out_dir=sample", *SMALL_SAMPLE, f"runtime.metrics_dir={tmp_path / 'metrics'}")
-            for a in ("--set", s)]
-    return subprocess.Popen([CLI, "run-stage", "sample", "--params", str(PARAMS), *sets, *extra],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    sets = [
+        a
+        for s in ("sample.out_dir=sample", *SMALL_SAMPLE, f"runtime.metrics_dir={tmp_path / 'metrics'}")
+        for a in ("--set", s)
+    ]
+    return subprocess.Popen(
+        [CLI, "run-stage", "sample", "--params", str(PARAMS), *sets, *extra],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 def test_a_second_run_fails_naming_the_holder(tmp_path):
@@ -206,8 +250,12 @@ def test_a_second_run_fails_naming_the_holder(tmp_path):
         run = sample_cli(tmp_path, "--on-locked", "fail")
         _, err = run.communicate(timeout=300)
     assert run.returncode == 1 and "Traceback" not in err, err
-    assert f"sample is being written by another run (stage sample, pid {proc.pid} on host {socket.gethostname()}, " \
-           "started 20" in err and "sample.stage-lock" in err, err
+    assert (
+        f"sample is being written by another run (stage sample, pid {proc.pid} on host {socket.gethostname()}, "
+        "started 20"
+        in err
+        and "sample.stage-lock" in err
+    ), err
     assert not (tmp_path / "sample").exists() and not (tmp_path / "sample.partial").exists()
 
 
@@ -231,7 +279,10 @@ def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path, monkeypatch, capsys
         proc.wait()
     assert (tmp_path / "sample.stage-lock").exists()  # what a killed run leaves
     run_stage("sample", stage_config("sample", "sample"))
-    assert f"took over the lock of sample left by a run that is gone (stage sample, pid {proc.pid}" in capsys.readouterr().err
+    assert (
+        f"took over the lock of sample left by a run that is gone (stage sample, pid {proc.pid}"
+        in capsys.readouterr().err
+    )
     assert (tmp_path / "sample" / "BAD_INPUTS.md").is_file() and not (tmp_path / "sample.stage-lock").exists()
 
 
@@ -274,7 +325,9 @@ def tmpfs(where: Path, size: str):
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs to fill needs root (the test makes its own file system); not root here")
     where.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True
+    )
     if done.returncode:
         pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): no small file system to fill")
     try:
@@ -293,7 +346,9 @@ def packed(tmp_path_factory):
 def test_a_full_disk_during_pack_is_one_paragraph_and_leaves_the_previous_output(packed, tmp_path):
     from pipeline_inputs import run_pack
 
-    cfg = dataclasses.replace(packed, runtime=dataclasses.replace(packed.runtime, metrics_dir=str(tmp_path / "metrics")))
+    cfg = dataclasses.replace(
+        packed, runtime=dataclasses.replace(packed.runtime, metrics_dir=str(tmp_path / "metrics"))
+    )
     with tmpfs(tmp_path / "small", "400k") as disk:
         run_pack(cfg, disk / "shards", splits=["val"])  # a small previous output that fits
         before = snapshot(disk / "shards")
@@ -310,8 +365,11 @@ def test_a_full_disk_during_pack_is_one_paragraph_and_leaves_the_previous_output
         assert not unraisable, [repr(u.exc_value) for u in unraisable]
         assert text.startswith(f"stage pack could not write {disk}/shards.partial") and "(its shards)" in text, text
         assert "the file system is full (No space left on device)" in text and re.search(r"KB free there\.", text)
-        assert re.search(rf"needs more than the [\d.]+ KB it had written when the disk filled \(the previous output "
-                         rf"{disk}/shards, kept until the new one is complete, holds [\d.]+ KB\); [\d.]+ KB free", text), text
+        assert re.search(
+            rf"needs more than the [\d.]+ KB it had written when the disk filled \(the previous output "
+            rf"{disk}/shards, kept until the new one is complete, holds [\d.]+ KB\); [\d.]+ KB free",
+            text,
+        ), text
         assert f"The unfinished output {disk}/shards.partial was removed" in text and "rerun starts over" in text
         assert "\n" not in text and snapshot(disk / "shards") == before
         assert sorted(p.name for p in disk.iterdir()) == ["shards"]
@@ -322,11 +380,18 @@ def test_train_checks_the_space_for_its_checkpoint_before_any_work(packed, tmp_p
     from picosam_pipeline.stages import train
 
     with tmpfs(tmp_path / "small", "64k") as disk:
-        cfg = dataclasses.replace(packed, train=TrainConfig(shards=packed.pack.out_dir, out_dir=str(tmp_path / "train"),
-                                                            state_dir=str(disk / "state"), steps=2))
+        cfg = dataclasses.replace(
+            packed,
+            train=TrainConfig(
+                shards=packed.pack.out_dir, out_dir=str(tmp_path / "train"), state_dir=str(disk / "state"), steps=2
+            ),
+        )
         start = time.monotonic()
-        with pytest.raises(PipelineError, match=r"stage train needs about [\d.]+ MB for the resumable checkpoint in "
-                                                rf"{disk}/state, but only [\d.]+ KB are free there; nothing was computed"):
+        with pytest.raises(
+            PipelineError,
+            match=r"stage train needs about [\d.]+ MB for the resumable checkpoint in "
+            rf"{disk}/state, but only [\d.]+ KB are free there; nothing was computed",
+        ):
             train.run(cfg, None)
         assert time.monotonic() - start < 20 and not (tmp_path / "train").exists()
 
@@ -335,8 +400,13 @@ def test_write_errors_keep_the_teachers_partial_store_and_say_so(tmp_path):
     with tmpfs(tmp_path / "small", "64k") as disk:
         out = disk / "sam2.zarr"
         with pytest.raises(PipelineError) as err:
-            with outputs.write_errors("teacher-logits@sam2", "teacher.out", out, "the teacher-logit store",
-                                      "The finished shards are kept: rerunning resumes from them."):
+            with outputs.write_errors(
+                "teacher-logits@sam2",
+                "teacher.out",
+                out,
+                "the teacher-logit store",
+                "The finished shards are kept: rerunning resumes from them.",
+            ):
                 (disk / "sam2.zarr.partial").mkdir()
                 (disk / "sam2.zarr.partial" / "shard").write_bytes(b"\0" * 2**20)
         text = str(err.value)

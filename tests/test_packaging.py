@@ -8,7 +8,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 from conftest import run_checked as run
 
@@ -24,9 +23,11 @@ def installed(installed_wheel) -> tuple[Path, dict[str, str]]:
 def test_wheel_installs_stages_under_our_namespace(installed, tmp_path):
     venv, env = installed
     py = str(venv / "bin" / "python")
-    probe = ("import importlib.util, picosam_pipeline.stages as s, picosam_pipeline.deploy as d, pathlib;"
-             "print(s.__file__); print(importlib.util.find_spec('stages'));"
-             "print(sorted(p.name for p in (pathlib.Path(d.__file__).parent / 'template').iterdir() if p.is_file()))")
+    probe = (
+        "import importlib.util, picosam_pipeline.stages as s, picosam_pipeline.deploy as d, pathlib;"
+        "print(s.__file__); print(importlib.util.find_spec('stages'));"
+        "print(sorted(p.name for p in (pathlib.Path(d.__file__).parent / 'template').iterdir() if p.is_file()))"
+    )
     lines = run([py, "-c", probe], cwd=tmp_path, env=env).stdout.splitlines()
     assert lines[0].startswith(str(venv)) and lines[0].endswith("picosam_pipeline/stages/__init__.py")
     assert lines[1] == "None", "a top-level `stages` package was installed"
@@ -41,8 +42,17 @@ def test_installed_cli_runs_sample_and_prepare_outside_the_repo(installed, tmp_p
     cli = str(venv / "bin" / "picosam-pipeline")
     listing = run([cli, "stages"], cwd=tmp_path, env=env).stdout
     assert [line.split()[0] for line in listing.splitlines()] == [
-        "sample", "prepare", "teacher-logits", "pack", "train", "evaluate", "quantize", "export", "evaluate-int8",
-        "package"]
+        "sample",
+        "prepare",
+        "teacher-logits",
+        "pack",
+        "train",
+        "evaluate",
+        "quantize",
+        "export",
+        "evaluate-int8",
+        "package",
+    ]
     shutil.copyfile(REPO / "params.yaml", tmp_path / "params.yaml")
     small = ["--set", "sample.train_images=2", "--set", "sample.val_images=1", "--set", "sample.plant_bad_inputs=false"]
     run([cli, "run-stage", "sample", *small], cwd=tmp_path, env=env)
@@ -50,4 +60,7 @@ def test_installed_cli_runs_sample_and_prepare_outside_the_repo(installed, tmp_p
     assert (tmp_path / "data/prepared/index.parquet").stat().st_size > 0
     assert (tmp_path / "metrics/prepare.json").is_file()
     # python -m works too, from the same install
-    assert "Usage:" in run([str(venv / "bin" / "python"), "-m", "picosam_pipeline", "--help"], cwd=tmp_path, env=env).stdout
+    assert (
+        "Usage:"
+        in run([str(venv / "bin" / "python"), "-m", "picosam_pipeline", "--help"], cwd=tmp_path, env=env).stdout
+    )

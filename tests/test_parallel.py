@@ -9,13 +9,13 @@ import signal
 from pathlib import Path
 
 import pytest
+from pipeline_inputs import build_inputs, run_pack
 
 from picosam_pipeline import parallel
 from picosam_pipeline.config import Config
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.stages import prepare
 from picosam_pipeline.teacher.gt_mask import write_mask_teacher_store
-from pipeline_inputs import build_inputs, run_pack
 
 
 def _square(x: int) -> int:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO
+
 from picosam_pipeline.config import ConfigError, RecipeConfig, TrainConfig, load_config
 from picosam_pipeline.data.crops import crop_convention
 from picosam_pipeline.device import Runtime
@@ -31,25 +31,43 @@ def test_every_recipe_key_is_auto_in_params_yaml_so_the_recipe_decides_it():
         section, key = dotted.split(".")
         assert raw[section][key] == "auto", dotted
     for name, values in RECIPES.items():  # the loss keys agree with the loss module's own table of the papers
-        assert {k.removeprefix("train."): v for k, v in values.items() if k.removeprefix("train.") in PRESETS[name]} \
-            == {k: v for k, v in PRESETS[name].items() if k != "area_min_ratio"}
+        assert {
+            k.removeprefix("train."): v for k, v in values.items() if k.removeprefix("train.") in PRESETS[name]
+        } == {k: v for k, v in PRESETS[name].items() if k != "area_min_ratio"}
 
 
 def test_one_switch_turns_picosam3_into_picosam2_and_the_sample_keeps_its_short_run():
     p3 = load_config(PARAMS)
     p2 = load_config(PARAMS, ["recipe.name=picosam2"])
-    assert (p3.teacher.prompt, p3.train.student, p3.train.temperature, p3.train.area_weight) == ("roi", "picosam3", 0.2, 0.4)
-    assert (p2.teacher.prompt, p2.train.student, p2.train.temperature, p2.train.area_weight) == ("point", "picosam2", 1.0, 0.0)
+    assert (p3.teacher.prompt, p3.train.student, p3.train.temperature, p3.train.area_weight) == (
+        "roi",
+        "picosam3",
+        0.2,
+        0.4,
+    )
+    assert (p2.teacher.prompt, p2.train.student, p2.train.temperature, p2.train.area_weight) == (
+        "point",
+        "picosam2",
+        1.0,
+        0.0,
+    )
     for cfg in (p3, p2):
         assert cfg.train.lambda_mode == "confidence_batch_mean"
-        assert {f"train.{k}": getattr(cfg.train, k) for k in ("steps", "batch_size", "warmup_steps", "grad_clip",
-                                                               "eval_every", "checkpoint_every")} == SAMPLE_RUN
+        assert {
+            f"train.{k}": getattr(cfg.train, k)
+            for k in ("steps", "batch_size", "warmup_steps", "grad_clip", "eval_every", "checkpoint_every")
+        } == SAMPLE_RUN
 
 
 @pytest.mark.parametrize("recipe, batch", [("picosam3", 64), ("picosam2", 8)])
 def test_a_real_dataset_gets_the_papers_full_run(recipe, batch):
     cfg = load_config(PARAMS, [f"recipe.name={recipe}", "dataset.name=coco2017"])
-    assert (cfg.train.steps, cfg.train.batch_size, cfg.train.warmup_steps, cfg.train.grad_clip) == ("epoch", batch, 1000, 0.0)
+    assert (cfg.train.steps, cfg.train.batch_size, cfg.train.warmup_steps, cfg.train.grad_clip) == (
+        "epoch",
+        batch,
+        1000,
+        0.0,
+    )
     assert cfg.train.lr == 3e-4 and cfg.train.weight_decay == 0.01 and cfg.train.schedule == "constant"
     assert cfg.train.eval_every * batch == 64_000 and cfg.train.eval_every == FULL_RUN[recipe]["train.eval_every"]
     sample_size = load_config(PARAMS, [f"recipe.name={recipe}", "dataset.name=coco2017", "recipe.size=sample"])
@@ -57,16 +75,24 @@ def test_a_real_dataset_gets_the_papers_full_run(recipe, batch):
 
 
 def test_an_individual_key_overrides_its_recipe():
-    cfg = load_config(PARAMS, ["recipe.name=picosam2", "train.temperature=0.5", "train.batch_size=16", "train.steps=epoch"])
+    cfg = load_config(
+        PARAMS, ["recipe.name=picosam2", "train.temperature=0.5", "train.batch_size=16", "train.steps=epoch"]
+    )
     assert (cfg.train.temperature, cfg.train.batch_size, cfg.train.steps) == (0.5, 16, "epoch")
     assert cfg.train.area_weight == 0.0 and cfg.teacher.prompt == "point"  # the rest still from the recipe
 
 
-@pytest.mark.parametrize("overrides, named", [
-    (["train.student=picosam2"], "train.student=picosam2 (params) and teacher.prompt=roi (recipe picosam3)"),
-    (["recipe.name=picosam2", "teacher.prompt=roi"], "train.student=picosam2 (recipe picosam2) and teacher.prompt=roi (params)"),
-    (["recipe.name=picosam2", "+teachers.sam2={prompt: roi}"], "teachers.sam2.prompt=roi (params)"),
-])
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (["train.student=picosam2"], "train.student=picosam2 (params) and teacher.prompt=roi (recipe picosam3)"),
+        (
+            ["recipe.name=picosam2", "teacher.prompt=roi"],
+            "train.student=picosam2 (recipe picosam2) and teacher.prompt=roi (params)",
+        ),
+        (["recipe.name=picosam2", "+teachers.sam2={prompt: roi}"], "teachers.sam2.prompt=roi (params)"),
+    ],
+)
 def test_a_student_on_the_other_papers_crops_is_refused_naming_the_keys(overrides, named):
     overrides = [o.lstrip("+") for o in overrides]
     with pytest.raises(ConfigError) as err:
@@ -75,11 +101,24 @@ def test_a_student_on_the_other_papers_crops_is_refused_naming_the_keys(override
 
 
 def test_custom_takes_any_pairing_but_no_auto():
-    with pytest.raises(ConfigError, match="teacher.prompt: auto takes its value from the recipe, but recipe.name is custom"):
+    with pytest.raises(
+        ConfigError, match="teacher.prompt: auto takes its value from the recipe, but recipe.name is custom"
+    ):
         load_config(PARAMS, ["recipe.name=custom"])
-    sets = ["recipe.name=custom", "teacher.prompt=roi", "train.student=picosam2", "train.temperature=1", "train.area_weight=0",
-            "train.lambda_mode=fixed", "train.steps=3", "train.batch_size=2", "train.warmup_steps=1", "train.grad_clip=0",
-            "train.eval_every=1", "train.checkpoint_every=1"]
+    sets = [
+        "recipe.name=custom",
+        "teacher.prompt=roi",
+        "train.student=picosam2",
+        "train.temperature=1",
+        "train.area_weight=0",
+        "train.lambda_mode=fixed",
+        "train.steps=3",
+        "train.batch_size=2",
+        "train.warmup_steps=1",
+        "train.grad_clip=0",
+        "train.eval_every=1",
+        "train.checkpoint_every=1",
+    ]
     assert load_config(PARAMS, sets).train.student == "picosam2"
     with pytest.raises(ConfigError, match="recipe.name: expected one of"):
         load_config(PARAMS, ["recipe.name=picosam4"])
@@ -102,11 +141,24 @@ def point_run(tmp_path_factory):
     cfg = build_inputs(root)  # an index and a roi store named gt
     write_mask_teacher_store(cfg.pack.index, root / "point" / "gt.zarr", splits=cfg.pack.splits, prompt="point")
     cfg = dataclasses.replace(
-        cfg, recipe=RecipeConfig("picosam2"), teacher=dataclasses.replace(cfg.teacher, prompt="point"),
+        cfg,
+        recipe=RecipeConfig("picosam2"),
+        teacher=dataclasses.replace(cfg.teacher, prompt="point"),
         pack=dataclasses.replace(cfg.pack, stores_dir=str(root / "point")),
-        train=TrainConfig(shards=cfg.pack.out_dir, student="picosam2", steps="epoch", batch_size=16, warmup_steps=1,
-                          temperature=1.0, area_weight=0.0, eval_every=1, checkpoint_every=100, log_every=1,
-                          out_dir=str(root / "train")))
+        train=TrainConfig(
+            shards=cfg.pack.out_dir,
+            student="picosam2",
+            steps="epoch",
+            batch_size=16,
+            warmup_steps=1,
+            temperature=1.0,
+            area_weight=0.0,
+            eval_every=1,
+            checkpoint_every=100,
+            log_every=1,
+            out_dir=str(root / "train"),
+        ),
+    )
     pack.run(cfg, None)
     summary = train_stage.run(cfg, CPU)
     return cfg, summary
@@ -136,10 +188,17 @@ def test_pack_refuses_a_store_of_the_other_convention(point_run, tmp_path):
     from picosam_pipeline.stages import pack
 
     cfg, _ = point_run
-    roi = dataclasses.replace(cfg, recipe=RecipeConfig("picosam3"), teacher=dataclasses.replace(cfg.teacher, prompt="roi"),
-                              pack=dataclasses.replace(cfg.pack, out_dir=str(tmp_path / "shards")))
-    with pytest.raises(PipelineError, match=r"holds point crops but the shards ask for roi crops \(teacher.prompt=roi, "
-                                            r"recipe.name=picosam3\)"):
+    roi = dataclasses.replace(
+        cfg,
+        recipe=RecipeConfig("picosam3"),
+        teacher=dataclasses.replace(cfg.teacher, prompt="roi"),
+        pack=dataclasses.replace(cfg.pack, out_dir=str(tmp_path / "shards")),
+    )
+    with pytest.raises(
+        PipelineError,
+        match=r"holds point crops but the shards ask for roi crops \(teacher.prompt=roi, "
+        r"recipe.name=picosam3\)",
+    ):
         pack.run(roi, None)
     assert not (tmp_path / "shards").exists()
 
@@ -148,9 +207,16 @@ def test_train_refuses_shards_of_the_other_convention_before_any_work(point_run,
     from picosam_pipeline.stages import train as train_stage
 
     cfg, _ = point_run
-    p3 = dataclasses.replace(cfg, recipe=RecipeConfig("picosam3"),
-                             train=dataclasses.replace(cfg.train, student="picosam3", out_dir=str(tmp_path / "t")))
-    with pytest.raises(ConfigError, match=r"train.student=picosam3 \(recipe.name=picosam3\) is trained on roi crops, but .* holds point crops; repack"):
+    p3 = dataclasses.replace(
+        cfg,
+        recipe=RecipeConfig("picosam3"),
+        train=dataclasses.replace(cfg.train, student="picosam3", out_dir=str(tmp_path / "t")),
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"train.student=picosam3 \(recipe.name=picosam3\) is trained on roi crops, "
+        r"but .* holds point crops; repack",
+    ):
         train_stage.run(p3, CPU)
     assert not (tmp_path / "t").exists()
 
@@ -162,7 +228,9 @@ def test_predict_takes_the_prompt_the_model_was_trained_with(point_run):
     model = load_crop_model(Path(cfg.train.out_dir) / "student_best.pt", CPU)
     assert model.crop["convention"] == "point"
     assert prompt_settings(model, box=None, point=(10, 10)) == (0.1, 96, [])
-    with pytest.raises(PipelineError, match="trained on PicoSAM2 point crops, which take a point prompt; give --point X,Y"):
+    with pytest.raises(
+        PipelineError, match="trained on PicoSAM2 point crops, which take a point prompt; give --point X,Y"
+    ):
         prompt_settings(model, box=(1, 2, 30, 40), point=None)
     with pytest.raises(PipelineError, match="--window 64: .* trained with window 96"):
         prompt_settings(model, box=None, point=(10, 10), window=64)
@@ -183,5 +251,7 @@ def test_evaluate_refuses_a_model_trained_on_other_crops(point_run):
         crop = crop_convention("roi", roi_padding=0.1, window=96, input_size=96)
 
     check_model_crops({"student": type("Unrecorded", (), {"name": "x", "crop": None})()}, val, {})
-    with pytest.raises(PipelineError, match="evaluate.int8_model: onnx int8.onnx was trained on roi crops, but .* holds point"):
+    with pytest.raises(
+        PipelineError, match="evaluate.int8_model: onnx int8.onnx was trained on roi crops, but .* holds point"
+    ):
         check_model_crops({"student_int8": Model()}, val, {"student_int8": "evaluate.int8_model"})

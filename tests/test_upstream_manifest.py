@@ -12,7 +12,6 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, load_script
 
 MANIFEST = REPO / "requirements/upstream/sam2.txt"
@@ -63,8 +62,11 @@ def test_copy_with_extra_and_missing_files_is_named(tmp_path: Path):
     (tmp_path / "sam2/__pycache__").mkdir()
     (tmp_path / "sam2/__pycache__/x.cpython-311.pyc").write_bytes(b"ignored")
     problems, _ = um.check(um.read(MANIFEST), tmp_path)
-    assert problems == ["extra: sam2/utils/extra.py (not in the upstream tree)",
-                        "missing: sam2/configs/sam2.1/sam2.1_hiera_t.yaml", "missing: training/loss_fns.py"]
+    assert problems == [
+        "extra: sam2/utils/extra.py (not in the upstream tree)",
+        "missing: sam2/configs/sam2.1/sam2.1_hiera_t.yaml",
+        "missing: training/loss_fns.py",
+    ]
 
 
 def _git(repo: Path, *args: str) -> None:
@@ -73,9 +75,16 @@ def _git(repo: Path, *args: str) -> None:
 
 def test_build_records_symlinks_by_target_content_and_what_setuptools_ships(tmp_path: Path):
     repo = tmp_path / "up"
-    files = {"pkg/__init__.py": "", "pkg/configs/a.yaml": "a: 1\n", "pkg/core.py": "X = 1\n",
-             "tools/__init__.py": "", "tools/run.py": "", "tools/README.md": "hi\n", "tools/scripts/job.py": "",
-             "elsewhere/ignored.py": ""}
+    files = {
+        "pkg/__init__.py": "",
+        "pkg/configs/a.yaml": "a: 1\n",
+        "pkg/core.py": "X = 1\n",
+        "tools/__init__.py": "",
+        "tools/run.py": "",
+        "tools/README.md": "hi\n",
+        "tools/scripts/job.py": "",
+        "elsewhere/ignored.py": "",
+    }
     for rel, text in files.items():
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         (repo / rel).write_text(text)
@@ -92,8 +101,14 @@ def test_build_records_symlinks_by_target_content_and_what_setuptools_ships(tmp_
     assert back.files["pkg/a.yaml"].link == "configs/a.yaml"
     assert back.files["pkg/a.yaml"].sha256 == back.files["pkg/configs/a.yaml"].sha256
     shipped = {p for p, f in back.files.items() if f.shipped}
-    assert shipped == {"pkg/__init__.py", "pkg/configs/a.yaml", "pkg/core.py", "pkg/a.yaml",
-                       "tools/__init__.py", "tools/run.py"}
+    assert shipped == {
+        "pkg/__init__.py",
+        "pkg/configs/a.yaml",
+        "pkg/core.py",
+        "pkg/a.yaml",
+        "tools/__init__.py",
+        "tools/run.py",
+    }
 
     # An install as a wheel lays it out: the symlink becomes a copy, unshipped files are absent.
     site = tmp_path / "site"
@@ -111,8 +126,14 @@ def test_sam2_manifest_equals_a_rebuild_from_the_upstream_mirror(tmp_path: Path)
     if not git_dir:
         pytest.skip("set UPSTREAM_SAM2_GIT to a git directory of facebookresearch/sam2 to rebuild the manifest")
     committed = um.read(MANIFEST)
-    rebuilt = um.build(git_dir, committed.commit, committed.repository, committed.distribution, committed.complete,
-                       [t for t in committed.tops if t not in committed.complete])
+    rebuilt = um.build(
+        git_dir,
+        committed.commit,
+        committed.repository,
+        committed.distribution,
+        committed.complete,
+        [t for t in committed.tops if t not in committed.complete],
+    )
     out = tmp_path / "sam2.txt"
     um.write(rebuilt, out)
     assert out.read_text() == MANIFEST.read_text()

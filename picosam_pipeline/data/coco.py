@@ -148,8 +148,10 @@ class AnnotationSet:
         for offset, length in zip(self.offsets[rows].tolist(), self.lengths[rows].tolist()):
             texts.append(os.pread(self.fd, length, offset))
             if len(texts[-1]) != length:
-                raise PipelineError(f"{self.path} was cut short while being read (the annotation at byte {offset} "
-                                    "is gone); something rewrote it in place. Rerun once nothing writes to it")
+                raise PipelineError(
+                    f"{self.path} was cut short while being read (the annotation at byte {offset} "
+                    "is gone); something rewrote it in place. Rerun once nothing writes to it"
+                )
         return texts
 
     def annotations_of(self, image_id: int) -> list[dict]:
@@ -199,8 +201,9 @@ class CheckedAnnotation:
 # loading
 
 
-def load_annotations(path: str | Path, requested: Literal["auto", "coco", "lvis"] = "auto",
-                     allow_outside_images: bool = False) -> AnnotationSet:
+def load_annotations(
+    path: str | Path, requested: Literal["auto", "coco", "lvis"] = "auto", allow_outside_images: bool = False
+) -> AnnotationSet:
     """Parse a COCO or LVIS instances JSON and index it with pycocotools.
 
     ``allow_outside_images``: accept a ``file_name`` that is absolute or leaves the images folder with ``..``
@@ -219,8 +222,9 @@ def load_annotations(path: str | Path, requested: Literal["auto", "coco", "lvis"
         raise
 
 
-def _annotation_set(path: Path, data: dict, spans: AnnotationSpans, fd: int, requested: str,
-                    allow_outside_images: bool) -> AnnotationSet:
+def _annotation_set(
+    path: Path, data: dict, spans: AnnotationSpans, fd: int, requested: str, allow_outside_images: bool
+) -> AnnotationSet:
     fmt = detect_format(data)
     if requested != "auto" and requested != fmt.name:
         raise PipelineError(
@@ -234,8 +238,14 @@ def _annotation_set(path: Path, data: dict, spans: AnnotationSpans, fd: int, req
     for img in data["images"]:
         record = _image_record(img, fmt, allow_outside_images)
         if record is None:
-            issues.append(RecordIssue(Issue("bad_image_record", f"image record without an integer id (ids must fit a "
-                                            f"signed 64-bit integer): {_short(img)}")))
+            issues.append(
+                RecordIssue(
+                    Issue(
+                        "bad_image_record",
+                        f"image record without an integer id (ids must fit a signed 64-bit integer): {_short(img)}",
+                    )
+                )
+            )
         elif record.image_id in images:
             first = images[record.image_id]
             if _same_image(first, record):
@@ -244,21 +254,28 @@ def _annotation_set(path: Path, data: dict, spans: AnnotationSpans, fd: int, req
             elif first.problem is None or first.problem.kind != "duplicate_image_id":
                 # Two different images under one id: which one an annotation belongs to cannot be told, so the id's
                 # annotations are dropped (reported with the image) instead of being put on the first image.
-                images[record.image_id] = dataclasses.replace(first, problem=Issue(
-                    "duplicate_image_id", f"image id {record.image_id} names two different images ({first.file_name} "
-                    f"{first.width}x{first.height} and {record.file_name} {record.width}x{record.height}); its "
-                    "annotations cannot be placed and are dropped"))
+                images[record.image_id] = dataclasses.replace(
+                    first,
+                    problem=Issue(
+                        "duplicate_image_id",
+                        f"image id {record.image_id} names two different images ({first.file_name} "
+                        f"{first.width}x{first.height} and {record.file_name} {record.width}x{record.height}); its "
+                        "annotations cannot be placed and are dropped",
+                    ),
+                )
         else:
             images[record.image_id] = record
 
-    categories = {c["id"]: str(c.get("name", c["id"])) for c in data["categories"]
-                  if isinstance(c, dict) and _is_id(c.get("id"))}
+    categories = {
+        c["id"]: str(c.get("name", c["id"])) for c in data["categories"] if isinstance(c, dict) and _is_id(c.get("id"))
+    }
     groups = _place_annotations(spans, images, issues)
     return AnnotationSet(path, fmt, images, categories, len(spans), issues, *groups, fd=fd)
 
 
-def _place_annotations(spans: AnnotationSpans, images: dict[int, ImageRecord], issues: list[RecordIssue]
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _place_annotations(
+    spans: AnnotationSpans, images: dict[int, ImageRecord], issues: list[RecordIssue]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Keep each annotation that can be indexed, grouped by image, and add an issue for each one set aside, in file
     order: an id or image id that is not an int64 integer, an id an earlier kept annotation has, an image id not
     in ``images`` (checked in that order, as a reader going through the file would).
@@ -284,20 +301,30 @@ def _place_annotations(spans: AnnotationSpans, images: dict[int, ImageRecord], i
     for i in np.flatnonzero(~kept).tolist():
         if i in spans.unusable:
             ann_id, image_id, value = spans.unusable[i]
-            issue = Issue("bad_annotation_record", "annotation without an integer id/image_id (ids must fit a signed "
-                          f"64-bit integer): {_short(value)}")
+            issue = Issue(
+                "bad_annotation_record",
+                f"annotation without an integer id/image_id (ids must fit a signed 64-bit integer): {_short(value)}",
+            )
         else:
             ann_id, image_id = int(ids[i]), int(image_ids[i])
-            issue = (Issue("duplicate_ann_id", f"annotation id {ann_id} appears twice; the first is kept")
-                     if duplicate[i] else Issue("missing_image_id", f"annotation {ann_id} points at image id "
-                                                f"{image_id}, which is not in 'images'"))
+            issue = (
+                Issue("duplicate_ann_id", f"annotation id {ann_id} appears twice; the first is kept")
+                if duplicate[i]
+                else Issue(
+                    "missing_image_id", f"annotation {ann_id} points at image id {image_id}, which is not in 'images'"
+                )
+            )
         issues.append(RecordIssue(issue, ann_id=ann_id, image_id=image_id, is_annotation=True))
 
     kept = np.flatnonzero(kept)
     kept = kept[np.argsort(image_ids[kept], kind="stable")]  # grouped by image, file order within an image
     image_ids_kept, starts = np.unique(image_ids[kept], return_index=True)
-    return (image_ids_kept, np.append(starts, len(kept)).astype(np.int64),
-            np.frombuffer(spans.offsets, np.int64)[kept], np.frombuffer(spans.lengths, np.int64)[kept])
+    return (
+        image_ids_kept,
+        np.append(starts, len(kept)).astype(np.int64),
+        np.frombuffer(spans.offsets, np.int64)[kept],
+        np.frombuffer(spans.lengths, np.int64)[kept],
+    )
 
 
 def detect_format(data: dict) -> DatasetFormat:
@@ -325,26 +352,34 @@ def _read_json(path: Path) -> tuple[dict, AnnotationSpans, int]:
         with open(fd, "rb", closefd=False) as stream:
             data, spans = read_instances(stream)
     except UnicodeDecodeError as err:
-        message = (f"{path}: not UTF-8 text ({err}); it is not an annotation JSON, point prepare.splits at the "
-                   "instances_*.json file")
+        message = (
+            f"{path}: not UTF-8 text ({err}); it is not an annotation JSON, point prepare.splits at the "
+            "instances_*.json file"
+        )
     except OSError as err:  # a directory, no permission, an I/O error
         what = "a folder, not a file" if path.is_dir() else f"unreadable ({err.strerror or err})"
-        message = (f"{path}: {what}; point prepare.splits at the instances_*.json (or lvis_v1_*.json) file itself")
+        message = f"{path}: {what}; point prepare.splits at the instances_*.json (or lvis_v1_*.json) file itself"
     except RecursionError:  # the parser recurses once per nesting level: ~1000 levels exhaust Python's stack
-        message = (f"{path}: the JSON is nested deeper than the parser allows (Python's recursion limit, "
-                   f"{sys.getrecursionlimit()}); an instances file nests 4 levels. The file is damaged or not an "
-                   "annotation file: re-download it")
+        message = (
+            f"{path}: the JSON is nested deeper than the parser allows (Python's recursion limit, "
+            f"{sys.getrecursionlimit()}); an instances file nests 4 levels. The file is damaged or not an "
+            "annotation file: re-download it"
+        )
     except json.JSONDecodeError as err:
-        message = (f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}. The file is probably "
-                   f"truncated or hand-edited; re-download it, or repair it (`python -m json.tool {path}` shows the "
-                   "spot)")
+        message = (
+            f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}. The file is probably "
+            f"truncated or hand-edited; re-download it, or repair it (`python -m json.tool {path}` shows the "
+            "spot)"
+        )
     else:
         lists = ("images", "annotations", "categories")
         missing = [k for k in lists if not (isinstance(data, dict) and isinstance(data.get(k), list))]
         if not missing:
             return data, spans, fd
-        message = (f"{path}: not a COCO/LVIS instances file, expected an object with lists {missing}; point "
-                   "prepare.splits at an instances_*.json (or lvis_v1_*.json) file")
+        message = (
+            f"{path}: not a COCO/LVIS instances file, expected an object with lists {missing}; point "
+            "prepare.splits at an instances_*.json (or lvis_v1_*.json) file"
+        )
     if fd is not None:
         os.close(fd)
     raise PipelineError(message) from None
@@ -368,20 +403,31 @@ def _image_record(img: Any, fmt: DatasetFormat, allow_outside_images: bool = Fal
         problem = Issue("bad_image_record", f"image {image_id} has no file_name (nor coco_url)")
         file_name = ""
     elif "\x00" in file_name or alt_folder in (".", ".."):
-        problem = Issue("bad_image_record", f"image {image_id} has file_name {file_name!r} (coco_url "
-                        f"{img.get('coco_url')!r}), which is not a file name")
+        problem = Issue(
+            "bad_image_record",
+            f"image {image_id} has file_name {file_name!r} (coco_url "
+            f"{img.get('coco_url')!r}), which is not a file name",
+        )
     elif not allow_outside_images and _leaves_folder(file_name):
-        problem = Issue("image_path_outside_folder", f"image {image_id} has file_name {file_name!r}, which points "
-                        "outside the split's images folder (an absolute path or ..); only files inside that folder are "
-                        "read (a dataset that keeps its images elsewhere on purpose says so with "
-                        "prepare.allow_outside_images)")
+        problem = Issue(
+            "image_path_outside_folder",
+            f"image {image_id} has file_name {file_name!r}, which points "
+            "outside the split's images folder (an absolute path or ..); only files inside that folder are "
+            "read (a dataset that keeps its images elsewhere on purpose says so with "
+            "prepare.allow_outside_images)",
+        )
     elif not (_is_int(width) and _is_int(height) and width > 0 and height > 0):
-        problem = Issue("bad_image_record", f"image {image_id} ({file_name}) has width/height {width!r}/{height!r}, "
-                        "expected positive integers")
+        problem = Issue(
+            "bad_image_record",
+            f"image {image_id} ({file_name}) has width/height {width!r}/{height!r}, expected positive integers",
+        )
     elif width * height > MAX_IMAGE_PIXELS:
-        problem = Issue("bad_image_record", f"image {image_id} ({file_name}) has width/height {width}/{height}: "
-                        f"{width * height:,} pixels, more than the {MAX_IMAGE_PIXELS:,} an image may have (PIL's "
-                        "decompression-bomb limit)")
+        problem = Issue(
+            "bad_image_record",
+            f"image {image_id} ({file_name}) has width/height {width}/{height}: "
+            f"{width * height:,} pixels, more than the {MAX_IMAGE_PIXELS:,} an image may have (PIL's "
+            "decompression-bomb limit)",
+        )
     if problem is not None and problem.kind == "bad_image_record":
         width = height = 0
     return ImageRecord(image_id, file_name, width, height, alt_folder, problem)
@@ -432,8 +478,10 @@ def check_annotation(ann: dict, image: ImageRecord, coco: COCO, categories: Cont
         return dropped("crowd", "crowd annotation (iscrowd=1)", bad_input=False)
     segm = ann.get("segmentation")
     if segm is None or (isinstance(segm, (list, dict)) and len(segm) == 0):
-        return dropped("no_segmentation", f"segmentation {segm!r}: no mask to distil; give it a polygon or an RLE, "
-                       "or remove the annotation")
+        return dropped(
+            "no_segmentation",
+            f"segmentation {segm!r}: no mask to distil; give it a polygon or an RLE, or remove the annotation",
+        )
     if not (_is_int(ann.get("category_id")) and ann["category_id"] in categories):
         return dropped("unknown_category", f"category_id {ann.get('category_id')!r} is not in 'categories'")
 
@@ -449,9 +497,14 @@ def check_annotation(ann: dict, image: ImageRecord, coco: COCO, categories: Cont
         return dropped("bbox_outside_image", f"bbox {bbox} lies outside the {image.width}x{image.height} image")
     clipped = (x1, y1, x2 - x1, y2 - y1)
     if max(abs(a - b) for a, b in zip(clipped, (x, y, w, h))) > 1e-6:
-        conversions.append(Issue("bbox_clipped", f"annotation {ann_id}: bbox {bbox} extends outside the "
-                                 f"{image.width}x{image.height} image; clipped to {[round(v, 2) for v in clipped]}",
-                                 action="converted"))
+        conversions.append(
+            Issue(
+                "bbox_clipped",
+                f"annotation {ann_id}: bbox {bbox} extends outside the "
+                f"{image.width}x{image.height} image; clipped to {[round(v, 2) for v in clipped]}",
+                action="converted",
+            )
+        )
 
     if isinstance(segm, list):
         parts = [p for p in segm if _is_polygon(p)]
@@ -459,10 +512,15 @@ def check_annotation(ann: dict, image: ImageRecord, coco: COCO, categories: Cont
             return dropped("bad_polygon", "polygon with fewer than 3 points (or non-numeric / odd-length coordinates)")
         far = _far_vertex(parts, image)
         if far is not None:
-            return dropped("polygon_outside_image", f"polygon vertex ({far[0]:g}, {far[1]:g}) lies far outside the "
-                           f"{image.width}x{image.height} image (more than one image size beyond its border)")
+            return dropped(
+                "polygon_outside_image",
+                f"polygon vertex ({far[0]:g}, {far[1]:g}) lies far outside the "
+                f"{image.width}x{image.height} image (more than one image size beyond its border)",
+            )
         if len(parts) < len(segm):
-            reason = f"annotation {ann_id}: removed {len(segm) - len(parts)} of {len(segm)} polygon parts with < 3 points"
+            reason = (
+                f"annotation {ann_id}: removed {len(segm) - len(parts)} of {len(segm)} polygon parts with < 3 points"
+            )
             conversions.append(Issue("polygon_part_removed", reason, action="converted"))
         segm = parts
     elif isinstance(segm, dict):
@@ -482,19 +540,30 @@ def check_annotation(ann: dict, image: ImageRecord, coco: COCO, categories: Cont
         mask = mask_utils.decode(rle)
     except ValueError as err:  # a compressed string whose runs do not add up to height * width
         return dropped("bad_rle", f"compressed RLE counts cannot be decoded for size {rle['size']} ({err})")
-    if isinstance(segm, dict) and isinstance(segm["counts"], str) and \
-            mask_utils.encode(np.asfortranarray(mask))["counts"] != rle["counts"]:
+    if (
+        isinstance(segm, dict)
+        and isinstance(segm["counts"], str)
+        and mask_utils.encode(np.asfortranarray(mask))["counts"] != rle["counts"]
+    ):
         # pycocotools decodes any ASCII string (characters outside its alphabet, negative or zero runs) into some
         # mask; only a string that is what pycocotools writes for that mask is a real RLE.
-        return dropped("bad_rle", f"compressed RLE counts {_short(segm['counts'], 40)} are not a valid encoding (they "
-                       "are not what pycocotools writes for the mask they decode to)")
+        return dropped(
+            "bad_rle",
+            f"compressed RLE counts {_short(segm['counts'], 40)} are not a valid encoding (they "
+            "are not what pycocotools writes for the mask they decode to)",
+        )
     if pixels == 0:
         return dropped("empty_mask", "segmentation covers no pixel of the image")
 
     area = ann.get("area")
     if not _is_number(area):
-        conversions.append(Issue("area_computed", f"annotation {ann_id}: area {area!r} missing or not a number; "
-                                 f"using the mask area {pixels}", action="converted"))
+        conversions.append(
+            Issue(
+                "area_computed",
+                f"annotation {ann_id}: area {area!r} missing or not a number; using the mask area {pixels}",
+                action="converted",
+            )
+        )
         area = pixels
     return CheckedAnnotation(None, conversions, clipped, float(area), rle["counts"].decode("ascii"), mask, mask_box)
 
@@ -517,7 +586,10 @@ def _far_vertex(parts: list[list[float]], image: ImageRecord) -> tuple[float, fl
 def _rle_problem(segm: dict, image: ImageRecord) -> tuple[str, str] | None:
     size, counts = segm.get("size"), segm.get("counts")
     if size != [image.height, image.width]:
-        return "rle_size_mismatch", f"RLE size {size!r} is not the image's [height, width] [{image.height}, {image.width}]"
+        return (
+            "rle_size_mismatch",
+            f"RLE size {size!r} is not the image's [height, width] [{image.height}, {image.width}]",
+        )
     if isinstance(counts, list):
         if not all(_is_int(c) and c >= 0 for c in counts) or sum(counts) != image.height * image.width:
             return "bad_rle", f"uncompressed RLE counts do not sum to height*width = {image.height * image.width}"

@@ -104,7 +104,9 @@ def point_box(cx: int, cy: int, width: int, height: int, size: int = 96) -> Crop
     return CropBox(left, top, min(width, left + size), min(height, top + size))
 
 
-def crop_pixel_centres(box: CropBox | FloatBox | tuple[float, float, float, float], size: int) -> tuple[np.ndarray, np.ndarray]:
+def crop_pixel_centres(
+    box: CropBox | FloatBox | tuple[float, float, float, float], size: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Image coordinates ``(xs, ys)``, each of shape ``(size,)``, of the crop pixels' centres.
 
     Uses the ``align_corners=False`` convention of PIL and ``F.interpolate``: crop pixel ``u`` samples image
@@ -123,10 +125,12 @@ CONVENTION_KEYS = ("convention", "roi_padding", "window", "input_size")  # what 
 
 
 def crop_convention(convention: str, *, roi_padding: float, window: int, input_size: int) -> dict:
-    """The record of the crop a student is trained on: ``{convention, prompt, paper, roi_padding | window, input_size}``.
+    """The record of the crop a student is trained on:
+    ``{convention, prompt, paper, roi_padding | window, input_size}``.
 
-    ``roi``: the box padded by ``roi_padding`` per side, squared, clipped (:func:`roi_box`); ``point``: the ``window``-px
-    native-resolution window around the point (:func:`point_box`). Either is resized to ``input_size`` px.
+    ``roi``: the box padded by ``roi_padding`` per side, squared, clipped (:func:`roi_box`); ``point``: the
+    ``window``-px native-resolution window around the point (:func:`point_box`). Either is resized to ``input_size``
+    px.
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"crop convention {convention!r}: expected one of {list(CONVENTIONS)}")

@@ -84,25 +84,62 @@ def _checkpoint(model: str, sha256: str | None, hash_source: str, size: str) -> 
 ASSETS: dict[str, Asset] = {
     a.name: a
     for a in [
-        Asset("coco_train2017", "http://images.cocodataset.org/zips/train2017.zip", "downloads/train2017.zip",
-              "69a8bb58ea5f8f99d24875f21416de2e9ded3178e903f1f7603e283b9e06d929", _TFDS_COCO, "19.3 GB",
-              unpack_to=_COCO, provides=(f"{_COCO}/train2017",)),
-        Asset("coco_val2017", "http://images.cocodataset.org/zips/val2017.zip", "downloads/val2017.zip",
-              "4f7e2ccb2866ec5041993c9cf2a952bbed69647b115d0f74da7ce8f4bef82f05", _TFDS_COCO, "816 MB",
-              unpack_to=_COCO, provides=(f"{_COCO}/val2017",)),
-        Asset("coco_annotations2017", "http://images.cocodataset.org/annotations/annotations_trainval2017.zip",
-              "downloads/annotations_trainval2017.zip",
-              "113a836d90195ee1f884e704da6304dfaaecff1f023f49b6ca93c4aaae470268", _TFDS_COCO, "253 MB",
-              unpack_to=_COCO,
-              provides=(f"{_COCO}/annotations/instances_train2017.json", f"{_COCO}/annotations/instances_val2017.json")),
-        Asset("lvis_v1_val", "https://dl.fbaipublicfiles.com/LVIS/lvis_v1_val.json.zip", "downloads/lvis_v1_val.json.zip",
-              "5cae9a3c79aadb667550c2b5dcf7f4d86e059a41ec91ef690225b667e28e9ba5", _TFDS_LVIS, "64 MB",
-              unpack_to=f"{_LVIS}/annotations", provides=(f"{_LVIS}/annotations/lvis_v1_val.json",)),
-        Asset("lvis_v1_train", "https://dl.fbaipublicfiles.com/LVIS/lvis_v1_train.json.zip",
-              "downloads/lvis_v1_train.json.zip", None, "", "350 MB",
-              unpack_to=f"{_LVIS}/annotations", provides=(f"{_LVIS}/annotations/lvis_v1_train.json",)),
-        _checkpoint("sam2.1_hiera_tiny", "7402e0d864fa82708a20fbd15bc84245c2f26dff0eb43a4b5b93452deb34be69",
-                    "huggingface.co/facebook/sam2.1-hiera-tiny (Git LFS SHA256)", "156 MB"),
+        Asset(
+            "coco_train2017",
+            "http://images.cocodataset.org/zips/train2017.zip",
+            "downloads/train2017.zip",
+            "69a8bb58ea5f8f99d24875f21416de2e9ded3178e903f1f7603e283b9e06d929",
+            _TFDS_COCO,
+            "19.3 GB",
+            unpack_to=_COCO,
+            provides=(f"{_COCO}/train2017",),
+        ),
+        Asset(
+            "coco_val2017",
+            "http://images.cocodataset.org/zips/val2017.zip",
+            "downloads/val2017.zip",
+            "4f7e2ccb2866ec5041993c9cf2a952bbed69647b115d0f74da7ce8f4bef82f05",
+            _TFDS_COCO,
+            "816 MB",
+            unpack_to=_COCO,
+            provides=(f"{_COCO}/val2017",),
+        ),
+        Asset(
+            "coco_annotations2017",
+            "http://images.cocodataset.org/annotations/annotations_trainval2017.zip",
+            "downloads/annotations_trainval2017.zip",
+            "113a836d90195ee1f884e704da6304dfaaecff1f023f49b6ca93c4aaae470268",
+            _TFDS_COCO,
+            "253 MB",
+            unpack_to=_COCO,
+            provides=(f"{_COCO}/annotations/instances_train2017.json", f"{_COCO}/annotations/instances_val2017.json"),
+        ),
+        Asset(
+            "lvis_v1_val",
+            "https://dl.fbaipublicfiles.com/LVIS/lvis_v1_val.json.zip",
+            "downloads/lvis_v1_val.json.zip",
+            "5cae9a3c79aadb667550c2b5dcf7f4d86e059a41ec91ef690225b667e28e9ba5",
+            _TFDS_LVIS,
+            "64 MB",
+            unpack_to=f"{_LVIS}/annotations",
+            provides=(f"{_LVIS}/annotations/lvis_v1_val.json",),
+        ),
+        Asset(
+            "lvis_v1_train",
+            "https://dl.fbaipublicfiles.com/LVIS/lvis_v1_train.json.zip",
+            "downloads/lvis_v1_train.json.zip",
+            None,
+            "",
+            "350 MB",
+            unpack_to=f"{_LVIS}/annotations",
+            provides=(f"{_LVIS}/annotations/lvis_v1_train.json",),
+        ),
+        _checkpoint(
+            "sam2.1_hiera_tiny",
+            "7402e0d864fa82708a20fbd15bc84245c2f26dff0eb43a4b5b93452deb34be69",
+            "huggingface.co/facebook/sam2.1-hiera-tiny (Git LFS SHA256)",
+            "156 MB",
+        ),
         _checkpoint("sam2.1_hiera_small", None, "", "184 MB"),
         _checkpoint("sam2.1_hiera_base_plus", None, "", "324 MB"),
         _checkpoint("sam2.1_hiera_large", None, "", "898 MB"),
@@ -136,8 +173,9 @@ class _Interrupted(Exception):
 def get_asset(name: str) -> Asset:
     """The table entry for ``name``; :class:`PipelineError` naming the known assets otherwise."""
     if name not in ASSETS:
-        raise PipelineError(f"unknown asset {name!r}; the assets are: {', '.join(ASSETS)} "
-                            "(see `picosam-pipeline fetch --list`)")
+        raise PipelineError(
+            f"unknown asset {name!r}; the assets are: {', '.join(ASSETS)} (see `picosam-pipeline fetch --list`)"
+        )
     return ASSETS[name]
 
 
@@ -145,7 +183,7 @@ def expand(names: list[str] | tuple[str, ...]) -> list[Asset]:
     """The assets of ``names`` (asset names or whole datasets of :data:`DATASETS`), each once, in order."""
     seen: dict[str, Asset] = {}
     for name in names:
-        for asset in (DATASETS[name] if name in DATASETS else (name,)):
+        for asset in DATASETS[name] if name in DATASETS else (name,):
             seen.setdefault(asset, get_asset(asset))
     return list(seen.values())
 
@@ -161,8 +199,9 @@ def link_images(root: str | Path, dataset: str) -> str:
     for src, dst in SHARED_IMAGES.get(dataset, ()):
         src, dst = root / src, root / dst
         if not src.is_dir():
-            raise PipelineError(f"{src} is missing: fetch the COCO images first (`picosam-pipeline fetch {dataset}` "
-                                "fetches them)")
+            raise PipelineError(
+                f"{src} is missing: fetch the COCO images first (`picosam-pipeline fetch {dataset}` fetches them)"
+            )
         dst.mkdir(parents=True, exist_ok=True)
         for image in tqdm(sorted(src.iterdir()), desc=f"link {dst.name}", unit="img"):
             target = dst / image.name
@@ -171,17 +210,22 @@ def link_images(root: str | Path, dataset: str) -> str:
             try:
                 os.link(image, target)
             except OSError as err:
-                raise PipelineError(f"cannot hard-link {image} to {target} ({err.strerror}): {dataset} shares the COCO "
-                                    f"images and needs {dst} on the same file system as {src}") from None
+                raise PipelineError(
+                    f"cannot hard-link {image} to {target} ({err.strerror}): {dataset} shares the COCO "
+                    f"images and needs {dst} on the same file system as {src}"
+                ) from None
             linked += 1
     return f"{dataset}: {linked} COCO images linked into {root / _LVIS}" if linked else f"{dataset}: images in place"
 
 
 def tracked_paths(names: list[str] | tuple[str, ...], root: str | Path = "data") -> list[Path]:
-    """What ``fetch --track`` hands to ``dvc add`` for ``names``: a dataset's whole folder, else each asset's outputs."""
+    """What ``fetch --track`` hands to ``dvc add`` for ``names``: a dataset's whole folder, else each asset's
+    outputs."""
     paths: list[Path] = []
     for name in names:
-        new = [Path(root) / "datasets" / name] if name in DATASETS else [Path(root) / p for p in get_asset(name).outputs]
+        new = (
+            [Path(root) / "datasets" / name] if name in DATASETS else [Path(root) / p for p in get_asset(name).outputs]
+        )
         paths += [p for p in new if p not in paths]
     return paths
 
@@ -195,14 +239,20 @@ def track(paths: list[Path]) -> str:
     import sys
 
     dvc = Path(sys.executable).with_name("dvc")  # the DVC of this environment, as dvc.yaml's commands are
-    result = subprocess.run([str(dvc) if dvc.exists() else "dvc", "add", *map(str, paths)], capture_output=True, text=True)
+    result = subprocess.run(
+        [str(dvc) if dvc.exists() else "dvc", "add", *map(str, paths)], capture_output=True, text=True
+    )
     if result.returncode != 0:
-        raise PipelineError(f"`dvc add {' '.join(map(str, paths))}` failed: {result.stderr.strip() or result.stdout.strip()}; "
-                            "run fetch --track from the root of a DVC project (`dvc init`), or track the files by hand")
+        raise PipelineError(
+            f"`dvc add {' '.join(map(str, paths))}` failed: {result.stderr.strip() or result.stdout.strip()}; "
+            "run fetch --track from the root of a DVC project (`dvc init`), or track the files by hand"
+        )
     dvc_files = " ".join(f"{p}.dvc" for p in paths)
-    return (f"tracked with DVC: {', '.join(map(str, paths))}; commit the pointers with "
-            f"`git add {dvc_files} {' '.join(sorted({str(p.parent / '.gitignore') for p in paths}))}` and share the "
-            "bytes with `dvc push`")
+    return (
+        f"tracked with DVC: {', '.join(map(str, paths))}; commit the pointers with "
+        f"`git add {dvc_files} {' '.join(sorted({str(p.parent / '.gitignore') for p in paths}))}` and share the "
+        "bytes with `dvc push`"
+    )
 
 
 def check_sha256(value: str) -> str:
@@ -212,8 +262,16 @@ def check_sha256(value: str) -> str:
     return value.lower()
 
 
-def fetch(asset: Asset, root: str | Path = "data", *, url: str | None = None, sha256: str | None = None,
-          timeout: float = DEFAULT_TIMEOUT, resumes: int = DEFAULT_RESUMES, keep_archive: bool = False) -> str:
+def fetch(
+    asset: Asset,
+    root: str | Path = "data",
+    *,
+    url: str | None = None,
+    sha256: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    resumes: int = DEFAULT_RESUMES,
+    keep_archive: bool = False,
+) -> str:
     """Put ``asset`` in place under ``root`` (download, verify, unpack) and return a one-line summary.
 
     Args:
@@ -240,13 +298,16 @@ def fetch(asset: Asset, root: str | Path = "data", *, url: str | None = None, sh
     if target.exists():  # finished earlier (archive kept) or put there by hand
         digest = sha256_file(target)
         if expected is not None and digest != expected:
-            raise PipelineError(f"{target} exists but its sha256 is {digest}, expected {expected} ({source}); "
-                                f"delete it and rerun `picosam-pipeline fetch {asset.name}` to download it again")
+            raise PipelineError(
+                f"{target} exists but its sha256 is {digest}, expected {expected} ({source}); "
+                f"delete it and rerun `picosam-pipeline fetch {asset.name}` to download it again"
+            )
         action = "verified"
     else:
         try:
-            digest = download(url, target, expected=expected, source=source, timeout=timeout, resumes=resumes,
-                              desc=asset.name)
+            digest = download(
+                url, target, expected=expected, source=source, timeout=timeout, resumes=resumes, desc=asset.name
+            )
         except _Unreachable as err:
             raise PipelineError(_manual_hint(asset, url, target, expected, lock_path, str(err))) from None
         action = "downloaded"
@@ -262,8 +323,16 @@ def fetch(asset: Asset, root: str | Path = "data", *, url: str | None = None, sh
     return f"{asset.name}: {action}, sha256 {digest} ({source}) -> {', '.join(map(str, outputs))}"
 
 
-def download(url: str, target: Path, *, expected: str | None, source: str = "", timeout: float = DEFAULT_TIMEOUT,
-             resumes: int = DEFAULT_RESUMES, desc: str = "") -> str:
+def download(
+    url: str,
+    target: Path,
+    *,
+    expected: str | None,
+    source: str = "",
+    timeout: float = DEFAULT_TIMEOUT,
+    resumes: int = DEFAULT_RESUMES,
+    desc: str = "",
+) -> str:
     """Download ``url`` to ``target`` through ``target.part``, resuming, and return the sha256 (hex).
 
     The file is renamed to ``target`` only when its digest equals ``expected`` (any digest when None).
@@ -281,15 +350,19 @@ def download(url: str, target: Path, *, expected: str | None, source: str = "", 
         except _Interrupted as err:
             if attempt == resumes:
                 size = part.stat().st_size if part.exists() else 0
-                raise PipelineError(f"download of {url} broke off ({err}) after {resumes} resume(s); {part} keeps "
-                                    f"the {size} bytes received and rerunning the same command resumes from there") from None
+                raise PipelineError(
+                    f"download of {url} broke off ({err}) after {resumes} resume(s); {part} keeps "
+                    f"the {size} bytes received and rerunning the same command resumes from there"
+                ) from None
     if expected is not None and digest != expected:
         size = part.stat().st_size
         part.unlink()
-        raise PipelineError(f"sha256 mismatch for {url}: expected {expected} ({source}), got {digest}. The download "
-                            f"({size} bytes) was removed ({part}) and nothing was written to {target}. Rerun to "
-                            "download it again; a file that keeps arriving with another digest is not the published one "
-                            "(a broken mirror or proxy): fetch it from the official URL or a mirror you trust.")
+        raise PipelineError(
+            f"sha256 mismatch for {url}: expected {expected} ({source}), got {digest}. The download "
+            f"({size} bytes) was removed ({part}) and nothing was written to {target}. Rerun to "
+            "download it again; a file that keeps arriving with another digest is not the published one "
+            "(a broken mirror or proxy): fetch it from the official URL or a mirror you trust."
+        )
     os.replace(part, target)  # atomic: target is either absent or complete and verified
     return digest
 
@@ -308,8 +381,13 @@ def unpack(archive: Path, dest: Path, outputs: list[Path]) -> None:
     try:
         with zipfile.ZipFile(archive) as zf:
             members = zf.infolist()
-            with tqdm(total=sum(m.file_size for m in members), unit="B", unit_scale=True, unit_divisor=1024,
-                      desc=f"unpack {archive.name}") as bar:
+            with tqdm(
+                total=sum(m.file_size for m in members),
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=f"unpack {archive.name}",
+            ) as bar:
                 for member in members:
                     zf.extract(member, staging)  # drops absolute paths and '..'; CRC-checked on read
                     bar.update(member.file_size)
@@ -320,8 +398,10 @@ def unpack(archive: Path, dest: Path, outputs: list[Path]) -> None:
     shutil.rmtree(staging)
     missing = [str(p) for p in outputs if not p.exists()]
     if missing:
-        raise PipelineError(f"unpacked {archive} into {dest} but {missing} did not appear; the archive does not "
-                            "have the expected layout (a wrong --url?)")
+        raise PipelineError(
+            f"unpacked {archive} into {dest} but {missing} did not appear; the archive does not "
+            "have the expected layout (a wrong --url?)"
+        )
 
 
 def read_lock(path: Path) -> dict[str, Any]:
@@ -331,7 +411,9 @@ def read_lock(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise PipelineError(f"{path} is not valid JSON ({err}); restore it from git or delete the broken entry") from None
+        raise PipelineError(
+            f"{path} is not valid JSON ({err}); restore it from git or delete the broken entry"
+        ) from None
     if not isinstance(data, dict):
         raise PipelineError(f"{path}: expected a JSON object {{asset: {{sha256, ...}}}}; restore it from git")
     return data
@@ -340,8 +422,12 @@ def read_lock(path: Path) -> dict[str, Any]:
 def record_first_use(path: Path, name: str, url: str, digest: str, size: int | None) -> None:
     """Add ``name``'s digest to the lock file (rewritten atomically, keys sorted for stable diffs)."""
     lock = read_lock(path)
-    lock[name] = {"url": url, "sha256": digest, "bytes": size,
-                  "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    lock[name] = {
+        "url": url,
+        "sha256": digest,
+        "bytes": size,
+        "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(lock, indent=2, sort_keys=True) + "\n")
@@ -363,8 +449,11 @@ def format_table(root: str | Path = "data") -> str:
             digest = f"sha256 {lock[a.name]['sha256']}  [recorded on first use in {lock_path}]"
         else:
             digest = f"sha256 not published: trusted on first use, then recorded in {lock_path}"
-        lines += [f"{a.name}  ({a.size})  -> {', '.join(str(root / p) for p in a.outputs)}",
-                  f"    {a.url}", f"    {digest}"]
+        lines += [
+            f"{a.name}  ({a.size})  -> {', '.join(str(root / p) for p in a.outputs)}",
+            f"    {a.url}",
+            f"    {digest}",
+        ]
     return "\n".join(lines)
 
 
@@ -398,7 +487,9 @@ def _transfer(url: str, part: Path, timeout: float, desc: str) -> str:
                 return sha256_file(part)
             part.unlink()
             return _transfer(url, part, timeout, desc)
-        raise PipelineError(f"{url} answered HTTP {err.code} {err.reason}; check the URL (or pass a mirror with --url)") from None
+        raise PipelineError(
+            f"{url} answered HTTP {err.code} {err.reason}; check the URL (or pass a mirror with --url)"
+        ) from None
     except (urllib.error.URLError, OSError) as err:
         raise _Unreachable(str(getattr(err, "reason", err))) from None
 
@@ -414,8 +505,12 @@ def _transfer(url: str, part: Path, timeout: float, desc: str) -> str:
             have = 0
         length = resp.headers.get("Content-Length")
         total = have + int(length) if length else None
-        with open(part, "ab" if resumed else "wb") as f, tqdm(
-                total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, desc=desc or part.name) as bar:
+        with (
+            open(part, "ab" if resumed else "wb") as f,
+            tqdm(
+                total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, desc=desc or part.name
+            ) as bar,
+        ):
             while True:
                 try:
                     chunk = resp.read(CHUNK)
@@ -451,9 +546,14 @@ def _merge_tree(src: Path, dst: Path) -> None:
 
 def _manual_hint(asset: Asset, url: str, target: Path, expected: str | None, lock_path: Path, reason: str) -> str:
     """The offline message: what to download by hand, where to put it, how to finish."""
-    check = (f"its sha256 must be {expected}" if expected else
-             f"no sha256 is published for it, so the first file found is trusted and its digest recorded in {lock_path}")
+    check = (
+        f"its sha256 must be {expected}"
+        if expected
+        else f"no sha256 is published for it, so the first file found is trusted and its digest recorded in {lock_path}"
+    )
     finish = ("verify" if expected else "record its sha256") + (" and unpack it" if asset.unpack_to else "")
-    return (f"cannot reach {url} ({reason}); this machine seems to be offline or the host is blocked. "
-            f"Download {url} ({asset.size}) by hand on a machine with network, copy it to {target} "
-            f"({check}), then rerun `picosam-pipeline fetch {asset.name}` to {finish}.")
+    return (
+        f"cannot reach {url} ({reason}); this machine seems to be offline or the host is blocked. "
+        f"Download {url} ({asset.size}) by hand on a machine with network, copy it to {target} "
+        f"({check}), then rerun `picosam-pipeline fetch {asset.name}` to {finish}."
+    )

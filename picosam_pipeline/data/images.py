@@ -134,14 +134,16 @@ def load_rgb(path: str | Path, expected_size: tuple[int, int] | None = None) -> 
     if image.mode != "RGB":
         if image.mode not in _MODE_CONVERSIONS:
             raise BadImageError(
-                "unreadable", path,
+                "unreadable",
+                path,
                 f"image {str(path)!r} has pixel mode {image.mode!r} (16/32-bit or float), which has no single "
                 "8-bit RGB meaning; re-encode it as an 8-bit RGB JPEG or PNG",
             )
         conversions.append(_MODE_CONVERSIONS[image.mode])
         # convert("RGB") drops alpha and keeps the stored colour under it, as the usual COCO loaders do.
         image = image.convert("RGB")
-    image.info.clear()  # PIL copies a file's JPEG comment into every JPEG saved from its crops; the pixels are all we use
+    # PIL copies a file's JPEG comment into every JPEG saved from its crops; the pixels are all we use
+    image.info.clear()
     return image, tuple(conversions)
 
 
@@ -150,7 +152,8 @@ def _read_bytes(path: Path) -> bytes:
         return path.read_bytes()
     except FileNotFoundError:
         raise BadImageError(
-            "missing", path,
+            "missing",
+            path,
             f"image {str(path)!r} does not exist; download it again or fix the split's images folder / file_name",
         ) from None
     except OSError as err:  # a directory, no permission, I/O error
@@ -168,7 +171,8 @@ def _decode(path: Path, data: bytes) -> Image.Image:
         raise BadImageError("unreadable", path, f"image {str(path)!r} refused: {err}") from None
     except UnidentifiedImageError:
         raise BadImageError(
-            "unreadable", path,
+            "unreadable",
+            path,
             f"image {str(path)!r} is not in any image format PIL knows (it starts with {data[:16]!r}); the file is "
             "corrupt or something else (e.g. an HTML error page saved by a failed download): download it again",
         ) from None
@@ -176,7 +180,8 @@ def _decode(path: Path, data: bytes) -> Image.Image:
         if "truncated" in str(err):
             raise _truncated(path, str(err)) from None
         raise BadImageError(
-            "unreadable", path,
+            "unreadable",
+            path,
             f"image {str(path)!r} cannot be decoded ({err}); the file is corrupt or not an image: "
             "download it again or re-encode it",
         ) from None
@@ -224,14 +229,16 @@ def exif_orientation(image: Image.Image) -> int:
 
 def _truncated(path: Path, detail: str) -> BadImageError:
     return BadImageError(
-        "truncated", path,
+        "truncated",
+        path,
         f"image {str(path)!r} is truncated ({detail}); the download was probably interrupted: download it again",
     )
 
 
 def _size_mismatch(path: Path, expected_size: tuple[int, int], found: str) -> BadImageError:
     return BadImageError(
-        "size_mismatch", path,
+        "size_mismatch",
+        path,
         f"image {str(path)!r}: the annotation JSON says {_wh(tuple(expected_size))} but {found}; "
         "fix width/height in the JSON, or replace the image with the one the annotations were made on",
     )

@@ -115,13 +115,19 @@ class IndexBuilder:
         # stable, as Arrow's sort is).
         rank = np.argsort(np.argsort(np.array(list(self._splits), dtype=object)))
         split = rank[np.frombuffer(self._keys["split"], np.int64)]
-        order = np.lexsort((np.frombuffer(self._keys["ann_id"], np.int64),
-                            np.frombuffer(self._keys["image_id"], np.int64), split))
+        order = np.lexsort(
+            (np.frombuffer(self._keys["ann_id"], np.int64), np.frombuffer(self._keys["image_id"], np.int64), split)
+        )
         with pa.OSFile(str(self.spill), "rb") as source:
             reader = pa.ipc.open_file(source)
-            path = _write_row_groups((_gather(reader, rows, self.batch_rows)
-                                      for rows in np.array_split(order, range(ROW_GROUP_ROWS, len(order),
-                                                                              ROW_GROUP_ROWS))), path, metadata)
+            path = _write_row_groups(
+                (
+                    _gather(reader, rows, self.batch_rows)
+                    for rows in np.array_split(order, range(ROW_GROUP_ROWS, len(order), ROW_GROUP_ROWS))
+                ),
+                path,
+                metadata,
+            )
         self.spill.unlink()
         return path
 
@@ -175,13 +181,17 @@ def _check_index(path: Path, split: str | None) -> None:
     schema = _read_schema(path)
     missing = [n for n in SCHEMA.names if n not in schema.names]
     if missing:
-        raise PipelineError(f"{path}: instance index lacks columns {missing} (written by an older prepare?); "
-                            "rerun `picosam-pipeline run-stage prepare`")
+        raise PipelineError(
+            f"{path}: instance index lacks columns {missing} (written by an older prepare?); "
+            "rerun `picosam-pipeline run-stage prepare`"
+        )
     if split is not None:
         splits = list(_metadata(schema, path).get("splits", {}))
         if split not in splits:
-            raise PipelineError(f"{path}: no split {split!r} in the instance index (it has {splits}); "
-                                "fix the split name or add the split to prepare.splits and rerun prepare")
+            raise PipelineError(
+                f"{path}: no split {split!r} in the instance index (it has {splits}); "
+                "fix the split name or add the split to prepare.splits and rerun prepare"
+            )
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -222,8 +232,15 @@ def iter_images(table: pa.Table) -> Iterator[ImageGroup]:
     for start, end in zip(starts.tolist(), ends.tolist()):
         rows = table.slice(start, end - start)
         first = rows.slice(0, 1).to_pylist()[0]
-        yield ImageGroup(first["split"], first["image_id"], first["file_name"], first["image_path"],
-                         first["width"], first["height"], rows)
+        yield ImageGroup(
+            first["split"],
+            first["image_id"],
+            first["file_name"],
+            first["image_path"],
+            first["width"],
+            first["height"],
+            rows,
+        )
 
 
 def stream_images(path: str | Path, split: str, columns: list[str], batch_rows: int = 8192) -> Iterator[ImageGroup]:
@@ -237,7 +254,9 @@ def stream_images(path: str | Path, split: str, columns: list[str], batch_rows: 
     """
     path = Path(path)
     _check_index(path, split)
-    wanted = list(dict.fromkeys(["ann_id", "image_id", "split", "file_name", "image_path", "width", "height", *columns]))
+    wanted = list(
+        dict.fromkeys(["ann_id", "image_id", "split", "file_name", "image_path", "width", "height", *columns])
+    )
     parquet = pq.ParquetFile(path)
     split_column = parquet.schema_arrow.get_field_index("split")
     carry, last_image = None, None
@@ -254,8 +273,10 @@ def stream_images(path: str | Path, split: str, columns: list[str], batch_rows: 
             carry = groups.pop().rows if groups else None  # the last image may go on in the next batch
             for group in groups:
                 if last_image is not None and group.image_id <= last_image:
-                    raise PipelineError(f"{path}: rows of split {split!r} are not in image order (image "
-                                        f"{group.image_id} after {last_image}); rerun prepare, which writes them sorted")
+                    raise PipelineError(
+                        f"{path}: rows of split {split!r} are not in image order (image "
+                        f"{group.image_id} after {last_image}); rerun prepare, which writes them sorted"
+                    )
                 last_image = group.image_id
                 yield group
     if carry is not None:
@@ -321,20 +342,25 @@ def _rle_counts(data: bytes) -> np.ndarray:
 
 def _read_schema(path: Path) -> pa.Schema:
     if not path.is_file():
-        raise PipelineError(f"{path}: instance index not found; run `picosam-pipeline run-stage prepare` "
-                            "(or `dvc repro prepare`) first, or fix the index path in params.yaml")
+        raise PipelineError(
+            f"{path}: instance index not found; run `picosam-pipeline run-stage prepare` "
+            "(or `dvc repro prepare`) first, or fix the index path in params.yaml"
+        )
     try:
         return pq.read_schema(path)
     except (pa.ArrowInvalid, OSError) as err:
-        raise PipelineError(f"{path}: not a readable Parquet file ({err}), so not the instance index prepare writes; "
-                            "point the param that names it (pack.index, teacher.index, evaluate.index, quantize.index) at "
-                            "prepare's index.parquet (prepare.out_dir), or, if it is that file and it is damaged, rerun "
-                            "prepare, which writes a new one") from None
+        raise PipelineError(
+            f"{path}: not a readable Parquet file ({err}), so not the instance index prepare writes; "
+            "point the param that names it (pack.index, teacher.index, evaluate.index, quantize.index) at "
+            "prepare's index.parquet (prepare.out_dir), or, if it is that file and it is damaged, rerun "
+            "prepare, which writes a new one"
+        ) from None
 
 
 def _metadata(schema: pa.Schema, path: Path) -> dict[str, Any]:
     raw = (schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
-        raise PipelineError(f"{path}: Parquet file without instance-index metadata, so not written by prepare; "
-                            "rerun prepare")
+        raise PipelineError(
+            f"{path}: Parquet file without instance-index metadata, so not written by prepare; rerun prepare"
+        )
     return json.loads(raw)

@@ -56,8 +56,11 @@ BAD_FILES = {
     4: ("grayscale_jpeg", "single-channel (L) JPEG; decodes with grayscale->rgb"),
     5: ("cmyk_jpeg", "CMYK JPEG; decodes with cmyk->rgb"),
     6: ("palette_png", "palette (P-mode) PNG with a .png file name; decodes with palette->rgb"),
-    7: ("exif_rotated_jpeg", "pixels stored rotated 90 deg with EXIF Orientation=6; JSON size and annotations "
-                             "are the displayed (rotated) image; decodes with exif-rotated"),
+    7: (
+        "exif_rotated_jpeg",
+        "pixels stored rotated 90 deg with EXIF Orientation=6; JSON size and annotations "
+        "are the displayed (rotated) image; decodes with exif-rotated",
+    ),
 }
 # Bad annotations, added to train images 8, 9, ... in turn.
 BAD_ANNOTATIONS = {
@@ -99,8 +102,9 @@ def generate(cfg: SampleConfig) -> dict[str, Any]:
         (out / split).mkdir(parents=True)
         images, annotations = [], []
         for i in tqdm(range(n_images), desc=f"sample {split}", unit="img", leave=False):
-            image, anns, rows = _sample_image(out, split, np.random.default_rng([cfg.seed, split_no, i]),
-                                              i, id_base + i + 1, n_images, plant)
+            image, anns, rows = _sample_image(
+                out, split, np.random.default_rng([cfg.seed, split_no, i]), i, id_base + i + 1, n_images, plant
+            )
             images.append(image)
             annotations += anns
             bad_rows += rows
@@ -112,8 +116,9 @@ def generate(cfg: SampleConfig) -> dict[str, Any]:
     return summary
 
 
-def _sample_image(out: Path, split: str, rng: np.random.Generator, index: int, image_id: int, n_images: int,
-                  plant: bool) -> tuple[dict[str, Any], list[dict[str, Any]], list[BadRow]]:
+def _sample_image(
+    out: Path, split: str, rng: np.random.Generator, index: int, image_id: int, n_images: int, plant: bool
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[BadRow]]:
     """Draw, write and annotate image ``index`` of ``split``; returns its COCO image entry, annotations, bad rows."""
     bad_file = BAD_FILES[index][0] if plant and index in BAD_FILES else None
     bad_anns = _bad_annotation_kinds(index, n_images) if plant else []
@@ -166,8 +171,10 @@ def _compose(rng: np.random.Generator, index: int, portrait: bool, planted: list
         shapes.append(_Shape(kind, [_outline(rng, kind, cx, cy, r)]))
     if index == 0:  # one crowd region (a cluster of small discs) and, on top of everything, one tiny disc
         cx, cy = float(rng.uniform(0.3, 0.7)) * w, float(rng.uniform(0.3, 0.7)) * h
-        discs = [_outline(rng, "disc", cx + float(dx), cy + float(dy), float(rng.uniform(0.025, 0.04)) * side)
-                 for dx, dy in rng.normal(0, 0.07 * side, size=(int(rng.integers(6, 11)), 2))]
+        discs = [
+            _outline(rng, "disc", cx + float(dx), cy + float(dy), float(rng.uniform(0.025, 0.04)) * side)
+            for dx, dy in rng.normal(0, 0.07 * side, size=(int(rng.integers(6, 11)), 2))
+        ]
         shapes.append(_Shape("disc", discs, iscrowd=True))
         tiny = _outline(rng, "disc", float(rng.uniform(20, w - 20)), float(rng.uniform(20, h - 20)), 2.4)  # ~18 px
         shapes.append(_Shape("disc", [tiny]))
@@ -190,9 +197,9 @@ def _compose(rng: np.random.Generator, index: int, portrait: bool, planted: list
     kept.reverse()
 
     canvas = _background(rng, xx, yy)
-    for shape, full, _ in kept:
+    for _shape, full, _ in kept:
         rows, cols = np.flatnonzero(full.any(1)), np.flatnonzero(full.any(0))
-        box = np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]  # texture only the shape's bounding box
+        box = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]  # texture only the shape's bounding box
         canvas[box][full[box]] = _texture(rng, xx[box], yy[box])[full[box]]  # canvas[box] is a view
     pixels = np.clip(canvas * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return pixels, [(shape, visible) for shape, _, visible in kept]
@@ -217,7 +224,9 @@ def _outline(rng: np.random.Generator, kind: str, cx: float, cy: float, r: float
             radius = np.where(np.arange(2 * k) % 2 == 0, r, r * float(rng.uniform(0.4, 0.6)))
         elif kind == "blob":  # smooth random radius: a few low harmonics
             t = np.linspace(0, 2 * np.pi, 40, endpoint=False)
-            harmonics = sum(float(rng.uniform(0, 0.15)) * np.cos(m * t + float(rng.uniform(0, 2 * np.pi))) for m in (2, 3, 4))
+            harmonics = sum(
+                float(rng.uniform(0, 0.15)) * np.cos(m * t + float(rng.uniform(0, 2 * np.pi))) for m in (2, 3, 4)
+            )
             radius = r * (1.0 + harmonics)
         else:  # shard: irregular 5-7-gon
             t = np.sort(rng.uniform(0, 2 * np.pi, int(rng.integers(5, 8))))
@@ -284,12 +293,16 @@ def _annotation(shape: _Shape, visible: np.ndarray, image_id: int, ann_id: int) 
     h, w = visible.shape
     rle = mask_utils.encode(np.asfortranarray(visible.astype(np.uint8)))
     ann: dict[str, Any] = {
-        "id": ann_id, "image_id": image_id, "category_id": _CATEGORY_ID[shape.category],
-        "iscrowd": int(shape.iscrowd), "area": float(mask_utils.area(rle)),
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": _CATEGORY_ID[shape.category],
+        "iscrowd": int(shape.iscrowd),
+        "area": float(mask_utils.area(rle)),
         "bbox": [float(v) for v in mask_utils.toBbox(rle)],
     }
-    inside = all(p[:, 0].min() >= 0 and p[:, 0].max() <= w and p[:, 1].min() >= 0 and p[:, 1].max() <= h
-                 for p in shape.polygons)
+    inside = all(
+        p[:, 0].min() >= 0 and p[:, 0].max() <= w and p[:, 1].min() >= 0 and p[:, 1].max() <= h for p in shape.polygons
+    )
     if shape.planted == "bbox_outside_image":
         # The sloppy-tool case: the stored polygon and its extents go past the border; area is what is drawn.
         pts = shape.polygons[0]
@@ -329,22 +342,32 @@ def _bad_annotation_kinds(index: int, n_images: int) -> list[str]:
     return [k for j, k in enumerate(BAD_ANNOTATIONS) if _FIRST_BAD_ANNOTATION_IMAGE + j % hosts == index]
 
 
-def _unpainted_bad_annotations(rng: np.random.Generator, kinds: list[str], image_id: int, next_id: int,
-                               hw: tuple[int, int]) -> list[tuple[str, dict[str, Any]]]:
+def _unpainted_bad_annotations(
+    rng: np.random.Generator, kinds: list[str], image_id: int, next_id: int, hw: tuple[int, int]
+) -> list[tuple[str, dict[str, Any]]]:
     """``(kind, annotation)`` for the planted kinds that draw nothing: zero-width box, 2-point polygon, orphan."""
     h, w = hw
     anns = []
     for kind in kinds:
         x, y = round(float(rng.uniform(10, w - 40)), 2), round(float(rng.uniform(10, h - 40)), 2)
-        ann = {"id": next_id + len(anns), "image_id": image_id, "category_id": _CATEGORY_ID["box"], "iscrowd": 0,
-               "area": 0.0}
+        ann = {
+            "id": next_id + len(anns),
+            "image_id": image_id,
+            "category_id": _CATEGORY_ID["box"],
+            "iscrowd": 0,
+            "area": 0.0,
+        }
         if kind == "degenerate_bbox":
             ann.update(bbox=[x, y, 0.0, 25.0], segmentation=[[x, y, x, y + 12.5, x, y + 25.0]])
         elif kind == "short_polygon":
             ann.update(bbox=[x, y, 20.0, 15.0], segmentation=[[x, y, x + 20.0, y + 15.0]])
         elif kind == "orphan_annotation":
-            ann.update(image_id=MISSING_IMAGE_ID, bbox=[x, y, 20.0, 20.0], area=400.0,
-                       segmentation=[[x, y, x + 20.0, y, x + 20.0, y + 20.0, x, y + 20.0]])
+            ann.update(
+                image_id=MISSING_IMAGE_ID,
+                bbox=[x, y, 20.0, 20.0],
+                area=400.0,
+                segmentation=[[x, y, x + 20.0, y, x + 20.0, y + 20.0, x, y + 20.0]],
+            )
         else:
             continue  # drawn kinds (bbox_outside_image) come from _compose
         anns.append((kind, ann))
@@ -399,8 +422,10 @@ def _bad_inputs_markdown(rows: list[BadRow]) -> str:
         "| kind | image_id | annotation_id | file | what |",
         "| --- | --- | --- | --- | --- |",
     ]
-    lines += [f"| {kind} | {image_id} | {'-' if ann_id is None else ann_id} | {file} | {what} |"
-              for kind, image_id, ann_id, file, what in rows]
+    lines += [
+        f"| {kind} | {image_id} | {'-' if ann_id is None else ann_id} | {file} | {what} |"
+        for kind, image_id, ann_id, file, what in rows
+    ]
     if not rows:
         lines.append("| (none planted: sample.plant_bad_inputs is false) | - | - | - | - |")
     return "\n".join(lines) + "\n"

@@ -33,10 +33,11 @@ import sys
 import time
 import zipfile
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import onnx
 
@@ -44,9 +45,11 @@ from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.evaluate.onnx_runtime import MCTQ_DOMAIN
 
 JAVA_MAJOR = 17
-JAVA_HINT = ("install a Java 17 runtime and put its `java` on PATH, e.g. "
-             "`sudo apt install openjdk-17-jre-headless` (Debian/Ubuntu), "
-             "`sudo dnf install java-17-openjdk-headless` (Fedora) or `brew install openjdk@17` (macOS)")
+JAVA_HINT = (
+    "install a Java 17 runtime and put its `java` on PATH, e.g. "
+    "`sudo apt install openjdk-17-jre-headless` (Debian/Ubuntu), "
+    "`sudo dnf install java-17-openjdk-headless` (Fedora) or `brew install openjdk@17` (macOS)"
+)
 CONVERTER = "imxconv-pt"
 LOG_FILE = "converter.log"
 
@@ -74,18 +77,22 @@ def check_java(search_path: str | None = None) -> JavaInfo:
     """
     java = shutil.which("java", path=search_path)
     if java is None:
-        raise ConverterError(f"{CONVERTER} (the IMX500 converter) needs Java {JAVA_MAJOR}, and no `java` is on PATH; "
-                             f"{JAVA_HINT}")
+        raise ConverterError(
+            f"{CONVERTER} (the IMX500 converter) needs Java {JAVA_MAJOR}, and no `java` is on PATH; {JAVA_HINT}"
+        )
     try:
         out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as err:
-        raise ConverterError(f"{java} -version failed ({err}); {CONVERTER} needs a working Java {JAVA_MAJOR}: "
-                             f"{JAVA_HINT}") from None
+        raise ConverterError(
+            f"{java} -version failed ({err}); {CONVERTER} needs a working Java {JAVA_MAJOR}: {JAVA_HINT}"
+        ) from None
     printed = out.stderr + out.stdout  # java prints its version on stderr
     match = re.search(r'version "((\d+)(?:\.(\d+))?[^"]*)"', printed)
     if match is None:
-        raise ConverterError(f"cannot read the Java version from `{java} -version` (it printed {printed.strip()[:200]!r}); "
-                             f"{CONVERTER} needs Java {JAVA_MAJOR}: {JAVA_HINT}")
+        raise ConverterError(
+            f"cannot read the Java version from `{java} -version` (it printed {printed.strip()[:200]!r}); "
+            f"{CONVERTER} needs Java {JAVA_MAJOR}: {JAVA_HINT}"
+        )
     version = match.group(1)
     major = int(match.group(3) or 0) if match.group(2) == "1" else int(match.group(2))  # "1.8.0_392" is Java 8
     if major < JAVA_MAJOR:
@@ -102,8 +109,10 @@ def supported_ops() -> frozenset[str]:
     try:
         from uni.pytorch.onnx_parser.onnx_op_to_factory import onnx_op_factory
     except ImportError as err:
-        raise ConverterError(f"the IMX500 converter's PyTorch front end is not installed ({err}); install "
-                             "`imx500-converter[pt]==3.19.2` (requirements/base.txt)") from None
+        raise ConverterError(
+            f"the IMX500 converter's PyTorch front end is not installed ({err}); install "
+            "`imx500-converter[pt]==3.19.2` (requirements/base.txt)"
+        ) from None
     return frozenset(k.value if isinstance(k, Enum) else str(k) for k in onnx_op_factory)
 
 
@@ -118,27 +127,36 @@ def preflight(path: str | Path) -> dict[str, Any]:
     try:
         graph = onnx.load(str(path)).graph
     except Exception as err:  # onnx raises DecodeError / OSError variants
-        raise ConverterError(f"{path} is not a readable ONNX file ({type(err).__name__}: {err}); pass the MCTQ export "
-                             "of the export stage") from None
+        raise ConverterError(
+            f"{path} is not a readable ONNX file ({type(err).__name__}: {err}); pass the MCTQ export "
+            "of the export stage"
+        ) from None
     supported = supported_ops()
     unsupported: dict[str, list[str]] = {}
     for i, node in enumerate(graph.node):
         if node.op_type not in supported:
             unsupported.setdefault(node.op_type, []).append(node.name or f"#{i} (unnamed)")
     if unsupported:
-        listing = "; ".join(f"{op} at {', '.join(names[:5])}{f' and {len(names) - 5} more' if len(names) > 5 else ''}"
-                            for op, names in sorted(unsupported.items()))
-        hint = ("QuantizeLinear/DequantizeLinear come from a fake-quant export: pass the MCTQ export instead"
-                if {"QuantizeLinear", "DequantizeLinear"} & set(unsupported) else
-                "replace these layers in the model with IMX500 operators (conv, depthwise conv, ReLU, add, mul, "
-                "nearest resize, sigmoid, ...) and quantise and export it again")
+        listing = "; ".join(
+            f"{op} at {', '.join(names[:5])}{f' and {len(names) - 5} more' if len(names) > 5 else ''}"
+            for op, names in sorted(unsupported.items())
+        )
+        hint = (
+            "QuantizeLinear/DequantizeLinear come from a fake-quant export: pass the MCTQ export instead"
+            if {"QuantizeLinear", "DequantizeLinear"} & set(unsupported)
+            else "replace these layers in the model with IMX500 operators (conv, depthwise conv, ReLU, add, mul, "
+            "nearest resize, sigmoid, ...) and quantise and export it again"
+        )
         count = sum(map(len, unsupported.values()))
-        raise ConverterError(f"{path}: {count} node(s) use operators the IMX500 converter does not support: "
-                             f"{listing}. {hint}")
+        raise ConverterError(
+            f"{path}: {count} node(s) use operators the IMX500 converter does not support: {listing}. {hint}"
+        )
     if not any(node.domain == MCTQ_DOMAIN for node in graph.node):
-        raise ConverterError(f"{path} holds no MCT quantisers (no {MCTQ_DOMAIN} nodes): it is a float model, and the "
-                             "IMX500 converter needs the INT8 model exported by MCT in MCTQ format (the quantize and "
-                             "export stages)")
+        raise ConverterError(
+            f"{path} holds no MCT quantisers (no {MCTQ_DOMAIN} nodes): it is a float model, and the "
+            "IMX500 converter needs the INT8 model exported by MCT in MCTQ format (the quantize and "
+            "export stages)"
+        )
     return {"nodes": len(graph.node), "ops": dict(sorted(Counter(n.op_type for n in graph.node).items()))}
 
 
@@ -153,8 +171,9 @@ def converter_executable() -> str:
         return str(local)
     found = shutil.which(CONVERTER)
     if found is None:
-        raise ConverterError(f"{CONVERTER} is not installed; install `imx500-converter[pt]==3.19.2` "
-                             "(requirements/base.txt)")
+        raise ConverterError(
+            f"{CONVERTER} is not installed; install `imx500-converter[pt]==3.19.2` (requirements/base.txt)"
+        )
     return found
 
 
@@ -167,8 +186,14 @@ class ConverterRun:
     log_path: Path | None = None  # where the log was written
 
 
-def run_converter(onnx_path: str | Path, out_dir: str | Path, *, input_persistency: bool = True,
-                  timeout_s: float = 1800, log_path: str | Path | None = None) -> ConverterRun:
+def run_converter(
+    onnx_path: str | Path,
+    out_dir: str | Path,
+    *,
+    input_persistency: bool = True,
+    timeout_s: float = 1800,
+    log_path: str | Path | None = None,
+) -> ConverterRun:
     """Run ``imxconv-pt`` on ``onnx_path`` into ``out_dir`` (overwritten); its log goes to ``log_path`` (default
     ``out_dir/converter.log``).
 
@@ -179,16 +204,26 @@ def run_converter(onnx_path: str | Path, out_dir: str | Path, *, input_persisten
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = Path(log_path) if log_path is not None else out_dir / LOG_FILE
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [converter_executable(), "-i", str(onnx_path), "-o", str(out_dir), "--overwrite-output",
-           "--report-size-unit", "B"]
+    cmd = [
+        converter_executable(),
+        "-i",
+        str(onnx_path),
+        "-o",
+        str(out_dir),
+        "--overwrite-output",
+        "--report-size-unit",
+        "B",
+    ]
     if not input_persistency:
         cmd.append("--no-input-persistency")
     start = time.perf_counter()
     log = _run_with_progress(cmd, timeout_s)
     log_path.write_text("".join(log.lines))
     if log.returncode is None:
-        raise ConverterError(f"{CONVERTER} did not finish within {timeout_s:.0f} s on {onnx_path}; raise package.timeout_s "
-                             f"or run it by hand: {' '.join(cmd)}")
+        raise ConverterError(
+            f"{CONVERTER} did not finish within {timeout_s:.0f} s on {onnx_path}; raise package.timeout_s "
+            f"or run it by hand: {' '.join(cmd)}"
+        )
     return ConverterRun(log.returncode, time.perf_counter() - start, "".join(log.lines), out_dir, log_path)
 
 
@@ -212,8 +247,9 @@ def _run_with_progress(cmd: list[str], timeout_s: float) -> _Output:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
     reader.start()
-    bar = tqdm(desc=CONVERTER, bar_format="{desc}: {elapsed} elapsed, {n} log lines {postfix}", disable=None,
-               file=sys.stderr)
+    bar = tqdm(
+        desc=CONVERTER, bar_format="{desc}: {elapsed} elapsed, {n} log lines {postfix}", disable=None, file=sys.stderr
+    )
     deadline = time.monotonic() + timeout_s
     while proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -274,10 +310,15 @@ def read_memory_report(path: str | Path) -> MemoryReport:
     raw = json.loads(Path(path).read_text())["Memory Report"]
     used, available = parse_size(raw["Memory Usage"]), parse_size(raw["Total Memory Available On Chip"])
     return MemoryReport(
-        network=raw["Name"], used_bytes=used, available_bytes=available,
+        network=raw["Name"],
+        used_bytes=used,
+        available_bytes=available,
         runtime_bytes=parse_size(raw["Runtime Memory Physical Size"]),
-        model_bytes=parse_size(raw["Model Memory Physical Size"]), utilization=used / available,
-        fits=bool(raw["Fit In Chip"]), input_persistent=bool(raw.get("Input Persistent", True)))
+        model_bytes=parse_size(raw["Model Memory Physical Size"]),
+        utilization=used / available,
+        fits=bool(raw["Fit In Chip"]),
+        input_persistent=bool(raw.get("Input Persistent", True)),
+    )
 
 
 def read_dnn_params(path: str | Path) -> dict[str, list[dict[str, Any]]]:
@@ -293,12 +334,19 @@ def read_dnn_params(path: str | Path) -> dict[str, list[dict[str, Any]]]:
     def tensor(node: ET.Element) -> dict[str, Any]:
         dims = sorted(node.iter("dimension"), key=lambda d: int(d.get("ordinal")))
         # serialization: per dimension (ordinal order), its rank in the chip's byte stream, 0 = fastest
-        return {"name": node.get("name"), "dims": [int(d.get("size")) for d in dims],
-                "serialization": [int(d.get("serializationOrder", i)) for i, d in enumerate(dims)],
-                "bits": int(node.get("bitsPerElement")), "scale": float(node.get("scale")), "format": node.get("format")}
+        return {
+            "name": node.get("name"),
+            "dims": [int(d.get("size")) for d in dims],
+            "serialization": [int(d.get("serializationOrder", i)) for i, d in enumerate(dims)],
+            "bits": int(node.get("bitsPerElement")),
+            "scale": float(node.get("scale")),
+            "format": node.get("format"),
+        }
 
-    return {"inputs": [tensor(t) for t in root.iter("inputTensor")],
-            "outputs": [tensor(t) for t in root.iter("outputTensor")]}
+    return {
+        "inputs": [tensor(t) for t in root.iter("inputTensor")],
+        "outputs": [tensor(t) for t in root.iter("outputTensor")],
+    }
 
 
 @dataclass(frozen=True)
@@ -318,14 +366,14 @@ class ConverterIssue:
 EXPLANATIONS = {
     "USOP": "the network uses operators the IMX500 does not run; replace them in the model and export it again",
     "INVOP": "an operator is in the IMX500 set but not with these attributes or shapes (see the converter log for the "
-             "node); change that layer's configuration",
+    "node); change that layer's configuration",
     "INVMOD": "the converter cannot read this ONNX graph; pass the MCTQ file written by MCT's exporter (export stage)",
     "QUANT": "quantisation parameters are missing or invalid; quantise the model with MCT for the IMX500 target and "
-             "export it in MCTQ format",
+    "export it in MCTQ format",
     "ISM": "the network does not fit in the IMX500's memory; use a smaller model (fewer channels or a smaller input), "
-           "or convert with package.input_persistency=false to free the input buffer",
+    "or convert with package.input_persistency=false to free the input buffer",
     "GE": "the converter's back end failed on this graph; a float (unquantised) or non-MCT ONNX model is the usual "
-          "cause",
+    "cause",
 }
 _SKIP = {"FEFSUC"}  # "Failure in conversion process": the summary line after GE / ISM, adds nothing
 _ERROR_LINE = re.compile(r"ERROR\s*:?\s*CODE: \[(?P<code>[A-Z0-9_]+)\]\s*(?P<detail>.*)")
@@ -340,8 +388,11 @@ def converter_issues(log: str) -> list[ConverterIssue]:
         if match is None or match["code"] in _SKIP or match["code"] in issues:
             continue
         detail = _LOG_SUFFIX.sub("", match["detail"]).strip()
-        issues[match["code"]] = ConverterIssue(match["code"], detail, EXPLANATIONS.get(
-            match["code"], "see the converter log (named below) for the context of this code"))
+        issues[match["code"]] = ConverterIssue(
+            match["code"],
+            detail,
+            EXPLANATIONS.get(match["code"], "see the converter log (named below) for the context of this code"),
+        )
     return list(issues.values())
 
 
@@ -360,8 +411,14 @@ class Conversion:
     preflight: dict[str, Any]
 
 
-def convert(onnx_path: str | Path, out_dir: str | Path, *, input_persistency: bool = True,
-            timeout_s: float = 1800, log_path: str | Path | None = None) -> Conversion:
+def convert(
+    onnx_path: str | Path,
+    out_dir: str | Path,
+    *,
+    input_persistency: bool = True,
+    timeout_s: float = 1800,
+    log_path: str | Path | None = None,
+) -> Conversion:
     """Java check, pre-flight, ``imxconv-pt``, memory report, ``packerOut.zip`` normalised; see the module
     docstring. The converter's log goes to ``log_path`` (default ``out_dir/converter.log``).
 
@@ -371,8 +428,7 @@ def convert(onnx_path: str | Path, out_dir: str | Path, *, input_persistency: bo
     """
     java = check_java()
     checked = preflight(onnx_path)
-    run = run_converter(onnx_path, out_dir, input_persistency=input_persistency, timeout_s=timeout_s,
-                        log_path=log_path)
+    run = run_converter(onnx_path, out_dir, input_persistency=input_persistency, timeout_s=timeout_s, log_path=log_path)
     log_file = run.log_path or Path(out_dir) / LOG_FILE
     report_path = find_memory_report(out_dir)
     report = read_memory_report(report_path) if report_path else None
@@ -380,14 +436,18 @@ def convert(onnx_path: str | Path, out_dir: str | Path, *, input_persistency: bo
     if report is not None and not report.fits:
         mib = 2**20
         raise ConverterError(
-            f"{onnx_path} does not fit on the IMX500: it needs {report.used_bytes:,} bytes ({report.used_bytes / mib:.2f} "
+            f"{onnx_path} does not fit on the IMX500: it needs {report.used_bytes:,} bytes "
+            f"({report.used_bytes / mib:.2f} "
             f"MiB: {report.model_bytes:,} for weights, {report.runtime_bytes:,} for activations) and the chip has "
-            f"{report.available_bytes:,} ({report.available_bytes / mib:.2f} MiB), {report.utilization:.0%} utilisation. "
-            f"{EXPLANATIONS['ISM']}")
+            f"{report.available_bytes:,} ({report.available_bytes / mib:.2f} MiB), {report.utilization:.0%} "
+            "utilisation. "
+            f"{EXPLANATIONS['ISM']}"
+        )
     if run.returncode != 0 or issues:
         found = "; ".join(str(i) for i in issues) or "no error code in its log"
-        raise ConverterError(f"{CONVERTER} failed on {onnx_path} (exit code {run.returncode}): {found}; "
-                             f"log: {log_file}")
+        raise ConverterError(
+            f"{CONVERTER} failed on {onnx_path} (exit code {run.returncode}): {found}; log: {log_file}"
+        )
     packer = Path(out_dir) / "packerOut.zip"
     if report is None or not packer.is_file():
         missing = "memory report" if report is None else "packerOut.zip"

@@ -78,8 +78,9 @@ class CameraInputModel(nn.Module):
         return self.student(self.normalize(rgb))
 
 
-def camera_input_model(student: nn.Module,
-                       normalization: Mapping[str, Sequence[float]] | Normalization | None = None) -> CameraInputModel:
+def camera_input_model(
+    student: nn.Module, normalization: Mapping[str, Sequence[float]] | Normalization | None = None
+) -> CameraInputModel:
     """Wrap a student (eval mode) with its input normalisation; ``normalization`` as a checkpoint's meta stores it.
 
     ``None`` means the ImageNet statistics of ``students.NORMALIZATION``.
@@ -111,8 +112,10 @@ def representative_batches(batches: Iterable[Mapping[str, Any]], n_batches: int)
         if len(out) == n_batches:
             break
     if not out:
-        raise PipelineError("the representative data loader yielded no batch; point quantize.train_shards at a non-empty "
-                            "split written by the pack stage")
+        raise PipelineError(
+            "the representative data loader yielded no batch; point quantize.train_shards at a non-empty "
+            "split written by the pack stage"
+        )
     return out
 
 
@@ -130,7 +133,9 @@ def target_platform(tpc_version: str) -> Any:
         raise PipelineError(f"quantize.tpc_version: {err}".replace("Error: ", "")) from None
 
 
-def quantize(model: nn.Module, batches: Sequence[Tensor], *, tpc_version: str = "4.0", gptq_epochs: int = 0) -> nn.Module:
+def quantize(
+    model: nn.Module, batches: Sequence[Tensor], *, tpc_version: str = "4.0", gptq_epochs: int = 0
+) -> nn.Module:
     """Quantise ``model`` for the IMX500 with MCT; returns the quantised module in eval mode.
 
     Args:
@@ -155,10 +160,12 @@ def quantize(model: nn.Module, batches: Sequence[Tensor], *, tpc_version: str = 
     if gptq_epochs > 0:
         gptq_config = mct.gptq.get_pytorch_gptq_config(n_epochs=gptq_epochs)
         quantized, _ = mct.gptq.pytorch_gradient_post_training_quantization(
-            model, representative_data_gen, gptq_config=gptq_config, target_platform_capabilities=tpc)
+            model, representative_data_gen, gptq_config=gptq_config, target_platform_capabilities=tpc
+        )
     else:
         quantized, _ = mct.ptq.pytorch_post_training_quantization(
-            in_module=model, representative_data_gen=representative_data_gen, target_platform_capabilities=tpc)
+            in_module=model, representative_data_gen=representative_data_gen, target_platform_capabilities=tpc
+        )
     return quantized.eval()
 
 

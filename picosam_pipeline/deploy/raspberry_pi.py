@@ -30,7 +30,8 @@ its first layer (see ``deploy/quantize.py``).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -81,8 +82,14 @@ def preview_to_sensor(box: Sequence[float], scaler_crop: Sequence[float], previe
     return Box(cx + x * sx, cy + y * sy, w * sx, h * sy)
 
 
-def inference_roi(box: Sequence[float], scaler_crop: Sequence[float], preview_size: tuple[int, int], *,
-                  sensor_size: tuple[int, int] = SENSOR_SIZE, padding: float = 0.1) -> tuple[int, int, int, int]:
+def inference_roi(
+    box: Sequence[float],
+    scaler_crop: Sequence[float],
+    preview_size: tuple[int, int],
+    *,
+    sensor_size: tuple[int, int] = SENSOR_SIZE,
+    padding: float = 0.1,
+) -> tuple[int, int, int, int]:
     """The IMX500 inference ROI ``(x, y, w, h)`` in sensor pixels for a user box in preview pixels.
 
     PicoSAM3's crop of the box (``crops.roi_box``: padded by ``padding`` per side, squared, clipped, truncated),
@@ -92,8 +99,9 @@ def inference_roi(box: Sequence[float], scaler_crop: Sequence[float], preview_si
         ValueError: a box without positive width and height, or one outside the sensor area.
     """
     if box[2] <= 0 or box[3] <= 0:
-        raise ValueError(f"box {tuple(box)}: width and height must be positive (the format is x, y, w, h in preview "
-                         "pixels)")
+        raise ValueError(
+            f"box {tuple(box)}: width and height must be positive (the format is x, y, w, h in preview pixels)"
+        )
     sensor_box = preview_to_sensor(box, scaler_crop, preview_size)
     crop, _ = roi_box(tuple(sensor_box), sensor_size[0], sensor_size[1], padding)
     if crop.width <= 0 or crop.height <= 0:
@@ -101,8 +109,14 @@ def inference_roi(box: Sequence[float], scaler_crop: Sequence[float], preview_si
     return _large_enough((crop.x1, crop.y1, crop.width, crop.height), f"box {tuple(box)}")
 
 
-def point_roi(point: Sequence[float], scaler_crop: Sequence[float], preview_size: tuple[int, int], *,
-              sensor_size: tuple[int, int] = SENSOR_SIZE, window: int = 96) -> tuple[int, int, int, int]:
+def point_roi(
+    point: Sequence[float],
+    scaler_crop: Sequence[float],
+    preview_size: tuple[int, int],
+    *,
+    sensor_size: tuple[int, int] = SENSOR_SIZE,
+    window: int = 96,
+) -> tuple[int, int, int, int]:
     """The IMX500 inference ROI ``(x, y, w, h)`` in sensor pixels for a point ``(x, y)`` in preview pixels.
 
     PicoSAM2's crop (``crops.point_box``): the point mapped to the sensor (truncated to a whole pixel, as the index's
@@ -120,27 +134,40 @@ def point_roi(point: Sequence[float], scaler_crop: Sequence[float], preview_size
     return _large_enough((crop.x1, crop.y1, crop.width, crop.height), f"point {tuple(point)}")
 
 
-def prompt_roi(crop: dict, scaler_crop: Sequence[float], preview_size: tuple[int, int], *,
-               sensor_size: tuple[int, int] = SENSOR_SIZE, box: Sequence[float] | None = None,
-               point: Sequence[float] | None = None) -> tuple[int, int, int, int]:
+def prompt_roi(
+    crop: dict,
+    scaler_crop: Sequence[float],
+    preview_size: tuple[int, int],
+    *,
+    sensor_size: tuple[int, int] = SENSOR_SIZE,
+    box: Sequence[float] | None = None,
+    point: Sequence[float] | None = None,
+) -> tuple[int, int, int, int]:
     """The inference ROI of a prompt in the crop convention ``crop`` records (the contract's ``crop``).
 
-    ``roi`` (PicoSAM3) takes ``box``, ``point`` (PicoSAM2) takes ``point``, with the recorded ``roi_padding`` / ``window``.
+    ``roi`` (PicoSAM3) takes ``box``, ``point`` (PicoSAM2) takes ``point``, with the recorded ``roi_padding`` /
+    ``window``.
 
     Raises:
         ValueError: an unknown convention, or the prompt of the other kind (named with the one to give).
     """
     convention = crop.get("convention")
     if convention not in CONVENTIONS:
-        raise ValueError(f"the contract's crop convention is {convention!r}, expected one of {list(CONVENTIONS)}; "
-                         "is picosam_int8.json from this pipeline's export stage?")
+        raise ValueError(
+            f"the contract's crop convention is {convention!r}, expected one of {list(CONVENTIONS)}; "
+            "is picosam_int8.json from this pipeline's export stage?"
+        )
     kind, paper = CONVENTIONS[convention]
     given = "box" if box is not None else "point" if point is not None else None
     if given != kind:
-        raise ValueError(f"this network was trained on {paper} {convention} crops, which take a {kind} prompt "
-                         f"(--{kind}); got {'no prompt' if given is None else 'a ' + given}")
+        raise ValueError(
+            f"this network was trained on {paper} {convention} crops, which take a {kind} prompt "
+            f"(--{kind}); got {'no prompt' if given is None else 'a ' + given}"
+        )
     if kind == "box":
-        return inference_roi(box, scaler_crop, preview_size, sensor_size=sensor_size, padding=float(crop["roi_padding"]))
+        return inference_roi(
+            box, scaler_crop, preview_size, sensor_size=sensor_size, padding=float(crop["roi_padding"])
+        )
     return point_roi(point, scaler_crop, preview_size, sensor_size=sensor_size, window=int(crop["window"]))
 
 
@@ -161,8 +188,10 @@ def sensor_size(picam2: Any) -> tuple[int, int]:
 
 def _large_enough(roi: tuple[int, int, int, int], what: str) -> tuple[int, int, int, int]:
     if min(roi[2], roi[3]) < MIN_ROI_SIDE:
-        raise ValueError(f"{what}: its inference ROI {roi} (x, y, w, h, sensor px) has a side under the IMX500's minimum "
-                         f"of {MIN_ROI_SIDE} px; choose a larger object or one farther from the sensor's edge")
+        raise ValueError(
+            f"{what}: its inference ROI {roi} (x, y, w, h, sensor px) has a side under the IMX500's minimum "
+            f"of {MIN_ROI_SIDE} px; choose a larger object or one farther from the sensor's edge"
+        )
     return roi
 
 
@@ -184,8 +213,10 @@ def logits_from_outputs(outputs: Sequence[np.ndarray] | None, size: int) -> np.n
         return None
     logits = np.squeeze(np.asarray(outputs[0], dtype=np.float32))
     if logits.shape != (size, size):
-        raise ValueError(f"the network's first output has shape {np.shape(outputs[0])}, expected {size}x{size} logits "
-                         "(with singleton axes); is network.rpk the packaged PicoSAM model?")
+        raise ValueError(
+            f"the network's first output has shape {np.shape(outputs[0])}, expected {size}x{size} logits "
+            "(with singleton axes); is network.rpk the packaged PicoSAM model?"
+        )
     return logits
 
 

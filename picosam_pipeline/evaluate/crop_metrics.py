@@ -20,7 +20,8 @@ into the image frame and compares it with the full GT mask. It shows how much of
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Literal
+from collections.abc import Iterable
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -163,8 +164,14 @@ def pasted_iou(crop: Any, box: CropBox, gt_in_box: np.ndarray, gt_pixels: int) -
 # ground-truth crops
 
 
-def gt_crop(mask: np.ndarray, bbox_xywh: Any, protocol: Protocol, size: int = CROP_SIZE,
-            roi_padding: float = 0.1, window: int = 96) -> tuple[np.ndarray, CropBox]:
+def gt_crop(
+    mask: np.ndarray,
+    bbox_xywh: Any,
+    protocol: Protocol,
+    size: int = CROP_SIZE,
+    roi_padding: float = 0.1,
+    window: int = 96,
+) -> tuple[np.ndarray, CropBox]:
     """GT crop of the papers: ``(size, size)`` uint8 {0, 1}, and the crop box it was cut from.
 
     ``mask`` is the full ``(H, W)`` uint8 GT mask (pycocotools ``annToMask``). For ``picosam2-point`` the box

@@ -45,9 +45,14 @@ class AnnotationCounts:
     dropped: Counter = field(default_factory=Counter)  # other reasons: crowd, bad polygon, unreadable image, ...
 
     def as_dict(self) -> dict[str, Any]:
-        return {"annotations": self.annotations, "scored": self.scored,
-                "annotations_without_image": self.annotations_without_image, "images_missing": self.images_missing,
-                "images_scored": self.images_scored, "dropped_by_reason": dict(sorted(self.dropped.items()))}
+        return {
+            "annotations": self.annotations,
+            "scored": self.scored,
+            "annotations_without_image": self.annotations_without_image,
+            "images_missing": self.images_missing,
+            "images_scored": self.images_scored,
+            "dropped_by_reason": dict(sorted(self.dropped.items())),
+        }
 
 
 def _pixels_or_count(image: ImageRecord, path: Path, n_anns: int, counts: AnnotationCounts) -> np.ndarray | None:
@@ -68,9 +73,19 @@ def _pixels_or_count(image: ImageRecord, path: Path, n_anns: int, counts: Annota
     return pixels
 
 
-def _batches(annset: AnnotationSet, images_dir: Path, model: CropModel, protocol: Protocol, gt: InstanceGT,
-             counts: AnnotationCounts, *, max_annotations: int, batch_size: int, roi_padding: float,
-             window: int) -> Iterator[dict[str, Any]]:
+def _batches(
+    annset: AnnotationSet,
+    images_dir: Path,
+    model: CropModel,
+    protocol: Protocol,
+    gt: InstanceGT,
+    counts: AnnotationCounts,
+    *,
+    max_annotations: int,
+    batch_size: int,
+    roi_padding: float,
+    window: int,
+) -> Iterator[dict[str, Any]]:
     """Loader-style batches built from annotations + images, filling ``gt`` and ``counts`` on the way."""
     size = model.input_size
     pending: list[tuple[np.ndarray, np.ndarray, dict, tuple[int, int, int, int], float]] = []
@@ -78,10 +93,15 @@ def _batches(annset: AnnotationSet, images_dir: Path, model: CropModel, protocol
     def flush() -> dict[str, Any]:
         crops, gts, anns, boxes, areas = zip(*pending)
         pending.clear()
-        return {"image": to_model_input(np.stack(crops)), "gt_mask": np.stack(gts)[:, None].astype(np.float32),
-                "ann_id": np.array([a["id"] for a in anns]), "image_id": np.array([a["image_id"] for a in anns]),
-                "category_id": np.array([a["category_id"] for a in anns]), "area": np.array(areas),
-                "crop_box": np.array(boxes)}
+        return {
+            "image": to_model_input(np.stack(crops)),
+            "gt_mask": np.stack(gts)[:, None].astype(np.float32),
+            "ann_id": np.array([a["id"] for a in anns]),
+            "image_id": np.array([a["image_id"] for a in anns]),
+            "category_id": np.array([a["category_id"] for a in anns]),
+            "area": np.array(areas),
+            "crop_box": np.array(boxes),
+        }
 
     for rec in annset.record_issues:  # set aside while loading (duplicate id, unknown image id, ...)
         if rec.is_annotation:
@@ -118,9 +138,18 @@ def _batches(annset: AnnotationSet, images_dir: Path, model: CropModel, protocol
         yield flush()
 
 
-def evaluate_annotations(annotations: str | Path, images_dir: str | Path, model: CropModel, protocol: Protocol, *,
-                         max_annotations: int = 0, batch_size: int = 64, roi_padding: float = 0.1,
-                         window: int = 96, require_lvis: bool = True) -> tuple[ScoreTable, dict[str, Any]]:
+def evaluate_annotations(
+    annotations: str | Path,
+    images_dir: str | Path,
+    model: CropModel,
+    protocol: Protocol,
+    *,
+    max_annotations: int = 0,
+    batch_size: int = 64,
+    roi_padding: float = 0.1,
+    window: int = 96,
+    require_lvis: bool = True,
+) -> tuple[ScoreTable, dict[str, Any]]:
     """Score ``model`` on every usable annotation of an instances JSON whose image is in ``images_dir``.
 
     Returns:
@@ -133,25 +162,50 @@ def evaluate_annotations(annotations: str | Path, images_dir: str | Path, model:
     annset = load_annotations(annotations)
     fmt = annset.format
     if require_lvis and fmt.name != "lvis":
-        raise PipelineError(f"evaluate.lvis.annotations: {annotations} is a COCO instances file, not LVIS (its "
-                            "categories carry no synset/frequency); point it at lvis_v1_val.json, or evaluate COCO "
-                            "through the prepare -> shards stages")
+        raise PipelineError(
+            f"evaluate.lvis.annotations: {annotations} is a COCO instances file, not LVIS (its "
+            "categories carry no synset/frequency); point it at lvis_v1_val.json, or evaluate COCO "
+            "through the prepare -> shards stages"
+        )
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
         raise PipelineError(f"evaluate.lvis.images: {images_dir} is not a folder; point it at the COCO val2017 images")
     warnings = []
     if fmt.name == "lvis" and fmt.version != "v1":
-        warnings.append(f"{annotations} is LVIS {fmt.version} ({fmt.num_categories} categories), not v1 (1203): "
-                        "category ids differ and the scores are not comparable with the papers' LVIS v1 figures")
+        warnings.append(
+            f"{annotations} is LVIS {fmt.version} ({fmt.num_categories} categories), not v1 (1203): "
+            "category ids differ and the scores are not comparable with the papers' LVIS v1 figures"
+        )
     gt = InstanceGT([], [], [], [], [], source=str(annotations))
     counts = AnnotationCounts()
-    batches = _batches(annset, images_dir, model, protocol, gt, counts, max_annotations=max_annotations,
-                       batch_size=batch_size, roi_padding=roi_padding, window=window)
+    batches = _batches(
+        annset,
+        images_dir,
+        model,
+        protocol,
+        gt,
+        counts,
+        max_annotations=max_annotations,
+        batch_size=batch_size,
+        roi_padding=roi_padding,
+        window=window,
+    )
     table, timing = evaluate_batches(batches, {"student": model}, gt)
     if counts.annotations and counts.scored == 0:
-        warnings.append(f"no annotation was scored: {counts.annotations_without_image} of {counts.annotations} have no "
-                        f"image in {images_dir}")
-    summary = {"dataset": {"format": fmt.name, "version": fmt.version, "categories": fmt.num_categories,
-                           "annotations_file": str(annotations), "images": str(images_dir)},
-               **counts.as_dict(), "warnings": warnings, "seconds": round(timing["seconds"], 3)}
+        warnings.append(
+            f"no annotation was scored: {counts.annotations_without_image} of {counts.annotations} have no "
+            f"image in {images_dir}"
+        )
+    summary = {
+        "dataset": {
+            "format": fmt.name,
+            "version": fmt.version,
+            "categories": fmt.num_categories,
+            "annotations_file": str(annotations),
+            "images": str(images_dir),
+        },
+        **counts.as_dict(),
+        "warnings": warnings,
+        "seconds": round(timing["seconds"], 3),
+    }
     return table, summary

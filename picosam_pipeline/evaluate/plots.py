@@ -49,8 +49,14 @@ def _histogram(values_by_model: Mapping[str, np.ndarray], value_name: str, bins:
     for b in range(bins):
         for model, values in values_by_model.items():
             counts, _ = np.histogram(values, bins=edges)
-            rows.append({"bin": f"{edges[b]:.2f}-{edges[b + 1]:.2f}", value_name: round(float(edges[b] + edges[b + 1]) / 2, 4),
-                         "model": model, "share": round(float(counts[b]) / max(len(values), 1), 6)})
+            rows.append(
+                {
+                    "bin": f"{edges[b]:.2f}-{edges[b + 1]:.2f}",
+                    value_name: round(float(edges[b] + edges[b + 1]) / 2, 4),
+                    "model": model,
+                    "share": round(float(counts[b]) / max(len(values), 1), 6),
+                }
+            )
     return rows
 
 
@@ -61,8 +67,11 @@ def iou_histogram(table: ScoreTable, bins: int = HIST_BINS) -> list[dict[str, An
 
 def confidence_histogram(table: ScoreTable, bins: int = HIST_BINS) -> list[dict[str, Any]]:
     """Share of samples per confidence bin for each teacher whose confidence the table holds."""
-    return _histogram({m: table[f"{m}{CONFIDENCE_SUFFIX}"] for m in ordered(table.models)
-                       if f"{m}{CONFIDENCE_SUFFIX}" in table}, "confidence", bins)
+    return _histogram(
+        {m: table[f"{m}{CONFIDENCE_SUFFIX}"] for m in ordered(table.models) if f"{m}{CONFIDENCE_SUFFIX}" in table},
+        "confidence",
+        bins,
+    )
 
 
 def size_bars(report: Mapping[str, Any], models: Iterable[str]) -> list[dict[str, Any]]:
@@ -71,33 +80,59 @@ def size_bars(report: Mapping[str, Any], models: Iterable[str]) -> list[dict[str
     for model in models:
         for size, group in report[model]["by_size"].items():
             if group["crop_miou"] is not None and not math.isnan(group["crop_miou"]):
-                rows.append({"size": size, "model": model, "crop_miou": round(group["crop_miou"], 6),
-                             "samples": group["samples"]})
+                rows.append(
+                    {
+                        "size": size,
+                        "model": model,
+                        "crop_miou": round(group["crop_miou"], 6),
+                        "samples": group["samples"],
+                    }
+                )
     return rows
 
 
-def category_bars(table: ScoreTable, by_category: Mapping[str, Mapping[str, dict]], max_categories: int = 20) -> list[dict[str, Any]]:
+def category_bars(
+    table: ScoreTable, by_category: Mapping[str, Mapping[str, dict]], max_categories: int = 20
+) -> list[dict[str, Any]]:
     """Rows ``{"category", "model", "crop_miou", "samples"}`` for the ``max_categories`` most frequent categories."""
-    frequent = [c for c, _ in sorted(Counter(table["category"].astype(str).tolist()).items(),
-                                     key=lambda kv: (-kv[1], kv[0]))[:max_categories]]
-    return [{"category": c, "model": m, "crop_miou": round(by_category[m][c]["crop_miou"], 6),
-             "samples": by_category[m][c]["samples"]}
-            for c in frequent for m in ordered(by_category) if by_category[m].get(c, {}).get("crop_miou") is not None]
+    frequent = [
+        c
+        for c, _ in sorted(Counter(table["category"].astype(str).tolist()).items(), key=lambda kv: (-kv[1], kv[0]))[
+            :max_categories
+        ]
+    ]
+    return [
+        {
+            "category": c,
+            "model": m,
+            "crop_miou": round(by_category[m][c]["crop_miou"], 6),
+            "samples": by_category[m][c]["samples"],
+        }
+        for c in frequent
+        for m in ordered(by_category)
+        if by_category[m].get(c, {}).get("crop_miou") is not None
+    ]
 
 
 def iou_vs_area(table: ScoreTable) -> list[dict[str, Any]]:
     """One row per sample and model: ``ann_id``, COCO ``area`` (px^2), ``model``, ``crop_iou``."""
-    return [{"ann_id": int(a), "area": round(float(area), 1), "model": m, "crop_iou": round(float(iou), 6)}
-            for m in ordered(table.models) for a, area, iou in zip(table["ann_id"], table["area"], table[f"{m}_iou"])]
+    return [
+        {"ann_id": int(a), "area": round(float(area), 1), "model": m, "crop_iou": round(float(iou), 6)}
+        for m in ordered(table.models)
+        for a, area, iou in zip(table["ann_id"], table["area"], table[f"{m}_iou"])
+    ]
 
 
 def student_vs_teacher(table: ScoreTable, student: str = "student") -> list[dict[str, Any]]:
     """One row per sample and teacher: ``ann_id``, ``teacher``, ``teacher_iou``, ``student_iou``."""
     if student not in table.models:
         return []
-    return [{"ann_id": int(a), "teacher": t, "teacher_iou": round(float(ti), 6), "student_iou": round(float(si), 6)}
-            for t in table.models if is_teacher(t)
-            for a, ti, si in zip(table["ann_id"], table[f"{t}_iou"], table[f"{student}_iou"])]
+    return [
+        {"ann_id": int(a), "teacher": t, "teacher_iou": round(float(ti), 6), "student_iou": round(float(si), 6)}
+        for t in table.models
+        if is_teacher(t)
+        for a, ti, si in zip(table["ann_id"], table[f"{t}_iou"], table[f"{student}_iou"])
+    ]
 
 
 def write_csv(path: str | Path, rows: list[dict[str, Any]], columns: list[str]) -> Path:
@@ -111,17 +146,27 @@ def write_csv(path: str | Path, rows: list[dict[str, Any]], columns: list[str]) 
     return path
 
 
-def write_plots(folder: str | Path, table: ScoreTable, report: Mapping[str, Any],
-                by_category: Mapping[str, Mapping[str, dict]]) -> list[Path]:
+def write_plots(
+    folder: str | Path, table: ScoreTable, report: Mapping[str, Any], by_category: Mapping[str, Mapping[str, dict]]
+) -> list[Path]:
     """Every plot file of the module docstring into ``folder``; returns their paths."""
     folder = Path(folder)
     files = [
         write_csv(folder / "iou_histogram.csv", iou_histogram(table), ["bin", "iou", "model", "share"]),
-        write_csv(folder / "by_size.csv", size_bars(report, ordered(table.models)), ["size", "model", "crop_miou", "samples"]),
-        write_csv(folder / "by_category.csv", category_bars(table, by_category), ["category", "model", "crop_miou", "samples"]),
+        write_csv(
+            folder / "by_size.csv", size_bars(report, ordered(table.models)), ["size", "model", "crop_miou", "samples"]
+        ),
+        write_csv(
+            folder / "by_category.csv", category_bars(table, by_category), ["category", "model", "crop_miou", "samples"]
+        ),
         write_csv(folder / "iou_vs_area.csv", iou_vs_area(table), ["ann_id", "area", "model", "crop_iou"]),
-        write_csv(folder / "student_vs_teacher.csv", student_vs_teacher(table),
-                  ["ann_id", "teacher", "teacher_iou", "student_iou"]),
-        write_csv(folder / "teacher_confidence.csv", confidence_histogram(table), ["bin", "confidence", "model", "share"]),
+        write_csv(
+            folder / "student_vs_teacher.csv",
+            student_vs_teacher(table),
+            ["ann_id", "teacher", "teacher_iou", "student_iou"],
+        ),
+        write_csv(
+            folder / "teacher_confidence.csv", confidence_histogram(table), ["bin", "confidence", "model", "share"]
+        ),
     ]
     return files

@@ -65,8 +65,9 @@ class CropModel(Protocol):
 class TorchCropModel:
     """A PyTorch student on ``runtime.device`` (autocast as the runtime says); logits come back as float32 numpy."""
 
-    def __init__(self, model: "torch.nn.Module", runtime: "Runtime", input_size: int, name: str,
-                 crop: dict | None = None) -> None:
+    def __init__(
+        self, model: torch.nn.Module, runtime: Runtime, input_size: int, name: str, crop: dict | None = None
+    ) -> None:
         self.model = model.to(runtime.device).eval()
         self.runtime = runtime
         self.input_size = input_size
@@ -100,15 +101,26 @@ class OnnxCropModel:
             # rewrites, which would move INT8 outputs by a few quantisation steps.
             self.session = ort_session(path)
         except Exception as err:  # onnx raises DecodeError, onnxruntime its own untyped Fail / InvalidProtobuf
-            raise PipelineError(f"model {str(path)!r} is not a loadable ONNX model ({str(err).strip()[:200]}); "
-                                "pass a student checkpoint (.pt) or an .onnx file written by the export / quantize stage") from None
+            raise PipelineError(
+                f"model {str(path)!r} is not a loadable ONNX model ({str(err).strip()[:200]}); "
+                "pass a student checkpoint (.pt) or an .onnx file written by the export / quantize stage"
+            ) from None
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         shape = inputs[0].shape if len(inputs) == 1 else None
-        if shape is None or len(shape) != 4 or shape[1] != 3 or not isinstance(shape[2], int) or shape[2] != shape[3] \
-                or inputs[0].type != "tensor(float)" or len(outputs) != 1:
+        if (
+            shape is None
+            or len(shape) != 4
+            or shape[1] != 3
+            or not isinstance(shape[2], int)
+            or shape[2] != shape[3]
+            or inputs[0].type != "tensor(float)"
+            or len(outputs) != 1
+        ):
             found = [(i.name, i.shape, i.type) for i in inputs]
-            raise PipelineError(f"ONNX model {str(path)!r} is not a PicoSAM student: expected one float input of shape "
-                                f"(B, 3, S, S) and one logits output, found inputs {found} and {len(outputs)} output(s)")
+            raise PipelineError(
+                f"ONNX model {str(path)!r} is not a PicoSAM student: expected one float input of shape "
+                f"(B, 3, S, S) and one logits output, found inputs {found} and {len(outputs)} output(s)"
+            )
         self.input_name = inputs[0].name
         self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
         self.input_size = shape[2]
@@ -122,7 +134,9 @@ class OnnxCropModel:
         try:  # the quantize / export stages record the student's crop convention (JSON)
             self.crop = json.loads(metadata["picosam.crop"]) if "picosam.crop" in metadata else None
         except ValueError:
-            raise PipelineError(f"ONNX model {str(path)!r}: its picosam.crop metadata is not JSON; export it again") from None
+            raise PipelineError(
+                f"ONNX model {str(path)!r}: its picosam.crop metadata is not JSON; export it again"
+            ) from None
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         x = np.asarray(rgb, dtype=np.float32)
@@ -138,7 +152,7 @@ class OnnxCropModel:
         return np.asarray(logits, dtype=np.float32).reshape(len(x), 1, self.input_size, self.input_size)
 
 
-def load_crop_model(path: str | Path, runtime: "Runtime") -> CropModel:
+def load_crop_model(path: str | Path, runtime: Runtime) -> CropModel:
     """Open a student checkpoint (torch.save zip, loaded with ``weights_only``) or an ``.onnx`` export.
 
     Raises:
@@ -147,21 +161,31 @@ def load_crop_model(path: str | Path, runtime: "Runtime") -> CropModel:
     """
     path = Path(path)
     if not path.is_file():
-        raise PipelineError(f"model {str(path)!r} does not exist; pass a student checkpoint from the train stage "
-                            "(data/train/...) or an .onnx file from the export / quantize stage")
+        raise PipelineError(
+            f"model {str(path)!r} does not exist; pass a student checkpoint from the train stage "
+            "(data/train/...) or an .onnx file from the export / quantize stage"
+        )
     if path.suffix.lower() == ONNX_SUFFIX:
         return OnnxCropModel(path)
     if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
-        raise PipelineError(f"model {str(path)!r} is neither a torch checkpoint (a torch.save zip archive) nor an "
-                            f"{ONNX_SUFFIX} file; pass the student checkpoint written by the train stage or an exported ONNX model")
+        raise PipelineError(
+            f"model {str(path)!r} is neither a torch checkpoint (a torch.save zip archive) nor an "
+            f"{ONNX_SUFFIX} file; pass the student checkpoint written by the train stage or an exported ONNX model"
+        )
     from picosam_pipeline.train.checkpoints import load_student
 
     model, meta = load_student(path)
     return TorchCropModel(model, runtime, int(meta.get("input_size", 96)), f"checkpoint {path}", meta.get("crop"))
 
 
-def prompt_settings(model: CropModel, *, box: tuple[float, ...] | None, point: tuple[float, ...] | None,
-                    roi_padding: float | None = None, window: int | None = None) -> tuple[float, int, list[str]]:
+def prompt_settings(
+    model: CropModel,
+    *,
+    box: tuple[float, ...] | None,
+    point: tuple[float, ...] | None,
+    roi_padding: float | None = None,
+    window: int | None = None,
+) -> tuple[float, int, list[str]]:
     """``(roi_padding, window, notes)`` for prompting ``model``: the crop parameters it recorded, else the given
     ones (else PicoSAM3's 0.1 / PicoSAM2's 96).
 
@@ -171,22 +195,31 @@ def prompt_settings(model: CropModel, *, box: tuple[float, ...] | None, point: t
     """
     crop = model.crop
     if crop is None:
-        notes = ["the model does not record its crop convention (not written by this pipeline's train / export "
-                 "stages): the crop follows the prompt you gave"]
+        notes = [
+            "the model does not record its crop convention (not written by this pipeline's train / export "
+            "stages): the crop follows the prompt you gave"
+        ]
         return (0.1 if roi_padding is None else roi_padding), (96 if window is None else window), notes
     kind, paper = CONVENTIONS[crop["convention"]]
     given = "box" if box is not None else "point"
     if given != kind:
         example = "--box X,Y,W,H" if kind == "box" else "--point X,Y"
-        raise PipelineError(f"{model.name} was trained on {paper} {crop['convention']} crops, which take a {kind} prompt; "
-                            f"give {example} instead of --{given}")
+        raise PipelineError(
+            f"{model.name} was trained on {paper} {crop['convention']} crops, which take a {kind} prompt; "
+            f"give {example} instead of --{given}"
+        )
     recorded = {"roi_padding": crop.get("roi_padding"), "window": crop.get("window")}
     for key, value in (("roi_padding", roi_padding), ("window", window)):
         if value is not None and recorded[key] is not None and value != recorded[key]:
-            raise PipelineError(f"--{key.replace('_', '-')} {value}: {model.name} was trained with {key} "
-                                f"{recorded[key]}; leave the option out to use it")
-    return (recorded["roi_padding"] if recorded["roi_padding"] is not None else (roi_padding or 0.1),
-            recorded["window"] if recorded["window"] is not None else (window or 96), [])
+            raise PipelineError(
+                f"--{key.replace('_', '-')} {value}: {model.name} was trained with {key} "
+                f"{recorded[key]}; leave the option out to use it"
+            )
+    return (
+        recorded["roi_padding"] if recorded["roi_padding"] is not None else (roi_padding or 0.1),
+        recorded["window"] if recorded["window"] is not None else (window or 96),
+        [],
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,8 +255,15 @@ class ImagePrediction:
     notes: list[str] = field(default_factory=list)
 
 
-def prompt_box(width: int, height: int, *, box: tuple[float, ...] | None = None, point: tuple[float, ...] | None = None,
-               roi_padding: float = 0.1, window: int = 96) -> tuple[CropBox, list[str]]:
+def prompt_box(
+    width: int,
+    height: int,
+    *,
+    box: tuple[float, ...] | None = None,
+    point: tuple[float, ...] | None = None,
+    roi_padding: float = 0.1,
+    window: int = 96,
+) -> tuple[CropBox, list[str]]:
     """Crop box of a user prompt: PicoSAM3 ROI of ``box`` ``(x, y, w, h)``, or PicoSAM2 window around ``point``.
 
     A box reaching past the image border is clipped to it (noted), as prepare does with COCO boxes.
@@ -235,33 +275,50 @@ def prompt_box(width: int, height: int, *, box: tuple[float, ...] | None = None,
         raise PipelineError("give exactly one prompt: --box x,y,w,h (PicoSAM3 ROI) or --point x,y (PicoSAM2 window)")
     values = box if box is not None else point
     if not all(math.isfinite(v) for v in values):  # NaN compares false with every bound below
-        raise PipelineError(f"--{'box' if box is not None else 'point'} {','.join(f'{v:g}' for v in values)}: "
-                            "every coordinate must be a finite number of pixels")
+        raise PipelineError(
+            f"--{'box' if box is not None else 'point'} {','.join(f'{v:g}' for v in values)}: "
+            "every coordinate must be a finite number of pixels"
+        )
     size = f"{width}x{height} (width x height)"
     if point is not None:
         x, y = point
         if not (0 <= x < width and 0 <= y < height):
-            raise PipelineError(f"--point {x:g},{y:g} lies outside the {size} image; pixel coordinates start at 0,0 top left")
+            raise PipelineError(
+                f"--point {x:g},{y:g} lies outside the {size} image; pixel coordinates start at 0,0 top left"
+            )
         return point_box(int(x), int(y), width, height, window), []
     x, y, w, h = box
     if w <= 0 or h <= 0:
-        raise PipelineError(f"--box {x:g},{y:g},{w:g},{h:g}: width and height must be positive (the format is x,y,w,h, COCO style)")
+        raise PipelineError(
+            f"--box {x:g},{y:g},{w:g},{h:g}: width and height must be positive (the format is x,y,w,h, COCO style)"
+        )
     x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, float(width)), min(y + h, float(height))
     if x2 <= x1 or y2 <= y1:
-        raise PipelineError(f"--box {x:g},{y:g},{w:g},{h:g} lies outside the {size} image; the format is x,y,w,h "
-                            "with x,y the top-left corner in pixels")
+        raise PipelineError(
+            f"--box {x:g},{y:g},{w:g},{h:g} lies outside the {size} image; the format is x,y,w,h "
+            "with x,y the top-left corner in pixels"
+        )
     notes = []
     if (x1, y1, x2, y2) != (x, y, x + w, y + h):
         notes.append(f"box clipped to the image: {x1:g},{y1:g},{x2 - x1:g},{y2 - y1:g}")
     crop_box, _ = roi_box((x1, y1, x2 - x1, y2 - y1), width, height, roi_padding)
     if crop_box.x2 <= crop_box.x1 or crop_box.y2 <= crop_box.y1:
-        raise PipelineError(f"--box {x:g},{y:g},{w:g},{h:g} is smaller than a pixel: its crop {tuple(crop_box)} "
-                            "(x1, y1, x2, y2) holds no whole pixel; give a box around the object, a few pixels wide at least")
+        raise PipelineError(
+            f"--box {x:g},{y:g},{w:g},{h:g} is smaller than a pixel: its crop {tuple(crop_box)} "
+            "(x1, y1, x2, y2) holds no whole pixel; give a box around the object, a few pixels wide at least"
+        )
     return crop_box, notes
 
 
-def predict_image(model: CropModel, pixels: np.ndarray, *, box: tuple[float, ...] | None = None,
-                  point: tuple[float, ...] | None = None, roi_padding: float = 0.1, window: int = 96) -> ImagePrediction:
+def predict_image(
+    model: CropModel,
+    pixels: np.ndarray,
+    *,
+    box: tuple[float, ...] | None = None,
+    point: tuple[float, ...] | None = None,
+    roi_padding: float = 0.1,
+    window: int = 96,
+) -> ImagePrediction:
     """Segment the object a prompt names in an ``(H, W, 3)`` uint8 RGB image: crop -> model -> paste back."""
     height, width = pixels.shape[:2]
     crop_box, notes = prompt_box(width, height, box=box, point=point, roi_padding=roi_padding, window=window)
@@ -270,8 +327,13 @@ def predict_image(model: CropModel, pixels: np.ndarray, *, box: tuple[float, ...
     return ImagePrediction(paste_crop(logits, crop_box, (height, width)), logits, crop_box, notes)
 
 
-def overlay(pixels: np.ndarray, prediction: ImagePrediction, *, box: tuple[float, ...] | None = None,
-            point: tuple[float, ...] | None = None) -> Image.Image:
+def overlay(
+    pixels: np.ndarray,
+    prediction: ImagePrediction,
+    *,
+    box: tuple[float, ...] | None = None,
+    point: tuple[float, ...] | None = None,
+) -> Image.Image:
     """The image with the mask tinted red, the crop box in yellow and the prompt (box or point) in cyan."""
     tint = np.array([255, 40, 40], dtype=np.float32)
     out = pixels.astype(np.float32)
@@ -289,9 +351,17 @@ def overlay(pixels: np.ndarray, prediction: ImagePrediction, *, box: tuple[float
     return image
 
 
-def predict_to_files(model: CropModel, image_path: str | Path, mask_out: str | Path, overlay_out: str | Path | None, *,
-                     box: tuple[float, ...] | None = None, point: tuple[float, ...] | None = None,
-                     roi_padding: float = 0.1, window: int = 96) -> ImagePrediction:
+def predict_to_files(
+    model: CropModel,
+    image_path: str | Path,
+    mask_out: str | Path,
+    overlay_out: str | Path | None,
+    *,
+    box: tuple[float, ...] | None = None,
+    point: tuple[float, ...] | None = None,
+    roi_padding: float = 0.1,
+    window: int = 96,
+) -> ImagePrediction:
     """:func:`predict_image` on a file; writes the mask (8-bit PNG, 255 = object) and optionally the overlay PNG.
 
     Raises:
@@ -309,7 +379,9 @@ def predict_to_files(model: CropModel, image_path: str | Path, mask_out: str | P
         try:
             image.save(path)
         except OSError as err:  # e.g. the disk filled up between the check and the write
-            raise PipelineError(f"cannot write {str(path)!r}: {err.strerror or err}; choose another --out / --overlay") from None
+            raise PipelineError(
+                f"cannot write {str(path)!r}: {err.strerror or err}; choose another --out / --overlay"
+            ) from None
     return prediction
 
 
@@ -324,7 +396,9 @@ def _check_writable(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise PipelineError(f"cannot write {str(path)!r}: its folder cannot be made ({err.strerror or err}); "
-                            "choose another --out / --overlay") from None
+        raise PipelineError(
+            f"cannot write {str(path)!r}: its folder cannot be made ({err.strerror or err}); "
+            "choose another --out / --overlay"
+        ) from None
     if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise PipelineError(f"cannot write {str(path)!r}: no write permission there; choose another --out / --overlay")

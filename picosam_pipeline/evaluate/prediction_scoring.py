@@ -6,24 +6,31 @@ Prediction files (image-frame COCO results and crop-frame files, ``predictions.p
 k-th non-crowd annotation of that image, in JSON order.
 """
 
-
-
 from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
 from picosam_pipeline.data.images import header_sizes
 from picosam_pipeline.errors import PipelineError
-from picosam_pipeline.evaluate.crop_metrics import (CROP_SIZE, PROTOCOLS, SIZE_BUCKETS, Protocol, breakdown,
-                                                     full_image_iou, gt_crop, size_buckets, summarize)
+from picosam_pipeline.evaluate.crop_metrics import (
+    CROP_SIZE,
+    PROTOCOLS,
+    SIZE_BUCKETS,
+    Protocol,
+    breakdown,
+    full_image_iou,
+    gt_crop,
+    size_buckets,
+    summarize,
+)
 from picosam_pipeline.evaluate.predictions import decode_masks, read_predictions
 from picosam_pipeline.train.iou import crop_ious, gt_nonempty
-
 
 # --------------------------------------------------------------------------------------------------
 # scoring a predictions file against COCO / LVIS annotations
@@ -35,12 +42,16 @@ def load_coco(path: str | Path):
 
     path = Path(path)
     if not path.is_file():
-        raise PipelineError(f"annotations file {path} does not exist; pass the COCO/LVIS instances JSON the predictions were made on")
+        raise PipelineError(
+            f"annotations file {path} does not exist; pass the COCO/LVIS instances JSON the predictions were made on"
+        )
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             return COCO(str(path))
     except (ValueError, KeyError, TypeError, AssertionError) as err:
-        raise PipelineError(f"annotations file {path} is not a COCO/LVIS instances JSON ({type(err).__name__}: {err})") from err
+        raise PipelineError(
+            f"annotations file {path} is not a COCO/LVIS instances JSON ({type(err).__name__}: {err})"
+        ) from err
 
 
 def _scorable(ann: dict) -> bool:
@@ -59,10 +70,15 @@ def _images_on_disk(coco, image_ids: Iterable[int], images_dir: Path) -> set[int
         try:
             sizes = header_sizes(file)  # stored and EXIF-rotated: load_image accepts either orientation
         except OSError as err:
-            raise PipelineError(f"{file}: cannot read the image ({err}); replace the file or remove the image from the annotations") from err
+            raise PipelineError(
+                f"{file}: cannot read the image ({err}); replace the file or remove the image from the annotations"
+            ) from err
         found_size = sizes[0]
         if (info["width"], info["height"]) not in sizes:
-            raise PipelineError(f"{file}: image is {found_size[0]}x{found_size[1]} but the annotations say {info['width']}x{info['height']}; crop boxes would be wrong. Use the images the annotations describe")
+            raise PipelineError(
+                f"{file}: image is {found_size[0]}x{found_size[1]} but the annotations say "
+                f"{info['width']}x{info['height']}; crop boxes would be wrong. Use the images the annotations describe"
+            )
         found.add(image_id)
     return found
 
@@ -80,15 +96,25 @@ def _align(coco, by_image: dict[int, list[dict]], problems) -> dict[int, tuple[l
     for image_id, entries in by_image.items():
         anns = [a for a in coco.imgToAnns.get(image_id, []) if _scorable(a)]
         if len(entries) != len(anns):
-            problems.add("count_mismatch", f"image {image_id} has {len(entries)} prediction(s) but {len(anns)} "
-                                           "non-crowd annotation(s)", image_id)
+            problems.add(
+                "count_mismatch",
+                f"image {image_id} has {len(entries)} prediction(s) but {len(anns)} non-crowd annotation(s)",
+                image_id,
+            )
             continue
-        wrong = [(k, e["annotation_id"], a["id"]) for k, (e, a) in enumerate(zip(entries, anns))
-                 if "annotation_id" in e and e["annotation_id"] != a["id"]]
+        wrong = [
+            (k, e["annotation_id"], a["id"])
+            for k, (e, a) in enumerate(zip(entries, anns))
+            if "annotation_id" in e and e["annotation_id"] != a["id"]
+        ]
         if wrong:
             k, named, actual = wrong[0]
-            problems.add("annotation_mismatch", f"prediction {k} of image {image_id} names annotation {str(named)[:20]} "
-                                                f"but the {k}-th non-crowd annotation is {actual}", image_id)
+            problems.add(
+                "annotation_mismatch",
+                f"prediction {k} of image {image_id} names annotation {str(named)[:20]} "
+                f"but the {k}-th non-crowd annotation is {actual}",
+                image_id,
+            )
             continue
         aligned[image_id] = (entries, anns)
     return aligned
@@ -101,7 +127,9 @@ def _coco_segm_ap(coco, entries: list[dict], image_ids: list[int]) -> dict[str, 
     if not all(e.get("category_id") in coco.cats and isinstance(e.get("score"), (int, float)) for e in entries):
         return None
     with contextlib.redirect_stdout(io.StringIO()):
-        results = coco.loadRes([{k: e[k] for k in ("image_id", "category_id", "segmentation", "score")} for e in entries])
+        results = coco.loadRes(
+            [{k: e[k] for k in ("image_id", "category_id", "segmentation", "score")} for e in entries]
+        )
         ev = COCOeval(coco, results, "segm")
         ev.params.imgIds = sorted(image_ids)
         ev.evaluate()
@@ -110,9 +138,16 @@ def _coco_segm_ap(coco, entries: list[dict], image_ids: list[int]) -> dict[str, 
     return {"ap": float(ev.stats[0]), "ap50": float(ev.stats[1]), "ap75": float(ev.stats[2])}
 
 
-def score_predictions(annotations: str | Path, predictions: str | Path, protocol: Protocol,
-                      images_dir: str | Path | None = None, size: int = CROP_SIZE, *, frame: str = "auto",
-                      allow_partial: bool = False) -> dict[str, Any]:
+def score_predictions(
+    annotations: str | Path,
+    predictions: str | Path,
+    protocol: Protocol,
+    images_dir: str | Path | None = None,
+    size: int = CROP_SIZE,
+    *,
+    frame: str = "auto",
+    allow_partial: bool = False,
+) -> dict[str, Any]:
     """Score a predictions file (crop frame or image frame, see ``predictions.py``); returns a JSON-ready report.
 
     Every image in the file must carry exactly one prediction per non-crowd annotation (k-th prediction = k-th
@@ -141,17 +176,21 @@ def score_predictions(annotations: str | Path, predictions: str | Path, protocol
         annotated &= on_disk
     aligned = _align(coco, by_image, problems)
     if problems and not allow_partial:
-        raise PipelineError(f"{predictions}: {sum(problems.counts.values())} problem(s) in its {checked.entries} entries: "
-                            f"{problems.describe()}. The k-th prediction of an image must belong to its k-th non-crowd "
-                            f"annotation in {annotations} (JSON order). Fix the file, or pass --allow-partial to score "
-                            "only the images without a problem (the report counts what was skipped)")
+        raise PipelineError(
+            f"{predictions}: {sum(problems.counts.values())} problem(s) in its {checked.entries} entries: "
+            f"{problems.describe()}. The k-th prediction of an image must belong to its k-th non-crowd "
+            f"annotation in {annotations} (JSON order). Fix the file, or pass --allow-partial to score "
+            "only the images without a problem (the report counts what was skipped)"
+        )
     aligned = {i: v for i, v in aligned.items() if i not in problems.bad_images}
     if not aligned:
-        raise PipelineError(f"{predictions}: no image left to score ({problems.describe() or 'no prediction'}); "
-                            f"score predictions against the annotations they were made on ({annotations})")
+        raise PipelineError(
+            f"{predictions}: no image left to score ({problems.describe() or 'no prediction'}); "
+            f"score predictions against the annotations they were made on ({annotations})"
+        )
 
     ious, nonempty, full_ious, areas, categories, scored_entries = [], [], [], [], [], []
-    for image_id, (entries, anns) in tqdm(aligned.items(), desc="scoring", unit="img", disable=None):
+    for _image_id, (entries, anns) in tqdm(aligned.items(), desc="scoring", unit="img", disable=None):
         pred = decode_masks(entries)  # (n, S, S) crop frame or (n, H, W) image frame, bool
         gts = []
         for k, ann in enumerate(anns):
@@ -164,7 +203,9 @@ def score_predictions(annotations: str | Path, predictions: str | Path, protocol
                 gts.append(mask)
                 full_ious.append(_mask_iou(pred[k], mask))
             areas.append(float(ann.get("area", np.count_nonzero(mask))))
-            categories.append(coco.cats[ann["category_id"]]["name"] if ann["category_id"] in coco.cats else str(ann["category_id"]))
+            categories.append(
+                coco.cats[ann["category_id"]]["name"] if ann["category_id"] in coco.cats else str(ann["category_id"])
+            )
         if checked.frame == "crop":
             gt_crops = np.stack(gts)  # (n, size, size) uint8
             ious.append(crop_ious(pred, gt_crops))
@@ -175,20 +216,29 @@ def score_predictions(annotations: str | Path, predictions: str | Path, protocol
 
     nonempty_all = np.concatenate(nonempty)
     full_all, buckets = np.asarray(full_ious, dtype=np.float64), size_buckets(areas)
-    report = {"protocol": protocol, "frame": checked.frame, "annotations": str(annotations),
-              "predictions": str(predictions), "images": len(aligned),
-              "images_without_predictions": len(annotated - set(by_image))}
+    report = {
+        "protocol": protocol,
+        "frame": checked.frame,
+        "annotations": str(annotations),
+        "predictions": str(predictions),
+        "images": len(aligned),
+        "images_without_predictions": len(annotated - set(by_image)),
+    }
     if problems:
-        report["skipped"] = {"entries": checked.entries - len(scored_entries), "images": len(problems.bad_images),
-                             "problems": dict(problems.counts)}
+        report["skipped"] = {
+            "entries": checked.entries - len(scored_entries),
+            "images": len(problems.bad_images),
+            "problems": dict(problems.counts),
+        }
     if checked.frame == "crop":
         ious_all = np.concatenate(ious)
         report.update(summarize(ious_all, nonempty_all))
         report["by_size"] = breakdown(ious_all, nonempty_all, buckets, order=SIZE_BUCKETS)
         report["by_category"] = breakdown(ious_all, nonempty_all, np.asarray(categories, dtype=str))
     else:
-        report.update(samples=len(full_all), gt_nonempty=int(nonempty_all.sum()), crop_miou=None,
-                      crop_success_map_50_95=None)
+        report.update(
+            samples=len(full_all), gt_nonempty=int(nonempty_all.sum()), crop_miou=None, crop_success_map_50_95=None
+        )
         report["by_size"] = {b: {"samples": int((buckets == b).sum())} for b in SIZE_BUCKETS if (buckets == b).any()}
         report["by_category"] = {}
         report["coco_segm"] = _coco_segm_ap(coco, scored_entries, list(aligned))
@@ -206,25 +256,33 @@ def format_report(report: dict[str, Any]) -> str:
     """Human-readable summary of :func:`score_predictions` (3 decimals; categories are in the JSON only)."""
     lines = [
         f"protocol {report['protocol']}, {report['frame']}-frame predictions: {report['samples']} samples from "
-        f"{report['images']} images ({report['gt_nonempty']} with a non-empty GT; {report['images_without_predictions']} "
-        "annotated images without predictions not scored)",
+        f"{report['images']} images ({report['gt_nonempty']} with a non-empty GT; "
+        f"{report['images_without_predictions']} annotated images without predictions not scored)",
     ]
     if "skipped" in report:
         s = report["skipped"]
-        lines.append(f"partial scoring: skipped {s['entries']} entries of {s['images']} images with problems {s['problems']}")
+        lines.append(
+            f"partial scoring: skipped {s['entries']} entries of {s['images']} images with problems {s['problems']}"
+        )
     if report["frame"] == "crop":
         lines += [
             f"crop mIoU                  {_fmt(report['crop_miou'])}",
-            f"crop mAP@[.5:.95]          {_fmt(report['crop_success_map_50_95'])}   (share with IoU >= t, mean over t = .50:.05:.95; not COCO AP)",
+            f"crop mAP@[.5:.95]          {_fmt(report['crop_success_map_50_95'])}   "
+            "(share with IoU >= t, mean over t = .50:.05:.95; not COCO AP)",
         ]
     else:
         ap = report.get("coco_segm") or {}
-        lines += ["crop metrics               n/a (image-frame file; score its .crop.json for the papers' crop figures)",
-                  f"COCO segm AP [.5:.95]      {_fmt(ap.get('ap'))}   AP50 {_fmt(ap.get('ap50'))}   AP75 {_fmt(ap.get('ap75'))}"
-                  + ("" if ap else "   (needs real category ids and scores)")]
+        lines += [
+            "crop metrics               n/a (image-frame file; score its .crop.json for the papers' crop figures)",
+            f"COCO segm AP [.5:.95]      {_fmt(ap.get('ap'))}   AP50 {_fmt(ap.get('ap50'))}   "
+            f"AP75 {_fmt(ap.get('ap75'))}" + ("" if ap else "   (needs real category ids and scores)"),
+        ]
     lines.append(f"full-image mIoU            {_fmt(report['full_image_miou'])}")
     for name, group in report["by_size"].items():
-        crop = (f"  crop mIoU {_fmt(group.get('crop_miou'))}  crop mAP {_fmt(group.get('crop_success_map_50_95'))}"
-                if report["frame"] == "crop" else "")
+        crop = (
+            f"  crop mIoU {_fmt(group.get('crop_miou'))}  crop mAP {_fmt(group.get('crop_success_map_50_95'))}"
+            if report["frame"] == "crop"
+            else ""
+        )
         lines.append(f"  {name:<7} n={group['samples']:<6}{crop}  full-image mIoU {_fmt(group['full_image_miou'])}")
     return "\n".join(lines)

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -107,8 +108,13 @@ def _atomic_json(value: Any, path: str | Path) -> Path:
 
 
 def _entry(k: int, rec: CropPrediction, segmentation: dict[str, Any]) -> dict[str, Any]:
-    entry = {"image_id": int(rec.image_id), "category_id": int(rec.category_id), "segmentation": segmentation,
-             "score": float(rec.score), "id": k}
+    entry = {
+        "image_id": int(rec.image_id),
+        "category_id": int(rec.category_id),
+        "segmentation": segmentation,
+        "score": float(rec.score),
+        "id": k,
+    }
     if rec.annotation_id is not None:
         entry["annotation_id"] = int(rec.annotation_id)
     return entry
@@ -133,8 +139,10 @@ def write_image_predictions(records: Iterable[CropPrediction], path: str | Path)
     entries = []
     for k, rec in enumerate(records):
         if rec.crop_box is None or rec.image_size is None:
-            raise ValueError(f"prediction {k} (image {rec.image_id}) has no crop_box / image_size: an image-frame "
-                             "file needs both to paste the crop mask into the image")
+            raise ValueError(
+                f"prediction {k} (image {rec.image_id}) has no crop_box / image_size: an image-frame "
+                "file needs both to paste the crop mask into the image"
+            )
         full = paste_crop(rec.mask(), CropBox(*(int(v) for v in rec.crop_box)), tuple(int(v) for v in rec.image_size))
         entries.append(_entry(k, rec, encode_mask(full)))
     _atomic_json(entries, path)
@@ -224,17 +232,23 @@ class PredictionFile:
 
 def _load_entries(path: Path, crop_size: int) -> tuple[list, Frame | None, int]:
     if not path.is_file():
-        raise PipelineError(f"predictions file {path} does not exist; pass a COCO results JSON (image frame) or a "
-                            "crop-frame predictions file (what evaluate.write_predictions writes)")
+        raise PipelineError(
+            f"predictions file {path} does not exist; pass a COCO results JSON (image frame) or a "
+            "crop-frame predictions file (what evaluate.write_predictions writes)"
+        )
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
-        raise PipelineError(f"predictions file {path} is not valid JSON ({type(err).__name__}); it must be a COCO "
-                            "results list or a crop-frame predictions file") from None
+        raise PipelineError(
+            f"predictions file {path} is not valid JSON ({type(err).__name__}); it must be a COCO "
+            "results list or a crop-frame predictions file"
+        ) from None
     if isinstance(data, dict):
         if data.get("schema") != CROP_SCHEMA or not isinstance(data.get("predictions"), list):
-            raise PipelineError(f"predictions file {path} is a JSON object without schema {CROP_SCHEMA!r} and a "
-                                "predictions list; pass a COCO results list or a crop-frame file written by evaluate")
+            raise PipelineError(
+                f"predictions file {path} is a JSON object without schema {CROP_SCHEMA!r} and a "
+                "predictions list; pass a COCO results list or a crop-frame file written by evaluate"
+            )
         size = data.get("crop_size")
         return data["predictions"], "crop", int(size) if isinstance(size, int) and size > 0 else crop_size
     if not isinstance(data, list):
@@ -242,8 +256,9 @@ def _load_entries(path: Path, crop_size: int) -> tuple[list, Frame | None, int]:
     return data, None, crop_size
 
 
-def read_predictions(path: str | Path, images: dict[int, tuple[int, int]], *, frame: str = "auto",
-                     crop_size: int = 96) -> PredictionFile:
+def read_predictions(
+    path: str | Path, images: dict[int, tuple[int, int]], *, frame: str = "auto", crop_size: int = 96
+) -> PredictionFile:
     """Read and check a predictions file against the annotated images ``{image_id: (H, W)}``.
 
     ``frame``: ``crop``, ``image`` or ``auto`` (a schema-marked file is crop frame; a list is crop frame when its
@@ -255,8 +270,10 @@ def read_predictions(path: str | Path, images: dict[int, tuple[int, int]], *, fr
     path = Path(path)
     entries, marked, crop_size = _load_entries(path, crop_size)
     if not entries:
-        raise PipelineError(f"predictions file {path} holds no prediction (an empty list); nothing can be scored. "
-                            "Check that the predictions were written for the annotations given")
+        raise PipelineError(
+            f"predictions file {path} holds no prediction (an empty list); nothing can be scored. "
+            "Check that the predictions were written for the annotations given"
+        )
     problems = PredictionProblems()
     checked: list[tuple[int, dict, list[int]]] = []  # (image_id, entry, size) of entries with a sound id and RLE
     seen_ids: set = set()
@@ -272,7 +289,10 @@ def read_predictions(path: str | Path, images: dict[int, tuple[int, int]], *, fr
             problems.add("non_integer_image_id", f"entry {i}: {str(image_id)[:30]!r}")
             continue
         where = f"entry {i} (image {image_id})"
-        for key, seen, kind in (("id", seen_ids, "duplicate_id"), ("annotation_id", seen_anns, "duplicate_annotation_id")):
+        for key, seen, kind in (
+            ("id", seen_ids, "duplicate_id"),
+            ("annotation_id", seen_anns, "duplicate_annotation_id"),
+        ):
             if key in entry:
                 value = json.dumps(entry[key])
                 if value in seen:
@@ -282,8 +302,11 @@ def read_predictions(path: str | Path, images: dict[int, tuple[int, int]], *, fr
             problems.add("unknown_image", where)
             continue
         size = seg["size"]
-        if (not isinstance(size, list) or len(size) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**31 for v in size)):
+        if (
+            not isinstance(size, list)
+            or len(size) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**31 for v in size)
+        ):
             problems.add("wrong_size", f"{where}: size {str(size)[:30]}", image_id)
             continue
         counts = rle_counts(seg["counts"])

@@ -85,7 +85,9 @@ def errors_overlay(image: np.ndarray, pred: np.ndarray, gt: np.ndarray) -> np.nd
     return _tinted(image, (pred & gt, TP_COLOUR), (pred & ~gt, FP_COLOUR), (~pred & gt, FN_COLOUR))
 
 
-def crop_prompt(prompt: tuple[str, tuple[float, ...]], crop_box: Sequence[int], size: int) -> tuple[str, tuple[float, ...]]:
+def crop_prompt(
+    prompt: tuple[str, tuple[float, ...]], crop_box: Sequence[int], size: int
+) -> tuple[str, tuple[float, ...]]:
     """A prompt in image pixels mapped into the ``size``-px crop of ``crop_box`` (matplotlib's pixel-centre frame).
 
     ``("point", (x, y))`` -> ``("point", (u, v))``; ``("box", (x, y, w, h))`` -> ``("box", (u, v, w', h'))``, with the
@@ -115,8 +117,9 @@ def _mark_prompt(ax, prompt: tuple[str, tuple[float, ...]]) -> None:
             ax.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor=colour, linewidth=width))
 
 
-def draw_grid(samples: Sequence[Mapping[str, Any]], path: str | Path, *, title: str,
-              int8_missing_reason: str | None = None) -> Path:
+def draw_grid(
+    samples: Sequence[Mapping[str, Any]], path: str | Path, *, title: str, int8_missing_reason: str | None = None
+) -> Path:
     """Render ``samples`` (from :meth:`GridPool.pick`) as a PNG grid at ``path``.
 
     Columns: crop, GT, then each model of :data:`MODEL_COLUMNS` present in the samples. The int8 column is
@@ -140,7 +143,9 @@ def draw_grid(samples: Sequence[Mapping[str, Any]], path: str | Path, *, title: 
         cells = [(image, f"{sample['category']}\nann {sample['ann_id']}"), (_tinted(image, (gt, TP_COLOUR)), "GT")]
         for key, label in models:
             if key in sample["logits"]:
-                cells.append((errors_overlay(image, sample["logits"][key] > 0, gt), f"{label}\nIoU {sample['iou'][key]:.3f}"))
+                cells.append(
+                    (errors_overlay(image, sample["logits"][key] > 0, gt), f"{label}\nIoU {sample['iou'][key]:.3f}")
+                )
             else:
                 cells.append((np.zeros_like(image), f"{label}\n(none)"))
         prompt = sample.get("prompt")

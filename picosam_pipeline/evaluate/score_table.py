@@ -11,8 +11,9 @@ For every model ``m`` (``student``, ``student_int8``, ``teacher``) it holds
                   makes the image-frame predictions file, so ``score-predictions`` on it gives the same figure;
 
 plus ``gt_nonempty``, ``ann_id``, ``image_id``, ``category``, COCO ``area`` and the crop box
-(``box_x1`` .. ``box_y2``, from which :meth:`InstanceGT.protocol_of` reads the crop convention). :func:`evaluation_report`
-turns the table into the figures ``metrics/evaluate.json`` holds, under the names of ``crop_metrics.py``:
+(``box_x1`` .. ``box_y2``, from which :meth:`InstanceGT.protocol_of` reads the crop convention).
+:func:`evaluation_report` turns the table into the figures ``metrics/evaluate.json`` holds, under the names of
+``crop_metrics.py``:
 ``crop_miou``, ``crop_success_map_50_95`` (the papers' "mAP@[.5:.95]", a success rate over IoU thresholds
 on non-empty GT crops, NOT COCO AP) and ``full_image_miou``, overall and per COCO size bucket; per
 category in :func:`category_report`.
@@ -35,7 +36,14 @@ import numpy as np
 
 from picosam_pipeline.data.crops import CropBox
 from picosam_pipeline.errors import PipelineError
-from picosam_pipeline.evaluate.crop_metrics import SIZE_BUCKETS, Protocol, breakdown, pasted_iou, size_buckets, summarize
+from picosam_pipeline.evaluate.crop_metrics import (
+    SIZE_BUCKETS,
+    Protocol,
+    breakdown,
+    pasted_iou,
+    size_buckets,
+    summarize,
+)
 from picosam_pipeline.evaluate.predict import CropModel
 from picosam_pipeline.evaluate.predictions import CropPrediction
 from picosam_pipeline.train.iou import crop_ious, gt_nonempty, to_numpy
@@ -62,19 +70,28 @@ class InstanceGT:
     Holds the compressed RLE strings only (a few hundred bytes per instance) and decodes a mask when asked.
     """
 
-    def __init__(self, ann_ids: Iterable[int], rle_counts: Iterable[str], heights: Iterable[int],
-                 widths: Iterable[int], categories: Iterable[str], source: str,
-                 crop_boxes: Mapping[Protocol, np.ndarray] | None = None,
-                 prompts: Mapping[str, np.ndarray] | None = None) -> None:
-        self._rows = {int(a): (r, int(h), int(w), str(c))
-                      for a, r, h, w, c in zip(ann_ids, rle_counts, heights, widths, categories)}
+    def __init__(
+        self,
+        ann_ids: Iterable[int],
+        rle_counts: Iterable[str],
+        heights: Iterable[int],
+        widths: Iterable[int],
+        categories: Iterable[str],
+        source: str,
+        crop_boxes: Mapping[Protocol, np.ndarray] | None = None,
+        prompts: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        self._rows = {
+            int(a): (r, int(h), int(w), str(c))
+            for a, r, h, w, c in zip(ann_ids, rle_counts, heights, widths, categories)
+        }
         self._order = {a: i for i, a in enumerate(self._rows)}
         self.crop_boxes = dict(crop_boxes or {})  # protocol -> (N, 4) crop boxes in row order (index only)
         self.prompts = dict(prompts or {})  # "bbox" (N, 4) x, y, w, h and "point" (N, 2) x, y in row order (index only)
         self.source = source
 
     @classmethod
-    def from_index(cls, path: str | Path, split: str) -> "InstanceGT":
+    def from_index(cls, path: str | Path, split: str) -> InstanceGT:
         """The instances of ``split`` in the prepare stage's index (``index.read_index``)."""
         from picosam_pipeline.data.index import column_array, read_index
 
@@ -82,8 +99,16 @@ class InstanceGT:
         table = read_index(path, split=split, columns=columns)
         t = table.select(columns[:5]).to_pydict()
         boxes = {"picosam3-roi": column_array(table, "roi_box"), "picosam2-point": column_array(table, "point_box")}
-        return cls(t["ann_id"], t["rle_counts"], t["height"], t["width"], t["category_name"],
-                   f"{path} (split {split!r})", boxes, {"bbox": column_array(table, "bbox"), "point": column_array(table, "point")})
+        return cls(
+            t["ann_id"],
+            t["rle_counts"],
+            t["height"],
+            t["width"],
+            t["category_name"],
+            f"{path} (split {split!r})",
+            boxes,
+            {"bbox": column_array(table, "bbox"), "point": column_array(table, "point")},
+        )
 
     def protocol_of(self, ann_ids: np.ndarray, crop_boxes: np.ndarray) -> Protocol | None:
         """The crop convention whose index boxes equal most of the given crop boxes ``(N, 4)``; None if neither.
@@ -109,8 +134,10 @@ class InstanceGT:
         try:
             return self._rows[int(ann_id)]
         except KeyError:
-            raise PipelineError(f"annotation {ann_id} is in the shards but not in the instance index {self.source}; the "
-                                "shards were cut from another index: rerun the stages after prepare (dvc repro)") from None
+            raise PipelineError(
+                f"annotation {ann_id} is in the shards but not in the instance index {self.source}; the "
+                "shards were cut from another index: rerun the stages after prepare (dvc repro)"
+            ) from None
 
     def in_box(self, ann_id: int, box: CropBox) -> tuple[np.ndarray, int]:
         """The GT mask inside ``box`` (clipped to the image; uint8 {0, 1}) and the mask's pixel count in the whole
@@ -133,7 +160,9 @@ class InstanceGT:
         key = {"picosam2-point": "point", "picosam3-roi": "bbox"}.get(protocol or "")
         if key is None or key not in self.prompts or int(ann_id) not in self._order:
             return None
-        return ("point" if key == "point" else "box"), tuple(float(v) for v in self.prompts[key][self._order[int(ann_id)]])
+        return ("point" if key == "point" else "box"), tuple(
+            float(v) for v in self.prompts[key][self._order[int(ann_id)]]
+        )
 
     def image_size(self, ann_id: int) -> tuple[int, int]:
         """``(H, W)`` of the instance's image."""
@@ -145,8 +174,9 @@ class InstanceGT:
 # per-sample scores
 
 
-def score_batch(logits: Mapping[str, np.ndarray], gt_crops: np.ndarray, crop_boxes: np.ndarray,
-                gt: InstanceGT, ann_ids: np.ndarray) -> dict[str, np.ndarray]:
+def score_batch(
+    logits: Mapping[str, np.ndarray], gt_crops: np.ndarray, crop_boxes: np.ndarray, gt: InstanceGT, ann_ids: np.ndarray
+) -> dict[str, np.ndarray]:
     """Per-sample scores of one batch, for every model in ``logits``.
 
     Args:
@@ -164,8 +194,9 @@ def score_batch(logits: Mapping[str, np.ndarray], gt_crops: np.ndarray, crop_box
     for name, lg in logits.items():
         out[f"{name}_iou"] = crop_ious(lg, gt_crops)
         # The mask, not the logits, is resized (NEAREST): what a predictions file holds, so both score alike.
-        out[f"{name}_full_iou"] = np.array([pasted_iou(lg[i] > 0, box, *in_box) for i, (box, in_box)
-                                            in enumerate(zip(boxes, in_boxes))])
+        out[f"{name}_full_iou"] = np.array(
+            [pasted_iou(lg[i] > 0, box, *in_box) for i, (box, in_box) in enumerate(zip(boxes, in_boxes))]
+        )
     return out
 
 
@@ -180,8 +211,10 @@ class ScoreTable:
         """Append one batch: every column of the table, each of the same length B."""
         lengths = {len(v) for v in columns.values()}
         if len(lengths) != 1 or (self._parts and set(columns) != set(self._parts)):
-            raise ValueError(f"a batch needs the columns {sorted(self._parts) or '(any)'} of one length, got "
-                             f"{ {k: len(v) for k, v in columns.items()} }")
+            raise ValueError(
+                f"a batch needs the columns {sorted(self._parts) or '(any)'} of one length, got "
+                f"{ {k: len(v) for k, v in columns.items()} }"
+            )
         for name, values in columns.items():
             self._parts.setdefault(name, []).append(np.asarray(values))
         self._rows += lengths.pop()
@@ -206,7 +239,9 @@ class ScoreTable:
     @property
     def models(self) -> list[str]:
         """Models scored, in insertion order (columns ``{m}_iou``)."""
-        return [name[: -len("_iou")] for name in self._parts if name.endswith("_iou") and not name.endswith("_full_iou")]
+        return [
+            name[: -len("_iou")] for name in self._parts if name.endswith("_iou") and not name.endswith("_full_iou")
+        ]
 
     def write_csv(self, path: str | Path) -> Path:
         """All columns, one row per sample (IoUs with 4 decimals)."""
@@ -226,10 +261,16 @@ class ScoreTable:
 # the evaluation pass
 
 
-def evaluate_batches(batches: Iterable[Mapping[str, Any]], models: Mapping[str, CropModel], gt: InstanceGT, *,
-                     on_sample: Callable[[dict[str, Any]], None] | None = None,
-                     predictions: list[CropPrediction] | None = None,
-                     total: int | None = None, teachers: Sequence[str] = (TEACHER,)) -> tuple[ScoreTable, dict[str, float]]:
+def evaluate_batches(
+    batches: Iterable[Mapping[str, Any]],
+    models: Mapping[str, CropModel],
+    gt: InstanceGT,
+    *,
+    on_sample: Callable[[dict[str, Any]], None] | None = None,
+    predictions: list[CropPrediction] | None = None,
+    total: int | None = None,
+    teachers: Sequence[str] = (TEACHER,),
+) -> tuple[ScoreTable, dict[str, float]]:
     """Run ``models`` on every batch and score them, and every teacher in the batch's ``teacher_logits`` when present.
 
     Args:
@@ -264,7 +305,7 @@ def evaluate_batches(batches: Iterable[Mapping[str, Any]], models: Mapping[str, 
             stored = to_numpy(batch["teacher_logits"]).astype(np.float32, copy=False)  # (B, K, S, S)
             confidence = to_numpy(batch["confidence"]).reshape(len(rgb), -1) if "confidence" in batch else None
             for k, name in enumerate(teacher_models(teachers)):
-                logits[name] = stored[:, k:k + 1]
+                logits[name] = stored[:, k : k + 1]
                 if confidence is not None:  # the teacher's confidence (lambda's source): a histogram plot
                     extra[f"{name}_confidence"] = confidence[:, k].astype(np.float64)
         gt_crops = to_numpy(batch["gt_mask"]).reshape(len(rgb), *rgb.shape[-2:])
@@ -272,16 +313,32 @@ def evaluate_batches(batches: Iterable[Mapping[str, Any]], models: Mapping[str, 
         boxes = to_numpy(batch["crop_box"]).astype(np.int64).reshape(len(rgb), 4)
         scores = score_batch(logits, gt_crops, boxes, gt, ann_ids)
         categories = np.array([gt.category(a) for a in ann_ids], dtype=object)
-        table.add(ann_id=ann_ids, image_id=to_numpy(batch["image_id"]).astype(np.int64), category=categories,
-                  area=to_numpy(batch["area"]).astype(np.float64), box_x1=boxes[:, 0], box_y1=boxes[:, 1],
-                  box_x2=boxes[:, 2], box_y2=boxes[:, 3], **scores, **extra)
+        table.add(
+            ann_id=ann_ids,
+            image_id=to_numpy(batch["image_id"]).astype(np.int64),
+            category=categories,
+            area=to_numpy(batch["area"]).astype(np.float64),
+            box_x1=boxes[:, 0],
+            box_y1=boxes[:, 1],
+            box_x2=boxes[:, 2],
+            box_y2=boxes[:, 3],
+            **scores,
+            **extra,
+        )
         if on_sample is not None:
             crops = np.clip(np.moveaxis(rgb, 1, -1) * 255.0 + 0.5, 0, 255).astype(np.uint8)
             for i in range(len(rgb)):
-                on_sample({"image": crops[i], "gt": gt_crops[i] > 0.5, "ann_id": int(ann_ids[i]), "category": categories[i],
-                           "crop_box": tuple(int(v) for v in boxes[i]),
-                           "logits": {m: lg[i, 0] for m, lg in logits.items()},
-                           "iou": {m: float(scores[f"{m}_iou"][i]) for m in logits}})
+                on_sample(
+                    {
+                        "image": crops[i],
+                        "gt": gt_crops[i] > 0.5,
+                        "ann_id": int(ann_ids[i]),
+                        "category": categories[i],
+                        "crop_box": tuple(int(v) for v in boxes[i]),
+                        "logits": {m: lg[i, 0] for m, lg in logits.items()},
+                        "iou": {m: float(scores[f"{m}_iou"][i]) for m in logits},
+                    }
+                )
         if predictions is not None and "student" in logits:
             predictions.extend(_predictions(logits["student"], batch, ann_ids, boxes, gt))
         bar.update(len(rgb))
@@ -289,8 +346,9 @@ def evaluate_batches(batches: Iterable[Mapping[str, Any]], models: Mapping[str, 
     return table, {"seconds": time.perf_counter() - start, "model_seconds": model_seconds}
 
 
-def _predictions(logits: np.ndarray, batch: Mapping[str, Any], ann_ids: np.ndarray, boxes: np.ndarray,
-                 gt: InstanceGT) -> list[CropPrediction]:
+def _predictions(
+    logits: np.ndarray, batch: Mapping[str, Any], ann_ids: np.ndarray, boxes: np.ndarray, gt: InstanceGT
+) -> list[CropPrediction]:
     """Predictions for the results files; score = mean sigmoid probability over the predicted mask (0 if empty)."""
     image_ids = to_numpy(batch["image_id"])
     category_ids = to_numpy(batch["category_id"])
@@ -299,8 +357,17 @@ def _predictions(logits: np.ndarray, batch: Mapping[str, Any], ann_ids: np.ndarr
         lg = logits[i, 0]
         mask = lg > 0
         score = float((1.0 / (1.0 + np.exp(-lg[mask]))).mean()) if mask.any() else 0.0
-        out.append(CropPrediction(int(image_ids[i]), mask, score, int(category_ids[i]), int(ann_ids[i]),
-                                  crop_box=tuple(int(v) for v in boxes[i]), image_size=gt.image_size(ann_ids[i])))
+        out.append(
+            CropPrediction(
+                int(image_ids[i]),
+                mask,
+                score,
+                int(category_ids[i]),
+                int(ann_ids[i]),
+                crop_box=tuple(int(v) for v in boxes[i]),
+                image_size=gt.image_size(ann_ids[i]),
+            )
+        )
     return out
 
 
@@ -349,7 +416,11 @@ def format_report(report: Mapping[str, Any], models: Iterable[str]) -> str:
     for m in models:
         r = report[m]
         sizes = "  ".join(f"{k} {_fmt(v['crop_miou'])} (n={v['samples']})" for k, v in r["by_size"].items())
-        lines.append(f"{m:<14} {_fmt(r['crop_miou']):>9} {_fmt(r['crop_success_map_50_95']):>18} "
-                     f"{_fmt(r['full_image_miou']):>15}   {sizes}")
-    lines.append("* the papers' 'mAP': share of non-empty-GT samples with IoU >= t, mean over t = .50:.05:.95; not COCO AP")
+        lines.append(
+            f"{m:<14} {_fmt(r['crop_miou']):>9} {_fmt(r['crop_success_map_50_95']):>18} "
+            f"{_fmt(r['full_image_miou']):>15}   {sizes}"
+        )
+    lines.append(
+        "* the papers' 'mAP': share of non-empty-GT samples with IoU >= t, mean over t = .50:.05:.95; not COCO AP"
+    )
     return "\n".join(lines)

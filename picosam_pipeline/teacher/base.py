@@ -54,8 +54,13 @@ class Teacher(Protocol):
     def predict_points(self, points_xy: np.ndarray) -> TeacherOutput:
         """Decode ``(N, 2)`` float ``(x, y)`` image-pixel positive points, one instance each."""
 
-    def predict_images(self, images: list[torch.Tensor], prompts: list[np.ndarray], prompt: str,
-                       segments: list[list[int]] | None = None) -> list[TeacherOutput]:
+    def predict_images(
+        self,
+        images: list[torch.Tensor],
+        prompts: list[np.ndarray],
+        prompt: str,
+        segments: list[list[int]] | None = None,
+    ) -> list[TeacherOutput]:
         """The teacher pass's call: ``images`` (``(H_i, W_i, 3)`` uint8 RGB tensors, on any device) with their
         prompts (``(N_i, 4)`` boxes for ``prompt="roi"``, ``(N_i, 2)`` points for ``"point"``) -> one output per
         image, its tensors on the teacher's device. Batched teachers encode several images per forward.
@@ -67,8 +72,13 @@ class OneImageAtATime:
     """:meth:`Teacher.predict_images` for teachers that hold one encoded image at a time (ONNX Runtime, the SAM2
     predictor): ``set_image``, then one prompt call per segment of the image."""
 
-    def predict_images(self, images: list[torch.Tensor], prompts: list[np.ndarray], prompt: str,
-                       segments: list[list[int]] | None = None) -> list[TeacherOutput]:
+    def predict_images(
+        self,
+        images: list[torch.Tensor],
+        prompts: list[np.ndarray],
+        prompt: str,
+        segments: list[list[int]] | None = None,
+    ) -> list[TeacherOutput]:
         outputs = []
         for i, (image, image_prompts) in enumerate(zip(images, prompts)):
             self.set_image(image.cpu().numpy())
@@ -76,8 +86,11 @@ class OneImageAtATime:
             for start, stop in runs(segments[i] if segments else [len(image_prompts)]):
                 chunk = image_prompts[start:stop]
                 parts.append(self.predict_boxes(chunk) if prompt == "roi" else self.predict_points(chunk))
-            outputs.append(parts[0] if len(parts) == 1 else
-                           TeacherOutput(torch.cat([p.image_logits for p in parts]), torch.cat([p.confidence for p in parts])))
+            outputs.append(
+                parts[0]
+                if len(parts) == 1
+                else TeacherOutput(torch.cat([p.image_logits for p in parts]), torch.cat([p.confidence for p in parts]))
+            )
         return outputs
 
 
@@ -85,8 +98,6 @@ def runs(lengths: list[int]) -> list[tuple[int, int]]:
     """``(start, stop)`` of consecutive runs of the given lengths."""
     ends = np.cumsum(lengths).tolist()
     return list(zip([0] + ends[:-1], ends))
-
-
 
 
 def check_rgb(rgb: np.ndarray) -> None:

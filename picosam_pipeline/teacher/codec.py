@@ -17,8 +17,8 @@ codec              stored  decode (``q`` = stored value)                        
 (MSE / BCE / Dice on ``sigmoid(logits)``) measure the teacher; it saturates beyond |logit| ~ 6.2, where
 ``sigmoid`` is within 0.002 of 0 or 1 (levels 0 and 254 decode to the middle of their bins, ``p = 1/1016``
 and ``1015/1016``). ``q = 127`` decodes to exactly 0 (``p = 0.5``), which is why the scale is 254, not 255.
-Decoded values are fixed points: re-encoding them gives the same ``q``. ``linear_uint8`` is the PicoSAM-style int8 ("scale 0.25 covers SAM2's +-32") kept
-for comparison; ``float16`` is what PicoSAM3's ``ann_{id}.pt`` files hold.
+Decoded values are fixed points: re-encoding them gives the same ``q``. ``linear_uint8`` is the PicoSAM-style int8
+("scale 0.25 covers SAM2's +-32") kept for comparison; ``float16`` is what PicoSAM3's ``ann_{id}.pt`` files hold.
 
 A reader with plain zarr needs no code from here: the ``logits`` array's attributes carry the rule
 ``v = (q - offset) * scale``, then, if ``quantity == "sigmoid"``, ``logit = log(p / (1 - p))`` with
@@ -28,7 +28,7 @@ A reader with plain zarr needs no code from here: the ``logits`` array's attribu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -85,11 +85,22 @@ BLOSC_SHUFFLE = {"sigmoid_uint8": "noshuffle", "linear_uint8": "bitshuffle", "fl
 
 CODECS: dict[str, LogitCodec] = {
     "sigmoid_uint8": LogitCodec(
-        "sigmoid_uint8", "uint8", "sigmoid", 1.0 / 254.0, 0.0, BLOSC_SHUFFLE["sigmoid_uint8"],
+        "sigmoid_uint8",
+        "uint8",
+        "sigmoid",
+        1.0 / 254.0,
+        0.0,
+        BLOSC_SHUFFLE["sigmoid_uint8"],
         "p = clip(q / 254, 1/1016, 1015/1016); logit = log(p / (1 - p))",
     ),
     "linear_uint8": LogitCodec(
-        "linear_uint8", "uint8", "logit", 0.25, 128.0, BLOSC_SHUFFLE["linear_uint8"], "logit = (q - 128) * 0.25",
+        "linear_uint8",
+        "uint8",
+        "logit",
+        0.25,
+        128.0,
+        BLOSC_SHUFFLE["linear_uint8"],
+        "logit = (q - 128) * 0.25",
     ),
     "float16": LogitCodec("float16", "float16", "logit", 1.0, 0.0, BLOSC_SHUFFLE["float16"], "logit = float32(q)"),
 }
@@ -175,7 +186,7 @@ def decode_logits(stored: np.ndarray, codec: str | LogitCodec) -> np.ndarray:
     return _decode_table(codec)[q]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _decode_table(codec: LogitCodec) -> np.ndarray:
     """The float32 logit of each of the 256 uint8 levels, computed in float64 from the attrs rule."""
     v = (np.arange(256, dtype=np.float64) - codec.offset) * codec.scale

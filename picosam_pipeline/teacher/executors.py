@@ -3,10 +3,10 @@ existing dask cluster.
 
 The stage (``stages/teacher_logits.py``) hands the pending shards to either executor, which runs
 :func:`runner.process_shards` over them (in this process: one run of all; on dask: one task per run of
-consecutive shards, :func:`task_runs`); dask wraps the stage's work, it does not live inside it. Both executors are context managers with
-two methods: :meth:`teacher_metadata` (build the teacher once in every process that will run tasks, check that
-they all built the same one) and :meth:`map_shards` (run the shard tasks, yield their small summaries as they
-finish, for the progress bar).
+consecutive shards, :func:`task_runs`); dask wraps the stage's work, it does not live inside it. Both executors are
+context managers with two methods: :meth:`teacher_metadata` (build the teacher once in every process that will run
+tasks, check that they all built the same one) and :meth:`map_shards` (run the shard tasks, yield their small
+summaries as they finish, for the progress bar).
 
 LocalCluster sizing (``teacher.n_workers: 0``): with CUDA, one worker process per visible GPU, each pinned with
 ``CUDA_VISIBLE_DEVICES`` (as dask-cuda's ``LocalCUDACluster`` does) and computing on its ``cuda`` device; on a
@@ -40,16 +40,23 @@ import logging
 import math
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from picosam_pipeline.config import TeacherConfig
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
-from picosam_pipeline.teacher.runner import (InstanceRows, TeacherSpec, images_per_batch, process_shards, run_shards,
-                                             teacher_metadata)
+from picosam_pipeline.teacher.runner import (
+    InstanceRows,
+    TeacherSpec,
+    images_per_batch,
+    process_shards,
+    run_shards,
+    teacher_metadata,
+)
 
 ShardJob = tuple[int, InstanceRows]  # (shard number, its index rows)
 # Instances per dask task on a GPU: ~280 COCO images, 17 batches of 16 (an image straddling two tasks is encoded
@@ -106,7 +113,7 @@ class InProcess:
         self.workers = 1
         self.images_per_batch = images_per_batch(cfg, runtime.device)
 
-    def __enter__(self) -> "InProcess":
+    def __enter__(self) -> InProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -132,8 +139,14 @@ class WorkerPlan:
     env: dict[str, str]
 
 
-def plan_workers(n_workers: int, threads_per_worker: int, device: torch.device, gpu_count: int,
-                 visible_devices: str | None, cores: int) -> tuple[list[WorkerPlan], str]:
+def plan_workers(
+    n_workers: int,
+    threads_per_worker: int,
+    device: torch.device,
+    gpu_count: int,
+    visible_devices: str | None,
+    cores: int,
+) -> tuple[list[WorkerPlan], str]:
     """The LocalCluster for ``device``: worker plans and the device string the workers compute on.
 
     Args:
@@ -181,7 +194,7 @@ class DaskExecutor:
         self.images_per_batch = images_per_batch(cfg, runtime.device)  # as this machine resolves it
         self._environ: dict[str, str] | None = None
 
-    def __enter__(self) -> "DaskExecutor":
+    def __enter__(self) -> DaskExecutor:
         # dask's Nanny writes its pre-spawn environment (OMP_NUM_THREADS=1, MKL_NUM_THREADS=1, ...) into THIS
         # process's os.environ and leaves it there; every process started from here afterwards (a CLI, a second
         # cluster, a test's subprocess) would compute with 1 thread, and stored bytes depend on the thread count.
@@ -212,18 +225,30 @@ class DaskExecutor:
         from distributed import Client, Nanny, Scheduler, SpecCluster
 
         plans, device = plan_workers(
-            self.cfg.n_workers, self.cfg.threads_per_worker, self.runtime.device,
+            self.cfg.n_workers,
+            self.cfg.threads_per_worker,
+            self.runtime.device,
             torch.cuda.device_count() if self.runtime.device.type == "cuda" else 0,
-            os.environ.get("CUDA_VISIBLE_DEVICES"), compute_threads(),
+            os.environ.get("CUDA_VISIBLE_DEVICES"),
+            compute_threads(),
         )
-        workers = {p.name: {"cls": Nanny, "options": {"nthreads": 1, "host": "127.0.0.1", "env": p.env,
-                                                      "silence_logs": logging.ERROR}} for p in plans}
-        # No dashboard; its HTTP endpoints on any free local port (the default, 8787, is often taken on a shared machine).
-        scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard": False,
-                                                   "dashboard_address": "127.0.0.1:0"}}
+        workers = {
+            p.name: {
+                "cls": Nanny,
+                "options": {"nthreads": 1, "host": "127.0.0.1", "env": p.env, "silence_logs": logging.ERROR},
+            }
+            for p in plans
+        }
+        # No dashboard; its HTTP endpoints on any free local port (the default, 8787, is often taken on a shared
+        # machine).
+        scheduler = {
+            "cls": Scheduler,
+            "options": {"host": "127.0.0.1", "dashboard": False, "dashboard_address": "127.0.0.1:0"},
+        }
         try:
-            self.cluster = SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR,
-                                       name="picosam-teacher")
+            self.cluster = SpecCluster(
+                workers=workers, scheduler=scheduler, silence_logs=logging.ERROR, name="picosam-teacher"
+            )
         except (OSError, TimeoutError) as err:
             raise PipelineError(
                 f"could not start a dask LocalCluster on 127.0.0.1 ({err}); check that loopback networking works, "
@@ -243,7 +268,8 @@ class DaskExecutor:
             self.client.wait_for_workers(1, timeout=120)
         except (OSError, TimeoutError) as err:
             raise PipelineError(
-                f"teacher.scheduler_address: no dask cluster with workers at {address!r} ({err or type(err).__name__}); "
+                f"teacher.scheduler_address: no dask cluster with workers at {address!r} "
+                f"({err or type(err).__name__}); "
                 "start `dask scheduler` and its workers (see picosam_pipeline/teacher/executors.py), or set "
                 "teacher.scheduler_address=null to use a LocalCluster on this machine"
             ) from None
@@ -261,9 +287,19 @@ class DaskExecutor:
 
     def teacher_metadata(self) -> dict[str, Any]:
         """Build the teacher on every worker (in a task, off the worker's event loop) and check they all match."""
-        futures = [self.client.submit(_reporting, teacher_metadata, self.spec, workers=[addr], allow_other_workers=False,
-                                      pure=False, resources=self.resources, key=f"teacher-build-{uuid.uuid4().hex}")
-                   for addr in self._task_workers()]
+        futures = [
+            self.client.submit(
+                _reporting,
+                teacher_metadata,
+                self.spec,
+                workers=[addr],
+                allow_other_workers=False,
+                pure=False,
+                resources=self.resources,
+                key=f"teacher-build-{uuid.uuid4().hex}",
+            )
+            for addr in self._task_workers()
+        ]
         metas = [_result(m) for m in self.client.gather(futures)]
         shared = [{k: v for k, v in m.items() if k not in _PER_PROCESS_METADATA} for m in metas]
         for other in shared[1:]:
@@ -281,9 +317,19 @@ class DaskExecutor:
         from distributed import as_completed
 
         run = uuid.uuid4().hex[:8]
-        futures = [self.client.submit(_reporting, run_shards, store_path, part, self.spec, pure=False,
-                                      resources=self.resources, key=f"teacher-shards-{part[0][0]}-{run}")
-                   for part in task_runs(jobs, self.workers, TASK_INSTANCES if self.runtime.device.type == "cuda" else 1)]
+        futures = [
+            self.client.submit(
+                _reporting,
+                run_shards,
+                store_path,
+                part,
+                self.spec,
+                pure=False,
+                resources=self.resources,
+                key=f"teacher-shards-{part[0][0]}-{run}",
+            )
+            for part in task_runs(jobs, self.workers, TASK_INSTANCES if self.runtime.device.type == "cuda" else 1)
+        ]
         try:
             for future in as_completed(futures):
                 yield from _result(future.result())

@@ -6,7 +6,8 @@ every image would take minutes. Each instance's full-image GT mask becomes whole
 resamples into the stored frame exactly as the teacher stage resamples SAM2's output. So the store has the
 teacher stage's layout and geometry (crop boxes of the chosen prompt convention from the index, stored
 boxes with the context margin, the configured codec), and ``logits > 0`` is the GT mask crop up to
-boundary pixels. Confidence is 1 for every instance (or the ``confidence`` given). The group attributes say ``teacher.model = "gt-mask"``.
+boundary pixels. Confidence is 1 for every instance (or the ``confidence`` given). The group attributes say
+``teacher.model = "gt-mask"``.
 """
 
 from __future__ import annotations
@@ -27,9 +28,19 @@ from picosam_pipeline.teacher.geometry import crop_logits
 from picosam_pipeline.teacher.store import PROMPT_CONVENTIONS, LogitStore, create_store, stored_boxes, stored_side
 
 
-def write_mask_teacher_store(index: str | Path, out: str | Path, *, splits: list[str], prompt: str = "roi",
-                             store_size: int = 96, context_margin: float = 0.0, codec: str = "sigmoid_uint8",
-                             instances_per_shard: int | str = 64, gain: float = 4.0, confidence: float = 1.0) -> LogitStore:
+def write_mask_teacher_store(
+    index: str | Path,
+    out: str | Path,
+    *,
+    splits: list[str],
+    prompt: str = "roi",
+    store_size: int = 96,
+    context_margin: float = 0.0,
+    codec: str = "sigmoid_uint8",
+    instances_per_shard: int | str = 64,
+    gain: float = 4.0,
+    confidence: float = 1.0,
+) -> LogitStore:
     """Write a store for the rows of ``splits`` (in that order, index order within each) and return it open.
 
     Args:
@@ -41,8 +52,9 @@ def write_mask_teacher_store(index: str | Path, out: str | Path, *, splits: list
         confidence: every instance's confidence (a second stand-in teacher can differ from the first).
     """
     # Ids and boxes of every row (about 40 bytes each); the RLEs are streamed image by image (index.stream_images).
-    rows = pa.concat_tables([read_index(index, split=split, columns=["ann_id", "image_id", "roi_box", "point_box"])
-                             for split in splits])
+    rows = pa.concat_tables(
+        [read_index(index, split=split, columns=["ann_id", "image_id", "roi_box", "point_box"]) for split in splits]
+    )
     crop_boxes = column_array(rows, f"{prompt}_box").astype(np.int32)
     side = stored_side(store_size, context_margin)
     attrs = {
@@ -51,18 +63,45 @@ def write_mask_teacher_store(index: str | Path, out: str | Path, *, splits: list
         "crop": {"store_size": store_size, "context_margin": context_margin, "stored_size": side},
     }
     boxes = stored_boxes(crop_boxes, store_size, context_margin)
-    store = create_store(out, side=side, instances_per_shard=instances_per_shard, codec=codec, compression_level=5,
-                         attrs=attrs, rows=dict(ann_id=rows["ann_id"].to_numpy(), image_id=rows["image_id"].to_numpy(),
-                                                crop_box=crop_boxes, stored_box=boxes))
+    store = create_store(
+        out,
+        side=side,
+        instances_per_shard=instances_per_shard,
+        codec=codec,
+        compression_level=5,
+        attrs=attrs,
+        rows=dict(
+            ann_id=rows["ann_id"].to_numpy(),
+            image_id=rows["image_id"].to_numpy(),
+            crop_box=crop_boxes,
+            stored_box=boxes,
+        ),
+    )
     # One shard in memory at a time (float32 (K, S, S)): memory follows the shard size, not the dataset's. Worker
     # processes decode the masks and resample them, an image a job; results come back in order.
     pending = set(store.pending_shards())
-    jobs = _image_jobs(index, splits, rows["ann_id"].to_numpy(), crop_boxes, boxes, pending, store.instances_per_shard,
-                       gain, store_size, context_margin, store.codec.name)
+    jobs = _image_jobs(
+        index,
+        splits,
+        rows["ann_id"].to_numpy(),
+        crop_boxes,
+        boxes,
+        pending,
+        store.instances_per_shard,
+        gain,
+        store_size,
+        context_margin,
+        store.codec.name,
+    )
     shard, buffer, filled = -1, np.empty((0, side, side), store.codec.dtype), 0
     images = len(np.unique(rows["image_id"].to_numpy()))  # for the progress bar
-    for start, logits in tqdm(ordered_map(_image_logits, jobs, workers=default_workers(images)), total=images,
-                              desc="gt-mask teacher", unit="img", leave=False):
+    for start, logits in tqdm(
+        ordered_map(_image_logits, jobs, workers=default_workers(images)),
+        total=images,
+        desc="gt-mask teacher",
+        unit="img",
+        leave=False,
+    ):
         for row, values in enumerate(logits, start):
             k = row // store.instances_per_shard
             if k not in pending:
@@ -77,34 +116,58 @@ def write_mask_teacher_store(index: str | Path, out: str | Path, *, splits: list
     return store
 
 
-def _image_jobs(index: str | Path, splits: list[str], ann_ids: np.ndarray, crop_boxes: np.ndarray, stored: np.ndarray,
-                pending: set[int], per_shard: int, gain: float, store_size: int, context_margin: float,
-                codec: str) -> Iterator[tuple]:
+def _image_jobs(
+    index: str | Path,
+    splits: list[str],
+    ann_ids: np.ndarray,
+    crop_boxes: np.ndarray,
+    stored: np.ndarray,
+    pending: set[int],
+    per_shard: int,
+    gain: float,
+    store_size: int,
+    context_margin: float,
+    codec: str,
+) -> Iterator[tuple]:
     """One job per image with rows in a pending shard: its first row, masks (RLE, H, W), crop and stored boxes.
     Images are streamed from ``index`` split by split, in the order of the store's rows (``ann_ids``, checked)."""
     start = 0
     groups = (group for split in splits for group in stream_images(index, split, ["rle_counts"]))
     for group in groups:
-        if not np.array_equal(group.rows["ann_id"].to_numpy(), ann_ids[start:start + len(group)]):
+        if not np.array_equal(group.rows["ann_id"].to_numpy(), ann_ids[start : start + len(group)]):
             raise RuntimeError(f"{index} changed while the GT-mask teacher read it (image {group.image_id})")
         span = slice(start, start + len(group))
         start = span.stop
         if pending.intersection(range(span.start // per_shard, (span.stop - 1) // per_shard + 1)):  # else resumed
-            yield (span.start, group.rows["rle_counts"].to_pylist(), group.height, group.width, crop_boxes[span],
-                   stored[span], gain, store_size, context_margin, codec)
+            yield (
+                span.start,
+                group.rows["rle_counts"].to_pylist(),
+                group.height,
+                group.width,
+                crop_boxes[span],
+                stored[span],
+                gain,
+                store_size,
+                context_margin,
+                codec,
+            )
 
 
 def _image_logits(job: tuple) -> tuple[int, list[np.ndarray]]:
     """``(first row, [(S, S) stored values per instance])`` of one image's job (runs in a worker): the codec's
     values (uint8 for the default codec), encoded here, so a quarter of the float32 bytes travel back."""
     start, rles, height, width, crop_boxes, stored, gain, store_size, context_margin, codec = job
-    return start, [encode_logits(_window_logits(decode_mask(rle, height, width), crop_box, box, gain, store_size,
-                                                context_margin), codec)
-                   for rle, crop_box, box in zip(rles, crop_boxes, stored)]
+    return start, [
+        encode_logits(
+            _window_logits(decode_mask(rle, height, width), crop_box, box, gain, store_size, context_margin), codec
+        )
+        for rle, crop_box, box in zip(rles, crop_boxes, stored)
+    ]
 
 
-def _window_logits(mask: np.ndarray, crop_box: np.ndarray, stored_box: np.ndarray, gain: float, store_size: int,
-                   context_margin: float) -> np.ndarray:
+def _window_logits(
+    mask: np.ndarray, crop_box: np.ndarray, stored_box: np.ndarray, gain: float, store_size: int, context_margin: float
+) -> np.ndarray:
     """``(S, S)`` float32 stored logits of one ``(H, W)`` {0, 1} mask, resampled from the window of the image that the
     stored frame's bilinear taps reach (its box grown by one pixel, clipped to the image) instead of the whole
     image: the same values up to float rounding (outside the image both replicate the border), at the cost of the

@@ -20,9 +20,9 @@ import io
 import itertools
 import logging
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -52,8 +52,14 @@ class ImageBatch:
     gpu_decoded: int = 0
 
 
-def image_batches(groups: list[np.ndarray], load: Callable[[int], np.ndarray], jpeg_source: Callable[[int], bytes | None],
-                  images_per_batch: int, device: torch.device, threads: int) -> Iterator[ImageBatch]:
+def image_batches(
+    groups: list[np.ndarray],
+    load: Callable[[int], np.ndarray],
+    jpeg_source: Callable[[int], bytes | None],
+    images_per_batch: int,
+    device: torch.device,
+    threads: int,
+) -> Iterator[ImageBatch]:
     """Yield the images of ``groups`` (one entry per image) in order, ``images_per_batch`` at a time.
 
     Args:
@@ -82,12 +88,15 @@ def image_batches(groups: list[np.ndarray], load: Callable[[int], np.ndarray], j
             # nvJPEG runs here, in the teacher's thread, after the previous batch's results reached the host: its
             # output is allocated for the teacher's stream but written on nvJPEG's own stream, which must not
             # overlap queued teacher work (decoding in reader threads while work was queued gave NaN logits).
-            pixels, decoded = _to_device(items, device, lambda k: torch.from_numpy(load(start + k)))
-            yield ImageBatch(groups[start:start + count], pixels, decoded)
+            pixels, decoded = _to_device(items, device, lambda k, start=start: torch.from_numpy(load(start + k)))
+            yield ImageBatch(groups[start : start + count], pixels, decoded)
 
 
-def _to_device(items: list[tuple[bytes | None, torch.Tensor | None]], device: torch.device,
-               load_on_host: Callable[[int], torch.Tensor]) -> tuple[list[torch.Tensor], int]:
+def _to_device(
+    items: list[tuple[bytes | None, torch.Tensor | None]],
+    device: torch.device,
+    load_on_host: Callable[[int], torch.Tensor],
+) -> tuple[list[torch.Tensor], int]:
     """Host-decoded pixels moved to ``device``; JPEG bytes decoded there in one call (PIL if nvJPEG refuses)."""
     pixels: list[torch.Tensor | None] = [None if host is None else host.to(device) for _, host in items]
     jpeg = [k for k, (data, _) in enumerate(items) if data is not None]
@@ -100,7 +109,9 @@ def _to_device(items: list[tuple[bytes | None, torch.Tensor | None]], device: to
         decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
     except Exception as err:  # noqa: BLE001 -- one file nvJPEG cannot take fails the whole call: use PIL for it
         if not _said["gpu_decode"]:
-            log.warning("decoding JPEGs on %s failed (%s: %s); this batch goes through PIL", device, type(err).__name__, err)
+            log.warning(
+                "decoding JPEGs on %s failed (%s: %s); this batch goes through PIL", device, type(err).__name__, err
+            )
             _said["gpu_decode"] = True
         return [p if p is not None else load_on_host(k).to(device) for k, p in enumerate(pixels)], 0
     for k, chw in zip(jpeg, decoded):
@@ -115,8 +126,13 @@ def gpu_jpeg_bytes(path: str, expected_size: tuple[int, int]) -> bytes | None:
         with open(path, "rb") as f:
             data = f.read()
         with Image.open(io.BytesIO(data)) as image:  # header only
-            plain = (image.format == "JPEG" and image.mode in ("RGB", "L") and image.size == tuple(expected_size)
-                     and exif_orientation(image) == 1 and not image.info.get("progressive"))
+            plain = (
+                image.format == "JPEG"
+                and image.mode in ("RGB", "L")
+                and image.size == tuple(expected_size)
+                and exif_orientation(image) == 1
+                and not image.info.get("progressive")
+            )
     except (OSError, ValueError, SyntaxError):
         return None  # PIL's full decode in load() reports what is wrong with the file
     return data if plain and data.rstrip(b"\x00").endswith(_JPEG_EOI) else None

@@ -24,8 +24,9 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -76,7 +77,7 @@ class InstanceRows:
     def __len__(self) -> int:
         return len(self.ann_id)
 
-    def take(self, rows: slice | np.ndarray) -> "InstanceRows":
+    def take(self, rows: slice | np.ndarray) -> InstanceRows:
         """The rows ``rows`` (a slice, or an index array) of every field."""
         return InstanceRows(**{f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self)})
 
@@ -108,13 +109,17 @@ def instance_rows(index_path: str, splits: list[str], prompt: str) -> InstanceRo
     available = list(read_metadata(index_path).get("splits", {}))
     missing = [s for s in splits if s not in available]
     if missing:
-        raise PipelineError(f"teacher.splits: {missing} not in the instance index {index_path!r} (it has {available}); "
-                            "fix teacher.splits or add the split to prepare.splits and rerun prepare")
+        raise PipelineError(
+            f"teacher.splits: {missing} not in the instance index {index_path!r} (it has {available}); "
+            "fix teacher.splits or add the split to prepare.splits and rerun prepare"
+        )
     table = read_index(index_path, columns=_COLUMNS)
     table = table.filter(pc.is_in(table["split"], value_set=pa.array(splits)))  # keeps index order
     if table.num_rows == 0:
-        raise PipelineError(f"teacher.splits {splits}: no instances in {index_path!r}; check prepare's selection "
-                            "(metrics/prepare.json lists what was dropped)")
+        raise PipelineError(
+            f"teacher.splits {splits}: no instances in {index_path!r}; check prepare's selection "
+            "(metrics/prepare.json lists what was dropped)"
+        )
     if prompt == "roi":
         x, y, w, h = column_array(table, "bbox").T
         prompts, crop_box = np.stack([x, y, x + w, y + h], axis=1), column_array(table, "roi_box")
@@ -151,21 +156,38 @@ class TeacherSpec:
     threads: int = 0
 
     @classmethod
-    def of(cls, cfg: TeacherConfig, runtime: Runtime, threads: int = 0) -> "TeacherSpec":
+    def of(cls, cfg: TeacherConfig, runtime: Runtime, threads: int = 0) -> TeacherSpec:
         """The spec for ``cfg`` on ``runtime``; the checkpoint path is made absolute for workers elsewhere."""
         checkpoint = os.path.abspath(cfg.checkpoint) if cfg.checkpoint else None
         cfg = dataclasses.replace(cfg, onnx_dir=os.path.abspath(cfg.onnx_dir))
         precision = "fp32" if runtime.autocast_dtype is None else "bf16"
         if runtime.autocast_dtype not in (None, torch.bfloat16):
             raise ValueError(f"unsupported autocast dtype {runtime.autocast_dtype}")
-        return cls(dataclasses.replace(cfg, checkpoint=checkpoint), str(runtime.device), precision, runtime.seed, threads)
+        return cls(
+            dataclasses.replace(cfg, checkpoint=checkpoint), str(runtime.device), precision, runtime.seed, threads
+        )
 
     def build_key(self) -> str:
         """What the built teacher depends on, the key of the per-process cache: not the codec, crop size or out path."""
         t = self.teacher
         checkpoint = file_key(t.checkpoint) if t.checkpoint and os.path.isfile(t.checkpoint) else None
-        return json.dumps([t.model, checkpoint, t.allow_random_weights, t.multimask_output, t.prompt, t.backend,
-                           t.onnx_dir, t.ort_provider, t.sam3_path, self.device, self.precision, self.seed, self.threads])
+        return json.dumps(
+            [
+                t.model,
+                checkpoint,
+                t.allow_random_weights,
+                t.multimask_output,
+                t.prompt,
+                t.backend,
+                t.onnx_dir,
+                t.ort_provider,
+                t.sam3_path,
+                self.device,
+                self.precision,
+                self.seed,
+                self.threads,
+            ]
+        )
 
     def runtime(self) -> Runtime:
         return resolve_runtime(RuntimeConfig(device=self.device, precision=self.precision, seed=self.seed))
@@ -246,8 +268,10 @@ def load_pixels(rows: InstanceRows) -> np.ndarray:
     try:
         return load_image(rows.image_path[0], expected_size=(width, height)).pixels
     except BadImageError as err:
-        raise PipelineError(f"{err} (image {int(rows.image_id[0])}, {len(rows)} instances; it was readable when "
-                            "the index was built: restore the file, or rerun prepare to drop it)") from None
+        raise PipelineError(
+            f"{err} (image {int(rows.image_id[0])}, {len(rows)} instances; it was readable when "
+            "the index was built: restore the file, or rerun prepare to drop it)"
+        ) from None
 
 
 def images_per_batch(cfg: TeacherConfig, device: torch.device) -> int:
@@ -262,8 +286,9 @@ def images_per_batch(cfg: TeacherConfig, device: torch.device) -> int:
     return 16 if torch.cuda.get_device_properties(device).total_memory >= 24 * 2**30 else 4
 
 
-def stored_codes(outputs: list[TeacherOutput], rows: list[InstanceRows], cfg: TeacherConfig
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def stored_codes(
+    outputs: list[TeacherOutput], rows: list[InstanceRows], cfg: TeacherConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A batch's teacher outputs -> the codec's ``(n, S, S)`` values, ``(n,)`` float32 confidences and an ``(n,)`` bool
     mask of the instances whose whole-image logits or confidence hold a NaN or infinity, all computed on the outputs'
     device (crop resampling and codec there: only the small stored tiles cross to the host).
@@ -273,13 +298,21 @@ def stored_codes(outputs: list[TeacherOutput], rows: list[InstanceRows], cfg: Te
     sizes = np.concatenate([r.size for r in rows])
     boxes = np.concatenate([r.crop_box for r in rows])
     if len({tuple(o.image_logits.shape[1:]) for o in outputs}) == 1:
-        logits = crop_logits(torch.cat([o.image_logits for o in outputs]), sizes, boxes, cfg.store_size, cfg.context_margin)
+        logits = crop_logits(
+            torch.cat([o.image_logits for o in outputs]), sizes, boxes, cfg.store_size, cfg.context_margin
+        )
     else:  # full-resolution outputs (SAM3's geometric path) differ per image
-        logits = torch.cat([crop_logits(o.image_logits, r.size, r.crop_box, cfg.store_size, cfg.context_margin)
-                            for o, r in zip(outputs, rows)])
+        logits = torch.cat(
+            [
+                crop_logits(o.image_logits, r.size, r.crop_box, cfg.store_size, cfg.context_margin)
+                for o, r in zip(outputs, rows)
+            ]
+        )
     confidence = torch.cat([o.confidence.float() for o in outputs])
     # Checked on the whole-image logits: the crop of a NaN map can miss its NaN pixels.
-    bad = torch.cat([~torch.isfinite(o.image_logits).flatten(1).all(dim=1) for o in outputs]) | ~torch.isfinite(confidence)
+    bad = torch.cat([~torch.isfinite(o.image_logits).flatten(1).all(dim=1) for o in outputs]) | ~torch.isfinite(
+        confidence
+    )
     return encode_logits_torch(logits, cfg.codec, check_finite=False), confidence, bad
 
 
@@ -300,12 +333,15 @@ def refuse_non_finite(bad: np.ndarray, rows: list[InstanceRows], cfg: TeacherCon
     named = ", ".join(f"ann_id {int(a)} of image {int(i)}" for a, i in zip(ann[:8], image[:8]))
     raise PipelineError(
         f"teacher {teacher_name(cfg)} returned NaN/inf logits or confidences for {len(ann)} instance(s): {named}"
-        f"{' ...' if len(ann) > 8 else ''}; nothing of them was stored. Check the checkpoint (`picosam-pipeline fetch`), "
+        f"{' ...' if len(ann) > 8 else ''}; nothing of them was stored. Check the checkpoint "
+        "(`picosam-pipeline fetch`), "
         "try --set runtime.precision=fp32, and report it with these ids if it persists"
     )
 
 
-def process_shards(store_path: str, jobs: list[tuple[int, InstanceRows]], spec: TeacherSpec) -> Iterator[dict[str, Any]]:
+def process_shards(
+    store_path: str, jobs: list[tuple[int, InstanceRows]], spec: TeacherSpec
+) -> Iterator[dict[str, Any]]:
     """Compute and write the shards ``jobs`` (``(shard, its index rows)``, ascending) of the store at ``store_path``.
 
     The rows of all jobs form one stream of images, ``images_per_batch`` per teacher call, so an image whose
@@ -322,7 +358,9 @@ def process_shards(store_path: str, jobs: list[tuple[int, InstanceRows]], spec: 
     for shard, rows in jobs:
         expected = store.shard_slice(shard)
         if len(rows) != expected.stop - expected.start:
-            raise ValueError(f"shard {shard}: got {len(rows)} rows, the store expects rows {expected.start}:{expected.stop}")
+            raise ValueError(
+                f"shard {shard}: got {len(rows)} rows, the store expects rows {expected.start}:{expected.stop}"
+            )
     shard_jobs = [PendingShard(shard, rows) for shard, rows in jobs]
     if not shard_jobs:
         return
@@ -335,9 +373,12 @@ def process_shards(store_path: str, jobs: list[tuple[int, InstanceRows]], spec: 
     splits_seen = getattr(session.teacher, "splits", 0)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     batches = image_batches(
-        groups, lambda i: load_pixels(stream.take(groups[i][:1])),
+        groups,
+        lambda i: load_pixels(stream.take(groups[i][:1])),
         lambda i: gpu_jpeg_bytes(stream.image_path[groups[i][0]], tuple(int(v) for v in stream.size[groups[i][0]])),
-        per_batch, device, threads=min(8, max(1, cores // 2)),
+        per_batch,
+        device,
+        threads=min(8, max(1, cores // 2)),
     )
 
     def summaries(written: list[int]) -> Iterator[dict[str, Any]]:
@@ -345,8 +386,14 @@ def process_shards(store_path: str, jobs: list[tuple[int, InstanceRows]], spec: 
         for shard in written:
             now, splits = time.perf_counter(), getattr(session.teacher, "splits", 0)
             rows = store.shard_slice(shard)
-            yield {"shard": shard, "instances": rows.stop - rows.start, **counts, "seconds": now - last,
-                   "batch_splits": splits - splits_seen, "pid": os.getpid()}
+            yield {
+                "shard": shard,
+                "instances": rows.stop - rows.start,
+                **counts,
+                "seconds": now - last,
+                "batch_splits": splits - splits_seen,
+                "pid": os.getpid(),
+            }
             counts.update(encoder_passes=0, teacher_seconds=0.0, images_decoded_on_device=0)
             last, splits_seen = now, splits
 
@@ -354,7 +401,9 @@ def process_shards(store_path: str, jobs: list[tuple[int, InstanceRows]], spec: 
         for batch in batches:
             tick = time.perf_counter()
             batch_rows = [stream.take(g) for g in batch.groups]
-            segments = [np.unique(assembler.job_of(g), return_counts=True)[1].tolist() for g in batch.groups]  # per shard
+            segments = [
+                np.unique(assembler.job_of(g), return_counts=True)[1].tolist() for g in batch.groups
+            ]  # per shard
             outputs = session.teacher.predict_images(batch.pixels, [r.prompt for r in batch_rows], cfg.prompt, segments)
             codes, confidence, bad = stored_codes(outputs, batch_rows, cfg)
             refuse_non_finite(bad.cpu().numpy(), batch_rows, cfg)  # waits for the device: the batch is done
@@ -366,7 +415,7 @@ def process_shards(store_path: str, jobs: list[tuple[int, InstanceRows]], spec: 
                 writer.submit(shard_jobs[j], *assembler.pop(j))
             yield from summaries(writer.done())
     yield from summaries(writer.done())
-    if (missing := [j.shard for j, left in zip(shard_jobs, assembler.missing) if left]):
+    if missing := [j.shard for j, left in zip(shard_jobs, assembler.missing) if left]:
         raise RuntimeError(f"shards {missing[:8]} were not completely computed")  # a bug, not a user error
 
 
@@ -377,5 +426,6 @@ def run_shards(store_path: str, jobs: list[tuple[int, InstanceRows]], spec: Teac
 
 def concat_rows(parts: list[InstanceRows]) -> InstanceRows:
     """The rows of ``parts`` one after another."""
-    return InstanceRows(**{f.name: np.concatenate([getattr(p, f.name) for p in parts])
-                           for f in dataclasses.fields(InstanceRows)})
+    return InstanceRows(
+        **{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(InstanceRows)}
+    )

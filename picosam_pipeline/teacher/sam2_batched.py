@@ -50,7 +50,7 @@ class Sam2Features(NamedTuple):
     image_embed: torch.Tensor
     high_res: list[torch.Tensor]
 
-    def take(self, index: torch.Tensor) -> "Sam2Features":
+    def take(self, index: torch.Tensor) -> Sam2Features:
         """The features of images ``index`` (``(N,)`` long, repeats allowed): one row per prompt."""
         return Sam2Features(self.image_embed.index_select(0, index), [f.index_select(0, index) for f in self.high_res])
 
@@ -77,19 +77,27 @@ class Sam2Teacher:
         self._std = torch.tensor(_STD, device=self.device).view(3, 1, 1)
         self._held: tuple[Sam2Features, tuple[int, int]] | None = None  # set_image's image and its (W, H)
         # The predictor's _bb_feat_sizes for a 1024 input: the backbone's stride-4, -8 and -16 grids.
-        self._feat_sizes = [(INPUT_SIZE // 4, INPUT_SIZE // 4), (INPUT_SIZE // 8, INPUT_SIZE // 8),
-                            (INPUT_SIZE // 16, INPUT_SIZE // 16)]
+        self._feat_sizes = [
+            (INPUT_SIZE // 4, INPUT_SIZE // 4),
+            (INPUT_SIZE // 8, INPUT_SIZE // 8),
+            (INPUT_SIZE // 16, INPUT_SIZE // 16),
+        ]
 
     @classmethod
-    def build(cls, cfg: TeacherConfig, runtime: Runtime) -> "Sam2Teacher":
+    def build(cls, cfg: TeacherConfig, runtime: Runtime) -> Sam2Teacher:
         model, metadata = build_sam2_model(cfg, runtime)
         return cls(model, runtime, cfg.multimask_output, {**metadata, "path": "model modules, batched on the device"})
 
     # ----------------------------------------------------------------------------------------------
     # the teacher pass
 
-    def predict_images(self, images: list[torch.Tensor], prompts: list[np.ndarray], prompt: str,
-                       segments: list[list[int]] | None = None) -> list[TeacherOutput]:
+    def predict_images(
+        self,
+        images: list[torch.Tensor],
+        prompts: list[np.ndarray],
+        prompt: str,
+        segments: list[list[int]] | None = None,
+    ) -> list[TeacherOutput]:
         """Encode ``images`` in one forward (split on OOM) and decode all their prompts; one output per image.
 
         ``segments[i]`` (lengths summing to ``len(prompts[i])``) are runs of image ``i``'s prompts that must be
@@ -104,16 +112,20 @@ class Sam2Teacher:
         features = self.encode(self.preprocess(images))
         counts = [len(r) for r in rows]
         image_of_prompt = torch.from_numpy(np.repeat(np.arange(len(images)), counts)).to(self.device)
-        coords, labels = self._prompt_points(np.concatenate(rows) if rows else np.zeros((0, width), np.float32),
-                                             np.repeat(np.asarray(sizes, dtype=np.float32).reshape(-1, 2), counts, axis=0),
-                                             prompt)
+        coords, labels = self._prompt_points(
+            np.concatenate(rows) if rows else np.zeros((0, width), np.float32),
+            np.repeat(np.asarray(sizes, dtype=np.float32).reshape(-1, 2), counts, axis=0),
+            prompt,
+        )
         breaks = None
         if self.device.type != "cuda":
             lengths = [n for i, c in enumerate(counts) for n in (segments[i] if segments else [c])]
             breaks = np.cumsum([0] + lengths)[:-1].tolist()
         logits, iou = self.decode(features, image_of_prompt, coords, labels, breaks)
-        return [TeacherOutput(chunk_logits, chunk_iou)
-                for chunk_logits, chunk_iou in zip(logits.split(counts), iou.split(counts))]
+        return [
+            TeacherOutput(chunk_logits, chunk_iou)
+            for chunk_logits, chunk_iou in zip(logits.split(counts), iou.split(counts))
+        ]
 
     @torch.inference_mode()
     def preprocess(self, images: list[torch.Tensor]) -> torch.Tensor:
@@ -125,10 +137,13 @@ class Sam2Teacher:
         out = torch.empty(len(images), 3, INPUT_SIZE, INPUT_SIZE, device=self.device)
         for i, image in enumerate(images):
             if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[2] != 3:
-                raise ValueError(f"image {i}: expected an (H, W, 3) uint8 tensor, got {image.dtype} {tuple(image.shape)}")
+                raise ValueError(
+                    f"image {i}: expected an (H, W, 3) uint8 tensor, got {image.dtype} {tuple(image.shape)}"
+                )
             chw = image.to(self.device).permute(2, 0, 1).float().div(255)
-            resized = F.interpolate(chw[None], size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False,
-                                    antialias=True)[0]
+            resized = F.interpolate(
+                chw[None], size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False, antialias=True
+            )[0]
             out[i] = (resized - self._mean) / self._std
         return out
 
@@ -151,12 +166,20 @@ class Sam2Teacher:
             self._split("encoder", pixels.shape[0])
             half = pixels.shape[0] // 2
             first, second = self.encode(pixels[:half]), self.encode(pixels[half:])
-            return Sam2Features(torch.cat([first.image_embed, second.image_embed]),
-                                [torch.cat(pair) for pair in zip(first.high_res, second.high_res)])
+            return Sam2Features(
+                torch.cat([first.image_embed, second.image_embed]),
+                [torch.cat(pair) for pair in zip(first.high_res, second.high_res)],
+            )
 
     @torch.inference_mode()
-    def decode(self, features: Sam2Features, image_of_prompt: torch.Tensor, coords: torch.Tensor,
-               labels: torch.Tensor, breaks: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(
+        self,
+        features: Sam2Features,
+        image_of_prompt: torch.Tensor,
+        coords: torch.Tensor,
+        labels: torch.Tensor,
+        breaks: list[int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode ``N`` prompts against their images' features.
 
         Args:
@@ -180,7 +203,8 @@ class Sam2Teacher:
             stop = min([b for b in starts if start < b < stop] + [stop])
             try:
                 logits[start:stop], iou[start:stop] = self._decode_chunk(
-                    features.take(image_of_prompt[start:stop]), coords[start:stop], labels[start:stop])
+                    features.take(image_of_prompt[start:stop]), coords[start:stop], labels[start:stop]
+                )
             except torch.OutOfMemoryError:
                 if self.decode_batch == 1:
                     raise
@@ -195,9 +219,13 @@ class Sam2Teacher:
             sparse, dense = self.model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
             # One image embedding per prompt already (gathered): no repeat_image.
             low_res, iou, _, _ = self.model.sam_mask_decoder(
-                image_embeddings=features.image_embed, image_pe=self.model.sam_prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                multimask_output=self.multimask_output, repeat_image=False, high_res_features=features.high_res,
+                image_embeddings=features.image_embed,
+                image_pe=self.model.sam_prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=self.multimask_output,
+                repeat_image=False,
+                high_res_features=features.high_res,
             )
         low_res, iou = low_res.float(), iou.float()
         best = iou.argmax(dim=1)
@@ -218,8 +246,12 @@ class Sam2Teacher:
     def _split(self, part: str, size: int) -> None:
         self.splits += 1
         if self.splits == 1:  # said once; the count goes to the run log
-            log.warning("teacher %s: out of %s memory at a batch of %d, splitting it (and later ones that do not fit)",
-                        part, self.device, size)
+            log.warning(
+                "teacher %s: out of %s memory at a batch of %d, splitting it (and later ones that do not fit)",
+                part,
+                self.device,
+                size,
+            )
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # give the failed batch's blocks back before the halves allocate theirs
 

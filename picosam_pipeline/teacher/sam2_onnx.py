@@ -92,11 +92,20 @@ class _Decoder(torch.nn.Module):
 def export_settings(cfg: TeacherConfig, seed: int) -> dict[str, Any]:
     """What decides the ONNX files' contents: the model, its weights, the mask choice and the exporter."""
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else None
-    weights = (f"checkpoint sha256 {sha256_file(checkpoint)}" if checkpoint is not None and checkpoint.is_file()
-               else f"random weights, seed {seed}")
-    return {"model": cfg.model, "weights": weights, "multimask_output": cfg.multimask_output, "opset": OPSET,
-            "exporter": "torch.onnx.export (TorchScript, dynamo=False)", "torch": torch.__version__,
-            "sam2": package_version("sam2")}
+    weights = (
+        f"checkpoint sha256 {sha256_file(checkpoint)}"
+        if checkpoint is not None and checkpoint.is_file()
+        else f"random weights, seed {seed}"
+    )
+    return {
+        "model": cfg.model,
+        "weights": weights,
+        "multimask_output": cfg.multimask_output,
+        "opset": OPSET,
+        "exporter": "torch.onnx.export (TorchScript, dynamo=False)",
+        "torch": torch.__version__,
+        "sam2": package_version("sam2"),
+    }
 
 
 def export_dir(cfg: TeacherConfig, seed: int) -> Path:
@@ -112,7 +121,9 @@ def export_teacher(cfg: TeacherConfig, runtime: Runtime) -> Path:
     into place, so a crash leaves nothing half-written and concurrent workers end with one complete copy.
     """
     if cfg.model == "sam3":
-        raise PipelineError("teacher.backend=onnxruntime exports SAM2 / SAM2.1 models only; use teacher.backend=torch for sam3")
+        raise PipelineError(
+            "teacher.backend=onnxruntime exports SAM2 / SAM2.1 models only; use teacher.backend=torch for sam3"
+        )
     target = export_dir(cfg, runtime.seed)
     if (target / MANIFEST_FILE).is_file():
         check_export(target)
@@ -129,26 +140,47 @@ def export_teacher(cfg: TeacherConfig, runtime: Runtime) -> Path:
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             encoder = _Encoder(model).eval()
-            torch.onnx.export(encoder, (image,), str(tmp / ENCODER_FILE), dynamo=False, opset_version=OPSET,
-                              input_names=["image"], output_names=["image_embed", "high_res_0", "high_res_1"])
+            torch.onnx.export(
+                encoder,
+                (image,),
+                str(tmp / ENCODER_FILE),
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=["image"],
+                output_names=["image_embed", "high_res_0", "high_res_1"],
+            )
             feats = encoder(image)
             coords, labels = torch.rand(2, 3, 2) * INPUT_SIZE, torch.tensor([[2.0, 3.0, 1.0], [1.0, 1.0, 1.0]])
-            torch.onnx.export(_Decoder(model, cfg.multimask_output).eval(), (*feats, coords, labels),
-                              str(tmp / DECODER_FILE), dynamo=False, opset_version=OPSET,
-                              input_names=["image_embed", "high_res_0", "high_res_1", "point_coords", "point_labels"],
-                              output_names=["low_res_logits", "iou"],
-                              dynamic_axes={"point_coords": {0: "prompts", 1: "points"},
-                                            "point_labels": {0: "prompts", 1: "points"},
-                                            "low_res_logits": {0: "prompts"}, "iou": {0: "prompts"}})
+            torch.onnx.export(
+                _Decoder(model, cfg.multimask_output).eval(),
+                (*feats, coords, labels),
+                str(tmp / DECODER_FILE),
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=["image_embed", "high_res_0", "high_res_1", "point_coords", "point_labels"],
+                output_names=["low_res_logits", "iou"],
+                dynamic_axes={
+                    "point_coords": {0: "prompts", 1: "points"},
+                    "point_labels": {0: "prompts", 1: "points"},
+                    "low_res_logits": {0: "prompts"},
+                    "iou": {0: "prompts"},
+                },
+            )
     except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise PipelineError(f"exporting teacher {cfg.model} to ONNX failed ({type(err).__name__}: {str(err)[:300]}); "
-                            "run it with teacher.backend=torch, or report the error with your torch and sam2 versions") from None
-    manifest = {"settings": export_settings(cfg, runtime.seed),
-                "teacher_metadata": {k: v for k, v in metadata.items() if k != "autocast"},
-                "files": {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
-                          for name in (ENCODER_FILE, DECODER_FILE)},
-                "seconds": round(time.perf_counter() - start, 1)}
+        raise PipelineError(
+            f"exporting teacher {cfg.model} to ONNX failed ({type(err).__name__}: {str(err)[:300]}); "
+            "run it with teacher.backend=torch, or report the error with your torch and sam2 versions"
+        ) from None
+    manifest = {
+        "settings": export_settings(cfg, runtime.seed),
+        "teacher_metadata": {k: v for k, v in metadata.items() if k != "autocast"},
+        "files": {
+            name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
+            for name in (ENCODER_FILE, DECODER_FILE)
+        },
+        "seconds": round(time.perf_counter() - start, 1),
+    }
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
     tmp.chmod(0o755)  # mkdtemp makes it owner-only; teammates on a shared machine read the cache too
     try:
@@ -169,8 +201,10 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         manifest = json.loads((folder / MANIFEST_FILE).read_text())
         manifest["files"].items()
     except (OSError, ValueError, KeyError, AttributeError) as err:
-        raise PipelineError(f"{folder / MANIFEST_FILE} is missing or unreadable ({err!r}); delete {folder} and rerun "
-                            "`picosam-pipeline export-teacher` (or the teacher stage) to export again") from None
+        raise PipelineError(
+            f"{folder / MANIFEST_FILE} is missing or unreadable ({err!r}); delete {folder} and rerun "
+            "`picosam-pipeline export-teacher` (or the teacher stage) to export again"
+        ) from None
     return manifest
 
 
@@ -183,9 +217,11 @@ def check_export(folder: str | Path) -> dict[str, Any]:
         digest = sha256_file(path) if path.is_file() else None
         if digest != entry["sha256"]:
             found = "missing" if digest is None else f"sha256 {digest[:16]}..."
-            raise PipelineError(f"ONNX teacher file {path} does not match its recorded digest ({found}, recorded "
-                                f"{entry['sha256'][:16]}...): it was changed or damaged; delete {folder} and rerun "
-                                "`picosam-pipeline export-teacher` to export it again")
+            raise PipelineError(
+                f"ONNX teacher file {path} does not match its recorded digest ({found}, recorded "
+                f"{entry['sha256'][:16]}...): it was changed or damaged; delete {folder} and rerun "
+                "`picosam-pipeline export-teacher` to export it again"
+            )
     return manifest
 
 
@@ -205,9 +241,11 @@ def session_providers(choice: str, runtime: Runtime) -> list[Any]:
         choice = "cuda" if runtime.device.type == "cuda" and PROVIDERS["cuda"] in available else "cpu"
     name = PROVIDERS[choice]
     if name not in available:
-        raise PipelineError(f"teacher.ort_provider={choice} needs onnxruntime's {name}, but the installed onnxruntime "
-                            f"offers {available}; install the onnxruntime build with it (e.g. onnxruntime-gpu) or "
-                            "set teacher.ort_provider=auto")
+        raise PipelineError(
+            f"teacher.ort_provider={choice} needs onnxruntime's {name}, but the installed onnxruntime "
+            f"offers {available}; install the onnxruntime build with it (e.g. onnxruntime-gpu) or "
+            "set teacher.ort_provider=auto"
+        )
     if name == "CPUExecutionProvider":
         return [name]
     return [(name, {"device_id": device_id}), "CPUExecutionProvider"]
@@ -238,17 +276,21 @@ class OrtSam2Teacher(OneImageAtATime):
         self._size = (0, 0)  # (W, H)
 
     @classmethod
-    def build(cls, cfg: TeacherConfig, runtime: Runtime) -> "OrtSam2Teacher":
+    def build(cls, cfg: TeacherConfig, runtime: Runtime) -> OrtSam2Teacher:
         require_extra("teacher", f"teacher.model={cfg.model}")  # the host transforms and the export use sam2
         checkpoint_or_none(cfg, runtime.seed)  # the missing-checkpoint error / random-weights warning, as in torch
         folder = export_teacher(cfg, runtime)  # refuses sam3; the files' digests are checked there
         manifest = read_manifest(folder)
         providers = session_providers(cfg.ort_provider, runtime)
-        metadata = {**manifest["teacher_metadata"], "backend": "onnxruntime",
-                    "onnx": {"opset": OPSET, **{name: entry["sha256"] for name, entry in manifest["files"].items()}},
-                    "onnx_folder": str(folder),
-                    "ort_provider": providers[0] if isinstance(providers[0], str) else providers[0][0],
-                    "package": f"sam2 {package_version('sam2')}, onnxruntime {package_version('onnxruntime')}", "autocast": "fp32"}
+        metadata = {
+            **manifest["teacher_metadata"],
+            "backend": "onnxruntime",
+            "onnx": {"opset": OPSET, **{name: entry["sha256"] for name, entry in manifest["files"].items()}},
+            "onnx_folder": str(folder),
+            "ort_provider": providers[0] if isinstance(providers[0], str) else providers[0][0],
+            "package": f"sam2 {package_version('sam2')}, onnxruntime {package_version('onnxruntime')}",
+            "autocast": "fp32",
+        }
         return cls(folder, providers, torch.get_num_threads(), metadata)
 
     def set_image(self, rgb: np.ndarray) -> None:
@@ -277,12 +319,21 @@ class OrtSam2Teacher(OneImageAtATime):
         width, height = self._size
         scale = np.array([INPUT_SIZE / width, INPUT_SIZE / height], dtype=np.float32)  # the predictor's transform
         coords = (coords_xy * scale).astype(np.float32)
-        runs = [self.decoder.run(None, {**self._features, "point_coords": coords[i : i + self.decode_batch],
-                                        "point_labels": labels[i : i + self.decode_batch].astype(np.float32)})
-                for i in range(0, len(coords), self.decode_batch)]
+        runs = [
+            self.decoder.run(
+                None,
+                {
+                    **self._features,
+                    "point_coords": coords[i : i + self.decode_batch],
+                    "point_labels": labels[i : i + self.decode_batch].astype(np.float32),
+                },
+            )
+            for i in range(0, len(coords), self.decode_batch)
+        ]
         logits, iou = (np.concatenate(parts) for parts in zip(*runs))  # (N, M, 256, 256), (N, M)
         best = iou.argmax(axis=1)
         rows = np.arange(len(iou))
-        return TeacherOutput(torch.from_numpy(np.ascontiguousarray(logits[rows, best])),
-                             torch.from_numpy(np.ascontiguousarray(iou[rows, best])))
-
+        return TeacherOutput(
+            torch.from_numpy(np.ascontiguousarray(logits[rows, best])),
+            torch.from_numpy(np.ascontiguousarray(iou[rows, best])),
+        )

@@ -16,15 +16,22 @@ from picosam_pipeline.config import SAM2_MODELS, TeacherConfig
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import require_extra
 from picosam_pipeline.teacher.base import OneImageAtATime, TeacherOutput, as_rows, check_rgb
-from picosam_pipeline.teacher.weights import (autocast_name, checkpoint_or_none, load_checked, load_state_dict_safely,
-                                              package_version, random_weights, seeded_build)
-
+from picosam_pipeline.teacher.weights import (
+    autocast_name,
+    checkpoint_or_none,
+    load_checked,
+    load_state_dict_safely,
+    package_version,
+    random_weights,
+    seeded_build,
+)
 
 _SAM2_SIZES = {"tiny": "t", "small": "s", "base_plus": "b+", "large": "l"}
 
 
 def sam2_config_name(model: str) -> str:
-    """The ``sam2`` package's Hydra config for a model name: ``sam2.1_hiera_tiny`` -> ``configs/sam2.1/sam2.1_hiera_t.yaml``."""
+    """The ``sam2`` package's Hydra config for a model name: ``sam2.1_hiera_tiny`` ->
+    ``configs/sam2.1/sam2.1_hiera_t.yaml``."""
     if model not in SAM2_MODELS:
         raise ValueError(f"not a SAM2 model name: {model!r}; expected one of {SAM2_MODELS}")
     family, _, size = model.partition("_hiera_")
@@ -106,9 +113,11 @@ class Sam2PredictorTeacher(OneImageAtATime):
         self.decode_batch = decode_batch
 
     @classmethod
-    def build(cls, cfg: TeacherConfig, runtime: Runtime) -> "Sam2PredictorTeacher":
+    def build(cls, cfg: TeacherConfig, runtime: Runtime) -> Sam2PredictorTeacher:
         model, metadata = build_sam2_model(cfg, runtime)
-        return cls(model, runtime, cfg.multimask_output, {**metadata, "path": "SAM2ImagePredictor, one image at a time"})
+        return cls(
+            model, runtime, cfg.multimask_output, {**metadata, "path": "SAM2ImagePredictor, one image at a time"}
+        )
 
     def set_image(self, rgb: np.ndarray) -> None:
         check_rgb(rgb)
@@ -132,7 +141,9 @@ class Sam2PredictorTeacher(OneImageAtATime):
             m = len(next(iter(chunk.values())))
             with torch.inference_mode(), self.runtime.autocast():
                 # The first output (masks upsampled to image size) is unused; it costs ~1 ms per prompt.
-                _, iou, low_res = self.predictor.predict(**chunk, multimask_output=self.multimask_output, return_logits=True)
+                _, iou, low_res = self.predictor.predict(
+                    **chunk, multimask_output=self.multimask_output, return_logits=True
+                )
             # predict() squeezes the prompt axis away for a single prompt: restore (m, masks, ...) shapes.
             iou = torch.from_numpy(iou).float().reshape(m, -1)
             low_res = torch.from_numpy(low_res).float().reshape(m, iou.shape[1], *low_res.shape[-2:])

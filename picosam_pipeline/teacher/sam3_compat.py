@@ -31,8 +31,9 @@ import importlib.util
 import sys
 import types
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -80,13 +81,20 @@ def import_sam3() -> types.SimpleNamespace:
             f"sam3 {version} is installed, but the teacher adapter is made for sam3 {SAM3_VERSION} (it works around "
             f"that release's packaging); install it with {SAM3_EXTRA}"
         )
-    return types.SimpleNamespace(build_sam3_image_model=build_sam3_image_model, Sam3Processor=Sam3Processor,
-                                 FindStage=FindStage, Prompt=Prompt, interpolate=interpolate)
+    return types.SimpleNamespace(
+        build_sam3_image_model=build_sam3_image_model,
+        Sam3Processor=Sam3Processor,
+        FindStage=FindStage,
+        Prompt=Prompt,
+        interpolate=interpolate,
+    )
 
 
 def _edt_unavailable(*args: Any, **kwargs: Any) -> Any:
-    raise RuntimeError("sam3's euclidean distance transform (video tracker) is a triton kernel, and triton (a "
-                       "CUDA-only package) is not installed; the image teachers do not use it")
+    raise RuntimeError(
+        "sam3's euclidean distance transform (video tracker) is a triton kernel, and triton (a "
+        "CUDA-only package) is not installed; the image teachers do not use it"
+    )
 
 
 @contextlib.contextmanager
@@ -184,7 +192,9 @@ def forward_context(device: torch.device) -> contextlib.AbstractContextManager:
 # random weights
 
 
-def seeded_build(build: Callable[[], torch.nn.Module], seed: int, device: torch.device) -> tuple[torch.nn.Module, list[str]]:
+def seeded_build(
+    build: Callable[[], torch.nn.Module], seed: int, device: torch.device
+) -> tuple[torch.nn.Module, list[str]]:
     """Run ``build`` (which must build on the CPU) under :class:`DeviceMap` for ``device``, its random init drawn
     from ``seed`` on the CPU generator; then draw every parameter or buffer the package left uninitialised.
 
@@ -192,8 +202,11 @@ def seeded_build(build: Callable[[], torch.nn.Module], seed: int, device: torch.
     with ``seed``): bit-identical in every process, whatever ``device`` is. The global RNG and torch's
     deterministic-algorithms settings are restored.
     """
-    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-                torch.utils.deterministic.fill_uninitialized_memory)
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.utils.deterministic.fill_uninitialized_memory,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:

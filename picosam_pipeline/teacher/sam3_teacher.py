@@ -40,7 +40,8 @@ import contextlib
 import hashlib
 import logging
 import warnings
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,8 +50,14 @@ from picosam_pipeline.config import TeacherConfig
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.teacher import sam3_compat
 from picosam_pipeline.teacher.base import TeacherOutput, as_rows, check_rgb, runs
-from picosam_pipeline.teacher.weights import (autocast_name, checkpoint_or_none, load_checked, load_state_dict_safely,
-                                              package_version, random_weights)
+from picosam_pipeline.teacher.weights import (
+    autocast_name,
+    checkpoint_or_none,
+    load_checked,
+    load_state_dict_safely,
+    package_version,
+    random_weights,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +78,7 @@ def probabilities_to_logits(prob: torch.Tensor, eps: float = SAM3_PROB_EPS) -> t
     return (torch.log(p) - torch.log1p(-p)).float()
 
 
-def build_sam3_teacher(cfg: TeacherConfig, runtime: Runtime) -> "Sam3GeometricTeacher | Sam3InstanceTeacher":
+def build_sam3_teacher(cfg: TeacherConfig, runtime: Runtime) -> Sam3GeometricTeacher | Sam3InstanceTeacher:
     """The SAM3 teacher of ``cfg.sam3_path`` on ``runtime.device``.
 
     Random weights (no checkpoint, ``allow_random_weights``) are drawn from ``runtime.seed`` on the CPU, so every
@@ -87,17 +94,30 @@ def build_sam3_teacher(cfg: TeacherConfig, runtime: Runtime) -> "Sam3GeometricTe
     checkpoint = checkpoint_or_none(cfg, runtime.seed)
     state_dict = load_state_dict_safely(checkpoint) if checkpoint else None
     model, drawn = sam3_compat.seeded_build(
-        lambda: api.build_sam3_image_model(bpe_path=str(bpe_path), device="cpu", eval_mode=True, checkpoint_path=None,
-                                           load_from_HF=False, enable_inst_interactivity=instance),
-        runtime.seed, runtime.device)
+        lambda: api.build_sam3_image_model(
+            bpe_path=str(bpe_path),
+            device="cpu",
+            eval_mode=True,
+            checkpoint_path=None,
+            load_from_HF=False,
+            enable_inst_interactivity=instance,
+        ),
+        runtime.seed,
+        runtime.device,
+    )
     if checkpoint is None:
         weights = random_weights(model, runtime.seed)
     else:
         # Only parameters must be covered: the image model recomputes some buffers (position encodings) at init.
         mapped = {k.removeprefix("detector."): v for k, v in state_dict.items() if k.startswith("detector.")}
         if instance:
-            mapped.update({"inst_interactive_predictor.model." + k.removeprefix("tracker."): v
-                           for k, v in state_dict.items() if k.startswith("tracker.")})
+            mapped.update(
+                {
+                    "inst_interactive_predictor.model." + k.removeprefix("tracker."): v
+                    for k, v in state_dict.items()
+                    if k.startswith("tracker.")
+                }
+            )
         weights = load_checked(model, mapped, {k for k, _ in model.named_parameters()}, checkpoint, cfg.model)
     model.to(runtime.device)
     processor = api.Sam3Processor(model, device=str(runtime.device), confidence_threshold=0.0)
@@ -121,8 +141,16 @@ class _Sam3Teacher(abc.ABC):
     """What both paths share: one encoded image at a time (cached by pixel digest), prompts decoded in calls that
     respect segment boundaries and ``decode_batch``."""
 
-    def __init__(self, model: torch.nn.Module, processor: Any, api: Any, runtime: Runtime, cfg: TeacherConfig,
-                 metadata: dict[str, Any], decode_batch: int) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        processor: Any,
+        api: Any,
+        runtime: Runtime,
+        cfg: TeacherConfig,
+        metadata: dict[str, Any],
+        decode_batch: int,
+    ) -> None:
         self.model = model
         self.processor = processor
         self.api = api
@@ -139,16 +167,22 @@ class _Sam3Teacher(abc.ABC):
     # ----------------------------------------------------------------------------------------------
     # the Teacher protocol
 
-    def predict_images(self, images: list[torch.Tensor], prompts: list[np.ndarray], prompt: str,
-                       segments: list[list[int]] | None = None) -> list[TeacherOutput]:
+    def predict_images(
+        self,
+        images: list[torch.Tensor],
+        prompts: list[np.ndarray],
+        prompt: str,
+        segments: list[list[int]] | None = None,
+    ) -> list[TeacherOutput]:
         """One encoding per image (pixels stay on their device), then its prompts segment by segment."""
         outputs = []
         for i, (image, image_prompts) in enumerate(zip(images, prompts)):
             self._encode(image)
             rows = as_rows(image_prompts, 4 if prompt == "roi" else 2, "prompts")
             parts = [self._decode_all(rows[a:b], prompt) for a, b in runs(segments[i] if segments else [len(rows)])]
-            outputs.append(TeacherOutput(torch.cat([p.image_logits for p in parts]),
-                                         torch.cat([p.confidence for p in parts])))
+            outputs.append(
+                TeacherOutput(torch.cat([p.image_logits for p in parts]), torch.cat([p.confidence for p in parts]))
+            )
         return outputs
 
     def set_image(self, rgb: np.ndarray) -> None:
@@ -167,7 +201,9 @@ class _Sam3Teacher(abc.ABC):
         """Encode ``(H, W, 3)`` uint8 RGB (any device) unless it is the image already held."""
         if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an (H, W, 3) uint8 image, got {image.dtype} {tuple(image.shape)}")
-        key = hashlib.blake2b(image.cpu().numpy().tobytes(), digest_size=16).digest() + repr(tuple(image.shape)).encode()
+        key = (
+            hashlib.blake2b(image.cpu().numpy().tobytes(), digest_size=16).digest() + repr(tuple(image.shape)).encode()
+        )
         if key == self._key:
             return
         self._state, self._key = None, None  # free the previous image's features first
@@ -184,8 +220,12 @@ class _Sam3Teacher(abc.ABC):
     def _forward(self) -> Iterator[None]:
         """Inference mode, the runtime's autocast and, off CUDA, sam3_compat's device mapping; the warning of sam3's
         hard-coded ``autocast(device_type="cuda", enabled=False)`` on a CUDA-less torch is silenced."""
-        with warnings.catch_warnings(), torch.inference_mode(), self.runtime.autocast(), \
-                sam3_compat.forward_context(self.device):
+        with (
+            warnings.catch_warnings(),
+            torch.inference_mode(),
+            self.runtime.autocast(),
+            sam3_compat.forward_context(self.device),
+        ):
             warnings.filterwarnings("ignore", message=r".*CUDA is not available.*", category=UserWarning)
             yield
 
@@ -204,8 +244,11 @@ class _Sam3Teacher(abc.ABC):
                     raise
                 self.splits += 1
                 if self.splits == 1:
-                    log.warning("sam3 teacher: out of %s memory decoding %d prompts at once, halving", self.device,
-                                self.decode_batch)
+                    log.warning(
+                        "sam3 teacher: out of %s memory decoding %d prompts at once, halving",
+                        self.device,
+                        self.decode_batch,
+                    )
                 self.decode_batch //= 2
                 torch.cuda.empty_cache()
                 continue
@@ -213,12 +256,15 @@ class _Sam3Teacher(abc.ABC):
             confidence.append(out.confidence)
             start = stop
         if not logits:
-            return TeacherOutput(torch.zeros(0, *self._empty_grid(), device=self.device), torch.zeros(0, device=self.device))
+            return TeacherOutput(
+                torch.zeros(0, *self._empty_grid(), device=self.device), torch.zeros(0, device=self.device)
+            )
         return TeacherOutput(torch.cat(logits), torch.cat(confidence))
 
     @abc.abstractmethod
     def _decode(self, rows: np.ndarray, prompt: str) -> TeacherOutput:
-        """One decoder call: ``rows`` (``(m, 4)`` boxes or ``(m, 2)`` points of the held image) -> logits, confidence."""
+        """One decoder call: ``rows`` (``(m, 4)`` boxes or ``(m, 2)`` points of the held image) -> logits,
+        confidence."""
 
     @abc.abstractmethod
     def _empty_grid(self) -> tuple[int, int]:
@@ -229,12 +275,20 @@ class Sam3GeometricTeacher(_Sam3Teacher):
     """PicoSAM3's path: every box a geometric exemplar prompt of the grounding head (module docstring)."""
 
     def __init__(self, model, processor, api, runtime, cfg, metadata) -> None:
-        super().__init__(model, processor, api, runtime, cfg, {
-            **metadata,
-            "path": "geometric: Sam3Image.forward_grounding, one box exemplar per prompt, dummy text 'visual'",
-            "mask_selection": "highest query score sigmoid(logit) * sigmoid(presence) of 200",
-            "logits": "full-resolution probabilities clamped to [1e-7, 1-1e-7], as logits (+-16.12)",
-        }, decode_batch=16 if runtime.device.type == "cuda" else 1)
+        super().__init__(
+            model,
+            processor,
+            api,
+            runtime,
+            cfg,
+            {
+                **metadata,
+                "path": "geometric: Sam3Image.forward_grounding, one box exemplar per prompt, dummy text 'visual'",
+                "mask_selection": "highest query score sigmoid(logit) * sigmoid(presence) of 200",
+                "logits": "full-resolution probabilities clamped to [1e-7, 1-1e-7], as logits (+-16.12)",
+            },
+            decode_batch=16 if runtime.device.type == "cuda" else 1,
+        )
         # The processor computes these for every box after reset_all_prompts; they do not depend on the image.
         with self._forward():
             self._text = model.backbone.forward_text([DUMMY_TEXT], device=str(self.device))
@@ -255,12 +309,20 @@ class Sam3GeometricTeacher(_Sam3Teacher):
         boxes = np.stack([(x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height], 1)
         boxes = torch.tensor(boxes, dtype=torch.float32, device=self.device).view(1, m, 4)  # (boxes, prompts, 4)
         zeros = torch.zeros(m, dtype=torch.long, device=self.device)  # every prompt: image 0, text 0
-        find = self.api.FindStage(img_ids=zeros, text_ids=zeros, input_boxes=None, input_boxes_mask=None,
-                                  input_boxes_label=None, input_points=None, input_points_mask=None)
+        find = self.api.FindStage(
+            img_ids=zeros,
+            text_ids=zeros,
+            input_boxes=None,
+            input_boxes_mask=None,
+            input_boxes_label=None,
+            input_points=None,
+            input_points_mask=None,
+        )
         geometric = self.model._get_dummy_prompt(num_prompts=m)
         geometric.append_boxes(boxes, torch.ones(1, m, dtype=torch.bool, device=self.device))
-        out = self.model.forward_grounding(backbone_out=self._state["backbone_out"], find_input=find,
-                                           geometric_prompt=geometric, find_target=None)
+        out = self.model.forward_grounding(
+            backbone_out=self._state["backbone_out"], find_input=find, geometric_prompt=geometric, find_target=None
+        )
         scores = (out["pred_logits"].sigmoid() * out["presence_logit_dec"].sigmoid().unsqueeze(1)).squeeze(-1)
         # The processor drops queries scoring exactly 0 before its argmax; argmax over all picks the same query
         # whenever one scores above 0, and otherwise the first (kept, with confidence 0, never a blank mask).
@@ -275,13 +337,21 @@ class Sam3InstanceTeacher(_Sam3Teacher):
     """The SAM-style instance path: ``predict_inst`` with all prompts of a call at once (module docstring)."""
 
     def __init__(self, model, processor, api, runtime, cfg, metadata) -> None:
-        super().__init__(model, processor, api, runtime, cfg, {
-            **metadata,
-            "path": "instance: Sam3Image.predict_inst, all prompts of an image in one call",
-            "multimask_output": cfg.multimask_output,
-            "mask_selection": "highest predicted IoU" if cfg.multimask_output else "single mask",
-            "logits": "288x288 low-res mask logits over the whole image (stretched), clamped to +-32",
-        }, decode_batch=256 if runtime.device.type == "cuda" else 64)
+        super().__init__(
+            model,
+            processor,
+            api,
+            runtime,
+            cfg,
+            {
+                **metadata,
+                "path": "instance: Sam3Image.predict_inst, all prompts of an image in one call",
+                "multimask_output": cfg.multimask_output,
+                "mask_selection": "highest predicted IoU" if cfg.multimask_output else "single mask",
+                "logits": "288x288 low-res mask logits over the whole image (stretched), clamped to +-32",
+            },
+            decode_batch=256 if runtime.device.type == "cuda" else 64,
+        )
         transforms = model.inst_interactive_predictor._transforms
         transforms.max_hole_area = transforms.max_sprinkle_area = 0.0
 
@@ -294,8 +364,9 @@ class Sam3InstanceTeacher(_Sam3Teacher):
             prompts = {"box": rows}
         else:  # one positive point per instance: coords (m, 1, 2), label 1
             prompts = {"point_coords": rows[:, None, :], "point_labels": np.ones((m, 1), dtype=np.int64)}
-        _, iou, low_res = self.model.predict_inst(self._state, **prompts, multimask_output=self.multimask_output,
-                                                  return_logits=True, normalize_coords=True)
+        _, iou, low_res = self.model.predict_inst(
+            self._state, **prompts, multimask_output=self.multimask_output, return_logits=True, normalize_coords=True
+        )
         # predict() squeezes the prompt axis away for a single prompt: restore (m, masks, ...) shapes.
         iou = torch.from_numpy(iou).float().reshape(m, -1)
         low_res = torch.from_numpy(low_res).float().reshape(m, iou.shape[1], *low_res.shape[-2:])

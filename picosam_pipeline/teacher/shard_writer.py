@@ -78,7 +78,7 @@ class ShardWriter:
         self.thread = threading.Thread(target=self._run, name="teacher-store-writer", daemon=True)
         self.thread.start()
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, *exc: object) -> None:

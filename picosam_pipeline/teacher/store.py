@@ -79,7 +79,11 @@ INDEX_ARRAYS: dict[str, tuple[str, tuple[int, ...], str]] = {
     "ann_id": ("int64", (), "COCO / LVIS annotation id"),
     "image_id": ("int64", (), "image id"),
     "crop_box": ("int32", (4,), "student crop (x1, y1, x2, y2), image pixels, half-open"),
-    "stored_box": ("float64", (4,), "frame of the stored logits (x1, y1, x2, y2), image pixels: crop_box + context margin"),
+    "stored_box": (
+        "float64",
+        (4,),
+        "frame of the stored logits (x1, y1, x2, y2), image pixels: crop_box + context margin",
+    ),
 }
 CONFIDENCE = ("float32", (), "teacher's predicted IoU of the kept mask")
 META_ARRAYS = (*INDEX_ARRAYS, "confidence")  # what read_meta returns
@@ -87,8 +91,18 @@ SHARD_ARRAYS = ("logits", "confidence")  # written per shard by the teacher, cov
 
 # Teacher settings that change how the pass runs but not one stored byte; left out of the attributes so
 # that resuming on another cluster (or with the store moved) is not refused as a different teacher.
-EXECUTION_FIELDS = ("executor", "scheduler_address", "n_workers", "threads_per_worker", "out", "stores_dir", "name",
-                    "checkpoints_dir", "onnx_dir", "images_per_batch")
+EXECUTION_FIELDS = (
+    "executor",
+    "scheduler_address",
+    "n_workers",
+    "threads_per_worker",
+    "out",
+    "stores_dir",
+    "name",
+    "checkpoints_dir",
+    "onnx_dir",
+    "images_per_batch",
+)
 
 PROMPT_CONVENTIONS = {
     "roi": "PicoSAM3: box prompt = the COCO bbox on the full image; crop = the bbox padded by roi_padding per "
@@ -196,8 +210,10 @@ class LogitStore:
         return self.n_instances
 
     def __repr__(self) -> str:
-        return (f"LogitStore({str(self.path)!r}, {self.n_instances} x {self.side}x{self.side} {self.codec.name}, "
-                f"{self.n_shards} shards of {self.instances_per_shard})")
+        return (
+            f"LogitStore({str(self.path)!r}, {self.n_instances} x {self.side}x{self.side} {self.codec.name}, "
+            f"{self.n_shards} shards of {self.instances_per_shard})"
+        )
 
     def __reduce__(self):  # dask ships a store to workers by path; each process opens its own zarr objects
         return open_store, (self.path, self.writable)
@@ -211,15 +227,18 @@ class LogitStore:
 
     def shard_files(self, k: int) -> list[Path]:
         """Shard ``k``'s data files (its ``logits`` shard and ``confidence`` chunk), in digest order."""
-        return [self.path / name / self._arrays[name].metadata.encode_chunk_key((k,) + (0,) * (self._arrays[name].ndim - 1))
-                for name in SHARD_ARRAYS]
+        return [
+            self.path / name / self._arrays[name].metadata.encode_chunk_key((k,) + (0,) * (self._arrays[name].ndim - 1))
+            for name in SHARD_ARRAYS
+        ]
 
     def digests(self) -> np.ndarray:
         """uint8 ``(n_shards, 32)``: each shard's recorded digest, zeros while it is not complete (read fresh)."""
         return self._arrays[DIGEST][:]
 
     def done_shards(self) -> np.ndarray:
-        """Bool ``(n_shards,)``: which shards carry a digest, i.e. were completely written (read fresh on every call)."""
+        """Bool ``(n_shards,)``: which shards carry a digest, i.e. were completely written (read fresh on every
+        call)."""
         return self.digests().any(axis=1)
 
     def pending_shards(self) -> list[int]:
@@ -238,7 +257,8 @@ class LogitStore:
         return digest.digest()
 
     def shard_problem(self, k: int, recorded: np.ndarray | None = None) -> str | None:
-        """Why shard ``k`` cannot be trusted (missing or altered file, other pass, not written), or None if it is sound."""
+        """Why shard ``k`` cannot be trusted (missing or altered file, other pass, not written), or None if it is
+        sound."""
         recorded = self._arrays[DIGEST][k] if recorded is None else recorded
         if not recorded.any():
             return "not written yet"
@@ -247,8 +267,10 @@ class LogitStore:
         missing = [f.relative_to(self.path).as_posix() for f in self.shard_files(k) if not f.exists()]
         if missing:
             return f"file {', '.join(missing)} is missing"
-        return ("its files differ from what the teacher wrote (altered, or written by another teacher pass: "
-                f"{', '.join(f.relative_to(self.path).as_posix() for f in self.shard_files(k))})")
+        return (
+            "its files differ from what the teacher wrote (altered, or written by another teacher pass: "
+            f"{', '.join(f.relative_to(self.path).as_posix() for f in self.shard_files(k))})"
+        )
 
     def verify_shard(self, k: int) -> None:
         """Raise PipelineError naming shard ``k`` unless its files match its digest (checked once per open store)."""
@@ -259,7 +281,12 @@ class LogitStore:
             raise PipelineError(
                 f"{self.path}: shard {k} (rows {self.shard_slice(k).start}:{self.shard_slice(k).stop}) cannot be read: "
                 f"{problem}. Rerun the teacher stage: it rewrites every shard that fails its digest"
-                + ("" if problem == "not written yet" else " (or `dvc pull` / `dvc checkout` the store if it came from a remote)"))
+                + (
+                    ""
+                    if problem == "not written yet"
+                    else " (or `dvc pull` / `dvc checkout` the store if it came from a remote)"
+                )
+            )
         self._verified.add(k)
 
     def failing_shards(self) -> list[int]:
@@ -280,9 +307,12 @@ class LogitStore:
         rows = self.shard_slice(k)
         n = rows.stop - rows.start
         shape = (n, self.side, self.side)
-        values = {"logits": _checked(k, "logits", logits, shape, np.dtype(self.codec.dtype), exact=True) if encoded
-                  else encode_logits(_checked(k, "logits", logits, shape, np.float32), self.codec),
-                  "confidence": _checked(k, "confidence", confidence, (n,), np.dtype(CONFIDENCE[0]))}
+        values = {
+            "logits": _checked(k, "logits", logits, shape, np.dtype(self.codec.dtype), exact=True)
+            if encoded
+            else encode_logits(_checked(k, "logits", logits, shape, np.float32), self.codec),
+            "confidence": _checked(k, "confidence", confidence, (n,), np.dtype(CONFIDENCE[0])),
+        }
         digest = self._arrays[DIGEST]
         digest[k] = 0  # un-commit first when rewriting a finished shard (fill value: its file is deleted)
         self._verified.discard(k)
@@ -302,7 +332,9 @@ class LogitStore:
         else:
             picked = np.asarray(indices)
             if picked.ndim > 1 or (picked.size and picked.dtype.kind not in "iu"):
-                raise IndexError(f"rows must be an int, a slice or a 1-D int sequence, got {picked.dtype} of shape {picked.shape}")
+                raise IndexError(
+                    f"rows must be an int, a slice or a 1-D int sequence, got {picked.dtype} of shape {picked.shape}"
+                )
             if ((picked < -n) | (picked >= n)).any():
                 raise IndexError(f"row index out of range for a store of {n} instances")
             rows = picked.astype(np.int64) % n  # wraps negatives like numpy
@@ -315,7 +347,8 @@ class LogitStore:
             if missing:
                 raise PipelineError(
                     f"{self.path}: shards {missing[:8]}{' ...' if len(missing) > 8 else ''} are not written yet "
-                    f"({len(self.pending_shards())} of {self.n_shards} pending); rerun the teacher stage to finish the store"
+                    f"({len(self.pending_shards())} of {self.n_shards} pending); rerun the teacher stage to finish "
+                    "the store"
                 )
             for k in unverified:
                 if self.shard_problem(k, recorded[k]):
@@ -341,8 +374,16 @@ class LogitStore:
         return {name: self._arrays[name].get_orthogonal_selection((rows,)) for name in META_ARRAYS}
 
 
-def create_store(path: str | Path, *, side: int, instances_per_shard: int | str, codec: str, compression_level: int,
-                 attrs: Mapping[str, Any], rows: Mapping[str, np.ndarray]) -> LogitStore:
+def create_store(
+    path: str | Path,
+    *,
+    side: int,
+    instances_per_shard: int | str,
+    codec: str,
+    compression_level: int,
+    attrs: Mapping[str, Any],
+    rows: Mapping[str, np.ndarray],
+) -> LogitStore:
     """Create the store at ``path``, or reopen it to resume: shards that pass their digest are kept.
 
     Call it once, before any writer starts. Creation is atomic (built beside ``path``, then renamed).
@@ -364,12 +405,16 @@ def create_store(path: str | Path, *, side: int, instances_per_shard: int | str,
     if set(rows) != set(INDEX_ARRAYS):
         raise ValueError(f"create_store: rows must hold exactly {sorted(INDEX_ARRAYS)}, got {sorted(rows)}")
     n_instances = len(rows["ann_id"])
-    meta = {name: _checked(-1, name, rows[name], (n_instances, *tail), np.dtype(dtype))
-            for name, (dtype, tail, _) in INDEX_ARRAYS.items()}
+    meta = {
+        name: _checked(-1, name, rows[name], (n_instances, *tail), np.dtype(dtype))
+        for name, (dtype, tail, _) in INDEX_ARRAYS.items()
+    }
     per_shard = shard_size(instances_per_shard, n_instances)
     if n_instances < 1 or side < 1 or per_shard < 1:
-        raise ValueError(f"create_store: n_instances, side and instances_per_shard must be >= 1, got "
-                         f"{n_instances}, {side}, {per_shard}")
+        raise ValueError(
+            f"create_store: n_instances, side and instances_per_shard must be >= 1, got "
+            f"{n_instances}, {side}, {per_shard}"
+        )
     spec = get_codec(codec)
     layout = {
         "format_version": FORMAT_VERSION,
@@ -387,19 +432,23 @@ def create_store(path: str | Path, *, side: int, instances_per_shard: int | str,
     }
     expected = json.loads(json.dumps({STORE_ATTR: layout, **attrs}))  # the JSON zarr will hand back
     layout["pass_id"] = expected[STORE_ATTR]["pass_id"] = hashlib.sha256(
-        json.dumps(expected, sort_keys=True).encode()).hexdigest()
+        json.dumps(expected, sort_keys=True).encode()
+    ).hexdigest()
     path = Path(path)
     if path.is_file() or (path.is_dir() and any(path.iterdir())):
         try:
             store = open_store(path, writable=True)
         except PipelineError:
-            raise PipelineError(f"{path} already exists and is not a teacher-logit store this code can resume; "
-                                f"move or delete it, or set teacher.out to a new path") from None
+            raise PipelineError(
+                f"{path} already exists and is not a teacher-logit store this code can resume; "
+                f"move or delete it, or set teacher.out to a new path"
+            ) from None
         differences = _differences(_identity(store.attrs), _identity(expected))
         if differences:
             raise PipelineError(
                 f"{path} holds a teacher-logit store made with a different layout or teacher "
-                f"({'; '.join(differences[:5])}); delete it (rm -r {path}) to recompute, or set teacher.out to a new path"
+                f"({'; '.join(differences[:5])}); delete it (rm -r {path}) to recompute, or set teacher.out to a "
+                "new path"
             )
         for leftover in path.rglob("*.partial"):  # zarr's temporaries from a write killed mid-file
             leftover.unlink()
@@ -414,7 +463,8 @@ def create_store(path: str | Path, *, side: int, instances_per_shard: int | str,
 
 
 def is_logit_store(path: str | Path) -> bool:
-    """Whether ``path`` holds a teacher-logit store of any format version (one this code wrote, perhaps an older one)."""
+    """Whether ``path`` holds a teacher-logit store of any format version (one this code wrote, perhaps an older
+    one)."""
     try:
         return isinstance(zarr.open_group(Path(path), mode="r").attrs.get(STORE_ATTR), dict)
     except (FileNotFoundError, zarr.errors.BaseZarrError):
@@ -431,14 +481,20 @@ def open_store(path: str | Path, writable: bool = False) -> LogitStore:
         raise PipelineError(f"{path} is not a Zarr group, so not a teacher-logit store; {hint}") from None
     layout = group.attrs.get(STORE_ATTR)
     if not isinstance(layout, dict):
-        raise PipelineError(f"{path} is a Zarr group without the {STORE_ATTR!r} attribute, so not a teacher-logit store; {hint}")
+        raise PipelineError(
+            f"{path} is a Zarr group without the {STORE_ATTR!r} attribute, so not a teacher-logit store; {hint}"
+        )
     if layout.get("format_version") != FORMAT_VERSION:
-        raise PipelineError(f"{path} has logit-store format {layout.get('format_version')}, this code reads "
-                            f"format {FORMAT_VERSION}; recompute it with this version (delete it and rerun the teacher stage)")
+        raise PipelineError(
+            f"{path} has logit-store format {layout.get('format_version')}, this code reads "
+            f"format {FORMAT_VERSION}; recompute it with this version (delete it and rerun the teacher stage)"
+        )
     missing = [name for name in (*META_ARRAYS, "logits", DIGEST) if name not in group]
     if missing:
-        raise PipelineError(f"{path}: the store has lost its arrays {missing}; delete it and rerun the teacher stage "
-                            "(or `dvc checkout` / `dvc pull` it)")
+        raise PipelineError(
+            f"{path}: the store has lost its arrays {missing}; delete it and rerun the teacher stage "
+            "(or `dvc checkout` / `dvc pull` it)"
+        )
     return LogitStore(path, group, writable)
 
 
@@ -448,25 +504,43 @@ def _build(path: Path, layout: dict[str, Any], attrs: dict[str, Any], level: int
     codec = get_codec(layout["codec"])
     group = zarr.create_group(path, attributes=attrs)
     group.create_array(
-        "logits", shape=(n, s, s), chunks=(layout["chunk_rows"], s, s), shards=(k, s, s), dtype=codec.dtype, fill_value=0,
+        "logits",
+        shape=(n, s, s),
+        chunks=(layout["chunk_rows"], s, s),
+        shards=(k, s, s),
+        dtype=codec.dtype,
+        fill_value=0,
         compressors=BloscCodec(cname="zstd", clevel=level, shuffle=codec.shuffle),
-        dimension_names=("instance", "y", "x"), attributes=layout["encoding"],
+        dimension_names=("instance", "y", "x"),
+        attributes=layout["encoding"],
     )
     arrays = {**INDEX_ARRAYS, "confidence": CONFIDENCE}
     for name, (dtype, tail, description) in arrays.items():
         rows = k if name == "confidence" else min(n, META_CHUNK_ROWS)
         array = group.create_array(
-            name, shape=(n, *tail), chunks=(rows, *tail), dtype=dtype, fill_value=0,
+            name,
+            shape=(n, *tail),
+            chunks=(rows, *tail),
+            dtype=dtype,
+            fill_value=0,
             compressors=BloscCodec(cname="zstd", clevel=level, shuffle="shuffle"),
-            dimension_names=("instance", "xyxy")[: 1 + len(tail)], attributes={"description": description},
+            dimension_names=("instance", "xyxy")[: 1 + len(tail)],
+            attributes={"description": description},
         )
         if name in meta:
             array[:] = meta[name]
     group.create_array(
-        DIGEST, shape=(layout["n_shards"], 32), chunks=(1, 32), dtype="uint8", fill_value=0, compressors=None,
+        DIGEST,
+        shape=(layout["n_shards"], 32),
+        chunks=(1, 32),
+        dtype="uint8",
+        fill_value=0,
+        compressors=None,
         dimension_names=("shard", "byte"),
-        attributes={"description": f"sha256 of the pass id and shard k's files (logits, confidence: rows "
-                                   f"[k * {k}, (k + 1) * {k})), written once both are complete; zeros = not written"},
+        attributes={
+            "description": f"sha256 of the pass id and shard k's files (logits, confidence: rows "
+            f"[k * {k}, (k + 1) * {k})), written once both are complete; zeros = not written"
+        },
     )
 
 

@@ -23,9 +23,14 @@ def summarize(store: LogitStore, max_scan: int = 20_000) -> dict[str, Any]:
     done_rows = np.concatenate([np.arange(r.start, r.stop) for r in spans]) if spans else np.zeros(0, np.int64)
     on_disk = {name: _tree_bytes(store.path / name) for name in ("logits", *META_ARRAYS, DIGEST)}
     summary: dict[str, Any] = {
-        "instances": store.n_instances, "instances_done": len(done_rows),
-        "shards": store.n_shards, "shards_done": len(done), "bytes_on_disk": _tree_bytes(store.path),
-        "bytes_by_array": on_disk, "raw_float32_bytes": 4 * store.side**2, "raw_float16_bytes": 2 * store.side**2,
+        "instances": store.n_instances,
+        "instances_done": len(done_rows),
+        "shards": store.n_shards,
+        "shards_done": len(done),
+        "bytes_on_disk": _tree_bytes(store.path),
+        "bytes_by_array": on_disk,
+        "raw_float32_bytes": 4 * store.side**2,
+        "raw_float16_bytes": 2 * store.side**2,
     }
     if not len(done):
         return summary
@@ -42,8 +47,12 @@ def summarize(store: LogitStore, max_scan: int = 20_000) -> dict[str, Any]:
     summary.update(
         bytes_per_instance=summary["bytes_on_disk"] / len(done_rows),
         logits_bytes_per_instance=on_disk["logits"] / len(done_rows),
-        logit_min=low, logit_max=high, mask_share=positive / (scanned * store.side**2), instances_scanned=scanned,
-        confidence_min=float(confidence.min()), confidence_mean=float(confidence.mean()),
+        logit_min=low,
+        logit_max=high,
+        mask_share=positive / (scanned * store.side**2),
+        instances_scanned=scanned,
+        confidence_min=float(confidence.min()),
+        confidence_mean=float(confidence.mean()),
         confidence_max=float(confidence.max()),
         all_background_instances=background,  # of the scanned ones: no stored pixel with logit > 0
         zero_confidence_instances=zero_confidence,  # of all finished ones
@@ -57,10 +66,12 @@ def empty_warning(s: dict[str, Any]) -> str | None:
     """The warning for a store whose every instance came back empty (see :func:`summarize`), else None."""
     if not s.get("all_instances_empty"):
         return None
-    return (f"every instance of the teacher pass came back empty ({s['all_background_instances']} of "
-            f"{s['instances_scanned']} scanned instances all background, {s['zero_confidence_instances']} of "
-            f"{s['instances_done']} with confidence 0): the store holds no teaching signal. Check the teacher's "
-            "checkpoint and precision; do not train on it")
+    return (
+        f"every instance of the teacher pass came back empty ({s['all_background_instances']} of "
+        f"{s['instances_scanned']} scanned instances all background, {s['zero_confidence_instances']} of "
+        f"{s['instances_done']} with confidence 0): the store holds no teaching signal. Check the teacher's "
+        "checkpoint and precision; do not train on it"
+    )
 
 
 def _tree_bytes(path: Path) -> int:
@@ -74,8 +85,10 @@ def format_summary(store: LogitStore, s: dict[str, Any]) -> tuple[str, bool]:
     layout, teacher = store.attrs["logit_store"], store.attrs.get("teacher", {})
     enc = layout["encoding"]
     lines = [
-        f"teacher-logit store {store.path} (format {layout['format_version']}, written by picosam-pipeline {layout['code_version']})",
-        f"  instances   {s['instances_done']:,} of {s['instances']:,} written; shards {s['shards_done']} of {s['shards']} done"
+        f"teacher-logit store {store.path} (format {layout['format_version']}, written by picosam-pipeline "
+        f"{layout['code_version']})",
+        f"  instances   {s['instances_done']:,} of {s['instances']:,} written; shards {s['shards_done']} of "
+        f"{s['shards']} done"
         f" ({store.instances_per_shard} instances each)"
         + ("" if s["shards_done"] == s["shards"] else "; rerun the teacher stage to finish the rest"),
         f"  logits      {store.side}x{store.side} per instance, codec {store.codec.name} ({enc['stored_dtype']}, "
@@ -85,17 +98,23 @@ def format_summary(store: LogitStore, s: dict[str, Any]) -> tuple[str, bool]:
     if s["instances_done"]:
         per, raw32, raw16 = s["bytes_per_instance"], s["raw_float32_bytes"], s["raw_float16_bytes"]
         lines += [
-            f"  on disk     {s['bytes_on_disk']:,} B = {per:,.0f} B per instance (logits {s['logits_bytes_per_instance']:,.0f} B):"
-            f" {raw32 / per:.1f}x smaller than raw float32 ({raw32:,} B), {raw16 / per:.1f}x than float16 ({raw16:,} B)",
+            f"  on disk     {s['bytes_on_disk']:,} B = {per:,.0f} B per instance "
+            f"(logits {s['logits_bytes_per_instance']:,.0f} B):"
+            f" {raw32 / per:.1f}x smaller than raw float32 ({raw32:,} B), {raw16 / per:.1f}x than float16 "
+            f"({raw16:,} B)",
             f"  logits      min {s['logit_min']:.3f}, max {s['logit_max']:.3f}, mask share {s['mask_share']:.3f}"
             f" (over {s['instances_scanned']:,} instances)",
-            f"  confidence  min {s['confidence_min']:.3f}, mean {s['confidence_mean']:.3f}, max {s['confidence_max']:.3f}",
+            f"  confidence  min {s['confidence_min']:.3f}, mean {s['confidence_mean']:.3f}, "
+            f"max {s['confidence_max']:.3f}",
         ]
-        if (warning := empty_warning(s)):
+        if warning := empty_warning(s):
             lines.append(f"  WARNING     {warning}")
     random_weights = bool(teacher.get("random_weights") or not teacher.get("checkpoint_sha256"))
-    weights = ("RANDOM WEIGHTS (no checkpoint loaded)" if random_weights
-               else f"checkpoint {teacher.get('checkpoint')} (sha256 {teacher['checkpoint_sha256']})")
+    weights = (
+        "RANDOM WEIGHTS (no checkpoint loaded)"
+        if random_weights
+        else f"checkpoint {teacher.get('checkpoint')} (sha256 {teacher['checkpoint_sha256']})"
+    )
     lines.append(f"  teacher     {teacher.get('model', 'unknown')}, {weights}")
     prompt, crop = store.attrs.get("prompt", {}), store.attrs.get("crop", {})
     lines.append(f"  prompt      {prompt.get('convention', 'unknown')}: {prompt.get('description', '')}")

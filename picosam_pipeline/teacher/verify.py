@@ -30,7 +30,12 @@ from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.teacher.codec import SIGMOID_ERROR_BOUND, decode_logits, encode_logits
 from picosam_pipeline.teacher.executors import compute_threads
 from picosam_pipeline.teacher.runner import (
-    InstanceRows, TeacherSpec, instance_rows, load_pixels, predict_crops, teacher_session,
+    InstanceRows,
+    TeacherSpec,
+    instance_rows,
+    load_pixels,
+    predict_crops,
+    teacher_session,
 )
 from picosam_pipeline.teacher.store import LogitStore, open_store
 
@@ -60,17 +65,33 @@ class VerifyReport:
         lines = [
             ("stored values identical to the recomputation", f"{self.identical_share:.2%}"),
             ("max |delta logit| after the codec", f"{self.max_logit_diff:.4f}"),
-            ("max |delta sigmoid| vs the float32 teacher",
-             f"{self.max_sigmoid_diff:.5f}  (codec bound {self.bound:.5f} + tolerance {self.tolerance:g})"),
+            (
+                "max |delta sigmoid| vs the float32 teacher",
+                f"{self.max_sigmoid_diff:.5f}  (codec bound {self.bound:.5f} + tolerance {self.tolerance:g})",
+            ),
             ("decision flips (logit > 0)", f"{self.flipped_pixels} of {self.pixels:,} pixels"),
         ]
-        return "\n".join([f"recomputed {self.instances} instances of {self.images} images with {self.teacher} on {self.runtime}",
-                          *(f"  {label:<46} {value}" for label, value in lines), verdict])
+        return "\n".join(
+            [
+                f"recomputed {self.instances} instances of {self.images} images with {self.teacher} on {self.runtime}",
+                *(f"  {label:<46} {value}" for label, value in lines),
+                verdict,
+            ]
+        )
 
 
-def verify_store(path: str | Path, sample: int = 16, *, seed: int = 0, device: str = "auto", index: str | None = None,
-                 checkpoint: str | None = None, tolerance: float = 1e-4, backend: str | None = None,
-                 onnx_dir: str | None = None) -> VerifyReport:
+def verify_store(
+    path: str | Path,
+    sample: int = 16,
+    *,
+    seed: int = 0,
+    device: str = "auto",
+    index: str | None = None,
+    checkpoint: str | None = None,
+    tolerance: float = 1e-4,
+    backend: str | None = None,
+    onnx_dir: str | None = None,
+) -> VerifyReport:
     """Recompute ``sample`` random finished instances of the store at ``path`` and compare (module docstring).
 
     Args:
@@ -111,14 +132,18 @@ def verify_store(path: str | Path, sample: int = 16, *, seed: int = 0, device: s
     stored_logits = decode_logits(stored, store.codec)
     fresh_stored = encode_logits(fresh, store.codec)
     return VerifyReport(
-        instances=len(picked), images=len(sampled.images()), pixels=int(stored.size),
+        instances=len(picked),
+        images=len(sampled.images()),
+        pixels=int(stored.size),
         identical_share=float((stored == fresh_stored).mean()),
         max_logit_diff=float(np.abs(stored_logits - decode_logits(fresh_stored, store.codec)).max()),
         max_sigmoid_diff=float(np.abs(_sigmoid(stored_logits) - _sigmoid(fresh)).max()),
         flipped_pixels=int(((stored_logits > 0) != (fresh > 0)).sum()),
-        bound=SIGMOID_ERROR_BOUND[store.codec.name], tolerance=tolerance,
+        bound=SIGMOID_ERROR_BOUND[store.codec.name],
+        tolerance=tolerance,
         teacher=f"{cfg.model} ({session.teacher.metadata.get('weights')}, backend {cfg.backend}; the store was made "
-                f"with {store.attrs['teacher']['build'].get('backend', 'torch')})", runtime=runtime.describe(),
+        f"with {store.attrs['teacher']['build'].get('backend', 'torch')})",
+        runtime=runtime.describe(),
     )
 
 
@@ -126,25 +151,33 @@ def _teacher_config(store: LogitStore, checkpoint: str | None) -> TeacherConfig:
     """The recorded teacher config, with a checkpoint whose sha256 matches the recorded one."""
     recorded = store.attrs.get("teacher", {})
     if "config" not in recorded or "build" not in recorded:
-        raise PipelineError(f"{store.path}: the store does not record its teacher configuration (not written by the "
-                            "teacher-logits stage); it cannot be verified")
+        raise PipelineError(
+            f"{store.path}: the store does not record its teacher configuration (not written by the "
+            "teacher-logits stage); it cannot be verified"
+        )
     cfg = build(TeacherConfig, recorded["config"], "store attribute teacher.config")
     expected = recorded.get("checkpoint_sha256")
     if expected is None:  # random weights: rebuilt from the recorded seed, digest checked after the build
         if checkpoint is not None:  # it would be ignored: say so instead of verifying something else than asked
-            raise PipelineError(f"--checkpoint {checkpoint!r} does not apply: {store.path} was made with RANDOM weights "
-                                f"(seed {store.attrs['teacher']['build'].get('seed')}, no checkpoint), so it is checked "
-                                "against the same random weights; rerun without --checkpoint, or make the store with "
-                                "that checkpoint (teacher.checkpoint) first")
+            raise PipelineError(
+                f"--checkpoint {checkpoint!r} does not apply: {store.path} was made with RANDOM weights "
+                f"(seed {store.attrs['teacher']['build'].get('seed')}, no checkpoint), so it is checked "
+                "against the same random weights; rerun without --checkpoint, or make the store with "
+                "that checkpoint (teacher.checkpoint) first"
+            )
         return dataclasses.replace(cfg, checkpoint=None, allow_random_weights=True)
     path = Path(checkpoint or cfg.checkpoint or "")
     if not path.is_file():
-        raise PipelineError(f"{store.path} was made with checkpoint {cfg.checkpoint!r} (sha256 {expected}), which is not at "
-                            f"{str(path)!r}; fetch it (`picosam-pipeline fetch {cfg.model}`) or pass --checkpoint PATH")
+        raise PipelineError(
+            f"{store.path} was made with checkpoint {cfg.checkpoint!r} (sha256 {expected}), which is not at "
+            f"{str(path)!r}; fetch it (`picosam-pipeline fetch {cfg.model}`) or pass --checkpoint PATH"
+        )
     found = sha256_file(path)
     if found != expected:
-        raise PipelineError(f"refusing to verify {store.path}: checkpoint {str(path)!r} has sha256 {found}, the store was "
-                            f"made with {expected}; pass --checkpoint with the checkpoint the store was made with")
+        raise PipelineError(
+            f"refusing to verify {store.path}: checkpoint {str(path)!r} has sha256 {found}, the store was "
+            f"made with {expected}; pass --checkpoint with the checkpoint the store was made with"
+        )
     return dataclasses.replace(cfg, checkpoint=str(path), allow_random_weights=False)
 
 
@@ -157,9 +190,11 @@ def _runtime(store: LogitStore, device: str) -> Runtime:
 def _check_weights(store: LogitStore, metadata: dict) -> None:
     expected = store.attrs["teacher"]["build"].get("weights_sha256")
     if expected is not None and metadata.get("weights_sha256") != expected:
-        raise PipelineError(f"refusing to verify {store.path}: the rebuilt random-weight teacher has weights digest "
-                            f"{metadata.get('weights_sha256')}, the store was made with {expected} (another sam2 or "
-                            "torch version draws other random weights)")
+        raise PipelineError(
+            f"refusing to verify {store.path}: the rebuilt random-weight teacher has weights digest "
+            f"{metadata.get('weights_sha256')}, the store was made with {expected} (another sam2 or "
+            "torch version draws other random weights)"
+        )
 
 
 def _aligned_rows(store: LogitStore, index: str, cfg: TeacherConfig) -> InstanceRows:
@@ -167,14 +202,20 @@ def _aligned_rows(store: LogitStore, index: str, cfg: TeacherConfig) -> Instance
     rows = instance_rows(index, cfg.splits, cfg.prompt)
     recorded = store.attrs.get("rows", {}).get("sha256")
     if rows.digest() != recorded or len(rows) != store.n_instances:
-        raise PipelineError(f"{index}: these index rows are not the ones {store.path} was made from (digest "
-                            f"{rows.digest()[:12]}..., the store recorded {str(recorded)[:12]}...); pass --index with "
-                            "the index it was made from, or rerun the teacher stage")
+        raise PipelineError(
+            f"{index}: these index rows are not the ones {store.path} was made from (digest "
+            f"{rows.digest()[:12]}..., the store recorded {str(recorded)[:12]}...); pass --index with "
+            "the index it was made from, or rerun the teacher stage"
+        )
     done = np.flatnonzero(np.repeat(store.done_shards(), store.instances_per_shard)[: len(rows)])
     meta = store.read_meta(done)
-    if not (np.array_equal(meta["ann_id"], rows.ann_id[done]) and np.array_equal(meta["image_id"], rows.image_id[done])):
-        raise PipelineError(f"{store.path}: its ann_id / image_id arrays do not follow the index rows; the store is "
-                            "damaged: delete it and rerun the teacher stage")
+    if not (
+        np.array_equal(meta["ann_id"], rows.ann_id[done]) and np.array_equal(meta["image_id"], rows.image_id[done])
+    ):
+        raise PipelineError(
+            f"{store.path}: its ann_id / image_id arrays do not follow the index rows; the store is "
+            "damaged: delete it and rerun the teacher stage"
+        )
     return rows
 
 

@@ -15,8 +15,9 @@ import importlib.metadata
 import pickle
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -50,12 +51,19 @@ def load_state_dict_safely(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if not is_weights_only_refusal(err):  # damaged pickle data ("invalid load key"), not a refusal
-            raise PipelineError(f"checkpoint {str(path)!r} is not a readable torch checkpoint ({str(err)[:200]}); "
-                                "fetch it again") from None
-        raise refused_checkpoint(path, err, "Use the official file (`picosam-pipeline fetch MODEL` checks its sha256), "
-                                 "or have its maker re-save only the tensors (torch.save(model.state_dict(), path))") from None
+            raise PipelineError(
+                f"checkpoint {str(path)!r} is not a readable torch checkpoint ({str(err)[:200]}); fetch it again"
+            ) from None
+        raise refused_checkpoint(
+            path,
+            err,
+            "Use the official file (`picosam-pipeline fetch MODEL` checks its sha256), "
+            "or have its maker re-save only the tensors (torch.save(model.state_dict(), path))",
+        ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
-        raise PipelineError(f"checkpoint {str(path)!r} is not a readable torch checkpoint ({err}); fetch it again") from None
+        raise PipelineError(
+            f"checkpoint {str(path)!r} is not a readable torch checkpoint ({err}); fetch it again"
+        ) from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
@@ -77,15 +85,23 @@ def checkpoint_or_none(cfg: TeacherConfig, seed: int) -> Path | None:
             "team tracks them, or point teacher.checkpoint at the file). Without them there is nothing to distil: "
             "teacher.allow_random_weights is off, as it must be outside smoke tests (random weights give noise logits)"
         )
-    warnings.warn(f"{where}: teacher {cfg.model} runs with RANDOM weights (seed {seed}); its logits are noise",
-                  RandomWeightsWarning, stacklevel=4)
+    warnings.warn(
+        f"{where}: teacher {cfg.model} runs with RANDOM weights (seed {seed}); its logits are noise",
+        RandomWeightsWarning,
+        stacklevel=4,
+    )
     return None
 
 
 def random_weights(model: torch.nn.Module, seed: int) -> dict[str, Any]:
     """Metadata for a model left with its seeded random init (the digest lets workers compare weights)."""
-    return {"weights": "random weights", "seed": seed, "weights_sha256": state_dict_sha256(model),
-            "checkpoint": None, "checkpoint_sha256": None}
+    return {
+        "weights": "random weights",
+        "seed": seed,
+        "weights_sha256": state_dict_sha256(model),
+        "checkpoint": None,
+        "checkpoint_sha256": None,
+    }
 
 
 def load_checked(
@@ -125,7 +141,6 @@ def package_version(package: str) -> str:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
 
 
 def autocast_name(runtime: Runtime) -> str:

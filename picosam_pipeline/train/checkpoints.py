@@ -66,23 +66,35 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> tuple[dict[str
     """
     path = Path(path)
     if not path.is_file():
-        raise PipelineError(f"checkpoint {str(path)!r} does not exist; run the train stage (`picosam-pipeline run-stage train`) first")
+        raise PipelineError(
+            f"checkpoint {str(path)!r} does not exist; run the train stage (`picosam-pipeline run-stage train`) first"
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError or zip errors depending on the damage
         if is_weights_only_refusal(err):
-            raise refused_checkpoint(path, err, "Pass a checkpoint written by the train stage (`picosam-pipeline "
-                                     "run-stage train`, or `dvc pull` the team's), which holds tensors only") from None
-        raise PipelineError(f"checkpoint {str(path)!r} cannot be read as a weights-only torch file ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0][:200]}); pass a checkpoint written by the train stage") from None
+            raise refused_checkpoint(
+                path,
+                err,
+                "Pass a checkpoint written by the train stage (`picosam-pipeline "
+                "run-stage train`, or `dvc pull` the team's), which holds tensors only",
+            ) from None
+        raise PipelineError(
+            f"checkpoint {str(path)!r} cannot be read as a weights-only torch file ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200]}); pass a checkpoint written by the train stage"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise PipelineError(f"checkpoint {str(path)!r} is not a {FORMAT} file (found {found!r}); "
-                            "pass a checkpoint written by the train stage")
+        raise PipelineError(
+            f"checkpoint {str(path)!r} is not a {FORMAT} file (found {found!r}); "
+            "pass a checkpoint written by the train stage"
+        )
     meta = json.loads(payload["meta"])
     if kind is not None and meta.get("kind") != kind:
-        raise PipelineError(f"checkpoint {str(path)!r} holds a {meta.get('kind')!r}, expected a {kind!r} checkpoint "
-                            f"({'data/train/student.pt' if kind == 'student' else 'data/train/checkpoint.pt'})")
+        raise PipelineError(
+            f"checkpoint {str(path)!r} holds a {meta.get('kind')!r}, expected a {kind!r} checkpoint "
+            f"({'data/train/student.pt' if kind == 'student' else 'data/train/checkpoint.pt'})"
+        )
     return payload["tensors"], meta
 
 
@@ -108,15 +120,19 @@ def load_student(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     tensors, meta = load_checkpoint(path, kind="student")
     bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:  # a diverged run: such a student outputs NaN logits, i.e. empty masks everywhere, without a word
-        raise PipelineError(f"checkpoint {str(path)!r} holds NaN or infinite weights in {len(bad)} of {len(tensors)} "
-                            f"tensors ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): the training run that "
-                            "wrote it diverged. Retrain (e.g. with a lower train.lr) and use the new student.pt")
+        raise PipelineError(
+            f"checkpoint {str(path)!r} holds NaN or infinite weights in {len(bad)} of {len(tensors)} "
+            f"tensors ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): the training run that "
+            "wrote it diverged. Retrain (e.g. with a lower train.lr) and use the new student.pt"
+        )
     model = build_student(meta["student"])
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as err:
-        raise PipelineError(f"checkpoint {str(path)!r} does not match a {meta['student']} student ({str(err).splitlines()[0]}); "
-                            "it was written by another version of the model") from None
+        raise PipelineError(
+            f"checkpoint {str(path)!r} does not match a {meta['student']} student ({str(err).splitlines()[0]}); "
+            "it was written by another version of the model"
+        ) from None
     return model.eval(), meta
 
 
@@ -124,7 +140,9 @@ def load_student(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 # optimizer state as flat tensors + JSON
 
 
-def flatten_optimizer(state_dict: dict[str, Any], prefix: str = "optimizer.") -> tuple[dict[str, Tensor], dict[str, Any]]:
+def flatten_optimizer(
+    state_dict: dict[str, Any], prefix: str = "optimizer."
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Split ``optimizer.state_dict()`` into flat tensors ``{prefix<param>.<name>: Tensor}`` and a JSON-able rest.
 
     The rest is ``{"param_groups": [...], "scalar_state": {param: {name: value}}}``; AdamW's per-parameter
@@ -146,7 +164,7 @@ def unflatten_optimizer(tensors: dict[str, Tensor], rest: dict[str, Any], prefix
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith(prefix):
-            index, name = key[len(prefix):].split(".", 1)
+            index, name = key[len(prefix) :].split(".", 1)
             state.setdefault(int(index), {})[name] = value
     for index, values in rest["scalar_state"].items():
         state.setdefault(int(index), {}).update(values)

@@ -57,9 +57,19 @@ from webdataset.tariterators import group_by_keys
 
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.teacher.codec import decode_logits, get_codec
-from picosam_pipeline.train.shards import (MEMBER_NAME, Frame, ShardEntry, ShardIndex, decode_jpeg, decode_logits_png,
-                                           decode_mask_png, logits_member, read_shard_index, read_tar_members,
-                                           resample_window)
+from picosam_pipeline.train.shards import (
+    MEMBER_NAME,
+    Frame,
+    ShardEntry,
+    ShardIndex,
+    decode_jpeg,
+    decode_logits_png,
+    decode_mask_png,
+    logits_member,
+    read_shard_index,
+    read_tar_members,
+    resample_window,
+)
 
 
 class CorruptShardError(PipelineError):
@@ -84,9 +94,20 @@ def count_samples(shard_dir_or_index: str | Path) -> int:
     return read_shard_index(shard_dir_or_index).samples
 
 
-def make_loader(shard_dir_or_index: str | Path, *, batch_size: int, shuffle_buffer: int, num_workers: int, seed: int,
-                hflip: bool = False, jitter: float = 0.0, on_corrupt_shard: str = "stop", infinite: bool = False,
-                input_size: int = 96, pin_memory: bool = False) -> ShardLoader:
+def make_loader(
+    shard_dir_or_index: str | Path,
+    *,
+    batch_size: int,
+    shuffle_buffer: int,
+    num_workers: int,
+    seed: int,
+    hflip: bool = False,
+    jitter: float = 0.0,
+    on_corrupt_shard: str = "stop",
+    infinite: bool = False,
+    input_size: int = 96,
+    pin_memory: bool = False,
+) -> ShardLoader:
     """Batches from the shards of one split (a split folder or its ``shards.json``); see the module doc.
 
     ``num_workers`` is capped at the number of shards this rank reads, so a small split never leaves a
@@ -98,21 +119,38 @@ def make_loader(shard_dir_or_index: str | Path, *, batch_size: int, shuffle_buff
     """
     index = read_shard_index(shard_dir_or_index)
     if batch_size < 1 or input_size < 1 or min(shuffle_buffer, num_workers, seed) < 0:
-        raise PipelineError(f"make_loader: batch_size and input_size must be >= 1, shuffle_buffer, num_workers and "
-                            f"seed >= 0; got {batch_size}, {input_size}, {shuffle_buffer}, {num_workers}, {seed}")
+        raise PipelineError(
+            f"make_loader: batch_size and input_size must be >= 1, shuffle_buffer, num_workers and "
+            f"seed >= 0; got {batch_size}, {input_size}, {shuffle_buffer}, {num_workers}, {seed}"
+        )
     if not 0.0 <= jitter < 0.5:
         raise PipelineError(f"jitter: expected a fraction of the crop side in [0, 0.5), got {jitter}")
     if on_corrupt_shard not in ("stop", "skip"):
         raise PipelineError(f"on_corrupt_shard: expected stop or skip, got {on_corrupt_shard!r}")
     rank, world_size, _, _ = wds.utils.pytorch_worker_info()
     if len(index.shards) < world_size:
-        raise PipelineError(f"{index.path}: {len(index.shards)} shards cannot feed {world_size} DDP ranks (each reads "
-                            f"its own shards); repack with pack.samples_per_shard <= {index.samples // world_size}")
-    stream = ShardStream(index, batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=seed, hflip=hflip,
-                         jitter=jitter, infinite=infinite, input_size=input_size)
+        raise PipelineError(
+            f"{index.path}: {len(index.shards)} shards cannot feed {world_size} DDP ranks (each reads "
+            f"its own shards); repack with pack.samples_per_shard <= {index.samples // world_size}"
+        )
+    stream = ShardStream(
+        index,
+        batch_size=batch_size,
+        shuffle_buffer=shuffle_buffer,
+        seed=seed,
+        hflip=hflip,
+        jitter=jitter,
+        infinite=infinite,
+        input_size=input_size,
+    )
     rank_shards = index.shards[rank::world_size]
-    return ShardLoader(stream, num_workers=min(num_workers, len(rank_shards)), on_corrupt_shard=on_corrupt_shard,
-                       samples=sum(s.samples for s in rank_shards), pin_memory=pin_memory)
+    return ShardLoader(
+        stream,
+        num_workers=min(num_workers, len(rank_shards)),
+        on_corrupt_shard=on_corrupt_shard,
+        samples=sum(s.samples for s in rank_shards),
+        pin_memory=pin_memory,
+    )
 
 
 class ShardLoader:
@@ -125,8 +163,9 @@ class ShardLoader:
         skipped: the :class:`ShardProblem` s passed over under ``on_corrupt_shard="skip"``, across epochs.
     """
 
-    def __init__(self, stream: ShardStream, *, num_workers: int, on_corrupt_shard: str, samples: int,
-                 pin_memory: bool = False) -> None:
+    def __init__(
+        self, stream: ShardStream, *, num_workers: int, on_corrupt_shard: str, samples: int, pin_memory: bool = False
+    ) -> None:
         self.stream = stream
         self.teachers = list(stream.index.teachers)
         self.pin_memory = pin_memory
@@ -147,8 +186,13 @@ class ShardLoader:
         epoch's loader ahead of time (``trainer.batch_stream``)."""
         self.stream.epoch, self._epoch = self._epoch, self._epoch + 1  # workers get a fresh copy per epoch
         loader = torch.utils.data.DataLoader(
-            self.stream, batch_size=None, num_workers=self.num_workers, worker_init_fn=_one_thread,
-            prefetch_factor=4 if self.num_workers else None, persistent_workers=False, pin_memory=self.pin_memory,
+            self.stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            worker_init_fn=_one_thread,
+            prefetch_factor=4 if self.num_workers else None,
+            persistent_workers=False,
+            pin_memory=self.pin_memory,
         )
         return self._deliver(iter(loader))
 
@@ -159,8 +203,10 @@ class ShardLoader:
                 if item.fatal:
                     raise ForeignMemberError(item.message)
                 if self.on_corrupt_shard == "stop":
-                    raise CorruptShardError(f"{item.message}; repack it (dvc repro pack) or `dvc pull` it, or set "
-                                            "on_corrupt_shard=skip to train on without it (counted in metrics)")
+                    raise CorruptShardError(
+                        f"{item.message}; repack it (dvc repro pack) or `dvc pull` it, or set "
+                        "on_corrupt_shard=skip to train on without it (counted in metrics)"
+                    )
                 self.skipped.append(item)
                 continue
             yield item
@@ -173,8 +219,18 @@ def _one_thread(_worker_id: int) -> None:
 class ShardStream(torch.utils.data.IterableDataset):
     """The per-worker pipeline of the module doc; yields batches and :class:`ShardProblem` s."""
 
-    def __init__(self, index: ShardIndex, *, batch_size: int, shuffle_buffer: int, seed: int, hflip: bool,
-                 jitter: float, infinite: bool, input_size: int) -> None:
+    def __init__(
+        self,
+        index: ShardIndex,
+        *,
+        batch_size: int,
+        shuffle_buffer: int,
+        seed: int,
+        hflip: bool,
+        jitter: float,
+        infinite: bool,
+        input_size: int,
+    ) -> None:
         self.index = index
         self.codecs = {name: get_codec(codec) for name, codec in index.teachers.items()}
         self.batch_size, self.shuffle_buffer, self.seed = batch_size, shuffle_buffer, seed
@@ -197,7 +253,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         raw = self._read(wds.split_by_worker(wds.split_by_node(shards)))
         if self.shuffle_buffer > 1:
             stream_seed = np.random.SeedSequence([self.seed, epoch, rank, worker]).generate_state(1)[0]
-            raw = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(int(stream_seed)))(raw)
+            raw = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(int(stream_seed)))(
+                raw
+            )
         rng = np.random.default_rng([self.seed, epoch, rank, worker, 1])
         yield from _batches(self._decode(raw, rng), self.batch_size)
 
@@ -220,8 +278,12 @@ class ShardStream(torch.utils.data.IterableDataset):
             try:
                 decoded = decode_sample(sample, self.index.frame, self.codecs)
             except (ValueError, KeyError, TypeError, OSError, SyntaxError, Image.DecompressionBombError) as err:
-                yield ShardProblem(sample["__url__"], f"{sample['__url__']}: sample {sample['__key__']!r} does not "
-                                   f"decode ({type(err).__name__}: {err}); the shard is corrupt, repack it", fatal=False)
+                yield ShardProblem(
+                    sample["__url__"],
+                    f"{sample['__url__']}: sample {sample['__key__']!r} does not "
+                    f"decode ({type(err).__name__}: {err}); the shard is corrupt, repack it",
+                    fatal=False,
+                )
                 continue
             yield augment(decoded, self.index.frame, self.input_size, rng, hflip=self.hflip, jitter=self.jitter)
 
@@ -239,11 +301,14 @@ def read_shard(path: Path, entry: ShardEntry, expected: tuple[str, ...]) -> list
     except OSError as err:
         raise CorruptShardError(f"shard {path} cannot be read ({err.strerror or err})") from None
     if len(data) != entry.bytes:
-        raise CorruptShardError(f"shard {path} has {len(data)} bytes but shards.json lists {entry.bytes}: it is "
-                                "truncated or was replaced; copy it again or repack")
+        raise CorruptShardError(
+            f"shard {path} has {len(data)} bytes but shards.json lists {entry.bytes}: it is "
+            "truncated or was replaced; copy it again or repack"
+        )
     if hashlib.sha256(data).hexdigest() != entry.sha256:
-        raise CorruptShardError(f"shard {path}: sha256 differs from shards.json, the file is corrupt; "
-                                "copy it again or repack")
+        raise CorruptShardError(
+            f"shard {path}: sha256 differs from shards.json, the file is corrupt; copy it again or repack"
+        )
     try:
         members = list(read_tar_members(io.BytesIO(data), str(path)))
     except (tarfile.TarError, OSError, ValueError) as err:
@@ -261,8 +326,10 @@ def read_shard(path: Path, entry: ShardEntry, expected: tuple[str, ...]) -> list
         raise CorruptShardError(f"shard {path}: {err}") from None
     incomplete = [s["__key__"] for s in samples if set(s) - {"__key__", "__url__"} != set(expected)]
     if incomplete or len(samples) != entry.samples:
-        raise CorruptShardError(f"shard {path} holds {len(samples)} samples ({len(incomplete)} incomplete, e.g. "
-                                f"{incomplete[:2]}) where shards.json lists {entry.samples} complete ones; repack")
+        raise CorruptShardError(
+            f"shard {path} holds {len(samples)} samples ({len(incomplete)} incomplete, e.g. "
+            f"{incomplete[:2]}) where shards.json lists {entry.samples} complete ones; repack"
+        )
     return samples
 
 
@@ -276,15 +343,25 @@ def decode_sample(sample: dict[str, Any], frame: Frame, codecs: dict[str, Any]) 
     if set(record["confidence"]) != set(codecs):
         raise ValueError(f"confidences of {sorted(record['confidence'])}, expected {sorted(codecs)}")
     side = frame.stored_size
-    logits = np.stack([decode_logits(decode_logits_png(sample[logits_member(name)], side, codec), codec)
-                       for name, codec in codecs.items()]).astype(np.float32, copy=False)
+    logits = np.stack(
+        [
+            decode_logits(decode_logits_png(sample[logits_member(name)], side, codec), codec)
+            for name, codec in codecs.items()
+        ]
+    ).astype(np.float32, copy=False)
     confidence = np.array([record["confidence"][name] for name in codecs], dtype=np.float32)  # (K,), codecs' order
-    return {"image": decode_jpeg(sample["jpg"], side), "mask": decode_mask_png(sample["mask.png"], side),
-            "logits": logits, "confidence": confidence, "record": record}
+    return {
+        "image": decode_jpeg(sample["jpg"], side),
+        "mask": decode_mask_png(sample["mask.png"], side),
+        "logits": logits,
+        "confidence": confidence,
+        "record": record,
+    }
 
 
-def augment(sample: dict[str, Any], frame: Frame, size: int, rng: np.random.Generator, *, hflip: bool,
-            jitter: float) -> dict[str, Any]:
+def augment(
+    sample: dict[str, Any], frame: Frame, size: int, rng: np.random.Generator, *, hflip: bool, jitter: float
+) -> dict[str, Any]:
     """Cut the student's view (``size`` x ``size``) from the stored frame; the same window and flip for all three.
 
     Without jitter the window is the crop itself (``[k, k + S_crop)`` of the stored frame); with it, each edge
@@ -296,15 +373,29 @@ def augment(sample: dict[str, Any], frame: Frame, size: int, rng: np.random.Gene
         window = np.clip(window + rng.uniform(-jitter, jitter, 4) * crop, 0, frame.stored_size)
     image, mask, logits = sample["image"], sample["mask"], sample["logits"]  # logits (K, T, T)
     if crop == size and np.array_equal(window, [k, k, k + crop, k + crop]):
-        image, mask, logits = image[k:k + crop, k:k + crop], mask[k:k + crop, k:k + crop], logits[:, k:k + crop, k:k + crop]
+        image, mask, logits = (
+            image[k : k + crop, k : k + crop],
+            mask[k : k + crop, k : k + crop],
+            logits[:, k : k + crop, k : k + crop],
+        )
     else:
         image = resample_window(image, window, size, Image.Resampling.BILINEAR)
         mask = resample_window(mask, window, size, Image.Resampling.NEAREST)
-        logits = np.stack([resample_window(channel, window, size, Image.Resampling.BILINEAR)  # PIL mode "F"
-                           for channel in logits])
+        logits = np.stack(
+            [
+                resample_window(channel, window, size, Image.Resampling.BILINEAR)  # PIL mode "F"
+                for channel in logits
+            ]
+        )
     if hflip and rng.random() < 0.5:
         image, mask, logits = image[:, ::-1], mask[:, ::-1], logits[:, :, ::-1]
-    return {"image": image, "mask": mask, "logits": logits, "confidence": sample["confidence"], "record": sample["record"]}
+    return {
+        "image": image,
+        "mask": mask,
+        "logits": logits,
+        "confidence": sample["confidence"],
+        "record": sample["record"],
+    }
 
 
 def _batches(items: Iterable[dict[str, Any] | ShardProblem], batch_size: int) -> Iterator:

@@ -118,13 +118,19 @@ class DistillationLoss:
 
     def __post_init__(self) -> None:
         if self.lambda_mode not in ("confidence_batch_mean", "confidence_per_sample", "fixed"):
-            raise ValueError(f"lambda_mode: expected confidence_batch_mean, confidence_per_sample or fixed, got {self.lambda_mode!r}")
+            raise ValueError(
+                f"lambda_mode: expected confidence_batch_mean, confidence_per_sample or fixed, got {self.lambda_mode!r}"
+            )
         if not 0.0 <= self.fixed_lambda <= 1.0:
             raise ValueError(f"fixed_lambda: expected a weight in [0, 1], got {self.fixed_lambda}")
         if self.temperature <= 0:
-            raise ValueError(f"temperature: expected a positive number (1 = plain sigmoid, 0.2 = PicoSAM3), got {self.temperature}")
+            raise ValueError(
+                f"temperature: expected a positive number (1 = plain sigmoid, 0.2 = PicoSAM3), got {self.temperature}"
+            )
         if self.area_weight < 0 or self.area_min_ratio < 0:
-            raise ValueError(f"area_weight, area_min_ratio: expected numbers >= 0, got {self.area_weight}, {self.area_min_ratio}")
+            raise ValueError(
+                f"area_weight, area_min_ratio: expected numbers >= 0, got {self.area_weight}, {self.area_min_ratio}"
+            )
 
     @property
     def needs_teacher(self) -> bool:
@@ -155,9 +161,16 @@ class DistillationLoss:
         area = area_loss(logits, gt, min_ratio=self.area_min_ratio, temperature=t, reduction="none")
         if self.needs_teacher:
             if teacher_logits is None:
-                raise ValueError("teacher_logits is None but the loss weights the teacher term (lambda_mode/fixed_lambda)")
-            lam = teacher_weight(confidence, mode=self.lambda_mode, fixed_lambda=self.fixed_lambda,
-                                 batch_size=logits.shape[0], device=logits.device)
+                raise ValueError(
+                    "teacher_logits is None but the loss weights the teacher term (lambda_mode/fixed_lambda)"
+                )
+            lam = teacher_weight(
+                confidence,
+                mode=self.lambda_mode,
+                fixed_lambda=self.fixed_lambda,
+                batch_size=logits.shape[0],
+                device=logits.device,
+            )
             l_teacher = mse_dice_loss(logits, teacher_logits.to(logits.dtype), temperature=t, reduction="none")
             per_sample = lam * l_teacher + (1 - lam) * l_gt
         else:  # supervised baseline: exactly the ground-truth loss, no teacher read

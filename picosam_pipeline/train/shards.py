@@ -146,8 +146,9 @@ def resample_window(pixels: np.ndarray, box, side: int, resample: Image.Resampli
 def resample_mask_window(rle_counts: str, height: int, width: int, box, side: int) -> np.ndarray:
     """``resample_window(decode_mask(rle_counts, height, width), box, side, NEAREST)``, decoding only the window."""
     clipped, pad, inner = _window(box, width, height)
-    return _pad_and_resize(decode_mask_window(rle_counts, height, width, clipped), pad, inner, side,
-                           Image.Resampling.NEAREST)
+    return _pad_and_resize(
+        decode_mask_window(rle_counts, height, width, clipped), pad, inner, side, Image.Resampling.NEAREST
+    )
 
 
 def _pad_and_resize(window: np.ndarray, pad, inner, side: int, resample: Image.Resampling) -> np.ndarray:
@@ -176,8 +177,9 @@ def encode_jpeg(rgb: np.ndarray | Image.Image, quality: int) -> bytes:
     """RGB uint8 ``(T, T, 3)`` (or that PIL image) -> JPEG (``optimize``: Huffman tables fitted to the crop, 11 %
     smaller)."""
     out = io.BytesIO()
-    (rgb if isinstance(rgb, Image.Image) else Image.fromarray(rgb, "RGB")).save(out, "JPEG", quality=quality,
-                                                                                 optimize=True)
+    (rgb if isinstance(rgb, Image.Image) else Image.fromarray(rgb, "RGB")).save(
+        out, "JPEG", quality=quality, optimize=True
+    )
     return out.getvalue()
 
 
@@ -280,23 +282,30 @@ def read_shard_index(path: str | Path) -> ShardIndex:
     try:
         raw = json.loads(path.read_text())
         if raw.get("format") == FORMAT and raw.get("format_version") == 1:
-            raise PipelineError(f"{path} was written by an older pack (shard format 1: one teacher, member logits.png); "
-                                f"this code reads format {FORMAT_VERSION} (a logits member per teacher). Repack with "
-                                "`picosam-pipeline run-stage pack` (or `dvc repro pack`)")
+            raise PipelineError(
+                f"{path} was written by an older pack (shard format 1: one teacher, member logits.png); "
+                f"this code reads format {FORMAT_VERSION} (a logits member per teacher). Repack with "
+                "`picosam-pipeline run-stage pack` (or `dvc repro pack`)"
+            )
         if raw.get("format") != FORMAT or raw.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"format {raw.get('format')!r} version {raw.get('format_version')!r}, this code reads "
-                             f"{FORMAT!r} version {FORMAT_VERSION}")
+            raise ValueError(
+                f"format {raw.get('format')!r} version {raw.get('format_version')!r}, this code reads "
+                f"{FORMAT!r} version {FORMAT_VERSION}"
+            )
         shards = tuple(ShardEntry(**entry) for entry in raw["shards"])
         teachers = {t["name"]: get_codec(t["codec"]["codec"]).name for t in raw["teachers"]}
         if not teachers or any(not MEMBER_NAME.match(f"k.{logits_member(t)}") for t in teachers):
             raise ValueError(f"teachers {list(teachers)}: expected at least one teacher pass name")
         if not isinstance(raw.get("crop"), dict) or "convention" not in raw["crop"]:
-            raise PipelineError(f"{path} does not record its crop convention (written by an older pack); repack with "
-                                "`picosam-pipeline run-stage pack` (or `dvc repro pack`)")
+            raise PipelineError(
+                f"{path} does not record its crop convention (written by an older pack); repack with "
+                "`picosam-pipeline run-stage pack` (or `dvc repro pack`)"
+            )
         index = ShardIndex(path, raw["split"], Frame(**raw["frame"]), teachers, shards, raw["crop"])
     except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
-        raise PipelineError(f"{path} is not a shard index this code reads ({err}); repack with "
-                            "`picosam-pipeline run-stage pack`") from None
+        raise PipelineError(
+            f"{path} is not a shard index this code reads ({err}); repack with `picosam-pipeline run-stage pack`"
+        ) from None
     bad = [s.name for s in shards if not re.fullmatch(r"[\w.-]+\.tar", s.name) or s.name.startswith(".")]
     if bad:
         raise PipelineError(f"{path}: shard names must be plain .tar file names in the index's folder, got {bad[:3]}")
@@ -325,13 +334,18 @@ def _encode_image(job: _ImageJob, side: int, quality: int, fields: tuple[str, ..
     width, height = job.size
     samples = []
     for i, (rle, record, box) in enumerate(zip(job.rle_counts, job.records, job.stored_boxes)):
-        samples.append(_spill_body(fields, {
-            "__key__": str(record["ann_id"]).encode(),
-            "jpg": encode_jpeg(crop_window(image, box, side, Image.Resampling.BILINEAR), quality),
-            "mask.png": encode_mask_png(resample_mask_window(rle, height, width, box, side)),
-            **{logits_member(name): encode_logits_png(values[i]) for name, values in job.values.items()},
-            "json": json.dumps(record, sort_keys=True, separators=(",", ":")).encode(),
-        }))
+        samples.append(
+            _spill_body(
+                fields,
+                {
+                    "__key__": str(record["ann_id"]).encode(),
+                    "jpg": encode_jpeg(crop_window(image, box, side, Image.Resampling.BILINEAR), quality),
+                    "mask.png": encode_mask_png(resample_mask_window(rle, height, width, box, side)),
+                    **{logits_member(name): encode_logits_png(values[i]) for name, values in job.values.items()},
+                    "json": json.dumps(record, sort_keys=True, separators=(",", ":")).encode(),
+                },
+            )
+        )
     return samples
 
 
@@ -360,7 +374,7 @@ def _read_spill(data: bytes, fields: tuple[str, ...], path: Path) -> list[tuple[
             raise PipelineError(f"{path}: the spill file ends inside the record of sample position {position}")
         parts = []
         for length in lengths:
-            parts.append(view[at:at + length])
+            parts.append(view[at : at + length])
             at += length
         records.append((position, parts))
     return records
@@ -405,9 +419,20 @@ class PackedTeacher:
     rows_in_store: np.ndarray
 
 
-def pack_split(split: str, index: str | Path, rows: pa.Table, teachers: list[PackedTeacher], frame: Frame, out: Path, *,
-               samples_per_shard: int, seed: int, jpeg_quality: int, crop: dict[str, Any],
-               workers: int | None = None) -> SplitSummary:
+def pack_split(
+    split: str,
+    index: str | Path,
+    rows: pa.Table,
+    teachers: list[PackedTeacher],
+    frame: Frame,
+    out: Path,
+    *,
+    samples_per_shard: int,
+    seed: int,
+    jpeg_quality: int,
+    crop: dict[str, Any],
+    workers: int | None = None,
+) -> SplitSummary:
     """Write split ``split`` as shards + ``shards.json`` in ``out`` (two passes, see the module doc).
 
     Args:
@@ -443,9 +468,10 @@ def pack_split(split: str, index: str | Path, rows: pa.Table, teachers: list[Pac
     row = 0
     pool = worker_pool(workers) if workers else None  # one pool for both passes: a worker's start costs ~2 s
     try:
-        for samples in tqdm(ordered_map(encode, jobs, workers=workers, pool=pool), total=images, desc=f"pack {split}",
-                            unit="img"):
-            for body, at in zip(samples, position[row:row + len(samples)].tolist()):  # results come in row order
+        for samples in tqdm(
+            ordered_map(encode, jobs, workers=workers, pool=pool), total=images, desc=f"pack {split}", unit="img"
+        ):
+            for body, at in zip(samples, position[row : row + len(samples)].tolist()):  # results come in row order
                 k = at // samples_per_shard
                 if k not in spills:
                     spills[k] = open(spill_dir / f"{k:06d}.spill", "wb")
@@ -457,10 +483,17 @@ def pack_split(split: str, index: str | Path, rows: pa.Table, teachers: list[Pac
         shards, spills = len(spills), {}
         # Pass 2: each spill in position order -> the final shard, then its size and sha256; shards are independent,
         # so the workers take one each.
-        finish = ((spill_dir / f"{k:06d}.spill", int(spilled[k]), out / SHARD_NAME.format(k), fields)
-                  for k in range(shards))  # every shard has samples: positions are a permutation of the rows
-        entries = list(tqdm(ordered_map(_finish_shard, finish, workers=workers, pool=pool), total=shards,
-                            desc=f"shards {split}", unit="shard"))
+        finish = (
+            (spill_dir / f"{k:06d}.spill", int(spilled[k]), out / SHARD_NAME.format(k), fields) for k in range(shards)
+        )  # every shard has samples: positions are a permutation of the rows
+        entries = list(
+            tqdm(
+                ordered_map(_finish_shard, finish, workers=workers, pool=pool),
+                total=shards,
+                desc=f"shards {split}",
+                unit="shard",
+            )
+        )
     finally:
         close_all(spills.values())
         if pool is not None:
@@ -468,12 +501,28 @@ def pack_split(split: str, index: str | Path, rows: pa.Table, teachers: list[Pac
     spill_dir.rmdir()
     member_bytes = dict(zip(members, field_bytes[1:].tolist()))
 
-    index = {"format": FORMAT, "format_version": FORMAT_VERSION, "split": split, "samples": n,
-             "samples_per_shard": samples_per_shard, "seed": seed, "jpeg_quality": jpeg_quality,
-             "frame": asdict(frame), "crop": crop, "members": list(members),
-             "teachers": [{"name": t.name, "codec": t.store.codec.attrs(), "store": str(t.store.path),
-                           "model": t.store.attrs.get("teacher", {}).get("model")} for t in teachers],
-             "shards": [asdict(e) for e in entries]}
+    index = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "split": split,
+        "samples": n,
+        "samples_per_shard": samples_per_shard,
+        "seed": seed,
+        "jpeg_quality": jpeg_quality,
+        "frame": asdict(frame),
+        "crop": crop,
+        "members": list(members),
+        "teachers": [
+            {
+                "name": t.name,
+                "codec": t.store.codec.attrs(),
+                "store": str(t.store.path),
+                "model": t.store.attrs.get("teacher", {}).get("model"),
+            }
+            for t in teachers
+        ],
+        "shards": [asdict(e) for e in entries],
+    }
     (out / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
     total = sum(e.bytes for e in entries)
     return SplitSummary(n, len(entries), total, total / n, {m: b / n for m, b in member_bytes.items()})
@@ -485,8 +534,10 @@ def _finish_shard(job: tuple[Path, int, Path, tuple[str, ...]]) -> ShardEntry:
     spill, count, target, fields = job
     records = _read_spill(spill.read_bytes(), fields, spill)
     if len(records) != count:
-        raise PipelineError(f"{spill}: {len(records)} samples read back of the {count} written; is the disk "
-                            f"of {target.parent} full or failing?")
+        raise PipelineError(
+            f"{spill}: {len(records)} samples read back of the {count} written; is the disk "
+            f"of {target.parent} full or failing?"
+        )
     records.sort(key=lambda record: record[0])
     with TarWriter(str(target), **TAR_OPTIONS) as sink:
         for _, parts in records:
@@ -508,8 +559,9 @@ def close_all(sinks) -> None:
         raise error
 
 
-def _image_jobs(split: str, index: str | Path, rows: pa.Table, teachers: list[PackedTeacher],
-                frame: Frame) -> Iterator[_ImageJob]:
+def _image_jobs(
+    split: str, index: str | Path, rows: pa.Table, teachers: list[PackedTeacher], frame: Frame
+) -> Iterator[_ImageJob]:
     """One job per image of ``rows``, with its instances' JSON records and every teacher's stored values (read lazily).
 
     The images, RLEs and record fields are streamed from ``index`` (``stream_images``), whose rows must be
@@ -520,19 +572,35 @@ def _image_jobs(split: str, index: str | Path, rows: pa.Table, teachers: list[Pa
     frame_record = asdict(frame)
     start = 0
     ann_ids = rows["ann_id"].to_numpy()
-    for group in stream_images(index, split, STREAMED_COLUMNS):  # in index order: each image is the next len(group) rows
-        if not np.array_equal(group.rows["ann_id"].to_numpy(), ann_ids[start:start + len(group)]):
-            raise PipelineError(f"{index} changed while pack read it (image {group.image_id} of split {split!r} is not "
-                                "where it was); rerun pack")
-        in_store = {t.name: t.rows_in_store[start:start + len(group)] for t in teachers}  # store row of each instance
+    for group in stream_images(
+        index, split, STREAMED_COLUMNS
+    ):  # in index order: each image is the next len(group) rows
+        if not np.array_equal(group.rows["ann_id"].to_numpy(), ann_ids[start : start + len(group)]):
+            raise PipelineError(
+                f"{index} changed while pack read it (image {group.image_id} of split {split!r} is not "
+                "where it was); rerun pack"
+            )
+        in_store = {t.name: t.rows_in_store[start : start + len(group)] for t in teachers}  # store row of each instance
         start += len(group)
         confidence = {t.name: t.meta["confidence"][in_store[t.name]] for t in teachers}
         boxes = {key: first.meta[key][in_store[first.name]] for key in ("crop_box", "stored_box")}
-        records = [{**r, "split": split, "confidence": {name: float(c[j]) for name, c in confidence.items()},
-                    "crop_box": boxes["crop_box"][j].tolist(), "stored_box": boxes["stored_box"][j].tolist(),
-                    "frame": frame_record, "logits": codecs}
-                   for j, r in enumerate(group.rows.select(["ann_id", "image_id", "category_id", "area"]).to_pylist())]
-        yield _ImageJob(group.image_path, (group.width, group.height), group.rows["rle_counts"].to_pylist(), records,
-                        {t.name: readers[t.name](in_store[t.name]) for t in teachers}, boxes["stored_box"])
-
-
+        records = [
+            {
+                **r,
+                "split": split,
+                "confidence": {name: float(c[j]) for name, c in confidence.items()},
+                "crop_box": boxes["crop_box"][j].tolist(),
+                "stored_box": boxes["stored_box"][j].tolist(),
+                "frame": frame_record,
+                "logits": codecs,
+            }
+            for j, r in enumerate(group.rows.select(["ann_id", "image_id", "category_id", "area"]).to_pylist())
+        ]
+        yield _ImageJob(
+            group.image_path,
+            (group.width, group.height),
+            group.rows["rle_counts"].to_pylist(),
+            records,
+            {t.name: readers[t.name](in_store[t.name]) for t in teachers},
+            boxes["stored_box"],
+        )

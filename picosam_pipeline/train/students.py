@@ -282,7 +282,9 @@ def folded_int8_bytes(model: nn.Module) -> int:
     followed by BN a bias of ``out_channels`` and removes the BN parameters.
     """
     weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
-    biases = sum(m.bias.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None)
+    biases = sum(
+        m.bias.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None
+    )
     biases += sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     return weights + 4 * biases
 
@@ -296,7 +298,9 @@ def summarize(name: str, *, input_size: int = 96) -> StudentSummary:
     macs = count_macs(model, x)
     with torch.no_grad():
         out = model(x)
-    bn_stats = sum(m.running_mean.numel() + m.running_var.numel() for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    bn_stats = sum(
+        m.running_mean.numel() + m.running_var.numel() for m in model.modules() if isinstance(m, nn.BatchNorm2d)
+    )
     return StudentSummary(
         name=name,
         input_size=input_size,
@@ -316,10 +320,13 @@ def format_summary(s: StudentSummary) -> str:
     size = f"1x3x{s.input_size}x{s.input_size}"
     rows = [
         f"{s.name}: input {size} (ImageNet-normalised RGB) -> output {'x'.join(map(str, s.output_shape))} logits",
-        f"  parameters      {s.params:>11,}        {s.state_dict_keys} state-dict keys, {s.bn_running_stats:,} BN running stats",
-        f"  MACs            {s.macs / 1e6:>9.1f} M        conv + linear multiply-accumulates at {s.input_size}x{s.input_size};"
+        f"  parameters      {s.params:>11,}        {s.state_dict_keys} state-dict keys, "
+        f"{s.bn_running_stats:,} BN running stats",
+        f"  MACs            {s.macs / 1e6:>9.1f} M        conv + linear multiply-accumulates at "
+        f"{s.input_size}x{s.input_size};"
         " BN, ReLU, add, upsample, pool, sigmoid, mul not counted",
-        f"  float32 size    {s.float32_bytes / mib:>9.2f} MiB      (params + BN running stats) x 4 B;  published {fp32_pub} MB",
+        f"  float32 size    {s.float32_bytes / mib:>9.2f} MiB      (params + BN running stats) x 4 B;  "
+        f"published {fp32_pub} MB",
         f"  int8 size       {s.int8_bytes / mib:>9.2f} MiB      params x 1 B;  published {int8_pub} MB",
         f"  int8 deployed   {s.int8_folded_bytes / mib:>9.2f} MiB      int8 weights + 32-bit biases after BN folding"
         " (the IMX500 target does not quantise biases)",

@@ -55,11 +55,13 @@ class TeacherTarget:
     def __call__(self, logits: Tensor, confidence: Tensor) -> tuple[Tensor, Tensor]:
         """``(B, K, S, S)``, ``(B, K)`` -> target logits ``(B, 1, S, S)`` and confidence ``(B,)``, same dtype/device."""
         if logits.shape[1] != len(self.teachers) or confidence.shape[1:] != (len(self.teachers),):
-            raise ValueError(f"expected {len(self.teachers)} teacher channels ({self.teachers}), got logits "
-                             f"{tuple(logits.shape)} and confidence {tuple(confidence.shape)}")
+            raise ValueError(
+                f"expected {len(self.teachers)} teacher channels ({self.teachers}), got logits "
+                f"{tuple(logits.shape)} and confidence {tuple(confidence.shape)}"
+            )
         if self.rule == "single":
             k = self.weights.index(1.0)
-            return logits[:, k:k + 1], confidence[:, k]
+            return logits[:, k : k + 1], confidence[:, k]
         w = torch.tensor(self.weights, dtype=logits.dtype, device=logits.device)
         if self.rule == "confident":
             pick = logits.abs().argmax(dim=1, keepdim=True)  # (B, 1, S, S): the most certain teacher per pixel
@@ -74,20 +76,26 @@ def resolve_target(target: str, weights: Mapping[str, float], teachers: Sequence
     packed = ", ".join(teachers)
     if target == "auto":
         if len(teachers) != 1:
-            raise PipelineError(f"train.target: auto needs shards of one teacher; these hold {packed}: set train.target to "
-                                "one of them, or to mean, confident or weighted (with train.target_weights)")
+            raise PipelineError(
+                f"train.target: auto needs shards of one teacher; these hold {packed}: set train.target to "
+                "one of them, or to mean, confident or weighted (with train.target_weights)"
+            )
         target = teachers[0]
     if target in RULES:
         if target == "weighted":
             unknown = sorted(set(weights) - set(teachers))
             missing = [t for t in teachers if t not in weights]
             if unknown or missing:
-                raise PipelineError(f"train.target_weights: {weights} must give a weight to every teacher in the shards "
-                                    f"({packed}) and to no other (unknown {unknown}, missing {missing})")
+                raise PipelineError(
+                    f"train.target_weights: {weights} must give a weight to every teacher in the shards "
+                    f"({packed}) and to no other (unknown {unknown}, missing {missing})"
+                )
             total = sum(weights[t] for t in teachers)
             return TeacherTarget("weighted", teachers, tuple(weights[t] / total for t in teachers))
         return TeacherTarget(target, teachers, (1.0 / len(teachers),) * len(teachers))
     if target not in teachers:
-        raise PipelineError(f"train.target: the shards hold no teacher {target!r} (they hold {packed}); set pack.teachers "
-                            f"to include it and rerun pack, or choose one of {packed}")
+        raise PipelineError(
+            f"train.target: the shards hold no teacher {target!r} (they hold {packed}); set pack.teachers "
+            f"to include it and rerun pack, or choose one of {packed}"
+        )
     return TeacherTarget("single", teachers, tuple(1.0 if t == target else 0.0 for t in teachers))

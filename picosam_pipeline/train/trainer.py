@@ -52,8 +52,13 @@ from tqdm import tqdm
 from picosam_pipeline.config import TrainConfig
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
-from picosam_pipeline.train.checkpoints import (flatten_optimizer, load_checkpoint, save_checkpoint, save_student,
-                                                unflatten_optimizer)
+from picosam_pipeline.train.checkpoints import (
+    flatten_optimizer,
+    load_checkpoint,
+    save_checkpoint,
+    save_student,
+    unflatten_optimizer,
+)
 from picosam_pipeline.train.iou import crop_ious
 from picosam_pipeline.train.losses import DistillationLoss
 from picosam_pipeline.train.students import NORMALIZATION, build_student, normalize
@@ -110,8 +115,9 @@ class TrainData:
 EPOCH_LOOKAHEAD = 64  # batches before an epoch's expected end at which the next epoch's loader starts
 
 
-def batch_stream(data: TrainData, epoch: int, consumed: int,
-                 lookahead: int | None = EPOCH_LOOKAHEAD) -> Iterator[tuple[int, int, dict[str, Any]]]:
+def batch_stream(
+    data: TrainData, epoch: int, consumed: int, lookahead: int | None = EPOCH_LOOKAHEAD
+) -> Iterator[tuple[int, int, dict[str, Any]]]:
     """Endless ``(epoch, batches consumed in that epoch, batch)``, starting after ``consumed`` batches of ``epoch``.
 
     A loader that says how many batches it expects (``expected_batches``, as ``loader.ShardLoader`` does, whose
@@ -121,6 +127,7 @@ def batch_stream(data: TrainData, epoch: int, consumed: int,
     stalling the step at every epoch boundary. The batches are the same: each epoch's loader depends only on
     its epoch.
     """
+
     def start(epoch: int) -> tuple[Iterable[dict[str, Any]], Iterator[dict[str, Any]]]:
         loader = data.train_epoch(epoch)
         return loader, iter(loader)  # a ShardLoader's workers start here
@@ -138,9 +145,11 @@ def batch_stream(data: TrainData, epoch: int, consumed: int,
                 if seen > consumed:  # a resumed epoch re-reads and drops the batches the checkpoint already used
                     yield epoch, seen, batch
             if seen == 0:
-                raise PipelineError(f"{data.source}: epoch {epoch} gave no training batch; the shards are empty or "
-                                    "every shard was skipped as corrupt (see train.on_corrupt_shard); repack with "
-                                    "`run-stage pack`")
+                raise PipelineError(
+                    f"{data.source}: epoch {epoch} gave no training batch; the shards are empty or "
+                    "every shard was skipped as corrupt (see train.on_corrupt_shard); repack with "
+                    "`run-stage pack`"
+                )
             epoch, consumed = epoch + 1, 0
     finally:
         if upcoming is not None and hasattr(upcoming[1], "close"):
@@ -194,8 +203,9 @@ def _say(dist: Dist, message: str) -> None:
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW over ``model``; fused (one kernel over all parameters) on CUDA, where the tiny student's step is
     launch-bound, torch's default (foreach) elsewhere."""
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                             fused=True if device.type == "cuda" else None)
+    return torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True if device.type == "cuda" else None
+    )
 
 
 class TrainStep:
@@ -213,9 +223,17 @@ class TrainStep:
     without a host sync.
     """
 
-    def __init__(self, net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: DistillationLoss,
-                 target: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], runtime: Runtime, grad_clip: float,
-                 compile_batch: int | None = None) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: DistillationLoss,
+        target: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+        runtime: Runtime,
+        grad_clip: float,
+        compile_batch: int | None = None,
+    ) -> None:
         self.net, self.model, self.optimizer, self.loss_fn, self.target = net, model, optimizer, loss_fn, target
         self.runtime, self.grad_clip, self.compile_batch = runtime, grad_clip, compile_batch
         self.compiled = torch.compile(net) if compile_batch else None
@@ -294,8 +312,14 @@ def run_identity(cfg: TrainConfig, seed: int, world_size: int, fingerprint: str)
     return {"train": settings, "seed": seed, "world_size": world_size, "data": fingerprint}
 
 
-def save_train_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
-                     identity: dict[str, Any], dist: Dist) -> None:
+def save_train_state(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    identity: dict[str, Any],
+    dist: Dist,
+) -> None:
     """Write ``path`` from rank 0 with every rank's data position (a collective: call it on all ranks)."""
     position = torch.tensor([state.epoch, state.consumed], dtype=torch.int64, device=dist.device)
     positions = [torch.zeros_like(position) for _ in range(dist.world_size)]
@@ -317,22 +341,32 @@ def save_train_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
     }
     if dist.device.type == "cuda":
         tensors["rng.cuda"] = torch.cuda.get_rng_state(dist.device)
-    meta = {"kind": "train_state", "step": state.step, "best_step": state.best_step, "identity": identity,
-            "optimizer": optimizer_rest,
-            "log_columns": list(LOG_COLUMNS), "val_columns": list(VAL_COLUMNS)}
+    meta = {
+        "kind": "train_state",
+        "step": state.step,
+        "best_step": state.best_step,
+        "identity": identity,
+        "optimizer": optimizer_rest,
+        "log_columns": list(LOG_COLUMNS),
+        "val_columns": list(VAL_COLUMNS),
+    }
     save_checkpoint(path, tensors, meta)
 
 
-def load_train_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, identity: dict[str, Any],
-                     steps: int, dist: Dist) -> TrainState | None:
+def load_train_state(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, identity: dict[str, Any], steps: int, dist: Dist
+) -> TrainState | None:
     """Restore weights, optimizer and RNG from ``path`` if it exists and belongs to this run; else ``None``."""
     if not path.is_file():
         return None
     tensors, meta = load_checkpoint(path, kind="train_state")
     if meta["identity"] != identity or meta["step"] > steps:
         old = meta["identity"]
-        changed = [f"train.{k}" for k in sorted(set(identity["train"]) | set(old["train"]))
-                   if identity["train"].get(k) != old["train"].get(k)]
+        changed = [
+            f"train.{k}"
+            for k in sorted(set(identity["train"]) | set(old["train"]))
+            if identity["train"].get(k) != old["train"].get(k)
+        ]
         changed += [k for k in ("seed", "world_size", "data") if identity[k] != old.get(k)]
         if meta["step"] > steps:
             changed.append(f"train.steps ({steps} < the checkpoint's {meta['step']})")
@@ -345,9 +379,15 @@ def load_train_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
         torch.cuda.set_rng_state(tensors["rng.cuda"], dist.device)
     epoch, consumed = tensors["data.position"][dist.rank].tolist()
     best = {k.removeprefix("best."): v for k, v in tensors.items() if k.startswith("best.")}
-    return TrainState(step=meta["step"], epoch=epoch, consumed=consumed,
-                      train_log=tensors["log.train"].tolist(), val_log=tensors["log.val"].tolist(),
-                      best_step=meta.get("best_step", 0) if best else 0, best_weights=best or None)
+    return TrainState(
+        step=meta["step"],
+        epoch=epoch,
+        consumed=consumed,
+        train_log=tensors["log.train"].tolist(),
+        val_log=tensors["log.val"].tolist(),
+        best_step=meta.get("best_step", 0) if best else 0,
+        best_weights=best or None,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -384,8 +424,14 @@ class TrainResult:
         return {name: float(rows[:, i].mean()) for i, name in enumerate(LOG_COLUMNS) if name not in ("step", "lr")}
 
 
-def train(cfg: TrainConfig, runtime: Runtime, data: TrainData, out_dir: str | Path,
-          state_dir: str | Path | None = None, on_log: Callable[[TrainState], None] | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    runtime: Runtime,
+    data: TrainData,
+    out_dir: str | Path,
+    state_dir: str | Path | None = None,
+    on_log: Callable[[TrainState], None] | None = None,
+) -> TrainResult:
     """Train ``cfg.student`` for ``cfg.steps`` steps, resuming from ``state_dir/checkpoint.pt`` when it fits.
 
     Writes (rank 0) ``state_dir/checkpoint.pt`` every ``checkpoint_every`` steps and at the end, the final
@@ -400,15 +446,23 @@ def train(cfg: TrainConfig, runtime: Runtime, data: TrainData, out_dir: str | Pa
         raise ValueError(f"train.steps must be resolved to a number of steps before training, got {cfg.steps!r}")
     dist = init_distributed(runtime)
     try:
-        return _train(cfg, runtime, data, Path(out_dir), Path(state_dir or out_dir), dist,
-                      on_log if dist.is_main else None)
+        return _train(
+            cfg, runtime, data, Path(out_dir), Path(state_dir or out_dir), dist, on_log if dist.is_main else None
+        )
     finally:
         if dist.world_size > 1:
             torch_dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, runtime: Runtime, data: TrainData, out_dir: Path, state_dir: Path, dist: Dist,
-           on_log: Callable[[TrainState], None] | None = None) -> TrainResult:
+def _train(
+    cfg: TrainConfig,
+    runtime: Runtime,
+    data: TrainData,
+    out_dir: Path,
+    state_dir: Path,
+    dist: Dist,
+    on_log: Callable[[TrainState], None] | None = None,
+) -> TrainResult:
     on_log = on_log or (lambda state: None)
     torch.manual_seed(runtime.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_student(cfg.student).to(dist.device)
@@ -437,14 +491,21 @@ def _train(cfg: TrainConfig, runtime: Runtime, data: TrainData, out_dir: Path, s
         net = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     # Compiled: the student's forward and backward as fused kernels (the bare step 1.28x on an H200), for full
     # batches. Evaluation and checkpoints keep using `model` (the same parameters, uncompiled).
-    train_step = TrainStep(net, model, optimizer, loss_fn, target, runtime, cfg.grad_clip,
-                           compile_batch=cfg.batch_size if cfg.compiles(dist.device.type) else None)
+    train_step = TrainStep(
+        net,
+        model,
+        optimizer,
+        loss_fn,
+        target,
+        runtime,
+        cfg.grad_clip,
+        compile_batch=cfg.batch_size if cfg.compiles(dist.device.type) else None,
+    )
 
     batches = batch_stream(data, state.epoch, state.consumed)
     pending: list[tuple[int, float, Tensor]] = []  # (step, lr, [loss, *TERMS]) on the device, synced every log_every
     samples, train_time, loader_wait, mark = 0, 0.0, 0.0, time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=state.step, desc=f"train {cfg.student}", unit="step",
-               disable=not dist.is_main)
+    bar = tqdm(total=cfg.steps, initial=state.step, desc=f"train {cfg.student}", unit="step", disable=not dist.is_main)
     model.train()
     first_step = state.step
     while state.step < cfg.steps:
@@ -452,8 +513,9 @@ def _train(cfg: TrainConfig, runtime: Runtime, data: TrainData, out_dir: Path, s
         state.epoch, state.consumed, batch = next(batches)
         loader_wait += time.perf_counter() - waited  # the host blocked on the loader: the device may idle
         lr = get_lr(state.step, cfg)
-        image, gt, teachers, confidences = (batch[k].to(dist.device, non_blocking=True)
-                                            for k in ("image", "gt_mask", "teacher_logits", "confidence"))
+        image, gt, teachers, confidences = (
+            batch[k].to(dist.device, non_blocking=True) for k in ("image", "gt_mask", "teacher_logits", "confidence")
+        )
         row = train_step(image, gt, teachers, confidences, lr)  # [loss, *TERMS] on the device
         state.step += 1
         samples += image.shape[0]
@@ -470,8 +532,10 @@ def _train(cfg: TrainConfig, runtime: Runtime, data: TrainData, out_dir: Path, s
         if do_eval or do_checkpoint or state.step % cfg.log_every == 0:
             values = (_all_sum(torch.stack([v for _, _, v in pending]), dist) / dist.world_size).tolist()  # host sync
             if not all(math.isfinite(x) for row in values for x in row):
-                raise PipelineError(f"training diverged: non-finite loss by step {state.step}; lower train.lr, set "
-                                    "train.grad_clip (e.g. 1.0) or raise train.warmup_steps")
+                raise PipelineError(
+                    f"training diverged: non-finite loss by step {state.step}; lower train.lr, set "
+                    "train.grad_clip (e.g. 1.0) or raise train.warmup_steps"
+                )
             state.train_log += [[step, lr_, *row] for (step, lr_, _), row in zip(pending, values)]
             pending.clear()
             now = time.perf_counter()
@@ -495,16 +559,35 @@ def _train(cfg: TrainConfig, runtime: Runtime, data: TrainData, out_dir: Path, s
         state.best_step = state.step
         state.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     if dist.is_main:
-        meta = {"student": cfg.student, "input_size": data.input_size, "normalization": asdict(NORMALIZATION),
-                "seed": runtime.seed, "config": asdict(cfg), "data": data.fingerprint, "crop": data.crop,
-                "val_iou_before": state.val_log[0][1], "val_iou_after": state.val_log[-1][1],
-                "best_step": state.best_step, "best_val_iou": state.best_iou, "last_step": state.step}
-        save_student(student_path, model, {**meta, "step": state.step, "val_iou": state.val_log[-1][1], "which": "last"})
+        meta = {
+            "student": cfg.student,
+            "input_size": data.input_size,
+            "normalization": asdict(NORMALIZATION),
+            "seed": runtime.seed,
+            "config": asdict(cfg),
+            "data": data.fingerprint,
+            "crop": data.crop,
+            "val_iou_before": state.val_log[0][1],
+            "val_iou_after": state.val_log[-1][1],
+            "best_step": state.best_step,
+            "best_val_iou": state.best_iou,
+            "last_step": state.step,
+        }
+        save_student(
+            student_path, model, {**meta, "step": state.step, "val_iou": state.val_log[-1][1], "which": "last"}
+        )
         best = build_student(cfg.student)
         best.load_state_dict(state.best_weights)
         save_student(best_path, best, {**meta, "step": state.best_step, "val_iou": state.best_iou, "which": "best"})
-    return TrainResult(model=model, state=state, params=sum(p.numel() for p in model.parameters()),
-                       resumed_from=resumed_from,
-                       samples_per_s=samples * dist.world_size / train_time if train_time > 0 and samples else None,
-                       loader_wait_share=loader_wait / train_time if train_time > 0 and samples else None,
-                       world_size=dist.world_size, is_main=dist.is_main, student_path=student_path, best_path=best_path)
+    return TrainResult(
+        model=model,
+        state=state,
+        params=sum(p.numel() for p in model.parameters()),
+        resumed_from=resumed_from,
+        samples_per_s=samples * dist.world_size / train_time if train_time > 0 and samples else None,
+        loader_wait_share=loader_wait / train_time if train_time > 0 and samples else None,
+        world_size=dist.world_size,
+        is_main=dist.is_main,
+        student_path=student_path,
+        best_path=best_path,
+    )

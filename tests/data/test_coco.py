@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import shared_data_or_skip
 from pycocotools import mask as mask_utils
 
-from conftest import shared_data_or_skip
 from picosam_pipeline.data.coco import check_annotation, detect_format, load_annotations
 from picosam_pipeline.data.index import decode_mask
 from picosam_pipeline.errors import PipelineError
@@ -26,8 +26,16 @@ def _dataset(annotations, images=None, categories=None) -> dict:
 
 def _ann(ann_id=1, segmentation=None, bbox=(1, 1, 4, 4), **extra) -> dict:
     seg = [[1, 1, 5, 1, 5, 5, 1, 5]] if segmentation is None else segmentation
-    return {"id": ann_id, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 16.0, "bbox": list(bbox),
-            "segmentation": seg, **extra}
+    return {
+        "id": ann_id,
+        "image_id": 1,
+        "category_id": 1,
+        "iscrowd": 0,
+        "area": 16.0,
+        "bbox": list(bbox),
+        "segmentation": seg,
+        **extra,
+    }
 
 
 def _load(tmp_path, data, requested="auto"):
@@ -164,7 +172,7 @@ def test_malformed_json_names_file_line_and_column(tmp_path):
         load_annotations(path)
 
 
-@pytest.mark.parametrize("text", ['[1, 2]', '{"images": [], "annotations": []}'])
+@pytest.mark.parametrize("text", ["[1, 2]", '{"images": [], "annotations": []}'])
 def test_json_that_is_not_an_instances_file(tmp_path, text):
     path = tmp_path / "x.json"
     path.write_text(text)
@@ -193,13 +201,19 @@ def test_json_nested_too_deep_is_a_clear_error_not_a_recursion_traceback(tmp_pat
 
 def test_ids_beyond_int64_are_set_aside_not_an_overflow(tmp_path):
     big = 2**63
-    images = [{"id": 1, "file_name": "a.jpg", "width": W, "height": H}, {"id": big, "file_name": "b.jpg", "width": W, "height": H}]
+    images = [
+        {"id": 1, "file_name": "a.jpg", "width": W, "height": H},
+        {"id": big, "file_name": "b.jpg", "width": W, "height": H},
+    ]
     anns = [_ann(1), _ann(big), {**_ann(2), "image_id": big}, _ann(3, category_id=big)]
     categories = [{"id": 1, "name": "thing"}, {"id": big, "name": "huge"}]
     annset = _load(tmp_path, _dataset(anns, images=images, categories=categories))
     kinds = [(r.issue.kind, r.ann_id, r.image_id) for r in annset.record_issues]
-    assert kinds == [("bad_image_record", None, None), ("bad_annotation_record", big, 1),
-                     ("bad_annotation_record", 2, big)]
+    assert kinds == [
+        ("bad_image_record", None, None),
+        ("bad_annotation_record", big, 1),
+        ("bad_annotation_record", 2, big),
+    ]
     assert "64-bit" in annset.record_issues[0].issue.reason and set(annset.images) == {1}
     assert set(annset.categories) == {1}
     ann3 = annset.annotations_of(1)[1]
@@ -208,8 +222,10 @@ def test_ids_beyond_int64_are_set_aside_not_an_overflow(tmp_path):
 
 
 def test_duplicate_image_id_with_another_size_drops_its_annotations(tmp_path):
-    images = [{"id": 1, "file_name": "a.jpg", "width": W, "height": H},
-              {"id": 1, "file_name": "b.jpg", "width": 2 * W, "height": H}]
+    images = [
+        {"id": 1, "file_name": "a.jpg", "width": W, "height": H},
+        {"id": 1, "file_name": "b.jpg", "width": 2 * W, "height": H},
+    ]
     annset = _load(tmp_path, _dataset([_ann()], images=images))
     problem = annset.images[1].problem
     assert problem.kind == "duplicate_image_id" and "a.jpg 8x6 and b.jpg 16x6" in problem.reason
@@ -220,10 +236,18 @@ def test_duplicate_image_id_with_another_size_drops_its_annotations(tmp_path):
     assert [r.issue.kind for r in annset.record_issues] == ["duplicate_image_id"]
 
 
-@pytest.mark.parametrize("name, outside", [
-    ("a.jpg", False), ("sub/./a.jpg", False), ("sub/../a.jpg", False),
-    ("../a.jpg", True), ("sub/../../a.jpg", True), ("/etc/passwd", True), ("C:\\x.jpg", True),
-])
+@pytest.mark.parametrize(
+    "name, outside",
+    [
+        ("a.jpg", False),
+        ("sub/./a.jpg", False),
+        ("sub/../a.jpg", False),
+        ("../a.jpg", True),
+        ("sub/../../a.jpg", True),
+        ("/etc/passwd", True),
+        ("C:\\x.jpg", True),
+    ],
+)
 def test_file_name_must_stay_inside_the_images_folder(tmp_path, name, outside):
     images = [{"id": 1, "file_name": name, "width": W, "height": H}]
     problem = _load(tmp_path, _dataset([_ann()], images=images)).images[1].problem
@@ -233,9 +257,11 @@ def test_file_name_must_stay_inside_the_images_folder(tmp_path, name, outside):
 
 
 def test_lvis_coco_url_cannot_climb_out_and_huge_images_are_refused(tmp_path):
-    images = [{"id": 1, "width": W, "height": H, "coco_url": "http://images.cocodataset.org/../x.jpg"},
-              {"id": 2, "file_name": "b.jpg", "width": 10**6, "height": 10**6},
-              {"id": 3, "file_name": "c\x00.jpg", "width": W, "height": H}]
+    images = [
+        {"id": 1, "width": W, "height": H, "coco_url": "http://images.cocodataset.org/../x.jpg"},
+        {"id": 2, "file_name": "b.jpg", "width": 10**6, "height": 10**6},
+        {"id": 3, "file_name": "c\x00.jpg", "width": W, "height": H},
+    ]
     ann = {k: v for k, v in _ann().items() if k != "iscrowd"}
     annset = _load(tmp_path, _dataset([ann], images=images, categories=_lvis_categories(3)))
     assert annset.format.name == "lvis"
@@ -248,7 +274,11 @@ def test_records_set_aside_while_loading(tmp_path):
     images = [{"id": 1, "file_name": "a.jpg", "width": W, "height": H}, {"id": 2, "file_name": "b.jpg"}]
     annset = _load(tmp_path, _dataset(anns, images=images))
     kinds = [(r.issue.kind, r.ann_id, r.is_annotation) for r in annset.record_issues]
-    assert kinds == [("duplicate_ann_id", 1, True), ("missing_image_id", 2, True), ("bad_annotation_record", None, True)]
+    assert kinds == [
+        ("duplicate_ann_id", 1, True),
+        ("missing_image_id", 2, True),
+        ("bad_annotation_record", None, True),
+    ]
     assert [a["id"] for a in annset.annotations_of(1)] == [1, 4] and annset.num_annotations == 5
     assert annset.images[2].problem.kind == "bad_image_record"  # no width/height
 
@@ -273,8 +303,11 @@ def test_annotations_are_read_back_from_the_open_file_grouped_by_image(tmp_path)
     (tmp_path / "new.json").write_text("{}")
     (tmp_path / "new.json").replace(tmp_path / "instances.json")  # a new file: the set keeps reading the old one
     assert annset.image_ids.tolist() == [1, 2, 3]
-    assert {i: [a["id"] for a in annset.annotations_of(i)] for i in (1, 2, 3)} == {1: [11, 14], 2: [10, 12, 15],
-                                                                                  3: [13]}
+    assert {i: [a["id"] for a in annset.annotations_of(i)] for i in (1, 2, 3)} == {
+        1: [11, 14],
+        2: [10, 12, 15],
+        3: [13],
+    }
     annset.close()
     annset.close()  # idempotent
 
@@ -324,7 +357,9 @@ def test_explicit_format_that_contradicts_the_file_stops(tmp_path):
 
 
 def test_lvis_v1_images_are_found_by_coco_url(tmp_path):
-    images = [{"id": 5, "width": W, "height": H, "coco_url": "http://images.cocodataset.org/train2017/000000000005.jpg"}]
+    images = [
+        {"id": 5, "width": W, "height": H, "coco_url": "http://images.cocodataset.org/train2017/000000000005.jpg"}
+    ]
     ann = {k: v for k, v in _ann().items() if k != "iscrowd"} | {"image_id": 5}
     annset = _load(tmp_path, _dataset([ann], images=images, categories=_lvis_categories(1203)))
     record = annset.images[5]
@@ -345,5 +380,10 @@ def test_real_lvis_v05_file_is_detected():
     # v0.5 names files COCO_val2014_000000xxxxxx.jpg; COCO 2017 folders hold 000000xxxxxx.jpg
     assert annset.images[266409].file_name == "000000266409.jpg"
     image_id = next(i for i in annset.images if annset.has_annotations(i))
-    checked = check_annotation(annset.annotations_of(image_id)[0], annset.images[image_id], annset.coco, annset.categories)
-    assert checked.drop is None and checked.mask.shape == (annset.images[image_id].height, annset.images[image_id].width)
+    checked = check_annotation(
+        annset.annotations_of(image_id)[0], annset.images[image_id], annset.coco, annset.categories
+    )
+    assert checked.drop is None and checked.mask.shape == (
+        annset.images[image_id].height,
+        annset.images[image_id].width,
+    )

@@ -7,7 +7,6 @@ import pytest
 
 from picosam_pipeline.data.crops import CropBox, crop_pixel_centres, point_box, point_prompt, roi_box
 
-
 # --------------------------------------------------------------------------------------------------
 # PicoSAM3 ROI: pad 10 % of w/h per side, square on the centre, clip to the image, int()
 

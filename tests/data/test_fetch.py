@@ -13,8 +13,8 @@ import socket
 import threading
 import time
 import zipfile
-from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -223,10 +223,19 @@ def zip_bytes(members: dict[str, bytes]) -> bytes:
 
 
 def test_zip_asset_is_unpacked_merged_and_the_archive_removed(tmp_path):
-    archive = zip_bytes({"annotations/instances_val2017.json": b'{"images": []}',
-                         "annotations/captions_val2017.json": b"{}"})
-    asset = F.Asset("test_ann", "http://unused.invalid/a.zip", "downloads/a.zip", hashlib.sha256(archive).hexdigest(),
-                    "test", "1 KB", unpack_to="coco", provides=("coco/annotations/instances_val2017.json",))
+    archive = zip_bytes(
+        {"annotations/instances_val2017.json": b'{"images": []}', "annotations/captions_val2017.json": b"{}"}
+    )
+    asset = F.Asset(
+        "test_ann",
+        "http://unused.invalid/a.zip",
+        "downloads/a.zip",
+        hashlib.sha256(archive).hexdigest(),
+        "test",
+        "1 KB",
+        unpack_to="coco",
+        provides=("coco/annotations/instances_val2017.json",),
+    )
     lvis = tmp_path / "coco/annotations/lvis_v1_val.json"  # fetched earlier into the same folder
     lvis.parent.mkdir(parents=True)
     lvis.write_text("{}")
@@ -242,8 +251,16 @@ def test_zip_asset_is_unpacked_merged_and_the_archive_removed(tmp_path):
 
 def test_zip_without_the_expected_content_is_an_error(tmp_path):
     archive = zip_bytes({"something_else.json": b"{}"})
-    asset = F.Asset("test_ann", "http://unused.invalid/a.zip", "downloads/a.zip", hashlib.sha256(archive).hexdigest(),
-                    "test", "1 KB", unpack_to="coco", provides=("coco/annotations/instances_val2017.json",))
+    asset = F.Asset(
+        "test_ann",
+        "http://unused.invalid/a.zip",
+        "downloads/a.zip",
+        hashlib.sha256(archive).hexdigest(),
+        "test",
+        "1 KB",
+        unpack_to="coco",
+        provides=("coco/annotations/instances_val2017.json",),
+    )
     with FileServer({"/a.zip": archive}) as srv, pytest.raises(PipelineError, match="did not appear"):
         F.fetch(asset, tmp_path, url=srv.base + "/a.zip")
 
@@ -259,8 +276,8 @@ def test_table_matches_the_default_params_and_holds_only_wellformed_hashes():
         assert a.sha256 is None or (re.fullmatch(r"[0-9a-f]{64}", a.sha256) and a.hash_source)
     outputs = {p for a in F.ASSETS.values() for p in a.outputs}
     assert "checkpoints/sam2.1_hiera_large.pt" in outputs
-    # Every annotations file and image folder of a fetchable dataset's layout (picosam_pipeline/datasets.py) is what fetch
-    # puts there: an asset's output, or (LVIS) a folder linked from COCO's.
+    # Every annotations file and image folder of a fetchable dataset's layout (picosam_pipeline/datasets.py) is what
+    # fetch puts there: an asset's output, or (LVIS) a folder linked from COCO's.
     for name in F.DATASETS:
         linked = {dst for _, dst in F.SHARED_IMAGES.get(name, ())}
         for annotations_file, images in layout(name).splits.values():
@@ -275,8 +292,10 @@ def test_lvis_shares_the_coco_images_as_hard_links(tmp_path):
         (tmp_path / "datasets/coco2017" / split / f"{split}_1.jpg").write_bytes(b"jpeg " + split.encode())
     assert F.link_images(tmp_path, "lvis_v1").startswith("lvis_v1: 2 COCO images linked")
     linked = tmp_path / "datasets/lvis_v1/val2017/val2017_1.jpg"
-    assert linked.read_bytes() == b"jpeg val2017" and linked.stat().st_ino == (
-        tmp_path / "datasets/coco2017/val2017/val2017_1.jpg").stat().st_ino  # the same file, no copy
+    assert (
+        linked.read_bytes() == b"jpeg val2017"
+        and linked.stat().st_ino == (tmp_path / "datasets/coco2017/val2017/val2017_1.jpg").stat().st_ino
+    )  # the same file, no copy
     assert F.link_images(tmp_path, "lvis_v1") == "lvis_v1: images in place"  # a rerun has nothing to do
     with pytest.raises(PipelineError, match="coco2017/val2017 is missing: fetch the COCO images first"):
         F.link_images(tmp_path / "elsewhere", "lvis_v1")
@@ -296,14 +315,25 @@ def test_cli_fetch_list_download_and_errors(tmp_path):
         bad = runner.invoke(cli, args)  # the published digest of the real checkpoint cannot match PAYLOAD
         assert bad.exit_code == 1 and "sha256 mismatch" in bad.output and "Traceback" not in bad.output
 
-    offline = runner.invoke(cli, ["fetch", "sam2.1_hiera_small", "--dest-root", str(tmp_path),
-                                  "--url", f"http://127.0.0.1:{closed_port()}/x.pt"])
+    offline = runner.invoke(
+        cli,
+        [
+            "fetch",
+            "sam2.1_hiera_small",
+            "--dest-root",
+            str(tmp_path),
+            "--url",
+            f"http://127.0.0.1:{closed_port()}/x.pt",
+        ],
+    )
     assert offline.exit_code == 1 and "by hand" in offline.output
     assert runner.invoke(cli, ["fetch", "nope"]).exit_code == 1
     assert runner.invoke(cli, ["fetch"]).exit_code == 2
-    assert runner.invoke(cli, ["fetch", "sam2.1_hiera_tiny", "--sha256", "xyz", "--dest-root", str(tmp_path)]).exit_code == 1
+    assert (
+        runner.invoke(cli, ["fetch", "sam2.1_hiera_tiny", "--sha256", "xyz", "--dest-root", str(tmp_path)]).exit_code
+        == 1
+    )
     assert runner.invoke(cli, ["fetch", "coco_val2017", "lvis_v1_val", "--url", "http://x"]).exit_code == 2
-
 
 
 def test_fetch_track_makes_the_checkpoint_a_dvc_tracked_input(tmp_path, monkeypatch):
@@ -315,14 +345,27 @@ def test_fetch_track_makes_the_checkpoint_a_dvc_tracked_input(tmp_path, monkeypa
     subprocess.run(["git", "init", "-q"], check=True)
     subprocess.run([str(Path(sys.executable).with_name("dvc")), "init", "-q"], check=True)
     with FileServer({"/x.pt": PAYLOAD}) as srv:
-        result = CliRunner().invoke(cli, ["fetch", "sam2.1_hiera_small", "--url", srv.base + "/x.pt", "--sha256",
-                                          PAYLOAD_SHA, "--track"])
+        result = CliRunner().invoke(
+            cli, ["fetch", "sam2.1_hiera_small", "--url", srv.base + "/x.pt", "--sha256", PAYLOAD_SHA, "--track"]
+        )
     assert result.exit_code == 0, result.output
     pointer = tmp_path / "data/checkpoints/sam2.1_hiera_small.pt.dvc"
     assert PAYLOAD_SHA not in pointer.read_text() and "md5:" in pointer.read_text()  # DVC's own pointer file
     assert "git add data/checkpoints/sam2.1_hiera_small.pt.dvc data/checkpoints/.gitignore" in result.output
-    assert F.tracked_paths(["lvis_v1", "sam2.1_hiera_small"]) == [Path("data/datasets/lvis_v1"),
-                                                                 Path("data/checkpoints/sam2.1_hiera_small.pt")]
-    outside = CliRunner().invoke(cli, ["fetch", "sam2.1_hiera_small", "--dest-root", str(tmp_path.parent / "other"),
-                                       "--url", "file:///nonexistent", "--track"])
+    assert F.tracked_paths(["lvis_v1", "sam2.1_hiera_small"]) == [
+        Path("data/datasets/lvis_v1"),
+        Path("data/checkpoints/sam2.1_hiera_small.pt"),
+    ]
+    outside = CliRunner().invoke(
+        cli,
+        [
+            "fetch",
+            "sam2.1_hiera_small",
+            "--dest-root",
+            str(tmp_path.parent / "other"),
+            "--url",
+            "file:///nonexistent",
+            "--track",
+        ],
+    )
     assert outside.exit_code == 1 and "Traceback" not in outside.output

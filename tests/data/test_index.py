@@ -11,7 +11,9 @@ from pycocotools import mask as mask_utils
 
 from picosam_pipeline.data.index import decode_mask, decode_mask_window
 
-COCO_VAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "coco-sample" / "annotations" / "instances_val2017.json"
+COCO_VAL = (
+    Path(__file__).resolve().parents[3] / "shared" / "data" / "coco-sample" / "annotations" / "instances_val2017.json"
+)
 
 
 def _rle(mask: np.ndarray) -> str:
@@ -69,13 +71,17 @@ def test_window_of_every_real_coco_val_mask_inside_its_box():
     for ann in data["annotations"]:
         h, w = sizes[ann["image_id"]]
         seg = ann["segmentation"]
-        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w)) if isinstance(seg, list) else \
-            mask_utils.frPyObjects(seg, h, w)
+        rle = (
+            mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+            if isinstance(seg, list)
+            else mask_utils.frPyObjects(seg, h, w)
+        )
         counts = rle["counts"].decode("ascii")
         x, y, bw, bh = ann["bbox"]
         box = (int(x), int(y), min(w, int(np.ceil(x + bw)) + 3), min(h, int(np.ceil(y + bh)) + 3))
-        np.testing.assert_array_equal(decode_mask_window(counts, h, w, box),
-                                      decode_mask(counts, h, w)[box[1]:box[3], box[0]:box[2]])
+        np.testing.assert_array_equal(
+            decode_mask_window(counts, h, w, box), decode_mask(counts, h, w)[box[1] : box[3], box[0] : box[2]]
+        )
         checked += 1
     assert checked > 100
 

@@ -6,8 +6,8 @@ import io
 import json
 
 import pytest
-
 from conftest import shared_data_or_skip
+
 from picosam_pipeline.data import instances_json
 from picosam_pipeline.data.instances_json import read_instances
 
@@ -17,7 +17,7 @@ def _read(text: str | bytes):
 
 
 def _texts(data: bytes, spans) -> list[bytes]:
-    return [data[o:o + n] for o, n in zip(spans.offsets, spans.lengths)]
+    return [data[o : o + n] for o, n in zip(spans.offsets, spans.lengths)]
 
 
 @pytest.fixture(params=[4 << 20, 7], ids=["4MiB-window", "7-byte-window"])
@@ -28,9 +28,21 @@ def window(request, monkeypatch):
     return request.param
 
 
-MALFORMED = ['{"a": 1,}', '{"annotations": [1,]}', '{"a": 1', '{"annotations": [{"id": 1}', '{"annotations": [1 2]}',
-             '{"a": 1} x', '{"a" 1}', '{a: 1}', '{"images": [], "annotations": [{"id": 1, "bbox": [1, 2,, 3]}]}', '',
-             '\ufeff{"a": 1}', '{"annotations": [{"id": 1}] "images": []}', '{"a": 1}\n\n  ]']
+MALFORMED = [
+    '{"a": 1,}',
+    '{"annotations": [1,]}',
+    '{"a": 1',
+    '{"annotations": [{"id": 1}',
+    '{"annotations": [1 2]}',
+    '{"a": 1} x',
+    '{"a" 1}',
+    "{a: 1}",
+    '{"images": [], "annotations": [{"id": 1, "bbox": [1, 2,, 3]}]}',
+    "",
+    '\ufeff{"a": 1}',
+    '{"annotations": [{"id": 1}] "images": []}',
+    '{"a": 1}\n\n  ]',
+]
 
 
 @pytest.mark.parametrize("text", MALFORMED)
@@ -39,18 +51,31 @@ def test_the_reader_refuses_what_json_refuses_at_the_same_spot(text, window):
         json.loads(text)
     with pytest.raises(json.JSONDecodeError) as got:
         _read(text)
-    assert (got.value.msg, got.value.lineno, got.value.colno) == (expected.value.msg, expected.value.lineno,
-                                                                  expected.value.colno)
+    assert (got.value.msg, got.value.lineno, got.value.colno) == (
+        expected.value.msg,
+        expected.value.lineno,
+        expected.value.colno,
+    )
 
 
 def test_values_and_spans_survive_window_ends_numbers_and_non_ascii_text(window):
     """Byte spans must count UTF-8 bytes, not characters, and a number cut by the window must not be read short."""
-    record = {"info": {"description": "caf\u00e9 \u2603 \U0001F600"}, "n": 1234567890123, "images": [{"id": 5}],
-              "annotations": [{"id": 1, "image_id": 5, "caption": "\u00e9t\u00e9 \u2603"}, {"id": 22, "image_id": 5},
-                              {"id": 333, "image_id": 5, "segmentation": [[1.5, 2.25e3, -3, 4]]}],
-              "categories": [{"id": 1, "name": "\u732b"}]}
-    for text in (json.dumps(record, ensure_ascii=False), json.dumps(record, indent=3, ensure_ascii=False),
-                 json.dumps(record)):
+    record = {
+        "info": {"description": "caf\u00e9 \u2603 \U0001f600"},
+        "n": 1234567890123,
+        "images": [{"id": 5}],
+        "annotations": [
+            {"id": 1, "image_id": 5, "caption": "\u00e9t\u00e9 \u2603"},
+            {"id": 22, "image_id": 5},
+            {"id": 333, "image_id": 5, "segmentation": [[1.5, 2.25e3, -3, 4]]},
+        ],
+        "categories": [{"id": 1, "name": "\u732b"}],
+    }
+    for text in (
+        json.dumps(record, ensure_ascii=False),
+        json.dumps(record, indent=3, ensure_ascii=False),
+        json.dumps(record),
+    ):
         data = text.encode("utf-8")
         parsed, spans = _read(data)
         assert parsed == record
@@ -59,12 +84,22 @@ def test_values_and_spans_survive_window_ends_numbers_and_non_ascii_text(window)
 
 
 def test_entries_without_int64_ids_are_listed_with_their_values(window):
-    anns = [{"id": 1, "image_id": 2}, {"id": 2**63, "image_id": 2}, [1, 2], {"id": True, "image_id": 2},
-            {"id": 3, "image_id": "2"}, {"id": -(2**63), "image_id": 2**63 - 1}]
+    anns = [
+        {"id": 1, "image_id": 2},
+        {"id": 2**63, "image_id": 2},
+        [1, 2],
+        {"id": True, "image_id": 2},
+        {"id": 3, "image_id": "2"},
+        {"id": -(2**63), "image_id": 2**63 - 1},
+    ]
     data, spans = _read(json.dumps({"images": [], "annotations": anns, "categories": []}))
     assert data["annotations"] == anns and len(spans) == 6
-    assert spans.unusable == {1: (2**63, 2, anns[1]), 2: (None, None, anns[2]), 3: (True, 2, anns[3]),
-                              4: (3, "2", anns[4])}
+    assert spans.unusable == {
+        1: (2**63, 2, anns[1]),
+        2: (None, None, anns[2]),
+        3: (True, 2, anns[3]),
+        4: (3, "2", anns[4]),
+    }
     assert list(spans.ids) == [1, 0, 0, 0, 0, -(2**63)] and spans.image_ids[5] == 2**63 - 1
 
 
@@ -75,7 +110,7 @@ def test_only_the_first_annotations_are_kept_parsed(monkeypatch):
     assert data == {"annotations": anns[:2]} and list(spans.ids) == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("text", ['[1, {"annotations": []}]', '"x"', '{}', '{"annotations": 5}'])
+@pytest.mark.parametrize("text", ['[1, {"annotations": []}]', '"x"', "{}", '{"annotations": 5}'])
 def test_json_that_is_not_an_instances_object_is_parsed_whole(text, window):
     data, spans = _read(text)
     assert data == json.loads(text) and len(spans) == 0
@@ -96,5 +131,6 @@ def test_real_coco_annotations_located_exactly():
     assert [json.loads(t) for t in _texts(raw, spans)] == reference["annotations"]
     assert list(zip(spans.ids, spans.image_ids)) == [(r["id"], r["image_id"]) for r in reference["annotations"]]
     assert data["annotations"] == reference["annotations"][:1000]  # the parsed sample format detection reads
-    assert {k: v for k, v in data.items() if k != "annotations"} == {k: v for k, v in reference.items()
-                                                                      if k != "annotations"}
+    assert {k: v for k, v in data.items() if k != "annotations"} == {
+        k: v for k, v in reference.items() if k != "annotations"
+    }

@@ -10,10 +10,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import shared_data_or_skip
 from PIL import Image
 from pycocotools.coco import COCO
 
-from conftest import shared_data_or_skip
 from picosam_pipeline.config import Config, PrepareConfig, RuntimeConfig, SplitSource
 from picosam_pipeline.data.crops import point_box, point_prompt, roi_box
 from picosam_pipeline.data.index import column_array, decode_mask, iter_images, read_index, read_metadata
@@ -46,8 +46,16 @@ def _truncated_jpeg() -> bytes:
 
 def _ann(ann_id: int, image_id: int, box=(10, 8, 20, 16), **extra) -> dict:
     x, y, w, h = box
-    return {"id": ann_id, "image_id": image_id, "category_id": 1, "iscrowd": 0, "area": float(w * h),
-            "bbox": [x, y, w, h], "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]], **extra}
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": 1,
+        "iscrowd": 0,
+        "area": float(w * h),
+        "bbox": [x, y, w, h],
+        "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]],
+        **extra,
+    }
 
 
 class Dataset:
@@ -77,8 +85,10 @@ class Dataset:
 
 
 def _config(tmp_path: Path, splits: list[SplitSource], **prepare) -> Config:
-    return Config(runtime=RuntimeConfig(device="cpu", metrics_dir=str(tmp_path / "metrics")),
-                  prepare=PrepareConfig(splits=splits, out_dir=str(tmp_path / "prepared"), **prepare))
+    return Config(
+        runtime=RuntimeConfig(device="cpu", metrics_dir=str(tmp_path / "metrics")),
+        prepare=PrepareConfig(splits=splits, out_dir=str(tmp_path / "prepared"), **prepare),
+    )
 
 
 def _outputs(tmp_path: Path) -> tuple[dict, list[dict]]:
@@ -106,35 +116,93 @@ BAD_INPUTS = {
     "missing image file": (_add(2, "gone.jpg", None, n_anns=2), "image_missing", "dropped", 2, "gone.jpg'"),
     "truncated jpeg": (_add(2, "cut.jpg", _truncated_jpeg()), "image_truncated", "dropped", 1, "cut.jpg'"),
     "corrupt file": (_add(2, "junk.jpg", b"\x00garbage" * 50), "image_unreadable", "dropped", 1, "junk.jpg'"),
-    "size mismatch": (_add(2, "big.jpg", _encode(_noise_rgb(W + 1, H))), "image_size_mismatch", "dropped", 1, "big.jpg'"),
-    "grayscale": (_add(2, "gray.jpg", _encode(_noise_rgb().convert("L"))), "image_grayscale->rgb", "converted", 0, None),
+    "size mismatch": (
+        _add(2, "big.jpg", _encode(_noise_rgb(W + 1, H))),
+        "image_size_mismatch",
+        "dropped",
+        1,
+        "big.jpg'",
+    ),
+    "grayscale": (
+        _add(2, "gray.jpg", _encode(_noise_rgb().convert("L"))),
+        "image_grayscale->rgb",
+        "converted",
+        0,
+        None,
+    ),
     "cmyk": (_add(2, "cmyk.jpg", _encode(_noise_rgb().convert("CMYK"))), "image_cmyk->rgb", "converted", 0, None),
-    "palette": (_add(2, "pal.png", _encode(_noise_rgb().convert("P"), "PNG")), "image_palette->rgb", "converted", 0, None),
+    "palette": (
+        _add(2, "pal.png", _encode(_noise_rgb().convert("P"), "PNG")),
+        "image_palette->rgb",
+        "converted",
+        0,
+        None,
+    ),
     "exif rotated": (_add(2, "rot.jpg", _exif_rotated_jpeg()), "image_exif-rotated", "converted", 0, None),
-    "degenerate bbox": (_add_ann(bbox=[5, 5, 0, 10]), "degenerate_bbox", "dropped", 1, "annotation 2: bbox [5, 5, 0, 10]"),
+    "degenerate bbox": (
+        _add_ann(bbox=[5, 5, 0, 10]),
+        "degenerate_bbox",
+        "dropped",
+        1,
+        "annotation 2: bbox [5, 5, 0, 10]",
+    ),
     "two-point polygon": (_add_ann(segmentation=[[5, 5, 9, 9]]), "bad_polygon", "dropped", 1, "fewer than 3 points"),
     "bbox partly outside": (_add_ann(bbox=[50, 40, 30, 20]), "bbox_clipped", "converted", 0, None),
     "missing image id": (_add_ann(image_id=77), "missing_image_id", "dropped", 1, "points at image id 77"),
     "duplicate ann id": (_add_ann(id=1), "duplicate_ann_id", "dropped", 1, "annotation id 1 appears twice"),
-    "image record without size": (_add(2, "nosize.jpg", _encode(_noise_rgb()), width=None), "bad_image_record",
-                                  "dropped", 1, "image 2 (nosize.jpg) has width/height None"),
+    "image record without size": (
+        _add(2, "nosize.jpg", _encode(_noise_rgb()), width=None),
+        "bad_image_record",
+        "dropped",
+        1,
+        "image 2 (nosize.jpg) has width/height None",
+    ),
     # hostile annotation files (issue 13): reported, never a crash nor a silent keep or drop
-    "polygon vertex at 5e8": (_add_ann(segmentation=[[10, 8, 5e8, 8, 30, 24]]), "polygon_outside_image", "dropped", 1,
-                              "polygon vertex (5e+08, 8) lies far outside"),
-    "annotation id 2**63": (_add_ann(id=2**63), "bad_annotation_record", "dropped", 1,
-                            "ids must fit a signed 64-bit integer"),
-    "garbage RLE counts": (_add_ann(segmentation={"size": [H, W], "counts": "12"}), "bad_rle", "dropped", 1,
-                           'counts "12" are not a valid encoding'),
+    "polygon vertex at 5e8": (
+        _add_ann(segmentation=[[10, 8, 5e8, 8, 30, 24]]),
+        "polygon_outside_image",
+        "dropped",
+        1,
+        "polygon vertex (5e+08, 8) lies far outside",
+    ),
+    "annotation id 2**63": (
+        _add_ann(id=2**63),
+        "bad_annotation_record",
+        "dropped",
+        1,
+        "ids must fit a signed 64-bit integer",
+    ),
+    "garbage RLE counts": (
+        _add_ann(segmentation={"size": [H, W], "counts": "12"}),
+        "bad_rle",
+        "dropped",
+        1,
+        'counts "12" are not a valid encoding',
+    ),
     "iscrowd string": (_add_ann(iscrowd="0"), "bad_iscrowd", "dropped", 1, "iscrowd '0' (str), expected 0 or 1"),
     "empty segmentation": (_add_ann(segmentation=[]), "no_segmentation", "dropped", 1, "segmentation []"),
-    "duplicate image id, other size": (lambda ds: ds.images.append({"id": 1, "file_name": "good.jpg", "width": W + 8,
-                                                                     "height": H}),
-                                       "duplicate_image_id", "dropped", 1, "image id 1 names two different images"),
+    "duplicate image id, other size": (
+        lambda ds: ds.images.append({"id": 1, "file_name": "good.jpg", "width": W + 8, "height": H}),
+        "duplicate_image_id",
+        "dropped",
+        1,
+        "image id 1 names two different images",
+    ),
     # the file exists (root/outside.jpg) but is outside the images folder: never read
-    "file_name with ..": (_add(2, "../outside.jpg", _encode(_noise_rgb())), "image_path_outside_folder", "dropped", 1,
-                          "'../outside.jpg', which points outside"),
-    "absolute file_name": (lambda ds: ds.add_image(2, str(ds.root / "elsewhere.jpg"), _encode(_noise_rgb())),
-                           "image_path_outside_folder", "dropped", 1, "elsewhere.jpg', which points outside"),
+    "file_name with ..": (
+        _add(2, "../outside.jpg", _encode(_noise_rgb())),
+        "image_path_outside_folder",
+        "dropped",
+        1,
+        "'../outside.jpg', which points outside",
+    ),
+    "absolute file_name": (
+        lambda ds: ds.add_image(2, str(ds.root / "elsewhere.jpg"), _encode(_noise_rgb())),
+        "image_path_outside_folder",
+        "dropped",
+        1,
+        "elsewhere.jpg', which points outside",
+    ),
 }
 
 
@@ -253,7 +321,12 @@ def test_selection_and_index_rows(tmp_path):
     # ann 2, bbox [50, 40, 14, 8]: x=48.6, y=39.2, w=16.8, h=9.6 -> side 16.8 around (57, 44)
     assert corner["roi_box"] == [48, 35, 64, 48]
     assert corner["roi_float_box"] == pytest.approx([48.6, 35.6, 65.4, 52.4])
-    assert (corner["split"], corner["iscrowd"], corner["category_name"], corner["area"]) == ("val", False, "thing", 112.0)
+    assert (corner["split"], corner["iscrowd"], corner["category_name"], corner["area"]) == (
+        "val",
+        False,
+        "thing",
+        112.0,
+    )
     assert corner["image_path"] == str(tmp_path / "images" / "good.jpg")
     mask = decode_mask(corner["rle_counts"], H, W)
     assert mask.shape == (H, W) and mask[40:48, 50:64].all() and mask.sum() == 112
@@ -274,8 +347,12 @@ def test_a_killed_runs_spilled_rows_and_half_written_index_are_cleared_by_the_ne
     (partial / "index.parquet.tmp").write_bytes(b"PAR1 cut short")
     run(cfg)
     assert (tmp_path / "prepared" / "index.parquet").read_bytes() == index and not partial.exists()
-    assert sorted(p.name for p in (tmp_path / "prepared").iterdir()) == ["bad_inputs.jsonl", "config.resolved.json",
-                                                                         "index.parquet", "report.json"]
+    assert sorted(p.name for p in (tmp_path / "prepared").iterdir()) == [
+        "bad_inputs.jsonl",
+        "config.resolved.json",
+        "index.parquet",
+        "report.json",
+    ]
 
 
 def test_rows_sorted_and_grouped_by_image(tmp_path):
@@ -288,9 +365,15 @@ def test_rows_sorted_and_grouped_by_image(tmp_path):
     table = read_index(index)
     keys = list(zip(table["split"].to_pylist(), table["image_id"].to_pylist(), table["ann_id"].to_pylist()))
     assert keys == sorted(keys) and keys[0][0] == "train"
-    groups = [(g.split, g.image_id, g.file_name, g.rows["ann_id"].to_pylist())
-              for g in iter_images(read_index(index, split="val"))]
-    assert groups == [("val", 1, "good.jpg", [1]), ("val", 2, "b.jpg", [200, 201]), ("val", 3, "c.jpg", [300, 301, 302])]
+    groups = [
+        (g.split, g.image_id, g.file_name, g.rows["ann_id"].to_pylist())
+        for g in iter_images(read_index(index, split="val"))
+    ]
+    assert groups == [
+        ("val", 1, "good.jpg", [1]),
+        ("val", 2, "b.jpg", [200, 201]),
+        ("val", 3, "c.jpg", [300, 301, 302]),
+    ]
     roi = column_array(table, "roi_box")
     assert roi.shape == (table.num_rows, 4) and roi.dtype == np.int32 and roi[0].tolist() == [8, 4, 32, 28]
     meta = read_metadata(index)
@@ -317,13 +400,17 @@ def test_every_input_planted_by_the_sample_generator_is_reported(tmp_path):
 
     sample = tmp_path / "sample"
     generate(SampleConfig(out_dir=str(sample)))
-    splits = [SplitSource(s, str(sample / "annotations" / f"instances_{s}.json"), str(sample / s)) for s in ("train", "val")]
+    splits = [
+        SplitSource(s, str(sample / "annotations" / f"instances_{s}.json"), str(sample / s)) for s in ("train", "val")
+    ]
     run(_config(tmp_path, splits))
     metrics, records = _outputs(tmp_path)
     for m in metrics["splits"].values():
         assert m["kept"] + m["dropped"] == m["annotations"]
     # BAD_INPUTS.md rows: | kind | image_id | annotation_id (- for a whole image) | file | what |
-    table = [line.split("|")[1:-1] for line in (sample / "BAD_INPUTS.md").read_text().splitlines() if line.startswith("| ")]
+    table = [
+        line.split("|")[1:-1] for line in (sample / "BAD_INPUTS.md").read_text().splitlines() if line.startswith("| ")
+    ]
     planted = {int(ann) if ann.strip() != "-" else ("image", int(img)) for _, img, ann, _, _ in table[2:]}
     reported = {r["ann_id"] if "ann_id" in r else ("image", r["image_id"]) for r in records}
     assert reported == planted and all(r["split"] == "train" for r in records)
@@ -335,8 +422,10 @@ def test_every_input_planted_by_the_sample_generator_is_reported(tmp_path):
 
 def test_real_coco_sample_counts_match_pycocotools(tmp_path):
     root = shared_data_or_skip("coco-sample")
-    splits = [SplitSource(s, str(root / "annotations" / f"instances_{s}2017.json"), str(root / f"{s}2017"))
-              for s in ("train", "val")]
+    splits = [
+        SplitSource(s, str(root / "annotations" / f"instances_{s}2017.json"), str(root / f"{s}2017"))
+        for s in ("train", "val")
+    ]
     run(_config(tmp_path, splits, min_roi_side=0.0))  # no ROI filter: keeps every non-crowd instance
     metrics, records = _outputs(tmp_path)
     assert records == []  # the real sample is clean
@@ -383,16 +472,37 @@ def test_index_rows_spilled_in_batches_write_the_file_write_index_writes(tmp_pat
 
     monkeypatch.setattr(index_module, "ROW_GROUP_ROWS", row_group_rows)
     rng = np.random.default_rng(0)
-    rows = [dict(ann_id=int(a), image_id=int(rng.integers(50)), split=str(rng.choice(["val", "train", "minival"])),
-                 file_name="a.jpg", image_path=f"/images/{i}.jpg", width=640, height=480, category_id=1,
-                 category_name="thing", iscrowd=False, bbox=[1.5, 2.0, 3.0, 4.0], area=float(i),
-                 roi_box=[1, 2, 3, 4], roi_float_box=[1.0, 2.0, 3.0, 4.0], point=[1, 2], point_box=[0, 0, 96, 96],
-                 rle_counts="x" * int(rng.integers(1, 40)))
-            for i, a in enumerate(rng.permutation(1000))]
+    rows = [
+        dict(
+            ann_id=int(a),
+            image_id=int(rng.integers(50)),
+            split=str(rng.choice(["val", "train", "minival"])),
+            file_name="a.jpg",
+            image_path=f"/images/{i}.jpg",
+            width=640,
+            height=480,
+            category_id=1,
+            category_name="thing",
+            iscrowd=False,
+            bbox=[1.5, 2.0, 3.0, 4.0],
+            area=float(i),
+            roi_box=[1, 2, 3, 4],
+            roi_float_box=[1.0, 2.0, 3.0, 4.0],
+            point=[1, 2],
+            point_box=[0, 0, 96, 96],
+            rle_counts="x" * int(rng.integers(1, 40)),
+        )
+        for i, a in enumerate(rng.permutation(1000))
+    ]
     in_order = sorted(rows, key=lambda r: (r["split"], r["image_id"], r["ann_id"]))
     reference = write_index(pa.Table.from_pylist(rows, schema=SCHEMA), tmp_path / "ref.parquet", {"m": 1}).read_bytes()
-    for name, added, batch_rows in [("shuffled-whole", rows, 10**9), ("shuffled-64", rows, 64), ("shuffled-7", rows, 7),
-                                    ("sorted-64", in_order, 64), ("reversed-33", in_order[::-1], 33)]:
+    for name, added, batch_rows in [
+        ("shuffled-whole", rows, 10**9),
+        ("shuffled-64", rows, 64),
+        ("shuffled-7", rows, 7),
+        ("sorted-64", in_order, 64),
+        ("reversed-33", in_order[::-1], 33),
+    ]:
         builder = IndexBuilder(tmp_path / f"{name}.arrow", batch_rows=batch_rows)
         for row in added:
             builder.add(**row)

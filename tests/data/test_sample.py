@@ -19,8 +19,11 @@ from picosam_pipeline.errors import PipelineError
 
 
 def _sha256_tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _bad_rows(root: Path) -> list[dict[str, str]]:
@@ -86,7 +89,7 @@ def test_layout_names_and_sizes(root, cocos):
 
 def test_every_valid_annotation_decodes_to_its_bbox_and_area(cocos, bad):
     skip = _bad_ann_ids(bad)
-    for split, coco in cocos.items():
+    for _split, coco in cocos.items():
         anns = [a for a in coco.dataset["annotations"] if a["id"] not in skip]
         assert len(anns) >= 3 * len(coco.getImgIds())  # 3-8 shapes per image
         for ann in anns:
@@ -123,8 +126,10 @@ def test_occlusion_really_hides_parts_of_shapes():
         _, drawn = sample._compose(np.random.default_rng([0, 0, i]), i, portrait=False, planted=[])
         for k, (shape, visible) in enumerate(drawn):
             h, w = visible.shape
-            inside = all(p[:, 0].min() >= 0 and p[:, 0].max() <= w and p[:, 1].min() >= 0 and p[:, 1].max() <= h
-                         for p in shape.polygons)
+            inside = all(
+                p[:, 0].min() >= 0 and p[:, 0].max() <= w and p[:, 1].min() >= 0 and p[:, 1].max() <= h
+                for p in shape.polygons
+            )
             full = sample._rasterize(shape.polygons, h, w)
             if inside and not shape.iscrowd and visible.sum() < full.sum():
                 occluded += 1
@@ -136,9 +141,14 @@ def test_border_tiny_and_crowd_instances(cocos, bad):
     skip = _bad_ann_ids(bad)
     for coco in cocos.values():
         anns = [a for a in coco.dataset["annotations"] if a["id"] not in skip]
-        touching = [a for a in anns if a["bbox"][0] == 0 or a["bbox"][1] == 0
-                    or a["bbox"][0] + a["bbox"][2] == coco.imgs[a["image_id"]]["width"]
-                    or a["bbox"][1] + a["bbox"][3] == coco.imgs[a["image_id"]]["height"]]
+        touching = [
+            a
+            for a in anns
+            if a["bbox"][0] == 0
+            or a["bbox"][1] == 0
+            or a["bbox"][0] + a["bbox"][2] == coco.imgs[a["image_id"]]["width"]
+            or a["bbox"][1] + a["bbox"][3] == coco.imgs[a["image_id"]]["height"]
+        ]
         assert len(touching) >= len(coco.getImgIds())  # at least one per image on average
         tiny = [a for a in anns if a["area"] < 30]
         assert len(tiny) == 1 and tiny[0]["iscrowd"] == 0 and isinstance(tiny[0]["segmentation"], list)
@@ -164,12 +174,18 @@ def test_planted_bad_inputs_are_exactly_as_listed(root, cocos, bad):
     for kind in ("missing_file", "truncated_jpeg", "corrupt_file"):
         with pytest.raises(BadImageError) as info:
             load_image(path_of(kind), json_size(kind))
-        assert info.value.kind == {"missing_file": "missing", "truncated_jpeg": "truncated",
-                                   "corrupt_file": "unreadable"}[kind]
+        assert (
+            info.value.kind
+            == {"missing_file": "missing", "truncated_jpeg": "truncated", "corrupt_file": "unreadable"}[kind]
+        )
     assert not path_of("missing_file").exists() and int(bad["missing_file"]["image_id"]) in train.imgs
 
-    for kind, mode, conversion in [("grayscale_jpeg", "L", "grayscale->rgb"), ("cmyk_jpeg", "CMYK", "cmyk->rgb"),
-                                   ("palette_png", "P", "palette->rgb"), ("exif_rotated_jpeg", "RGB", "exif-rotated")]:
+    for kind, mode, conversion in [
+        ("grayscale_jpeg", "L", "grayscale->rgb"),
+        ("cmyk_jpeg", "CMYK", "cmyk->rgb"),
+        ("palette_png", "P", "palette->rgb"),
+        ("exif_rotated_jpeg", "RGB", "exif-rotated"),
+    ]:
         with Image.open(path_of(kind)) as im:
             assert im.mode == mode
             stored_size = im.size
@@ -237,13 +253,17 @@ def test_stage_writes_dataset_config_and_metrics(tmp_path):
     from picosam_pipeline.device import resolve_runtime
     from picosam_pipeline.stages.sample import run
 
-    cfg = Config(runtime=RuntimeConfig(device="cpu", metrics_dir=str(tmp_path / "metrics")),
-                 sample=SampleConfig(out_dir=str(tmp_path / "s"), train_images=3, val_images=2, plant_bad_inputs=False))
+    cfg = Config(
+        runtime=RuntimeConfig(device="cpu", metrics_dir=str(tmp_path / "metrics")),
+        sample=SampleConfig(out_dir=str(tmp_path / "s"), train_images=3, val_images=2, plant_bad_inputs=False),
+    )
     summary = run(cfg, resolve_runtime(cfg.runtime))
     assert summary == {"images": {"train": 3, "val": 2}, "annotations": summary["annotations"], "bad_inputs": 0}
     assert json.loads((tmp_path / "metrics" / "sample.json").read_text()) == {
-        "images": sum(summary["images"].values()), "annotations": sum(summary["annotations"].values()),
-        "bad_inputs": summary["bad_inputs"]}
+        "images": sum(summary["images"].values()),
+        "annotations": sum(summary["annotations"].values()),
+        "bad_inputs": summary["bad_inputs"],
+    }
     assert json.loads((tmp_path / "s" / "config.resolved.json").read_text())["sample"]["train_images"] == 3
     train = json.loads((tmp_path / "s" / "annotations" / "instances_train.json").read_text())
     assert summary["annotations"]["train"] == len(train["annotations"]) > 0

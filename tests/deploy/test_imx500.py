@@ -18,22 +18,39 @@ import pytest
 from onnx import TensorProto, helper
 
 from picosam_pipeline.deploy import imx500
-from picosam_pipeline.deploy.imx500 import (ConverterError, check_java, converter_issues, find_memory_report,
-                                            fixed_manifest_date, normalize_packer_zip, normalize_zip, parse_size,
-                                            preflight, read_dnn_params, read_memory_report)
+from picosam_pipeline.deploy.imx500 import (
+    ConverterError,
+    check_java,
+    converter_issues,
+    find_memory_report,
+    fixed_manifest_date,
+    normalize_packer_zip,
+    normalize_zip,
+    parse_size,
+    preflight,
+    read_dnn_params,
+    read_memory_report,
+)
 
 # Lines as imxconv-pt 3.19.2 printed them here (a fake-quant file, a network of 9.8 MB, a float ONNX).
-USOP_LOG = ("2026-11-21 06:28:20,724 ERROR : CODE: [USOP] The network contains unsupported ops: DequantizeLinear, "
-            "QuantizeLinear [/venv/lib/python3.11/site-packages/uni/common/logger.py:185]\n")
-ISM_LOG = """2026-11-21 06:25:33.406 INFO : CODE: [START] Starting SDSPconv
-2026-11-21 06:27:27.871 ERROR: CODE: [ISM] ConvFe error (ISM) on 'big_mctq': Not enough memory, available: 8.00MB , required: 9.83MB 
-2026-11-21 06:27:28.512 INFO : CODE: [IMCF] ConvFe failed with insufficient memory, trying to run Tiling Advisor
-Exception in thread "main" java.lang.IllegalArgumentException: Available memory needs to be greater than 0
-2026-11-21 06:27:29.951 ERROR: CODE: [ISM] ConvFe error (ISM) on 'big_mctq': Not enough memory, available: 8.00MB , required: 9.83MB 
-"""
-FLOAT_LOG = """2026-11-21 06:28:42.595 ERROR: CODE: [GE] Caught exception while converting'float': List is empty. 
-2026-11-21 06:28:42.691 ERROR: CODE: [FEFSUC] Failure in conversion process: 
-"""
+USOP_LOG = (
+    "2026-11-21 06:28:20,724 ERROR : CODE: [USOP] The network contains unsupported ops: DequantizeLinear, "
+    "QuantizeLinear [/venv/lib/python3.11/site-packages/uni/common/logger.py:185]\n"
+)
+ISM_LOG = (
+    "2026-11-21 06:25:33.406 INFO : CODE: [START] Starting SDSPconv\n"
+    "2026-11-21 06:27:27.871 ERROR: CODE: [ISM] ConvFe error (ISM) on 'big_mctq': "
+    "Not enough memory, available: 8.00MB , required: 9.83MB \n"
+    "2026-11-21 06:27:28.512 INFO : CODE: [IMCF] ConvFe failed with insufficient memory, "
+    "trying to run Tiling Advisor\n"
+    'Exception in thread "main" java.lang.IllegalArgumentException: Available memory needs to be greater than 0\n'
+    "2026-11-21 06:27:29.951 ERROR: CODE: [ISM] ConvFe error (ISM) on 'big_mctq': "
+    "Not enough memory, available: 8.00MB , required: 9.83MB \n"
+)
+FLOAT_LOG = (
+    "2026-11-21 06:28:42.595 ERROR: CODE: [GE] Caught exception while converting'float': List is empty. \n"
+    "2026-11-21 06:28:42.691 ERROR: CODE: [FEFSUC] Failure in conversion process: \n"
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -54,8 +71,10 @@ def test_missing_java_says_how_to_install_it(tmp_path):
         check_java(search_path=str(tmp_path))
 
 
-@pytest.mark.parametrize("line, shown", [('openjdk version "11.0.22" 2024-01-16', "Java 11.0.22"),
-                                         ('java version "1.8.0_392"', "Java 1.8.0_392")])
+@pytest.mark.parametrize(
+    "line, shown",
+    [('openjdk version "11.0.22" 2024-01-16', "Java 11.0.22"), ('java version "1.8.0_392"', "Java 1.8.0_392")],
+)
 def test_old_java_is_refused(tmp_path, line, shown):
     with pytest.raises(ConverterError, match=f"needs Java 17, but .* is {shown}.*openjdk-17-jre-headless"):
         check_java(search_path=_fake_java(tmp_path, line))
@@ -70,14 +89,24 @@ def test_package_stage_without_java_says_so_before_anything_else(tmp_path, monke
     """`run-stage package` with no Java on PATH: exit 1, one paragraph naming Java 17 and the install command,
     although the export it would package does not exist either (that would be the second complaint)."""
     from click.testing import CliRunner
-
     from conftest import REPO
+
     from picosam_pipeline.cli import cli
 
     monkeypatch.setenv("PATH", str(tmp_path))
-    result = CliRunner().invoke(cli, ["run-stage", "package", "--params", str(REPO / "params.yaml"),
-                                      "--set", f"package.export_dir={tmp_path / 'nothing'}",
-                                      "--set", f"package.out_dir={tmp_path / 'out'}"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "run-stage",
+            "package",
+            "--params",
+            str(REPO / "params.yaml"),
+            "--set",
+            f"package.export_dir={tmp_path / 'nothing'}",
+            "--set",
+            f"package.out_dir={tmp_path / 'out'}",
+        ],
+    )
     assert result.exit_code == 1
     assert "Error: imxconv-pt (the IMX500 converter) needs Java 17" in result.output
     assert "apt install openjdk-17-jre-headless" in result.output and "Traceback" not in result.output
@@ -89,19 +118,42 @@ def test_package_stage_without_java_says_so_before_anything_else(tmp_path, monke
 
 
 def _model(nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto] = ()) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
-                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)], list(initializers))
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("mct_quantizers", 1)])
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
+        list(initializers),
+    )
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("mct_quantizers", 1)]
+    )
 
 
 def _mctq_nodes(last_output: str = "output") -> list[onnx.NodeProto]:
     """An input quantiser, a 1x1 conv and an output quantiser, as MCT's MCTQ exporter writes them."""
     return [
-        helper.make_node("ActivationPOTQuantizer", ["input"], ["q_in"], name="/input_quantizer", domain="mct_quantizers",
-                         threshold=1.0, signed=0, num_bits=8),
+        helper.make_node(
+            "ActivationPOTQuantizer",
+            ["input"],
+            ["q_in"],
+            name="/input_quantizer",
+            domain="mct_quantizers",
+            threshold=1.0,
+            signed=0,
+            num_bits=8,
+        ),
         helper.make_node("Conv", ["q_in", "w"], ["conv"], name="/head/Conv"),
-        helper.make_node("ActivationPOTQuantizer", ["conv"], [last_output], name="/head_quantizer", domain="mct_quantizers",
-                         threshold=8.0, signed=1, num_bits=8),
+        helper.make_node(
+            "ActivationPOTQuantizer",
+            ["conv"],
+            [last_output],
+            name="/head_quantizer",
+            domain="mct_quantizers",
+            threshold=8.0,
+            signed=1,
+            num_bits=8,
+        ),
     ]
 
 
@@ -131,9 +183,14 @@ def test_preflight_names_the_nodes_with_unsupported_operators(tmp_path):
 
 
 def test_preflight_points_a_fake_quant_file_to_the_mctq_export(tmp_path):
-    scale, zero = helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]), helper.make_tensor("z", TensorProto.INT8, [], [0])
-    nodes = [helper.make_node("QuantizeLinear", ["input", "s", "z"], ["q"], name="/q"),
-             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["output"], name="/dq")]
+    scale, zero = (
+        helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]),
+        helper.make_tensor("z", TensorProto.INT8, [], [0]),
+    )
+    nodes = [
+        helper.make_node("QuantizeLinear", ["input", "s", "z"], ["q"], name="/q"),
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["output"], name="/dq"),
+    ]
     path = tmp_path / "fq.onnx"
     onnx.save(_model(nodes, [scale, zero]), path)
     with pytest.raises(ConverterError, match="fake-quant export: pass the MCTQ export"):
@@ -174,10 +231,23 @@ def test_parse_size_in_every_unit():
 def _write_report(folder: Path, used: str, available: str, fits: bool) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "net_MemoryReport.json"
-    path.write_text(json.dumps({"Memory Report": {
-        "Name": "net", "Runtime Memory Physical Size": "529920B", "Model Memory Physical Size": "9777376B",
-        "Reserved Memory": "1024B", "Memory Usage": used, "Total Memory Available On Chip": available,
-        "Memory Utilization": "123%", "Fit In Chip": fits, "Input Persistent": True}}))
+    path.write_text(
+        json.dumps(
+            {
+                "Memory Report": {
+                    "Name": "net",
+                    "Runtime Memory Physical Size": "529920B",
+                    "Model Memory Physical Size": "9777376B",
+                    "Reserved Memory": "1024B",
+                    "Memory Usage": used,
+                    "Total Memory Available On Chip": available,
+                    "Memory Utilization": "123%",
+                    "Fit In Chip": fits,
+                    "Input Persistent": True,
+                }
+            }
+        )
+    )
     return path
 
 
@@ -198,16 +268,26 @@ def test_read_dnn_params(tmp_path):
       </inputTensor></inputTensors>
       <outputTensors><outputTensor ordinal="0" name="out:0" bitsPerElement="8" scale="0.125" format="signed">
         <dimensions><dimension size="96" ordinal="2"/><dimension size="1" ordinal="0"/><dimension size="96" ordinal="1"/></dimensions>
-      </outputTensor></outputTensors></network></networks></dnnParams>""")
+      </outputTensor></outputTensors></network></networks></dnnParams>""")  # noqa: E501 (literal dnnParams.xml)
     tensors = read_dnn_params(xml)
-    assert tensors["inputs"] == [{"name": "in:0", "dims": [3, 96, 96], "serialization": [0, 1, 2], "bits": 8,
-                                  "scale": 0.00390625, "format": "unsigned"}]  # no serializationOrder: ordinal order
+    assert tensors["inputs"] == [
+        {
+            "name": "in:0",
+            "dims": [3, 96, 96],
+            "serialization": [0, 1, 2],
+            "bits": 8,
+            "scale": 0.00390625,
+            "format": "unsigned",
+        }
+    ]  # no serializationOrder: ordinal order
     assert tensors["outputs"][0]["dims"] == [1, 96, 96] and tensors["outputs"][0]["format"] == "signed"
 
 
 def test_converter_issues_one_clear_message_per_code():
     (usop,) = converter_issues(USOP_LOG)
-    assert usop.code == "USOP" and usop.detail == "The network contains unsupported ops: DequantizeLinear, QuantizeLinear"
+    assert (
+        usop.code == "USOP" and usop.detail == "The network contains unsupported ops: DequantizeLinear, QuantizeLinear"
+    )
     assert "replace them" in usop.explanation
     (ism,) = converter_issues(ISM_LOG)  # printed twice, reported once; the INFO-level [IMCF] is not an error
     assert ism.code == "ISM" and "required: 9.83MB" in ism.detail and "does not fit" in ism.explanation
@@ -246,8 +326,12 @@ PACKER_MANIFEST = b"""{
   }
 }
 """
-MEMBERS = {"sdpsA.bin": bytes(range(256)) * 64, "cfgC.bin": b"\x00\x01\x02\x03", "dnnParams.xml": b"<dnnParams/>",
-           "manifest.json": PACKER_MANIFEST}
+MEMBERS = {
+    "sdpsA.bin": bytes(range(256)) * 64,
+    "cfgC.bin": b"\x00\x01\x02\x03",
+    "dnnParams.xml": b"<dnnParams/>",
+    "manifest.json": PACKER_MANIFEST,
+}
 
 
 def _zip(path: Path, members: dict[str, bytes], when: tuple[int, ...], order: list[str], mode: int) -> Path:
@@ -273,7 +357,8 @@ def test_normalize_zip_gives_the_same_bytes_for_the_same_members(tmp_path):
         assert {i.filename: z.read(i) for i in infos} == MEMBERS  # contents untouched, the manifest's date too
         assert {(i.date_time, i.external_attr >> 16) for i in infos} == {((1980, 1, 1, 0, 0, 0), 0o100644)}
         assert {i.filename: i.compress_type for i in infos} == {
-            n: zipfile.ZIP_STORED if n == "cfgC.bin" else zipfile.ZIP_DEFLATED for n in MEMBERS}
+            n: zipfile.ZIP_STORED if n == "cfgC.bin" else zipfile.ZIP_DEFLATED for n in MEMBERS
+        }
     assert not list(tmp_path.glob("*.normalizing"))
 
 
@@ -302,10 +387,10 @@ def test_normalize_packer_zip_fixes_the_manifest_date_and_copies_the_network(tmp
 @pytest.mark.timeout(600)
 def test_oversized_network_fails_with_required_and_available_memory(tmp_path):
     """A 9.4 M-weight conv (9.8 MB with the rest) through MCT and imxconv-pt: the chip has 8 MB."""
+    import model_compression_toolkit as mct
     import torch
     from torch import nn
 
-    import model_compression_toolkit as mct
     from picosam_pipeline.deploy.onnx_export import export_quantized
     from picosam_pipeline.deploy.quantize import target_platform
 
@@ -314,14 +399,22 @@ def test_oversized_network_fails_with_required_and_available_memory(tmp_path):
     except ConverterError as err:
         pytest.skip(f"no Java 17 for the converter: {err}")
     torch.manual_seed(0)
-    big = nn.Sequential(nn.Conv2d(3, 1024, 1), nn.ReLU(), nn.Conv2d(1024, 1024, 3, padding=1), nn.ReLU(),
-                        nn.Conv2d(1024, 1, 1)).eval()
+    big = nn.Sequential(
+        nn.Conv2d(3, 1024, 1), nn.ReLU(), nn.Conv2d(1024, 1024, 3, padding=1), nn.ReLU(), nn.Conv2d(1024, 1, 1)
+    ).eval()
     # No-clipping thresholds: MCT's default per-channel MSE search over 9.4 M weights takes minutes.
     fast = mct.core.QuantizationErrorMethod.NOCLIPPING
-    core = mct.core.CoreConfig(quantization_config=mct.core.QuantizationConfig(
-        weights_error_method=fast, activation_error_method=fast, weights_bias_correction=False))
+    core = mct.core.CoreConfig(
+        quantization_config=mct.core.QuantizationConfig(
+            weights_error_method=fast, activation_error_method=fast, weights_bias_correction=False
+        )
+    )
     quantized, _ = mct.ptq.pytorch_post_training_quantization(
-        big, lambda: iter([[torch.rand(2, 3, 8, 8)]]), core_config=core, target_platform_capabilities=target_platform("4.0"))
+        big,
+        lambda: iter([[torch.rand(2, 3, 8, 8)]]),
+        core_config=core,
+        target_platform_capabilities=target_platform("4.0"),
+    )
     onnx_path = export_quantized(quantized, tmp_path / "big.onnx", fmt="mctq", input_size=8)
 
     with pytest.raises(ConverterError) as err:
@@ -375,7 +468,11 @@ def test_converter_output_is_collected_while_a_progress_line_runs(tmp_path):
     the timeout is killed and reported as such (returncode None)."""
     import sys
 
-    done = imx500._run_with_progress([sys.executable, "-c", "import time; print('loading'); time.sleep(0.7); print('done')"], 30)
+    done = imx500._run_with_progress(
+        [sys.executable, "-c", "import time; print('loading'); time.sleep(0.7); print('done')"], 30
+    )
     assert done.returncode == 0 and done.lines == ["loading\n", "done\n"]
-    stuck = imx500._run_with_progress([sys.executable, "-c", "import time; print('start', flush=True); time.sleep(30)"], 1)
+    stuck = imx500._run_with_progress(
+        [sys.executable, "-c", "import time; print('start', flush=True); time.sleep(30)"], 1
+    )
     assert stuck.returncode is None and stuck.lines == ["start\n"]

@@ -16,8 +16,16 @@ import pytest
 import torch
 from torch import nn
 
-from picosam_pipeline.deploy.quantize import (CameraInputModel, RgbModel, camera_input_model, normalization_conv, quantize,
-                                              quantized_weight_bytes, representative_batches, target_platform)
+from picosam_pipeline.deploy.quantize import (
+    CameraInputModel,
+    RgbModel,
+    camera_input_model,
+    normalization_conv,
+    quantize,
+    quantized_weight_bytes,
+    representative_batches,
+    target_platform,
+)
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.train.students import NORMALIZATION, build_student, folded_int8_bytes, normalize
 
@@ -29,8 +37,14 @@ class TinyStudent(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, groups=3, bias=False), nn.BatchNorm2d(3), nn.ReLU(),
-                                  nn.Conv2d(3, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 3, 3, padding=1, groups=3, bias=False),
+            nn.BatchNorm2d(3),
+            nn.ReLU(),
+            nn.Conv2d(3, 8, 1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+        )
         self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False)
         self.up = nn.Upsample(scale_factor=2, mode="nearest")
         self.head = nn.Conv2d(8, 1, 1)
@@ -154,20 +168,39 @@ def quantized_stage(tmp_path_factory):
     root = tmp_path_factory.mktemp("quantize_stage")
     cfg = build_inputs(root)
     run_pack(cfg, root / "shards")
-    checkpoint = save_student(root / "student.pt", half_foreground_student(root / "shards" / "val"),
-                              {"student": "picosam2", "input_size": 96, "normalization": dataclasses.asdict(NORMALIZATION)})
-    cfg = dataclasses.replace(cfg, quantize=QuantizeConfig(
-        checkpoint=str(checkpoint), train_shards=str(root / "shards" / "train"), val_shards=str(root / "shards" / "val"),
-        index=cfg.pack.index, representative_batches=2, batch_size=4, probe_samples=4, out_dir=str(root / "quantize")))
+    checkpoint = save_student(
+        root / "student.pt",
+        half_foreground_student(root / "shards" / "val"),
+        {"student": "picosam2", "input_size": 96, "normalization": dataclasses.asdict(NORMALIZATION)},
+    )
+    cfg = dataclasses.replace(
+        cfg,
+        quantize=QuantizeConfig(
+            checkpoint=str(checkpoint),
+            train_shards=str(root / "shards" / "train"),
+            val_shards=str(root / "shards" / "val"),
+            index=cfg.pack.index,
+            representative_batches=2,
+            batch_size=4,
+            probe_samples=4,
+            out_dir=str(root / "quantize"),
+        ),
+    )
     summary = quantize_stage.run(cfg, Runtime(device=torch.device("cpu"), autocast_dtype=None, seed=0))
     headline = json.loads((Path(cfg.runtime.metrics_dir) / "quantize.json").read_text())
     details = json.loads((Path(cfg.quantize.out_dir) / "report.json").read_text())["metrics"]
     # metrics/quantize.json: the headline only, float vs INT8 and the drop, taken from the details
-    assert headline == {"float_crop_miou": details["float"]["crop_miou"], "int8_crop_miou": details["int8"]["crop_miou"],
-                        "crop_miou_drop": details["float"]["crop_miou"] - details["int8"]["crop_miou"],
-                        "int8_within_target": details["int8_within_target"]}
+    assert headline == {
+        "float_crop_miou": details["float"]["crop_miou"],
+        "int8_crop_miou": details["int8"]["crop_miou"],
+        "crop_miou_drop": details["float"]["crop_miou"] - details["int8"]["crop_miou"],
+        "int8_within_target": details["int8_within_target"],
+    }
     plot = (Path(cfg.quantize.out_dir) / "plots" / "by_size.csv").read_text().splitlines()
-    assert plot[0] == "size,model,crop_miou,samples" and {line.split(",")[1] for line in plot[1:]} == {"student", "student_int8"}
+    assert plot[0] == "size,model,crop_miou,samples" and {line.split(",")[1] for line in plot[1:]} == {
+        "student",
+        "student_int8",
+    }
     return cfg, summary, details
 
 
@@ -189,7 +222,9 @@ def test_stage_reports_int8_weight_bytes_beside_the_papers(quantized_stage):
     weights = metrics["weights"]
     model = camera_input_model(build_student("picosam2"))
     assert weights["int8_bytes"] == folded_int8_bytes(model) and weights["params"] == 1_262_818 + 6
-    assert weights["int8_bytes_in_model"] == weights["int8_bytes"] + 4 * (48 + 96 + 160 + 256)  # zero biases of down1..4
+    assert weights["int8_bytes_in_model"] == weights["int8_bytes"] + 4 * (
+        48 + 96 + 160 + 256
+    )  # zero biases of down1..4
     assert weights["published_int8_mb"] == 1.22
 
 
@@ -213,7 +248,9 @@ def test_stage_serialises_the_int8_model_for_export(quantized_stage):
 
     crop = read_shard_index(cfg.quantize.val_shards).crop
     assert json.loads((out / "report.json").read_text())["crop"] == crop and crop["convention"] == "roi"
-    assert OnnxCropModel(out / "quantized_fakequant.onnx").crop == OnnxCropModel(out / "quantized_mctq.onnx").crop == crop
+    assert (
+        OnnxCropModel(out / "quantized_fakequant.onnx").crop == OnnxCropModel(out / "quantized_mctq.onnx").crop == crop
+    )
 
 
 def test_stage_refuses_a_student_trained_on_other_crops(quantized_stage, tmp_path):

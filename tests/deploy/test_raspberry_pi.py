@@ -17,9 +17,19 @@ from picosam_pipeline.data import crops
 from picosam_pipeline.data.crops import CropBox, crop_convention, point_box, roi_box
 from picosam_pipeline.deploy import raspberry_pi as deploy
 from picosam_pipeline.deploy.imx500 import read_dnn_params
-from picosam_pipeline.deploy.raspberry_pi import (SENSOR_SIZE, as_xywh, inference_roi, logits_from_outputs, overlay_rgba,
-                                                  paste_mask, point_roi, preview_to_sensor, prompt_roi, resize_nearest,
-                                                  sensor_size)
+from picosam_pipeline.deploy.raspberry_pi import (
+    SENSOR_SIZE,
+    as_xywh,
+    inference_roi,
+    logits_from_outputs,
+    overlay_rgba,
+    paste_mask,
+    point_roi,
+    preview_to_sensor,
+    prompt_roi,
+    resize_nearest,
+    sensor_size,
+)
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.evaluate.crop_metrics import paste_crop, resize_crop_to_box
 
@@ -90,8 +100,9 @@ def test_point_roi_refuses_points_outside_and_windows_the_chip_cannot_take():
 
 
 def test_prompt_roi_follows_the_recorded_convention():
-    assert prompt_roi(ROI_CROP, FULL_SENSOR, (1014, 760), box=(200, 150, 100, 50)) == \
-        inference_roi((200, 150, 100, 50), FULL_SENSOR, (1014, 760))
+    assert prompt_roi(ROI_CROP, FULL_SENSOR, (1014, 760), box=(200, 150, 100, 50)) == inference_roi(
+        (200, 150, 100, 50), FULL_SENSOR, (1014, 760)
+    )
     padded = {**ROI_CROP, "roi_padding": 0.2}
     assert prompt_roi(padded, FULL_SENSOR, (1014, 760), box=(200, 150, 100, 50))[2] == 560  # 400 px + 20 % per side
     assert prompt_roi(POINT_CROP, FULL_SENSOR, (1014, 760), point=(250, 100)) == (952, 352, 96, 96)
@@ -121,13 +132,17 @@ def test_sensor_size_uses_picamera2s_public_api():
 
 
 def test_demo_uses_no_private_picamera2_api():
-    """``IMX500.__get_full_sensor_resolution`` is name-mangled (private): calling it stops the demo with AttributeError."""
+    """``IMX500.__get_full_sensor_resolution`` is name-mangled (private): calling it stops the demo with
+    AttributeError."""
     source = (TEMPLATES / "picosam_imx500_demo.py").read_text()
     tree = ast.parse(source)
     attributes = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
     assert "get_full_sensor_resolution" not in attributes and not any(a.startswith("_") for a in attributes)
-    options = {node.args[0].value for node in ast.walk(tree) if isinstance(node, ast.Call)
-               and isinstance(node.func, ast.Attribute) and node.func.attr == "add_argument"}
+    options = {
+        node.args[0].value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "add_argument"
+    }
     assert {"--box", "--point", "--fps", "--print-intrinsics", "--model", "--preview-size"} <= options
 
 
@@ -145,7 +160,8 @@ DNN_OUTPUT = """<?xml version="1.0"?><dnnParams><networks><network name="picosam
 
 
 def _sensor_stream(tensor: np.ndarray, serialization: list[int]) -> np.ndarray:
-    """The chip's byte order: dimension ``serialization.index(0)`` fastest, then 1, ... (``tensor`` in ordinal order)."""
+    """The chip's byte order: dimension ``serialization.index(0)`` fastest, then 1, ... (``tensor`` in ordinal
+    order)."""
     order = sorted(range(tensor.ndim), key=lambda d: serialization[d], reverse=True)  # slowest first
     return np.transpose(tensor, order).reshape(-1)
 
@@ -246,8 +262,10 @@ def test_deploy_module_runs_beside_crops_without_the_package(tmp_path):
     """On the Pi only deploy.py and crops.py are there: the fallback import must work."""
     shutil.copyfile(deploy.__file__, tmp_path / "deploy.py")
     shutil.copyfile(crops.__file__, tmp_path / "crops.py")
-    code = ("import sys; sys.modules['picosam_pipeline'] = None; sys.path.insert(0, sys.argv[1]); import deploy; "
-            "print(deploy.inference_roi((200, 150, 100, 50), (0, 0, 4056, 3040), (1014, 760)))")
+    code = (
+        "import sys; sys.modules['picosam_pipeline'] = None; sys.path.insert(0, sys.argv[1]); import deploy; "
+        "print(deploy.inference_roi((200, 150, 100, 50), (0, 0, 4056, 3040), (1014, 760)))"
+    )
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(inference_roi((200, 150, 100, 50), FULL_SENSOR, (1014, 760)))
@@ -255,10 +273,16 @@ def test_deploy_module_runs_beside_crops_without_the_package(tmp_path):
 
 def test_demo_script_uses_only_what_deploy_defines():
     tree = ast.parse((TEMPLATES / "picosam_imx500_demo.py").read_text())
-    imported = [alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module == "deploy"
-                for alias in node.names]
+    imported = [
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "deploy"
+        for alias in node.names
+    ]
     assert imported and all(hasattr(deploy, name) for name in imported)
-    calls = {node.func.attr for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)}
+    calls = {
+        node.func.attr for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+    }
     assert {"set_inference_roi_abs", "get_outputs", "get_roi_scaled", "set_overlay"} <= calls
     assert "get_full_sensor_resolution" not in calls
 
@@ -271,7 +295,7 @@ DNN_PARAMS = """<?xml version="1.0"?><dnnParams><networks><network name="picosam
 <dimensions><dimension size="3" ordinal="0"/><dimension size="96" ordinal="1"/><dimension size="96" ordinal="2"/></dimensions>
 </inputTensor></inputTensors><outputTensors><outputTensor ordinal="0" name="out:0" bitsPerElement="8" scale="0.125" format="signed">
 <dimensions><dimension size="1" ordinal="0"/><dimension size="96" ordinal="1"/><dimension size="96" ordinal="2"/></dimensions>
-</outputTensor></outputTensors></network></networks></dnnParams>"""
+</outputTensor></outputTensors></network></networks></dnnParams>"""  # noqa: E501 (literal dnnParams.xml)
 
 
 def _export_dir(root: Path, crop: dict | None = ROI_CROP) -> Path:
@@ -281,12 +305,26 @@ def _export_dir(root: Path, crop: dict | None = ROI_CROP) -> Path:
     folder = root / "export"
     folder.mkdir()
     (folder / MCTQ_FILE).write_bytes(b"onnx")
-    (folder / CONTRACT_FILE).write_text(json.dumps({
-        "network": "picosam_int8", "student": "picosam3", "tpc_version": "4.0", "method": "ptq",
-        "input": {"shape": ["batch", 3, 96, 96], "summary": "float32 (batch, 3, 96, 96) RGB in [0, 1], NCHW",
-                  "normalization": {"where": "in_graph", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}},
-        "output": {"summary": "float32 (batch, 1, 96, 96) mask logits; mask = logit > 0", "quantization_step": 0.125},
-        **({"crop": crop} if crop is not None else {})}))
+    (folder / CONTRACT_FILE).write_text(
+        json.dumps(
+            {
+                "network": "picosam_int8",
+                "student": "picosam3",
+                "tpc_version": "4.0",
+                "method": "ptq",
+                "input": {
+                    "shape": ["batch", 3, 96, 96],
+                    "summary": "float32 (batch, 3, 96, 96) RGB in [0, 1], NCHW",
+                    "normalization": {"where": "in_graph", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+                },
+                "output": {
+                    "summary": "float32 (batch, 1, 96, 96) mask logits; mask = logit > 0",
+                    "quantization_step": 0.125,
+                },
+                **({"crop": crop} if crop is not None else {}),
+            }
+        )
+    )
     return folder
 
 
@@ -311,8 +349,14 @@ def _fake_converter(monkeypatch, *, input_format: str = "unsigned", input_scale:
 def _package_config(root: Path):
     from picosam_pipeline.config import load_config
 
-    return load_config(None, [f"package.export_dir={root / 'export'}", f"package.out_dir={root / 'package'}",
-                              f"runtime.metrics_dir={root / 'metrics'}"])
+    return load_config(
+        None,
+        [
+            f"package.export_dir={root / 'export'}",
+            f"package.out_dir={root / 'package'}",
+            f"runtime.metrics_dir={root / 'metrics'}",
+        ],
+    )
 
 
 @pytest.mark.parametrize("crop", [ROI_CROP, POINT_CROP], ids=["picosam3-roi", "picosam2-point"])
@@ -323,11 +367,23 @@ def test_package_stage_writes_the_deploy_folder_and_memory_metrics(tmp_path, mon
     _export_dir(tmp_path, crop)
     _fake_converter(monkeypatch)
     summary = package.run(_package_config(tmp_path), None)
-    assert summary == {"crop": crop["convention"], "fits": True, "used_bytes": 3844000, "available_bytes": 8388480,
-                       "utilization": 0.458, "converter_seconds": 42.0}
+    assert summary == {
+        "crop": crop["convention"],
+        "fits": True,
+        "used_bytes": 3844000,
+        "available_bytes": 8388480,
+        "utilization": 0.458,
+        "converter_seconds": 42.0,
+    }
     folder = tmp_path / "package" / "deploy"
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "crops.py", "deploy.py", "packerOut.zip",
-                                                        "picosam_imx500_demo.py", "picosam_int8.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md",
+        "crops.py",
+        "deploy.py",
+        "packerOut.zip",
+        "picosam_imx500_demo.py",
+        "picosam_int8.json",
+    ]
     assert (folder / "packerOut.zip").read_bytes() == b"PK-packer"
     readme = (folder / "README.md").read_text()
     assert "$" not in readme and "imx500-package -i packerOut.zip -o ." in readme
@@ -343,7 +399,11 @@ def test_package_stage_writes_the_deploy_folder_and_memory_metrics(tmp_path, mon
     assert last_run(tmp_path / "metrics", "package")["java"] == "17.0.15"
     assert metrics["tensors"]["inputs"][0]["scale"] == 1 / 256
     headline = json.loads((tmp_path / "metrics" / "package.json").read_text())
-    assert headline == {"fits": True, "utilization": metrics["utilization"], "model_bytes": metrics["memory"]["model_bytes"]}
+    assert headline == {
+        "fits": True,
+        "utilization": metrics["utilization"],
+        "model_bytes": metrics["memory"]["model_bytes"],
+    }
 
 
 def test_package_stage_refuses_a_network_that_does_not_read_camera_rgb(tmp_path, monkeypatch):
@@ -364,15 +424,20 @@ def test_package_stage_refuses_a_contract_without_crop_convention(tmp_path, monk
         package.run(_package_config(tmp_path), None)
 
 
-@pytest.mark.parametrize("crop, prompt, refused", [(ROI_CROP, "--box 10,10,50,50", "--point 5,5"),
-                                                    (POINT_CROP, "--point 5,5", "--box 10,10,50,50")])
+@pytest.mark.parametrize(
+    "crop, prompt, refused",
+    [(ROI_CROP, "--box 10,10,50,50", "--point 5,5"), (POINT_CROP, "--point 5,5", "--box 10,10,50,50")],
+)
 def test_demo_takes_only_the_prompt_of_its_convention(tmp_path, crop, prompt, refused):
     """The demo, run off the Pi with stand-in picamera2 modules that record the ROI it sets: the recorded convention
     decides the ROI, and the other prompt kind stops it before the camera starts."""
     folder = tmp_path / "deploy"
     folder.mkdir()
-    for source, name in ((TEMPLATES / "picosam_imx500_demo.py", "picosam_imx500_demo.py"), (Path(deploy.__file__), "deploy.py"),
-                         (Path(crops.__file__), "crops.py")):
+    for source, name in (
+        (TEMPLATES / "picosam_imx500_demo.py", "picosam_imx500_demo.py"),
+        (Path(deploy.__file__), "deploy.py"),
+        (Path(crops.__file__), "crops.py"),
+    ):
         shutil.copyfile(source, folder / name)
     (folder / "picosam_int8.json").write_text(json.dumps({"input": {"shape": ["batch", 3, 96, 96]}, "crop": crop}))
     fakes = tmp_path / "fakes" / "picamera2"
@@ -385,7 +450,8 @@ def test_demo_takes_only_the_prompt_of_its_convention(tmp_path, crop, prompt, re
         "    def create_preview_configuration(self, **kw): return kw\n"
         "    def start(self, config, show_preview): pass\n"
         "    def capture_metadata(self): return {'ScalerCrop': (0, 0, 4056, 3040)}\n"
-        "    def stop(self): pass\n")
+        "    def stop(self): pass\n"
+    )
     (fakes / "devices" / "__init__.py").write_text(
         "class IMX500:\n"
         "    camera_num = 0\n"
@@ -394,17 +460,25 @@ def test_demo_takes_only_the_prompt_of_its_convention(tmp_path, crop, prompt, re
         "    def __init__(self, model): pass\n"
         "    def show_network_fw_progress_bar(self): pass\n"
         "    def set_inference_roi_abs(self, roi):\n"
-        "        print('ROI', tuple(roi)); raise SystemExit(0)\n")
+        "        print('ROI', tuple(roi)); raise SystemExit(0)\n"
+    )
     (fakes / "devices" / "imx500" / "__init__.py").write_text(
         "class NetworkIntrinsics:\n"
         "    task = None; inference_rate = None\n"
         "    def update_with_defaults(self): self.inference_rate = self.inference_rate or 30.0\n"
-        "    def __repr__(self): return '{\"task\": \"%s\", \"inference_rate\": %s}' % (self.task, self.inference_rate)\n")
+        '    def __repr__(self): return \'{"task": "%s", "inference_rate": %s}\' % (self.task, self.inference_rate)\n'
+    )
     env = {"PYTHONPATH": str(tmp_path / "fakes"), "PATH": "/usr/bin:/bin"}
 
     def demo(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(folder / "picosam_imx500_demo.py"), "--preview-size", "1014x760", *args],
-                              capture_output=True, text=True, timeout=60, env=env, cwd=folder)
+        return subprocess.run(
+            [sys.executable, str(folder / "picosam_imx500_demo.py"), "--preview-size", "1014x760", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            cwd=folder,
+        )
 
     ran = demo(*prompt.split())
     assert ran.returncode == 0, ran.stderr
@@ -417,4 +491,7 @@ def test_demo_takes_only_the_prompt_of_its_convention(tmp_path, crop, prompt, re
     kind = "box" if crop["convention"] == "roi" else "point"
     assert f"give --{kind}" in refused_run.stderr
     intrinsics = demo("--fps", "12", "--print-intrinsics")
-    assert intrinsics.returncode == 0 and json.loads(intrinsics.stdout) == {"task": "segmentation", "inference_rate": 12}
+    assert intrinsics.returncode == 0 and json.loads(intrinsics.stdout) == {
+        "task": "segmentation",
+        "inference_rate": 12,
+    }

@@ -9,15 +9,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import shared_data_or_skip
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from conftest import shared_data_or_skip
 from picosam_pipeline.config import EvaluateConfig, LvisEvalConfig
 from picosam_pipeline.data.index import read_index
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.evaluate.crop_metrics import gt_crop
 from picosam_pipeline.evaluate.lvis import evaluate_annotations
+from picosam_pipeline.evaluate.plots import category_bars, iou_histogram, iou_vs_area, size_bars, student_vs_teacher
+from picosam_pipeline.evaluate.predict import crop_rgb
+from picosam_pipeline.evaluate.prediction_scoring import score_predictions
+from picosam_pipeline.evaluate.report import GridPool, crop_prompt, draw_grid, errors_overlay
 from picosam_pipeline.evaluate.score_table import (
     InstanceGT,
     category_report,
@@ -25,11 +30,6 @@ from picosam_pipeline.evaluate.score_table import (
     evaluation_report,
     format_report,
 )
-from picosam_pipeline.evaluate.crop_metrics import gt_crop
-from picosam_pipeline.evaluate.plots import category_bars, iou_histogram, iou_vs_area, size_bars, student_vs_teacher
-from picosam_pipeline.evaluate.predict import crop_rgb
-from picosam_pipeline.evaluate.prediction_scoring import score_predictions
-from picosam_pipeline.evaluate.report import GridPool, crop_prompt, draw_grid, errors_overlay
 from picosam_pipeline.stages import evaluate as evaluate_stage
 from picosam_pipeline.train.checkpoints import load_student, save_student
 
@@ -68,16 +68,27 @@ def batch_and_gt():
     1: object entirely outside the crop (empty GT crop); student predicts nothing, teacher one pixel.
     2: as 0 but annotated area 20000 (COCO "large").
     """
-    full = [_rect((200, 200), 10, 30, 80, 120), _rect((200, 200), 150, 160, 150, 160), _rect((200, 200), 10, 30, 80, 120)]
+    full = [
+        _rect((200, 200), 10, 30, 80, 120),
+        _rect((200, 200), 150, 160, 150, 160),
+        _rect((200, 200), 10, 30, 80, 120),
+    ]
     gt_crops = np.stack([m[:S, :S] for m in full])[:, None].astype(np.float32)
     image = np.zeros((3, 3, S, S), dtype=np.float32)
     image[:, 0] = gt_crops[:, 0]  # the red channel carries the student's answer
     teacher = np.full((3, 1, S, S), -4.0, dtype=np.float32)
     teacher[0, 0, 10:20, 80:96] = teacher[2, 0, 10:20, 80:96] = 4.0
     teacher[1, 0, 50, 50] = 4.0
-    batch = {"image": image, "gt_mask": gt_crops, "teacher_logits": teacher, "ann_id": np.array([11, 12, 13]),
-             "image_id": np.array([7, 7, 7]), "category_id": np.array([1, 2, 1]), "area": np.array([800.0, 100.0, 20000.0]),
-             "crop_box": np.tile([0, 0, S, S], (3, 1))}
+    batch = {
+        "image": image,
+        "gt_mask": gt_crops,
+        "teacher_logits": teacher,
+        "ann_id": np.array([11, 12, 13]),
+        "image_id": np.array([7, 7, 7]),
+        "category_id": np.array([1, 2, 1]),
+        "area": np.array([800.0, 100.0, 20000.0]),
+        "crop_box": np.tile([0, 0, S, S], (3, 1)),
+    }
     gt = InstanceGT([11, 12, 13], [_rle(m) for m in full], [200] * 3, [200] * 3, ["cat", "dog", "cat"], "test")
     return batch, gt
 
@@ -104,8 +115,13 @@ def test_batch_scores_crop_and_full_image_iou_per_model(batch_and_gt):
     assert teacher["crop_success_map_50_95"] == pytest.approx(0.1)  # IoU 0.5 passes only t = 0.50; sample 1 not counted
     assert student["full_image_miou"] == pytest.approx(0.8 / 3)
     assert list(student["by_size"]) == ["small", "large"]
-    assert teacher["by_size"]["small"] == {"samples": 2, "gt_nonempty": 1, "crop_miou": 0.25,
-                                           "crop_success_map_50_95": pytest.approx(0.1), "full_image_miou": 0.1}
+    assert teacher["by_size"]["small"] == {
+        "samples": 2,
+        "gt_nonempty": 1,
+        "crop_miou": 0.25,
+        "crop_success_map_50_95": pytest.approx(0.1),
+        "full_image_miou": 0.1,
+    }
     assert "not COCO AP" in format_report(report, ["student", "teacher"])
 
 
@@ -118,16 +134,23 @@ def test_plot_rows_histogram_shares_and_size_bars(batch_and_gt):
     assert hist["0.95-1.00", "student"] == 1.0  # IoU 1.0: last bin
     assert hist["0.00-0.05", "teacher"] == pytest.approx(1 / 3) and hist["0.50-0.55", "teacher"] == pytest.approx(2 / 3)
     bars = size_bars(evaluation_report(table), ["student", "teacher"])
-    assert [(b["size"], b["model"]) for b in bars] == [("small", "student"), ("large", "student"), ("small", "teacher"),
-                                                        ("large", "teacher")]
+    assert [(b["size"], b["model"]) for b in bars] == [
+        ("small", "student"),
+        ("large", "student"),
+        ("small", "teacher"),
+        ("large", "teacher"),
+    ]
     by_category = {m: category_report(table, m) for m in table.models}
     cats = category_bars(table, by_category)
-    assert {(c["category"], c["model"]) for c in cats} == {(c, m) for c in by_category["student"] for m in ("student", "teacher")}
+    assert {(c["category"], c["model"]) for c in cats} == {
+        (c, m) for c in by_category["student"] for m in ("student", "teacher")
+    }
     area = iou_vs_area(table)
     assert len(area) == 2 * len(table) and {r["model"] for r in area} == {"student", "teacher"}
     pairs = student_vs_teacher(table)
     assert [(r["student_iou"], r["teacher_iou"]) for r in pairs] == [
-        (round(float(s), 6), round(float(t), 6)) for s, t in zip(table["student_iou"], table["teacher_iou"])]
+        (round(float(s), 6), round(float(t), 6)) for s, t in zip(table["student_iou"], table["teacher_iou"])
+    ]
 
 
 def test_shards_from_another_index_are_an_error(batch_and_gt):
@@ -154,8 +177,14 @@ def _sample(i: int, iou: float, with_int8: bool) -> dict:
     logits = {"student": np.zeros((S, S), np.float32), "teacher": np.ones((S, S), np.float32)}
     if with_int8:
         logits["student_int8"] = np.zeros((S, S), np.float32)
-    return {"image": np.full((S, S, 3), i % 255, np.uint8), "gt": np.eye(S, dtype=bool), "ann_id": i, "category": "c",
-            "logits": logits, "iou": {m: iou for m in logits}}
+    return {
+        "image": np.full((S, S, 3), i % 255, np.uint8),
+        "gt": np.eye(S, dtype=bool),
+        "ann_id": i,
+        "category": "c",
+        "logits": logits,
+        "iou": {m: iou for m in logits},
+    }
 
 
 def test_grid_pool_is_bounded_and_spreads_over_the_iou_range():
@@ -172,10 +201,18 @@ def test_grid_pool_is_bounded_and_spreads_over_the_iou_range():
 
 
 def test_grid_png_has_an_int8_column_only_when_int8_logits_exist(tmp_path):
-    without = draw_grid([_sample(i, 0.5, False) for i in range(2)], tmp_path / "a.png", title="t",
-                        int8_missing_reason="no int8 model given")
-    with_int8 = draw_grid([_sample(i, 0.5, True) for i in range(2)], tmp_path / "b.png", title="t",
-                          int8_missing_reason="no int8 model given")
+    without = draw_grid(
+        [_sample(i, 0.5, False) for i in range(2)],
+        tmp_path / "a.png",
+        title="t",
+        int8_missing_reason="no int8 model given",
+    )
+    with_int8 = draw_grid(
+        [_sample(i, 0.5, True) for i in range(2)],
+        tmp_path / "b.png",
+        title="t",
+        int8_missing_reason="no int8 model given",
+    )
     w_without, h = Image.open(without).size
     w_with, h2 = Image.open(with_int8).size
     assert h == h2 and w_with > w_without  # one more column
@@ -192,7 +229,9 @@ def test_grid_colours_errors_apart_and_marks_the_prompt(tmp_path):
     pred = np.zeros((S, S), bool)
     pred[20:60, 20:60] = True
     out = errors_overlay(image, pred, gt)
-    inside = {name: out[y, x].astype(float) for name, (y, x) in {"tp": (30, 30), "fp": (50, 50), "fn": (12, 30)}.items()}
+    inside = {
+        name: out[y, x].astype(float) for name, (y, x) in {"tp": (30, 30), "fp": (50, 50), "fn": (12, 30)}.items()
+    }
     for name, colour in (("tp", TP_COLOUR), ("fp", FP_COLOUR), ("fn", FN_COLOUR)):
         others = [c for c in (TP_COLOUR, FP_COLOUR, FN_COLOUR) if c is not colour]
         assert all(np.abs(inside[name] - colour).sum() < np.abs(inside[name] - o).sum() for o in others), name
@@ -203,9 +242,13 @@ def test_grid_colours_errors_apart_and_marks_the_prompt(tmp_path):
     assert crop_prompt(("point", (150.0, 250.0)), (100, 200, 196, 296), S) == ("point", (50.0, 50.0))
     kind, (x, y, w, h) = crop_prompt(("box", (110.0, 210.0, 48.0, 24.0)), (100, 200, 292, 392), S)
     assert kind == "box" and (x, y, w, h) == (4.5, 4.5, 24.0, 12.0)
-    samples = [{**_sample(i, 0.5, False), "crop_box": (0, 0, S, S), "prompt": ("point", (40.0, 50.0))} for i in range(2)]
+    samples = [
+        {**_sample(i, 0.5, False), "crop_box": (0, 0, S, S), "prompt": ("point", (40.0, 50.0))} for i in range(2)
+    ]
     marked = np.asarray(Image.open(draw_grid(samples, tmp_path / "p.png", title="t")).convert("RGB"))
-    plain = np.asarray(Image.open(draw_grid([_sample(i, 0.5, False) for i in range(2)], tmp_path / "n.png", title="t")).convert("RGB"))
+    plain = np.asarray(
+        Image.open(draw_grid([_sample(i, 0.5, False) for i in range(2)], tmp_path / "n.png", title="t")).convert("RGB")
+    )
     assert marked.shape == plain.shape and (marked != plain).any(axis=2).sum() > 4 * 30  # a mark in each of 4+ cells
 
 
@@ -223,16 +266,43 @@ def _lvis_v1(tmp_path):
     images, anns = [], []
     for image_id, (w, h) in [(1, (160, 120)), (2, (100, 140)), (3, (64, 64))]:
         folder = "train2017" if image_id == 3 else "val2017"
-        images.append({"id": image_id, "width": w, "height": h, "coco_url": f"http://images.cocodataset.org/{folder}/{image_id:012d}.jpg",
-                       "neg_category_ids": [], "not_exhaustive_category_ids": []})
+        images.append(
+            {
+                "id": image_id,
+                "width": w,
+                "height": h,
+                "coco_url": f"http://images.cocodataset.org/{folder}/{image_id:012d}.jpg",
+                "neg_category_ids": [],
+                "not_exhaustive_category_ids": [],
+            }
+        )
         if folder == "val2017":
-            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(images_dir / f"{image_id:012d}.jpg", quality=95)
-    boxes = [(1, 10, 20, 30, 40), (1, 100, 5, 50, 60), (2, 0, 0, 100, 140), (2, 40, 60, 8, 6), (3, 1, 1, 20, 20), (3, 5, 5, 9, 9)]
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+                images_dir / f"{image_id:012d}.jpg", quality=95
+            )
+    boxes = [
+        (1, 10, 20, 30, 40),
+        (1, 100, 5, 50, 60),
+        (2, 0, 0, 100, 140),
+        (2, 40, 60, 8, 6),
+        (3, 1, 1, 20, 20),
+        (3, 5, 5, 9, 9),
+    ]
     for ann_id, (image_id, x, y, w, h) in enumerate(boxes, start=1):
         poly = [x, y, x + w, y, x + w, y + h, x, y + h]
-        anns.append({"id": ann_id, "image_id": image_id, "category_id": 1 + ann_id, "bbox": [x, y, w, h],
-                     "area": w * h, "segmentation": [poly]})
-    anns.append({"id": 99, "image_id": 1, "category_id": 5, "bbox": [1, 1, 2, 2], "area": 2.0, "segmentation": [[1, 1, 2, 2]]})
+        anns.append(
+            {
+                "id": ann_id,
+                "image_id": image_id,
+                "category_id": 1 + ann_id,
+                "bbox": [x, y, w, h],
+                "area": w * h,
+                "segmentation": [poly],
+            }
+        )
+    anns.append(
+        {"id": 99, "image_id": 1, "category_id": 5, "bbox": [1, 1, 2, 2], "area": 2.0, "segmentation": [[1, 1, 2, 2]]}
+    )
     anns.append({**anns[0], "id": 100, "image_id": 42})  # an image id that is not in "images"
     cats = [{"id": i, "name": f"cat{i}", "synset": f"s{i}.n.01", "frequency": "f"} for i in range(1, 1204)]
     path = tmp_path / "lvis_v1_val.json"
@@ -244,9 +314,13 @@ def test_lvis_v1_from_annotations_counts_missing_images_and_scores_the_rest(tmp_
     path, images_dir, boxes = _lvis_v1(tmp_path)
     model = RedChannelModel()
     table, summary = evaluate_annotations(path, images_dir, model, "picosam3-roi", batch_size=3)
-    assert summary["dataset"]["format"] == "lvis" and summary["dataset"]["version"] == "v1" and summary["warnings"] == []
+    assert (
+        summary["dataset"]["format"] == "lvis" and summary["dataset"]["version"] == "v1" and summary["warnings"] == []
+    )
     assert summary["annotations"] == 8 and summary["scored"] == 4 and len(table) == 4
-    assert summary["annotations_without_image"] == 2 and summary["images_missing"] == 1 and summary["images_scored"] == 2
+    assert (
+        summary["annotations_without_image"] == 2 and summary["images_missing"] == 1 and summary["images_scored"] == 2
+    )
     assert summary["dropped_by_reason"] == {"bad_polygon": 1, "missing_image_id": 1}  # 8 = 4 + 2 + 2: all accounted for
     assert [len(x) for x in model.inputs] == [3, 1]  # batches of batch_size
     # each sample is the papers' crop: GT via crop_metrics.gt_crop, image via PIL bilinear, scored like the shards
@@ -273,14 +347,23 @@ def test_lvis_v05_file_is_detected_and_its_missing_images_counted(tmp_path):
     assert summary["annotations"] == 977 and summary["annotations_without_image"] == 977
     annotated = {a["image_id"] for a in json.loads(path.read_text())["annotations"]}
     assert summary["images_missing"] == len(annotated) == 93 and summary["scored"] == 0 and len(table) == 0
-    assert any("not v1" in w for w in summary["warnings"]) and any("no annotation was scored" in w for w in summary["warnings"])
+    assert any("not v1" in w for w in summary["warnings"]) and any(
+        "no annotation was scored" in w for w in summary["warnings"]
+    )
     assert evaluation_report(table, ["student"])["student"]["crop_miou"] is None
 
 
 def test_a_coco_file_is_not_taken_for_lvis(tmp_path):
     path = tmp_path / "instances.json"
-    path.write_text(json.dumps({"images": [], "annotations": [{"id": 1, "image_id": 1, "iscrowd": 0}],
-                                "categories": [{"id": 1, "name": "person", "supercategory": "person"}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "images": [],
+                "annotations": [{"id": 1, "image_id": 1, "iscrowd": 0}],
+                "categories": [{"id": 1, "name": "person", "supercategory": "person"}],
+            }
+        )
+    )
     with pytest.raises(PipelineError, match="is a COCO instances file, not LVIS"):
         evaluate_annotations(path, tmp_path, RedChannelModel(), "picosam3-roi")
 
@@ -292,11 +375,16 @@ def test_a_coco_file_is_not_taken_for_lvis(tmp_path):
 def _as_lvis_v1(coco_json, out):
     """The sample's val annotations rewritten in LVIS v1 form: 1203 synset categories, coco_url, no iscrowd."""
     data = json.loads(Path(coco_json).read_text())
-    images = [{k: v for k, v in img.items() if k != "file_name"} | {"coco_url": f"http://images.cocodataset.org/val2017/{img['file_name']}"}
-              for img in data["images"]]
+    images = [
+        {k: v for k, v in img.items() if k != "file_name"}
+        | {"coco_url": f"http://images.cocodataset.org/val2017/{img['file_name']}"}
+        for img in data["images"]
+    ]
     anns = [{k: v for k, v in a.items() if k != "iscrowd"} for a in data["annotations"] if not a.get("iscrowd", 0)]
     names = {c["id"]: c["name"] for c in data["categories"]}
-    cats = [{"id": i, "name": names.get(i, f"cat{i}"), "synset": f"s{i}.n.01", "frequency": "f"} for i in range(1, 1204)]
+    cats = [
+        {"id": i, "name": names.get(i, f"cat{i}"), "synset": f"s{i}.n.01", "frequency": "f"} for i in range(1, 1204)
+    ]
     out.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
     return out, len(anns)
 
@@ -308,19 +396,31 @@ def evaluated(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     cfg = build_inputs(root)
     run_pack(cfg, root / "shards", splits=["val"])
-    checkpoint = save_student(root / "train" / "student.pt", half_foreground_student(root / "shards" / "val"),
-                              {"student": "picosam2", "input_size": S})
+    checkpoint = save_student(
+        root / "train" / "student.pt",
+        half_foreground_student(root / "shards" / "val"),
+        {"student": "picosam2", "input_size": S},
+    )
     # the float model exported to ONNX stands in for the quantize stage's fake-quant model
     int8_model = root / "student_int8.onnx"
     with pytest.warns(DeprecationWarning):  # the legacy TorchScript exporter
         torch.onnx.export(load_student(checkpoint)[0], torch.zeros(1, 3, S, S), str(int8_model), dynamo=False)
     val = cfg.prepare.splits[1]
     lvis_json, lvis_anns = _as_lvis_v1(val.annotations, root / "lvis_v1_val.json")
-    cfg = dataclasses.replace(cfg, evaluate=EvaluateConfig(
-        shards=str(root / "shards" / "val"), checkpoint=str(checkpoint), index=cfg.pack.index, batch_size=16, grid_samples=4,
-        int8_model=str(int8_model),
-        write_predictions=str(root / "evaluate" / "predictions.json"), out_dir=str(root / "evaluate"),
-        lvis=LvisEvalConfig(annotations=str(lvis_json), images=val.images)))
+    cfg = dataclasses.replace(
+        cfg,
+        evaluate=EvaluateConfig(
+            shards=str(root / "shards" / "val"),
+            checkpoint=str(checkpoint),
+            index=cfg.pack.index,
+            batch_size=16,
+            grid_samples=4,
+            int8_model=str(int8_model),
+            write_predictions=str(root / "evaluate" / "predictions.json"),
+            out_dir=str(root / "evaluate"),
+            lvis=LvisEvalConfig(annotations=str(lvis_json), images=val.images),
+        ),
+    )
     summary = evaluate_stage.run(cfg, Runtime(device=torch.device("cpu"), autocast_dtype=None, seed=0))
     details = json.loads((Path(cfg.evaluate.out_dir) / "report.json").read_text())  # metrics/evaluate.json's details
     return cfg, summary, details, lvis_anns
@@ -337,9 +437,14 @@ def test_stage_scores_student_and_teacher_on_the_val_shards(evaluated):
     assert set(headline) == {"crop_miou", "crop_map", "full_miou", "student_int8", "teacher", "lvis"}
     assert headline["lvis"] == {"crop_miou": report["lvis"]["student"]["crop_miou"]}
     for model in ("student", "student_int8", "teacher"):
-        figures = {k: headline[k] for k in ("crop_miou", "crop_map", "full_miou")} if model == "student" else headline[model]
-        assert figures == {"crop_miou": report[model]["crop_miou"], "full_miou": report[model]["full_image_miou"],
-                           "crop_map": report[model]["crop_success_map_50_95"]}
+        figures = (
+            {k: headline[k] for k in ("crop_miou", "crop_map", "full_miou")} if model == "student" else headline[model]
+        )
+        assert figures == {
+            "crop_miou": report[model]["crop_miou"],
+            "full_miou": report[model]["full_image_miou"],
+            "crop_map": report[model]["crop_success_map_50_95"],
+        }
         assert sum(g["samples"] for g in report[model]["by_size"].values()) == n
     # the stand-in teacher is the GT mask as logits: right up to boundary pixels of the stored crop
     assert metrics["teacher"]["crop_miou"] > 0.9 and metrics["teacher"]["full_image_miou"] > 0.85
@@ -348,8 +453,14 @@ def test_stage_scores_student_and_teacher_on_the_val_shards(evaluated):
     assert sum(g["samples"] for g in report["by_category"]["student"].values()) == n
     assert len((out / "per_sample.csv").read_text().splitlines()) == n + 1
     plots = {p.name: p.read_text().splitlines() for p in (out / "plots").iterdir()}
-    assert set(plots) == {"iou_histogram.csv", "by_size.csv", "by_category.csv", "iou_vs_area.csv",
-                          "student_vs_teacher.csv", "teacher_confidence.csv"}
+    assert set(plots) == {
+        "iou_histogram.csv",
+        "by_size.csv",
+        "by_category.csv",
+        "iou_vs_area.csv",
+        "student_vs_teacher.csv",
+        "teacher_confidence.csv",
+    }
     assert len(plots["iou_vs_area.csv"]) == 3 * n + 1 and len(plots["student_vs_teacher.csv"]) == n + 1
     assert len(plots["teacher_confidence.csv"]) == 20 + 1  # one teacher, 20 bins
     assert Image.open(out / "grid.png").size[0] > 0 and (out / "config.resolved.json").is_file()
@@ -379,7 +490,9 @@ def test_stage_lvis_block_evaluates_from_annotations_and_images(evaluated):
     lvis = metrics["lvis"]
     assert lvis["dataset"]["version"] == "v1" and lvis["protocol"] == "picosam3-roi"
     assert lvis["annotations"] == lvis_anns and lvis["annotations_without_image"] == 0
-    assert lvis["scored"] == lvis["student"]["samples"] == metrics["samples"]  # the sample's val has nothing prepare drops
+    assert (
+        lvis["scored"] == lvis["student"]["samples"] == metrics["samples"]
+    )  # the sample's val has nothing prepare drops
     # raw crops here vs JPEG crops in the shards: the same student, nearly the same figures
     assert lvis["student"]["crop_miou"] == pytest.approx(metrics["student"]["crop_miou"], abs=0.05)
 
@@ -391,15 +504,19 @@ def test_evaluate_int8_stage_puts_float_teacher_and_int8_side_by_side(evaluated)
 
     cfg, _, metrics, _ = evaluated
     root = Path(cfg.evaluate.out_dir).parent
-    section = dataclasses.replace(cfg.evaluate, int8_model=None, int8_onnx=cfg.evaluate.int8_model,
-                                  int8_out_dir=str(root / "evaluate-int8"))
-    evaluate_int8.run(dataclasses.replace(cfg, evaluate=section), Runtime(device=torch.device("cpu"), autocast_dtype=None,
-                                                                          seed=0))
+    section = dataclasses.replace(
+        cfg.evaluate, int8_model=None, int8_onnx=cfg.evaluate.int8_model, int8_out_dir=str(root / "evaluate-int8")
+    )
+    evaluate_int8.run(
+        dataclasses.replace(cfg, evaluate=section), Runtime(device=torch.device("cpu"), autocast_dtype=None, seed=0)
+    )
     side_by_side = json.loads((Path(cfg.runtime.metrics_dir) / "evaluate-int8.json").read_text())
     out = root / "evaluate-int8"
     report = json.loads((out / "report.json").read_text())
     assert report["int8_model"] == cfg.evaluate.int8_model and "lvis" not in side_by_side
-    assert side_by_side["crop_miou"] == pytest.approx(metrics["student"]["crop_miou"], abs=1e-9)  # the student, top-level
+    assert side_by_side["crop_miou"] == pytest.approx(
+        metrics["student"]["crop_miou"], abs=1e-9
+    )  # the student, top-level
     for model in ("student_int8", "teacher"):  # the same crops as the evaluate stage: the same figures
         assert side_by_side[model]["crop_miou"] == pytest.approx(metrics[model]["crop_miou"], abs=1e-9)
     assert (out / "grid.png").is_file() and (out / "report.json").is_file() and (out / "per_sample.csv").is_file()

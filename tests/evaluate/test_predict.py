@@ -106,8 +106,15 @@ def student() -> torch.nn.Module:
 
 def _export(model: torch.nn.Module, path, dynamic_batch: bool) -> None:
     axes = {"x": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
-    torch.onnx.export(model, torch.zeros(1, 3, 96, 96), str(path), input_names=["x"], output_names=["logits"],
-                      dynamic_axes=axes, dynamo=False)
+    torch.onnx.export(
+        model,
+        torch.zeros(1, 3, 96, 96),
+        str(path),
+        input_names=["x"],
+        output_names=["logits"],
+        dynamic_axes=axes,
+        dynamo=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +178,22 @@ def test_predict_command_writes_mask_and_overlay_in_the_image_frame(tmp_path, pi
     image = tmp_path / "photo.png"
     Image.fromarray(pixels).save(image)
     mask_out, overlay_out = tmp_path / "out" / "mask.png", tmp_path / "out" / "overlay.png"
-    result = CliRunner().invoke(cli, ["predict", "--model", str(onnx_paths["dynamic"]), "--image", str(image),
-                                      "--box", "30,20,20,10", "--out", str(mask_out), "--overlay", str(overlay_out)])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "predict",
+            "--model",
+            str(onnx_paths["dynamic"]),
+            "--image",
+            str(image),
+            "--box",
+            "30,20,20,10",
+            "--out",
+            str(mask_out),
+            "--overlay",
+            str(overlay_out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     mask = np.asarray(Image.open(mask_out))
     assert mask.shape == (H, W) and set(np.unique(mask)) <= {0, 255}
@@ -187,15 +208,21 @@ def test_predict_command_errors_are_one_paragraph(tmp_path, onnx_paths, pixels):
     runner = CliRunner()
     broken = tmp_path / "broken.jpg"
     broken.write_text("<html>404</html>")
-    result = runner.invoke(cli, ["predict", "--model", str(onnx_paths["dynamic"]), "--image", str(broken), "--point", "3,3"])
+    result = runner.invoke(
+        cli, ["predict", "--model", str(onnx_paths["dynamic"]), "--image", str(broken), "--point", "3,3"]
+    )
     assert result.exit_code == 1 and "Error:" in result.output and "not in any image format" in result.output
     image = tmp_path / "ok.png"
     Image.fromarray(pixels).save(image)
     result = runner.invoke(cli, ["predict", "--model", str(image), "--image", str(image), "--point", "3,3"])
     assert result.exit_code == 1 and "neither a torch checkpoint" in result.output
-    result = runner.invoke(cli, ["predict", "--model", str(onnx_paths["dynamic"]), "--image", str(image), "--box", "500,5,10,10"])
+    result = runner.invoke(
+        cli, ["predict", "--model", str(onnx_paths["dynamic"]), "--image", str(image), "--box", "500,5,10,10"]
+    )
     assert result.exit_code == 1 and "lies outside" in result.output
-    result = runner.invoke(cli, ["predict", "--model", str(onnx_paths["dynamic"]), "--image", str(image), "--box", "1,2,3"])
+    result = runner.invoke(
+        cli, ["predict", "--model", str(onnx_paths["dynamic"]), "--image", str(image), "--box", "1,2,3"]
+    )
     assert result.exit_code == 2 and "X,Y,W,H" in result.output
 
 
@@ -207,7 +234,9 @@ def test_predict_command_takes_the_prompt_kind_the_model_recorded(tmp_path, pixe
     runner = CliRunner()
     base = ["predict", "--model", str(path), "--image", str(image), "--out", str(tmp_path / "m.png"), "--overlay", ""]
     result = runner.invoke(cli, [*base, "--box", "30,20,20,10"])
-    assert result.exit_code == 1 and "trained on PicoSAM2 point crops" in result.output and "--point X,Y" in result.output
+    assert (
+        result.exit_code == 1 and "trained on PicoSAM2 point crops" in result.output and "--point X,Y" in result.output
+    )
     result = runner.invoke(cli, [*base, "--point", "30,20"])
     assert result.exit_code == 0, result.output
     assert "crop box (0, 0, " in result.output  # the recorded 96-px window around the point, clamped at 0
@@ -243,18 +272,27 @@ def test_predict_command_refuses_bad_prompts_and_outputs_before_running_the_mode
     Image.fromarray(pixels).save(image)
     base = ["predict", "--model", str(onnx_paths["dynamic"]), "--image", str(image)]
     runner = CliRunner()
-    for prompt in (["--box", "nan,1,10,10"], ["--box", "1,1,inf,10"], ["--point", "nan,3"], ["--roi-padding", "nan",
-                                                                                            "--box", "1,1,10,10"]):
+    for prompt in (
+        ["--box", "nan,1,10,10"],
+        ["--box", "1,1,inf,10"],
+        ["--point", "nan,3"],
+        ["--roi-padding", "nan", "--box", "1,1,10,10"],
+    ):
         result = runner.invoke(cli, base + prompt)
         assert result.exit_code == 2 and "finite" in result.output, (prompt, result.output)
     result = runner.invoke(cli, base + ["--box", "10.2,10.2,0.3,0.3"])
     assert result.exit_code == 1 and "smaller than a pixel" in result.output and "Traceback" not in result.output
     blocker = tmp_path / "file.txt"
     blocker.write_text("a file, not a folder")
-    for out, expected in ((blocker / "mask.png", "its folder cannot be made"), (tmp_path, "it is a folder"),
-                          (tmp_path / "mask.xyz", "is not an image format")):
+    for out, expected in (
+        (blocker / "mask.png", "its folder cannot be made"),
+        (tmp_path, "it is a folder"),
+        (tmp_path / "mask.xyz", "is not an image format"),
+    ):
         result = runner.invoke(cli, base + ["--point", "3,3", "--out", str(out), "--overlay", ""])
         assert result.exit_code == 1 and f"cannot write {str(out)!r}" in result.output, result.output
         assert expected in result.output
-    result = runner.invoke(cli, base + ["--point", "3,3", "--out", str(tmp_path / "m.png"), "--overlay", str(blocker / "o.png")])
+    result = runner.invoke(
+        cli, base + ["--point", "3,3", "--out", str(tmp_path / "m.png"), "--overlay", str(blocker / "o.png")]
+    )
     assert result.exit_code == 1 and not (tmp_path / "m.png").exists()  # checked before anything is written

@@ -10,10 +10,20 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import shared_data_or_skip
+
 from picosam_pipeline.cli import cli
 from picosam_pipeline.data.crops import CropBox
+from picosam_pipeline.evaluate.crop_metrics import (
+    breakdown,
+    crop_miou,
+    crop_success_map_50_95,
+    full_image_iou,
+    gt_crop,
+    paste_crop,
+    size_buckets,
+)
+from picosam_pipeline.evaluate.prediction_scoring import load_coco
 from picosam_pipeline.evaluate.predictions import (
     CROP_SCHEMA,
     CropPrediction,
@@ -21,8 +31,6 @@ from picosam_pipeline.evaluate.predictions import (
     read_predictions,
     write_crop_predictions,
 )
-from picosam_pipeline.evaluate.crop_metrics import breakdown, crop_miou, crop_success_map_50_95, full_image_iou, gt_crop, paste_crop, size_buckets
-from picosam_pipeline.evaluate.prediction_scoring import load_coco
 from picosam_pipeline.train.iou import crop_ious
 
 
@@ -47,7 +55,9 @@ def test_iou_thresholds_logits_at_zero_and_empty_union_counts_one():
     expected = [0.5, 0.0, 1.0, 0.0]
     np.testing.assert_allclose(crop_ious(logits, gt), expected)
     # torch tensors with a channel axis give the same, and a {0,1} mask works as `pred` too
-    np.testing.assert_allclose(crop_ious(torch.from_numpy(logits)[:, None], torch.from_numpy(gt)[:, None].float()), expected)
+    np.testing.assert_allclose(
+        crop_ious(torch.from_numpy(logits)[:, None], torch.from_numpy(gt)[:, None].float()), expected
+    )
     np.testing.assert_allclose(crop_ious((logits > 0).astype(np.uint8), gt), expected)
     assert crop_miou(logits, gt) == pytest.approx(np.mean(expected))
 
@@ -137,8 +147,16 @@ def test_gt_crops_match_hand_computed_windows_and_paste_back_exactly():
 def test_write_crop_predictions_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(5, 96, 96)).astype(np.float32)
-    records = [CropPrediction(image_id=7 + i // 3, logits=torch.from_numpy(logits[i])[None] if i % 2 else logits[i],
-                              score=0.1 * i, category_id=3, annotation_id=100 + i) for i in range(5)]
+    records = [
+        CropPrediction(
+            image_id=7 + i // 3,
+            logits=torch.from_numpy(logits[i])[None] if i % 2 else logits[i],
+            score=0.1 * i,
+            category_id=3,
+            annotation_id=100 + i,
+        )
+        for i in range(5)
+    ]
     path = tmp_path / "out" / "preds.crop.json"
     assert write_crop_predictions(records, path) == 5
     data = json.loads(path.read_text())
@@ -174,17 +192,48 @@ def _tiny_coco(tmp_path):
     crowd_rle = mask_utils.encode(crowd)
     crowd_rle["counts"] = crowd_rle["counts"].decode("ascii")
     anns = [
-        {"id": 11, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [20, 30, 20, 20], "area": 400.0,
-         "segmentation": [[20, 30, 40, 30, 30, 50]]},
-        {"id": 12, "image_id": 1, "category_id": 1, "iscrowd": 1, "bbox": [5, 5, 20, 10], "area": 200.0,
-         "segmentation": crowd_rle},
-        {"id": 13, "image_id": 1, "category_id": 2, "iscrowd": 0, "bbox": [100, 60, 50, 50], "area": 2500.0,
-         "segmentation": rect(100, 60, 50, 50)},
-        {"id": 21, "image_id": 2, "category_id": 2, "iscrowd": 0, "bbox": [0, 0, 120, 110], "area": 13200.0,
-         "segmentation": rect(0, 0, 120, 110)},
+        {
+            "id": 11,
+            "image_id": 1,
+            "category_id": 1,
+            "iscrowd": 0,
+            "bbox": [20, 30, 20, 20],
+            "area": 400.0,
+            "segmentation": [[20, 30, 40, 30, 30, 50]],
+        },
+        {
+            "id": 12,
+            "image_id": 1,
+            "category_id": 1,
+            "iscrowd": 1,
+            "bbox": [5, 5, 20, 10],
+            "area": 200.0,
+            "segmentation": crowd_rle,
+        },
+        {
+            "id": 13,
+            "image_id": 1,
+            "category_id": 2,
+            "iscrowd": 0,
+            "bbox": [100, 60, 50, 50],
+            "area": 2500.0,
+            "segmentation": rect(100, 60, 50, 50),
+        },
+        {
+            "id": 21,
+            "image_id": 2,
+            "category_id": 2,
+            "iscrowd": 0,
+            "bbox": [0, 0, 120, 110],
+            "area": 13200.0,
+            "segmentation": rect(0, 0, 120, 110),
+        },
     ]
-    data = {"images": [{"id": i, "width": 160, "height": 120, "file_name": f"{i:012d}.jpg"} for i in (1, 2, 3)],
-            "annotations": anns, "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]}
+    data = {
+        "images": [{"id": i, "width": 160, "height": 120, "file_name": f"{i:012d}.jpg"} for i in (1, 2, 3)],
+        "annotations": anns,
+        "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+    }
     path = tmp_path / "instances.json"
     path.write_text(json.dumps(data))
     return path
@@ -196,8 +245,17 @@ def _gt_records(ann_path, protocol, flip=False):
     for image_id in (1, 2):
         for ann in coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=False)):
             crop, box = gt_crop(coco.annToMask(ann), ann["bbox"], protocol)
-            records.append(CropPrediction(image_id, (1 - crop) if flip else crop, 1.0, ann["category_id"], ann["id"],
-                                          crop_box=tuple(box), image_size=(120, 160)))
+            records.append(
+                CropPrediction(
+                    image_id,
+                    (1 - crop) if flip else crop,
+                    1.0,
+                    ann["category_id"],
+                    ann["id"],
+                    crop_box=tuple(box),
+                    image_size=(120, 160),
+                )
+            )
     return records
 
 
@@ -213,7 +271,9 @@ def test_score_predictions_aligns_skips_crowd_and_scores(tmp_path, protocol):
     out = tmp_path / "metrics" / "score.json"
     result = _score("--annotations", ann_path, "--predictions", preds, "--protocol", protocol, "--json-out", out)
     assert result.exit_code == 0, result.output
-    assert re.search(r"(?m)^crop mIoU\s+1\.000", result.output) and re.search(r"(?m)^crop mAP@\[\.5:\.95\]\s+1\.000", result.output)
+    assert re.search(r"(?m)^crop mIoU\s+1\.000", result.output) and re.search(
+        r"(?m)^crop mAP@\[\.5:\.95\]\s+1\.000", result.output
+    )
     assert "crop-frame predictions: 3 samples from 2 images" in result.output
     report = json.loads(out.read_text())
     assert report["by_size"]["small"]["samples"] == 1 and report["by_size"]["large"]["samples"] == 1
@@ -228,7 +288,9 @@ def test_score_predictions_aligns_skips_crowd_and_scores(tmp_path, protocol):
 
     write_crop_predictions(_gt_records(ann_path, protocol, flip=True), preds)
     result = _score("--annotations", ann_path, "--predictions", preds, "--protocol", protocol)
-    assert re.search(r"(?m)^crop mIoU\s+0\.000", result.output) and re.search(r"(?m)^crop mAP@\[\.5:\.95\]\s+0\.000", result.output)
+    assert re.search(r"(?m)^crop mIoU\s+0\.000", result.output) and re.search(
+        r"(?m)^crop mAP@\[\.5:\.95\]\s+0\.000", result.output
+    )
 
 
 def test_score_predictions_rejects_misaligned_files(tmp_path):
@@ -240,15 +302,26 @@ def test_score_predictions_rejects_misaligned_files(tmp_path):
     write_crop_predictions(records[1:], preds)  # image 1 loses one of its 2 predictions
     result = _score(*args)
     assert result.exit_code == 1
-    assert "image 1 has 1 prediction(s) but 2 non-crowd annotation(s)" in result.output and "--allow-partial" in result.output
+    assert (
+        "image 1 has 1 prediction(s) but 2 non-crowd annotation(s)" in result.output
+        and "--allow-partial" in result.output
+    )
 
-    write_crop_predictions([CropPrediction(1, r.logits, 1.0, annotation_id=r.annotation_id) for r in reversed(records[:2])], preds)
+    write_crop_predictions(
+        [CropPrediction(1, r.logits, 1.0, annotation_id=r.annotation_id) for r in reversed(records[:2])], preds
+    )
     result = _score(*args)
-    assert result.exit_code == 1 and "prediction 0 of image 1 names annotation 13 but the 0-th non-crowd annotation is 11" in result.output
+    assert (
+        result.exit_code == 1
+        and "prediction 0 of image 1 names annotation 13 but the 0-th non-crowd annotation is 11" in result.output
+    )
 
     write_crop_predictions([CropPrediction(99, records[0].logits, 1.0)], preds)
     result = _score(*args)
-    assert result.exit_code == 1 and "1 entries for images that are not in the annotations (e.g. entry 0 (image 99))" in result.output
+    assert (
+        result.exit_code == 1
+        and "1 entries for images that are not in the annotations (e.g. entry 0 (image 99))" in result.output
+    )
 
     result = _score("--annotations", tmp_path / "nope.json", "--predictions", preds, "--protocol", "picosam3-roi")
     assert result.exit_code == 1 and "nope.json does not exist" in result.output
@@ -260,15 +333,29 @@ def _crop_entries(ann_path, protocol="picosam3-roi"):
     return json.loads(path.read_text())
 
 
-@pytest.mark.parametrize("case, message", [
-    ("empty", "holds no prediction"),
-    ("unknown_image", "2 entries for images that are not in the annotations"),
-    ("wrong_size", "1 entries whose mask size is neither the crop size nor the image's size (e.g. image 2: size [64, 64]"),
-    ("counts_sum", "1 entries whose RLE counts are garbage or do not add up to the mask size (e.g. entry 0 (image 1): sum 9215 for 96x96"),
-    ("garbage_counts", "1 entries whose RLE counts are garbage or do not add up to the mask size (e.g. entry 1 (image 1): garbage)"),
-    ("non_integer_id", "2 entries whose image_id is not an integer (e.g. entry 0: '1', entry 3: '2.5')"),
-    ("duplicate_ids", "1 entries whose result id repeats an earlier entry's (e.g. entry 1 (image 1): id 0)"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("empty", "holds no prediction"),
+        ("unknown_image", "2 entries for images that are not in the annotations"),
+        (
+            "wrong_size",
+            "1 entries whose mask size is neither the crop size nor the image's size (e.g. image 2: size [64, 64]",
+        ),
+        (
+            "counts_sum",
+            "1 entries whose RLE counts are garbage or do not add up to the mask size "
+            "(e.g. entry 0 (image 1): sum 9215 for 96x96",
+        ),
+        (
+            "garbage_counts",
+            "1 entries whose RLE counts are garbage or do not add up to the mask size "
+            "(e.g. entry 1 (image 1): garbage)",
+        ),
+        ("non_integer_id", "2 entries whose image_id is not an integer (e.g. entry 0: '1', entry 3: '2.5')"),
+        ("duplicate_ids", "1 entries whose result id repeats an earlier entry's (e.g. entry 1 (image 1): id 0)"),
+    ],
+)
 def test_score_predictions_refuses_bad_files_with_counts(tmp_path, case, message):
     """Issue 13 item 8: every kind of bad scoring input stops with what is wrong and how many (exit 1)."""
     ann_path = _tiny_coco(tmp_path)
@@ -296,7 +383,9 @@ def test_score_predictions_refuses_bad_files_with_counts(tmp_path, case, message
     assert message in result.output and "Traceback" not in result.output
 
     if case != "empty":  # the explicit option scores what is sound and counts what it skipped
-        result = _score("--annotations", ann_path, "--predictions", preds, "--protocol", "picosam3-roi", "--allow-partial")
+        result = _score(
+            "--annotations", ann_path, "--predictions", preds, "--protocol", "picosam3-roi", "--allow-partial"
+        )
         assert result.exit_code == 0, result.output
         assert "partial scoring: skipped" in result.output and "crop mIoU                  1.000" in result.output
 
@@ -310,18 +399,43 @@ def test_image_frame_predictions_score_with_cocoeval_and_match_the_crop_file(tmp
     ann_path = _tiny_coco(tmp_path)
     preds = tmp_path / "predictions.json"
     paths = write_predictions(_gt_records(ann_path, "picosam3-roi"), preds)
-    assert paths == {"image": preds, "crop": crop_predictions_path(preds)} and paths["crop"].name == "predictions.crop.json"
+    assert (
+        paths == {"image": preds, "crop": crop_predictions_path(preds)}
+        and paths["crop"].name == "predictions.crop.json"
+    )
     coco = load_coco(ann_path)
     entries = json.loads(preds.read_text())
-    assert [e["segmentation"]["size"] for e in entries] == [[120, 160]] * 3 and [e["category_id"] for e in entries] == [1, 2, 2]
+    assert [e["segmentation"]["size"] for e in entries] == [[120, 160]] * 3 and [e["category_id"] for e in entries] == [
+        1,
+        2,
+        2,
+    ]
     ev = COCOeval(coco, coco.loadRes(str(preds)), "segm")
     ev.evaluate(), ev.accumulate(), ev.summarize()
     assert ev.stats[1] > 0.9  # AP50 of the GT crops pasted back: near-perfect masks, real categories
-    with pytest.raises(Exception):
+    with pytest.raises(AssertionError):
         coco.loadRes(str(paths["crop"]))  # a schema-marked object, not a results list: refused, not AP 0.000
 
-    image = _score("--annotations", ann_path, "--predictions", preds, "--protocol", "picosam3-roi", "--json-out", tmp_path / "i.json")
-    crop = _score("--annotations", ann_path, "--predictions", paths["crop"], "--protocol", "picosam3-roi", "--json-out", tmp_path / "c.json")
+    image = _score(
+        "--annotations",
+        ann_path,
+        "--predictions",
+        preds,
+        "--protocol",
+        "picosam3-roi",
+        "--json-out",
+        tmp_path / "i.json",
+    )
+    crop = _score(
+        "--annotations",
+        ann_path,
+        "--predictions",
+        paths["crop"],
+        "--protocol",
+        "picosam3-roi",
+        "--json-out",
+        tmp_path / "c.json",
+    )
     assert image.exit_code == 0 and crop.exit_code == 0, image.output + crop.output
     image_report, crop_report = (json.loads((tmp_path / f).read_text()) for f in ("i.json", "c.json"))
     assert image_report["frame"] == "image" and crop_report["frame"] == "crop"
@@ -337,9 +451,16 @@ def test_image_frame_predictions_score_with_cocoeval_and_match_the_crop_file(tmp
 @pytest.mark.parametrize("variant, miou", [("Trained", "0.381"), ("Distilled", "0.408"), ("Quantized", "0.407")])
 def test_reproduces_picosam2_reference_miou(variant, miou):
     root = shared_data_or_skip("coco-sample")
-    result = _score("--annotations", root / "annotations" / "instances_val2017.json",
-                    "--predictions", root / "picosam2_reference_preds" / f"PicoSAM2_{variant}_pred.json",
-                    "--protocol", "picosam2-point", "--images-dir", root / "val2017")
+    result = _score(
+        "--annotations",
+        root / "annotations" / "instances_val2017.json",
+        "--predictions",
+        root / "picosam2_reference_preds" / f"PicoSAM2_{variant}_pred.json",
+        "--protocol",
+        "picosam2-point",
+        "--images-dir",
+        root / "val2017",
+    )
     assert result.exit_code == 0, result.output
     assert "190 samples from 24 images" in result.output
     assert re.search(rf"(?m)^crop mIoU\s+{re.escape(miou)}\b", result.output), result.output
@@ -357,8 +478,12 @@ def test_images_dir_accepts_exif_rotated_files_in_either_orientation(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90 degrees to display
     Image.new("RGB", (40, 30)).save(tmp_path / "a.jpg", exif=exif)  # stored 40x30, shown 30x40
-    coco = SimpleNamespace(imgs={1: {"file_name": "a.jpg", "width": 30, "height": 40},
-                                 2: {"file_name": "a.jpg", "width": 40, "height": 30}})
+    coco = SimpleNamespace(
+        imgs={
+            1: {"file_name": "a.jpg", "width": 30, "height": 40},
+            2: {"file_name": "a.jpg", "width": 40, "height": 30},
+        }
+    )
     assert _images_on_disk(coco, [1, 2], tmp_path) == {1, 2}
     coco.imgs[3] = {"file_name": "a.jpg", "width": 41, "height": 30}
     with pytest.raises(PipelineError, match="image is 40x30 but the annotations say 41x30"):

@@ -79,8 +79,17 @@ def roi_cases(width: int, height: int) -> list[tuple[int, int, int, int]]:
 
 def point_cases(width: int, height: int) -> list[tuple[int, int, int, int]]:
     """PicoSAM2 96-px windows around points in the middle and at every border and corner."""
-    points = [(width // 2, height // 2), (2, height // 2), (width // 2, 1), (width - 1, height // 2),
-              (width // 2, height - 2), (0, 0), (width - 1, height - 1), (width - 3, 2), (3, height - 1)]
+    points = [
+        (width // 2, height // 2),
+        (2, height // 2),
+        (width // 2, 1),
+        (width - 1, height // 2),
+        (width // 2, height - 2),
+        (0, 0),
+        (width - 1, height - 1),
+        (width - 3, 2),
+        (3, height - 1),
+    ]
     return [tuple(point_box(cx, cy, width, height, 96)) for cx, cy in points]
 
 
@@ -103,8 +112,13 @@ def test_stored_crop_matches_analytic_field(width, height, convention, margin):
     for n, box in enumerate(boxes):
         want = expected_stored(box, width, height, 96, margin, n)
         # 1e-3 px of the field's steepest slope (float32 rounding is far below; a half-pixel slip is 25x above).
-        np.testing.assert_allclose(stored[n].numpy(), want, rtol=0, atol=1e-3 * max(abs(A), abs(B)) + 2e-5,
-                                   err_msg=f"{convention} box {box.tolist()} in {width}x{height}")
+        np.testing.assert_allclose(
+            stored[n].numpy(),
+            want,
+            rtol=0,
+            atol=1e-3 * max(abs(A), abs(B)) + 2e-5,
+            err_msg=f"{convention} box {box.tolist()} in {width}x{height}",
+        )
 
 
 def test_whole_image_box_equals_torch_resize():

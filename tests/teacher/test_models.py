@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from malicious_pickle import CodeOnLoad
 
 from picosam_pipeline.config import SAM2_MODELS, TeacherConfig
 from picosam_pipeline.device import Runtime
@@ -25,7 +26,6 @@ from picosam_pipeline.teacher.sam2_batched import Sam2Teacher
 from picosam_pipeline.teacher.sam2_predictor import sam2_config_name
 from picosam_pipeline.teacher.sam3_teacher import probabilities_to_logits
 from picosam_pipeline.teacher.weights import state_dict_sha256
-from malicious_pickle import CodeOnLoad
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = Runtime(device=torch.device("cpu"), autocast_dtype=None, seed=0)
@@ -113,11 +113,14 @@ def test_keeps_the_mask_with_the_highest_predicted_iou_as_the_predictor_does(tin
     with torch.inference_mode():
         predictor.set_image(image)
         _, iou, low_res = predictor.predict(box=BOXES, multimask_output=True, return_logits=True)
-        _, point_iou, point_low_res = predictor.predict(point_coords=POINTS[:, None], point_labels=np.ones((3, 1)),
-                                                        multimask_output=True, return_logits=True)
+        _, point_iou, point_low_res = predictor.predict(
+            point_coords=POINTS[:, None], point_labels=np.ones((3, 1)), multimask_output=True, return_logits=True
+        )
     best = iou.argmax(axis=1)
     np.testing.assert_allclose(boxes_out.confidence.numpy(), iou.max(axis=1), rtol=1e-5)
-    np.testing.assert_allclose(boxes_out.image_logits.numpy(), low_res[np.arange(len(BOXES)), best], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(
+        boxes_out.image_logits.numpy(), low_res[np.arange(len(BOXES)), best], rtol=1e-5, atol=1e-4
+    )
     best = point_iou.argmax(axis=1)
     np.testing.assert_allclose(points_out.image_logits.numpy(), point_low_res[np.arange(3), best], rtol=1e-5, atol=1e-4)
 
@@ -168,7 +171,9 @@ def test_random_weights_are_seeded_identically_in_every_process(tiny):
         "cfg = TeacherConfig(model='sam2.1_hiera_tiny', checkpoint=None, allow_random_weights=True)\n"
         "print(build_teacher(cfg, Runtime(torch.device('cpu'), None, 0)).metadata['weights_sha256'])\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300, check=True
+    )
     assert done.stdout.strip().splitlines()[-1] == teacher.metadata["weights_sha256"]
 
 
@@ -177,7 +182,9 @@ def test_checkpoint_round_trip_loads_safely_and_reproduces_outputs(tiny, image, 
     path = tmp_path / "sam2.1_hiera_tiny.pt"
     torch.save({"model": teacher.model.state_dict()}, path)  # the official SAM2 checkpoint layout
     cfg = TeacherConfig(model="sam2.1_hiera_tiny", checkpoint=str(path), allow_random_weights=False)
-    loaded = build_teacher(cfg, Runtime(torch.device("cpu"), None, seed=123))  # seed differs: weights come from the file
+    loaded = build_teacher(
+        cfg, Runtime(torch.device("cpu"), None, seed=123)
+    )  # seed differs: weights come from the file
 
     assert loaded.metadata["weights"] == "checkpoint"
     assert loaded.metadata["checkpoint"] == str(path)

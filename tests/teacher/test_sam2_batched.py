@@ -17,6 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from teacher_project import config, tiny_project
 
 from picosam_pipeline.cli import cli
 from picosam_pipeline.config import TeacherConfig
@@ -32,7 +33,6 @@ from picosam_pipeline.teacher.sam2_batched import Sam2Teacher
 from picosam_pipeline.teacher.sam2_predictor import Sam2PredictorTeacher
 from picosam_pipeline.teacher.shard_writer import PendingShard, ShardAssembler, ShardWriter
 from picosam_pipeline.teacher.store import create_store, open_store
-from teacher_project import config, tiny_project
 
 CPU = Runtime(device=torch.device("cpu"), autocast_dtype=None, seed=0)
 
@@ -51,7 +51,9 @@ def images_and_boxes() -> tuple[list[torch.Tensor], list[np.ndarray]]:
     for (h, w), n in (((96, 128), 3), ((120, 90), 4)):
         images.append(torch.from_numpy(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)))
         x1, y1 = rng.uniform(0, w / 2, n), rng.uniform(0, h / 2, n)
-        boxes.append(np.stack([x1, y1, x1 + rng.uniform(4, w / 2, n), y1 + rng.uniform(4, h / 2, n)], 1).astype(np.float32))
+        boxes.append(
+            np.stack([x1, y1, x1 + rng.uniform(4, w / 2, n), y1 + rng.uniform(4, h / 2, n)], 1).astype(np.float32)
+        )
     return images, boxes
 
 
@@ -110,30 +112,44 @@ def test_crops_of_several_images_in_one_call_equal_one_call_per_image():
     sizes = np.array([[640, 480]] * 2 + [[300, 500]] * 3)
     boxes = np.array([[0, 0, 100, 100], [600, 400, 640, 480], [10, 20, 200, 300], [0, 0, 300, 500], [5, 5, 9, 9]])
     together = crop_logits(logits, sizes, boxes, 24, 0.25)
-    apart = torch.cat([crop_logits(logits[:2], (640, 480), boxes[:2], 24, 0.25),
-                       crop_logits(logits[2:], (300, 500), boxes[2:], 24, 0.25)])
+    apart = torch.cat(
+        [
+            crop_logits(logits[:2], (640, 480), boxes[:2], 24, 0.25),
+            crop_logits(logits[2:], (300, 500), boxes[2:], 24, 0.25),
+        ]
+    )
     assert torch.equal(together, apart)
 
 
 @pytest.mark.parametrize("codec", sorted(CODECS))
 def test_the_codec_on_the_device_gives_the_same_codes(codec):
     rng = np.random.default_rng(0)
-    x = np.concatenate([rng.normal(0, 8, 200_000), rng.normal(0, 1e-3, 20_000),
-                        [0.0, 1e-9, -1e-9, 7e4, -7e4, 2.0**-30]]).astype(np.float32)
+    x = np.concatenate(
+        [rng.normal(0, 8, 200_000), rng.normal(0, 1e-3, 20_000), [0.0, 1e-9, -1e-9, 7e4, -7e4, 2.0**-30]]
+    ).astype(np.float32)
     assert np.array_equal(encode_logits_torch(torch.from_numpy(x), codec).numpy(), encode_logits(x, codec))
     with pytest.raises(ValueError, match="1 NaN/inf"):
         encode_logits_torch(torch.tensor([0.0, float("nan")]), codec)
 
 
 def test_non_finite_teacher_output_is_refused_before_anything_is_stored():
-    rows = runner.InstanceRows(ann_id=np.array([1]), image_id=np.array([7]), split=np.array(["val"], object),
-                               image_path=np.array(["x.jpg"], object), size=np.array([[64, 48]]),
-                               prompt=np.array([[1, 1, 9, 9]], np.float32), crop_box=np.array([[0, 0, 16, 16]], np.int32))
+    rows = runner.InstanceRows(
+        ann_id=np.array([1]),
+        image_id=np.array([7]),
+        split=np.array(["val"], object),
+        image_path=np.array(["x.jpg"], object),
+        size=np.array([[64, 48]]),
+        prompt=np.array([[1, 1, 9, 9]], np.float32),
+        crop_box=np.array([[0, 0, 16, 16]], np.int32),
+    )
     cfg = TeacherConfig(store_size=8)
     bad = TeacherOutput(torch.full((1, 16, 16), float("nan")), torch.ones(1))
     _, _, flags = runner.stored_codes([bad], [rows], cfg)
-    with pytest.raises(PipelineError, match=r"sam2.1_hiera_tiny \(backend torch\) returned NaN/inf logits or "
-                                            r"confidences for 1 instance\(s\): ann_id 1 of image 7;"):
+    with pytest.raises(
+        PipelineError,
+        match=r"sam2.1_hiera_tiny \(backend torch\) returned NaN/inf logits or "
+        r"confidences for 1 instance\(s\): ann_id 1 of image 7;",
+    ):
         runner.refuse_non_finite(flags.numpy(), [rows], cfg)
 
 
@@ -154,8 +170,13 @@ def test_only_plain_jpegs_of_the_indexed_size_go_to_the_gpu_decoder(tmp_path):
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     take = {name: gpu_jpeg_bytes(str(tmp_path / name), (64, 48)) is not None for name in files}
-    assert take == {"plain.jpg": True, "progressive.jpg": False, "truncated.jpg": False, "rotated.jpg": False,
-                    "png.jpg": False}
+    assert take == {
+        "plain.jpg": True,
+        "progressive.jpg": False,
+        "truncated.jpg": False,
+        "rotated.jpg": False,
+        "png.jpg": False,
+    }
     assert gpu_jpeg_bytes(str(tmp_path / "plain.jpg"), (48, 64)) is None  # not the size the index has
     assert gpu_jpeg_bytes(str(tmp_path / "missing.jpg"), (64, 48)) is None  # PIL's decode names the problem
 
@@ -183,12 +204,24 @@ def test_shards_are_handed_out_when_their_last_row_arrives_and_write_errors_surf
     assert assembler.add(np.array([0, 1, 2]), codes[:3], np.ones(3, np.float32)) == [0]
     assert np.array_equal(assembler.pop(0)[0], codes[:4]) and np.array_equal(assembler.pop(1)[0], codes[4:])
 
-    store = create_store(tmp_path / "s.zarr", side=2, instances_per_shard=2, codec="sigmoid_uint8", compression_level=1,
-                         attrs={}, rows=dict(ann_id=[1, 2], image_id=[1, 1], crop_box=[[0, 0, 4, 4]] * 2,
-                                             stored_box=[[0.0, 0.0, 4.0, 4.0]] * 2))
-    rows = runner.InstanceRows(ann_id=np.array([1, 2]), image_id=np.array([1, 1]), split=np.array(["v", "v"], object),
-                               image_path=np.array(["a", "a"], object), size=np.array([[8, 8]] * 2),
-                               prompt=np.zeros((2, 4), np.float32), crop_box=np.array([[0, 0, 4, 4]] * 2, np.int32))
+    store = create_store(
+        tmp_path / "s.zarr",
+        side=2,
+        instances_per_shard=2,
+        codec="sigmoid_uint8",
+        compression_level=1,
+        attrs={},
+        rows=dict(ann_id=[1, 2], image_id=[1, 1], crop_box=[[0, 0, 4, 4]] * 2, stored_box=[[0.0, 0.0, 4.0, 4.0]] * 2),
+    )
+    rows = runner.InstanceRows(
+        ann_id=np.array([1, 2]),
+        image_id=np.array([1, 1]),
+        split=np.array(["v", "v"], object),
+        image_path=np.array(["a", "a"], object),
+        size=np.array([[8, 8]] * 2),
+        prompt=np.zeros((2, 4), np.float32),
+        crop_box=np.array([[0, 0, 4, 4]] * 2, np.int32),
+    )
     with ShardWriter(store) as writer:
         writer.submit(PendingShard(0, rows), codes[:2], np.ones(2, np.float32))
     assert open_store(tmp_path / "s.zarr").done_shards().tolist() == [True]
@@ -204,8 +237,14 @@ def project(tmp_path_factory) -> tuple[Path, list[str]]:
 
 
 def run_stage(project, out: Path, *more: str):
-    cfg = config(project[0], project[1], "teacher.checkpoint=null", f"teacher.out={out}",
-                 f"runtime.metrics_dir={out.parent / 'metrics'}", *more)
+    cfg = config(
+        project[0],
+        project[1],
+        "teacher.checkpoint=null",
+        f"teacher.out={out}",
+        f"runtime.metrics_dir={out.parent / 'metrics'}",
+        *more,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)  # said when a teacher is built, not when reused
         teacher_logits.run(cfg, resolve_runtime(cfg.runtime))
@@ -221,7 +260,9 @@ def test_the_batched_pass_stores_what_the_predictor_path_stored_whatever_the_bat
     monkeypatch.undo()
     monkeypatch.chdir(project[0])
     monkeypatch.setattr(runner, "_session", None)
-    stores = {n: run_stage(project, tmp_path / f"batch{n}" / "logits.zarr", f"teacher.images_per_batch={n}") for n in (1, 8)}
+    stores = {
+        n: run_stage(project, tmp_path / f"batch{n}" / "logits.zarr", f"teacher.images_per_batch={n}") for n in (1, 8)
+    }
     expected = reference.read_logits(slice(None))
     sigmoid = lambda v: 1.0 / (1.0 + np.exp(-v.astype(np.float64)))  # noqa: E731
     for n, store in stores.items():

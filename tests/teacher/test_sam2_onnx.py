@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import shared_data_or_skip
+from teacher_project import config, tiny_project
+
 from picosam_pipeline.cli import cli
 from picosam_pipeline.config import TeacherConfig
 from picosam_pipeline.data.images import load_image
@@ -26,7 +27,6 @@ from picosam_pipeline.teacher import sam2_onnx
 from picosam_pipeline.teacher.sam2_batched import Sam2Teacher
 from picosam_pipeline.teacher.sam2_onnx import OrtSam2Teacher, check_export, export_teacher
 from picosam_pipeline.teacher.store import open_store
-from teacher_project import config, tiny_project
 
 pytestmark = pytest.mark.slow
 CPU = Runtime(device=torch.device("cpu"), autocast_dtype=None, seed=0)
@@ -77,9 +77,11 @@ def test_encoder_features_match_pytorch(teachers, tmp_path_factory):
     torch_teacher.set_image(rgb)
     ort_teacher.set_image(rgb)
     reference = torch_teacher._held[0]  # the encoded image's Sam2Features
-    pairs = [(reference.image_embed, ort_teacher._features["image_embed"]),
-             (reference.high_res[0], ort_teacher._features["high_res_0"]),
-             (reference.high_res[1], ort_teacher._features["high_res_1"])]
+    pairs = [
+        (reference.image_embed, ort_teacher._features["image_embed"]),
+        (reference.high_res[0], ort_teacher._features["high_res_0"]),
+        (reference.high_res[1], ort_teacher._features["high_res_1"]),
+    ]
     for ref, got in pairs:
         assert tuple(ref.shape) == got.shape
         assert float(np.abs(ref.numpy() - got).max()) < FEATURE_TOL
@@ -152,11 +154,16 @@ def test_exporter_failure_and_missing_provider_are_one_paragraph_errors(teachers
         raise RuntimeError("Unsupported: ONNX export of operator foo")
 
     monkeypatch.setattr(torch.onnx, "export", broken)
-    with warnings.catch_warnings(), pytest.raises(PipelineError, match=r"exporting teacher sam2.1_hiera_tiny to ONNX failed.*backend=torch"):
+    with (
+        warnings.catch_warnings(),
+        pytest.raises(PipelineError, match=r"exporting teacher sam2.1_hiera_tiny to ONNX failed.*backend=torch"),
+    ):
         warnings.simplefilter("ignore")
         export_teacher(cfg, CPU)
     assert not list((tmp_path / "onnx").iterdir())  # nothing half-written left behind
-    with pytest.raises(PipelineError, match=r"teacher.ort_provider=tensorrt needs onnxruntime's TensorrtExecutionProvider"):
+    with pytest.raises(
+        PipelineError, match=r"teacher.ort_provider=tensorrt needs onnxruntime's TensorrtExecutionProvider"
+    ):
         sam2_onnx.session_providers("tensorrt", CPU)
     assert sam2_onnx.session_providers("auto", CPU) == ["CPUExecutionProvider"]
 
@@ -169,7 +176,9 @@ def test_stage_writes_a_store_that_verify_logits_accepts_against_pytorch(tmp_pat
     stores = {}
     for backend in ("torch", "onnxruntime"):
         out = tmp_path / backend / "logits.zarr"
-        cfg = config(tmp_path, sets, f"teacher.backend={backend}", f"teacher.out={out}", f"runtime.metrics_dir={out.parent}")
+        cfg = config(
+            tmp_path, sets, f"teacher.backend={backend}", f"teacher.out={out}", f"runtime.metrics_dir={out.parent}"
+        )
         teacher_logits.run(cfg, resolve_runtime(cfg.runtime))
         stores[backend] = open_store(out)
     a, b = stores["torch"], stores["onnxruntime"]
@@ -182,7 +191,9 @@ def test_stage_writes_a_store_that_verify_logits_accepts_against_pytorch(tmp_pat
     assert np.abs(raw_a - raw_b).max() <= 1  # sigmoid_uint8: a one-code difference where rounding differs
     flips = ((raw_a >= 128) != (raw_b >= 128)).mean()
     assert flips <= 1e-4
-    result = CliRunner().invoke(cli, ["verify-logits", str(b.path), "--sample", "4", "--device", "cpu", "--backend", "torch"])
+    result = CliRunner().invoke(
+        cli, ["verify-logits", str(b.path), "--sample", "4", "--device", "cpu", "--backend", "torch"]
+    )
     assert result.exit_code == 0, result.output
     assert "backend torch; the store was made with onnxruntime" in result.output and "OK" in result.output
     result = CliRunner().invoke(cli, ["verify-logits", str(b.path), "--sample", "4", "--device", "cpu"])
@@ -192,15 +203,19 @@ def test_stage_writes_a_store_that_verify_logits_accepts_against_pytorch(tmp_pat
 def test_export_teacher_command_prints_the_files(teachers, tmp_path):
     cfg = teachers[0]
     params = tmp_path / "params.yaml"
-    params.write_text("teacher:\n  checkpoint: null\n  allow_random_weights: true\n"
-                      f"  backend: onnxruntime\n  onnx_dir: {cfg.onnx_dir}\n")
+    params.write_text(
+        "teacher:\n  checkpoint: null\n  allow_random_weights: true\n"
+        f"  backend: onnxruntime\n  onnx_dir: {cfg.onnx_dir}\n"
+    )
     result = CliRunner().invoke(cli, ["export-teacher", "--params", str(params)])
     assert result.exit_code == 0, result.output
-    assert "random weights, seed 0" in result.output and "encoder.onnx" in result.output and "decoder.onnx" in result.output
+    assert (
+        "random weights, seed 0" in result.output
+        and "encoder.onnx" in result.output
+        and "decoder.onnx" in result.output
+    )
 
 
 def test_sam3_is_refused_for_the_onnxruntime_backend():
     with pytest.raises(Exception, match="onnxruntime runs SAM2 / SAM2.1 teachers only"):
         TeacherConfig(model="sam3", backend="onnxruntime").validate("teacher")
-
-

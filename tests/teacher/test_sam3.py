@@ -17,21 +17,24 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from teacher_project import config, tiny_project
+from test_teacher_logits import stage_figures, store_files
 
 from picosam_pipeline.cli import cli
 from picosam_pipeline.config import ConfigError, TeacherConfig
 from picosam_pipeline.device import resolve_runtime
 from picosam_pipeline.stages import teacher_logits
-from picosam_pipeline.teacher import runner as teacher_runner, sam3_compat
+from picosam_pipeline.teacher import runner as teacher_runner
+from picosam_pipeline.teacher import sam3_compat
 from picosam_pipeline.teacher.codec import encode_logits
 from picosam_pipeline.teacher.geometry import crop_logits
 from picosam_pipeline.teacher.sam3_teacher import probabilities_to_logits
 from picosam_pipeline.teacher.store import open_store
-from teacher_project import config, tiny_project
-from test_teacher_logits import stage_figures, store_files
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("sam3") is None,
-                                reason="the sam3 extra is not installed (pip install 'picosam-pipeline[sam3]'; CI has it)")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("sam3") is None,
+    reason="the sam3 extra is not installed (pip install 'picosam-pipeline[sam3]'; CI has it)",
+)
 
 # The val image 200001 keeps its two largest instances (areas 9,207 and 10,005 px), one per shard.
 SAM3 = ("prepare.min_area=9190", "teacher.model=sam3", "teacher.checkpoint=null", "teacher.instances_per_shard=1")
@@ -121,15 +124,22 @@ def test_sam3_geometric_pass_is_finite_verifiable_and_byte_identical_on_two_dask
     monkeypatch.setattr(teacher_runner, "_session", None)
     local = tmp_path / "local" / "logits.zarr"
     cfg, metrics = run_stage(tmp_path, sets, local, "teacher.threads_per_worker=1")
-    assert (metrics["model"], metrics["instances"], metrics["shards_computed"], metrics["encoder_passes"]) == ("sam3", 2, 2, 1)
+    assert (metrics["model"], metrics["instances"], metrics["shards_computed"], metrics["encoder_passes"]) == (
+        "sam3",
+        2,
+        2,
+        1,
+    )
     assert metrics["random_weights"] is True and metrics["all_instances_empty"] is False
     store = open_store(local)
     build = store.attrs["teacher"]["build"]
     assert store.attrs["teacher"]["config"]["sam3_path"] == "geometric" and build["sam3_path"] == "geometric"
     assert build["path"].startswith("geometric: Sam3Image.forward_grounding")
     # The two torch.empty parameters of the text encoder, found by the scan and drawn from the seed.
-    assert build["initialised_after_build"] == ["backbone.language_backbone.encoder.positional_embedding",
-                                                "backbone.language_backbone.encoder.text_projection"]
+    assert build["initialised_after_build"] == [
+        "backbone.language_backbone.encoder.positional_embedding",
+        "backbone.language_backbone.encoder.text_projection",
+    ]
     assert build["bpe_vocabulary_sha256"] == sam3_compat.BPE_SHA256
     logits, confidence = store.read_logits(slice(0, 2)), store.read_meta()["confidence"]
     assert np.isfinite(logits).all() and (logits.reshape(2, -1).std(axis=1) > 0.01).all()  # finite, not constant
@@ -145,11 +155,17 @@ def test_sam3_geometric_pass_is_finite_verifiable_and_byte_identical_on_two_dask
     with teacher._forward():
         teacher.processor.reset_all_prompts(state)
         state = teacher.processor.add_geometric_prompt(
-            box=[(x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height], label=True,
-            state=state)
+            box=[(x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height],
+            label=True,
+            state=state,
+        )
     best = int(state["scores"].argmax())
-    reference = crop_logits(probabilities_to_logits(state["masks_logits"][best, 0])[None], rows.size[:1],
-                            rows.crop_box[:1], cfg.teacher.store_size)
+    reference = crop_logits(
+        probabilities_to_logits(state["masks_logits"][best, 0])[None],
+        rows.size[:1],
+        rows.crop_box[:1],
+        cfg.teacher.store_size,
+    )
     assert np.array_equal(store.read_raw([0]), encode_logits(reference.numpy(), store.codec))
     assert float(confidence[0]) == float(state["scores"][best])
 
@@ -160,8 +176,9 @@ def test_sam3_geometric_pass_is_finite_verifiable_and_byte_identical_on_two_dask
 
     release_teacher()
     dask = tmp_path / "dask" / "logits.zarr"
-    _, metrics = run_stage(tmp_path, sets, dask, "teacher.executor=dask", "teacher.n_workers=2",
-                           "teacher.threads_per_worker=1")
+    _, metrics = run_stage(
+        tmp_path, sets, dask, "teacher.executor=dask", "teacher.n_workers=2", "teacher.threads_per_worker=1"
+    )
     assert (metrics["executor"], metrics["workers"], metrics["shards_computed"]) == ("dask", 2, 2)
     # Both workers built the weights this process built (the stage refuses workers whose digests differ).
     assert open_store(dask).attrs == store.attrs
@@ -178,7 +195,9 @@ def test_sam3_instance_path_decodes_all_boxes_of_an_image_in_one_call(tmp_path, 
 
     calls = []
     predict_inst = Sam3Image.predict_inst
-    monkeypatch.setattr(Sam3Image, "predict_inst", lambda self, state, **kw: calls.append(kw) or predict_inst(self, state, **kw))
+    monkeypatch.setattr(
+        Sam3Image, "predict_inst", lambda self, state, **kw: calls.append(kw) or predict_inst(self, state, **kw)
+    )
     out = tmp_path / "logits.zarr"
     _, metrics = run_stage(tmp_path, sets, out, "teacher.sam3_path=instance", "teacher.instances_per_shard=2")
     assert [kw["box"].shape for kw in calls] == [(2, 4)]  # both boxes of the image in one predict_inst call

@@ -14,13 +14,22 @@ import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
-
 from conftest import REPO, shared_data_or_skip
+
 from picosam_pipeline.cli import cli
 from picosam_pipeline.config import TeacherConfig
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.teacher.codec import CODECS, decode_logits, encode_logits
-from picosam_pipeline.teacher.store import chunk_rows, create_store, is_logit_store, open_store, shard_size, stored_boxes, stored_side, teacher_attrs
+from picosam_pipeline.teacher.store import (
+    chunk_rows,
+    create_store,
+    is_logit_store,
+    open_store,
+    shard_size,
+    stored_boxes,
+    stored_side,
+    teacher_attrs,
+)
 
 SIGMOID_ERROR_BOUND = {"sigmoid_uint8": 1 / 254, "linear_uint8": 1 / 16, "float16": 1e-3}
 N, SIDE, K = 10, 16, 3  # 4 shards, the last one holding a single instance
@@ -42,8 +51,9 @@ def row_meta(n: int = N) -> dict:
     """The rows' ids and boxes (what the index gives create_store), deterministic."""
     rng = np.random.default_rng(n)
     crop = np.stack([rng.integers(0, 50, n), rng.integers(0, 50, n)], 1).repeat(2, 1) + [0, 0, 40, 40]
-    return dict(ann_id=np.arange(n) + 1000, image_id=np.arange(n) // 2, crop_box=crop,
-                stored_box=stored_boxes(crop, SIDE, 0.0))
+    return dict(
+        ann_id=np.arange(n) + 1000, image_id=np.arange(n) // 2, crop_box=crop, stored_box=stored_boxes(crop, SIDE, 0.0)
+    )
 
 
 def shard_inputs(k: int, rows: slice, seed: int = 0) -> dict:
@@ -55,9 +65,15 @@ def shard_inputs(k: int, rows: slice, seed: int = 0) -> dict:
 
 def make_store(path, codec="sigmoid_uint8", n=N, checkpoint_sha256=None, rows=None, **teacher):
     cfg = dataclasses.replace(TeacherConfig(), codec=codec, store_size=SIDE, instances_per_shard=K, **teacher)
-    return create_store(path, side=SIDE, instances_per_shard=K, codec=codec, compression_level=5,
-                        attrs=teacher_attrs(cfg, checkpoint_sha256=checkpoint_sha256, crop={"roi_padding": 0.1}),
-                        rows=row_meta(n) if rows is None else rows)
+    return create_store(
+        path,
+        side=SIDE,
+        instances_per_shard=K,
+        codec=codec,
+        compression_level=5,
+        attrs=teacher_attrs(cfg, checkpoint_sha256=checkpoint_sha256, crop={"roi_padding": 0.1}),
+        rows=row_meta(n) if rows is None else rows,
+    )
 
 
 def write(store, shards) -> dict:
@@ -125,7 +141,9 @@ def test_round_trip_through_the_store(tmp_path, codec):
     meta = reader.read_meta()
     for name, expected_meta in row_meta().items():
         assert np.array_equal(meta[name], expected_meta), name
-    assert np.array_equal(meta["confidence"], np.concatenate([written[k]["confidence"] for k in range(4)]).astype(np.float32))
+    assert np.array_equal(
+        meta["confidence"], np.concatenate([written[k]["confidence"] for k in range(4)]).astype(np.float32)
+    )
     assert meta["confidence"].dtype == np.float32 and meta["crop_box"].dtype == np.int32
 
 
@@ -179,8 +197,13 @@ def test_reopening_with_another_layout_or_teacher_is_refused(tmp_path):
     path = tmp_path / "l.zarr"
     write(make_store(path), [0])
     moved = {**row_meta(), "crop_box": row_meta()["crop_box"] + 1}  # an index rebuilt since
-    for change in (dict(codec="float16"), dict(n=N + 1), dict(checkpoint_sha256="ab" * 32), dict(multimask_output=False),
-                   dict(rows=moved)):
+    for change in (
+        dict(codec="float16"),
+        dict(n=N + 1),
+        dict(checkpoint_sha256="ab" * 32),
+        dict(multimask_output=False),
+        dict(rows=moved),
+    ):
         with pytest.raises(PipelineError, match=r"different layout or teacher .*rm -r .*teacher\.out"):
             make_store(path, **change)
     (tmp_path / "other").mkdir()
@@ -233,14 +256,24 @@ def test_a_lost_altered_or_foreign_shard_file_is_named_and_rewritten_on_resume(t
             mine.write_bytes(theirs.read_bytes())
     reader = open_store(path)
     assert reader.read_logits(slice(0, 3)).shape == (3, SIDE, SIDE)  # shard 0 is sound
-    expected = {"missing_logits": "file logits/c/1/0/0 is missing", "missing_confidence": "file confidence/c/1 is missing",
-                "altered": "differ from what the teacher wrote", "other_pass": "another teacher pass"}[damage]
-    with pytest.raises(PipelineError, match=rf"shard 1 \(rows 3:6\) cannot be read: .*{expected}.*Rerun the teacher stage"):
+    expected = {
+        "missing_logits": "file logits/c/1/0/0 is missing",
+        "missing_confidence": "file confidence/c/1 is missing",
+        "altered": "differ from what the teacher wrote",
+        "other_pass": "another teacher pass",
+    }[damage]
+    with pytest.raises(
+        PipelineError, match=rf"shard 1 \(rows 3:6\) cannot be read: .*{expected}.*Rerun the teacher stage"
+    ):
         reader.read_logits([4])
     with pytest.raises(PipelineError, match="shard 1"):
         reader.read_meta()
     result = CliRunner().invoke(cli, ["inspect", str(path)])
-    assert result.exit_code == 1 and "1 of 4 shards fail their digest" in result.stderr and "shard 1 (rows 3:6)" in result.stderr
+    assert (
+        result.exit_code == 1
+        and "1 of 4 shards fail their digest" in result.stderr
+        and "shard 1 (rows 3:6)" in result.stderr
+    )
     store = make_store(path)  # a resumed pass
     assert store.pending_shards() == [1]
     write(store, [1])
@@ -332,7 +365,9 @@ def uninterrupted(tmp_path_factory) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("point", ["after_commit", "before_commit", "mid_file_atomic", "mid_file_in_place"])
-def test_sigkill_then_rerun_finishes_only_missing_shards_and_matches_an_uninterrupted_run(tmp_path, point, uninterrupted):
+def test_sigkill_then_rerun_finishes_only_missing_shards_and_matches_an_uninterrupted_run(
+    tmp_path, point, uninterrupted
+):
     path = tmp_path / "l.zarr"
     assert run_writer(path, point, kill=True) == ([0, 1] if point == "after_commit" else [0])
     done = [k for k in range(4) if k not in open_store(path).pending_shards()]
@@ -373,10 +408,20 @@ def test_sigmoid_uint8_meets_the_size_target_on_logits_from_real_coco_masks(tmp_
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     data = bench.coco_like_logits(coco, limit=128)
-    store = create_store(tmp_path / "l.zarr", side=96, instances_per_shard=64, codec="sigmoid_uint8",
-                         compression_level=5, attrs={},
-                         rows=dict(ann_id=data["ann_id"], image_id=data["image_id"], crop_box=data["crop_box"],
-                                   stored_box=data["crop_box"].astype(np.float64)))
+    store = create_store(
+        tmp_path / "l.zarr",
+        side=96,
+        instances_per_shard=64,
+        codec="sigmoid_uint8",
+        compression_level=5,
+        attrs={},
+        rows=dict(
+            ann_id=data["ann_id"],
+            image_id=data["image_id"],
+            crop_box=data["crop_box"],
+            stored_box=data["crop_box"].astype(np.float64),
+        ),
+    )
     for k in store.pending_shards():
         r = store.shard_slice(k)
         store.write_shard(k, data["logits"][r], confidence=data["confidence"][r])

@@ -20,6 +20,7 @@ import yaml
 import zarr
 from click.testing import CliRunner
 from PIL import Image
+from teacher_project import REPO, config, tiny_project
 
 from picosam_pipeline.cli import cli
 from picosam_pipeline.config import Config, TeacherConfig
@@ -37,7 +38,6 @@ from picosam_pipeline.teacher.executors import make_executor, plan_workers, task
 from picosam_pipeline.teacher.geometry import crop_logits
 from picosam_pipeline.teacher.runner import TeacherSpec, instance_rows, process_shards
 from picosam_pipeline.teacher.store import EXECUTION_FIELDS, open_store
-from teacher_project import REPO, config, tiny_project
 
 CALLS = {"set_image": 0, "predict": 0}
 
@@ -49,10 +49,16 @@ class FakeTeacher(OneImageAtATime):
 
     def __init__(self, cfg, runtime: Runtime) -> None:
         checkpoint = cfg.checkpoint if cfg.checkpoint and Path(cfg.checkpoint).is_file() else None
-        self.metadata = {"teacher": "fake", "model": cfg.model, "autocast": "fp32", "seed": runtime.seed,
-                         "weights": "checkpoint" if checkpoint else "random weights", "checkpoint": checkpoint,
-                         "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
-                         "weights_sha256": None if checkpoint else "0" * 64}
+        self.metadata = {
+            "teacher": "fake",
+            "model": cfg.model,
+            "autocast": "fp32",
+            "seed": runtime.seed,
+            "weights": "checkpoint" if checkpoint else "random weights",
+            "checkpoint": checkpoint,
+            "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
+            "weights_sha256": None if checkpoint else "0" * 64,
+        }
         self.brightness = None
 
     def set_image(self, rgb: np.ndarray) -> None:
@@ -109,8 +115,11 @@ def stage_figures(metrics_dir: Path) -> dict:
 
 def store_files(path: Path) -> dict[str, bytes]:
     """Every file of a store except config.resolved.json (which names the out path and the executor)."""
-    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*"))
-            if f.is_file() and f.name != "config.resolved.json"}
+    return {
+        str(f.relative_to(path)): f.read_bytes()
+        for f in sorted(path.rglob("*"))
+        if f.is_file() and f.name != "config.resolved.json"
+    }
 
 
 @pytest.mark.parametrize("prompt", ["roi", "point"])
@@ -133,13 +142,17 @@ def test_rows_follow_the_index_and_each_image_is_encoded_once(project, fake, tmp
     assert metrics["all_instances_empty"] is False and 0 < metrics["confidence_mean"] <= 1
     assert json.loads((out / "config.resolved.json").read_text())["teacher"]["prompt"] == prompt
 
-    # Row 11 (image 200002) recomputed by hand: prompt = COCO bbox as xyxy (roi) or the index point, crop = the index box.
+    # Row 11 (image 200002) recomputed by hand: prompt = COCO bbox as xyxy (roi) or the index point,
+    # crop = the index box.
     row = index.slice(11, 1)
     teacher = FakeTeacher(cfg.teacher, resolve_runtime(cfg.runtime))
     teacher.set_image(load_image(row["image_path"][0].as_py()).pixels)
     x, y, w, h = column_array(row, "bbox")[0]
-    out_ = teacher.predict_boxes(np.array([[x, y, x + w, y + h]], np.float32)) if prompt == "roi" else \
-        teacher.predict_points(column_array(row, "point").astype(np.float32))
+    out_ = (
+        teacher.predict_boxes(np.array([[x, y, x + w, y + h]], np.float32))
+        if prompt == "roi"
+        else teacher.predict_points(column_array(row, "point").astype(np.float32))
+    )
     size = (row["width"][0].as_py(), row["height"][0].as_py())
     expected = crop_logits(out_.image_logits, size, meta["crop_box"][11:12], cfg.teacher.store_size)
     assert np.array_equal(store.read_raw([11]), encode_logits(expected.numpy(), store.codec))
@@ -210,8 +223,9 @@ def test_changed_params_replace_the_store_and_discard_a_stale_partial(project, f
     store = open_store(out)
     assert (store.codec.name, store.side, metrics["shards_computed"]) == ("float16", 144, 4)
     meta = store.read_meta()
-    assert np.allclose(meta["stored_box"][:, 2] - meta["stored_box"][:, 0],
-                       1.5 * (meta["crop_box"][:, 2] - meta["crop_box"][:, 0]))
+    assert np.allclose(
+        meta["stored_box"][:, 2] - meta["stored_box"][:, 0], 1.5 * (meta["crop_box"][:, 2] - meta["crop_box"][:, 0])
+    )
 
 
 class NaNTeacher(FakeTeacher):
@@ -230,8 +244,9 @@ class NaNTeacher(FakeTeacher):
 
 
 @pytest.mark.parametrize("broken", ["logits", "confidence"])
-def test_a_teacher_returning_nan_stops_the_pass_naming_image_instance_and_teacher(project, fake, tmp_path,
-                                                                                  monkeypatch, broken):
+def test_a_teacher_returning_nan_stops_the_pass_naming_image_instance_and_teacher(
+    project, fake, tmp_path, monkeypatch, broken
+):
     monkeypatch.setattr(teacher_runner, "build_teacher", NaNTeacher)
     monkeypatch.setattr(NaNTeacher, "broken", broken)
     out = tmp_path / "logits.zarr"
@@ -240,9 +255,10 @@ def test_a_teacher_returning_nan_stops_the_pass_naming_image_instance_and_teache
     rows = instance_rows("data/prepared/index.parquet", ["val"], "roi")
     # The first batch is image 200001 (rows 0-8), decoded one call per shard: rows 0-3, 4-7, 8. The 3rd prompt of
     # the first two calls is broken: rows 2 and 6.
-    assert (f"teacher sam2.1_hiera_tiny (backend torch) returned NaN/inf logits or confidences for 2 instance(s): "
-            f"ann_id {rows.ann_id[2]} of image {rows.image_id[2]}, ann_id {rows.ann_id[6]} of image {rows.image_id[6]};"
-            ) in str(err.value)
+    assert (
+        f"teacher sam2.1_hiera_tiny (backend torch) returned NaN/inf logits or confidences for 2 instance(s): "
+        f"ann_id {rows.ann_id[2]} of image {rows.image_id[2]}, ann_id {rows.ann_id[6]} of image {rows.image_id[6]};"
+    ) in str(err.value)
     assert not open_store(teacher_logits.partial_path(out)).done_shards().any()  # nothing of that batch was stored
 
 
@@ -255,16 +271,23 @@ class EmptyTeacher(FakeTeacher):
         return TeacherOutput(torch.full_like(out.image_logits, -16.0), torch.zeros_like(out.confidence))
 
 
-def test_a_pass_where_every_instance_comes_back_empty_is_flagged_in_metrics_and_on_stderr(project, fake, tmp_path,
-                                                                                          monkeypatch, capsys):
+def test_a_pass_where_every_instance_comes_back_empty_is_flagged_in_metrics_and_on_stderr(
+    project, fake, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setattr(teacher_runner, "build_teacher", EmptyTeacher)
     out = tmp_path / "logits.zarr"
     _, metrics = run_stage(project, out)
     assert metrics["all_instances_empty"] is True
     assert metrics["confidence_mean"] == 0  # (the all-background and zero-confidence counts: `inspect`, below)
     headline = json.loads((tmp_path / "metrics" / "teacher-logits.json").read_text())
-    assert set(headline) == {"model", "random_weights", "instances", "bytes_per_instance", "confidence_mean",
-                             "all_instances_empty"}
+    assert set(headline) == {
+        "model",
+        "random_weights",
+        "instances",
+        "bytes_per_instance",
+        "confidence_mean",
+        "all_instances_empty",
+    }
     assert "WARNING: every instance of the teacher pass came back empty (16 of 16 scanned" in capsys.readouterr().err
     result = CliRunner().invoke(cli, ["inspect", str(out)])
     assert result.exit_code == 0 and "WARNING     every instance of the teacher pass came back empty" in result.output
@@ -288,7 +311,9 @@ def test_verify_logits_passes_an_intact_store_and_fails_a_tampered_one(project, 
     runner = CliRunner()
     result = runner.invoke(cli, ["verify-logits", str(out), "--sample", "6", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert re.search(r"identical to the recomputation +100.00%", result.output) and result.output.rstrip().endswith("OK")
+    assert re.search(r"identical to the recomputation +100.00%", result.output) and result.output.rstrip().endswith(
+        "OK"
+    )
 
     logits = zarr.open_array(out / "logits", mode="r+")
     logits[:] = 254 - logits[:]  # every probability mirrored: every decision flipped
@@ -314,14 +339,18 @@ def test_an_existing_dask_cluster_runs_the_shard_tasks(project, fake, tmp_path):
     out = tmp_path / "dask" / "logits.zarr"
     # Two threads: two shard tasks at once on one worker, which share (and take turns with) its one teacher.
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
-        _, metrics = run_stage(project, out, "teacher.executor=dask", f"teacher.scheduler_address={cluster.scheduler_address}")
+        _, metrics = run_stage(
+            project, out, "teacher.executor=dask", f"teacher.scheduler_address={cluster.scheduler_address}"
+        )
     assert (metrics["executor"], metrics["workers"], metrics["shards_computed"]) == ("dask", 1, 4)
     assert store_files(out) == store_files(local)
 
 
 @pytest.mark.parametrize("codec", sorted(SIGMOID_ERROR_BOUND))
 def test_the_codec_bound_verify_logits_uses_holds_and_is_tight(codec):
-    x = np.concatenate([np.linspace(-40, 40, 400_001), np.linspace(-0.3, 0.3, 200_001), [1e-9, -1e-9]]).astype(np.float32)
+    x = np.concatenate([np.linspace(-40, 40, 400_001), np.linspace(-0.3, 0.3, 200_001), [1e-9, -1e-9]]).astype(
+        np.float32
+    )
     sigmoid = lambda v: 0.5 * (1.0 + np.tanh(0.5 * v.astype(np.float64)))  # noqa: E731
     err = np.abs(sigmoid(decode_logits(encode_logits(x, codec), codec)) - sigmoid(x)).max()
     assert 0.5 * SIGMOID_ERROR_BOUND[codec] < err <= SIGMOID_ERROR_BOUND[codec]
@@ -375,9 +404,19 @@ def test_stage_is_registered_and_its_dvc_params_are_the_keys_that_change_stored_
     # A new teacher field must be listed (or declared execution-only in store.EXECUTION_FIELDS).
     byte_relevant = {f"teacher.{n}" for n in fields - set(EXECUTION_FIELDS)}
     # recipe.name: the recipe decides teacher.prompt when params.yaml leaves it auto
-    assert set(stage["params"]) == byte_relevant | {"teachers.${key}", "runtime.seed", "runtime.precision", "recipe.name"}
-    assert {"stages/teacher_logits.py", "picosam_pipeline/teacher/runner.py", "picosam_pipeline/teacher/executors.py",
-            "picosam_pipeline/teacher/build.py", "${teacher.index}"} <= set(stage["deps"])
+    assert set(stage["params"]) == byte_relevant | {
+        "teachers.${key}",
+        "runtime.seed",
+        "runtime.precision",
+        "recipe.name",
+    }
+    assert {
+        "stages/teacher_logits.py",
+        "picosam_pipeline/teacher/runner.py",
+        "picosam_pipeline/teacher/executors.py",
+        "picosam_pipeline/teacher/build.py",
+        "${teacher.index}",
+    } <= set(stage["deps"])
     # the path comes from params.yaml (DVC templating), written once; pack reads the folder
     assert stage["outs"] == ["${teacher.stores_dir}/${key}.zarr"]
 
@@ -390,8 +429,9 @@ def test_real_teacher_in_process_and_on_dask_write_identical_stores(tmp_path, mo
     stores = {}
     for executor in ("local", "dask"):
         out = tmp_path / executor / "logits.zarr"
-        cfg = config(tmp_path, sets, f"teacher.executor={executor}", f"teacher.out={out}",
-                     f"runtime.metrics_dir={out.parent}")
+        cfg = config(
+            tmp_path, sets, f"teacher.executor={executor}", f"teacher.out={out}", f"runtime.metrics_dir={out.parent}"
+        )
         teacher_logits.run(cfg, resolve_runtime(cfg.runtime))
         metrics = stage_figures(out.parent)
         assert (metrics["executor"], metrics["shards_computed"], metrics["random_weights"]) == (executor, 3, True)
@@ -445,8 +485,9 @@ def test_a_bad_input_error_in_a_dask_task_is_returned_not_logged_and_survives_pi
     assert (err.kind, err.path, str(err)) == ("missing", "b.jpg", "image 'b.jpg' does not exist")
 
 
-def test_an_unreadable_image_in_a_dask_task_is_one_paragraph_without_compute_failed(project, fake, tmp_path,
-                                                                                    monkeypatch, caplog):
+def test_an_unreadable_image_in_a_dask_task_is_one_paragraph_without_compute_failed(
+    project, fake, tmp_path, monkeypatch, caplog
+):
     """A real LocalCluster (in this process, so that FakeTeacher applies); its worker logs into caplog."""
     from distributed import LocalCluster
 
@@ -458,10 +499,16 @@ def test_an_unreadable_image_in_a_dask_task_is_one_paragraph_without_compute_fai
     monkeypatch.setattr(teacher_runner, "load_image", unreadable)
     messages = {}
     for executor in ("local", "dask"):
-        with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
-                pytest.raises(PipelineError) as err:
-            run_stage(project, tmp_path / executor / "logits.zarr", f"teacher.executor={executor}",
-                      f"teacher.scheduler_address={cluster.scheduler_address}")
+        with (
+            LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
+            pytest.raises(PipelineError) as err,
+        ):
+            run_stage(
+                project,
+                tmp_path / executor / "logits.zarr",
+                f"teacher.executor={executor}",
+                f"teacher.scheduler_address={cluster.scheduler_address}",
+            )
         messages[executor] = str(err.value)
     assert messages["dask"] == messages["local"]
     assert "cannot be decoded (test) (image 200001" in messages["dask"]
@@ -489,13 +536,23 @@ def test_worker_process_errors_and_a_busy_dashboard_port_print_only_our_message(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for executor in ("local", "dask"):
-                result = CliRunner().invoke(cli, ["run-stage", "teacher-logits", *sets, "--set",
-                                                  f"teacher.executor={executor}", "--set", f"teacher.out={executor}.zarr"])
+                result = CliRunner().invoke(
+                    cli,
+                    [
+                        "run-stage",
+                        "teacher-logits",
+                        *sets,
+                        "--set",
+                        f"teacher.executor={executor}",
+                        "--set",
+                        f"teacher.out={executor}.zarr",
+                    ],
+                )
                 assert result.exit_code == 1, result.output
                 outputs[executor] = result.output + capfd.readouterr().err  # the worker's stderr is fd 2
     finally:
         busy.close()
-    for executor, text in outputs.items():
+    for _executor, text in outputs.items():
         error = [line for line in text.splitlines() if line.startswith("Error: ")]
         assert len(error) == 1 and "teacher.checkpoint" in error[0] and "does not exist" in error[0], text
         assert not re.search(r"Compute Failed|Traceback|already in use|distributed\.", text), text

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pipeline_inputs import build_inputs, run_pack, split_samples
 
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.teacher.codec import decode_logits
 from picosam_pipeline.train.loader import CorruptShardError, ForeignMemberError, augment, count_samples, make_loader
 from picosam_pipeline.train.shards import INDEX_FILE, Frame, read_shard_index
-from pipeline_inputs import build_inputs, run_pack, split_samples
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +59,22 @@ def test_batches_follow_the_contract_in_shard_then_sample_order(shards):
     batches = list(loader)
     assert _ids(batches) == [json.loads(s["json"])["ann_id"] for s in samples]
     assert count_samples(split) == len(samples) == loader.samples
-    assert [len(b["ann_id"]) for b in batches] == [5] * (len(samples) // 5) + ([len(samples) % 5] if len(samples) % 5 else [])
+    assert [len(b["ann_id"]) for b in batches] == [5] * (len(samples) // 5) + (
+        [len(samples) % 5] if len(samples) % 5 else []
+    )
 
     batch, first = batches[0], samples[0]
-    shapes = {"image": (5, 3, 96, 96), "gt_mask": (5, 1, 96, 96), "teacher_logits": (5, 1, 96, 96), "confidence": (5, 1),  # K = 1 teacher
-              "ann_id": (5,), "image_id": (5,), "category_id": (5,), "area": (5,), "crop_box": (5, 4)}
+    shapes = {
+        "image": (5, 3, 96, 96),
+        "gt_mask": (5, 1, 96, 96),
+        "teacher_logits": (5, 1, 96, 96),
+        "confidence": (5, 1),  # K = 1 teacher
+        "ann_id": (5,),
+        "image_id": (5,),
+        "category_id": (5,),
+        "area": (5,),
+        "crop_box": (5, 4),
+    }
     assert {k: tuple(v.shape) for k, v in batch.items()} == shapes
     assert [batch[k].dtype for k in ("image", "gt_mask", "teacher_logits", "confidence", "area")] == [torch.float32] * 5
     assert [batch[k].dtype for k in ("ann_id", "image_id", "category_id", "crop_box")] == [torch.int64] * 4
@@ -74,7 +85,9 @@ def test_batches_follow_the_contract_in_shard_then_sample_order(shards):
     stored = np.asarray(Image.open(io.BytesIO(first["logits.gt.png"])))
     assert torch.equal(batch["teacher_logits"][0, 0], torch.from_numpy(decode_logits(stored, "sigmoid_uint8")))
     record = json.loads(first["json"])
-    assert batch["crop_box"][0].tolist() == record["crop_box"] and batch["area"][0].item() == pytest.approx(record["area"])
+    assert batch["crop_box"][0].tolist() == record["crop_box"] and batch["area"][0].item() == pytest.approx(
+        record["area"]
+    )
     assert ((batch["teacher_logits"] > 0).float() == batch["gt_mask"]).float().mean() > 0.95  # the GT-mask teacher
     assert _ids(make_loader(split, batch_size=3, shuffle_buffer=0, num_workers=1, seed=5)) == _ids(batches)
 
@@ -168,8 +181,18 @@ def _payload(ext: str, target: Path) -> bytes:
     return pickle.dumps(_CreatesFile(target))
 
 
-@pytest.mark.parametrize("member,num_workers", [("{key}.pyd", 0), ("{key}.pyd", 2), ("{key}.pth", 0),
-                                                ("{key}.pickle", 0), ("{key}.npy", 0), ("extra.pkl", 0), ("README", 0)])
+@pytest.mark.parametrize(
+    "member,num_workers",
+    [
+        ("{key}.pyd", 0),
+        ("{key}.pyd", 2),
+        ("{key}.pth", 0),
+        ("{key}.pickle", 0),
+        ("{key}.npy", 0),
+        ("extra.pkl", 0),
+        ("README", 0),
+    ],
+)
 def test_a_planted_pickle_is_refused_before_anything_is_decoded(shards, tmp_path, member, num_workers):
     split = _copy(shards / "val", tmp_path)
     shard = read_shard_index(split).shards[0].name
@@ -182,14 +205,16 @@ def test_a_planted_pickle_is_refused_before_anything_is_decoded(shards, tmp_path
         tar.addfile(info, io.BytesIO(data))
     _reindex(split, shard)
     for on_corrupt in ("stop", "skip"):  # never skippable: the source of the shards is not to be trusted
-        loader = make_loader(split, batch_size=4, shuffle_buffer=0, num_workers=num_workers, seed=0,
-                             on_corrupt_shard=on_corrupt)
+        loader = make_loader(
+            split, batch_size=4, shuffle_buffer=0, num_workers=num_workers, seed=0, on_corrupt_shard=on_corrupt
+        )
         with pytest.raises(ForeignMemberError, match=f"shard .*{shard} holds member '{name}'.*nothing was decoded"):
             _ids(loader)
     assert not target.exists()
     if name != "README":  # the payload is live: unpickled the usual way it does run
-        np.load(io.BytesIO(_payload(name, tmp_path / "proof")), allow_pickle=True) if name.endswith("npy") else \
-            pickle.loads(_payload(name, tmp_path / "proof"))
+        np.load(io.BytesIO(_payload(name, tmp_path / "proof")), allow_pickle=True) if name.endswith(
+            "npy"
+        ) else pickle.loads(_payload(name, tmp_path / "proof"))
         assert (tmp_path / "proof").exists()
 
 
@@ -217,13 +242,20 @@ def test_a_truncated_shard_stops_or_is_skipped_and_counted(shards, tmp_path, ind
 
 
 def _l_shape(side: int) -> dict:
-    """An asymmetric L: mask, two teachers' logits (2, side, side) with (logits > 0) == mask exactly, image red = 255 * mask."""
+    """An asymmetric L: mask, two teachers' logits (2, side, side) with (logits > 0) == mask exactly,
+    image red = 255 * mask."""
     yy, xx = np.mgrid[0:side, 0:side] / side
     mask = ((xx > 0.3) & (xx < 0.45) & (yy > 0.2) & (yy < 0.8)) | ((yy > 0.65) & (yy < 0.8) & (xx > 0.3) & (xx < 0.75))
     logits = np.where(mask, 2.0 + yy, -2.0 - xx).astype(np.float32)
     logits = np.stack([logits, 3 * logits])
     image = np.stack([mask * 255, xx * 255, yy * 255], axis=-1).astype(np.uint8)
-    return {"image": image, "mask": mask.astype(np.uint8), "logits": logits, "confidence": np.ones(2, np.float32), "record": {}}
+    return {
+        "image": image,
+        "mask": mask.astype(np.uint8),
+        "logits": logits,
+        "confidence": np.ones(2, np.float32),
+        "record": {},
+    }
 
 
 def test_hflip_mirrors_image_mask_and_logits_together():
@@ -261,7 +293,9 @@ def test_loader_augments_consistently_with_a_stored_context_margin(tmp_path):
     split = root / "shards/train"
     assert read_shard_index(split).frame == Frame(96, 144)
     plain = next(iter(make_loader(split, batch_size=16, shuffle_buffer=0, num_workers=0, seed=0)))
-    jittered = next(iter(make_loader(split, batch_size=16, shuffle_buffer=0, num_workers=0, seed=0, hflip=True, jitter=0.2)))
+    jittered = next(
+        iter(make_loader(split, batch_size=16, shuffle_buffer=0, num_workers=0, seed=0, hflip=True, jitter=0.2))
+    )
     assert torch.equal(plain["ann_id"], jittered["ann_id"]) and not torch.equal(plain["gt_mask"], jittered["gt_mask"])
     for batch in (plain, jittered):
         assert batch["image"].shape == (16, 3, 96, 96)

@@ -123,7 +123,9 @@ def test_fixed_lambda_and_picosam3_preset_with_area_term() -> None:
     loss = DistillationLoss(**PRESETS["picosam3"])
     confidence = torch.tensor([0.2, 1.0])
     total, terms = loss(logits * 0.2, gt, teacher * 0.2, confidence)  # T = 0.2 undoes the / 5
-    expected = 0.6 * (TEACHER_LOSS_A + TEACHER_LOSS_B) / 2 + 0.4 * (GT_LOSS_A + GT_LOSS_B) / 2 + 0.4 * (AREA_A + AREA_B) / 2
+    expected = (
+        0.6 * (TEACHER_LOSS_A + TEACHER_LOSS_B) / 2 + 0.4 * (GT_LOSS_A + GT_LOSS_B) / 2 + 0.4 * (AREA_A + AREA_B) / 2
+    )
     close(total, expected)
     close(terms["area"], (AREA_A + AREA_B) / 2)
 

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shared_data_or_skip
 from PIL import Image
+from pipeline_inputs import build_inputs, read_tar_samples, run_pack, split_samples
 from pycocotools import mask as mask_utils
 
-from conftest import shared_data_or_skip
 from picosam_pipeline.config import Config, SplitSource
 from picosam_pipeline.data.images import load_rgb
 from picosam_pipeline.data.index import decode_mask, read_index
@@ -36,7 +37,6 @@ from picosam_pipeline.train.shards import (
     resample_mask_window,
     resample_window,
 )
-from pipeline_inputs import build_inputs, read_tar_samples, run_pack, split_samples
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,10 @@ def test_round_trip_logits_bit_exact_and_crops_match_picosam(packed):
             assert record["crop_box"] == meta["crop_box"][row].tolist() == ann["roi_box"]
             assert record["stored_box"] == meta["stored_box"][row].tolist()
             assert record["confidence"] == {"gt": float(meta["confidence"][row])}
-            assert record["logits"]["gt"]["codec"] == "sigmoid_uint8" and "log(p / (1 - p))" in record["logits"]["gt"]["decode"]
+            assert (
+                record["logits"]["gt"]["codec"] == "sigmoid_uint8"
+                and "log(p / (1 - p))" in record["logits"]["gt"]["decode"]
+            )
             # PicoSAM's own crop recipe, computed independently: crop, then resize.
             box = tuple(ann["roi_box"])
             full = Image.open(ann["image_path"]).convert("RGB")
@@ -105,10 +108,27 @@ def _position_dataset(root: Path) -> SplitSource:
     (root / "images").mkdir(parents=True)
     Image.fromarray(pixels).save(root / "images/ramp.png")
     boxes = [(0, 0, 40, 30), (150, 100, 70, 60), (80, 50, 50, 40), (5, 120, 30, 40)]  # x, y, w, h
-    anns = [{"id": i + 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": float(bw * bh), "bbox": [x, y, bw, bh],
-             "segmentation": [[x, y, x + bw, y, x + bw, y + bh, x, y + bh]]} for i, (x, y, bw, bh) in enumerate(boxes)]
-    (root / "ramp.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "ramp.png", "width": w, "height": h}],
-                                                "annotations": anns, "categories": [{"id": 1, "name": "box"}]}))
+    anns = [
+        {
+            "id": i + 1,
+            "image_id": 1,
+            "category_id": 1,
+            "iscrowd": 0,
+            "area": float(bw * bh),
+            "bbox": [x, y, bw, bh],
+            "segmentation": [[x, y, x + bw, y, x + bw, y + bh, x, y + bh]],
+        }
+        for i, (x, y, bw, bh) in enumerate(boxes)
+    ]
+    (root / "ramp.json").write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "ramp.png", "width": w, "height": h}],
+                "annotations": anns,
+                "categories": [{"id": 1, "name": "box"}],
+            }
+        )
+    )
     return SplitSource("val", str(root / "ramp.json"), str(root / "images"))
 
 
@@ -135,9 +155,12 @@ def test_image_mask_and_logits_share_the_stored_frame(tmp_path, context_margin):
         mask = np.asarray(Image.open(io.BytesIO(s["mask.png"]))).astype(bool)
         logits = np.asarray(Image.open(io.BytesIO(s["logits.gt.png"])))
         assert (mask == (logits > 127)).mean() > 0.97
-        bx, by, bw, bh = next(a for a in read_index(cfg.pack.index).to_pylist() if a["ann_id"] == record["ann_id"])["bbox"]
-        inside = ((np.floor(x1 + u * (x2 - x1)) >= bx) & (np.floor(x1 + u * (x2 - x1)) < bx + bw))[None, :] & \
-                 ((np.floor(y1 + u * (y2 - y1)) >= by) & (np.floor(y1 + u * (y2 - y1)) < by + bh))[:, None]
+        bx, by, bw, bh = next(a for a in read_index(cfg.pack.index).to_pylist() if a["ann_id"] == record["ann_id"])[
+            "bbox"
+        ]
+        inside = ((np.floor(x1 + u * (x2 - x1)) >= bx) & (np.floor(x1 + u * (x2 - x1)) < bx + bw))[None, :] & (
+            (np.floor(y1 + u * (y2 - y1)) >= by) & (np.floor(y1 + u * (y2 - y1)) < by + bh)
+        )[:, None]
         # Nearest sampling of the rectangle; beyond the image the mask repeats its edge (the rectangles touch it).
         interior = (want_x[None, :] > 0) & (want_x[None, :] < w - 1) & (want_y[:, None] > 0) & (want_y[:, None] < h - 1)
         assert (mask == inside)[interior].mean() > 0.99
@@ -197,14 +220,20 @@ def test_bytes_per_sample_at_96px_on_real_coco_images(tmp_path):
 def test_a_store_without_the_split_or_with_other_crops_is_refused(inputs, tmp_path):
     write_mask_teacher_store(inputs.pack.index, tmp_path / "partial" / "gt.zarr", splits=["train"])
     with pytest.raises(PipelineError, match=r"no teacher logits for \d+ of the \d+ instances of split 'val'.*teacher"):
-        run_pack(dataclasses.replace(inputs, pack=dataclasses.replace(inputs.pack, stores_dir=str(tmp_path / "partial"))),
-                 tmp_path / "a")
+        run_pack(
+            dataclasses.replace(inputs, pack=dataclasses.replace(inputs.pack, stores_dir=str(tmp_path / "partial"))),
+            tmp_path / "a",
+        )
     # The index rebuilt with another ROI padding after the teacher ran: the store's crop boxes are stale.
     other = dataclasses.replace(inputs.prepare, roi_padding=0.3, out_dir=str(tmp_path / "reprepared"))
     prepare.run(dataclasses.replace(inputs, prepare=other), None)
     with pytest.raises(PipelineError, match="crop boxes disagree with the index's roi_box.*rerun the teacher stage"):
-        run_pack(dataclasses.replace(inputs, pack=dataclasses.replace(
-            inputs.pack, index=str(tmp_path / "reprepared/index.parquet"))), tmp_path / "b")
+        run_pack(
+            dataclasses.replace(
+                inputs, pack=dataclasses.replace(inputs.pack, index=str(tmp_path / "reprepared/index.parquet"))
+            ),
+            tmp_path / "b",
+        )
 
 
 def test_pack_refuses_to_replace_a_folder_it_did_not_write(inputs, tmp_path):
@@ -248,23 +277,33 @@ def test_crop_windows_cut_in_pil_and_masks_decoded_by_window_equal_the_array_pat
     yy, xx = np.mgrid[:61, :83]
     mask = ((yy - 30) ** 2 + (xx - 50) ** 2 < 400).astype(np.uint8)
     rle = mask_utils.encode(np.asfortranarray(mask))["counts"].decode("ascii")
-    boxes = [(10.0, 5.0, 40.0, 35.0), (0.0, 0.0, 83.0, 61.0), (12.3, 7.7, 70.2, 44.9),  # inside
-             (-8.5, -3.0, 30.0, 35.5), (60.0, 40.0, 95.5, 75.0), (-10.0, -10.0, 93.0, 71.0)]  # leaving the image
+    boxes = [
+        (10.0, 5.0, 40.0, 35.0),
+        (0.0, 0.0, 83.0, 61.0),
+        (12.3, 7.7, 70.2, 44.9),  # inside
+        (-8.5, -3.0, 30.0, 35.5),
+        (60.0, 40.0, 95.5, 75.0),
+        (-10.0, -10.0, 93.0, 71.0),
+    ]  # leaving the image
     for box in boxes:
         for side in (16, 96):
             want = resample_window(array, box, side, Image.Resampling.BILINEAR)
             got = crop_window(image, box, side, Image.Resampling.BILINEAR)
             np.testing.assert_array_equal(np.asarray(got), want, err_msg=str(box))
             assert encode_jpeg(got, 90) == encode_jpeg(want, 90)
-            np.testing.assert_array_equal(resample_mask_window(rle, 61, 83, box, side),
-                                          resample_window(decode_mask(rle, 61, 83), box, side, Image.Resampling.NEAREST))
+            np.testing.assert_array_equal(
+                resample_mask_window(rle, 61, 83, box, side),
+                resample_window(decode_mask(rle, 61, 83), box, side, Image.Resampling.NEAREST),
+            )
 
 
 def test_a_spill_cut_short_or_missing_samples_is_an_error_naming_it(tmp_path):
     fields = ("__key__", "jpg", "json")
     spill = tmp_path / "000000.spill"
-    records = [_POSITION.pack(p) + _spill_body(fields, {"__key__": str(p).encode(), "jpg": b"x" * p, "json": b"{}"})
-               for p in (2, 0, 1)]
+    records = [
+        _POSITION.pack(p) + _spill_body(fields, {"__key__": str(p).encode(), "jpg": b"x" * p, "json": b"{}"})
+        for p in (2, 0, 1)
+    ]
     spill.write_bytes(b"".join(records))
     entry = _finish_shard((spill, 3, tmp_path / "shard.tar", fields))
     assert entry.samples == 3 and not spill.exists()

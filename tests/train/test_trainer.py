@@ -22,20 +22,32 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from malicious_pickle import CodeOnLoad
+from pipeline_inputs import build_inputs, run_pack
 
 from picosam_pipeline.config import Config, TrainConfig
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.reports import last_run
 from picosam_pipeline.stages import train as train_stage
-from picosam_pipeline.train.checkpoints import (flatten_optimizer, load_checkpoint, load_student, save_student,
-                                                unflatten_optimizer)
+from picosam_pipeline.train.checkpoints import (
+    flatten_optimizer,
+    load_checkpoint,
+    load_student,
+    save_student,
+    unflatten_optimizer,
+)
 from picosam_pipeline.train.shards import read_shard_index
 from picosam_pipeline.train.students import build_student, normalize
-from picosam_pipeline.train.trainer import (EPOCH_LOOKAHEAD, LOG_COLUMNS, TrainData, batch_stream, epoch_seed, get_lr,
-                                            train)
-from malicious_pickle import CodeOnLoad
-from pipeline_inputs import build_inputs, run_pack
+from picosam_pipeline.train.trainer import (
+    EPOCH_LOOKAHEAD,
+    LOG_COLUMNS,
+    TrainData,
+    batch_stream,
+    epoch_seed,
+    get_lr,
+    train,
+)
 
 CPU = Runtime(device=torch.device("cpu"), autocast_dtype=None, seed=0)
 
@@ -52,19 +64,29 @@ class SyntheticShards:
     when that many batches have been handed out in total.
     """
 
-    def __init__(self, n: int = 10, batch_size: int = 4, size: int = 32, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, stop_after: int | None = None) -> None:
+    def __init__(
+        self,
+        n: int = 10,
+        batch_size: int = 4,
+        size: int = 32,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        stop_after: int | None = None,
+    ) -> None:
         rng = np.random.default_rng(1000 + seed)
         yy, xx = np.mgrid[0:size, 0:size] + 0.5
         cy, cx = rng.uniform(0.35, 0.65, (2, n)) * size
         radius = rng.uniform(0.15, 0.35, n) * size
-        gt = ((yy[None] - cy[:, None, None]) ** 2 + (xx[None] - cx[:, None, None]) ** 2 < radius[:, None, None] ** 2)
+        gt = (yy[None] - cy[:, None, None]) ** 2 + (xx[None] - cx[:, None, None]) ** 2 < radius[:, None, None] ** 2
         colour = rng.uniform(0.5, 1.0, (n, 3, 1, 1))
         image = rng.uniform(0.0, 0.4, (n, 3, size, size)) * (1 - gt[:, None]) + colour * gt[:, None]
         self.samples = {
             "image": torch.tensor(image, dtype=torch.float32),
             "gt_mask": torch.tensor(gt[:, None], dtype=torch.float32),
-            "teacher_logits": torch.tensor(6.0 * gt[:, None] - 3.0 + rng.normal(0, 1, (n, 1, size, size)), dtype=torch.float32),
+            "teacher_logits": torch.tensor(
+                6.0 * gt[:, None] - 3.0 + rng.normal(0, 1, (n, 1, size, size)), dtype=torch.float32
+            ),
             "confidence": torch.tensor(rng.uniform(0.6, 1.0, (n, 1)), dtype=torch.float32),  # (B, K=1)
             "ann_id": torch.arange(n, dtype=torch.int64),
         }
@@ -84,7 +106,9 @@ class SyntheticShards:
         return ({k: v[i : i + 4] for k, v in self.samples.items()} for i in range(0, len(self.samples["ann_id"]), 4))
 
     def data(self) -> TrainData:
-        return TrainData(train_epoch=self.epoch, val=self.val, input_size=32, fingerprint="synthetic", source="synthetic")
+        return TrainData(
+            train_epoch=self.epoch, val=self.val, input_size=32, fingerprint="synthetic", source="synthetic"
+        )
 
 
 @pytest.fixture(autouse=True)
@@ -138,8 +162,11 @@ def test_student_checkpoint_loads_weights_only_and_reproduces_outputs(tmp_path):
 def test_load_rejects_foreign_files_with_a_message(tmp_path):
     pickled = tmp_path / "module.pt"
     torch.save(build_student("picosam2"), pickled)  # a pickled module would run code on load
-    with pytest.raises(PipelineError, match=r"was refused: loading it would run code from the file \(it asks for "
-                                            r"picosam_pipeline\.train\.students\.PicoSAM2"):
+    with pytest.raises(
+        PipelineError,
+        match=r"was refused: loading it would run code from the file \(it asks for "
+        r"picosam_pipeline\.train\.students\.PicoSAM2",
+    ):
         load_checkpoint(pickled)
     plain = tmp_path / "state_dict.pt"
     torch.save(build_student("picosam2").state_dict(), plain)
@@ -229,8 +256,16 @@ def test_checkpoint_of_other_settings_is_not_resumed(tmp_path, capsys):
 
 
 def test_training_raises_val_iou_and_logs_every_step(tmp_path):
-    cfg = small_config(student="picosam3", steps=40, eval_every=20, checkpoint_every=40, log_every=10,
-                       lr=3e-3, warmup_steps=5, temperature=1.0)
+    cfg = small_config(
+        student="picosam3",
+        steps=40,
+        eval_every=20,
+        checkpoint_every=40,
+        log_every=10,
+        lr=3e-3,
+        warmup_steps=5,
+        temperature=1.0,
+    )
     result = train(cfg, CPU, SyntheticShards(n=16).data(), tmp_path)
     assert [row[0] for row in result.state.train_log] == list(range(1, 41))
     assert len(result.state.train_log[0]) == len(LOG_COLUMNS)
@@ -255,11 +290,11 @@ class CountedEpochs:
         self.started: dict[int, int] = {}
         self.closed: set[int] = set()
 
-    def __call__(self, epoch: int) -> "CountedEpochs.Epoch":
+    def __call__(self, epoch: int) -> CountedEpochs.Epoch:
         return CountedEpochs.Epoch(self, epoch)
 
     class Epoch:
-        def __init__(self, owner: "CountedEpochs", epoch: int) -> None:
+        def __init__(self, owner: CountedEpochs, epoch: int) -> None:
             self.owner, self.epoch, self.expected_batches = owner, epoch, owner.batches_per_epoch
 
         def __iter__(self):
@@ -283,7 +318,8 @@ def test_next_epoch_loader_starts_before_the_current_one_ends(per_epoch):
     got = [next(stream) for _ in range(2 * per_epoch)]
     # the same batches as epoch after epoch, in order; the resumed epoch 0 skips the one batch it consumed
     assert [(e, seen, b["epoch"], b["i"]) for e, seen, b in got] == [
-        (e, i + 1, e, i) for e in range(3) for i in range(per_epoch) if (e, i) != (0, 0)][:2 * per_epoch]
+        (e, i + 1, e, i) for e in range(3) for i in range(per_epoch) if (e, i) != (0, 0)
+    ][: 2 * per_epoch]
     start_at = max(1, per_epoch - EPOCH_LOOKAHEAD)  # batches of an epoch handed out when the next one starts
     assert epochs.started[0] == 0 and epochs.started[1] == start_at and epochs.started[2] == per_epoch + start_at
     stream.close()
@@ -292,7 +328,8 @@ def test_next_epoch_loader_starts_before_the_current_one_ends(per_epoch):
     late = CountedEpochs(per_epoch)  # lookahead None: each epoch starts when the one before has ended
     stream = batch_stream(dataclasses.replace(data, train_epoch=late), epoch=0, consumed=0, lookahead=None)
     assert [b for _, _, b in (next(stream) for _ in range(2 * per_epoch + 1))] == [
-        {"epoch": e, "i": i} for e in range(3) for i in range(per_epoch)][:2 * per_epoch + 1]
+        {"epoch": e, "i": i} for e in range(3) for i in range(per_epoch)
+    ][: 2 * per_epoch + 1]
     assert late.started == {0: 0, 1: per_epoch, 2: 2 * per_epoch}
 
 
@@ -325,8 +362,9 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, compiled: b
     import functools
     import os
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size)
+    )
     torch.set_num_threads(1)
     if compiled:  # dynamo traces the DDP wrapper; the eager backend skips generating kernels
         torch.compile = functools.partial(torch.compile, backend="eager")
@@ -364,7 +402,9 @@ def packed(tmp_path_factory) -> Config:
     root = tmp_path_factory.mktemp("train_stage")
     cfg = build_inputs(root)
     run_pack(cfg, root / "shards", samples_per_shard=8)
-    section = small_config(student="picosam2", steps=4, eval_every=4, shards=str(root / "shards"), out_dir=str(root / "train"))
+    section = small_config(
+        student="picosam2", steps=4, eval_every=4, shards=str(root / "shards"), out_dir=str(root / "train")
+    )
     return dataclasses.replace(cfg, train=section)
 
 
@@ -415,8 +455,9 @@ def test_stage_names_missing_shards(packed, tmp_path):
 @pytest.mark.slow
 def test_killed_cli_run_resumes_to_the_uninterrupted_result(packed, tmp_path):
     section = dataclasses.replace(packed.train, steps=6, eval_every=100, out_dir=str(tmp_path / "killed"))
-    cfg = dataclasses.replace(packed, train=section,
-                              runtime=dataclasses.replace(packed.runtime, metrics_dir=str(tmp_path / "metrics")))
+    cfg = dataclasses.replace(
+        packed, train=section, runtime=dataclasses.replace(packed.runtime, metrics_dir=str(tmp_path / "metrics"))
+    )
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(cfg.to_dict()))
     command = [sys.executable, "-m", "picosam_pipeline.cli", "run-stage", "train", "--params", str(params)]
@@ -433,16 +474,23 @@ def test_killed_cli_run_resumes_to_the_uninterrupted_result(packed, tmp_path):
     assert not (tmp_path / "killed" / "student.pt").exists()
 
     subprocess.run(command, env=env, check=True, capture_output=True)
-    metrics = {**json.loads((tmp_path / "killed" / "report.json").read_text()), **last_run(tmp_path / "metrics", "train")}
+    metrics = {
+        **json.loads((tmp_path / "killed" / "report.json").read_text()),
+        **last_run(tmp_path / "metrics", "train"),
+    }
     assert metrics["resumed_from_step"] in (2, 4) and metrics["steps"] == 6
 
-    reference = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(tmp_path / "straight")),
-                                    runtime=dataclasses.replace(cfg.runtime, metrics_dir=str(tmp_path / "straight_metrics")))
+    reference = dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, out_dir=str(tmp_path / "straight")),
+        runtime=dataclasses.replace(cfg.runtime, metrics_dir=str(tmp_path / "straight_metrics")),
+    )
     train_stage.run(reference, CPU)
     a, _ = load_checkpoint(tmp_path / "killed" / "student.pt")
     b, _ = load_checkpoint(tmp_path / "straight" / "student.pt")
     assert all(torch.equal(a[k], b[k]) for k in b)
-    # the dvclive log of the resumed run (replayed from the checkpoint's state) is the uninterrupted run's, byte for byte
+    # the dvclive log of the resumed run (replayed from the checkpoint's state) is the uninterrupted run's,
+    # byte for byte
     resumed, straight = tmp_path / "metrics" / "train", tmp_path / "straight_metrics" / "train"
     files = sorted(p.relative_to(straight) for p in straight.rglob("*") if p.is_file())
     assert files and files == sorted(p.relative_to(resumed) for p in resumed.rglob("*") if p.is_file())
@@ -454,10 +502,21 @@ def test_loader_workers_over_epochs_started_ahead_resume_to_the_uninterrupted_re
     # (trainer.EPOCH_LOOKAHEAD): a run stopped at step 14 and extended to 30 (constant schedule) ends with the
     # weights of a run of 30 steps straight.
     def run(name: str, steps: int) -> dict[str, torch.Tensor]:
-        section = dataclasses.replace(packed.train, steps=steps, eval_every=100, checkpoint_every=100, num_workers=2,
-                                      schedule="constant", shuffle_buffer=16, out_dir=str(tmp_path / name))
-        cfg = dataclasses.replace(packed, train=section,
-                                  runtime=dataclasses.replace(packed.runtime, metrics_dir=str(tmp_path / f"{name}_metrics")))
+        section = dataclasses.replace(
+            packed.train,
+            steps=steps,
+            eval_every=100,
+            checkpoint_every=100,
+            num_workers=2,
+            schedule="constant",
+            shuffle_buffer=16,
+            out_dir=str(tmp_path / name),
+        )
+        cfg = dataclasses.replace(
+            packed,
+            train=section,
+            runtime=dataclasses.replace(packed.runtime, metrics_dir=str(tmp_path / f"{name}_metrics")),
+        )
         train_stage.run(cfg, CPU)
         facts = last_run(cfg.runtime.metrics_dir, "train")
         assert facts["loader_workers"] == 2 and 0 <= facts["loader_wait_share"] < 1 and facts["compiled"] is False

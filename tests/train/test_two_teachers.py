@@ -36,8 +36,9 @@ def two(tmp_path_factory):
     once with both teachers and once with ``gt`` alone."""
     root = tmp_path_factory.mktemp("two_teachers")
     cfg = build_inputs(root)
-    write_mask_teacher_store(cfg.pack.index, Path(cfg.pack.stores_dir) / "soft.zarr", splits=cfg.pack.splits, gain=1.0,
-                             confidence=0.5)
+    write_mask_teacher_store(
+        cfg.pack.index, Path(cfg.pack.stores_dir) / "soft.zarr", splits=cfg.pack.splits, gain=1.0, confidence=0.5
+    )
     run_pack(cfg, root / "one")
     both = dataclasses.replace(cfg, pack=dataclasses.replace(cfg.pack, teachers=["gt", "soft"]))
     run_pack(both, root / "both")
@@ -90,7 +91,11 @@ def test_teacher_passes_resolve_to_their_own_store_and_metrics(tmp_path):
     assert list(cfg.teachers) == ["sam2", "sam3"]
     sam2, sam3 = cfg.teacher_pass("sam2").teacher, cfg.teacher_pass("sam3").teacher
     assert (sam2.model, sam2.out, sam2.name) == ("sam2.1_hiera_tiny", "data/teacher/stores/sam2.zarr", "sam2")
-    assert (sam3.model, sam3.checkpoint, sam3.out) == ("sam3", "data/checkpoints/sam3.pt", "data/teacher/stores/sam3.zarr")
+    assert (sam3.model, sam3.checkpoint, sam3.out) == (
+        "sam3",
+        "data/checkpoints/sam3.pt",
+        "data/teacher/stores/sam3.zarr",
+    )
     assert sam3.prompt == cfg.teacher.prompt  # everything else comes from the teacher section
     with pytest.raises(ConfigError, match="teachers.sam3.modle: unknown key"):
         load_config(REPO / "params.yaml", ["teachers.sam3={modle: sam3}"])
@@ -125,7 +130,9 @@ def test_pack_refuses_teachers_with_different_crops_and_old_shards(two, tmp_path
     stores = tmp_path / "stores"
     shutil.copytree(Path(cfg.pack.stores_dir) / "gt.zarr", stores / "gt.zarr")
     write_mask_teacher_store(cfg.pack.index, stores / "wide.zarr", splits=cfg.pack.splits, context_margin=0.25)
-    mixed = dataclasses.replace(cfg, pack=dataclasses.replace(cfg.pack, stores_dir=str(stores), teachers=["gt", "wide"]))
+    mixed = dataclasses.replace(
+        cfg, pack=dataclasses.replace(cfg.pack, stores_dir=str(stores), teachers=["gt", "wide"])
+    )
     with pytest.raises(PipelineError, match="teachers gt and wide cannot share samples"):
         run_pack(mixed, tmp_path / "mixed")
     missing = dataclasses.replace(cfg, pack=dataclasses.replace(cfg.pack, teachers=["gt", "sam3"]))
@@ -148,14 +155,31 @@ def test_pack_refuses_teachers_with_different_crops_and_old_shards(two, tmp_path
 def test_train_runs_on_each_target_rule(two, tmp_path, target):
     cfg, root = two
     weights = {"gt": 0.75, "soft": 0.25} if target == "weighted" else {}
-    t = TrainConfig(shards=str(root / "both"), student="picosam2", steps=3, batch_size=4, warmup_steps=1,
-                    checkpoint_every=3, eval_every=3, log_every=1, target=target, target_weights=weights,
-                    out_dir=str(tmp_path / "train"))
-    run_cfg = dataclasses.replace(cfg, train=t, runtime=dataclasses.replace(cfg.runtime, metrics_dir=str(tmp_path / "m")))
+    t = TrainConfig(
+        shards=str(root / "both"),
+        student="picosam2",
+        steps=3,
+        batch_size=4,
+        warmup_steps=1,
+        checkpoint_every=3,
+        eval_every=3,
+        log_every=1,
+        target=target,
+        target_weights=weights,
+        out_dir=str(tmp_path / "train"),
+    )
+    run_cfg = dataclasses.replace(
+        cfg, train=t, runtime=dataclasses.replace(cfg.runtime, metrics_dir=str(tmp_path / "m"))
+    )
     train.run(run_cfg, resolve_runtime(run_cfg.runtime))
     metrics = json.loads((tmp_path / "train" / "report.json").read_text())  # the details; train.json the headline
-    described = {"gt": "gt", "soft": "soft", "mean": "mean of gt, soft", "confident": "confident of gt, soft",
-                 "weighted": "weighted of gt 0.75, soft 0.25"}
+    described = {
+        "gt": "gt",
+        "soft": "soft",
+        "mean": "mean of gt, soft",
+        "confident": "confident of gt, soft",
+        "weighted": "weighted of gt 0.75, soft 0.25",
+    }
     assert metrics["target"] == described[target] and metrics["steps"] == 3
     assert set(json.loads((tmp_path / "m" / "train.json").read_text())) == {"val_iou_before", "val_iou_after"}
     # confidence_batch_mean: lambda is the batch mean of the target's confidence (gt 1, soft 0.5)
@@ -172,13 +196,26 @@ def test_train_refuses_auto_on_two_teacher_shards(two, tmp_path):
 
 def test_evaluate_scores_every_packed_teacher(two, tmp_path):
     cfg, root = two
-    t = TrainConfig(shards=str(root / "both"), student="picosam2", steps=1, batch_size=4, eval_every=1,
-                    checkpoint_every=1, target="gt", out_dir=str(tmp_path / "train"))
+    t = TrainConfig(
+        shards=str(root / "both"),
+        student="picosam2",
+        steps=1,
+        batch_size=4,
+        eval_every=1,
+        checkpoint_every=1,
+        target="gt",
+        out_dir=str(tmp_path / "train"),
+    )
     metrics_dir = tmp_path / "metrics"
     run_cfg = dataclasses.replace(cfg, train=t, runtime=dataclasses.replace(cfg.runtime, metrics_dir=str(metrics_dir)))
     train.run(run_cfg, resolve_runtime(run_cfg.runtime))
-    e = EvaluateConfig(shards=str(root / "both" / "val"), checkpoint=str(tmp_path / "train" / "student.pt"),
-                       index=cfg.pack.index, grid_samples=2, out_dir=str(tmp_path / "evaluate"))
+    e = EvaluateConfig(
+        shards=str(root / "both" / "val"),
+        checkpoint=str(tmp_path / "train" / "student.pt"),
+        index=cfg.pack.index,
+        grid_samples=2,
+        out_dir=str(tmp_path / "evaluate"),
+    )
     evaluate.run(dataclasses.replace(run_cfg, evaluate=e), resolve_runtime(run_cfg.runtime))
     report = json.loads((metrics_dir / "evaluate.json").read_text())
     assert {"crop_miou", "teacher_gt", "teacher_soft"} <= set(report)  # the student's figures are top-level

@@ -27,11 +27,10 @@ import sys
 import time
 from pathlib import Path
 
+from deploy import CONVENTIONS, as_xywh, logits_from_outputs, overlay_rgba, paste_mask, prompt_roi, sensor_size
 from picamera2 import CompletedRequest, Picamera2
 from picamera2.devices import IMX500
 from picamera2.devices.imx500 import NetworkIntrinsics
-
-from deploy import CONVENTIONS, as_xywh, logits_from_outputs, overlay_rgba, paste_mask, prompt_roi, sensor_size
 
 HERE = Path(__file__).resolve().parent
 CONTRACT = json.loads((HERE / "picosam_int8.json").read_text())  # the network's inputs, outputs and crop (export)
@@ -51,6 +50,7 @@ def parse_numbers(count: int):
         if len(values) != count:
             raise argparse.ArgumentTypeError(f"expected {count} comma-separated numbers, got {text!r}")
         return values
+
     return parse
 
 
@@ -58,13 +58,23 @@ def get_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=HERE / "network.rpk", help="network.rpk made by imx500-package")
     prompt = parser.add_mutually_exclusive_group()
-    prompt.add_argument("--box", type=parse_numbers(4), default=None,
-                        help="object box x,y,w,h in preview pixels, for a PicoSAM3 (roi) network (default: the middle third)")
-    prompt.add_argument("--point", type=parse_numbers(2), default=None,
-                        help="point x,y on the object in preview pixels, for a PicoSAM2 (point) network (default: the centre)")
+    prompt.add_argument(
+        "--box",
+        type=parse_numbers(4),
+        default=None,
+        help="object box x,y,w,h in preview pixels, for a PicoSAM3 (roi) network (default: the middle third)",
+    )
+    prompt.add_argument(
+        "--point",
+        type=parse_numbers(2),
+        default=None,
+        help="point x,y on the object in preview pixels, for a PicoSAM2 (point) network (default: the centre)",
+    )
     parser.add_argument("--preview-size", type=parse_size, default=(1280, 960), help="preview (main stream) size WxH")
     parser.add_argument("--fps", type=int, help="frames per second (the network's inference rate)")
-    parser.add_argument("--print-intrinsics", action="store_true", help="print the network intrinsics as JSON, then exit")
+    parser.add_argument(
+        "--print-intrinsics", action="store_true", help="print the network intrinsics as JSON, then exit"
+    )
     return parser.parse_args()
 
 
@@ -75,8 +85,10 @@ def main() -> None:
         args.box = (width / 3, height / 3, width / 3, height / 3) if PROMPT_KIND == "box" else None
         args.point = (width / 2, height / 2) if PROMPT_KIND == "point" else None
     if (args.box is not None and PROMPT_KIND != "box") or (args.point is not None and PROMPT_KIND != "point"):
-        sys.exit(f"this network was trained on {PAPER} {CROP['convention']} crops: give --{PROMPT_KIND}, not "
-                 f"--{'box' if args.box is not None else 'point'}")
+        sys.exit(
+            f"this network was trained on {PAPER} {CROP['convention']} crops: give --{PROMPT_KIND}, not "
+            f"--{'box' if args.box is not None else 'point'}"
+        )
 
     imx500 = IMX500(str(args.model))  # uploads the network firmware; must come before Picamera2()
     intrinsics = imx500.network_intrinsics or NetworkIntrinsics()
@@ -92,16 +104,25 @@ def main() -> None:
         print(f"warning: the camera feeds the network {input_format}, the network was trained on RGB")
 
     picam2 = Picamera2(imx500.camera_num)
-    config = picam2.create_preview_configuration(main={"size": (width, height)},
-                                                 controls={"FrameRate": intrinsics.inference_rate}, buffer_count=12)
+    config = picam2.create_preview_configuration(
+        main={"size": (width, height)}, controls={"FrameRate": intrinsics.inference_rate}, buffer_count=12
+    )
     imx500.show_network_fw_progress_bar()
     picam2.start(config, show_preview=True)
 
-    roi = prompt_roi(CROP, picam2.capture_metadata()["ScalerCrop"], (width, height), sensor_size=sensor_size(picam2),
-                     box=args.box, point=args.point)
+    roi = prompt_roi(
+        CROP,
+        picam2.capture_metadata()["ScalerCrop"],
+        (width, height),
+        sensor_size=sensor_size(picam2),
+        box=args.box,
+        point=args.point,
+    )
     imx500.set_inference_roi_abs(roi)
-    print(f"{PAPER} {CROP['convention']} crop: {PROMPT_KIND} {args.box or args.point} (preview px) -> inference ROI "
-          f"{roi} (x, y, w, h, sensor px); Ctrl-C to quit")
+    print(
+        f"{PAPER} {CROP['convention']} crop: {PROMPT_KIND} {args.box or args.point} (preview px) -> inference ROI "
+        f"{roi} (x, y, w, h, sensor px); Ctrl-C to quit"
+    )
 
     def show_mask(request: CompletedRequest) -> None:
         logits = logits_from_outputs(imx500.get_outputs(request.get_metadata()), INPUT_SIZE)
