@@ -75,8 +75,9 @@ def legacy_torch_onnx_exporter() -> Iterator[None]:
         torch.onnx.export = original
 
 
-def export_quantized(quantized: Any, path: str | Path, *, fmt: Format, input_size: int,
-                     metadata: dict[str, str] | None = None) -> Path:
+def export_quantized(
+    quantized: Any, path: str | Path, *, fmt: Format, input_size: int, metadata: dict[str, str] | None = None
+) -> Path:
     """Write an MCT-quantised module as ONNX in format ``fmt``; ``metadata`` goes into ``metadata_props``.
 
     The exporter swaps the module's quantisers for export versions in place, so it gets a copy.
@@ -90,19 +91,36 @@ def export_quantized(quantized: Any, path: str | Path, *, fmt: Format, input_siz
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with legacy_torch_onnx_exporter():
-        mct.exporter.pytorch_export_model(model=copy.deepcopy(quantized), save_model_path=str(path),
-                                          repr_dataset=lambda: iter([[example]]), quantization_format=fmts[fmt],
-                                          onnx_opset_version=OPSET)
-    if metadata:
-        stamp_metadata(path, metadata)
+        mct.exporter.pytorch_export_model(
+            model=copy.deepcopy(quantized),
+            save_model_path=str(path),
+            repr_dataset=lambda: iter([[example]]),
+            quantization_format=fmts[fmt],
+            onnx_opset_version=OPSET,
+        )
+    stamp_metadata(path, metadata or {})
     return path
 
 
+# MCT stamps facts of the machine that wrote the file into metadata_props: the interpreter's build string
+# (sys.version: its build date and compiler) and torch's build tag (2.13.0+cpu, 2.13.0+cu130). Neither changes a
+# weight, but kept as they are the same model would be another file on every machine, and DVC's hash with it (seen:
+# Python 3.12 with the registry's torch gave the exact graph and weights of 3.11 with the CPU build, in another file).
+# Nothing reads them (mct_quantizers only writes them); the torch release stays.
+MACHINE_METADATA = ("python_version",)  # dropped
+RELEASE_ONLY_METADATA = ("framework_version",)  # "2.13.0+cu130" -> "2.13.0"
+
+
 def stamp_metadata(path: str | Path, metadata: dict[str, str]) -> None:
-    """Add (or replace) ``picosam.<key>`` entries in an ONNX file's ``metadata_props``, keeping MCT's own."""
+    """Add (or replace) ``picosam.<key>`` entries in an ONNX file's ``metadata_props``, keeping MCT's own but for
+    the machine-dependent ones (:data:`MACHINE_METADATA`, :data:`RELEASE_ONLY_METADATA`)."""
     model = onnx.load(str(path))
     keys = {METADATA_PREFIX + k: str(v) for k, v in metadata.items()}
-    kept = [(p.key, p.value) for p in model.metadata_props if p.key not in keys]
+    kept = [
+        (p.key, p.value.split("+", 1)[0] if p.key in RELEASE_ONLY_METADATA else p.value)
+        for p in model.metadata_props
+        if p.key not in keys and p.key not in MACHINE_METADATA
+    ]
     del model.metadata_props[:]
     for key, value in kept + sorted(keys.items()):
         model.metadata_props.add(key=key, value=value)
@@ -176,8 +194,10 @@ def output_grid(path: str | Path) -> OutputGrid:
     if producer is not None and producer.op_type == "DequantizeLinear":
         zero_point = _constant(graph, producer.input[2])
         return OutputGrid(float(_constant(graph, producer.input[1])), zero_point.dtype == np.int8, 8)
-    raise PipelineError(f"{path}: the output {output!r} is not written by a quantiser (found "
-                        f"{producer.op_type if producer else 'no node'}); it is not an MCT-quantised export")
+    raise PipelineError(
+        f"{path}: the output {output!r} is not written by a quantiser (found "
+        f"{producer.op_type if producer else 'no node'}); it is not an MCT-quantised export"
+    )
 
 
 def output_step(path: str | Path) -> float:
@@ -224,16 +244,24 @@ def compare_onnx(path: str | Path, rgb: np.ndarray, reference: np.ndarray, *, ba
     session = ort_session(path)
     step = output_step(path)
     start = time.perf_counter()
-    outs = [run_onnx(session, rgb[i : i + batch])
-            for i in tqdm(range(0, len(rgb), batch), desc=f"onnxruntime {Path(path).name}", unit="batch", disable=None)]
+    outs = [
+        run_onnx(session, rgb[i : i + batch])
+        for i in tqdm(range(0, len(rgb), batch), desc=f"onnxruntime {Path(path).name}", unit="batch", disable=None)
+    ]
     seconds = time.perf_counter() - start
     logits = np.concatenate(outs)
     if logits.shape != reference.shape:
-        raise PipelineError(f"{path}: onnxruntime returned logits of shape {logits.shape}, the torch model "
-                            f"{reference.shape}")
+        raise PipelineError(
+            f"{path}: onnxruntime returned logits of shape {logits.shape}, the torch model {reference.shape}"
+        )
     diff = np.abs(logits - reference)
-    return OnnxCheck(file=str(path), format="mctq" if is_mctq(path) else "fakequant", samples=len(rgb),
-                     max_abs_diff=float(diff.max()), max_diff_steps=float(diff.max()) / step,
-                     mean_diff_steps=float(diff.mean()) / step,
-                     mask_agreement=float(np.mean((logits > 0) == (reference > 0))),
-                     seconds_per_sample=seconds / max(len(rgb), 1))
+    return OnnxCheck(
+        file=str(path),
+        format="mctq" if is_mctq(path) else "fakequant",
+        samples=len(rgb),
+        max_abs_diff=float(diff.max()),
+        max_diff_steps=float(diff.max()) / step,
+        mean_diff_steps=float(diff.mean()) / step,
+        mask_agreement=float(np.mean((logits > 0) == (reference > 0))),
+        seconds_per_sample=seconds / max(len(rgb), 1),
+    )

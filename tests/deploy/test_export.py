@@ -14,16 +14,24 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from test_quantize import SIZE, tiny_camera_model
 from torch import nn
 
-from picosam_pipeline.deploy.onnx_export import (METADATA_PREFIX, compare_onnx, export_quantized, graph_io,
-                                                 legacy_torch_onnx_exporter, output_grid, output_step, read_metadata,
-                                                 stamp_metadata)
+from picosam_pipeline.deploy.onnx_export import (
+    METADATA_PREFIX,
+    compare_onnx,
+    export_quantized,
+    graph_io,
+    legacy_torch_onnx_exporter,
+    output_grid,
+    output_step,
+    read_metadata,
+    stamp_metadata,
+)
 from picosam_pipeline.deploy.quantize import RgbModel, quantize
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.evaluate.onnx_runtime import is_mctq
 from picosam_pipeline.train.students import NORMALIZATION
-from test_quantize import SIZE, tiny_camera_model
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +39,10 @@ def exported(tmp_path_factory):
     """Both formats of the quantised tiny model, and 6 RGB crops with the torch INT8 logits on them."""
     int8 = quantize(tiny_camera_model(), [torch.rand(8, 3, SIZE, SIZE) for _ in range(2)])
     folder = tmp_path_factory.mktemp("export")
-    files = {fmt: export_quantized(int8, folder / f"{fmt}.onnx", fmt=fmt, input_size=SIZE, metadata={"student": "tiny"})
-             for fmt in ("mctq", "fakequant")}
+    files = {
+        fmt: export_quantized(int8, folder / f"{fmt}.onnx", fmt=fmt, input_size=SIZE, metadata={"student": "tiny"})
+        for fmt in ("mctq", "fakequant")
+    }
     rgb = torch.rand(6, 3, SIZE, SIZE).numpy()
     return files, rgb, RgbModel(int8, "int8", SIZE)(rgb)
 
@@ -91,11 +101,37 @@ def test_metadata_is_added_beside_mcts_own(exported, tmp_path):
     assert again["mct_version"] == meta["mct_version"]
 
 
+def test_the_export_holds_no_fact_of_the_machine_that_wrote_it(exported, tmp_path):
+    """MCT writes sys.version and torch's build tag into the file; the export keeps neither, so the same model is the
+    same file on every machine (Python 3.12 with the registry's torch wrote 3.11's graph and weights in another
+    file before)."""
+    import onnx
+
+    files, _, _ = exported
+    meta = read_metadata(files["mctq"])
+    assert "python_version" not in meta and meta["framework_version"] == torch.__version__.split("+")[0]
+    model = onnx.load(str(files["mctq"]))  # as MCT leaves it on another machine
+    model.metadata_props.add(key="python_version", value="3.12.1 (main, May  9 2026) [GCC 12.2.0]")
+    for prop in model.metadata_props:
+        if prop.key == "framework_version":
+            prop.value = "2.13.0+cu130"
+    other = tmp_path / "other.onnx"
+    onnx.save(model, str(other))
+    stamp_metadata(other, {})
+    assert other.read_bytes() == files["mctq"].read_bytes()
+
+
 def test_output_grid_of_a_float_model_is_an_error(tmp_path):
     path = tmp_path / "float.onnx"
     with pytest.warns(DeprecationWarning):  # the legacy TorchScript exporter
-        torch.onnx.export(nn.Conv2d(3, 1, 1), torch.rand(1, 3, 4, 4), str(path), dynamo=False,
-                          input_names=["input"], output_names=["output"])
+        torch.onnx.export(
+            nn.Conv2d(3, 1, 1),
+            torch.rand(1, 3, 4, 4),
+            str(path),
+            dynamo=False,
+            input_names=["input"],
+            output_names=["output"],
+        )
     with pytest.raises(PipelineError, match="not written by a quantiser"):
         output_grid(path)
 
@@ -116,8 +152,9 @@ def quantize_dir(exported, tmp_path_factory):
     np.savez(folder / quantize_stage.PROBE_FILE, rgb=rgb, int8_logits=reference, float_logits=reference)
     meta = {"student": "picosam2", "input_size": SIZE, "normalization": dataclasses.asdict(NORMALIZATION)}
     crop = {"convention": "point", "prompt": "point", "paper": "PicoSAM2", "window": 96, "input_size": SIZE}
-    (folder / quantize_stage.REPORT_FILE).write_text(json.dumps({"student_meta": meta, "crop": crop, "tpc_version": "4.0",
-                                                                 "method": "ptq"}))
+    (folder / quantize_stage.REPORT_FILE).write_text(
+        json.dumps({"student_meta": meta, "crop": crop, "tpc_version": "4.0", "method": "ptq"})
+    )
     return folder
 
 
@@ -125,8 +162,12 @@ def _export_config(quantize_dir: Path, out: Path, **overrides):
     from picosam_pipeline.config import load_config
 
     cfg = load_config(None, [f"runtime.metrics_dir={out / 'metrics'}"])
-    return dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, quantized_dir=str(quantize_dir),
-                                                               out_dir=str(out / "export"), **overrides))
+    return dataclasses.replace(
+        cfg,
+        export=dataclasses.replace(
+            cfg.export, quantized_dir=str(quantize_dir), out_dir=str(out / "export"), **overrides
+        ),
+    )
 
 
 def test_stage_writes_checked_files_and_their_contract(quantize_dir, tmp_path):
@@ -152,8 +193,10 @@ def test_stage_writes_checked_files_and_their_contract(quantize_dir, tmp_path):
     metrics = json.loads((out / "report.json").read_text())
     assert metrics["checks"] == contract["checks"] and metrics["bytes"]["mctq"] > 0
     headline = json.loads((tmp_path / "metrics" / "export.json").read_text())
-    assert headline == {"mctq_mask_agreement": contract["checks"]["mctq"]["mask_agreement"],
-                        "fakequant_mask_agreement": contract["checks"]["fakequant"]["mask_agreement"]}
+    assert headline == {
+        "mctq_mask_agreement": contract["checks"]["mctq"]["mask_agreement"],
+        "fakequant_mask_agreement": contract["checks"]["fakequant"]["mask_agreement"],
+    }
 
 
 def test_evaluate_feeds_the_fake_quant_file_rgb_as_it_is(quantize_dir, tmp_path):
@@ -177,12 +220,21 @@ def test_stage_fails_when_onnxruntime_disagrees_beyond_the_bound(quantize_dir, t
     shifted.mkdir()
     for f in quantize_dir.iterdir():
         (shifted / f.name).write_bytes(f.read_bytes())
-    with np.load(quantize_dir / "probe.npz") as probe:  # torch logits 40 steps off: a graph that computes something else
+    with np.load(
+        quantize_dir / "probe.npz"
+    ) as probe:  # torch logits 40 steps off: a graph that computes something else
         step = output_step(quantize_dir / "quantized_mctq.onnx")
-        np.savez(shifted / "probe.npz", rgb=probe["rgb"], int8_logits=probe["int8_logits"] + 40 * step,
-                 float_logits=probe["float_logits"])
-    with pytest.raises(PipelineError, match=r"disagrees with the quantised torch model.*[34]\d\.0 output steps, bound "
-                                            r"export.max_diff_steps=16"):
+        np.savez(
+            shifted / "probe.npz",
+            rgb=probe["rgb"],
+            int8_logits=probe["int8_logits"] + 40 * step,
+            float_logits=probe["float_logits"],
+        )
+    with pytest.raises(
+        PipelineError,
+        match=r"disagrees with the quantised torch model.*[34]\d\.0 output steps, bound "
+        r"export.max_diff_steps=16",
+    ):
         export_stage.run(_export_config(shifted, tmp_path), None)
 
 
