@@ -7,8 +7,8 @@
   git-ignored (:func:`last_run` reads the latest back).
 
 The first two hold only figures the stage's inputs and params determine, so a rerun that changes nothing leaves
-them byte-identical. Every file is written through a temporary sibling and a rename: a kill never leaves one half
-written.
+them byte-identical, and are written through a temporary sibling and a rename: a kill never leaves one half written.
+The run log only grows, a line per run.
 """
 
 from __future__ import annotations
