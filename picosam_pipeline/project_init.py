@@ -302,7 +302,7 @@ def _populate(target: Path, template: Path, dvc_yaml: str, git: bool | None, has
 README = """\
 # {name}
 
-A [picosam-pipeline](https://pypi.org/project/picosam-pipeline/) project (made by `picosam-pipeline init`, version
+A picosam-pipeline project (made by `picosam-pipeline init`, version
 {version}): SAM2 distilled into a PicoSAM student for the Sony IMX500, as DVC stages. It starts on the built-in
 synthetic sample, which runs on a CPU in minutes (random teacher weights: the numbers mean nothing).
 

@@ -39,6 +39,13 @@ class TeacherOutput:
     image_logits: torch.Tensor
     confidence: torch.Tensor
 
+    @classmethod
+    def concat(cls, parts: list[TeacherOutput]) -> TeacherOutput:
+        """The outputs of consecutive prompt runs of one image as one output (a single part as it is)."""
+        if len(parts) == 1:
+            return parts[0]
+        return cls(torch.cat([p.image_logits for p in parts]), torch.cat([p.confidence for p in parts]))
+
 
 class Teacher(Protocol):
     """What the teacher stage needs from a segmentation teacher."""
@@ -86,11 +93,7 @@ class OneImageAtATime:
             for start, stop in runs(segments[i] if segments else [len(image_prompts)]):
                 chunk = image_prompts[start:stop]
                 parts.append(self.predict_boxes(chunk) if prompt == "roi" else self.predict_points(chunk))
-            outputs.append(
-                parts[0]
-                if len(parts) == 1
-                else TeacherOutput(torch.cat([p.image_logits for p in parts]), torch.cat([p.confidence for p in parts]))
-            )
+            outputs.append(TeacherOutput.concat(parts))
         return outputs
 
 

@@ -180,9 +180,7 @@ class _Sam3Teacher(abc.ABC):
             self._encode(image)
             rows = as_rows(image_prompts, 4 if prompt == "roi" else 2, "prompts")
             parts = [self._decode_all(rows[a:b], prompt) for a, b in runs(segments[i] if segments else [len(rows)])]
-            outputs.append(
-                TeacherOutput(torch.cat([p.image_logits for p in parts]), torch.cat([p.confidence for p in parts]))
-            )
+            outputs.append(TeacherOutput.concat(parts))
         return outputs
 
     def set_image(self, rgb: np.ndarray) -> None:

@@ -191,6 +191,7 @@ def test_sam3_instance_path_decodes_all_boxes_of_an_image_in_one_call(tmp_path, 
     sets = tiny_project(tmp_path, 1, *SAM3)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(teacher_runner, "_session", None)
+    sam3_compat.import_sam3()  # sam3 imported the way the teacher imports it (triton stand-in), run alone too
     from sam3.model.sam3_image import Sam3Image
 
     calls = []
