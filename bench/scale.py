@@ -1,10 +1,14 @@
 """COCO-scale benchmark of the stages that need no teacher model and no trainer: rate, memory, bytes, files.
 
-Run from the repository root:  ``.venv/bin/python bench/scale.py --instances 900000 [--work DIR] [--no-dvc]``
+Run from the repository root:  ``.venv/bin/python bench/scale.py --instances 900000 [--coco DIR] [--work DIR]
+[--no-dvc]``
 
-Builds a synthetic COCO-format dataset from ``../shared/data/coco-sample`` (its 65 images' annotations repeated
-under new image and annotation ids until ``--instances`` is reached, 5 % of them in ``val`` as in COCO; the
-image files hard-linked, not copied), then runs, each in its own process (with its workers) so its peak RSS is its own:
+Builds a synthetic COCO-format dataset from a template: the built-in sample (``picosam_pipeline/data/sample.py``,
+generated into the work folder, clean: no planted bad inputs), so a fresh clone runs it as it is; or with
+``--coco DIR`` a COCO-layout folder (``DIR/annotations/instances_<split>.json`` beside ``DIR/<split>/``, e.g.
+``../shared/data/coco-sample``). The template's annotations are repeated under new image and annotation ids until
+``--instances`` is reached, 5 % of them in ``val`` as in COCO (the image files hard-linked, not copied); then it
+runs, each in its own process (with its workers) so its peak RSS is its own:
 
 * ``prepare``   the real stage (``run-stage prepare``: annotations checked, every image decoded once);
 * ``teacher``   the teacher store written by the GT-mask stand-in (``teacher/gt_mask.py``: every mask decoded,
@@ -27,6 +31,8 @@ files, shards <= 300 files. Nothing is asserted: the figures are printed, and wr
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import itertools
 import json
 import os
@@ -39,7 +45,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-COCO = REPO.parent / "shared" / "data" / "coco-sample"
+SAMPLE_IMAGES = {"train": 24, "val": 8}  # the built-in sample as the template: ~150 annotations, seconds to generate
 VAL_SHARE = 0.05  # COCO 2017: 36.8k of 896k instances are val
 TARGETS = {"rss_gb": 8.0, "instances_per_s": 2000, "store_files": 1000, "shard_files": 300}
 
@@ -47,17 +53,47 @@ TARGETS = {"rss_gb": 8.0, "instances_per_s": 2000, "store_files": 1000, "shard_f
 # the synthetic dataset
 
 
-def build_dataset(root: Path, instances: int) -> dict[str, int]:
+def template_splits(source: Path) -> list[str]:
+    """The splits of a COCO-layout folder: each ``annotations/instances_<split>.json`` with a ``<split>/`` folder."""
+    splits = sorted(
+        path.stem.removeprefix("instances_")
+        for path in (source / "annotations").glob("instances_*.json")
+        if (source / path.stem.removeprefix("instances_")).is_dir()
+    )
+    if not splits:
+        sys.exit(f"{source}: no COCO-layout split (annotations/instances_<split>.json beside a <split>/ image folder)")
+    return splits
+
+
+def builtin_sample(out: Path) -> Path:
+    """The built-in sample (no planted bad inputs) generated into ``out``: the default template."""
+    from picosam_pipeline.config import SampleConfig
+    from picosam_pipeline.data.sample import generate
+
+    with contextlib.redirect_stderr(io.StringIO()):  # its progress bars
+        generate(
+            SampleConfig(
+                out_dir=str(out),
+                train_images=SAMPLE_IMAGES["train"],
+                val_images=SAMPLE_IMAGES["val"],
+                plant_bad_inputs=False,
+            )
+        )
+    return out
+
+
+def build_dataset(root: Path, instances: int, source: Path) -> dict[str, int]:
     """Write ``root/annotations/instances_{train,val}.json`` and ``root/{train,val}/`` (hard links) with ``instances``
-    annotations in all; returns images and instances per split. Streams the JSON: memory stays at one image."""
+    annotations in all, repeating the annotated images of the COCO-layout folder ``source`` (every split of it);
+    returns images and instances per split. Streams the JSON: memory stays at one image."""
     templates = []
-    for split in ("train2017", "val2017"):
-        data = json.loads((COCO / "annotations" / f"instances_{split}.json").read_text())
+    for split in template_splits(source):
+        data = json.loads((source / "annotations" / f"instances_{split}.json").read_text())
         by_image: dict[int, list] = {}
         for ann in data["annotations"]:
             by_image.setdefault(ann["image_id"], []).append(ann)
         templates += [
-            (COCO / split / img["file_name"], img, by_image[img["id"]], data["categories"])
+            (source / split / img["file_name"], img, by_image[img["id"]], data["categories"])
             for img in data["images"]
             if by_image.get(img["id"])
         ]
@@ -75,13 +111,15 @@ def build_dataset(root: Path, instances: int) -> dict[str, int]:
         # nothing accumulates (the bench process stays small, and with it what its stage processes inherit).
         with open(target, "w") as out, tempfile.TemporaryFile("w+", dir=root / "annotations") as ann_out:
             out.write(
-                '{"info": {"description": "bench/scale.py: coco-sample repeated"}, "licenses": [], "categories": '
+                '{"info": '
+                + json.dumps({"description": f"bench/scale.py: {source.name} repeated"})
+                + ', "licenses": [], "categories": '
             )
             out.write(json.dumps(categories) + ', "images": [')
             while done < quota:
                 path, img, anns, _ = templates[image_id % len(templates)]
                 image_id += 1
-                name = f"{image_id:012d}.jpg"
+                name = f"{image_id:012d}{path.suffix}"
                 os.link(path, images / name) if _same_device(path, images) else os.symlink(path, images / name)
                 out.write((", " if n_images else "") + json.dumps({**img, "id": image_id, "file_name": name}))
                 for ann in anns[: quota - done]:
@@ -124,7 +162,7 @@ print(json.dumps({"instances": n}))
 EVALUATE = """
 import json, sys
 from picosam_pipeline.evaluate.score_table import InstanceGT, evaluate_batches
-from picosam_pipeline.stages.evaluate import evaluate_loader_workers
+from picosam_pipeline.evaluate.shard_evaluation import evaluate_loader_workers
 from picosam_pipeline.train.loader import make_loader
 gt = InstanceGT.from_index(sys.argv[1], "val")
 batches = make_loader(sys.argv[2], batch_size=64, shuffle_buffer=0, num_workers=evaluate_loader_workers(), seed=0)
@@ -195,10 +233,11 @@ def tree(path: Path) -> tuple[int, int]:
     return sum(f.stat().st_size for f in files), len(files)
 
 
-def run_size(work: Path, instances: int, dvc: bool, loader_workers: int) -> dict:
-    """Build the dataset of ``instances`` under ``work`` and measure every stage; returns the figures."""
+def run_size(work: Path, instances: int, dvc: bool, loader_workers: int, source: Path) -> dict:
+    """Build the dataset of ``instances`` under ``work`` from ``source`` and measure every stage; returns the
+    figures."""
     t0 = time.perf_counter()
-    counts = build_dataset(work / "dataset", instances)
+    counts = build_dataset(work / "dataset", instances, source)
     built = time.perf_counter() - t0
     params = {
         "runtime": {"device": "cpu", "metrics_dir": str(work / "metrics")},
@@ -287,13 +326,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--instances", type=int, default=100_000, help="the larger size; N / 10 runs too")
     parser.add_argument("--sizes", type=int, nargs="+", help="run exactly these sizes instead")
+    parser.add_argument(
+        "--coco",
+        type=Path,
+        metavar="DIR",
+        help="a COCO-layout folder to repeat (annotations/instances_<split>.json, <split>/ images), "
+        "e.g. ../shared/data/coco-sample (default: the built-in sample, generated)",
+    )
     parser.add_argument("--work", type=Path, help="folder for the datasets and outputs (default: a temporary one)")
     parser.add_argument("--no-dvc", dest="dvc", action="store_false", help="skip the DVC add/push/pull timings")
     parser.add_argument("--loader-workers", type=int, default=2, help="DataLoader workers of the loader pass")
     parser.add_argument("--keep", action="store_true", help="keep the outputs (default: each size's are deleted)")
     args = parser.parse_args()
-    if not COCO.is_dir():
-        sys.exit(f"{COCO} not found: bench/scale.py builds its dataset from ../shared/data/coco-sample")
+    if args.coco is not None:
+        args.coco = args.coco.resolve()
+        if not args.coco.is_dir():
+            sys.exit(f"--coco {args.coco}: not a folder")
+        template_splits(args.coco)  # fails early, naming the layout it expects
     sizes = args.sizes or sorted({max(1000, args.instances // 10), args.instances})
     base = Path(tempfile.mkdtemp(prefix="scale-", dir=args.work))
     print(
@@ -303,10 +352,12 @@ def main() -> None:
     )
     results = []
     try:
+        source = args.coco or builtin_sample(base / "template")
+        print(f"template: {source} (splits {', '.join(template_splits(source))})", flush=True)
         for n in sizes:
             work = base / f"n{n}"
             work.mkdir()
-            results.append(run_size(work, n, args.dvc, args.loader_workers))
+            results.append(run_size(work, n, args.dvc, args.loader_workers, source))
             if not args.keep:
                 shutil.rmtree(work)
     finally:

@@ -129,6 +129,49 @@ def stages_cmd() -> None:
         )
 
 
+@cli.command("params-schema")
+@click.option(
+    "--output",
+    "-o",
+    default="params.schema.json",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Where to write the schema; - for standard output.",
+)
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Write nothing: exit 1 when OUTPUT is missing or differs from the schema of this version (CI, after a "
+    "change to the config sections), 0 when it is current.",
+)
+def params_schema_cmd(output: str, check: bool) -> None:
+    """Write the JSON Schema of params.yaml (default: params.schema.json, beside it).
+
+    Every key with its type, default, allowed values and description (picosam_pipeline/config_schema.py), unknown
+    keys refused, `auto` allowed where a recipe fills the key. params.yaml names the file on its first line
+    (`# yaml-language-server: $schema=params.schema.json`), so an editor with a YAML language server (VS Code's
+    YAML extension, ...) completes keys, shows their descriptions and flags unknown keys and wrong types while
+    you type. The pipeline itself checks the same (and more) when it loads params.yaml.
+    """
+    import json
+    from pathlib import Path
+
+    from picosam_pipeline.config import params_schema
+
+    text = json.dumps(params_schema(), indent=2) + "\n"
+    if check:
+        path = Path(output)
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            state = "is missing" if not path.is_file() else "differs from this version's schema"
+            raise PipelineError(f"{output} {state}; run `picosam-pipeline params-schema --output {output}`")
+        click.echo(f"{output} is current")
+    elif output == "-":
+        click.echo(text, nl=False)
+    else:
+        Path(output).write_text(text, encoding="utf-8")
+        click.echo(f"wrote {output}")
+
+
 def _complete_stage(ctx: click.Context, param: click.Parameter, incomplete: str) -> list:
     """Stage names for shell completion, and teacher-logits@NAME for each teacher pass of ./params.yaml."""
     from click.shell_completion import CompletionItem
@@ -320,7 +363,7 @@ def score_predictions_cmd(
     import json
     from pathlib import Path
 
-    from picosam_pipeline.evaluate.prediction_scoring import format_report, score_predictions
+    from picosam_pipeline.evaluate.prediction_scoring import format_prediction_scores, score_predictions
 
     report = score_predictions(annotations, predictions, protocol, images_dir, frame=frame, allow_partial=allow_partial)
     if "skipped" in report:
@@ -329,7 +372,7 @@ def score_predictions_cmd(
             f"({report['skipped']['problems']})",
             err=True,
         )
-    click.echo(format_report(report))
+    click.echo(format_prediction_scores(report))
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
@@ -459,9 +502,9 @@ def model_summary_cmd(name: str, input_size: int) -> None:
     NAME is picosam2 or picosam3. Sizes are shown beside the figures the PicoSAM2 / PicoSAM3 papers publish. Runs one
     forward pass on CPU with fresh weights; no checkpoint or data needed.
     """
-    from picosam_pipeline.train.students import format_summary, summarize
+    from picosam_pipeline.train.students import format_student_summary, summarize_student
 
-    click.echo(format_summary(summarize(name, input_size=input_size)))
+    click.echo(format_student_summary(summarize_student(name, input_size=input_size)))
 
 
 @cli.command("inspect")
@@ -479,7 +522,7 @@ def inspect_cmd(path: str, scan: int) -> None:
     chunk file, or a shard of another pass); a failing shard is named and the command exits with status 1.
     """
     from picosam_pipeline.teacher.store import open_store
-    from picosam_pipeline.teacher.summary import format_summary, summarize
+    from picosam_pipeline.teacher.summary import format_store_summary, summarize_store
 
     store = open_store(path)
     failing = store.failing_shards()
@@ -497,7 +540,7 @@ def inspect_cmd(path: str, scan: int) -> None:
     click.echo(
         f"digests     all {int(store.done_shards().sum())} complete shards match their recorded sha256", err=True
     )
-    report, random_weights = format_summary(store, summarize(store, max_scan=scan))
+    report, random_weights = format_store_summary(store, summarize_store(store, max_scan=scan))
     click.echo(report)
     if random_weights:
         click.echo(

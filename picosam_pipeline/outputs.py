@@ -1,17 +1,19 @@
 """Stage outputs: a stage touches only its own files, one run at a time, and its output appears whole or not at all.
 
-Every stage's ``run`` writes its output folder through a :class:`StageOutput`, entered before the stage's body
-and published after it (the teacher, whose store resumes, uses the pieces: :func:`check_target`,
-:func:`output_lock`, :func:`publish`, :func:`write_errors`)::
+Every stage's ``run`` writes its output folder through a :class:`StageOutput`: entering it gives the folder to
+write (``<out>.partial``), leaving it publishes that folder as ``<out>``::
 
     def output(cfg):
         return StageOutput(cfg, "export", "export.out_dir", cfg.export.out_dir, sections=["export"], names=NAMES,
                            inputs={"export.quantized_dir": cfg.export.quantized_dir})
 
-    @writes_output(output)
     def run(cfg, runtime):
-        out = output_folder(cfg.export.out_dir)  # <out_dir>.partial: write everything here
-        ...
+        with output(cfg) as work:  # <out_dir>.partial: write everything here
+            ...
+
+The teacher's store, which a rerun resumes, uses the same class in its resumable mode (``resumable=``): the
+unfinished folder is kept on failure, left for the stage to open or resume, and recognised as the stage's own by
+a test of its layout (``recognise=``) instead of the marker.
 
 ``metrics/<stage>.json`` is written by the body, so just before the folder is published: a kill between the two
 leaves the new metrics beside the previous output until the rerun writes both again.
@@ -51,14 +53,13 @@ import contextlib
 import datetime
 import errno
 import fnmatch
-import functools
 import json
 import os
 import shutil
 import socket
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -462,6 +463,12 @@ class StageOutput:
         keep_failed: on a PipelineError, keep the unfinished folder for inspection (the package stage: the
             converter's log); the next run removes it.
         resumes: what the stage keeps elsewhere for a rerun to resume from (train's checkpoint), for messages.
+        resumable: the resumable mode (the teacher's store), with the sentence saying what a failed run keeps: the
+            unfinished folder is neither removed nor created here (the stage opens, resumes or discards it), no marker
+            is written first, and a failed run keeps it for the rerun; on success it is published when it exists
+            (the stage may have finished ``out`` in place instead).
+        recognise: ``recognise(path)`` tells whether an existing ``out`` or unfinished folder is the stage's own
+            (instead of the marker: ``sections=None``); any other is refused, never replaced or deleted.
     """
 
     def __init__(
@@ -471,7 +478,7 @@ class StageOutput:
         key: str,
         out: str | Path,
         *,
-        sections: Sequence[str],
+        sections: Sequence[str] | None,
         inputs: Mapping[str, str | Path | None],
         names: Sequence[str] = (),
         writes: Mapping[str, str | Path] | None = None,
@@ -479,9 +486,13 @@ class StageOutput:
         what: str = "its output",
         keep_failed: bool = False,
         resumes: str | None = None,
+        resumable: str | None = None,
+        recognise: Callable[[Path], bool] | None = None,
     ) -> None:
         self.cfg, self.stage, self.key, self.out = cfg, stage, key, Path(out)
-        self.sections, self.inputs, self.names = list(sections), dict(inputs), list(names)
+        self.sections = None if sections is None else list(sections)
+        self.inputs, self.names = dict(inputs), list(names)
+        self.resumable, self.recognise = resumable, recognise
         self.writes = dict(writes or {})
         self.needed_bytes, self.what, self.keep_failed, self.resumes = needed_bytes, what, keep_failed, resumes
         self.work = sibling(self.out, PARTIAL)
@@ -489,6 +500,8 @@ class StageOutput:
 
     def __enter__(self) -> Path:
         check_target(self.stage, self.key, self.out, self.inputs, sections=self.sections, names=self.names)
+        self.check_own(self.out)
+        self.check_own(self.work)
         for key, folder in self.writes.items():
             probe_writable(folder, key, self.stage)
         try:
@@ -520,10 +533,23 @@ class StageOutput:
             raise
         return self.work
 
+    def check_own(self, path: Path) -> None:
+        """Refuse an existing ``path`` (the output or its unfinished folder) that ``recognise`` does not call the
+        stage's own (no-op without ``recognise``): the stage never replaces or deletes what it did not write."""
+        if self.recognise is not None and (path.exists() or path.is_symlink()) and not self.recognise(path):
+            raise PipelineError(
+                f"{self.key}: {path} exists and is not a {self.what}, so stage {self.stage} does not replace it; move "
+                f"it away or set {self.key} to a new path"
+            )
+
     def _prepare(self) -> None:
         # Under the lock: what another run left is looked at again, and a killed publish is undone.
         recover(self.out)
         check_target(self.stage, self.key, self.out, {}, sections=self.sections, names=self.names)
+        if self.resumable:
+            self.check_own(self.out)
+            self.check_own(self.work)
+            return  # the stage opens, resumes or discards the unfinished folder itself
         if self.work.exists() or self.work.is_symlink():
             if not self.work.is_dir() or self._foreign_in_work():
                 raise PipelineError(
@@ -547,7 +573,8 @@ class StageOutput:
         try:
             if exc is None:
                 try:
-                    publish(self.work, self.out)
+                    if not self.resumable or self.work.exists():
+                        publish(self.work, self.out)
                     return False
                 except OSError as err:
                     exc = err
@@ -555,6 +582,10 @@ class StageOutput:
                         recover(self.out)  # failed between its renames: the previous output goes back in place
                     if not is_write_error(err):
                         raise
+            if self.resumable:  # the unfinished folder stays for the rerun to resume
+                if is_write_error(exc):
+                    raise self._write_error(exc, self.resumable) from None
+                return False
             written = tree_bytes(self.work) if self.work.exists() else None
             if self.keep_failed and isinstance(exc, PipelineError) and self.work.exists():
                 raise PipelineError(
@@ -566,80 +597,32 @@ class StageOutput:
             except OSError:
                 pass
             if is_write_error(exc):
-                raise PipelineError(
-                    os_error_message(
-                        exc,
-                        self.stage,
-                        self.key,
-                        f"its {self.what}",
-                        self.out,
-                        needed_bytes=self.needed_bytes,
-                        written_bytes=written,
-                        where=self.work,
-                        partial=f"The unfinished output {self.work} was removed and {self.out} is as it was "
-                        "before this run; " + (self.resumes or f"{self.stage} does not resume, the rerun starts over."),
-                    )
-                ) from None
+                partial = f"The unfinished output {self.work} was removed and {self.out} is as it was before this run; "
+                partial += self.resumes or f"{self.stage} does not resume, the rerun starts over."
+                raise self._write_error(exc, partial, written_bytes=written, where=self.work) from None
             return False
         finally:
             self._release()
+
+    def _write_error(self, err: OSError, partial: str, **where) -> PipelineError:
+        """A full disk / permission / read-only error while writing the output, as one paragraph (``partial``: what
+        became of the unfinished work)."""
+        message = os_error_message(
+            err,
+            self.stage,
+            self.key,
+            f"its {self.what}",
+            self.out,
+            needed_bytes=self.needed_bytes,
+            partial=partial,
+            **where,
+        )
+        return PipelineError(message)
 
     def _release(self) -> None:
         if self._lock is not None:
             lock, self._lock = self._lock, None
             lock.__exit__(None, None, None)
-
-
-_ACTIVE: list[StageOutput] = []  # the outputs the running stage writes (innermost last)
-
-
-def writes_output(*specs: Callable[[Any], StageOutput]) -> Callable:
-    """Decorate a stage's ``run(cfg, runtime)``: each ``spec(cfg)`` is entered before the body (checks, lock, the
-    unfinished folder) and published after it returns; inside, :func:`output_folder` gives the folder to write."""
-
-    def wrap(run: Callable) -> Callable:
-        @functools.wraps(run)
-        def wrapper(cfg, runtime=None):
-            with ExitStack() as stack:
-                for spec in specs:
-                    output = spec(cfg)
-                    if output is None:  # nothing to write in this process (train's ranks other than 0)
-                        continue
-                    stack.enter_context(output)
-                    _ACTIVE.append(output)
-                    stack.callback(_ACTIVE.remove, output)
-                return run(cfg, runtime)
-
-        return wrapper
-
-    return wrap
-
-
-def output_folder(out: str | Path, missing_ok: bool = False) -> Path:
-    """Where the running stage writes its output folder ``out``: the unfinished ``<out>.partial`` (``out`` itself
-    with ``missing_ok`` when this process writes no output)."""
-    for output in reversed(_ACTIVE):
-        if output.out == Path(out):
-            return output.work
-    if missing_ok:
-        return Path(out)
-    raise RuntimeError(f"no stage output {out} is being written (decorate the stage's run with writes_output)")
-
-
-@contextmanager
-def write_errors(
-    stage: str, key: str, out: Path, what: str, partial: str, needed_bytes: int | None = None
-) -> Iterator[None]:
-    """Turn a full disk / permission / read-only error inside the block into one paragraph (for stages that keep
-    their own partial work, like the teacher's resumable store)."""
-    try:
-        yield
-    except OSError as err:
-        if not is_write_error(err):
-            raise
-        raise PipelineError(
-            os_error_message(err, stage, key, what, out, partial=partial, needed_bytes=needed_bytes)
-        ) from None
 
 
 def _say(message: str) -> None:

@@ -49,7 +49,14 @@ from picosam_pipeline.errors import PipelineError
 TEMPLATE_DIR = "project_template"  # inside the installed package (see the module docstring)
 # Copied unchanged, by their path in the repository (= in the project); pyproject.toml's package-data ships them and
 # dvc.yaml (tests/test_init.py checks the wheel). Every *.json of PLOTS too: dvc.yaml's plots name these templates.
-COPIED = ("params.yaml", ".dvcignore", ".gitignore", "data/README.md", "data/checkpoints/README.md")
+COPIED = (
+    "params.yaml",
+    "params.schema.json",
+    ".dvcignore",
+    ".gitignore",
+    "data/README.md",
+    "data/checkpoints/README.md",
+)
 PLOTS = ".dvc/plots"
 CODE_DEP = re.compile(r"(picosam_pipeline|stages)/")  # a dep that is a file of this package
 STAMP_STAGE = "code-stamp"

@@ -4,7 +4,7 @@ A recipe is a table of params keys (``section.key``) and values, applied to the 
 typed (``config.load_config``): a key the params leave out or set to ``auto`` takes the recipe's value, a key
 given a value keeps it (an individual override, e.g. ``train.temperature: 0.5`` for an ablation).
 
-* :data:`RECIPES`: what makes a run PicoSAM2 or PicoSAM3 (``../shared/docs/picosam-reference.md`` sections 2-5):
+* :data:`RECIPES`: what makes a run PicoSAM2 or PicoSAM3 (``docs/papers.md`` sections 1-2):
   the crop convention (``teacher.prompt``: PicoSAM2's 96-px point window, PicoSAM3's padded box ROI), the student,
   the loss temperature, the area term and the lambda rule. Both papers' code weights the teacher by the batch mean
   of the clamped confidences (PicoSAM2 multiplies per-sample confidences into batch-scalar losses, which is the same).
@@ -24,11 +24,10 @@ from __future__ import annotations
 from typing import Any
 
 RECIPE_NAMES = ("picosam3", "picosam2", "custom")
+STUDENT_CONVENTION = {"picosam2": "point", "picosam3": "roi"}  # student -> the crops its paper trains it on
 SIZES = ("auto", "sample", "full")
 AUTO = "auto"
 
-# student -> the crop convention (teacher.prompt) its paper trains it on
-PAIRS = {"picosam2": "point", "picosam3": "roi"}
 
 RECIPES: dict[str, dict[str, Any]] = {
     "picosam2": {
@@ -145,7 +144,7 @@ def check_pairing(recipe: str, student: str, prompts: dict[str, str], sources: d
     """
     if recipe == "custom":
         return
-    want = PAIRS[student]
+    want = STUDENT_CONVENTION[student]
     for key, prompt in prompts.items():
         if prompt != want:
             where = lambda k: sources.get(k, "params")  # noqa: E731

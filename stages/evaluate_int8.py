@@ -1,11 +1,12 @@
 """Stage ``evaluate-int8``: the float student, the teacher and the INT8 model side by side on the same val crops.
 
-Runs the evaluate stage's code (``stages/evaluate.py``) with ``evaluate.int8_model`` set to the export stage's
-fake-quant ONNX (``evaluate.int8_onnx``, the same INT8 arithmetic as the file the IMX500 converter takes; it
-normalises inside its graph) and writes into ``evaluate.int8_out_dir``: ``report.json``, ``per_sample.csv``,
-``plots/`` and ``grid.png`` with the INT8 column, plus ``metrics/evaluate-int8.json``. It comes after ``export``
-in ``dvc.yaml``, so ``dvc repro`` gives the INT8 figures and grid with no hand edit; the ``evaluate`` stage itself
-stays independent of the IMX500 tool chain. The INT8 model's recorded crop convention must match the shards'.
+Runs the evaluate stage's code (``picosam_pipeline/evaluate/shard_evaluation.py``) with ``evaluate.int8_model``
+set to the export stage's fake-quant ONNX (``evaluate.int8_onnx``, the same INT8 arithmetic as the file the IMX500
+converter takes; it normalises inside its graph) and writes into ``evaluate.int8_out_dir``: ``report.json``,
+``per_sample.csv``, ``plots/`` and ``grid.png`` with the INT8 column, plus ``metrics/evaluate-int8.json``. It comes
+after ``export`` in ``dvc.yaml``, so ``dvc repro`` gives the INT8 figures and grid with no hand edit; the
+``evaluate`` stage itself stays independent of the IMX500 tool chain. The INT8 model's recorded crop convention
+must match the shards'.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import Any
 
 from picosam_pipeline.config import Config
 from picosam_pipeline.device import Runtime
-from picosam_pipeline.outputs import StageOutput, writes_output
-from picosam_pipeline.stages import evaluate
+from picosam_pipeline.evaluate.shard_evaluation import evaluate_shards, evaluation_output
+from picosam_pipeline.outputs import StageOutput
+from picosam_pipeline.reports import write_metrics
 
 STAGE = "evaluate-int8"
 
@@ -30,10 +32,14 @@ def int8_config(cfg: Config) -> Config:
 
 def output(cfg: Config) -> StageOutput:
     """``evaluate.int8_out_dir``, written like the evaluate stage's folder (outputs.py)."""
-    return evaluate.output(int8_config(cfg), STAGE, "evaluate.int8_out_dir")
+    return evaluation_output(int8_config(cfg), stage=STAGE, key="evaluate.int8_out_dir")
 
 
-@writes_output(output)
 def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
-    """Evaluate float, teacher and INT8; returns the headline figures (see ``evaluate.run``)."""
-    return evaluate.evaluate(int8_config(cfg), runtime, stage=STAGE)
+    """Evaluate float, teacher and INT8; returns the headline figures (as the evaluate stage)."""
+    int8 = int8_config(cfg)
+    with output(cfg) as work:
+        evaluation = evaluate_shards(int8.evaluate, runtime, work)
+        write_metrics(int8, STAGE, evaluation.headline(), {"timing": evaluation.timing})
+        evaluation.print_report()
+    return evaluation.summary()

@@ -12,7 +12,7 @@ from typing import Any
 from picosam_pipeline.config import Config
 from picosam_pipeline.data.sample import MANAGED, generate
 from picosam_pipeline.device import Runtime
-from picosam_pipeline.outputs import StageOutput, output_folder, save_resolved, writes_output
+from picosam_pipeline.outputs import StageOutput, save_resolved
 from picosam_pipeline.reports import write_metrics
 
 
@@ -31,20 +31,19 @@ def output(cfg: Config) -> StageOutput:
     )
 
 
-@writes_output(output)
 def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     """Generate the sample from ``cfg.sample`` (its own seed; ``runtime`` is unused: no tensors here)."""
-    work = output_folder(cfg.sample.out_dir)  # <out_dir>.partial, renamed to out_dir when this returns
-    summary = generate(dataclasses.replace(cfg.sample, out_dir=str(work)))
-    save_resolved(cfg, work, ["sample"])
-    # Headline totals; the per-split counts are the returned summary (printed by run-stage) and the JSON files.
-    write_metrics(
-        cfg,
-        "sample",
-        {
-            "images": sum(summary["images"].values()),
-            "annotations": sum(summary["annotations"].values()),
-            "bad_inputs": summary["bad_inputs"],
-        },
-    )
+    with output(cfg) as work:  # <out_dir>.partial, renamed to out_dir when the block ends
+        summary = generate(dataclasses.replace(cfg.sample, out_dir=str(work)))
+        save_resolved(cfg, work, ["sample"])
+        # Headline totals; the per-split counts are the returned summary (printed by run-stage) and the JSON files.
+        write_metrics(
+            cfg,
+            "sample",
+            {
+                "images": sum(summary["images"].values()),
+                "annotations": sum(summary["annotations"].values()),
+                "bad_inputs": summary["bad_inputs"],
+            },
+        )
     return summary

@@ -1,40 +1,19 @@
-"""Shared fixtures. Tests run on CPU with the built-in sample; ../shared/data is optional."""
+"""Shared fixtures and hooks only (helpers live in tests/helpers/). Tests run on CPU with the built-in sample;
+../shared/data is optional."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 import sysconfig
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-
-
-def shared_data_or_skip(*parts: str) -> Path:
-    """Path under ../shared/data, or skip the test (a user's fresh clone has no ../shared)."""
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(
-            f"{path} not found: real COCO/LVIS data lives in ../shared/data beside the repo "
-            "(CI has it, a fresh clone does not)"
-        )
-    return path
-
-
-def load_script(name: str) -> ModuleType:
-    """``scripts/<name>.py`` imported as module ``name`` (the scripts folder is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers.memory import give_memory_back
+from tests.helpers.paths import REPO, run_checked
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -48,11 +27,21 @@ def _quiet_and_reproducible_env():
     yield
 
 
-def run_checked(cmd: list, cwd: Path, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``cmd``; fail the test with its output unless it exits 0."""
-    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    return proc
+@pytest.fixture(autouse=True, scope="module")
+def _give_memory_back_after_each_module():
+    """What a module's tests freed (models, arrays, its module fixtures) goes back to the system when it ends: glibc
+    would keep it in this process's heap, and every later module would start from the sum."""
+    yield
+    give_memory_back()
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The SAM3 stage tests (those using tests/teacher/test_sam3.py's ``sam3_memory``) run first: each builds a
+    ~4.5 GiB model in this process, and the process stays under 6 GB only before it has loaded what the other tests
+    load (measured in `make test-all`: 6.6 GiB peak with them in path order)."""
+    first = [item for item in items if "sam3_memory" in getattr(item, "fixturenames", ())]
+    if first:
+        items[:] = first + [item for item in items if item not in first]
 
 
 @pytest.fixture(scope="session")
@@ -97,3 +86,59 @@ def installed_wheel(tmp_path_factory) -> tuple[Path, dict[str, str]]:
         [venv / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel], cwd=root, env=env
     )
     return venv, env
+
+
+# --------------------------------------------------------------------------------------------------
+# the pipeline inputs of the train, evaluate and deploy tests, built once per session (tests/helpers/pipeline_inputs)
+#
+# Shared by every test that asks for them: treat their files as read-only. A test that runs a stage on them points
+# the stage's outputs at its own folder (pipeline_inputs.elsewhere, own_store, run_pack(cfg, tmp_path / ...)); a
+# test that damages files copies them first (tests/train/test_loader.py's _copy). In `make test` (not slow) they and
+# tests/train/test_trainer.py::test_stage_writes_student_metrics_and_plots (the train stage, 4 steps on them) are the
+# one end-to-end run: sample -> prepare -> GT-mask teacher -> pack -> train.
+
+
+@pytest.fixture(scope="session")
+def sample_inputs(tmp_path_factory):
+    """The built-in sample (6 train, 3 val images) prepared, with a GT-mask teacher store ``gt``: the
+    :class:`~picosam_pipeline.config.Config` of ``pipeline_inputs.build_inputs`` (its pack section packs both splits
+    into ``sample_shards``)."""
+    from tests.helpers.pipeline_inputs import build_inputs
+
+    return build_inputs(tmp_path_factory.mktemp("sample_inputs"))
+
+
+@pytest.fixture(scope="session")
+def sample_shards(sample_inputs) -> Path:
+    """``sample_inputs`` packed as the pack section says (both splits, 8 samples per shard): the folder holding
+    ``train/`` and ``val/`` (and the stage's ``report.json``)."""
+    from tests.helpers.pipeline_inputs import run_pack
+
+    out = Path(sample_inputs.pack.out_dir)
+    run_pack(sample_inputs, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sample_student(sample_shards) -> Path:
+    """A random-weight PicoSAM2 whose masks cover about half of each val crop (``half_foreground_student``), saved
+    as a student checkpoint (input size 96, the ImageNet normalisation in its meta)."""
+    import dataclasses
+
+    from picosam_pipeline.train.checkpoints import save_student
+    from picosam_pipeline.train.students import NORMALIZATION
+    from tests.helpers.pipeline_inputs import half_foreground_student
+
+    meta = {"student": "picosam2", "input_size": 96, "normalization": dataclasses.asdict(NORMALIZATION)}
+    return save_student(sample_shards.parent / "student.pt", half_foreground_student(sample_shards / "val"), meta)
+
+
+@pytest.fixture(scope="session")
+def teacher_project(tmp_path_factory) -> tuple[Path, list[str]]:
+    """``(root, sets)``: the teacher tests' project (``teacher_project.tiny_project(root, 2)``: params.yaml, the
+    sample with 1 train and 2 val images, prepared), built once per session. Tests run stages with ``root`` as the
+    working directory and their outputs (``teacher.out``, ``runtime.metrics_dir``) in their own folders."""
+    from tests.helpers.teacher_project import tiny_project
+
+    root = tmp_path_factory.mktemp("teacher-project")
+    return root, tiny_project(root, 2)

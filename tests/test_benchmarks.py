@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, shared_data_or_skip
+
+from tests.helpers.paths import REPO, shared_data_or_skip
 
 
 def run_bench(script: str, *args: str) -> str:
@@ -66,9 +67,10 @@ def test_teacher_sam3_bench_prints_build_encode_and_per_prompt_figures():
 
 @pytest.mark.slow
 def test_scale_bench_prints_every_stage_at_two_sizes_with_files_and_dvc_times(tmp_path):
-    """Tiny sizes: the same code path as --instances 900000 (a broken stage or a lost figure fails here)."""
-    shared_data_or_skip("coco-sample")
+    """Tiny sizes: the same code path as --instances 900000 (a broken stage or a lost figure fails here), on the
+    built-in sample as a fresh clone runs it (no ../shared/data)."""
     out = run_bench("scale.py", "--sizes", "200", "400", "--work", str(tmp_path))
+    assert re.search(r"^template: .*template \(splits train, val\)$", out, re.M), out
     for stage in ("prepare", "teacher", "pack", "loader", "evaluate"):
         assert re.search(rf"^{stage} +[\d,]+/s +[\d.]+ GB .*[\d,]+/s +[\d.]+ GB", out, re.M), out
     assert re.search(r"^teacher .* +\d+ files +[\d,]+/s .* +(\d+) files", out, re.M), out

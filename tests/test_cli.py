@@ -8,10 +8,10 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from conftest import REPO
 
 from picosam_pipeline.cli import cli
 from picosam_pipeline.stages import STAGES
+from tests.helpers.paths import REPO
 
 
 def test_help_lists_commands_and_every_option_is_explained():

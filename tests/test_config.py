@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import REPO
+from click.testing import CliRunner
 
-from picosam_pipeline.config import Config, ConfigError, load_config, require_inputs
+from picosam_pipeline.cli import cli
+from picosam_pipeline.config import Config, ConfigError, load_config, params_schema, require_inputs
 from picosam_pipeline.outputs import save_resolved
+from tests.helpers.paths import REPO
 
 
 def test_repo_params_file_loads_and_matches_sections():
@@ -51,6 +53,15 @@ def test_defaults_without_file():
         # a value that fits no member of a union names the alternatives in words, not Python types
         ("train.compile=maybe", "train.compile: expected true, false or auto, got 'maybe'"),
         ("train.num_workers=many", "train.num_workers: expected an integer or auto, got 'many'"),
+        # a value of one member's kind with a wrong part: that part is named, not the union
+        ("train.num_workers=-1", "train.num_workers: expected a number >= 0, got -1"),
+        ("prepare.splits=automatic", "prepare.splits: expected a list or auto, got 'automatic'"),
+        ("prepare.splits=[{name: a, annotations: x, images: y, imgs: z}]", "prepare.splits[0].imgs: unknown key"),
+        # an unknown key: its full path, the closest valid key, the keys its section accepts
+        ("teacher.modle=sam3", "teacher.modle: unknown key (did you mean model?); teacher accepts ['allow_random"),
+        ("evaluate.lvis=5", "evaluate.lvis: expected a mapping with keys ['annotations', 'images', 'max_annotations']"),
+        ("train.target_weights={sam2: -1}", "train.target_weights.sam2: expected a number >= 0, got -1"),
+        ("teachers.sam3=5", "teachers.sam3: expected a mapping, got 5"),
     ],
 )
 def test_bad_values_are_rejected_naming_the_key(override, message):
@@ -104,3 +115,56 @@ def test_save_resolved_writes_only_the_stage_sections(tmp_path):
     path = save_resolved(cfg, tmp_path / "out", ["prepare"])
     saved = json.loads(path.read_text())
     assert list(saved) == ["prepare"] and saved["prepare"]["min_area"] == 5.0
+
+
+def test_loaded_values_keep_their_declared_types():
+    """A YAML integer for a float key is stored as a float, so config.resolved.json (a DVC output) writes 5.0."""
+    cfg = load_config(None, ["prepare.min_area=5", "quantize.tpc_version=4", "train.steps=epoch"])
+    assert type(cfg.prepare.min_area) is float and cfg.quantize.tpc_version == "4.0" and cfg.train.steps == "epoch"
+    assert load_config(None, ["train.compile=true"]).train.compile is True
+
+
+def test_committed_params_schema_is_current_and_named_by_params_yaml():
+    result = CliRunner().invoke(cli, ["params-schema", "--check", "--output", str(REPO / "params.schema.json")])
+    assert result.exit_code == 0, result.output + " (run `picosam-pipeline params-schema` and commit the file)"
+    first = (REPO / "params.yaml").read_text().splitlines()[0]
+    assert first == "# yaml-language-server: $schema=params.schema.json"
+
+
+def test_params_schema_command_writes_checks_and_explains(tmp_path):
+    runner = CliRunner()
+    help_text = runner.invoke(cli, ["params-schema", "--help"])
+    assert help_text.exit_code == 0 and "--output" in help_text.output and "--check" in help_text.output
+    out = tmp_path / "schema.json"
+    assert runner.invoke(cli, ["params-schema", "--output", str(out)]).exit_code == 0
+    assert json.loads(out.read_text()) == params_schema()
+    out.write_text(out.read_text().replace("sam2.1_hiera_tiny", "sam9"))
+    stale = runner.invoke(cli, ["params-schema", "--check", "--output", str(out)])
+    assert stale.exit_code == 1 and "differs from this version's schema" in stale.output
+
+
+def test_params_schema_refuses_unknown_keys_and_allows_the_recipe_auto():
+    schema = params_schema()
+    cfg = Config()
+    assert schema["additionalProperties"] is False and set(schema["properties"]) == set(cfg.to_dict())
+    for name, section in schema["$defs"].items():  # every section, nested ones too: unknown keys refused
+        assert section["additionalProperties"] is False, name
+    train = schema["$defs"]["TrainConfig"]["properties"]
+    assert set(train) == set(cfg.to_dict()["train"]) and "peak learning rate" in train["lr"]["description"]
+    assert {"const": "auto", "type": "string"} in train["temperature"]["anyOf"]  # a recipe key
+    assert "anyOf" not in train["lr"] and train["lr"]["exclusiveMinimum"] == 0
+    passes = schema["properties"]["teachers"]["additionalProperties"]
+    assert passes["additionalProperties"] is False and "model" in passes["properties"]
+    assert "out" not in passes["properties"]  # set per pipeline, not per pass
+
+
+def test_params_yaml_validates_against_the_schema():
+    jsonschema = pytest.importorskip("jsonschema")
+    import yaml
+
+    validator = jsonschema.Draft202012Validator(params_schema())
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert list(validator.iter_errors(params)) == []
+    params["teacher"]["colour"] = "red"
+    params["teachers"]["sam3"] = {"modle": "sam3"}
+    assert sorted(e.json_path for e in validator.iter_errors(params)) == ["$.teacher", "$.teachers.sam3"]

@@ -14,17 +14,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import shared_data_or_skip
 
 from picosam_pipeline.config import ConfigError, TrainConfig, load_config
 from picosam_pipeline.data import fetch
-from picosam_pipeline.data.index import read_metadata
+from picosam_pipeline.data.index import read_index_metadata
 from picosam_pipeline.device import resolve_runtime
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.stages import evaluate, pack, prepare, train
 from picosam_pipeline.teacher.gt_mask import write_mask_teacher_store
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.paths import REPO, shared_data_or_skip
 
 
 def test_the_switch_picks_each_layout_and_names_the_fetch_for_a_missing_dataset(tmp_path):
@@ -135,7 +133,7 @@ def test_a_real_dataset_runs_end_to_end_by_the_switch_alone(datasets, tmp_path, 
     )
     runtime = resolve_runtime(cfg.runtime)
     prepare.run(cfg, runtime)
-    meta = read_metadata(cfg.pack.index)["splits"]
+    meta = read_index_metadata(cfg.pack.index)["splits"]
     assert meta["val"]["format"] == ("lvis" if name == "lvis_v1" else "coco")
     assert meta["train"]["kept"] > 300 and meta["val"]["kept"] > 180  # crowd annotations: none in LVIS, dropped in COCO
     write_mask_teacher_store(cfg.pack.index, work / "stores" / "gt.zarr", splits=cfg.pack.splits)

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import load_script
-from pipeline_inputs import build_inputs, run_pack, tiny_export
-from teacher_project import BIN, REPO
+
+from tests.helpers.paths import load_script
+from tests.helpers.pipeline_inputs import tiny_export
+from tests.helpers.teacher_project import BIN, REPO
 
 pytestmark = pytest.mark.slow
 
@@ -62,17 +63,19 @@ def sh(*args: str, cwd: Path, columns: int = 400) -> str:
     return done.stdout
 
 
-def make_project(root: Path, stages: tuple[str, ...] = STAGES) -> None:
+def make_project(root: Path, sample: Path, stages: tuple[str, ...] = STAGES) -> None:
     """Code, ``stages`` (train + evaluate, and package if named) and their plots, params pointing at packed sample
-    shards and, for package, a tiny network's export (paths relative)."""
+    shards (a copy of ``sample``, the session's build_inputs folder) and, for package, a tiny network's export (paths
+    relative)."""
     root.mkdir()
     inputs = root / "inputs"
-    cfg = build_inputs(inputs)
-    run_pack(cfg, inputs / "shards")
+    # sample/, prepared/, stores/, shards/: build_inputs + run_pack; not its metrics (prepare's and pack's: not
+    # stages of this project) nor the session's student
+    shutil.copytree(sample, inputs, ignore=shutil.ignore_patterns("metrics", "student.pt"))
     if "package" in stages:
         tiny_export(inputs)
         shutil.rmtree(inputs / "quantize")  # the export's own input, not one of the package stage
-    shutil.rmtree(inputs / "metrics")  # prepare's, pack's and export's: not stages of this project
+        shutil.rmtree(inputs / "metrics")  # export's: not a stage of this project
     shutil.copy(
         REPO / ".gitignore", root / ".gitignore"
     )  # the run logs (metrics/runs/) and train's state stay out of git
@@ -112,9 +115,9 @@ def commit(root: Path, message: str) -> None:
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", message, cwd=root)
 
 
-def init_project(root: Path, stages: tuple[str, ...] = STAGES) -> None:
+def init_project(root: Path, sample: Path, stages: tuple[str, ...] = STAGES) -> None:
     """:func:`make_project` as a git repository with DVC, committed."""
-    make_project(root, stages)
+    make_project(root, sample, stages)
     sh("git", "init", "-q", cwd=root)
     sh("dvc", "init", "-q", cwd=root)
     shutil.move(root / "dvc_plots", root / ".dvc" / "plots")
@@ -129,9 +132,15 @@ def flat(tree: dict, prefix: str = "") -> set[str]:
     return out
 
 
-def test_exp_show_compares_two_experiments_by_headline_metrics(tmp_path):
+@pytest.fixture(scope="module")
+def sample(sample_shards) -> Path:
+    """The session's build_inputs folder with its shards (read-only: projects copy it)."""
+    return sample_shards.parent
+
+
+def test_exp_show_compares_two_experiments_by_headline_metrics(sample, tmp_path):
     root = tmp_path / "project"
-    init_project(root)
+    init_project(root, sample)
     sh("dvc", "repro", cwd=root)
     commit(root, "baseline")
 
@@ -199,12 +208,12 @@ def outputs(root: Path) -> dict[str, bytes]:
     return {name: f.read_bytes() for name, f in named.items() if not name.startswith(PER_MACHINE)}
 
 
-def test_an_experiment_and_back_restores_every_output_from_the_cache(tmp_path):
+def test_an_experiment_and_back_restores_every_output_from_the_cache(sample, tmp_path):
     """train and evaluate (as above: seconds on the packed sample) and package, on a tiny network's export so that its
     converter takes ~20 s a run (a student through quantize and export would take minutes). The experiment changes
     a param of each stage, so that each writes another output, then goes back."""
     root = tmp_path / "project"
-    init_project(root, STAGES + ("package",))
+    init_project(root, sample, STAGES + ("package",))
     sh("dvc", "repro", cwd=root)
     commit(root, "baseline")
     baseline = outputs(root)

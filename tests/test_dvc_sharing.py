@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from teacher_project import BIN, REPO
+
+from tests.helpers.teacher_project import BIN, REPO
 
 pytestmark = pytest.mark.slow
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import REPO, run_checked
 
 from picosam_pipeline import __version__, project_init
 from picosam_pipeline.cli import cli
 from picosam_pipeline.errors import PipelineError
+from tests.helpers.paths import REPO, run_checked
 
 CODE_PREFIXES = ("picosam_pipeline/", "stages/")
 

@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
 
 from picosam_pipeline.config import load_config
 from picosam_pipeline.device import resolve_runtime
 from picosam_pipeline.stages import STAGES
+from tests.helpers.paths import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -45,26 +45,16 @@ STAGES_KILLED = ("sample", "prepare", "pack", "train", "evaluate", "export")
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    """build_inputs (sample, index, GT-mask store), shards and a student checkpoint."""
-    from pipeline_inputs import build_inputs, half_foreground_student, run_pack
-
-    from picosam_pipeline.train.checkpoints import save_student
-
-    root = tmp_path_factory.mktemp("inputs")
-    cfg = build_inputs(root)
-    run_pack(cfg, root / "shards")
-    save_student(
-        root / "student.pt", half_foreground_student(root / "shards" / "val"), {"student": "picosam2", "input_size": 96}
-    )
+def inputs(sample_student) -> Path:
+    """The session's build_inputs folder (read-only): ``sample/``, ``prepared/``, ``stores/`` (GT-mask store),
+    ``shards/`` and a student checkpoint ``student.pt``."""
+    root = sample_student.parent
+    assert all((root / name).exists() for name in ("sample", "prepared", "stores", "shards", "student.pt"))
     return root
 
 
 def _quantize_folder(folder: Path) -> None:
     """A folder laid out as the quantize stage writes it, for a tiny model MCT quantises in seconds."""
-    sys.path.insert(0, str(REPO / "tests" / "deploy"))
-    from test_quantize import SIZE, tiny_camera_model
-
     from picosam_pipeline.data.crops import crop_convention
     from picosam_pipeline.deploy.onnx_export import (
         QUANTIZE_FAKEQUANT_FILE,
@@ -75,6 +65,7 @@ def _quantize_folder(folder: Path) -> None:
     )
     from picosam_pipeline.deploy.quantize import RgbModel, quantize
     from picosam_pipeline.train.students import NORMALIZATION
+    from tests.helpers.tiny_models import SIZE, tiny_camera_model
 
     torch.manual_seed(0)
     int8 = quantize(tiny_camera_model(), [torch.rand(8, 3, SIZE, SIZE) for _ in range(2)])
@@ -154,7 +145,7 @@ def stage_sets(stage: str, root: Path, out: Path) -> tuple[list[str], list[str]]
         return [
             *common,
             f"export.out_dir={out}",
-            f"export.quantized_dir={root / 'quantize'}",
+            f"export.quantized_dir={out.parent / 'quantize'}",  # the test's own (_quantize_folder)
             "export.mctq_check_samples=2",
             "export.min_mask_agreement=0.9",
         ], ["export.mctq_check_samples=1"]
@@ -208,8 +199,8 @@ def wait_until_working(proc: subprocess.Popen, out: Path) -> None:
 def test_kills_at_random_moments_leave_the_previous_or_the_new_output_and_the_rerun_ends_as_an_uninterrupted_run(
     stage, inputs, tmp_path
 ):
-    if stage == "export" and not (inputs / "quantize").exists():
-        _quantize_folder(inputs / "quantize")
+    if stage == "export":
+        _quantize_folder(tmp_path / "quantize")
     out = tmp_path / stage
     sets, previous = stage_sets(stage, inputs, out)
     seconds = run_in_process(stage, sets)
@@ -250,5 +241,6 @@ def test_kills_at_random_moments_leave_the_previous_or_the_new_output_and_the_re
 
     run_in_process(stage, sets)  # the rerun: takes over a killed run's lock, tidies, resumes where it can
     assert contents(out) == reference
-    left = sorted(p.name for p in tmp_path.iterdir() if p.name not in ("metrics", stage, f"{stage}.state"))
+    own = ("metrics", stage, f"{stage}.state", *(["quantize"] if stage == "export" else []))  # quantize: its input
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name not in own)
     assert left == [], f"left beside the output: {left}"

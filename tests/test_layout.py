@@ -14,14 +14,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
 
 from picosam_pipeline.stages import STAGES
+from tests.helpers.paths import REPO
 
 PACKAGE = "picosam_pipeline"
 PHASES = ("data", "teacher", "train", "evaluate", "deploy")
 CROSS_CUTTING = {
     "config",
+    "config_schema",
     "datasets",
     "errors",
     "device",
@@ -216,3 +217,133 @@ def test_every_dvc_stage_is_a_registered_stage():
     for name, stage in dvc_stages().items():
         suffix = "@${key}" if name == "teacher-logits" else ""  # one stage per teacher pass
         assert stage["cmd"] == f"picosam-pipeline run-stage {name}{suffix}"
+
+
+STAGE_FUNCTION_LINES = 60  # a stage resolves its config, calls the library and writes: more is library code
+
+
+def test_no_stage_imports_another_stage_and_nothing_imports_a_stage():
+    modules = source_files()
+    stages = {name for name in modules if name.startswith(f"{PACKAGE}.stages.")}
+    wrong = [
+        f"{modules[name]} imports {target}"
+        for name, path in sorted(modules.items())
+        if name != f"{PACKAGE}.stages" and layer(name)[0] != "top"
+        for target in sorted(imports_of(path, modules) & stages)
+    ]
+    assert not wrong, "a stage's helpers are imported (move them to the library):\n" + "\n".join(wrong)
+
+
+def long_functions(path: Path, limit: int) -> list[str]:
+    """``file:line name (N lines)`` for each function of ``path`` longer than ``limit`` lines."""
+    return [
+        f"{path}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > limit
+    ]
+
+
+def test_stages_are_thin():
+    wrong = [
+        line for path in sorted((REPO / "stages").glob("*.py")) for line in long_functions(path, STAGE_FUNCTION_LINES)
+    ]
+    assert not wrong, f"functions in stages/ over {STAGE_FUNCTION_LINES} lines:\n" + "\n".join(wrong)
+
+
+def test_the_thin_stage_check_sees_a_long_function(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(STAGE_FUNCTION_LINES))
+    (tmp_path / "stage.py").write_text(f"def run():\n{body}\n")
+    assert long_functions(tmp_path / "stage.py", STAGE_FUNCTION_LINES) == [f"{tmp_path / 'stage.py'}:1 run (61 lines)"]
+
+
+def public_names(modules: dict[str, Path]) -> dict[str, list[str]]:
+    """Top-level public function and class name -> the library modules defining it (the stages' ``run`` and
+    ``output``, every stage's entry points by design, left out)."""
+    defined: dict[str, list[str]] = {}
+    for name, path in sorted(modules.items()):
+        for node in ast.parse(path.read_text(), str(path)).body:
+            if isinstance(node, ast.FunctionDef | ast.ClassDef) and not node.name.startswith("_"):
+                if name.startswith(f"{PACKAGE}.stages.") and node.name in ("run", "output"):
+                    continue
+                defined.setdefault(node.name, []).append(name)
+    return defined
+
+
+def test_no_two_public_functions_share_a_name():
+    shared = {name: where for name, where in public_names(source_files()).items() if len(where) > 1}
+    assert not shared, "one name, several meanings (rename one):\n" + "\n".join(f"{k}: {v}" for k, v in shared.items())
+
+
+# --------------------------------------------------------------------------------------------------
+# the tests' own imports: shared helpers come from tests.helpers, never from another test file or conftest.py
+
+TESTS = REPO / "tests"
+
+
+def python_files_under(root: Path = TESTS) -> dict[str, Path]:
+    """Every Python file under ``root`` (tests/), by its path relative to it."""
+    return {str(p.relative_to(root)): p for p in sorted(root.rglob("*.py")) if "__pycache__" not in p.parts}
+
+
+def local_names(root: Path = TESTS) -> set[str]:
+    """Names a bare import would resolve to a file or folder of tests/ (through pytest's old sys.path insertions):
+    every module's and folder's name, conftest and the helpers included."""
+    names = {p.stem for p in root.rglob("*.py") if "__pycache__" not in p.parts and p.stem != "__init__"}
+    return names | {p.name for p in root.rglob("*") if p.is_dir() and p.name != "__pycache__"}
+
+
+def bad_test_imports(files: dict[str, Path], local: set[str]) -> list[str]:
+    """One line per import (lazy ones count) of a test module, of conftest, or of a helper other than through
+    ``tests.helpers``; relative imports are refused too (a moved file would import something else)."""
+    wrong = []
+    for name, path in files.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    wrong.append(f"{name}:{node.lineno}: relative import (use tests.helpers.<module>)")
+                    continue
+                modules = [node.module] if node.module != "tests" else [f"tests.{a.name}" for a in node.names]
+            else:
+                continue
+            for module in modules:
+                parts = module.split(".")
+                if parts[0] == "tests":
+                    ok = parts[1:2] == ["helpers"]
+                else:
+                    ok = parts[0] not in local
+                if not ok:
+                    wrong.append(f"{name}:{node.lineno}: imports {module}")
+    return wrong
+
+
+def test_no_test_file_imports_another_test_file_or_conftest():
+    files = python_files_under()
+    assert "helpers/paths.py" in files and "conftest.py" in files
+    wrong = bad_test_imports(files, local_names())
+    assert not wrong, "tests import shared code from tests.helpers only:\n" + "\n".join(wrong)
+
+
+def test_the_test_import_check_finds_planted_imports(tmp_path):
+    """Each way a test file could reach into another (bare or through ``tests.``, lazy or not, relative) is found;
+    ``tests.helpers`` and third-party imports pass."""
+    (tmp_path / "helpers").mkdir()
+    (tmp_path / "helpers" / "paths.py").write_text("REPO = None\n")
+    (tmp_path / "conftest.py").write_text("from tests.helpers.paths import REPO\n")
+    (tmp_path / "test_a.py").write_text(
+        "import numpy\nfrom tests.helpers import paths\nfrom tests.helpers.paths import REPO\n"
+    )
+    planted = {
+        "test_b.py": "from conftest import REPO\n",
+        "test_c.py": "def f():\n    import test_a as t\n",
+        "test_d.py": "from tests.test_a import x\n",
+        "test_e.py": "from tests import conftest\n",
+        "test_f.py": "from paths import REPO\n",
+        "test_g.py": "from .helpers.paths import REPO\n",
+        "test_h.py": "import tests.conftest\n",
+    }
+    for name, text in planted.items():
+        (tmp_path / name).write_text(text)
+    wrong = bad_test_imports(python_files_under(tmp_path), local_names(tmp_path))
+    assert [line.split(":")[0] for line in wrong] == sorted(planted), wrong

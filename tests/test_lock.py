@@ -14,7 +14,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO, load_script
+
+from tests.helpers.paths import REPO, load_script
 
 lockfile = load_script("lockfile")
 

@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 
 from picosam_pipeline import outputs
 from picosam_pipeline.config import load_config
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.stages import STAGES
+from tests.helpers.paths import REPO
 
 BIN = Path(sys.executable).parent
 CLI = str(BIN / "picosam-pipeline")
@@ -337,14 +337,15 @@ def tmpfs(where: Path, size: str):
 
 
 @pytest.fixture(scope="module")
-def packed(tmp_path_factory):
-    from pipeline_inputs import build_inputs
+def packed(sample_inputs, tmp_path_factory):
+    """The session's sample inputs (read-only: index and gt store), writing into this module's folder."""
+    from tests.helpers.pipeline_inputs import elsewhere
 
-    return build_inputs(tmp_path_factory.mktemp("inputs"))
+    return elsewhere(sample_inputs, tmp_path_factory.mktemp("outputs"))
 
 
 def test_a_full_disk_during_pack_is_one_paragraph_and_leaves_the_previous_output(packed, tmp_path):
-    from pipeline_inputs import run_pack
+    from tests.helpers.pipeline_inputs import run_pack
 
     cfg = dataclasses.replace(
         packed, runtime=dataclasses.replace(packed.runtime, metrics_dir=str(tmp_path / "metrics"))
@@ -396,22 +397,47 @@ def test_train_checks_the_space_for_its_checkpoint_before_any_work(packed, tmp_p
         assert time.monotonic() - start < 20 and not (tmp_path / "train").exists()
 
 
-def test_write_errors_keep_the_teachers_partial_store_and_say_so(tmp_path):
+def test_the_resumable_mode_keeps_the_teachers_partial_store_and_says_so(tmp_path):
+    def is_store(path):
+        return (path / "shard").is_file() or not any(path.iterdir())
+
     with tmpfs(tmp_path / "small", "64k") as disk:
         out = disk / "sam2.zarr"
-        with pytest.raises(PipelineError) as err:
-            with outputs.write_errors(
-                "teacher-logits@sam2",
-                "teacher.out",
-                out,
-                "the teacher-logit store",
-                "The finished shards are kept: rerunning resumes from them.",
-            ):
-                (disk / "sam2.zarr.partial").mkdir()
-                (disk / "sam2.zarr.partial" / "shard").write_bytes(b"\0" * 2**20)
+        output = outputs.StageOutput(
+            None,
+            "teacher-logits@sam2",
+            "teacher.out",
+            out,
+            sections=None,
+            inputs={},
+            what="teacher-logit store",
+            resumable="The finished shards are kept: rerunning resumes from them.",
+            recognise=is_store,
+        )
+        with pytest.raises(PipelineError) as err, output as work:
+            assert work == disk / "sam2.zarr.partial" and not work.exists()  # the stage opens or resumes it
+            work.mkdir()
+            (work / "shard").write_bytes(b"\0" * 2**20)
         text = str(err.value)
         assert "stage teacher-logits@sam2 could not write" in text and "the file system is full" in text
         assert "The finished shards are kept" in text and (disk / "sam2.zarr.partial").is_dir()
+        assert not out.exists()  # nothing published
+        (out / "foreign").mkdir(parents=True)  # not recognised as the stage's own: refused, never replaced
+        with pytest.raises(PipelineError, match="is not a teacher-logit store, so stage teacher-logits@sam2 does not"):
+            output.__enter__()
+        assert (out / "foreign").is_dir()
+
+
+def test_the_resumable_mode_publishes_the_unfinished_folder_only_when_there_is_one(tmp_path):
+    out = tmp_path / "store"
+    output = outputs.StageOutput(None, "teacher-logits", "teacher.out", out, sections=None, inputs={}, resumable="k")
+    with output as work:
+        work.mkdir()
+        (work / "a").write_text("new")
+    assert (out / "a").read_text() == "new" and not work.exists()
+    with output as work:  # finished in place (out held this pass): nothing to publish, out stays
+        (out / "a").write_text("in place")
+    assert (out / "a").read_text() == "in place" and not work.exists()
 
 
 @pytest.mark.parametrize("stage", list(OUT_KEY))

@@ -8,8 +8,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO
-from conftest import run_checked as run
+
+from tests.helpers.paths import REPO
+from tests.helpers.paths import run_checked as run
 
 pytestmark = pytest.mark.slow
 

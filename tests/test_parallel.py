@@ -9,13 +9,13 @@ import signal
 from pathlib import Path
 
 import pytest
-from pipeline_inputs import build_inputs, run_pack
 
 from picosam_pipeline import parallel
 from picosam_pipeline.config import Config
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.stages import prepare
 from picosam_pipeline.teacher.gt_mask import write_mask_teacher_store
+from tests.helpers.pipeline_inputs import build_inputs, run_pack
 
 
 def _square(x: int) -> int:
@@ -24,6 +24,7 @@ def _square(x: int) -> int:
     return x * x
 
 
+@pytest.mark.slow  # worker process pools, seconds each
 def test_ordered_map_keeps_job_order_pulls_jobs_lazily_and_raises_a_jobs_error():
     assert list(parallel.ordered_map(_square, range(12), workers=2)) == [x * x for x in range(12)]
     assert list(parallel.ordered_map(_square, range(12), workers=0)) == [x * x for x in range(12)]
@@ -53,6 +54,7 @@ def _tree(path: Path) -> dict[str, bytes]:
     return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
 
 
+@pytest.mark.slow  # its own pipeline, twice, with worker processes
 def test_prepare_teacher_and_pack_write_the_same_bytes_with_worker_processes(tmp_path, monkeypatch):
     """The built-in sample through prepare, the GT-mask teacher and pack, in this process and then again with two
     worker processes (the threshold lowered so its 9 images get them): every output file is byte-identical."""

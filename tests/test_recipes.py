@@ -9,15 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
 
 from picosam_pipeline.config import ConfigError, RecipeConfig, TrainConfig, load_config
+from picosam_pipeline.data.crop_convention import CropMismatch
 from picosam_pipeline.data.crops import crop_convention
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.recipes import FULL_RUN, RECIPE_KEYS, RECIPES, SAMPLE_RUN
 from picosam_pipeline.train.checkpoints import load_checkpoint
 from picosam_pipeline.train.losses import PRESETS
+from tests.helpers.paths import REPO
 
 PARAMS = REPO / "params.yaml"
 CPU = Runtime(device=torch.device("cpu"), autocast_dtype=None, seed=0)
@@ -129,22 +130,19 @@ def test_custom_takes_any_pairing_but_no_auto():
 
 
 @pytest.fixture(scope="module")
-def point_run(tmp_path_factory):
-    """PicoSAM2 on the sample: a point-convention store, packed and trained for one epoch (``train.steps: epoch``)."""
-    from pipeline_inputs import build_inputs
-
+def point_shards(sample_inputs, tmp_path_factory):
+    """PicoSAM2 on the sample: a point-convention store, packed; the config trains for one epoch
+    (``train.steps: epoch``) and :func:`point_run` runs it."""
     from picosam_pipeline.stages import pack
-    from picosam_pipeline.stages import train as train_stage
-    from picosam_pipeline.teacher.gt_mask import write_mask_teacher_store
+    from tests.helpers.pipeline_inputs import elsewhere, own_store
 
     root = tmp_path_factory.mktemp("recipes")
-    cfg = build_inputs(root)  # an index and a roi store named gt
-    write_mask_teacher_store(cfg.pack.index, root / "point" / "gt.zarr", splits=cfg.pack.splits, prompt="point")
+    cfg = elsewhere(sample_inputs, root)  # the session's index (and a roi store named gt), read-only
+    cfg = own_store(cfg, root / "point", prompt="point")  # packs from root/point into root/shards
     cfg = dataclasses.replace(
         cfg,
         recipe=RecipeConfig("picosam2"),
         teacher=dataclasses.replace(cfg.teacher, prompt="point"),
-        pack=dataclasses.replace(cfg.pack, stores_dir=str(root / "point")),
         train=TrainConfig(
             shards=cfg.pack.out_dir,
             student="picosam2",
@@ -160,10 +158,18 @@ def point_run(tmp_path_factory):
         ),
     )
     pack.run(cfg, None)
-    summary = train_stage.run(cfg, CPU)
-    return cfg, summary
+    return cfg
 
 
+@pytest.fixture(scope="module")
+def point_run(point_shards):
+    """:func:`point_shards` trained for one epoch: ``(cfg, the train stage's summary)``."""
+    from picosam_pipeline.stages import train as train_stage
+
+    return point_shards, train_stage.run(point_shards, CPU)
+
+
+@pytest.mark.slow  # trains an epoch
 def test_shards_and_both_checkpoints_record_the_point_convention(point_run):
     from picosam_pipeline.train.shards import read_shard_index
 
@@ -184,10 +190,10 @@ def test_shards_and_both_checkpoints_record_the_point_convention(point_run):
     assert last["step"] == summary["steps"] and report["crop"] == expected
 
 
-def test_pack_refuses_a_store_of_the_other_convention(point_run, tmp_path):
+def test_pack_refuses_a_store_of_the_other_convention(point_shards, tmp_path):
     from picosam_pipeline.stages import pack
 
-    cfg, _ = point_run
+    cfg = point_shards
     roi = dataclasses.replace(
         cfg,
         recipe=RecipeConfig("picosam3"),
@@ -196,31 +202,32 @@ def test_pack_refuses_a_store_of_the_other_convention(point_run, tmp_path):
     )
     with pytest.raises(
         PipelineError,
-        match=r"holds point crops but the shards ask for roi crops \(teacher.prompt=roi, "
-        r"recipe.name=picosam3\)",
+        match=r"holds point crops, but pack \(teacher.prompt=roi, recipe.name=picosam3\) needs roi crops "
+        r"\(convention 'point' != 'roi'\); rerun the teacher pass",
     ):
         pack.run(roi, None)
     assert not (tmp_path / "shards").exists()
 
 
-def test_train_refuses_shards_of_the_other_convention_before_any_work(point_run, tmp_path):
+def test_train_refuses_shards_of_the_other_convention_before_any_work(point_shards, tmp_path):
     from picosam_pipeline.stages import train as train_stage
 
-    cfg, _ = point_run
+    cfg = point_shards
     p3 = dataclasses.replace(
         cfg,
         recipe=RecipeConfig("picosam3"),
         train=dataclasses.replace(cfg.train, student="picosam3", out_dir=str(tmp_path / "t")),
     )
     with pytest.raises(
-        ConfigError,
-        match=r"train.student=picosam3 \(recipe.name=picosam3\) is trained on roi crops, "
-        r"but .* holds point crops; repack",
+        CropMismatch,
+        match=r"holds point crops, but train.student=picosam3 \(recipe.name=picosam3\) needs roi crops "
+        r"\(convention 'point' != 'roi'\); repack",
     ):
         train_stage.run(p3, CPU)
     assert not (tmp_path / "t").exists()
 
 
+@pytest.mark.slow  # trains an epoch (point_run)
 def test_predict_takes_the_prompt_the_model_was_trained_with(point_run):
     from picosam_pipeline.evaluate.predict import load_crop_model, prompt_settings
 
@@ -239,19 +246,20 @@ def test_predict_takes_the_prompt_the_model_was_trained_with(point_run):
     assert (padding, window) == (0.2, 96) and "does not record its crop convention" in notes[0]
 
 
-def test_evaluate_refuses_a_model_trained_on_other_crops(point_run):
-    from picosam_pipeline.stages.evaluate import check_model_crops
+def test_evaluate_refuses_a_model_trained_on_other_crops(point_shards):
+    from picosam_pipeline.evaluate.shard_evaluation import check_models_crops
     from picosam_pipeline.train.shards import read_shard_index
 
-    cfg, _ = point_run
+    cfg = point_shards
     val = read_shard_index(Path(cfg.pack.out_dir) / "val")
 
     class Model:
         name = "onnx int8.onnx"
         crop = crop_convention("roi", roi_padding=0.1, window=96, input_size=96)
 
-    check_model_crops({"student": type("Unrecorded", (), {"name": "x", "crop": None})()}, val, {})
+    check_models_crops({"student": type("Unrecorded", (), {"name": "x", "crop": None})()}, val)
     with pytest.raises(
-        PipelineError, match="evaluate.int8_model: onnx int8.onnx was trained on roi crops, but .* holds point"
+        PipelineError,
+        match=r"holds point crops, but evaluate.int8_model \(onnx int8.onnx\) needs roi crops .*; score it on shards",
     ):
-        check_model_crops({"student_int8": Model()}, val, {"student_int8": "evaluate.int8_model"})
+        check_models_crops({"student_int8": Model()}, val)

@@ -12,7 +12,8 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from conftest import REPO, load_script
+
+from tests.helpers.paths import REPO, load_script
 
 MANIFEST = REPO / "requirements/upstream/sam2.txt"
 

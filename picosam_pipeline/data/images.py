@@ -1,8 +1,8 @@
 """Decode one image file into RGB pixels in the orientation its annotations use, or say why it cannot be.
 
 Every image the pipeline reads goes through :func:`load_image` (PIL only: ``torchvision.io.decode_jpeg`` does
-not work with the CPU torch build, see ``../shared/docs/stack-notes.md``). Real datasets hold files that a
-plain ``Image.open(p).convert("RGB")`` gets wrong without a word:
+not work with the registry's CUDA-linked torchvision over the CPU torch build: ``_torchvision_compat.py``). Real
+datasets hold files that a plain ``Image.open(p).convert("RGB")`` gets wrong without a word:
 
 * **truncated files** (interrupted downloads). PIL fills the missing rows with grey when any library has set
   the process-global ``ImageFile.LOAD_TRUNCATED_IMAGES = True``; we force a full decode *and* check the

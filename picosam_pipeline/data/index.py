@@ -16,7 +16,7 @@ File-level metadata (dataset format and version per split, source files, prepare
 the schema metadata key :data:`METADATA_KEY`.
 
 Reader API for later stages: :func:`read_index` (a ``pyarrow.Table``, optionally one split),
-:func:`read_metadata`, :func:`iter_images` (one :class:`ImageGroup` per image, for stages that decode each
+:func:`read_index_metadata`, :func:`iter_images` (one :class:`ImageGroup` per image, for stages that decode each
 image once), :func:`stream_images` (the same for a whole split, read in batches), :func:`column_array` (a box
 column as an ``(N, 4)`` array), :func:`decode_mask` and :func:`decode_mask_window`.
 """
@@ -194,7 +194,7 @@ def _check_index(path: Path, split: str | None) -> None:
             )
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
+def read_index_metadata(path: str | Path) -> dict[str, Any]:
     """The index's file-level metadata: ``splits`` ({name: format, version, files, counts}) and ``prepare`` params."""
     path = Path(path)
     return _metadata(_read_schema(path), path)

@@ -127,7 +127,7 @@ def stamp_metadata(path: str | Path, metadata: dict[str, str]) -> None:
     onnx.save(model, str(path))
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
+def read_onnx_metadata(path: str | Path) -> dict[str, str]:
     """All ``metadata_props`` of an ONNX file (MCT's and ours)."""
     return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 

@@ -81,7 +81,7 @@ def size_buckets(areas: Any) -> np.ndarray:
     return np.where(a < 32**2, "small", np.where(a < 96**2, "medium", "large"))
 
 
-def summarize(ious: np.ndarray, nonempty: np.ndarray) -> dict[str, Any]:
+def score_group(ious: np.ndarray, nonempty: np.ndarray) -> dict[str, Any]:
     """Counts and both crop metrics for one group of samples (JSON-ready: NaN becomes None)."""
     miou, smap = miou_of(ious), success_map_of(ious, nonempty)
     return {
@@ -93,14 +93,14 @@ def summarize(ious: np.ndarray, nonempty: np.ndarray) -> dict[str, Any]:
 
 
 def breakdown(ious: np.ndarray, nonempty: np.ndarray, keys: Any, order: Iterable[str] | None = None) -> dict[str, dict]:
-    """:func:`summarize` per group; ``keys`` ``(N,)`` names each sample's group (size bucket, category name).
+    """:func:`score_group` per group; ``keys`` ``(N,)`` names each sample's group (size bucket, category name).
 
     Groups come in ``order`` when given (groups with no sample are left out), else sorted.
     """
     keys = np.asarray(keys)
     present = set(keys.tolist())
     names = [k for k in order if k in present] if order is not None else sorted(present)
-    return {name: summarize(ious[keys == name], nonempty[keys == name]) for name in names}
+    return {name: score_group(ious[keys == name], nonempty[keys == name]) for name in names}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Evaluate a student straight from an LVIS (or COCO) instances JSON and an image folder: no shards, no teacher.
 
-The papers' LVIS protocol (``../shared/docs/picosam-reference.md`` section 6): ``lvis_v1_val.json`` with images
+The papers' LVIS protocol (``docs/papers.md`` section 3): ``lvis_v1_val.json`` with images
 read from the COCO **val2017** folder, so annotations of the LVIS val images that COCO files under train2017
 have no image there. The papers drop those silently; here they are counted (``annotations_without_image``) and
 reported beside the scores. Only ``images_dir/file_name`` is looked at (not the sibling train2017 folder that
@@ -21,16 +21,26 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from picosam_pipeline.data.coco import AnnotationSet, ImageRecord, check_annotation, load_annotations
+from picosam_pipeline.data.crop_convention import index_crop_params
 from picosam_pipeline.data.images import BadImageError, load_image
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.evaluate.crop_metrics import Protocol, gt_crop
 from picosam_pipeline.evaluate.predict import CropModel, crop_rgb, to_model_input
-from picosam_pipeline.evaluate.score_table import InstanceGT, ScoreTable, evaluate_batches
+from picosam_pipeline.evaluate.score_table import (
+    InstanceGT,
+    ScoreTable,
+    category_report,
+    evaluate_batches,
+    evaluation_report,
+)
+
+if TYPE_CHECKING:
+    from picosam_pipeline.config import EvaluateConfig
 
 
 @dataclass
@@ -209,3 +219,41 @@ def evaluate_annotations(
         "seconds": round(timing["seconds"], 3),
     }
     return table, summary
+
+
+def lvis_report(e: EvaluateConfig, model: CropModel, protocol: Protocol | None) -> dict[str, Any]:
+    """The evaluate stage's ``evaluate.lvis`` block: :func:`evaluate_annotations` of ``e.lvis`` with the val shards'
+    crop convention ``protocol`` and the crop params the index ``e.index`` was prepared with (``index_crop_params``).
+
+    Returns:
+        the summary of :func:`evaluate_annotations` with ``protocol``, the student's overall figures (``student``:
+        ``score_table.model_report``) and per category (``by_category``).
+
+    Raises:
+        PipelineError: ``protocol`` is None (the shards' crop boxes match neither convention of the index), or the
+            index does not record its crop params.
+    """
+    crop = index_crop_params(e.index)
+    lv = e.lvis
+    if protocol is None:
+        raise PipelineError(
+            "evaluate.lvis: the val shards' crop boxes match neither the index's roi_box nor its point_box, "
+            "so the crop convention for LVIS is unknown; rerun the stages after prepare (dvc repro)"
+        )
+    table, summary = evaluate_annotations(
+        lv.annotations,
+        lv.images,
+        model,
+        protocol,
+        max_annotations=lv.max_annotations,
+        batch_size=e.batch_size,
+        roi_padding=crop.roi_padding,
+        window=crop.point_crop_size,
+    )
+    report = evaluation_report(table, models=["student"])
+    return {
+        **summary,
+        "protocol": protocol,
+        "student": report["student"],
+        "by_category": category_report(table, "student"),
+    }

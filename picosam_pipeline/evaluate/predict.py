@@ -12,7 +12,7 @@ INT8 model, which takes the camera's RGB and normalises in its first layer (ONNX
 ``picosam.input_normalization = in_graph``); it is fed RGB in [0, 1] as it is.
 
 :func:`predict_image` is the whole inference path for one prompt, in the conventions of
-``../shared/docs/picosam-reference.md`` section 2: the crop box comes from ``crops.py`` (PicoSAM3 ROI for a
+``docs/papers.md`` section 1: the crop box comes from ``crops.py`` (PicoSAM3 ROI for a
 box, PicoSAM2 96-px window for a point), the crop is resized to ``S x S`` (PIL bilinear, as in training), the
 logits are resized back into the crop box and pasted into the image frame (``crop_metrics.paste_crop``).
 

@@ -26,8 +26,8 @@ from picosam_pipeline.evaluate.crop_metrics import (
     breakdown,
     full_image_iou,
     gt_crop,
+    score_group,
     size_buckets,
-    summarize,
 )
 from picosam_pipeline.evaluate.predictions import decode_masks, read_predictions
 from picosam_pipeline.train.iou import crop_ious, gt_nonempty
@@ -232,7 +232,7 @@ def score_predictions(
         }
     if checked.frame == "crop":
         ious_all = np.concatenate(ious)
-        report.update(summarize(ious_all, nonempty_all))
+        report.update(score_group(ious_all, nonempty_all))
         report["by_size"] = breakdown(ious_all, nonempty_all, buckets, order=SIZE_BUCKETS)
         report["by_category"] = breakdown(ious_all, nonempty_all, np.asarray(categories, dtype=str))
     else:
@@ -252,7 +252,7 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def format_report(report: dict[str, Any]) -> str:
+def format_prediction_scores(report: dict[str, Any]) -> str:
     """Human-readable summary of :func:`score_predictions` (3 decimals; categories are in the JSON only)."""
     lines = [
         f"protocol {report['protocol']}, {report['frame']}-frame predictions: {report['samples']} samples from "

@@ -41,8 +41,8 @@ from picosam_pipeline.evaluate.crop_metrics import (
     Protocol,
     breakdown,
     pasted_iou,
+    score_group,
     size_buckets,
-    summarize,
 )
 from picosam_pipeline.evaluate.predict import CropModel
 from picosam_pipeline.evaluate.predictions import CropPrediction
@@ -382,9 +382,9 @@ def _mean_or_none(values: np.ndarray) -> float | None:
 def model_report(table: ScoreTable, model: str) -> dict[str, Any]:
     """One model's figures: counts, ``crop_miou``, ``crop_success_map_50_95``, ``full_image_miou``, ``by_size``."""
     if len(table) == 0:  # nothing scored (e.g. no LVIS image present): counts 0, figures None
-        return {**summarize(np.zeros(0), np.zeros(0, dtype=bool)), "full_image_miou": None, "by_size": {}}
+        return {**score_group(np.zeros(0), np.zeros(0, dtype=bool)), "full_image_miou": None, "by_size": {}}
     ious, nonempty = table[f"{model}_iou"], table["gt_nonempty"]
-    out = summarize(ious, nonempty)
+    out = score_group(ious, nonempty)
     out["full_image_miou"] = _mean_or_none(table[f"{model}_full_iou"])
     buckets = size_buckets(table["area"])
     by_size = breakdown(ious, nonempty, buckets, order=SIZE_BUCKETS)
@@ -410,7 +410,7 @@ def _fmt(value: float | None) -> str:
     return "  n/a" if value is None else f"{value:.3f}"
 
 
-def format_report(report: Mapping[str, Any], models: Iterable[str]) -> str:
+def format_score_table(report: Mapping[str, Any], models: Iterable[str]) -> str:
     """A small table: per model, crop mIoU, crop mAP@[.5:.95] (not COCO AP), full-image mIoU, and by size."""
     lines = [f"{'model':<14} {'crop mIoU':>9} {'crop mAP@[.5:.95]*':>18} {'full-image mIoU':>15}   by size (crop mIoU)"]
     for m in models:

@@ -77,10 +77,8 @@ class LogitCodec:
         return out
 
 
-# Blosc-zstd pre-filter per codec, the best of noshuffle / shuffle / bitshuffle measured by
-# bench/logit_storage.py on logits made from the 524 COCO masks of ../shared/data/coco-sample
-# (level 5, bytes per 96x96 instance): sigmoid_uint8 1514 / 1514 / 2067 (byte shuffle is a no-op on
-# uint8), linear_uint8 5217 / 5217 / 4649, float16 9600 / 7901 / 9436.
+# Blosc-zstd pre-filter per codec: the smallest of noshuffle / shuffle / bitshuffle on logits of real COCO masks
+# (bench/logit_storage.py prints the three sizes per codec). Byte shuffle is a no-op on uint8.
 BLOSC_SHUFFLE = {"sigmoid_uint8": "noshuffle", "linear_uint8": "bitshuffle", "float16": "shuffle"}
 
 CODECS: dict[str, LogitCodec] = {

@@ -35,7 +35,7 @@ import torch
 
 from picosam_pipeline.config import RuntimeConfig, TeacherConfig
 from picosam_pipeline.data.images import BadImageError, load_image
-from picosam_pipeline.data.index import column_array, read_index, read_metadata
+from picosam_pipeline.data.index import column_array, read_index, read_index_metadata
 from picosam_pipeline.device import Runtime, resolve_runtime
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.teacher.base import Teacher, TeacherOutput
@@ -106,7 +106,7 @@ def instance_rows(index_path: str, splits: list[str], prompt: str) -> InstanceRo
     Raises:
         PipelineError: the index is missing, lacks one of ``splits``, or has no instance in them.
     """
-    available = list(read_metadata(index_path).get("splits", {}))
+    available = list(read_index_metadata(index_path).get("splits", {}))
     missing = [s for s in splits if s not in available]
     if missing:
         raise PipelineError(

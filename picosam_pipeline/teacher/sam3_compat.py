@@ -1,7 +1,7 @@
 """What the registry's ``sam3`` 0.1.4 wheel needs to run as a teacher, done from outside its files.
 
-Nothing here edits site-packages; each workaround answers one measured breakage (``../shared/docs/stack-notes.md``,
-section "SAM3") and is scoped to the SAM3 build and forward pass:
+Nothing here edits site-packages; each workaround answers one breakage measured with that wheel (each has a test in
+``tests/teacher/test_sam3.py``) and is scoped to the SAM3 build and forward pass:
 
 * :func:`import_sam3`: ``sam3.model.edt`` imports ``triton`` at module level (a CUDA kernel of the video
   tracker; the image paths never call it). Where triton is not installed (every CPU-only machine), a stand-in for
@@ -15,7 +15,7 @@ section "SAM3") and is scoped to the SAM3 build and forward pass:
   RoPE does so via ``torch.device("cuda")``, and ``geometry_encoders.py`` calls ``Tensor.pin_memory()`` on every
   box prompt, which needs CUDA. A ``TorchFunctionMode`` maps a bare ``"cuda"`` device to the teacher's device and
   makes ``pin_memory`` a no-op off CUDA; the build runs under it on every device, the forward pass only off CUDA.
-* :func:`seeded_build`: two text-encoder parameters (``positional_embedding``, ``text_projection``) are made
+* :func:`seeded_sam3_build`: two text-encoder parameters (``positional_embedding``, ``text_projection``) are made
   with ``torch.empty`` and never initialised (a checkpoint overwrites them), so random-weight scores are NaN and
   differ between processes. The build runs with torch's ``fill_uninitialized_memory`` (uninitialised floats
   become NaN), then every parameter or buffer still holding NaN is drawn from the seed: a scan, not a list, so
@@ -192,7 +192,7 @@ def forward_context(device: torch.device) -> contextlib.AbstractContextManager:
 # random weights
 
 
-def seeded_build(
+def seeded_sam3_build(
     build: Callable[[], torch.nn.Module], seed: int, device: torch.device
 ) -> tuple[torch.nn.Module, list[str]]:
     """Run ``build`` (which must build on the CPU) under :class:`DeviceMap` for ``device``, its random init drawn

@@ -93,7 +93,7 @@ def build_sam3_teacher(cfg: TeacherConfig, runtime: Runtime) -> Sam3GeometricTea
     instance = cfg.sam3_path == "instance"
     checkpoint = checkpoint_or_none(cfg, runtime.seed)
     state_dict = load_state_dict_safely(checkpoint) if checkpoint else None
-    model, drawn = sam3_compat.seeded_build(
+    model, drawn = sam3_compat.seeded_sam3_build(
         lambda: api.build_sam3_image_model(
             bpe_path=str(bpe_path),
             device="cpu",

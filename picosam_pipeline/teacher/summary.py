@@ -1,5 +1,6 @@
 """What ``picosam-pipeline inspect`` and the teacher stage's metrics say about a logit store: counts, bytes on
-disk, logit and confidence ranges (:func:`summarize`), and the human-readable report (:func:`format_summary`)."""
+disk, logit and confidence ranges (:func:`summarize_store`), and the human-readable report
+(:func:`format_store_summary`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 from picosam_pipeline.teacher.store import DIGEST, META_ARRAYS, LogitStore
 
 
-def summarize(store: LogitStore, max_scan: int = 20_000) -> dict[str, Any]:
+def summarize_store(store: LogitStore, max_scan: int = 20_000) -> dict[str, Any]:
     """Counts, bytes on disk and value ranges of ``store`` (what ``picosam-pipeline inspect`` prints).
 
     Logit ranges come from whole finished shards spread evenly over the store, at least ``max_scan``
@@ -63,7 +64,7 @@ def summarize(store: LogitStore, max_scan: int = 20_000) -> dict[str, Any]:
 
 
 def empty_warning(s: dict[str, Any]) -> str | None:
-    """The warning for a store whose every instance came back empty (see :func:`summarize`), else None."""
+    """The warning for a store whose every instance came back empty (see :func:`summarize_store`), else None."""
     if not s.get("all_instances_empty"):
         return None
     return (
@@ -79,8 +80,8 @@ def _tree_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
-def format_summary(store: LogitStore, s: dict[str, Any]) -> tuple[str, bool]:
-    """The ``inspect`` report of ``store`` from its :func:`summarize` dict ``s``; and whether its teacher had
+def format_store_summary(store: LogitStore, s: dict[str, Any]) -> tuple[str, bool]:
+    """The ``inspect`` report of ``store`` from its :func:`summarize_store` dict ``s``; and whether its teacher had
     random weights (the CLI then warns on stderr)."""
     layout, teacher = store.attrs["logit_store"], store.attrs.get("teacher", {})
     enc = layout["encoding"]

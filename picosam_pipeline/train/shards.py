@@ -28,13 +28,10 @@ box without a second trip to the images. Beyond the image border the image and m
 pixels, as the stored logits do (``teacher/geometry.py``). With no margin this is exactly PicoSAM's
 ``image.crop(box).resize((96, 96), BILINEAR)`` (``NEAREST`` for the mask).
 
-Sizes per 96x96 sample, measured on the 524 instances of ``../shared/data/coco-sample`` (ROI crops, logits
-made from the GT masks): JPEG q90 3.2 KB (``optimize`` saves 11 %), logits PNG 1.48 KB at zlib level 6,
-the one used (1.41 at level 9, but 5x the encoding time, which made it pack's largest cost at COCO scale;
-raw zlib 1.36, lossless WebP 1.18 but WebP is not a format the loader accepts),
-mask 0.2 KB, JSON 0.3 KB, plus a 512-byte tar header and padding per member. Whole packs
-(``bench/loader.py``): 7.1 KB per sample on the built-in sample, 7.4 KB on coco-sample; a random-weights
-SAM2 teacher's noise logits take 4 KB as PNG, 10.5 KB per sample.
+What a sample costs: a JPEG q90 crop, the logits as a PNG at zlib level 6 (level 9 saves ~5 % at 5x the encoding
+time, which made it pack's largest cost at COCO scale; lossless WebP is smaller but not a format the loader
+accepts), the mask PNG, the JSON, and a 512-byte tar header and padding per member. ``bench/loader.py`` prints the
+bytes per sample of a whole pack; noise logits (a random-weights teacher) cost about three times real ones.
 
 Layout: ``<out_dir>/<split>/shard-000000.tar ...`` and ``<out_dir>/<split>/shards.json`` (:class:`ShardIndex`:
 frame, codec, the crop convention (``crop``: ``crops.crop_convention``, PicoSAM3 ROI or PicoSAM2 point window and its
@@ -439,8 +436,8 @@ def pack_split(
         index: the instance index file; the split's images, RLEs and records are streamed from it in batches.
         rows: the split's index rows (``INDEX_COLUMNS``) in index order, as ``read_index`` returns them.
         teachers: the passes to pack, in member order; their stores hold the same crop boxes for ``rows``
-            (``stages/pack.py`` checks it), so the first one's stored boxes and frame serve all.
-        frame: ``store_frame`` of the stores (``stages/pack.py``).
+            (``packing.check_crop_boxes`` checks it), so the first one's stored boxes and frame serve all.
+        frame: ``packing.store_frame`` of the stores.
         crop: the crop convention record (``crops.crop_convention``) written into ``shards.json``.
         workers: processes encoding samples (``parallel.ordered_map``); default one per core, none for a small split.
     """
@@ -568,7 +565,7 @@ def _image_jobs(
     ``rows`` in the same order (checked per image: the store rows and positions are indexed by it)."""
     readers = {t.name: _BlockReader(t.store) for t in teachers}
     codecs = {t.name: {"codec": t.store.codec.name, "decode": t.store.codec.formula} for t in teachers}
-    first = teachers[0]  # every store holds the same crop boxes (stages/pack.py checks it)
+    first = teachers[0]  # every store holds the same crop boxes (packing.check_crop_boxes checks it)
     frame_record = asdict(frame)
     start = 0
     ann_ids = rows["ann_id"].to_numpy()

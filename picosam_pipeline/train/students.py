@@ -289,7 +289,7 @@ def folded_int8_bytes(model: nn.Module) -> int:
     return weights + 4 * biases
 
 
-def summarize(name: str, *, input_size: int = 96) -> StudentSummary:
+def summarize_student(name: str, *, input_size: int = 96) -> StudentSummary:
     """Build student ``name`` and measure parameters, BN statistics, MACs and output shape for one image."""
     if input_size < 16 or input_size % 16:
         raise PipelineError(f"--input-size {input_size}: the students need a positive multiple of 16 (e.g. 96)")
@@ -313,7 +313,7 @@ def summarize(name: str, *, input_size: int = 96) -> StudentSummary:
     )
 
 
-def format_summary(s: StudentSummary) -> str:
+def format_student_summary(s: StudentSummary) -> str:
     """The ``model-summary`` table: our figures beside the sizes the papers publish."""
     fp32_pub, int8_pub = PUBLISHED_SIZES_MB[s.name]
     mib = 2**20  # the published "MB" match sizes in MiB (4.84 = (params + BN stats) x 4 / 2^20)

@@ -259,7 +259,7 @@ class TrainStep:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[dict[str, Any]], runtime: Runtime, dist: Dist) -> float:
+def validate(model: nn.Module, batches: Iterable[dict[str, Any]], runtime: Runtime, dist: Dist) -> float:
     """Crop-space mIoU of ``model`` on ``batches`` (all ranks together): mean IoU of logit > 0 vs ``gt_mask``."""
     was_training = model.training
     model.eval()  # BatchNorm uses its running statistics and does not update them
@@ -454,16 +454,56 @@ def train(
             torch_dist.destroy_process_group()
 
 
+@dataclass
+class _Run:
+    """One invocation's training objects: the student (``model``; ``net`` is its DDP wrapper under torchrun), the
+    optimizer, the compiled-or-eager step, the state (resumed or new) and where it is checkpointed."""
+
+    model: nn.Module
+    optimizer: torch.optim.AdamW
+    train_step: TrainStep
+    state: TrainState
+    identity: dict[str, Any]
+    checkpoint: Path
+    resumed_from: int | None
+
+
 def _train(
-    cfg: TrainConfig,
-    runtime: Runtime,
-    data: TrainData,
-    out_dir: Path,
-    state_dir: Path,
-    dist: Dist,
-    on_log: Callable[[TrainState], None] | None = None,
+    cfg: TrainConfig, runtime: Runtime, data: TrainData, out_dir: Path, state_dir: Path, dist: Dist, on_log
 ) -> TrainResult:
+    """:func:`train` in an initialised process group (``dist``): set up or resume, run the steps left, save the
+    last and best weights (rank 0); ``on_log`` is None on the ranks that write nothing."""
     on_log = on_log or (lambda state: None)
+    run = _start(cfg, runtime, data, state_dir, dist)
+    on_log(run.state)
+    student_path, best_path = out_dir / STUDENT_FILE, out_dir / BEST_FILE
+    if dist.is_main and run.state.step < cfg.steps:
+        for path in (student_path, best_path):  # they exist only once the run they belong to has finished
+            path.unlink(missing_ok=True)
+    samples, train_time, loader_wait = _steps(cfg, runtime, data, run, dist, on_log)
+    state, model = run.state, run.model
+    if state.best_weights is None:  # resumed at its end from a checkpoint written before best copies were kept
+        state.best_step = state.step
+        state.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    if dist.is_main:
+        _save_students(cfg, runtime, data, run, student_path, best_path)
+    return TrainResult(
+        model=model,
+        state=state,
+        params=sum(p.numel() for p in model.parameters()),
+        resumed_from=run.resumed_from,
+        samples_per_s=samples * dist.world_size / train_time if train_time > 0 and samples else None,
+        loader_wait_share=loader_wait / train_time if train_time > 0 and samples else None,
+        world_size=dist.world_size,
+        is_main=dist.is_main,
+        student_path=student_path,
+        best_path=best_path,
+    )
+
+
+def _start(cfg: TrainConfig, runtime: Runtime, data: TrainData, state_dir: Path, dist: Dist) -> _Run:
+    """Build the student, optimizer, loss and step; resume from ``state_dir/checkpoint.pt`` when it belongs to this
+    run (same config, seed, world size and shards), else score the untrained student as the log's first row."""
     torch.manual_seed(runtime.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_student(cfg.student).to(dist.device)
     optimizer = build_optimizer(model, cfg, dist.device)
@@ -476,15 +516,10 @@ def _train(
     resumed_from = None if state is None else state.step
     if state is None:
         state = TrainState()
-        state.val_log.append([0, evaluate(model, data.val(), runtime, dist)])  # the untrained student
+        state.val_log.append([0, validate(model, data.val(), runtime, dist)])  # the untrained student
         _say(dist, f"untrained {cfg.student}: val IoU {state.val_log[0][1]:.4f}")
     else:
         _say(dist, f"resuming {checkpoint} at step {state.step} (epoch {state.epoch}, {state.consumed} batches in)")
-    on_log(state)
-    student_path, best_path = out_dir / STUDENT_FILE, out_dir / BEST_FILE
-    if dist.is_main and state.step < cfg.steps:
-        for path in (student_path, best_path):  # they exist only once the run they belong to has finished
-            path.unlink(missing_ok=True)
     net = model
     if dist.world_size > 1:
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -501,7 +536,19 @@ def _train(
         cfg.grad_clip,
         compile_batch=cfg.batch_size if cfg.compiles(dist.device.type) else None,
     )
+    return _Run(model, optimizer, train_step, state, identity, checkpoint, resumed_from)
 
+
+def _steps(
+    cfg: TrainConfig, runtime: Runtime, data: TrainData, run: _Run, dist: Dist, on_log: Callable[[TrainState], None]
+) -> tuple[int, float, float]:
+    """Run the steps from ``run.state.step`` to ``cfg.steps``: log every ``log_every`` (one host sync), evaluate
+    every ``eval_every`` and checkpoint every ``checkpoint_every`` steps and at the end.
+
+    Returns ``(samples, train_time, loader_wait)`` counted from the end of this invocation's first step (compiling
+    and the loader's start-up happen there once), evaluation and checkpoint time left out.
+    """
+    state, model = run.state, run.model
     batches = batch_stream(data, state.epoch, state.consumed)
     pending: list[tuple[int, float, Tensor]] = []  # (step, lr, [loss, *TERMS]) on the device, synced every log_every
     samples, train_time, loader_wait, mark = 0, 0.0, 0.0, time.perf_counter()
@@ -516,13 +563,11 @@ def _train(
         image, gt, teachers, confidences = (
             batch[k].to(dist.device, non_blocking=True) for k in ("image", "gt_mask", "teacher_logits", "confidence")
         )
-        row = train_step(image, gt, teachers, confidences, lr)  # [loss, *TERMS] on the device
+        row = run.train_step(image, gt, teachers, confidences, lr)  # [loss, *TERMS] on the device
         state.step += 1
         samples += image.shape[0]
         if state.step == first_step + 1:
-            # The rate counts from the end of the first step: compiling, the loader's start-up and the first
-            # kernel selections happen there once (one host sync).
-            _all_sum(row[:1].clone(), dist).item()
+            _all_sum(row[:1].clone(), dist).item()  # one host sync: the rate counts from here
             samples, train_time, loader_wait, mark = 0, 0.0, 0.0, time.perf_counter()
         pending.append((state.step, lr, row))
 
@@ -530,64 +575,63 @@ def _train(
         do_eval = last or state.step % cfg.eval_every == 0
         do_checkpoint = last or state.step % cfg.checkpoint_every == 0
         if do_eval or do_checkpoint or state.step % cfg.log_every == 0:
-            values = (_all_sum(torch.stack([v for _, _, v in pending]), dist) / dist.world_size).tolist()  # host sync
-            if not all(math.isfinite(x) for row in values for x in row):
-                raise PipelineError(
-                    f"training diverged: non-finite loss by step {state.step}; lower train.lr, set "
-                    "train.grad_clip (e.g. 1.0) or raise train.warmup_steps"
-                )
-            state.train_log += [[step, lr_, *row] for (step, lr_, _), row in zip(pending, values)]
-            pending.clear()
+            _log_rows(state, pending, dist)
             now = time.perf_counter()
             train_time, mark = train_time + now - mark, now
-            bar.set_postfix(loss=f"{values[-1][0]:.4f}", samples_s=f"{samples * dist.world_size / train_time:.1f}")
+            loss = state.train_log[-1][2]
+            bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{samples * dist.world_size / train_time:.1f}")
             bar.update(state.step - bar.n)
             on_log(state)
         if do_eval:
-            state.val_log.append([state.step, evaluate(model, data.val(), runtime, dist)])
+            state.val_log.append([state.step, validate(model, data.val(), runtime, dist)])
             state.note_evaluation(model)
             _say(dist, f"step {state.step}: val IoU {state.val_log[-1][1]:.4f}")
             on_log(state)
         if do_checkpoint:
-            save_train_state(checkpoint, model, optimizer, state, identity, dist)
+            save_train_state(run.checkpoint, model, run.optimizer, state, run.identity, dist)
         if do_eval or do_checkpoint:
             mark = time.perf_counter()  # evaluation and checkpoint time do not count as training time
     bar.close()
     batches.close()  # ends the current epoch's loader (and its worker processes) now, not at garbage collection
+    return samples, train_time, loader_wait
 
-    if state.best_weights is None:  # resumed at its end from a checkpoint written before best copies were kept
-        state.best_step = state.step
-        state.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    if dist.is_main:
-        meta = {
-            "student": cfg.student,
-            "input_size": data.input_size,
-            "normalization": asdict(NORMALIZATION),
-            "seed": runtime.seed,
-            "config": asdict(cfg),
-            "data": data.fingerprint,
-            "crop": data.crop,
-            "val_iou_before": state.val_log[0][1],
-            "val_iou_after": state.val_log[-1][1],
-            "best_step": state.best_step,
-            "best_val_iou": state.best_iou,
-            "last_step": state.step,
-        }
-        save_student(
-            student_path, model, {**meta, "step": state.step, "val_iou": state.val_log[-1][1], "which": "last"}
+
+def _log_rows(state: TrainState, pending: list[tuple[int, float, Tensor]], dist: Dist) -> None:
+    """Move the pending ``(step, lr, [loss, *TERMS])`` rows (averaged over the ranks) into ``state.train_log``;
+    a non-finite loss stops the run with the fix."""
+    values = (_all_sum(torch.stack([v for _, _, v in pending]), dist) / dist.world_size).tolist()  # host sync
+    if not all(math.isfinite(x) for row in values for x in row):
+        raise PipelineError(
+            f"training diverged: non-finite loss by step {state.step}; lower train.lr, set "
+            "train.grad_clip (e.g. 1.0) or raise train.warmup_steps"
         )
-        best = build_student(cfg.student)
-        best.load_state_dict(state.best_weights)
-        save_student(best_path, best, {**meta, "step": state.best_step, "val_iou": state.best_iou, "which": "best"})
-    return TrainResult(
-        model=model,
-        state=state,
-        params=sum(p.numel() for p in model.parameters()),
-        resumed_from=resumed_from,
-        samples_per_s=samples * dist.world_size / train_time if train_time > 0 and samples else None,
-        loader_wait_share=loader_wait / train_time if train_time > 0 and samples else None,
-        world_size=dist.world_size,
-        is_main=dist.is_main,
-        student_path=student_path,
-        best_path=best_path,
+    state.train_log += [[step, lr_, *row] for (step, lr_, _), row in zip(pending, values)]
+    pending.clear()
+
+
+def _save_students(
+    cfg: TrainConfig, runtime: Runtime, data: TrainData, run: _Run, student_path: Path, best_path: Path
+) -> None:
+    """Write the last weights to ``student_path`` and the best-val-IoU weights to ``best_path`` (rank 0), with the
+    run's meta (config, data fingerprint, crop convention, val IoU before / after, best step)."""
+    state = run.state
+    meta = {
+        "student": cfg.student,
+        "input_size": data.input_size,
+        "normalization": asdict(NORMALIZATION),
+        "seed": runtime.seed,
+        "config": asdict(cfg),
+        "data": data.fingerprint,
+        "crop": data.crop,
+        "val_iou_before": state.val_log[0][1],
+        "val_iou_after": state.val_log[-1][1],
+        "best_step": state.best_step,
+        "best_val_iou": state.best_iou,
+        "last_step": state.step,
+    }
+    save_student(
+        student_path, run.model, {**meta, "step": state.step, "val_iou": state.val_log[-1][1], "which": "last"}
     )
+    best = build_student(cfg.student)
+    best.load_state_dict(state.best_weights)
+    save_student(best_path, best, {**meta, "step": state.best_step, "val_iou": state.best_iou, "which": "best"})

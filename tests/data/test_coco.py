@@ -6,12 +6,12 @@ import json
 
 import numpy as np
 import pytest
-from conftest import shared_data_or_skip
 from pycocotools import mask as mask_utils
 
 from picosam_pipeline.data.coco import check_annotation, detect_format, load_annotations
 from picosam_pipeline.data.index import decode_mask
 from picosam_pipeline.errors import PipelineError
+from tests.helpers.paths import shared_data_or_skip
 
 W, H = 8, 6  # the test image: 8 wide, 6 high
 

@@ -6,10 +6,10 @@ import io
 import json
 
 import pytest
-from conftest import shared_data_or_skip
 
 from picosam_pipeline.data import instances_json
 from picosam_pipeline.data.instances_json import read_instances
+from tests.helpers.paths import shared_data_or_skip
 
 
 def _read(text: str | bytes):

@@ -10,15 +10,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import shared_data_or_skip
 from PIL import Image
 from pycocotools.coco import COCO
 
 from picosam_pipeline.config import Config, PrepareConfig, RuntimeConfig, SplitSource
 from picosam_pipeline.data.crops import point_box, point_prompt, roi_box
-from picosam_pipeline.data.index import column_array, decode_mask, iter_images, read_index, read_metadata
+from picosam_pipeline.data.index import column_array, decode_mask, iter_images, read_index, read_index_metadata
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.stages.prepare import run
+from tests.helpers.paths import shared_data_or_skip
 
 W, H = 64, 48  # every test image, in annotation orientation
 
@@ -376,7 +376,7 @@ def test_rows_sorted_and_grouped_by_image(tmp_path):
     ]
     roi = column_array(table, "roi_box")
     assert roi.shape == (table.num_rows, 4) and roi.dtype == np.int32 and roi[0].tolist() == [8, 4, 32, 28]
-    meta = read_metadata(index)
+    meta = read_index_metadata(index)
     assert meta["splits"]["val"]["format"] == "coco" and meta["prepare"]["roi_padding"] == 0.1
     assert meta["crop_conventions"]["roi"]["roi_padding"] == 0.1 and meta["crop_conventions"]["point"]["window"] == 96
     with pytest.raises(PipelineError, match="no split 'test'"):
@@ -458,7 +458,7 @@ def test_real_lvis_v05_without_images_counts_every_instance_as_missing(tmp_path)
     assert metrics["splits"]["val"]["kept"] == 0
     assert sum(len(r["ann_ids"]) for r in records) == 977
     assert all(r["file"].endswith(f"val2017/{r['image_id']:012d}.jpg") for r in records)
-    meta = read_metadata(tmp_path / "prepared" / "index.parquet")
+    meta = read_index_metadata(tmp_path / "prepared" / "index.parquet")
     assert (meta["splits"]["val"]["format"], meta["splits"]["val"]["version"]) == ("lvis", "v0.5")
 
 

@@ -1,6 +1,6 @@
 """MCT's ONNX exports of an INT8 model, their onnxruntime checks and the export stage (``onnx_export.py``).
 
-The model is ``test_quantization.TinyStudent`` behind the normalisation conv, so MCT quantises it in seconds.
+The model is ``tests.helpers.tiny_models.TinyStudent`` behind the normalisation conv, so MCT quantises it in seconds.
 """
 
 from __future__ import annotations
@@ -14,24 +14,31 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from test_quantize import SIZE, tiny_camera_model
 from torch import nn
 
 from picosam_pipeline.deploy.onnx_export import (
+    CONTRACT_FILE,
+    EXPORT_FAKEQUANT_FILE,
+    EXPORT_MCTQ_FILE,
     METADATA_PREFIX,
+    QUANTIZE_FAKEQUANT_FILE,
+    QUANTIZE_MCTQ_FILE,
+    QUANTIZE_PROBE_FILE,
+    QUANTIZE_REPORT_FILE,
     compare_onnx,
     export_quantized,
     graph_io,
     legacy_torch_onnx_exporter,
     output_grid,
     output_step,
-    read_metadata,
+    read_onnx_metadata,
     stamp_metadata,
 )
 from picosam_pipeline.deploy.quantize import RgbModel, quantize
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.evaluate.onnx_runtime import is_mctq
 from picosam_pipeline.train.students import NORMALIZATION
+from tests.helpers.tiny_models import SIZE, tiny_camera_model
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +98,12 @@ def test_compare_onnx_notices_a_different_model(exported):
 
 def test_metadata_is_added_beside_mcts_own(exported, tmp_path):
     files, _, _ = exported
-    meta = read_metadata(files["mctq"])
+    meta = read_onnx_metadata(files["mctq"])
     assert meta[METADATA_PREFIX + "student"] == "tiny" and meta["tpc_platform_type"] == "imx500"
     copy = tmp_path / "copy.onnx"
     copy.write_bytes(files["mctq"].read_bytes())
     stamp_metadata(copy, {"student": "other", "input": "rgb"})
-    again = read_metadata(copy)
+    again = read_onnx_metadata(copy)
     assert again[METADATA_PREFIX + "student"] == "other" and again[METADATA_PREFIX + "input"] == "rgb"
     assert again["mct_version"] == meta["mct_version"]
 
@@ -108,7 +115,7 @@ def test_the_export_holds_no_fact_of_the_machine_that_wrote_it(exported, tmp_pat
     import onnx
 
     files, _, _ = exported
-    meta = read_metadata(files["mctq"])
+    meta = read_onnx_metadata(files["mctq"])
     assert "python_version" not in meta and meta["framework_version"] == torch.__version__.split("+")[0]
     model = onnx.load(str(files["mctq"]))  # as MCT leaves it on another machine
     model.metadata_props.add(key="python_version", value="3.12.1 (main, May  9 2026) [GCC 12.2.0]")
@@ -143,16 +150,14 @@ def test_output_grid_of_a_float_model_is_an_error(tmp_path):
 @pytest.fixture(scope="module")
 def quantize_dir(exported, tmp_path_factory):
     """A folder laid out as the quantize stage writes it, holding the tiny model's exports."""
-    from picosam_pipeline.stages import quantize as quantize_stage
-
     files, rgb, reference = exported
     folder = tmp_path_factory.mktemp("quantize")
-    (folder / quantize_stage.MCTQ_FILE).write_bytes(files["mctq"].read_bytes())
-    (folder / quantize_stage.FAKEQUANT_FILE).write_bytes(files["fakequant"].read_bytes())
-    np.savez(folder / quantize_stage.PROBE_FILE, rgb=rgb, int8_logits=reference, float_logits=reference)
+    (folder / QUANTIZE_MCTQ_FILE).write_bytes(files["mctq"].read_bytes())
+    (folder / QUANTIZE_FAKEQUANT_FILE).write_bytes(files["fakequant"].read_bytes())
+    np.savez(folder / QUANTIZE_PROBE_FILE, rgb=rgb, int8_logits=reference, float_logits=reference)
     meta = {"student": "picosam2", "input_size": SIZE, "normalization": dataclasses.asdict(NORMALIZATION)}
     crop = {"convention": "point", "prompt": "point", "paper": "PicoSAM2", "window": 96, "input_size": SIZE}
-    (folder / quantize_stage.REPORT_FILE).write_text(
+    (folder / QUANTIZE_REPORT_FILE).write_text(
         json.dumps({"student_meta": meta, "crop": crop, "tpc_version": "4.0", "method": "ptq"})
     )
     return folder
@@ -176,20 +181,20 @@ def test_stage_writes_checked_files_and_their_contract(quantize_dir, tmp_path):
     cfg = _export_config(quantize_dir, tmp_path, min_mask_agreement=0.95)  # a random 16-px model: many logits near 0
     summary = export_stage.run(cfg, None)
     out = Path(cfg.export.out_dir)
-    contract = json.loads((out / export_stage.CONTRACT_FILE).read_text())
+    contract = json.loads((out / CONTRACT_FILE).read_text())
     assert contract["input"]["shape"] == ["batch", 3, SIZE, SIZE] and contract["input"]["channels"] == "RGB"
     assert contract["input"]["range"] == [0.0, 1.0] and contract["input"]["normalization"]["where"] == "in_graph"
     assert contract["input"]["normalization"]["mean"] == list(NORMALIZATION.mean)
     assert contract["output"]["shape"] == ["batch", 1, SIZE, SIZE]
-    assert contract["output"]["quantization_step"] == output_step(out / export_stage.MCTQ_FILE)
+    assert contract["output"]["quantization_step"] == output_step(out / EXPORT_MCTQ_FILE)
     assert set(summary) == {"fakequant", "mctq"} and set(contract["checks"]) == {*summary, "torch_int8_vs_float"}
     assert contract["checks"]["fakequant"]["mean_diff_steps"] <= contract["checks"]["fakequant"]["max_diff_steps"]
     assert contract["checks"]["mctq"]["samples"] == cfg.export.mctq_check_samples
     made = json.loads((quantize_dir / "report.json").read_text())
     assert contract["crop"] == made["crop"] and contract["crop"]["convention"] == "point"
-    for name in (export_stage.MCTQ_FILE, export_stage.FAKEQUANT_FILE):
-        assert read_metadata(out / name)[METADATA_PREFIX + "input_normalization"] == "in_graph"
-        assert json.loads(read_metadata(out / name)[METADATA_PREFIX + "crop"]) == made["crop"]  # predict reads it
+    for name in (EXPORT_MCTQ_FILE, EXPORT_FAKEQUANT_FILE):
+        assert read_onnx_metadata(out / name)[METADATA_PREFIX + "input_normalization"] == "in_graph"
+        assert json.loads(read_onnx_metadata(out / name)[METADATA_PREFIX + "crop"]) == made["crop"]  # predict reads it
     metrics = json.loads((out / "report.json").read_text())
     assert metrics["checks"] == contract["checks"] and metrics["bytes"]["mctq"] > 0
     headline = json.loads((tmp_path / "metrics" / "export.json").read_text())
@@ -206,7 +211,7 @@ def test_evaluate_feeds_the_fake_quant_file_rgb_as_it_is(quantize_dir, tmp_path)
 
     cfg = _export_config(quantize_dir, tmp_path, min_mask_agreement=0.95)
     export_stage.run(cfg, None)
-    model = load_crop_model(Path(cfg.export.out_dir) / export_stage.FAKEQUANT_FILE, None)
+    model = load_crop_model(Path(cfg.export.out_dir) / EXPORT_FAKEQUANT_FILE, None)
     with np.load(quantize_dir / "probe.npz") as probe:
         diff = np.abs(model(probe["rgb"]) - probe["int8_logits"]).max()
     assert model.normalizes_input and diff <= 8 * output_step(quantize_dir / "quantized_mctq.onnx")

@@ -89,9 +89,9 @@ def test_package_stage_without_java_says_so_before_anything_else(tmp_path, monke
     """`run-stage package` with no Java on PATH: exit 1, one paragraph naming Java 17 and the install command,
     although the export it would package does not exist either (that would be the second complaint)."""
     from click.testing import CliRunner
-    from conftest import REPO
 
     from picosam_pipeline.cli import cli
+    from tests.helpers.paths import REPO
 
     monkeypatch.setenv("PATH", str(tmp_path))
     result = CliRunner().invoke(
@@ -437,10 +437,9 @@ def test_package_stage_output_is_byte_identical_across_runs_and_folders(tmp_path
     """The package stage on one export, in two project folders (other absolute paths) one converter run (~20 s)
     apart: every file of data/package has the same bytes, so DVC records the same hash. The converter's log, with
     its timestamps and absolute paths, goes to metrics/runs/ (per machine, not hashed)."""
-    from pipeline_inputs import tiny_export
-
     from picosam_pipeline.config import load_config
     from picosam_pipeline.stages import package
+    from tests.helpers.pipeline_inputs import tiny_export
 
     try:
         check_java()

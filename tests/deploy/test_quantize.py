@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from picosam_pipeline.deploy.quantize import (
-    CameraInputModel,
     RgbModel,
     camera_input_model,
     normalization_conv,
@@ -28,42 +27,7 @@ from picosam_pipeline.deploy.quantize import (
 )
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.train.students import NORMALIZATION, build_student, folded_int8_bytes, normalize
-
-SIZE = 16
-
-
-class TinyStudent(nn.Module):
-    """(B, 3, S, S) normalised -> (B, 1, S, S) logits, with the students' operators in miniature."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, 3, 3, padding=1, groups=3, bias=False),
-            nn.BatchNorm2d(3),
-            nn.ReLU(),
-            nn.Conv2d(3, 8, 1, bias=False),
-            nn.BatchNorm2d(8),
-            nn.ReLU(),
-        )
-        self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False)
-        self.up = nn.Upsample(scale_factor=2, mode="nearest")
-        self.head = nn.Conv2d(8, 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.stem(x)
-        return self.head(self.up(torch.relu(self.down(f))) + f)
-
-
-def tiny_camera_model(seed: int = 0) -> CameraInputModel:
-    """A :class:`TinyStudent` with non-trivial BatchNorm statistics (so MCT's BN folding matters), wrapped."""
-    torch.manual_seed(seed)
-    student = TinyStudent().eval()
-    with torch.no_grad():
-        for m in student.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-    return camera_input_model(student)
+from tests.helpers.tiny_models import SIZE, TinyStudent, tiny_camera_model
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +93,7 @@ def test_weight_bytes_match_the_students_size_helper(models):
     assert quantized_weight_bytes(int8) == folded_int8_bytes(model) + 4 * model.student.down.out_channels
 
 
+@pytest.mark.slow  # MCT's GPTQ: Hessians on the CPU
 def test_gptq_runs_when_asked():
     model = tiny_camera_model(seed=2)
     int8 = quantize(model, [torch.rand(4, 3, SIZE, SIZE)], gptq_epochs=1)  # one small batch: the Hessians are slow
@@ -156,29 +121,23 @@ def test_unknown_target_platform_version_lists_the_known_ones():
 
 
 @pytest.fixture(scope="module")
-def quantized_stage(tmp_path_factory):
-    """The quantize stage on the sample's shards, for a random PicoSAM2 whose masks cover about half a crop."""
-    from pipeline_inputs import build_inputs, half_foreground_student, run_pack
-
+def quantized_stage(sample_inputs, sample_shards, sample_student, tmp_path_factory):
+    """The quantize stage on the sample's shards, for a random PicoSAM2 whose masks cover about half a crop (the
+    session's shards and student, read-only; the stage writes into this module's folder)."""
     from picosam_pipeline.config import QuantizeConfig
     from picosam_pipeline.device import Runtime
     from picosam_pipeline.stages import quantize as quantize_stage
-    from picosam_pipeline.train.checkpoints import save_student
+    from tests.helpers.pipeline_inputs import elsewhere
 
     root = tmp_path_factory.mktemp("quantize_stage")
-    cfg = build_inputs(root)
-    run_pack(cfg, root / "shards")
-    checkpoint = save_student(
-        root / "student.pt",
-        half_foreground_student(root / "shards" / "val"),
-        {"student": "picosam2", "input_size": 96, "normalization": dataclasses.asdict(NORMALIZATION)},
-    )
+    cfg = elsewhere(sample_inputs, root)
+    checkpoint = sample_student
     cfg = dataclasses.replace(
         cfg,
         quantize=QuantizeConfig(
             checkpoint=str(checkpoint),
-            train_shards=str(root / "shards" / "train"),
-            val_shards=str(root / "shards" / "val"),
+            train_shards=str(sample_shards / "train"),
+            val_shards=str(sample_shards / "val"),
             index=cfg.pack.index,
             representative_batches=2,
             batch_size=4,
@@ -204,6 +163,7 @@ def quantized_stage(tmp_path_factory):
     return cfg, summary, details
 
 
+@pytest.mark.slow  # quantized_stage: MCT on a real PicoSAM2
 def test_stage_scores_float_and_int8_side_by_side(quantized_stage):
     cfg, summary, metrics = quantized_stage
     assert metrics["student"] == "picosam2" and metrics["method"] == "ptq" and metrics["representative_samples"] == 8
@@ -217,6 +177,7 @@ def test_stage_scores_float_and_int8_side_by_side(quantized_stage):
     assert report["evaluation"]["student"]["crop_miou"] == metrics["float"]["crop_miou"]  # evaluate's own report
 
 
+@pytest.mark.slow  # quantized_stage: MCT on a real PicoSAM2
 def test_stage_reports_int8_weight_bytes_beside_the_papers(quantized_stage):
     _, _, metrics = quantized_stage
     weights = metrics["weights"]
@@ -228,6 +189,7 @@ def test_stage_reports_int8_weight_bytes_beside_the_papers(quantized_stage):
     assert weights["published_int8_mb"] == 1.22
 
 
+@pytest.mark.slow  # quantized_stage: MCT on a real PicoSAM2
 def test_stage_serialises_the_int8_model_for_export(quantized_stage):
     from picosam_pipeline.deploy.onnx_export import graph_io
     from picosam_pipeline.evaluate.onnx_runtime import is_mctq
@@ -253,6 +215,7 @@ def test_stage_serialises_the_int8_model_for_export(quantized_stage):
     )
 
 
+@pytest.mark.slow  # quantized_stage: MCT on a real PicoSAM2
 def test_stage_refuses_a_student_trained_on_other_crops(quantized_stage, tmp_path):
     from picosam_pipeline.device import Runtime
     from picosam_pipeline.stages import quantize as quantize_stage
@@ -263,10 +226,14 @@ def test_stage_refuses_a_student_trained_on_other_crops(quantized_stage, tmp_pat
     point = {"convention": "point", "prompt": "point", "paper": "PicoSAM2", "window": 96, "input_size": 96}
     other = save_checkpoint(tmp_path / "point.pt", tensors, {**meta, "crop": point})
     cfg = dataclasses.replace(cfg, quantize=dataclasses.replace(cfg.quantize, checkpoint=str(other)))
-    with pytest.raises(PipelineError, match="quantize.checkpoint: .* trained on point crops but .* holds roi crops"):
+    with pytest.raises(
+        PipelineError,
+        match=r"holds roi crops, but quantize.checkpoint \(.*point.pt\) needs point crops .*; quantise it",
+    ):
         quantize_stage.run(cfg, Runtime(device=torch.device("cpu"), autocast_dtype=None, seed=0))
 
 
+@pytest.mark.slow  # quantized_stage: MCT on a real PicoSAM2
 def test_stage_names_a_missing_checkpoint(quantized_stage, tmp_path):
     from picosam_pipeline.stages import quantize as quantize_stage
 

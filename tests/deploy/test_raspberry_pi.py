@@ -300,7 +300,8 @@ DNN_PARAMS = """<?xml version="1.0"?><dnnParams><networks><network name="picosam
 
 def _export_dir(root: Path, crop: dict | None = ROI_CROP) -> Path:
     """What the export stage leaves for package: the MCTQ file (opaque here) and its contract (with ``crop``)."""
-    from picosam_pipeline.stages.export import CONTRACT_FILE, MCTQ_FILE
+    from picosam_pipeline.deploy.onnx_export import CONTRACT_FILE
+    from picosam_pipeline.deploy.onnx_export import EXPORT_MCTQ_FILE as MCTQ_FILE
 
     folder = root / "export"
     folder.mkdir()

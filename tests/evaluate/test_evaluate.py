@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shared_data_or_skip
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -28,10 +27,11 @@ from picosam_pipeline.evaluate.score_table import (
     category_report,
     evaluate_batches,
     evaluation_report,
-    format_report,
+    format_score_table,
 )
 from picosam_pipeline.stages import evaluate as evaluate_stage
-from picosam_pipeline.train.checkpoints import load_student, save_student
+from picosam_pipeline.train.checkpoints import load_student
+from tests.helpers.paths import shared_data_or_skip
 
 S = 96
 
@@ -122,7 +122,7 @@ def test_batch_scores_crop_and_full_image_iou_per_model(batch_and_gt):
         "crop_success_map_50_95": pytest.approx(0.1),
         "full_image_miou": 0.1,
     }
-    assert "not COCO AP" in format_report(report, ["student", "teacher"])
+    assert "not COCO AP" in format_score_table(report, ["student", "teacher"])
 
 
 def test_plot_rows_histogram_shares_and_size_bars(batch_and_gt):
@@ -390,17 +390,14 @@ def _as_lvis_v1(coco_json, out):
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory):
-    from pipeline_inputs import build_inputs, half_foreground_student, run_pack
+def evaluated(sample_inputs, sample_shards, sample_student, tmp_path_factory):
+    """The evaluate stage on the session's val shards and student (read-only), writing into this module's folder."""
+    from tests.helpers.pipeline_inputs import elsewhere
 
     root = tmp_path_factory.mktemp("evaluate")
-    cfg = build_inputs(root)
-    run_pack(cfg, root / "shards", splits=["val"])
-    checkpoint = save_student(
-        root / "train" / "student.pt",
-        half_foreground_student(root / "shards" / "val"),
-        {"student": "picosam2", "input_size": S},
-    )
+    cfg = elsewhere(sample_inputs, root)
+    checkpoint = sample_student
+    assert load_student(checkpoint)[1]["input_size"] == S
     # the float model exported to ONNX stands in for the quantize stage's fake-quant model
     int8_model = root / "student_int8.onnx"
     with pytest.warns(DeprecationWarning):  # the legacy TorchScript exporter
@@ -410,7 +407,7 @@ def evaluated(tmp_path_factory):
     cfg = dataclasses.replace(
         cfg,
         evaluate=EvaluateConfig(
-            shards=str(root / "shards" / "val"),
+            shards=str(sample_shards / "val"),
             checkpoint=str(checkpoint),
             index=cfg.pack.index,
             batch_size=16,
@@ -426,6 +423,7 @@ def evaluated(tmp_path_factory):
     return cfg, summary, details, lvis_anns
 
 
+@pytest.mark.slow  # evaluated: the evaluate stage end to end
 def test_stage_scores_student_and_teacher_on_the_val_shards(evaluated):
     cfg, summary, metrics, _ = evaluated
     n = read_index(cfg.evaluate.index, split="val", columns=["ann_id"]).num_rows
@@ -466,6 +464,7 @@ def test_stage_scores_student_and_teacher_on_the_val_shards(evaluated):
     assert Image.open(out / "grid.png").size[0] > 0 and (out / "config.resolved.json").is_file()
 
 
+@pytest.mark.slow  # evaluated: the evaluate stage end to end
 def test_stage_predictions_file_scores_the_same_with_score_predictions(evaluated):
     cfg, _, metrics, _ = evaluated
     val = cfg.prepare.splits[1]
@@ -485,6 +484,7 @@ def test_stage_predictions_file_scores_the_same_with_score_predictions(evaluated
     assert in_image["coco_segm"] is not None and 0.0 <= in_image["coco_segm"]["ap"] <= 1.0
 
 
+@pytest.mark.slow  # evaluated: the evaluate stage end to end
 def test_stage_lvis_block_evaluates_from_annotations_and_images(evaluated):
     _, _, metrics, lvis_anns = evaluated
     lvis = metrics["lvis"]
@@ -497,6 +497,7 @@ def test_stage_lvis_block_evaluates_from_annotations_and_images(evaluated):
     assert lvis["student"]["crop_miou"] == pytest.approx(metrics["student"]["crop_miou"], abs=0.05)
 
 
+@pytest.mark.slow  # evaluated, then the evaluate-int8 stage
 def test_evaluate_int8_stage_puts_float_teacher_and_int8_side_by_side(evaluated):
     """Stage evaluate-int8 (after export in dvc.yaml): the INT8 file of evaluate.int8_onnx on the same val crops,
     its own metrics file and a grid with the INT8 column; the evaluate stage's own figures are unchanged."""

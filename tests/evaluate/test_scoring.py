@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import shared_data_or_skip
 
 from picosam_pipeline.cli import cli
 from picosam_pipeline.data.crops import CropBox
@@ -32,6 +31,7 @@ from picosam_pipeline.evaluate.predictions import (
     write_crop_predictions,
 )
 from picosam_pipeline.train.iou import crop_ious
+from tests.helpers.paths import shared_data_or_skip
 
 
 def _masks(n: int, size: int = 8) -> np.ndarray:

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from malicious_pickle import CodeOnLoad
 
 from picosam_pipeline.config import SAM2_MODELS, TeacherConfig
 from picosam_pipeline.device import Runtime
@@ -26,8 +25,9 @@ from picosam_pipeline.teacher.sam2_batched import Sam2Teacher
 from picosam_pipeline.teacher.sam2_predictor import sam2_config_name
 from picosam_pipeline.teacher.sam3_teacher import probabilities_to_logits
 from picosam_pipeline.teacher.weights import state_dict_sha256
+from tests.helpers.malicious_pickle import CodeOnLoad
+from tests.helpers.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 CPU = Runtime(device=torch.device("cpu"), autocast_dtype=None, seed=0)
 BOXES = np.array([[10, 12, 60, 70], [0, 0, 127, 95], [70, 30, 120, 90], [40, 40, 48, 50]], np.float32)
 POINTS = np.array([[30, 40], [100, 60], [0, 0]], np.float32)

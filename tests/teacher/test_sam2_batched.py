@@ -17,7 +17,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from teacher_project import config, tiny_project
 
 from picosam_pipeline.cli import cli
 from picosam_pipeline.config import TeacherConfig
@@ -33,6 +32,7 @@ from picosam_pipeline.teacher.sam2_batched import Sam2Teacher
 from picosam_pipeline.teacher.sam2_predictor import Sam2PredictorTeacher
 from picosam_pipeline.teacher.shard_writer import PendingShard, ShardAssembler, ShardWriter
 from picosam_pipeline.teacher.store import create_store, open_store
+from tests.helpers.teacher_project import config
 
 CPU = Runtime(device=torch.device("cpu"), autocast_dtype=None, seed=0)
 
@@ -231,9 +231,9 @@ def test_shards_are_handed_out_when_their_last_row_arrives_and_write_errors_surf
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> tuple[Path, list[str]]:
-    root = tmp_path_factory.mktemp("batched-project")
-    return root, tiny_project(root, 2)
+def project(teacher_project) -> tuple[Path, list[str]]:
+    """The session's teacher project (tiny_project with 2 val images)."""
+    return teacher_project
 
 
 def run_stage(project, out: Path, *more: str):

@@ -14,8 +14,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import shared_data_or_skip
-from teacher_project import config, tiny_project
 
 from picosam_pipeline.cli import cli
 from picosam_pipeline.config import TeacherConfig
@@ -27,6 +25,8 @@ from picosam_pipeline.teacher import sam2_onnx
 from picosam_pipeline.teacher.sam2_batched import Sam2Teacher
 from picosam_pipeline.teacher.sam2_onnx import OrtSam2Teacher, check_export, export_teacher
 from picosam_pipeline.teacher.store import open_store
+from tests.helpers.paths import shared_data_or_skip
+from tests.helpers.teacher_project import config, tiny_project
 
 pytestmark = pytest.mark.slow
 CPU = Runtime(device=torch.device("cpu"), autocast_dtype=None, seed=0)

@@ -3,13 +3,13 @@
 The fast tests check the workarounds of ``teacher/sam3_compat.py`` without building the model. The ``slow`` ones
 run the ``teacher-logits`` stage on one sample image cut to its two largest instances (``prepare.min_area``): a
 SAM3 image encoding costs minutes on a 2-core CPU (4.6 TFLOP at 1008x1008) and a box prompt tens of seconds, and
-every process holds ~4.5 GiB, so each run is as small as it can be and the in-process teacher is released before
-the two dask workers build theirs. Skipped where the ``sam3`` extra is not installed (CI installs it).
+every process holds ~4.5 GiB, so each run is as small as it can be and the in-process teacher is released, its
+memory handed back to the system (``give_memory_back``), before the two dask workers or the next test build theirs:
+no process of this file goes above 6 GB. Skipped where the ``sam3`` extra is not installed (CI installs it).
 """
 
 from __future__ import annotations
 
-import gc
 import importlib.util
 import sys
 
@@ -17,8 +17,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from teacher_project import config, tiny_project
-from test_teacher_logits import stage_figures, store_files
 
 from picosam_pipeline.cli import cli
 from picosam_pipeline.config import ConfigError, TeacherConfig
@@ -30,6 +28,8 @@ from picosam_pipeline.teacher.codec import encode_logits
 from picosam_pipeline.teacher.geometry import crop_logits
 from picosam_pipeline.teacher.sam3_teacher import probabilities_to_logits
 from picosam_pipeline.teacher.store import open_store
+from tests.helpers.memory import give_memory_back
+from tests.helpers.teacher_project import config, stage_figures, store_files, tiny_project
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("sam3") is None,
@@ -108,20 +108,58 @@ def _keep_torch_threads():
 
 
 def release_teacher() -> None:
-    """Drop this process's teacher (~4.5 GiB) before other processes build theirs."""
+    """Drop this process's teacher (~4.5 GiB) and give its memory back before another build, here or in a worker."""
     teacher_runner._session = None
-    gc.collect()
+    give_memory_back()
+
+
+@pytest.fixture
+def sam3_memory(monkeypatch):
+    """A stage test starts from a trimmed heap (what earlier tests of the session freed) with no cached teacher, and
+    its teacher is released when it ends, passed or failed (then monkeypatch puts back the session it found)."""
+    monkeypatch.setattr(teacher_runner, "_session", None)
+    give_memory_back()
+    yield
+    release_teacher()
+
+
+def check_the_per_box_path(cfg, store) -> None:
+    """The processor's own per-box path (what PicoSAM3's precompute calls) gives the stored bytes of row 0, on the
+    image this process's teacher still holds (a function of its own: its references to the teacher end here)."""
+    teacher = teacher_runner._session.teacher
+    rows = teacher_runner.instance_rows(cfg.teacher.index, ["val"], "roi")
+    width, height = (int(v) for v in rows.size[0])
+    x1, y1, x2, y2 = rows.prompt[0].astype(np.float64)
+    state = {k: v for k, v in teacher._state.items()}
+    state["backbone_out"] = dict(state["backbone_out"])
+    with teacher._forward():
+        teacher.processor.reset_all_prompts(state)
+        state = teacher.processor.add_geometric_prompt(
+            box=[(x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height],
+            label=True,
+            state=state,
+        )
+    best = int(state["scores"].argmax())
+    reference = crop_logits(
+        probabilities_to_logits(state["masks_logits"][best, 0])[None],
+        rows.size[:1],
+        rows.crop_box[:1],
+        cfg.teacher.store_size,
+    )
+    assert np.array_equal(store.read_raw([0]), encode_logits(reference.numpy(), store.codec))
+    assert float(store.read_meta()["confidence"][0]) == float(state["scores"][best])
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)  # ~10 min on an idle 2-core CI machine; a loaded one takes far longer
-def test_sam3_geometric_pass_is_finite_verifiable_and_byte_identical_on_two_dask_workers(tmp_path, monkeypatch):
+def test_sam3_geometric_pass_is_finite_verifiable_and_byte_identical_on_two_dask_workers(
+    tmp_path, monkeypatch, sam3_memory
+):
     """PicoSAM3's path over 1 image, 2 instances, 2 shards: in this process, then on a LocalCluster of 2 workers (one
     shard each), 1 torch thread everywhere: the stored bytes depend on the thread count (2 threads here vs 1 in the
     workers, measured: 99.995 % of codes equal, none more than one step apart, every mask decision equal)."""
     sets = tiny_project(tmp_path, 1, *SAM3)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(teacher_runner, "_session", None)
     local = tmp_path / "local" / "logits.zarr"
     cfg, metrics = run_stage(tmp_path, sets, local, "teacher.threads_per_worker=1")
     assert (metrics["model"], metrics["instances"], metrics["shards_computed"], metrics["encoder_passes"]) == (
@@ -146,28 +184,7 @@ def test_sam3_geometric_pass_is_finite_verifiable_and_byte_identical_on_two_dask
     assert ((confidence > 0) & (confidence <= 1)).all()
 
     # The processor's own per-box path (what PicoSAM3's precompute calls) gives the stored bytes of row 0.
-    teacher = teacher_runner._session.teacher  # still holds the image
-    rows = teacher_runner.instance_rows(cfg.teacher.index, ["val"], "roi")
-    width, height = (int(v) for v in rows.size[0])
-    x1, y1, x2, y2 = rows.prompt[0].astype(np.float64)
-    state = {k: v for k, v in teacher._state.items()}
-    state["backbone_out"] = dict(state["backbone_out"])
-    with teacher._forward():
-        teacher.processor.reset_all_prompts(state)
-        state = teacher.processor.add_geometric_prompt(
-            box=[(x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height],
-            label=True,
-            state=state,
-        )
-    best = int(state["scores"].argmax())
-    reference = crop_logits(
-        probabilities_to_logits(state["masks_logits"][best, 0])[None],
-        rows.size[:1],
-        rows.crop_box[:1],
-        cfg.teacher.store_size,
-    )
-    assert np.array_equal(store.read_raw([0]), encode_logits(reference.numpy(), store.codec))
-    assert float(confidence[0]) == float(state["scores"][best])
+    check_the_per_box_path(cfg, store)
 
     # verify-logits recomputes a stored instance with the teacher the store records (this process's, same spec).
     result = CliRunner().invoke(cli, ["verify-logits", str(local), "--sample", "1", "--device", "cpu"])
@@ -187,10 +204,9 @@ def test_sam3_geometric_pass_is_finite_verifiable_and_byte_identical_on_two_dask
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-def test_sam3_instance_path_decodes_all_boxes_of_an_image_in_one_call(tmp_path, monkeypatch):
+def test_sam3_instance_path_decodes_all_boxes_of_an_image_in_one_call(tmp_path, monkeypatch, sam3_memory):
     sets = tiny_project(tmp_path, 1, *SAM3)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(teacher_runner, "_session", None)
     sam3_compat.import_sam3()  # sam3 imported the way the teacher imports it (triton stand-in), run alone too
     from sam3.model.sam3_image import Sam3Image
 
@@ -213,4 +229,5 @@ def test_sam3_instance_path_decodes_all_boxes_of_an_image_in_one_call(tmp_path, 
     points = teacher.predict_points(np.array([[100.0, 120.0], [200.0, 250.0], [30.0, 40.0]], np.float32))
     assert tuple(points.image_logits.shape) == (3, 288, 288) and torch.isfinite(points.image_logits).all()
     assert calls[-1]["point_coords"].shape == (3, 1, 2)
+    del teacher, points
     release_teacher()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import os
 import signal
@@ -14,10 +13,8 @@ import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
-from conftest import REPO, shared_data_or_skip
 
 from picosam_pipeline.cli import cli
-from picosam_pipeline.config import TeacherConfig
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.teacher.codec import CODECS, decode_logits, encode_logits
 from picosam_pipeline.teacher.store import (
@@ -28,11 +25,11 @@ from picosam_pipeline.teacher.store import (
     shard_size,
     stored_boxes,
     stored_side,
-    teacher_attrs,
 )
+from tests.helpers.logit_store import SIDE, K, N, make_store, row_meta, shard_inputs, tree, write
+from tests.helpers.paths import REPO, shared_data_or_skip
 
 SIGMOID_ERROR_BOUND = {"sigmoid_uint8": 1 / 254, "linear_uint8": 1 / 16, "float16": 1e-3}
-N, SIDE, K = 10, 16, 3  # 4 shards, the last one holding a single instance
 
 
 def sigmoid(x):
@@ -45,47 +42,6 @@ def hard_logits(seed: int = 0) -> np.ndarray:
     tiny = np.array([1e-9, 1e-7, 1e-5, 1e-3, 0.003, 0.0078, 0.0079, 0.124, 0.126, 0.0, -0.0])
     edges = np.concatenate([tiny, -tiny, [31.7, 31.8, 32.0, 40.0, -32.0, -40.0, 6.2, 6.3, -6.2, -6.3]])
     return np.concatenate([edges, rng.normal(0.0, 8.0, 4000), rng.uniform(-0.05, 0.05, 4000)]).astype(np.float32)
-
-
-def row_meta(n: int = N) -> dict:
-    """The rows' ids and boxes (what the index gives create_store), deterministic."""
-    rng = np.random.default_rng(n)
-    crop = np.stack([rng.integers(0, 50, n), rng.integers(0, 50, n)], 1).repeat(2, 1) + [0, 0, 40, 40]
-    return dict(
-        ann_id=np.arange(n) + 1000, image_id=np.arange(n) // 2, crop_box=crop, stored_box=stored_boxes(crop, SIDE, 0.0)
-    )
-
-
-def shard_inputs(k: int, rows: slice, seed: int = 0) -> dict:
-    """Deterministic teacher outputs for shard ``k`` of an ``(N, SIDE, SIDE)`` store."""
-    rng = np.random.default_rng([seed, k])
-    n = rows.stop - rows.start
-    return dict(logits=rng.normal(0.0, 8.0, (n, SIDE, SIDE)).astype(np.float32), confidence=rng.uniform(0.5, 1.0, n))
-
-
-def make_store(path, codec="sigmoid_uint8", n=N, checkpoint_sha256=None, rows=None, **teacher):
-    cfg = dataclasses.replace(TeacherConfig(), codec=codec, store_size=SIDE, instances_per_shard=K, **teacher)
-    return create_store(
-        path,
-        side=SIDE,
-        instances_per_shard=K,
-        codec=codec,
-        compression_level=5,
-        attrs=teacher_attrs(cfg, checkpoint_sha256=checkpoint_sha256, crop={"roi_padding": 0.1}),
-        rows=row_meta(n) if rows is None else rows,
-    )
-
-
-def write(store, shards) -> dict:
-    written = {}
-    for k in shards:
-        written[k] = shard_inputs(k, store.shard_slice(k))
-        store.write_shard(k, **written[k])
-    return written
-
-
-def tree(path: Path) -> dict[str, bytes]:
-    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -302,8 +258,8 @@ WRITER = """
 import sys, time
 import numpy as np
 import zarr.storage._local as local
-sys.path[:0] = {tests!r}  # this file's folder, and tests/ for conftest
-import test_store as t
+sys.path[:0] = [{repo!r}]  # for tests.helpers
+from tests.helpers.logit_store import make_store, shard_inputs
 
 path, point = sys.argv[1], sys.argv[2]
 
@@ -331,9 +287,9 @@ if point in ("before_commit", "mid_file_atomic", "mid_file_in_place"):
                 block("blocked")
     local._put = put
 
-store = t.make_store(path)
+store = make_store(path)
 for k in store.pending_shards():
-    store.write_shard(k, **t.shard_inputs(k, store.shard_slice(k)))
+    store.write_shard(k, **shard_inputs(k, store.shard_slice(k)))
     print("wrote", k, flush=True)
     if point == "after_commit" and k == 1:
         block("blocked")
@@ -342,8 +298,7 @@ for k in store.pending_shards():
 
 def run_writer(path: Path, point: str = "none", kill: bool = False) -> list[int]:
     """Run the writer in a fresh process; with ``kill``, SIGKILL it once it reports reaching ``point``."""
-    here = Path(__file__).resolve().parent
-    code = WRITER.format(tests=[str(here), str(here.parent)])
+    code = WRITER.format(repo=str(REPO))
     proc = subprocess.Popen([sys.executable, "-c", code, str(path), point], cwd=REPO, stdout=subprocess.PIPE, text=True)
     wrote = []
     for line in proc.stdout:

@@ -15,24 +15,15 @@ import time
 from pathlib import Path
 
 import pytest
-from teacher_project import CLI, config, tiny_project
 
 from picosam_pipeline.device import resolve_runtime
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.reports import last_run
 from picosam_pipeline.stages import teacher_logits
 from picosam_pipeline.teacher.store import open_store
+from tests.helpers.teacher_project import CLI, config, store_files, tiny_project
 
 pytestmark = pytest.mark.slow
-
-
-def store_files(path: Path) -> dict[str, bytes]:
-    """Every file of a store except config.resolved.json (which names the out path and the executor)."""
-    return {
-        str(f.relative_to(path)): f.read_bytes()
-        for f in sorted(path.rglob("*"))
-        if f.is_file() and f.name != "config.resolved.json"
-    }
 
 
 def done_shards(path: Path) -> list[bool]:

@@ -20,7 +20,6 @@ import yaml
 import zarr
 from click.testing import CliRunner
 from PIL import Image
-from teacher_project import REPO, config, tiny_project
 
 from picosam_pipeline.cli import cli
 from picosam_pipeline.config import Config, TeacherConfig
@@ -29,7 +28,6 @@ from picosam_pipeline.data.images import load_image
 from picosam_pipeline.data.index import column_array, read_index
 from picosam_pipeline.device import Runtime, resolve_runtime
 from picosam_pipeline.errors import PipelineError
-from picosam_pipeline.reports import last_run
 from picosam_pipeline.stages import teacher_logits
 from picosam_pipeline.teacher import runner as teacher_runner
 from picosam_pipeline.teacher.base import OneImageAtATime, TeacherOutput
@@ -38,6 +36,7 @@ from picosam_pipeline.teacher.executors import make_executor, plan_workers, task
 from picosam_pipeline.teacher.geometry import crop_logits
 from picosam_pipeline.teacher.runner import TeacherSpec, instance_rows, process_shards
 from picosam_pipeline.teacher.store import EXECUTION_FIELDS, open_store
+from tests.helpers.teacher_project import REPO, config, stage_figures, store_files, tiny_project
 
 CALLS = {"set_image": 0, "predict": 0}
 
@@ -86,9 +85,9 @@ class FakeTeacher(OneImageAtATime):
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> tuple[Path, list[str]]:
-    root = tmp_path_factory.mktemp("teacher-project")
-    return root, tiny_project(root, 2)
+def project(teacher_project) -> tuple[Path, list[str]]:
+    """The session's teacher project (tiny_project with 2 val images)."""
+    return teacher_project
 
 
 @pytest.fixture
@@ -106,20 +105,6 @@ def run_stage(project, out: Path, *more: str) -> tuple[Config, dict]:
     cfg = config(project[0], project[1], f"teacher.out={out}", f"runtime.metrics_dir={out.parent / 'metrics'}", *more)
     teacher_logits.run(cfg, resolve_runtime(cfg.runtime))
     return cfg, stage_figures(out.parent / "metrics")
-
-
-def stage_figures(metrics_dir: Path) -> dict:
-    """metrics/teacher-logits.json merged with the run log's facts of the latest run (rate, what was computed)."""
-    return {**json.loads((metrics_dir / "teacher-logits.json").read_text()), **last_run(metrics_dir, "teacher-logits")}
-
-
-def store_files(path: Path) -> dict[str, bytes]:
-    """Every file of a store except config.resolved.json (which names the out path and the executor)."""
-    return {
-        str(f.relative_to(path)): f.read_bytes()
-        for f in sorted(path.rglob("*"))
-        if f.is_file() and f.name != "config.resolved.json"
-    }
 
 
 @pytest.mark.parametrize("prompt", ["roi", "point"])

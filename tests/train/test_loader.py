@@ -15,20 +15,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from pipeline_inputs import build_inputs, run_pack, split_samples
 
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.teacher.codec import decode_logits
 from picosam_pipeline.train.loader import CorruptShardError, ForeignMemberError, augment, count_samples, make_loader
 from picosam_pipeline.train.shards import INDEX_FILE, Frame, read_shard_index
+from tests.helpers.pipeline_inputs import elsewhere, own_store, run_pack, split_samples
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    """The built-in sample packed 8 samples per shard (train: several shards)."""
-    root = tmp_path_factory.mktemp("loader")
-    run_pack(build_inputs(root), root / "shards", samples_per_shard=8)
-    return root / "shards"
+def shards(sample_shards) -> Path:
+    """The built-in sample packed 8 samples per shard (train: several shards); the session's, read-only."""
+    assert read_shard_index(sample_shards / "train").shards[0].samples == 8
+    return sample_shards
 
 
 def _ids(loader) -> list[int]:
@@ -120,9 +119,9 @@ def test_iter_starts_the_workers_at_once_and_the_epoch_size_is_bounded(shards):
     assert loader.expected_batches <= len(sizes) <= loader.expected_batches + loader.num_workers - 1
 
 
-def test_fewer_shards_than_workers(tmp_path):
+def test_fewer_shards_than_workers(sample_inputs, tmp_path):
     root = tmp_path / "one"
-    run_pack(build_inputs(root), root / "shards", samples_per_shard=4096, splits=["val"])
+    run_pack(elsewhere(sample_inputs, root), root / "shards", samples_per_shard=4096, splits=["val"])
     split = root / "shards/val"
     assert len(read_shard_index(split).shards) == 1
     loader = make_loader(split, batch_size=4, shuffle_buffer=8, num_workers=3, seed=0)
@@ -287,9 +286,10 @@ def test_jitter_moves_one_window_over_image_mask_and_logits():
     assert sum(not np.array_equal(v["mask"], centre["mask"]) for v in views) >= 18
 
 
-def test_loader_augments_consistently_with_a_stored_context_margin(tmp_path):
+def test_loader_augments_consistently_with_a_stored_context_margin(sample_inputs, tmp_path):
     root = tmp_path / "margin"
-    run_pack(build_inputs(root, context_margin=0.25), root / "shards", splits=["train"])
+    cfg = own_store(elsewhere(sample_inputs, root), root / "stores", context_margin=0.25)
+    run_pack(cfg, root / "shards", splits=["train"])
     split = root / "shards/train"
     assert read_shard_index(split).frame == Frame(96, 144)
     plain = next(iter(make_loader(split, batch_size=16, shuffle_buffer=0, num_workers=0, seed=0)))

@@ -11,9 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shared_data_or_skip
 from PIL import Image
-from pipeline_inputs import build_inputs, read_tar_samples, run_pack, split_samples
 from pycocotools import mask as mask_utils
 
 from picosam_pipeline.config import Config, SplitSource
@@ -37,17 +35,20 @@ from picosam_pipeline.train.shards import (
     resample_mask_window,
     resample_window,
 )
+from tests.helpers.paths import shared_data_or_skip
+from tests.helpers.pipeline_inputs import build_inputs, elsewhere, read_tar_samples, run_pack, split_samples
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> Config:
-    return build_inputs(tmp_path_factory.mktemp("inputs"))
+def inputs(sample_inputs, tmp_path_factory) -> Config:
+    """The session's sample inputs (read-only), writing metrics into a folder of this module's."""
+    return elsewhere(sample_inputs, tmp_path_factory.mktemp("shards_tests"))
 
 
 @pytest.fixture(scope="module")
-def packed(inputs, tmp_path_factory) -> tuple[Config, Path, dict]:
-    out = tmp_path_factory.mktemp("pack") / "shards"
-    return inputs, out, run_pack(inputs, out)
+def packed(inputs, sample_shards) -> tuple[Config, Path, dict]:
+    """The session's shards of the sample inputs (packed as their pack section says) with the stage's report."""
+    return inputs, sample_shards, json.loads((sample_shards / "report.json").read_text())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -250,7 +251,7 @@ def test_store_rows_joins_on_image_and_annotation_ids():
     told apart by the image; a missing pair and a pair stored twice are refused."""
     import pyarrow as pa
 
-    from picosam_pipeline.stages.pack import store_rows
+    from picosam_pipeline.train.packing import store_rows
 
     meta = {"image_id": np.array([7, 3, 3, 9, 5]), "ann_id": np.array([70, 31, 30, 90, 30])}
     rows = pa.table({"image_id": [3, 3, 5, 7, 9], "ann_id": [30, 31, 30, 70, 90]})

@@ -10,7 +10,14 @@ import torch.fx
 from torch import nn
 
 from picosam_pipeline.errors import PipelineError
-from picosam_pipeline.train.students import NORMALIZATION, STUDENTS, build_student, count_macs, normalize, summarize
+from picosam_pipeline.train.students import (
+    NORMALIZATION,
+    STUDENTS,
+    build_student,
+    count_macs,
+    normalize,
+    summarize_student,
+)
 
 # (parameters, state-dict keys) of the published checkpoints, counted from the papers' model code.
 PUBLISHED = {"picosam2": (1_262_818, 122), "picosam3": (1_371_418, 141)}
@@ -114,24 +121,24 @@ def test_count_macs_on_a_hand_sized_net() -> None:
 
 
 def test_summary_figures() -> None:
-    s = summarize("picosam2")
+    s = summarize_student("picosam2")
     assert (s.params, s.state_dict_keys, s.output_shape) == (1_262_818, 122, (1, 1, 96, 96))
     assert s.bn_running_stats == 2 * 2_603  # 2 x (sum of BN channels)
     assert round(s.float32_bytes / 2**20, 2) == 4.84  # the Z plots' FP32 size in MiB
     # folded: conv weights (params - BN gammas/betas - 441 conv biases) as int8, 441 + 2,603 folded biases as int32
     assert s.int8_folded_bytes == (1_262_818 - 2 * 2_603 - 441) + 4 * (441 + 2_603)
     assert round(s.macs / 1e6, 1) == 323.1  # conv MACs counted by hand from the paper's code (paper: 336 M)
-    s3 = summarize("picosam3")
+    s3 = summarize_student("picosam3")
     assert round(s3.float32_bytes / 2**20, 2) == 5.26 and round(s3.int8_bytes / 2**20, 2) == 1.31
     assert round(s3.macs / 1e6, 1) == 330.2
-    assert summarize("picosam2", input_size=64).macs < s.macs
+    assert summarize_student("picosam2", input_size=64).macs < s.macs
 
 
 def test_bad_names_and_sizes_are_user_errors() -> None:
     with pytest.raises(PipelineError, match="picosam2, picosam3"):
         build_student("picosam4")
     with pytest.raises(PipelineError, match="multiple of 16"):
-        summarize("picosam2", input_size=100)
+        summarize_student("picosam2", input_size=100)
 
 
 def test_model_summary_command() -> None:

@@ -22,8 +22,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from malicious_pickle import CodeOnLoad
-from pipeline_inputs import build_inputs, run_pack
 
 from picosam_pipeline.config import Config, TrainConfig
 from picosam_pipeline.device import Runtime
@@ -48,6 +46,8 @@ from picosam_pipeline.train.trainer import (
     get_lr,
     train,
 )
+from tests.helpers.malicious_pickle import CodeOnLoad
+from tests.helpers.pipeline_inputs import elsewhere
 
 CPU = Runtime(device=torch.device("cpu"), autocast_dtype=None, seed=0)
 
@@ -232,7 +232,7 @@ def test_best_checkpoint_is_the_earliest_best_val_iou_after_step_0(tmp_path, mon
         weights[len(weights)] = {k: v.clone() for k, v in model.state_dict().items()}
         return next(scores)
 
-    monkeypatch.setattr(trainer_module, "evaluate", scripted)
+    monkeypatch.setattr(trainer_module, "validate", scripted)
     result = train(small_config(student="picosam2", steps=5, eval_every=1), CPU, SyntheticShards().data(), tmp_path)
     assert result.state.best_step == 2 and result.state.best_iou == 0.6
     best, meta = load_checkpoint(tmp_path / "student_best.pt", kind="student")
@@ -397,15 +397,14 @@ def test_ddp_two_gloo_processes_keep_replicas_in_sync(tmp_path, compiled):
 
 
 @pytest.fixture(scope="module")
-def packed(tmp_path_factory) -> Config:
-    """The built-in sample packed with a GT-mask teacher (8 samples per shard), and a 4-step train section."""
+def packed(sample_inputs, sample_shards, tmp_path_factory) -> Config:
+    """The built-in sample packed with a GT-mask teacher (8 samples per shard: the session's shards, read-only), and
+    a 4-step train section writing into this module's folder."""
     root = tmp_path_factory.mktemp("train_stage")
-    cfg = build_inputs(root)
-    run_pack(cfg, root / "shards", samples_per_shard=8)
     section = small_config(
-        student="picosam2", steps=4, eval_every=4, shards=str(root / "shards"), out_dir=str(root / "train")
+        student="picosam2", steps=4, eval_every=4, shards=str(sample_shards), out_dir=str(root / "train")
     )
-    return dataclasses.replace(cfg, train=section)
+    return dataclasses.replace(elsewhere(sample_inputs, root), train=section)
 
 
 def test_stage_writes_student_metrics_and_plots(packed):
@@ -497,6 +496,7 @@ def test_killed_cli_run_resumes_to_the_uninterrupted_result(packed, tmp_path):
     assert all((resumed / f).read_bytes() == (straight / f).read_bytes() for f in files)
 
 
+@pytest.mark.slow  # 74 train steps with two loader worker processes
 def test_loader_workers_over_epochs_started_ahead_resume_to_the_uninterrupted_result(packed, tmp_path):
     # Two loader worker processes, epochs of ~a dozen batches, so every epoch's loader is started ahead
     # (trainer.EPOCH_LOOKAHEAD): a run stopped at step 14 and extended to 30 (constant schedule) ends with the

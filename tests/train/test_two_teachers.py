@@ -25,20 +25,18 @@ from picosam_pipeline.teacher.gt_mask import write_mask_teacher_store
 from picosam_pipeline.train.loader import make_loader
 from picosam_pipeline.train.shards import read_shard_index
 from picosam_pipeline.train.targets import resolve_target
-from tests.pipeline_inputs import build_inputs, run_pack, split_samples
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.paths import REPO
+from tests.helpers.pipeline_inputs import elsewhere, own_store, run_pack, split_samples
 
 
 @pytest.fixture(scope="module")
-def two(tmp_path_factory):
+def two(sample_inputs, tmp_path_factory):
     """The built-in sample with stores ``gt`` (gain 4, confidence 1) and ``soft`` (gain 1, confidence 0.5), packed
     once with both teachers and once with ``gt`` alone."""
     root = tmp_path_factory.mktemp("two_teachers")
-    cfg = build_inputs(root)
-    write_mask_teacher_store(
-        cfg.pack.index, Path(cfg.pack.stores_dir) / "soft.zarr", splits=cfg.pack.splits, gain=1.0, confidence=0.5
-    )
+    cfg = elsewhere(sample_inputs, root)  # the session's index and gt store, read-only
+    shutil.copytree(Path(cfg.pack.stores_dir) / "gt.zarr", root / "stores" / "gt.zarr")
+    cfg = own_store(cfg, root / "stores", "soft", gain=1.0, confidence=0.5)
     run_pack(cfg, root / "one")
     both = dataclasses.replace(cfg, pack=dataclasses.replace(cfg.pack, teachers=["gt", "soft"]))
     run_pack(both, root / "both")
@@ -151,6 +149,7 @@ def test_pack_refuses_teachers_with_different_crops_and_old_shards(two, tmp_path
 # train and evaluate
 
 
+@pytest.mark.slow  # the train stage once per rule
 @pytest.mark.parametrize("target", ["gt", "soft", "mean", "confident", "weighted"])
 def test_train_runs_on_each_target_rule(two, tmp_path, target):
     cfg, root = two
@@ -194,6 +193,7 @@ def test_train_refuses_auto_on_two_teacher_shards(two, tmp_path):
         train.run(dataclasses.replace(cfg, train=t), resolve_runtime(cfg.runtime))
 
 
+@pytest.mark.slow  # the train and evaluate stages
 def test_evaluate_scores_every_packed_teacher(two, tmp_path):
     cfg, root = two
     t = TrainConfig(

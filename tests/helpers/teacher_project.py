@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
 import sys
@@ -16,8 +17,9 @@ from pathlib import Path
 
 from picosam_pipeline.config import Config, load_config
 from picosam_pipeline.device import resolve_runtime
+from picosam_pipeline.reports import last_run
+from tests.helpers.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = (
     "sample.train_images=1",
     "sample.plant_bad_inputs=false",
@@ -56,3 +58,17 @@ def tiny_project(root: Path, val_images: int = 2, *overrides: str) -> list[str]:
 def config(root: Path, sets: list[str], *more: str) -> Config:
     """The config of the project at ``root`` (run it with ``root`` as the working directory)."""
     return load_config(root / "params.yaml", [*sets, *more])
+
+
+def stage_figures(metrics_dir: Path) -> dict:
+    """metrics/teacher-logits.json merged with the run log's facts of the latest run (rate, what was computed)."""
+    return {**json.loads((metrics_dir / "teacher-logits.json").read_text()), **last_run(metrics_dir, "teacher-logits")}
+
+
+def store_files(path: Path) -> dict[str, bytes]:
+    """Every file of a store except config.resolved.json (which names the out path and the executor)."""
+    return {
+        str(f.relative_to(path)): f.read_bytes()
+        for f in sorted(path.rglob("*"))
+        if f.is_file() and f.name != "config.resolved.json"
+    }

@@ -1,5 +1,8 @@
 """Inputs shared by the train, evaluate and deploy tests: the built-in sample prepared, a GT-mask teacher store,
-packed shards, and a random-weight student whose masks cover about half of each crop."""
+packed shards, and a random-weight student whose masks cover about half of each crop.
+
+tests/conftest.py builds them once per session (fixtures ``sample_inputs``, ``sample_shards``, ``sample_student``);
+the functions here build variants (another store, other pack params) into a test's own folder."""
 
 from __future__ import annotations
 
@@ -48,6 +51,23 @@ def build_inputs(root: Path, *, context_margin: float = 0.0, splits: list[SplitS
         cfg.pack.index, cfg.pack.store_paths()["gt"], splits=cfg.pack.splits, context_margin=context_margin
     )
     return cfg
+
+
+def elsewhere(cfg: Config, root: Path) -> Config:
+    """``cfg`` writing into ``root``: its metrics to ``root/metrics``, pack to ``root/shards`` (the inputs it reads stay
+    where they are): how a test runs stages on the session's shared inputs without writing into them."""
+    return dataclasses.replace(
+        cfg,
+        runtime=dataclasses.replace(cfg.runtime, metrics_dir=str(root / "metrics")),
+        pack=dataclasses.replace(cfg.pack, out_dir=str(root / "shards")),
+    )
+
+
+def own_store(cfg: Config, stores_dir: Path, name: str = "gt", **store_params) -> Config:
+    """A GT-mask teacher store ``<stores_dir>/<name>.zarr`` of ``cfg``'s index (``store_params``: ``context_margin``,
+    ``prompt``, ``gain``, ``confidence``); returns ``cfg`` packing from ``stores_dir``."""
+    write_mask_teacher_store(cfg.pack.index, Path(stores_dir) / f"{name}.zarr", splits=cfg.pack.splits, **store_params)
+    return dataclasses.replace(cfg, pack=dataclasses.replace(cfg.pack, stores_dir=str(stores_dir)))
 
 
 def run_pack(cfg: Config, out: Path, **pack_params) -> dict:
