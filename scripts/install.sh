@@ -25,32 +25,61 @@
 #   * else the registry's torch (the cuda lock): the CUDA build, which runs on a CPU too; the line before the
 #     install says so, with what it downloads.
 #
-# Usage: scripts/install.sh [--torch auto|cpu|cuda] [VENV]       (VENV default .venv)
+# Offline, for a GPU node without internet whose torch is installed (an NVIDIA PyTorch container, an air-gapped
+# cluster; docs/gpu.md): `--wheelhouse DIR` (or WHEELHOUSE=DIR, e.g. `make env WHEELHOUSE=DIR`) installs from DIR, a
+# wheelhouse that scripts/wheelhouse.py built elsewhere for this node: the locked packages the node lacks, with the
+# lock's hashes. The venv is made over PYTHON (the node's, holding its torch) with --system-site-packages, so the
+# node's torch (and whatever else the wheelhouse left to the node) is used; pip runs with --no-index --find-links DIR,
+# steps 1-4 as above on DIR/requirements.txt (the lock cut to DIR's files). Refused, in one line, where DIR was made
+# from another lock, for another Python or another torch. `pip check` stops only on the locked stack's problems.
+#
+# Usage: scripts/install.sh [--torch auto|cpu|cuda | --wheelhouse DIR] [VENV]       (VENV default .venv)
 #   --torch cpu|cuda    install that lock whatever the machine has (cpu stops, saying why, where no locked CPU
 #                       build of torch is reachable for this Python).
+#   --wheelhouse DIR    offline, from DIR, over the node's torch (above).
 #   PYTHON=...          the interpreter that creates a new VENV (default python3; 3.11, 3.12 or 3.13).
 set -euo pipefail
 TORCH=auto
+WHEELHOUSE=${WHEELHOUSE:-}
 while [ $# -gt 0 ]; do
   case "$1" in
     --torch) TORCH=${2:?"--torch needs auto, cpu or cuda"}; shift 2 ;;
     --torch=*) TORCH=${1#*=}; shift ;;
-    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    --wheelhouse) WHEELHOUSE=${2:?"--wheelhouse needs a folder"}; shift 2 ;;
+    --wheelhouse=*) WHEELHOUSE=${1#*=}; shift ;;
+    -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
     -*) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) break ;;
   esac
 done
 case "$TORCH" in auto|cpu|cuda) ;; *) echo "install.sh: --torch must be auto, cpu or cuda, not $TORCH" >&2; exit 2 ;; esac
+if [ -n "$WHEELHOUSE" ] && [ "$TORCH" != auto ]; then
+  echo "install.sh: --wheelhouse installs over the node's own torch; --torch $TORCH does not apply" >&2; exit 2
+fi
 VENV=${1:-.venv}
 PYTHON=${PYTHON:-python3}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
+if [ -n "$WHEELHOUSE" ]; then
+  [ -d "$WHEELHOUSE" ] || { echo "install.sh: --wheelhouse $WHEELHOUSE: no such folder" >&2; exit 2; }
+  WHEELHOUSE=$(cd "$WHEELHOUSE" && pwd)
+fi
 cd "$HERE"
 START=$(date +%s)
 SUPPORTED="3.11 3.12 3.13"  # scripts/lockfile.py SUPPORTED_PYTHONS; `make check-install` installs each in CI
 if [ ! -x "$VENV/bin/python" ]; then
   command -v "$PYTHON" >/dev/null || { echo "install.sh: no Python interpreter '$PYTHON'; set PYTHON=/path/to/python3.X" \
                                             "(one of $SUPPORTED)" >&2; exit 2; }
-  "$PYTHON" -m venv "$VENV"
+  if [ -n "$WHEELHOUSE" ]; then
+    "$PYTHON" -m venv --system-site-packages "$VENV"
+    # PYTHON may itself be a venv holding torch (e.g. /opt/torch/.venv/bin/python3): --system-site-packages then
+    # reaches its base interpreter only, so its own site folders are added to the new venv by a .pth file.
+    "$PYTHON" scripts/wheelhouse.py link-node-site "$VENV"
+  else
+    "$PYTHON" -m venv "$VENV"
+  fi
+elif [ -n "$WHEELHOUSE" ] && ! grep -qiE '^include-system-site-packages *= *true' "$VENV/pyvenv.cfg"; then
+  echo "install.sh: $VENV does not see the node's packages (made without --system-site-packages), so it cannot use" \
+       "the node's torch; remove it, or name a new VENV" >&2; exit 2
 fi
 PY="$VENV/bin/python"
 PYVER=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
@@ -66,6 +95,12 @@ trap 'rm -rf "$PARTS"' EXIT
 
 # 0. A lock that no longer matches its inputs would install something other than what requirements/ says.
 "$PY" scripts/lockfile.py check >/dev/null || exit 1
+# ... nor a wheelhouse made from another lock, for another Python or torch.
+PIP_SOURCE=()
+if [ -n "$WHEELHOUSE" ]; then
+  "$PY" scripts/wheelhouse.py check "$WHEELHOUSE" || exit 1
+  PIP_SOURCE=(--no-index --find-links "$WHEELHOUSE")
+fi
 
 # Is a file of the cpu lock's torch (PyTorch's CPU build) reachable, with a hash the lock lists? A dry run reads
 # a local file in place and fails fast ("no matching distribution") where the configured indexes lack the build.
@@ -77,7 +112,11 @@ cpu_torch_reachable() {
 }
 
 REASON=""
-if [ "$TORCH" = auto ]; then
+if [ -n "$WHEELHOUSE" ]; then
+  TORCH=$("$PY" -c "import json, re, sys; m = re.search(r'lock-(\w+)\.txt', json.load(open(sys.argv[1]))['lock']);
+print(m.group(1) if m else 'wheelhouse')" "$WHEELHOUSE/manifest.json")
+  REASON="offline from the wheelhouse $WHEELHOUSE, with the node's torch (--system-site-packages)"
+elif [ "$TORCH" = auto ]; then
   if TORCH=$("$PY" -c "import torch; assert torch.__version__.split('+')[0] == '2.13.0'; print('cuda' if torch.version.cuda else 'cpu')" 2>/dev/null); then
     REASON="the build already in $VENV"
   elif command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
@@ -96,32 +135,40 @@ else
   REASON="asked for (--torch $TORCH)"
 fi
 LOCK=requirements/lock-$TORCH.txt
+[ -z "$WHEELHOUSE" ] || LOCK="$WHEELHOUSE/requirements.txt"  # the lock cut to what the node lacks, hashes kept
 echo "install.sh: installing the $TORCH lock ($LOCK) for Python $PYVER, every file checked by sha256; pip's output: $LOG"
 
 # pip install --require-hashes; on failure one paragraph says what was refused and what to do.
 pip_locked() {
-  if ! "$PY" -m pip install --require-hashes --progress-bar off "$@" >>"$LOG" 2>&1; then
+  if ! "$PY" -m pip install --require-hashes --progress-bar off ${PIP_SOURCE[@]+"${PIP_SOURCE[@]}"} "$@" >>"$LOG" 2>&1; then
     "$PY" scripts/lockfile.py explain "$LOG" "$LOCK"
     exit 1
   fi
 }
 
+# A wheelhouse's cut of the lock may lack a package (the node has it): skip such names instead of stopping.
+MISSING_OK=()
+[ -z "$WHEELHOUSE" ] || MISSING_OK=(--missing-ok)
 # 1. The installer's own tools (pip upgrades itself here: the venv's bundled pip may be old).
-"$PY" scripts/lockfile.py select "$LOCK" --only pip setuptools wheel > "$PARTS/tools.txt"
-pip_locked --no-deps -r "$PARTS/tools.txt"
+"$PY" scripts/lockfile.py select "$LOCK" --only pip setuptools wheel ${MISSING_OK[@]+"${MISSING_OK[@]}"} > "$PARTS/tools.txt"
+[ ! -s "$PARTS/tools.txt" ] || pip_locked --no-deps -r "$PARTS/tools.txt"
 # 2. The stack. The sdist-only packages among it (iopath, antlr4-python3-runtime, stringcase) build with the
 #    setuptools of step 1.
-"$PY" scripts/lockfile.py select "$LOCK" --exclude sam2 > "$PARTS/stack.txt"
+"$PY" scripts/lockfile.py select "$LOCK" --exclude sam2 ${MISSING_OK[@]+"${MISSING_OK[@]}"} > "$PARTS/stack.txt"
 pip_locked --no-build-isolation -r "$PARTS/stack.txt"
 # 3. sam2, then its proof of origin.
-"$PY" scripts/lockfile.py select "$LOCK" --only sam2 > "$PARTS/sam2.txt"
-SAM2_BUILD_CUDA=0 pip_locked --no-deps --no-build-isolation -r "$PARTS/sam2.txt"
+"$PY" scripts/lockfile.py select "$LOCK" --only sam2 ${MISSING_OK[@]+"${MISSING_OK[@]}"} > "$PARTS/sam2.txt"
+[ ! -s "$PARTS/sam2.txt" ] || SAM2_BUILD_CUDA=0 pip_locked --no-deps --no-build-isolation -r "$PARTS/sam2.txt"
 "$PY" scripts/upstream_manifest.py check requirements/upstream/sam2.txt
 # 4. This project (a local folder: nothing to hash, nothing downloaded).
-if ! "$PY" -m pip install --no-deps --no-build-isolation -e . >>"$LOG" 2>&1; then
+if ! "$PY" -m pip install --no-deps --no-build-isolation ${PIP_SOURCE[@]+"${PIP_SOURCE[@]}"} -e . >>"$LOG" 2>&1; then
   echo "install.sh: the editable install of this project failed; see $LOG" >&2; exit 1
 fi
-"$PY" -m pip check >>"$LOG" 2>&1 || { echo "install.sh: pip check found broken requirements:" >&2; "$PY" -m pip check >&2; exit 1; }
+if [ -n "$WHEELHOUSE" ]; then  # the venv also sees the node's own packages: only the locked stack's problems count
+  "$PY" scripts/wheelhouse.py pip-check "$WHEELHOUSE" || exit 1
+else
+  "$PY" -m pip check >>"$LOG" 2>&1 || { echo "install.sh: pip check found broken requirements:" >&2; "$PY" -m pip check >&2; exit 1; }
+fi
 # Fails loudly if the stack does not import (e.g. torchvision's ops are missing). The last line says what was
 # installed and why: the one line a user reads.
 "$PY" - "$TORCH" "$REASON" "$VENV" "$(( $(date +%s) - START ))" "$LOG" <<'EOF'

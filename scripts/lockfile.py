@@ -9,7 +9,8 @@ with pip's --require-hashes, so pip refuses any file whose sha256 is not listed.
 
 Commands (stdlib + `packaging`, which pip vendors, so a bare venv can run them):
   check [--root DIR]                    exit 1 naming each difference between the inputs and the locks
-  select LOCK (--only|--exclude) NAME.. print the lock's entries for these packages (or all but these)
+  select LOCK (--only|--exclude) NAME.. [--missing-ok]
+                                        print the lock's entries for these packages (or all but these)
   explain LOG LOCK                      one paragraph on why pip stopped, from its captured output
 
 Only the declared requirements are compared (is each one in the lock, at a version it allows; is each
@@ -303,12 +304,13 @@ def _versions(pins: list[Entry]) -> str:
     return " / ".join(e.version + (f" ; {e.marker}" if len(pins) > 1 and e.marker else "") for e in pins)
 
 
-def select(lock: Path, names: list[str], exclude: bool) -> str:
-    """The lock's entries for ``names`` (or for all packages but them, every fork of each), as a requirements file."""
+def select(lock: Path, names: list[str], exclude: bool, missing_ok: bool = False) -> str:
+    """The lock's entries for ``names`` (or for all packages but them, every fork of each), as a requirements file.
+    ``missing_ok``: names the lock lacks are skipped (a wheelhouse's cut of the lock, scripts/wheelhouse.py)."""
     entries = parse_lock(lock)
     wanted = {canonicalize_name(n) for n in names}
     unknown = wanted - entries.keys()
-    if unknown:
+    if unknown and not missing_ok:
         raise SystemExit(f"lockfile.py select: {', '.join(sorted(unknown))} not in {lock}")
     return "".join(e.text() for n, pins in entries.items() if (n in wanted) != exclude for e in pins)
 
@@ -396,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     group = s.add_mutually_exclusive_group(required=True)
     group.add_argument("--only", nargs="+")
     group.add_argument("--exclude", nargs="+")
+    s.add_argument("--missing-ok", action="store_true", help="skip names the lock does not list")
     e = sub.add_parser("explain", help="explain a failed pip install from its captured output")
     e.add_argument("log", type=Path)
     e.add_argument("lock")
@@ -412,7 +415,9 @@ def main(argv: list[str] | None = None) -> int:
         print("lock in step with requirements/ and pyproject.toml")
         return 0
     if args.cmd == "select":
-        sys.stdout.write(select(args.lock, args.only or args.exclude, exclude=bool(args.exclude)))
+        sys.stdout.write(
+            select(args.lock, args.only or args.exclude, exclude=bool(args.exclude), missing_ok=args.missing_ok)
+        )
         return 0
     print(explain(args.log.read_text(errors="replace"), args.lock, str(args.log)), file=sys.stderr)
     return 0
