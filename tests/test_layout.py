@@ -222,16 +222,33 @@ def test_every_dvc_stage_is_a_registered_stage():
 STAGE_FUNCTION_LINES = 60  # a stage resolves its config, calls the library and writes: more is library code
 
 
-def test_no_stage_imports_another_stage_and_nothing_imports_a_stage():
-    modules = source_files()
+def stage_imports(modules: dict[str, Path]) -> list[str]:
+    """``file imports stage`` for each import of a stage module by another stage or the library (the stage
+    registry ``picosam_pipeline.stages`` and the command line may)."""
     stages = {name for name in modules if name.startswith(f"{PACKAGE}.stages.")}
-    wrong = [
+    return [
         f"{modules[name]} imports {target}"
         for name, path in sorted(modules.items())
         if name != f"{PACKAGE}.stages" and layer(name)[0] != "top"
         for target in sorted(imports_of(path, modules) & stages)
     ]
+
+
+def test_no_stage_imports_another_stage_and_nothing_imports_a_stage():
+    wrong = stage_imports(source_files())
     assert not wrong, "a stage's helpers are imported (move them to the library):\n" + "\n".join(wrong)
+
+
+def test_the_stage_import_check_sees_a_stage_importing_another(tmp_path):
+    (tmp_path / "a.py").write_text("def run():\n    from picosam_pipeline.stages.b import helper\n")
+    (tmp_path / "b.py").write_text("def helper():\n    pass\n")
+    (tmp_path / "lib.py").write_text("import picosam_pipeline.stages.b\n")
+    modules = {f"{PACKAGE}.stages.a": tmp_path / "a.py", f"{PACKAGE}.stages.b": tmp_path / "b.py"}
+    modules[f"{PACKAGE}.train.lib"] = tmp_path / "lib.py"
+    assert stage_imports(modules) == [
+        f"{tmp_path / 'a.py'} imports {PACKAGE}.stages.b",
+        f"{tmp_path / 'lib.py'} imports {PACKAGE}.stages.b",
+    ]
 
 
 def long_functions(path: Path, limit: int) -> list[str]:
