@@ -440,11 +440,8 @@ def pins_digest(lock: Path) -> str:
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 _NO_MATCH = re.compile(r"No matching distribution found for ([A-Za-z0-9._-]+)==")
