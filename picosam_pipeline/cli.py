@@ -18,6 +18,7 @@ import click
 from picosam_pipeline.errors import PipelineError
 
 PARAMS_HELP = "Params file (YAML, one section per stage). Default: params.yaml in the working directory."
+SCORE_STAMP = "picosam-pipeline score-predictions"  # score-predictions --json-out's written_by: its files, replaceable
 SET_HELP = "Override one param, KEY.PATH=VALUE (VALUE parsed as YAML); repeatable, e.g. --set train.steps=50."
 
 
@@ -157,6 +158,8 @@ def params_schema_cmd(output: str, check: bool) -> None:
     from pathlib import Path
 
     from picosam_pipeline.config import params_schema
+    from picosam_pipeline.outputs import atomic_write_bytes
+    from picosam_pipeline.written_paths import check_output_file, is_params_schema
 
     text = json.dumps(params_schema(), indent=2) + "\n"
     if check:
@@ -168,7 +171,15 @@ def params_schema_cmd(output: str, check: bool) -> None:
     elif output == "-":
         click.echo(text, nl=False)
     else:
-        Path(output).write_text(text, encoding="utf-8")
+        check_output_file(
+            "params-schema",
+            "--output",
+            output,
+            recognise=is_params_schema,
+            what="params JSON Schema",
+            project_file="params.schema.json",
+        )
+        atomic_write_bytes(output, text.encode("utf-8"))
         click.echo(f"wrote {output}")
 
 
@@ -262,7 +273,7 @@ def run_stage_cmd(name: str, params_path: str, overrides: tuple[str, ...], on_lo
     metrics go to runtime.metrics_dir (default metrics/<stage>.json). A stage replaces only an output folder it
     wrote itself, holds a lock on it while it runs, and builds it beside it (<out>.partial) until it is complete.
     """
-    from picosam_pipeline.outputs import set_on_locked
+    from picosam_pipeline.output_lock import set_on_locked
     from picosam_pipeline.stages import STAGES
 
     set_on_locked(on_locked)
@@ -338,7 +349,8 @@ def run_stage_cmd(name: str, params_path: str, overrides: tuple[str, ...], on_lo
     "--allow-partial",
     is_flag=True,
     help="Score the images without problems and skip (and count) the others, instead of refusing a file with "
-    "bad entries (unknown images, wrong mask sizes, bad RLE, duplicate ids, misaligned predictions).",
+    "bad entries (unknown images, wrong mask sizes, bad RLE, duplicate ids, misaligned predictions, scores that are "
+    "missing or not finite).",
 )
 @click.option(
     "--json-out", default=None, help="Also write the figures (overall, by COCO size, by category) to this JSON file."
@@ -364,7 +376,18 @@ def score_predictions_cmd(
     from pathlib import Path
 
     from picosam_pipeline.evaluate.prediction_scoring import format_prediction_scores, score_predictions
+    from picosam_pipeline.outputs import atomic_write_bytes
+    from picosam_pipeline.written_paths import check_output_file, json_written_by
 
+    if json_out:  # before the scoring: a bad --json-out must not cost the work
+        check_output_file(
+            "score-predictions",
+            "--json-out",
+            json_out,
+            inputs={"--annotations": annotations, "--predictions": predictions, "--images-dir": images_dir},
+            recognise=lambda path: json_written_by(path, "score-predictions"),
+            what="JSON report",
+        )
     report = score_predictions(annotations, predictions, protocol, images_dir, frame=frame, allow_partial=allow_partial)
     if "skipped" in report:
         click.echo(
@@ -375,7 +398,8 @@ def score_predictions_cmd(
     click.echo(format_prediction_scores(report))
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
+        text = json.dumps({"written_by": SCORE_STAMP} | report, indent=2) + "\n"
+        atomic_write_bytes(json_out, text.encode())
 
 
 @cli.command("fetch")
@@ -708,6 +732,7 @@ def predict_cmd(
         point=point_xy,
         roi_padding=roi_padding,
         window=window,
+        model_path=model_path,
     )
     for note in notes + result.notes:
         click.echo(f"note: {note}", err=True)

@@ -49,6 +49,7 @@ from picosam_pipeline.config_schema import (
     check_device,
 )
 from picosam_pipeline.recipes import RECIPE_KEYS, RecipeError, apply_recipe, check_pairing
+from picosam_pipeline.untrusted import UntrustedInputError, read_bounded_bytes, safe_text
 
 __all__ = [
     "SAM2_MODELS",
@@ -154,6 +155,12 @@ class Config(Section):
 # --------------------------------------------------------------------------------------------------
 # loading
 
+# Bounds on what a params file (or an override) may be. The project's params.yaml is a few KiB and a few hundred
+# values; a YAML bomb is small on disk, so the node count bounds its expansion, aliases counted at every use.
+MAX_PARAMS_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
+MAX_YAML_DEPTH = 64
+
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load ``params.yaml`` (or defaults when ``path`` is None), apply ``key.path=value`` overrides, validate.
@@ -168,25 +175,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(
                 f"params file {str(path)!r} is a folder; pass the params.yaml file inside it with --params"
             )
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(
                 f"params file {str(path)!r} does not exist; pass --params FILE or run from the repository root"
             )
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"params file {str(path)!r} is not valid YAML: {err}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(
-                f"params file {str(path)!r} is not UTF-8 text (a binary file?); pass the pipeline's "
-                "params.yaml with --params"
-            ) from None
-        except OSError as err:
-            raise ConfigError(f"params file {str(path)!r} cannot be read ({err.strerror or err})") from None
-        except RecursionError:
-            raise ConfigError(
-                f"params file {str(path)!r} is nested deeper than the YAML parser allows; it is not a params file"
-            ) from None
+        raw = _read_params(path) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"params file {str(path)!r}: expected a mapping of sections at the top level")
     for item in overrides:
@@ -198,6 +191,102 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     cfg = build(Config, raw, "")
     check_recipe(cfg, sources)
     return cfg
+
+
+def _read_params(path: Path) -> Any:
+    """The parsed params file: a regular UTF-8 file of at most :data:`MAX_PARAMS_BYTES`, YAML within bounds."""
+    what = f"params file {str(path)!r}"
+    try:
+        data = read_bounded_bytes(path, what, MAX_PARAMS_BYTES)
+    except UntrustedInputError as err:
+        raise ConfigError(str(err)) from None
+    except OSError as err:
+        raise ConfigError(f"{what} cannot be read ({err.strerror or err})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"{what} is not UTF-8 text (a binary file?); pass the pipeline's params.yaml with --params"
+        ) from None
+    try:
+        return load_yaml_bounded(text, what)
+    except _NotYAML as err:
+        raise ConfigError(f"{what} is not valid YAML: {err}") from None
+
+
+class _NotYAML(Exception):
+    """Text that is not YAML (the parser's message); an override's value is then taken as a plain string."""
+
+
+def load_yaml_bounded(text: str, what: str) -> Any:
+    """``yaml.safe_load(text)``, refusing documents that would expand past the bounds.
+
+    Aliases are counted at every use, so a "billion laughs" document (anchors of anchors) is refused from its node
+    graph, before anything is built from it; nesting deeper than :data:`MAX_YAML_DEPTH`, a recursive alias and an
+    integer too long to convert are refused too.
+
+    Raises:
+        ConfigError: a bound exceeded, naming ``what``.
+        _NotYAML: not YAML at all.
+    """
+    loader = None
+    try:
+        loader = yaml.SafeLoader(text)  # its reader refuses control characters here
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node, what)
+        return loader.construct_document(node)
+    except ConfigError:
+        raise
+    except yaml.YAMLError as err:
+        raise _NotYAML(str(err)) from None
+    except RecursionError:  # the composer recurses per level; deeper than Python's stack is not a params file
+        raise ConfigError(f"{what} is nested deeper than the YAML parser allows; no params value is") from None
+    except ValueError as err:  # an integer longer than Python converts (sys.get_int_max_str_digits)
+        raise ConfigError(f"{what} holds a value that cannot be read ({err}); it is not a params value") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _check_expansion(root: yaml.Node, what: str) -> None:
+    """Refuse a node graph whose expansion (aliases repeated) has over :data:`MAX_YAML_NODES` nodes or is deeper
+    than :data:`MAX_YAML_DEPTH`, or that contains itself. Walked without recursion, each node measured once."""
+    measured: dict[int, tuple[int, int]] = {}  # id(node) -> (nodes in its expansion, its depth)
+    opened: set[int] = set()  # nodes whose children are being measured: the current path
+    stack = [root]
+    while stack:
+        node = stack[-1]
+        if id(node) in measured:
+            stack.pop()
+            continue
+        children = _yaml_children(node)
+        if id(node) not in opened:
+            opened.add(id(node))
+            if any(id(child) in opened for child in children):
+                raise ConfigError(f"{what}: an alias refers to a value that contains it (a loop); remove the alias")
+            stack.extend(child for child in children if id(child) not in measured)
+            continue
+        stack.pop()
+        opened.discard(id(node))
+        nodes = 1 + sum(measured[id(child)][0] for child in children)
+        depth = 1 + max((measured[id(child)][1] for child in children), default=0)
+        if nodes > MAX_YAML_NODES or depth > MAX_YAML_DEPTH:
+            raise ConfigError(
+                f"{what} expands to more than {MAX_YAML_NODES:,} values or {MAX_YAML_DEPTH} levels of nesting once "
+                "its aliases (*name) are repeated; a params file is far smaller. Write the values out instead of "
+                "nesting anchors"
+            )
+        measured[id(node)] = (nodes, depth)
+
+
+def _yaml_children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
 
 
 def check_recipe(cfg: Config, sources: dict[str, str] | None = None) -> None:
@@ -228,8 +317,8 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     if not all(parts):
         raise ConfigError(f"override {item!r}: empty key segment in {key!r}")
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
+        value = load_yaml_bounded(text, f"override '{safe_text(item, 80)}'")
+    except _NotYAML:
         value = text
     node = raw
     for part in parts[:-1]:

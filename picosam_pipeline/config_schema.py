@@ -7,6 +7,10 @@ not a string; a number may be written as an integer), the bounds the types below
 and unknown keys; each section's ``validate(key)`` then checks what a type cannot say (a value against another, a
 name pattern), with a message that names the key and the fix.
 
+Every size and count has an upper bound as well (:func:`PositiveIntUpTo` ...): a sane maximum, far above any
+real run, so that a typo (``batch_size: 64000``) stops with the key and its range instead of exhausting memory or
+disk in the middle of a stage. params.schema.json carries the ranges as ``minimum`` / ``maximum``.
+
 Paths are strings relative to the working directory (the repository root when run by DVC).
 """
 
@@ -17,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, ConfigDict, Field, Strict
-from pydantic_core import PydanticCustomError
+from pydantic import AfterValidator, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, Strict
+from pydantic_core import PydanticCustomError, core_schema
 
 from picosam_pipeline.errors import PipelineError
 
@@ -37,12 +41,70 @@ def _fits_64_bits(value: int) -> int:
 # allow_inf_nan=False: YAML reads .nan / .inf as numbers), integers within 64 bits.
 Bool = Annotated[bool, Strict()]
 Str = Annotated[str, Strict()]
-Int = Annotated[int, Strict(), AfterValidator(_fits_64_bits)]
 PositiveInt = Annotated[int, Strict(), Field(gt=0), AfterValidator(_fits_64_bits)]
 NonNegativeInt = Annotated[int, Strict(), Field(ge=0), AfterValidator(_fits_64_bits)]
 Float = Annotated[float, Strict()]
 PositiveFloat = Annotated[float, Strict(), Field(gt=0)]
 NonNegativeFloat = Annotated[float, Strict(), Field(ge=0)]
+Seed = NonNegativeInt  # numpy's SeedSequence refuses negative seeds
+
+
+@dataclass(frozen=True)
+class Within:
+    """Type metadata: the value lies in ``[low, high]``; pydantic checks it after the type (and its lower bound,
+    whose message stays that of :data:`PositiveInt` ...), the JSON Schema shows it as ``minimum`` / ``maximum``."""
+
+    low: float
+    high: float
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> Any:
+        return core_schema.no_info_after_validator_function(self._check, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: Any, handler: GetJsonSchemaHandler) -> dict[str, Any]:
+        json_schema = handler(schema)
+        json_schema.pop("exclusiveMinimum", None)  # an integer > 0 is one >= 1: the range says it once
+        return {**json_schema, "minimum": self.low, "maximum": self.high}
+
+    def _check(self, value: float) -> float:
+        if not self.low <= value <= self.high:
+            # config._explain makes it `key: expected an integer 1..4096, got 5000`
+            allowed = (
+                f"an integer {self.low}..{self.high}"
+                if isinstance(value, int)
+                else f"a number in [{self.low:g}, {self.high:g}]"
+            )
+            raise PydanticCustomError("out_of_range", f"expected {allowed}")
+        return value
+
+
+# The bounded field types, one call per key's range (functions, named like the types they return).
+
+
+def PositiveIntUpTo(high: int) -> Any:
+    """An integer in ``1..high`` (below 1: :data:`PositiveInt`'s message)."""
+    return Annotated[int, Strict(), Field(gt=0), Within(1, high)]
+
+
+def NonNegativeIntUpTo(high: int) -> Any:
+    """An integer in ``0..high`` (below 0: :data:`NonNegativeInt`'s message)."""
+    return Annotated[int, Strict(), Field(ge=0), Within(0, high)]
+
+
+def IntBetween(low: int, high: int) -> Any:
+    """An integer in ``low..high``; one message for either side."""
+    return Annotated[int, Strict(), Within(low, high)]
+
+
+def NonNegativeFloatUpTo(high: float) -> Any:
+    """A finite number in ``[0, high]`` (below 0: :data:`NonNegativeFloat`'s message)."""
+    return Annotated[float, Strict(), Field(ge=0), Within(0, high)]
+
+
+# The sane maxima shared by several keys.
+MAX_BATCH = 4096  # samples per batch: 64x the papers' largest
+MAX_STEPS = 100_000_000  # optimizer steps: an epoch of COCO at batch 8 is ~110k
+MAX_SHUFFLE = 1_000_000  # decoded samples a loader holds to shuffle (tens of GB of 96-px crops at the maximum)
+MAX_PROCESSES = 1024  # worker processes or threads on one machine
 
 
 class Section:
@@ -63,10 +125,10 @@ class RuntimeConfig(Section):
     """auto | cpu | cuda | cuda:N (auto: CUDA when present)"""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto = bf16 autocast on CUDA, fp32 on CPU"""
-    seed: Int = 0
+    seed: Seed = 0
     metrics_dir: Str = "metrics"
     """DVC metrics JSON files (metrics/<stage>.json)"""
-    num_threads: NonNegativeInt = 0
+    num_threads: NonNegativeIntUpTo(MAX_PROCESSES) = 0
     """torch intra-op CPU threads; 0 = torch's default (one per core)"""
 
     def validate(self, key: str) -> None:
@@ -117,16 +179,15 @@ class SampleConfig(Section):
     """The built-in synthetic COCO-format dataset (``stages/sample.py``)."""
 
     out_dir: Str = "data/datasets/sample"
-    train_images: PositiveInt = 12
-    val_images: PositiveInt = 6
-    seed: Int = 0
+    train_images: PositiveIntUpTo(99_999) = 12
+    """image ids are 100000 + i: at most 99999"""
+    val_images: PositiveIntUpTo(99_999) = 6
+    """image ids are 200000 + i: at most 99999"""
+    seed: Seed = 0
     plant_bad_inputs: Bool = True
     """put the bad files / annotations listed in out_dir/BAD_INPUTS.md into train"""
 
     def validate(self, key: str) -> None:
-        for name in ("train_images", "val_images"):
-            if getattr(self, name) > 99_999:  # image ids are 100000 + i (train) and 200000 + i (val)
-                raise ConfigError(f"{key}.{name}: expected at most 99999 images, got {getattr(self, name)}")
         if self.plant_bad_inputs and self.train_images < 9:
             raise ConfigError(
                 f"{key}.train_images: the planted bad inputs need at least 9 train images (7 bad files, a clean "
@@ -160,13 +221,13 @@ class PrepareConfig(Section):
     )
     """auto: the splits of the dataset's layout (dataset.name, picosam_pipeline/datasets.py); or an explicit list"""
     dataset_format: Literal["auto", "coco", "lvis"] = "auto"
-    min_area: NonNegativeFloat = 0.0
+    min_area: NonNegativeFloatUpTo(1e10) = 0.0
     """in pixels, COCO area (mask area)"""
-    min_roi_side: NonNegativeFloat = 4.0
+    min_roi_side: NonNegativeFloatUpTo(100_000) = 4.0
     """px; PicoSAM3 skips ROIs with a side < 4 px"""
     roi_padding: Float = 0.1
     """fraction of w/h added per side before squaring (PicoSAM3)"""
-    point_crop_size: PositiveInt = 96
+    point_crop_size: PositiveIntUpTo(4096) = 96
     """px; PicoSAM2 fixed native-resolution window"""
     check_images: Bool = True
     """decode every image once to catch missing / corrupt files"""
@@ -238,25 +299,26 @@ class TeacherConfig(Section):
     """cache of exported teachers, one folder per model + weights + settings"""
     ort_provider: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"
     """auto: CUDA on a GPU when offered, else CPU"""
-    store_size: PositiveInt = 96
+    store_size: PositiveIntUpTo(1024) = 96
     """logits stored at store_size x store_size in the crop frame"""
     context_margin: Float = 0.0
     """extra fraction of the crop side stored on each side (for train-time jitter)"""
     codec: Literal["sigmoid_uint8", "float16", "linear_uint8"] = "sigmoid_uint8"
-    compression_level: Int = 5
+    compression_level: IntBetween(1, 9) = 5
     """Blosc-zstd level, 1..9"""
-    instances_per_shard: PositiveInt | Literal["auto"] = "auto"
-    """instances per store shard (3 files: logits, confidence, digest) and per writer task; auto: ~1/256 of the
-    pass's instances within [64, 8192] (store.shard_size): a COCO-size store stays under 1,000 files"""
-    images_per_batch: PositiveInt | Literal["auto"] = "auto"
+    instances_per_shard: PositiveIntUpTo(65_536) | Literal["auto"] = "auto"
+    """instances per store shard (3 files: logits, confidence, digest) and per writer task, 1..65536 (a writer holds
+    a shard's logits); auto: ~1/256 of the pass's instances within [64, 8192] (store.shard_size): a COCO-size store
+    stays under 1,000 files"""
+    images_per_batch: PositiveIntUpTo(256) | Literal["auto"] = "auto"
     """images per encoder forward; auto: 1 on CPU, 16 on a GPU (4 under 24 GiB)"""
     executor: Literal["dask", "local"] = "dask"
     """dask: a cluster runs the shard tasks; local: this process, no dask"""
     scheduler_address: Str | None = None
     """existing dask scheduler (tcp://host:8786); None = LocalCluster"""
-    n_workers: NonNegativeInt = 0
+    n_workers: NonNegativeIntUpTo(MAX_PROCESSES) = 0
     """LocalCluster workers; 0 = one per GPU, else 1"""
-    threads_per_worker: NonNegativeInt = 0
+    threads_per_worker: NonNegativeIntUpTo(MAX_PROCESSES) = 0
     """0 = all cores / workers"""
     stores_dir: Str = "data/teacher/stores"
     """the pass named NAME (teachers) writes <stores_dir>/<NAME>.zarr"""
@@ -283,8 +345,6 @@ class TeacherConfig(Section):
             raise ConfigError(f"{key}.splits: expected at least one split name, e.g. [train, val]")
         if not 0.0 <= self.context_margin <= 1.0:
             raise ConfigError(f"{key}.context_margin: expected a fraction in [0, 1], got {self.context_margin}")
-        if not 1 <= self.compression_level <= 9:
-            raise ConfigError(f"{key}.compression_level: expected an integer 1..9, got {self.compression_level}")
 
 
 @dataclass
@@ -295,7 +355,7 @@ class LvisEvalConfig(Section):
     """e.g. data/datasets/lvis_v1/annotations/lvis_v1_val.json"""
     images: Str
     """the COCO val2017 folder; annotations whose image is not there are counted, not scored"""
-    max_annotations: NonNegativeInt = 0
+    max_annotations: NonNegativeIntUpTo(100_000_000) = 0
     """score the first N usable annotations in file order; 0 = all"""
 
 
@@ -311,8 +371,8 @@ class EvaluateConfig(Section):
     """full-image GT masks (rle_counts) and category names"""
     split: Str = "val"
     """the index split the shards were cut from"""
-    batch_size: PositiveInt = 64
-    grid_samples: NonNegativeInt = 8
+    batch_size: PositiveIntUpTo(MAX_BATCH) = 64
+    grid_samples: NonNegativeIntUpTo(1024) = 8
     """rows of the qualitative grid (data/evaluate/grid.png); 0 = no grid"""
     int8_model: Str | None = None
     """fake-quant / INT8 ONNX from the quantize stage: scored and shown when set"""
@@ -338,11 +398,11 @@ class PackConfig(Section):
     splits: list[Str] = field(default_factory=lambda: ["train", "val"])
     out_dir: Str = "data/shards"
     """one folder per split: shard-NNNNNN.tar + shards.json"""
-    samples_per_shard: PositiveInt = 4096
+    samples_per_shard: PositiveIntUpTo(100_000) = 4096
     """~35 MB per 96x96 shard; loader parallelism is per shard"""
-    seed: Int = 0
+    seed: Seed = 0
     """order of the samples across each split's shards"""
-    jpeg_quality: Int = 90
+    jpeg_quality: IntBetween(1, 100) = 90
     """image crops, 1..100; 90 is ~3.2 KB per 96x96 COCO crop"""
 
     def validate(self, key: str) -> None:
@@ -360,8 +420,6 @@ class PackConfig(Section):
                     f"{key}.teachers: {name!r} is not a teacher pass name (lower-case letters, digits, _; "
                     f"not one of {list(TARGET_RULES)})"
                 )
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ConfigError(f"{key}.jpeg_quality: expected an integer 1..100 (JPEG quality), got {self.jpeg_quality}")
 
     def store_paths(self) -> dict[str, str]:
         """``{teacher pass name: its store}`` in ``teachers`` order: ``<stores_dir>/<name>.zarr``."""
@@ -380,14 +438,14 @@ class TrainConfig(Section):
     shards: Str = "data/shards"
     """pack.out_dir: train/ and val/ inside, each shard-NNNNNN.tar + shards.json"""
     student: Literal["picosam2", "picosam3"] = "picosam3"
-    steps: PositiveInt | Literal["epoch"] = 300
+    steps: PositiveIntUpTo(MAX_STEPS) | Literal["epoch"] = 300
     """optimizer steps (batches per rank); epoch = one pass over the train shards"""
-    batch_size: PositiveInt = 8
+    batch_size: PositiveIntUpTo(MAX_BATCH) = 8
     """per rank"""
     lr: PositiveFloat = 3e-4
     """peak learning rate (after warm-up)"""
     weight_decay: NonNegativeFloat = 0.01
-    warmup_steps: NonNegativeInt = 30
+    warmup_steps: NonNegativeIntUpTo(MAX_STEPS) = 30
     """linear warm-up from lr / warmup_steps to lr"""
     schedule: Literal["constant", "cosine"] = "constant"
     """after warm-up; cosine decays to min_lr at steps"""
@@ -402,17 +460,17 @@ class TrainConfig(Section):
     area_weight: NonNegativeFloat = 0.4
     """PicoSAM3's area term weight; 0 = off (PicoSAM2)"""
     area_min_ratio: NonNegativeFloat = 0.4
-    checkpoint_every: PositiveInt = 100
+    checkpoint_every: PositiveIntUpTo(MAX_STEPS) = 100
     """steps between resumable checkpoints (state_dir/checkpoint.pt)"""
-    eval_every: PositiveInt = 100
+    eval_every: PositiveIntUpTo(MAX_STEPS) = 100
     """steps between val-IoU evaluations (also at step 0 and at the end)"""
-    log_every: PositiveInt = 10
+    log_every: PositiveIntUpTo(MAX_STEPS) = 10
     """steps between host syncs for the loss log and the progress bar"""
-    num_workers: NonNegativeInt | Literal["auto"] = "auto"
+    num_workers: NonNegativeIntUpTo(256) | Literal["auto"] = "auto"
     """loader worker processes per rank; auto: 0 on CPU, min(8, cores - 2) on a GPU"""
     compile: Bool | Literal["auto"] = "auto"
     """torch.compile the student's full batches; auto: on CUDA only"""
-    shuffle_buffer: PositiveInt = 1000
+    shuffle_buffer: PositiveIntUpTo(MAX_SHUFFLE) = 1000
     """samples in the loader's shuffle buffer"""
     hflip: Bool = False
     """random horizontal flips (image, mask and teacher logits together)"""
@@ -491,18 +549,18 @@ class QuantizeConfig(Section):
     """the index split the val shards were cut from"""
     tpc_version: Str | Float = "4.0"
     """edgemdt_tpc IMX500 target platform version (1.0, 4.0, 4.1, 5.0)"""
-    representative_batches: PositiveInt = 10
+    representative_batches: PositiveIntUpTo(10_000) = 10
     """PicoSAM2 calibrated on 10 batches x 8 crops"""
-    batch_size: PositiveInt = 8
+    batch_size: PositiveIntUpTo(MAX_BATCH) = 8
     """representative batch size"""
-    shuffle_buffer: NonNegativeInt = 1000
+    shuffle_buffer: NonNegativeIntUpTo(MAX_SHUFFLE) = 1000
     """draws the representative crops at random from the train shards"""
-    gptq_epochs: NonNegativeInt = 0
+    gptq_epochs: NonNegativeIntUpTo(10_000) = 0
     """0 = PTQ; N > 0 = gradient-based PTQ (GPTQ) for N epochs over the representative data"""
-    eval_batch_size: PositiveInt = 64
-    max_miou_drop: NonNegativeFloat = 0.01
+    eval_batch_size: PositiveIntUpTo(MAX_BATCH) = 64
+    max_miou_drop: NonNegativeFloatUpTo(1) = 0.01
     """target: INT8 crop mIoU within this of float (reported, not enforced)"""
-    probe_samples: PositiveInt = 16
+    probe_samples: PositiveIntUpTo(MAX_BATCH) = 16
     """val crops kept with the INT8 torch model's logits, for the export stage's checks"""
     out_dir: Str = "data/quantize"
 
@@ -519,9 +577,9 @@ class ExportConfig(Section):
 
     quantized_dir: Str = "data/quantize"
     """the quantize stage's out_dir"""
-    mctq_check_samples: PositiveInt = 2
+    mctq_check_samples: PositiveIntUpTo(MAX_BATCH) = 2
     """MCTQ runs ~300x slower than float in onnxruntime: a few probe crops only"""
-    max_diff_steps: NonNegativeFloat = 16.0
+    max_diff_steps: NonNegativeFloatUpTo(255) = 16.0
     """bound on max |onnx - torch| logits, in output quantisation steps. Two correct INT8 implementations still
     differ: float accumulation order flips a rounding now and then and ~40 quantisers carry it on (trained
     PicoSAM3: up to 9 steps, mean 0.8); a wrong graph is off by tens of steps on most pixels."""
@@ -543,7 +601,7 @@ class PackageConfig(Section):
     """the export stage's out_dir"""
     input_persistency: Bool = True
     """false = --no-input-persistency: more memory, no input-tensor debug stream"""
-    timeout_s: PositiveInt = 1800
+    timeout_s: PositiveIntUpTo(7 * 24 * 3600) = 1800
     """the converter takes 15-70 s on two idle cores"""
     out_dir: Str = "data/package"
     """packerOut.zip, memory report, dnnParams.xml, converter.log, deploy/"""

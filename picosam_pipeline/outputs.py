@@ -20,24 +20,25 @@ leaves the new metrics beside the previous output until the rerun writes both ag
 
 What it guarantees, in order:
 
-1. **Only its own files** (:func:`check_target`, before any work). The output folder ``out`` is refused when it is
-   the project (the working directory, a folder above it, or one holding ``.git``, ``dvc.yaml`` or
-   ``params.yaml``), when it equals, contains or lies inside one of the stage's inputs, when it is a file, and when
-   it holds anything this stage did not write. A stage recognises its own folder by the marker every stage leaves
-   there, ``config.resolved.json`` whose top-level keys are exactly the params sections the stage reads (written
-   first into the unfinished folder, so a killed run's leftovers are recognised too), and the entries it may hold
-   by the stage's ``names`` (glob patterns; ``*/`` = any folder).
-2. **One run at a time** (:func:`output_lock`). An exclusive lock ``<out>.stage-lock`` beside the output, taken
-   with filelock's :class:`~filelock.SoftFileLock`: an exclusively created marker file recording the holder's pid,
-   host and process start time (exclusive creation works on local disks and NFS), which a peer on the same host
-   takes over once that process is gone (a killed run) and never while it runs (the start time guards against a
-   recycled pid). A second run waits for it (the default) or stops at once naming the holder:
-   ``run-stage --on-locked fail`` or ``PICOSAM_ON_LOCKED=fail`` (for ``dvc repro``). A holder on another host
-   cannot be proven dead from here: the message says which file to remove when that machine is gone.
+1. **Only its own files** (:func:`check_target` and :func:`picosam_pipeline.written_paths.check_stage_path`, before
+   any work). The output folder ``out`` and every folder the stage fills (``writes``) are refused when they are
+   part of the project (the working directory or above it, a file system root, the project's own files and code
+   folders, a folder holding ``.git``, ``dvc.yaml`` or ``params.yaml``), when ``out`` equals, contains or lies
+   inside one of the stage's inputs, when it is a file or a link, when it is or overlaps a path the config gives
+   another stage (``evaluate.int8_out_dir`` = ``evaluate.out_dir``, ``teacher.stores_dir`` inside
+   ``prepare.out_dir``) or lies inside another stage's output found on disk, and when it holds anything this stage
+   did not write. A stage recognises its own folder by the marker every stage leaves there,
+   ``config.resolved.json``: its sections are the params sections the stage reads and its ``_output`` record names
+   the stage, the param and the path (written first into the unfinished folder, so a killed run's leftovers are
+   recognised too); the entries it may hold are the stage's ``names`` (glob patterns; ``*/`` = any folder).
+2. **One run at a time** (:mod:`picosam_pipeline.output_lock`): an exclusive lock ``<out>.stage-lock`` beside the
+   output while the stage runs; a second run waits or stops naming the holder.
 3. **Whole or nothing** (:func:`publish`). The stage writes into ``<out>.partial``; at the end the previous output
    is renamed aside (``<out>.replaced``), the new one renamed into place, the old one removed. A kill at any moment
    leaves the previous complete output or none at ``out`` (between the two renames the next run puts the previous
-   one back), never a mix. Leftovers are removed by the next run; an interrupted or failed run removes its own.
+   one back), never a mix. Leftovers (``.partial``, ``.replaced``) are removed or put back by the next run only when
+   their marker shows they are this stage's output; anything else in their place is refused. An interrupted or
+   failed run removes its own.
 4. **Clear OS errors** (:func:`os_error_message`): a full disk, a permission error or a read-only file system
    anywhere in the run becomes one paragraph naming the path, what was being written, for a full disk the space
    needed and free, and what happened to the partial work (removed, or kept for the rerun to resume). The folders
@@ -50,81 +51,55 @@ or their own write-then-rename.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import errno
 import fnmatch
 import json
 import os
 import shutil
-import socket
-import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.output_lock import output_lock
+from picosam_pipeline.written_paths import (
+    MARKER,
+    OWNER_KEY,
+    Owner,
+    absolute,
+    check_stage_path,
+    marker_sections,
+    project_refusal,
+    read_marker,
+    related,
+    sibling,
+)
 
 if TYPE_CHECKING:
     from picosam_pipeline.config import Config
 
-MARKER = "config.resolved.json"  # every stage's save_resolved file; its sections name the stage that wrote it
 REPORT_FILE = "report.json"  # a stage's details, beside its outputs (reports.write_report; a DVC output, not a metric)
 OWN_FILES = (MARKER, REPORT_FILE)  # in every stage's folder: the marker and the stage's details
-PARTIAL, REPLACED, LOCK = ".partial", ".replaced", ".stage-lock"
-HOLDER = ".holder"  # <lock>.holder: JSON naming the run that holds the lock (pid, host, start time, stage)
-ON_LOCKED_ENV = "PICOSAM_ON_LOCKED"
-ON_LOCKED = ("wait", "fail")
-PROJECT_FILES = (".git", "dvc.yaml", "params.yaml")  # a folder holding one of these is a project, never an output
-
-_policy: dict[str, str | None] = {"on_locked": None}
-
-
-def set_on_locked(value: str | None) -> None:
-    """What a run does when another run holds its outputs' lock: ``wait`` or ``fail`` (None: $PICOSAM_ON_LOCKED or
-    wait)."""
-    if value is not None and value not in ON_LOCKED:
-        raise PipelineError(f"on-locked: {value!r} is not one of {', '.join(ON_LOCKED)}")
-    _policy["on_locked"] = value
-
-
-def on_locked() -> str:
-    value = _policy["on_locked"] or os.environ.get(ON_LOCKED_ENV) or "wait"
-    if value not in ON_LOCKED:
-        raise PipelineError(
-            f"{ON_LOCKED_ENV}={value!r} is not one of {', '.join(ON_LOCKED)}; unset it or set wait or fail"
-        )
-    return value
-
-
-def sibling(out: str | Path, suffix: str) -> Path:
-    """``<out><suffix>`` beside ``out`` (``data/shards`` -> ``data/shards.partial``)."""
-    out = Path(out)
-    if out.name in ("", ".", ".."):  # "." or "..": name the folder itself
-        out = Path(os.path.abspath(out))
-    return out.with_name(out.name + suffix)
+PARTIAL, REPLACED = ".partial", ".replaced"
 
 
 # --------------------------------------------------------------------------------------------------
 # 1. only its own files
 
 
-def marker_sections(folder: Path) -> set[str] | None:
-    """The params sections named by ``folder/config.resolved.json``, or None when there is no readable marker."""
-    try:
-        data = json.loads((folder / MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-    return set(data) if isinstance(data, dict) else None
+def is_own_folder(folder: Path, owner: Owner, sections: Sequence[str]) -> bool:
+    """Whether ``folder``'s marker names ``owner`` (stage, param, path) and the sections the stage reads."""
+    return marker_sections(folder) == set(sections) and owner.wrote(read_marker(folder))
 
 
-def foreign_entries(folder: Path, sections: Sequence[str], names: Sequence[str]) -> list[str]:
-    """Entries of ``folder`` that the stage reading ``sections`` did not write ([] for a folder of its own)."""
+def foreign_entries(folder: Path, owner: Owner, sections: Sequence[str], names: Sequence[str]) -> list[str]:
+    """Entries of ``folder`` that ``owner``'s stage (reading ``sections``) did not write ([] for a folder of its
+    own)."""
     entries = sorted(folder.iterdir())
     if not entries:
         return []
-    if marker_sections(folder) != set(sections):
-        return [p.name for p in entries]  # no marker of this stage: nothing in it is ours
+    if not is_own_folder(folder, owner, sections):
+        return [p.name for p in entries]  # no marker of this stage and path: nothing in it is ours
     return [p.name for p in entries if p.name not in OWN_FILES and not any(_matches(p, pattern) for pattern in names)]
 
 
@@ -135,8 +110,7 @@ def _matches(path: Path, pattern: str) -> bool:
 
 
 def check_target(
-    stage: str,
-    key: str,
+    owner: Owner,
     out: str | Path,
     inputs: Mapping[str, str | Path],
     *,
@@ -147,146 +121,60 @@ def check_target(
 
     ``sections=None`` leaves the contents check to the caller (the teacher's store recognises its own layout).
     """
-    out = Path(out)
-    where = _abs(out)
+    stage, key, out = owner.stage, owner.key, Path(out)
+    where = absolute(out)
     fix = f"choose a folder of its own with --set {key}=PATH"
-    cwd = Path.cwd().resolve()
-    if where == cwd or where in cwd.parents:
+    reason = project_refusal(out)
+    if reason:
         raise PipelineError(
-            f"{key}: {str(out)!r} is the project folder{' or above it' if where != cwd else ''} "
-            f"({cwd}); stage {stage} replaces its output folder as a whole, so it refuses; {fix}"
-        )
-    found = [name for name in PROJECT_FILES if (where / name).exists()]
-    if found:
-        raise PipelineError(
-            f"{key}: {str(out)!r} holds {', '.join(found)}, so it is a project, not an output folder; "
-            f"stage {stage} refuses to replace it; {fix}"
+            f"{key}: {str(out)!r} {reason}; stage {stage} replaces its output folder as a whole, so it refuses; {fix}"
         )
     for input_key, path in inputs.items():
-        if path is None:
-            continue
-        source = _abs(Path(path))
-        relation = (
-            "is"
-            if source == where
-            else "contains"
-            if where in source.parents
-            else "lies inside"
-            if source in where.parents
-            else None
-        )
+        relation = None if path is None else related(where, absolute(Path(path)))
         if relation:
             raise PipelineError(
                 f"{key}: {str(out)!r} {relation} the stage's input {input_key} ({str(path)!r}); "
                 f"stage {stage} would replace what it reads; {fix}"
             )
-    if out.exists() and not out.is_dir():
-        raise PipelineError(f"{key}: {str(out)!r} is a file, not a folder; {fix}")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise PipelineError(f"{key}: {str(out)!r} is {'a link' if out.is_symlink() else 'a file'}, not a folder; {fix}")
     if sections is not None and out.is_dir():
-        foreign = foreign_entries(out, sections, names)
+        foreign = foreign_entries(out, owner, sections, names)
         if foreign:
             raise PipelineError(
                 f"{key}: {str(out)!r} holds {foreign[:5]}{' ...' if len(foreign) > 5 else ''}, which stage {stage} "
-                f"did not write (its folders carry {MARKER} with the sections {sorted(sections)}); it replaces only "
-                f"its own output, so it refuses: move those files away or {fix}"
+                f"did not write there (its folders carry {MARKER} naming the stage, {key} and the path); it "
+                f"replaces only its own output, so it refuses: move those files away or {fix}"
             )
-
-
-def _abs(path: Path) -> Path:
-    """Absolute and with symlinks resolved as far as the path exists (``strict=False``)."""
-    return Path(os.path.abspath(path)).resolve()
-
-
-# --------------------------------------------------------------------------------------------------
-# 2. one run at a time
-
-
-def lock_holder(lock: Path) -> dict[str, Any] | None:
-    """The holder recorded beside ``lock`` (pid, host, started, stage, command), or None."""
-    try:
-        return json.loads(sibling(lock, HOLDER).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _describe(holder: dict[str, Any] | None, lock: Path, pid: int | None) -> str:
-    if holder is None or (pid is not None and holder.get("pid") != pid):
-        return f"pid {pid} (the run is starting; no details recorded yet)" if pid else "a run that recorded no details"
-    return (
-        f"stage {holder.get('stage')}, pid {holder.get('pid')} on host {holder.get('host')}, started "
-        f"{holder.get('started')}"
-    )
-
-
-@contextmanager
-def output_lock(out: str | Path, stage: str, *, policy: str | None = None, say=None) -> Iterator[Path]:
-    """Hold the exclusive lock ``<out>.stage-lock`` for the duration of the block (see module docstring, point 2)."""
-    from filelock import SoftFileLock, Timeout
-
-    say = say or _say
-    lock_path = sibling(out, LOCK)
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    policy = policy or on_locked()
-    lock = SoftFileLock(str(lock_path), timeout=0, thread_local=False)
-    before = lock_holder(lock_path) if lock_path.exists() else None  # a lock file left there: its holder is gone
-    try:
-        lock.acquire()
-    except Timeout:
-        holder = lock_holder(lock_path)
-        who = _describe(holder, lock_path, lock.pid)
-        remote = holder is not None and holder.get("host") != socket.gethostname()
-        gone = (
-            (
-                f" If that machine or run is gone, remove {lock_path} by hand (a lock held from another host "
-                "cannot be proven stale from here)."
-            )
-            if remote
-            else ""
-        )
-        if policy == "fail":
-            raise PipelineError(
-                f"{out} is being written by another run ({who}; lock {lock_path}). Wait for it to finish or stop it, "
-                f"or rerun with --on-locked wait (or {ON_LOCKED_ENV}=wait) to wait for it.{gone}"
-            ) from None
-        say(f"waiting for {out}: another run holds it ({who}; lock {lock_path}); --on-locked fail stops instead.{gone}")
-        lock.acquire(timeout=-1, poll_interval=0.2)
-        before = None  # released normally while we waited
-    try:
-        if before is not None and before.get("pid") != os.getpid():
-            say(f"took over the lock of {out} left by a run that is gone ({_describe(before, lock_path, None)})")
-        _write_holder(lock_path, stage)
-        yield lock_path
-    finally:
-        try:
-            sibling(lock_path, HOLDER).unlink(missing_ok=True)
-        finally:
-            lock.release()
-
-
-def _write_holder(lock_path: Path, stage: str) -> None:
-    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    holder = {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "started": started,
-        "stage": stage,
-        "command": " ".join(sys.argv)[:500],
-    }
-    atomic_write_bytes(sibling(lock_path, HOLDER), (json.dumps(holder, sort_keys=True) + "\n").encode())
 
 
 # --------------------------------------------------------------------------------------------------
 # 3. whole or nothing
 
 
-def save_resolved(cfg: Config, out_dir: str | Path, sections: list[str]) -> Path:
+def save_resolved(cfg: Config, out_dir: str | Path, sections: list[str], owner: Owner | None = None) -> Path:
     """Write the sections a stage read (resolved, defaults filled in) to ``out_dir/config.resolved.json``: the
-    stage's marker (:data:`MARKER`), by which a later run recognises the folder as this stage's."""
+    stage's marker (:data:`MARKER`), by which a later run recognises the folder as this stage's.
+
+    ``owner``: who writes the folder, recorded as the marker's ``_output`` (:class:`StageOutput` adds it when the
+    block ends, so a stage's own ``save_resolved`` calls need not pass it).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     full = cfg.to_dict()
-    text = json.dumps({s: full[s] for s in sections}, indent=2, sort_keys=True) + "\n"
+    marker = {s: full[s] for s in sections} | ({OWNER_KEY: owner.record()} if owner else {})
+    text = json.dumps(marker, indent=2, sort_keys=True) + "\n"
     return atomic_write_bytes(out / MARKER, text.encode())
+
+
+def stamp_owner(folder: Path, owner: Owner) -> None:
+    """Add ``owner``'s ``_output`` record to ``folder``'s marker (the stage may have rewritten it since)."""
+    marker = read_marker(folder)
+    if marker is None:
+        raise RuntimeError(f"{folder / MARKER} is missing or unreadable at the end of the stage")  # a bug, not input
+    if marker.get(OWNER_KEY) != owner.record():
+        text = json.dumps(marker | {OWNER_KEY: owner.record()}, indent=2, sort_keys=True) + "\n"
+        atomic_write_bytes(folder / MARKER, text.encode())
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -303,24 +191,37 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return path
 
 
-def recover(out: Path) -> None:
-    """Undo a publish killed between its two renames: put the previous output back, or drop the replaced one."""
+def recover(out: Path, ours: Callable[[Path], bool]) -> None:
+    """Undo a publish killed between its two renames: put the previous output back, or drop the replaced one.
+    ``<out>.replaced`` is touched only when ``ours`` recognises it as the stage's own output."""
     replaced = sibling(out, REPLACED)
-    if replaced.exists():
+    if replaced.exists() or replaced.is_symlink():
+        _require_ours(replaced, ours, out)
         if out.exists():
             _remove(replaced)
         else:
             replaced.rename(out)
 
 
-def publish(work: Path, out: Path) -> None:
-    """Move the finished ``work`` folder to ``out``, replacing the previous output (two renames, then a removal)."""
+def publish(work: Path, out: Path, ours: Callable[[Path], bool]) -> None:
+    """Move the finished ``work`` folder to ``out``, replacing the previous output (two renames, then a removal).
+    A ``<out>.replaced`` left there is removed only when ``ours`` recognises it."""
     replaced = sibling(out, REPLACED)
-    _remove(replaced)
+    if replaced.exists() or replaced.is_symlink():
+        _require_ours(replaced, ours, out)
+        _remove(replaced)
     if out.exists():
         out.rename(replaced)
     work.rename(out)
     _remove(replaced)
+
+
+def _require_ours(sibling_path: Path, ours: Callable[[Path], bool], out: Path) -> None:
+    if sibling_path.is_symlink() or not sibling_path.is_dir() or not ours(sibling_path):
+        raise PipelineError(
+            f"{sibling_path} is in the place where {out}'s previous output is set aside, but it is not an output "
+            f"this stage wrote, so it is neither removed nor renamed; move it away and rerun"
+        )
 
 
 def _remove(path: Path) -> None:
@@ -469,6 +370,9 @@ class StageOutput:
             (the stage may have finished ``out`` in place instead).
         recognise: ``recognise(path)`` tells whether an existing ``out`` or unfinished folder is the stage's own
             (instead of the marker: ``sections=None``); any other is refused, never replaced or deleted.
+        resolved: the config whose ``sections`` the marker records, when it is not ``cfg`` (evaluate-int8's: the
+            evaluate section pointed at the INT8 model); ``cfg`` is the whole config every written path is checked
+            against (:func:`picosam_pipeline.written_paths.check_stage_path`).
     """
 
     def __init__(
@@ -488,8 +392,11 @@ class StageOutput:
         resumes: str | None = None,
         resumable: str | None = None,
         recognise: Callable[[Path], bool] | None = None,
+        resolved=None,
     ) -> None:
         self.cfg, self.stage, self.key, self.out = cfg, stage, key, Path(out)
+        self.resolved = resolved or cfg
+        self.owner = Owner(stage, key, str(out))
         self.sections = None if sections is None else list(sections)
         self.inputs, self.names = dict(inputs), list(names)
         self.resumable, self.recognise = resumable, recognise
@@ -499,7 +406,11 @@ class StageOutput:
         self._lock = None
 
     def __enter__(self) -> Path:
-        check_target(self.stage, self.key, self.out, self.inputs, sections=self.sections, names=self.names)
+        check_target(self.owner, self.out, self.inputs, sections=self.sections, names=self.names)
+        for key, folder in self.writes.items():
+            if key != self.key:  # (the output's own parent, probed for its siblings, is checked with the output)
+                check_stage_path(self.cfg, self.stage, key, folder, f"set {key} to a folder of its own")
+        check_stage_path(self.cfg, self.stage, self.key, self.out, f"set {self.key} to a folder of its own")
         self.check_own(self.out)
         self.check_own(self.work)
         for key, folder in self.writes.items():
@@ -542,44 +453,55 @@ class StageOutput:
                 f"it away or set {self.key} to a new path"
             )
 
+    def ours(self, path: Path) -> bool:
+        """Whether the folder ``path`` (the output or one of its siblings) is this stage's own output."""
+        if self.recognise is not None:
+            return self.recognise(path)
+        return is_own_folder(path, self.owner, self.sections) and not self._foreign_names(path)
+
     def _prepare(self) -> None:
         # Under the lock: what another run left is looked at again, and a killed publish is undone.
-        recover(self.out)
-        check_target(self.stage, self.key, self.out, {}, sections=self.sections, names=self.names)
+        recover(self.out, self.ours)
+        check_target(self.owner, self.out, {}, sections=self.sections, names=self.names)
         if self.resumable:
             self.check_own(self.out)
             self.check_own(self.work)
             return  # the stage opens, resumes or discards the unfinished folder itself
         if self.work.exists() or self.work.is_symlink():
-            if not self.work.is_dir() or self._foreign_in_work():
+            empty = self.work.is_dir() and not self.work.is_symlink() and not any(self.work.iterdir())
+            if not empty and (self.work.is_symlink() or not self.work.is_dir() or not self.ours(self.work)):
                 raise PipelineError(
-                    f"{self.key}: {self.work} exists and was not started by stage {self.stage}; move "
-                    "it away: the stage builds its output there"
+                    f"{self.key}: {self.work} exists and was not started by stage {self.stage} for {self.out} (no "
+                    f"{MARKER} of its own there); it is not removed: move it away, the stage builds its output there"
                 )
-            _remove(self.work)  # an earlier run's unfinished output: this stage does not resume it
+            _remove(self.work)  # an earlier run's unfinished output (or an empty folder): this stage does not resume
         if self.needed_bytes:
             check_space(self.out.parent, self.needed_bytes, self.key, self.stage, self.what)
         self.work.mkdir(parents=True)
-        save_resolved(self.cfg, self.work, self.sections)  # the marker first: a killed run's leftover is recognised
+        # The marker first: a killed run's leftover is recognised as this stage's.
+        save_resolved(self.resolved, self.work, self.sections, owner=self.owner)
 
-    def _foreign_in_work(self) -> bool:
-        """Whether the unfinished folder holds what this stage would not write (its marker may not be there yet)."""
-        found = marker_sections(self.work)
-        if found is not None and found != set(self.sections):
-            return True
-        return any(p.name not in OWN_FILES and not any(_matches(p, n) for n in self.names) for p in self.work.iterdir())
+    def _foreign_names(self, folder: Path) -> list[str]:
+        """Entries of ``folder`` whose names this stage does not write."""
+        return [
+            p.name for p in folder.iterdir() if p.name not in OWN_FILES and not any(_matches(p, n) for n in self.names)
+        ]
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         try:
             if exc is None:
                 try:
+                    if not self.resumable:
+                        stamp_owner(self.work, self.owner)
                     if not self.resumable or self.work.exists():
-                        publish(self.work, self.out)
+                        publish(self.work, self.out, self.ours)
                     return False
                 except OSError as err:
                     exc = err
                     with contextlib.suppress(OSError):
-                        recover(self.out)  # failed between its renames: the previous output goes back in place
+                        recover(
+                            self.out, self.ours
+                        )  # failed between its renames: the previous output goes back in place
                     if not is_write_error(err):
                         raise
             if self.resumable:  # the unfinished folder stays for the rerun to resume
@@ -623,7 +545,3 @@ class StageOutput:
         if self._lock is not None:
             lock, self._lock = self._lock, None
             lock.__exit__(None, None, None)
-
-
-def _say(message: str) -> None:
-    print(f"[outputs] {message}", file=sys.stderr, flush=True)

@@ -32,7 +32,7 @@ def int8_config(cfg: Config) -> Config:
 
 def output(cfg: Config) -> StageOutput:
     """``evaluate.int8_out_dir``, written like the evaluate stage's folder (outputs.py)."""
-    return evaluation_output(int8_config(cfg), stage=STAGE, key="evaluate.int8_out_dir")
+    return evaluation_output(cfg, stage=STAGE, key="evaluate.int8_out_dir", resolved=int8_config(cfg))
 
 
 def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:

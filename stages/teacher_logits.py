@@ -28,10 +28,11 @@ from typing import Any
 
 from picosam_pipeline.config import Config, TeacherConfig, require_inputs
 from picosam_pipeline.device import Runtime
-from picosam_pipeline.outputs import PARTIAL, StageOutput, save_resolved, sibling
+from picosam_pipeline.outputs import PARTIAL, StageOutput, save_resolved
 from picosam_pipeline.reports import write_metrics
 from picosam_pipeline.teacher.store import is_logit_store
 from picosam_pipeline.teacher.teacher_pass import compute_pass, pass_metrics
+from picosam_pipeline.written_paths import sibling
 
 STAGE = "teacher-logits"
 
@@ -63,7 +64,10 @@ def output(cfg: Config) -> StageOutput:
             "teacher.checkpoint": t.checkpoint,
             "teacher.checkpoints_dir": t.checkpoints_dir,
         },
-        writes={"teacher.out": Path(t.out).parent, "runtime.metrics_dir": cfg.runtime.metrics_dir},
+        writes={
+            "teacher.stores_dir" if t.name else "teacher.out": Path(t.out).parent,
+            "runtime.metrics_dir": cfg.runtime.metrics_dir,
+        },
         what="teacher-logit store",
         resumable=f"The finished shards in {partial_path(t.out)} are kept: rerunning the same command resumes from "
         "them.",
@@ -77,10 +81,11 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     ``cfg.teacher`` is one pass: :meth:`Config.teacher_pass` resolves the named passes of ``teachers``.
     """
     t = cfg.teacher
-    with output(cfg) as work:
+    store_output = output(cfg)
+    with store_output as work:
         require_inputs({"teacher.index": t.index})
         done = compute_pass(t, runtime, out=Path(t.out), work=work, desc=stage_name(t))
-        save_resolved(cfg, done.store.path, ["teacher", "runtime"])
+        save_resolved(cfg, done.store.path, ["teacher", "runtime"], owner=store_output.owner)
         metrics, run_facts = pass_metrics(done)
         write_metrics(cfg, stage_name(t), metrics, run_facts)
     return (

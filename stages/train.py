@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any
 
 from picosam_pipeline.config import Config, require_inputs
 from picosam_pipeline.device import Runtime
+from picosam_pipeline.environment import distributed_ranks
 from picosam_pipeline.outputs import StageOutput, check_space, probe_writable, save_resolved
 from picosam_pipeline.reports import write_metrics, write_report
 from picosam_pipeline.train.live import LiveLog
@@ -53,7 +53,7 @@ LIVE_DIR = "train"  # the dvclive folder in runtime.metrics_dir, beside train.js
 def output(cfg: Config) -> StageOutput | None:
     """``train.out_dir`` (student.pt), on rank 0 only; its state folder and the metrics folder are checked writable
     and the free space for the checkpoint and the weights before any work, not at the first checkpoint."""
-    if int(os.environ.get("RANK", "0")):  # torchrun's other ranks write nothing
+    if distributed_ranks().rank:  # torchrun's other ranks write nothing
         return None
     from picosam_pipeline.train.students import build_student
 
@@ -113,4 +113,4 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
 
 def _is_main_rank() -> bool:
     """Rank 0 of a torchrun launch (``RANK``), or a single process: the one that writes the log."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return distributed_ranks().rank == 0

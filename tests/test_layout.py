@@ -31,6 +31,10 @@ CROSS_CUTTING = {
     "recipes",
     "reports",
     "_torchvision_compat",
+    "written_paths",
+    "output_lock",
+    "untrusted",
+    "environment",
 }
 TOP = {
     "cli",

@@ -24,29 +24,23 @@ from pathlib import Path
 
 import pytest
 
-from picosam_pipeline import outputs
-from picosam_pipeline.config import load_config
+from picosam_pipeline import output_lock, outputs
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.stages import STAGES
-from tests.helpers.paths import REPO
+from tests.helpers.stage_outputs import (
+    OUT_KEY,
+    PARAMS,
+    SMALL_SAMPLE,
+    make_project,
+    run_stage,
+    snapshot,
+    stage_config,
+)
 
 BIN = Path(sys.executable).parent
 CLI = str(BIN / "picosam-pipeline")
-PARAMS = REPO / "params.yaml"
 
-# Each stage's output param, and a setting of it that equals, contains or lies inside one of its inputs.
-OUT_KEY = {
-    "sample": "sample.out_dir",
-    "prepare": "prepare.out_dir",
-    "teacher-logits": "teacher.out",
-    "pack": "pack.out_dir",
-    "train": "train.out_dir",
-    "evaluate": "evaluate.out_dir",
-    "quantize": "quantize.out_dir",
-    "export": "export.out_dir",
-    "package": "package.out_dir",
-    "evaluate-int8": "evaluate.int8_out_dir",
-}
+# A setting of each stage's output param that equals, contains or lies inside one of its inputs.
 ON_INPUT = {
     "prepare": ("data/datasets/sample/train", "is the stage's input prepare.splits"),
     "teacher-logits": ("data/checkpoints", "contains the stage's input teacher.checkpoint"),
@@ -60,44 +54,10 @@ ON_INPUT = {
 }
 
 
-# the sample stage anywhere but the dataset folder (dataset.name sample ties them), small and without bad inputs
-SMALL_SAMPLE = (
-    "dataset.name=coco2017",
-    "sample.plant_bad_inputs=false",
-    "sample.train_images=2",
-    "sample.val_images=1",
-)
-
-
-def stage_config(stage: str, out: str, *more: str):
-    return load_config(
-        PARAMS,
-        [
-            f"{OUT_KEY[stage]}={out}",
-            "runtime.metrics_dir=metrics",
-            "runtime.device=cpu",
-            *(SMALL_SAMPLE if stage == "sample" else ()),
-            *more,
-        ],
-    )
-
-
-def run_stage(stage: str, cfg) -> dict:
-    return STAGES[stage].load()(cfg, None)
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """A project-like working directory (dvc.yaml, params.yaml, .git) with a file of the user's in it."""
-    root = tmp_path / "project"
-    (root / ".git").mkdir(parents=True)
-    (root / "dvc.yaml").write_text("stages: {}\n")
-    (root / "params.yaml").write_text("{}\n")
-    (root / "notes.txt").write_text("mine")
+    root = make_project(tmp_path / "project")
     monkeypatch.chdir(root)
     return root
 
@@ -166,9 +126,12 @@ def test_a_stage_replaces_its_own_output_and_tidies_a_killed_publish(tmp_path, m
     cfg = stage_config("sample", "sample")
     run_stage("sample", cfg)
     first = snapshot(tmp_path / "sample")
-    assert json.loads(first["config.resolved.json"]).keys() == {"sample"}
+    marker = json.loads(first["config.resolved.json"])
+    assert marker.keys() == {"sample", "_output"}
+    assert marker["_output"] == {"stage": "sample", "key": "sample.out_dir", "path": "sample"}
     (tmp_path / "sample").rename(tmp_path / "sample.replaced")  # killed after the first rename of a publish
-    (tmp_path / "sample.partial").mkdir()  # and a killed run's unfinished folder
+    (tmp_path / "sample.partial").mkdir()  # and a killed run's unfinished folder (its marker is written first)
+    (tmp_path / "sample.partial" / "config.resolved.json").write_bytes(first["config.resolved.json"])
     (tmp_path / "sample.partial" / "train").mkdir()
     run_stage("sample", dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, seed=1)))
     assert snapshot(tmp_path / "sample") != first
@@ -209,7 +172,7 @@ def test_pack_index_pointing_at_params_yaml_does_not_advise_deleting_it(packed, 
 
 HOLD = """
 import sys, time
-from picosam_pipeline.outputs import output_lock
+from picosam_pipeline.output_lock import output_lock
 with output_lock(sys.argv[1], "sample"):
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))
@@ -261,7 +224,7 @@ def test_a_second_run_fails_naming_the_holder(tmp_path):
 
 def test_a_second_run_waits_for_the_holder_by_default(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv(outputs.ON_LOCKED_ENV, raising=False)
+    monkeypatch.delenv(output_lock.ON_LOCKED_ENV, raising=False)
     cfg = stage_config("sample", "sample")
     with holder(tmp_path / "sample", 3) as proc:
         start = time.monotonic()
@@ -306,13 +269,13 @@ def test_the_teacher_stage_refuses_a_locked_store_before_building_the_teacher(tm
     index.write_bytes(b"")  # never read: the lock is checked first
     store = tmp_path / "stores" / "sam2.zarr"
     store.parent.mkdir()
-    outputs.set_on_locked("fail")
+    output_lock.set_on_locked("fail")
     try:
         with holder(store, 120) as proc:
             with pytest.raises(PipelineError, match=f"sam2.zarr is being written by another run .*pid {proc.pid}"):
                 run_stage("teacher-logits", stage_config("teacher-logits", str(store), f"teacher.index={index}"))
     finally:
-        outputs.set_on_locked(None)
+        output_lock.set_on_locked(None)
 
 
 # --------------------------------------------------------------------------------------------------

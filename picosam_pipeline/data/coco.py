@@ -43,6 +43,7 @@ from pycocotools.coco import COCO
 from picosam_pipeline.data.instances_json import ANNOTATIONS_SAMPLED, AnnotationSpans, read_instances
 from picosam_pipeline.data.instances_json import is_int64 as _is_id
 from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.untrusted import UntrustedInputError, open_regular
 
 # LVIS versions differ in their category list (and ids): v0.5 has 1230 categories, v1 has 1203.
 LVIS_VERSIONS = {1203: "v1", 1230: "v0.5"}
@@ -266,9 +267,7 @@ def _annotation_set(
         else:
             images[record.image_id] = record
 
-    categories = {
-        c["id"]: str(c.get("name", c["id"])) for c in data["categories"] if isinstance(c, dict) and _is_id(c.get("id"))
-    }
+    categories = _categories(data["categories"], issues)
     groups = _place_annotations(spans, images, issues)
     return AnnotationSet(path, fmt, images, categories, len(spans), issues, *groups, fd=fd)
 
@@ -348,17 +347,22 @@ def _read_json(path: Path) -> tuple[dict, AnnotationSpans, int]:
     """
     fd = None
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_regular(path, str(path))
         with open(fd, "rb", closefd=False) as stream:
             data, spans = read_instances(stream)
+    except UntrustedInputError as err:  # missing, a folder, a FIFO or device (never opened for reading)
+        problem = f"{path}: a folder, not a file" if path.is_dir() else str(err)
+        message = f"{problem}; point prepare.splits at the instances_*.json (or lvis_v1_*.json) file itself"
     except UnicodeDecodeError as err:
         message = (
             f"{path}: not UTF-8 text ({err}); it is not an annotation JSON, point prepare.splits at the "
             "instances_*.json file"
         )
-    except OSError as err:  # a directory, no permission, an I/O error
-        what = "a folder, not a file" if path.is_dir() else f"unreadable ({err.strerror or err})"
-        message = f"{path}: {what}; point prepare.splits at the instances_*.json (or lvis_v1_*.json) file itself"
+    except OSError as err:  # an I/O error while reading
+        message = (
+            f"{path}: unreadable ({err.strerror or err}); point prepare.splits at the instances_*.json "
+            "(or lvis_v1_*.json) file itself"
+        )
     except RecursionError:  # the parser recurses once per nesting level: ~1000 levels exhaust Python's stack
         message = (
             f"{path}: the JSON is nested deeper than the parser allows (Python's recursion limit, "
@@ -370,6 +374,11 @@ def _read_json(path: Path) -> tuple[dict, AnnotationSpans, int]:
             f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}. The file is probably "
             f"truncated or hand-edited; re-download it, or repair it (`python -m json.tool {path}` shows the "
             "spot)"
+        )
+    except ValueError as err:  # json's int() of a number longer than Python converts (sys.get_int_max_str_digits)
+        message = (
+            f"{path}: holds a number JSON readers refuse ({err}); no COCO/LVIS value is that long, so the file is "
+            "damaged or not an annotation file: re-download it"
         )
     else:
         lists = ("images", "annotations", "categories")
@@ -402,7 +411,7 @@ def _image_record(img: Any, fmt: DatasetFormat, allow_outside_images: bool = Fal
     if not (isinstance(file_name, str) and file_name):
         problem = Issue("bad_image_record", f"image {image_id} has no file_name (nor coco_url)")
         file_name = ""
-    elif "\x00" in file_name or alt_folder in (".", ".."):
+    elif not (_is_file_name(file_name) and _is_file_name(alt_folder or "_")) or alt_folder in (".", ".."):
         problem = Issue(
             "bad_image_record",
             f"image {image_id} has file_name {file_name!r} (coco_url "
@@ -431,6 +440,42 @@ def _image_record(img: Any, fmt: DatasetFormat, allow_outside_images: bool = Fal
     if problem is not None and problem.kind == "bad_image_record":
         width = height = 0
     return ImageRecord(image_id, file_name, width, height, alt_folder, problem)
+
+
+def _categories(records: list[Any], issues: list[RecordIssue]) -> dict[int, str]:
+    """``{id: name}`` of the category records; a name that is not text the index can hold (not a string, or with a
+    lone surrogate) is replaced, with an issue. A record without an int64 id is skipped: the annotations that
+    name it are dropped as ``unknown_category``."""
+    categories = {}
+    for record in records:
+        if not (isinstance(record, dict) and _is_id(record.get("id"))):
+            continue
+        cat_id, name = record["id"], record.get("name", str(record["id"]))
+        if not (isinstance(name, str) and _is_utf8(name)):
+            fixed = name.encode("utf-8", "replace").decode("utf-8") if isinstance(name, str) else str(cat_id)
+            reason = (
+                f"category {cat_id} has name {_short(name, 80)}, which is not a string the index can "
+                f"hold (text without lone surrogates); named {fixed!r}"
+            )
+            issues.append(RecordIssue(Issue("bad_category_name", reason, action="converted")))
+            name = fixed
+        categories[cat_id] = name
+    return categories
+
+
+def _is_file_name(file_name: str) -> bool:
+    """False for text no file can be named: a NUL, or a lone surrogate."""
+    return _is_utf8(file_name) and "\x00" not in file_name
+
+
+def _is_utf8(text: str) -> bool:
+    """False for text with a lone surrogate (a ``\\ud800`` escape in the JSON): it has no UTF-8 form, so neither a
+    path nor the index can hold it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _leaves_folder(file_name: str) -> bool:
@@ -611,5 +656,9 @@ def _is_int(v: Any) -> bool:
 
 
 def _short(record: Any, limit: int = 120) -> str:
-    text = json.dumps(record, default=str)
+    """``record`` as ASCII JSON text (escapes for the rest: RTL marks, NUL, lone surrogates), cut to ``limit``."""
+    try:
+        text = json.dumps(record, default=str)
+    except RecursionError:  # nested nearly as deep as the parser allows: the encoder may recurse further
+        text = f"a {type(record).__name__} nested too deep to show"
     return text if len(text) <= limit else text[: limit - 3] + "..."

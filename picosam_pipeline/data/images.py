@@ -25,8 +25,13 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.untrusted import UntrustedInputError, open_regular, read_bounded_bytes
 
 BadImageKind = Literal["missing", "unreadable", "truncated", "size_mismatch"]
+
+# The largest image file read: well above any photo PIL decodes within its decompression-bomb limit, far below
+# what would exhaust memory.
+MAX_IMAGE_BYTES = 1 << 30
 
 # EXIF orientations 5..8 swap width and height when applied (transpose, rotate 90/270, transverse).
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
@@ -148,16 +153,17 @@ def load_rgb(path: str | Path, expected_size: tuple[int, int] | None = None) -> 
 
 
 def _read_bytes(path: Path) -> bytes:
+    """The file's bytes; anything but a regular file (a FIFO, a device, a folder) is refused unopened."""
     try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise BadImageError(
-            "missing",
-            path,
-            f"image {str(path)!r} does not exist; download it again or fix the split's images folder / file_name",
-        ) from None
-    except OSError as err:  # a directory, no permission, I/O error
-        raise BadImageError("unreadable", path, f"image {str(path)!r} cannot be read ({err}); check the file") from None
+        return read_bounded_bytes(path, f"image {str(path)!r}", MAX_IMAGE_BYTES)
+    except UntrustedInputError as err:
+        if err.kind == "missing":
+            raise BadImageError(
+                "missing",
+                path,
+                f"image {str(path)!r} does not exist; download it again or fix the split's images folder / file_name",
+            ) from None
+        raise BadImageError("unreadable", path, str(err)) from None
 
 
 def _decode(path: Path, data: bytes) -> Image.Image:
@@ -212,7 +218,7 @@ def header_sizes(path: str | Path) -> tuple[tuple[int, int], tuple[int, int]]:
 
     An annotation file may describe either (see :func:`load_image`); callers accept both.
     """
-    with Image.open(path) as image:
+    with open(open_regular(path, f"image {str(path)!r}"), "rb") as stream, Image.open(stream) as image:
         raw = image.size
         shown = raw[::-1] if exif_orientation(image) in _SWAPPING_ORIENTATIONS else raw
     return raw, shown

@@ -43,6 +43,7 @@ from picosam_pipeline.data.images import BadImageError, load_rgb
 from picosam_pipeline.data.index import INDEX_FILE, IndexBuilder
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.parallel import default_workers, ordered_map
+from picosam_pipeline.untrusted import UntrustedInputError, require_regular_file
 
 BAD_INPUTS_FILE = "bad_inputs.jsonl"
 
@@ -293,12 +294,16 @@ def _check_image(image: ImageRecord, path: Path, decode: bool) -> tuple[Issue | 
     if image.problem is not None:
         return image.problem, ()
     if not decode:
-        if path.is_file():
-            return None, ()
-        return Issue(
-            "image_missing",
-            f"image {str(path)!r} does not exist; download it again or fix the split's images folder / file_name",
-        ), ()
+        try:
+            require_regular_file(path, f"image {str(path)!r}")
+        except UntrustedInputError as err:  # a FIFO or device is refused by name, not opened
+            if err.kind != "missing":
+                return Issue("image_unreadable", str(err)), ()
+            return Issue(
+                "image_missing",
+                f"image {str(path)!r} does not exist; download it again or fix the split's images folder / file_name",
+            ), ()
+        return None, ()
     try:
         return None, load_rgb(path, expected_size=(image.width, image.height))[1]
     except BadImageError as err:

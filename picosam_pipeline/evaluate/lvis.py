@@ -70,7 +70,7 @@ def _pixels_or_count(image: ImageRecord, path: Path, n_anns: int, counts: Annota
     if image.problem is not None:  # no usable file_name / size in the JSON record
         counts.dropped[image.problem.kind] += n_anns
         return None
-    if not path.is_file():
+    if not path.exists():  # anything else that is not a regular file (a FIFO, a folder) is refused by load_image
         counts.images_missing += 1
         counts.annotations_without_image += n_anns
         return None

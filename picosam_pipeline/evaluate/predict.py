@@ -33,12 +33,14 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from PIL import Image, ImageDraw
+from PIL.PngImagePlugin import PngInfo
 
 from picosam_pipeline.data.crops import CONVENTIONS, CropBox, point_box, roi_box
 from picosam_pipeline.data.images import load_image
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.evaluate.crop_metrics import paste_crop
 from picosam_pipeline.train.students import NORMALIZATION
+from picosam_pipeline.written_paths import absolute, check_output_file
 
 if TYPE_CHECKING:
     import torch
@@ -46,6 +48,9 @@ if TYPE_CHECKING:
     from picosam_pipeline.device import Runtime
 
 ONNX_SUFFIX = ".onnx"
+
+
+PREDICT_STAMP = "picosam-pipeline predict"  # the PNG text chunk Software of the files predict writes
 
 
 class CropModel(Protocol):
@@ -361,23 +366,40 @@ def predict_to_files(
     point: tuple[float, ...] | None = None,
     roi_padding: float = 0.1,
     window: int = 96,
+    model_path: str | Path | None = None,
 ) -> ImagePrediction:
     """:func:`predict_image` on a file; writes the mask (8-bit PNG, 255 = object) and optionally the overlay PNG.
+
+    Neither output may be an input (the image, ``model_path``), part of the project or a stage's output, or an
+    existing file predict did not write (:func:`picosam_pipeline.written_paths.check_output_file`).
 
     Raises:
         PipelineError: unreadable image (``images.BadImageError``), bad prompt.
     """
     outputs = [Path(mask_out)] + ([Path(overlay_out)] if overlay_out is not None else [])
-    for path in outputs:  # before the model runs: a typo in --out must not cost the work
+    options = ["--out", "--overlay"]
+    if overlay_out is not None and absolute(mask_out) == absolute(overlay_out):
+        raise PipelineError(f"--out and --overlay both name {str(mask_out)!r}; give them different file names")
+    for option, path in zip(options, outputs):  # before the model runs: a typo in --out must not cost the work
+        check_output_file(
+            "predict",
+            option,
+            path,
+            inputs={"--image": image_path, "--model": model_path},
+            recognise=_written_by_predict,
+            what="PNG",
+        )
         _check_writable(path)
     pixels = load_image(image_path).pixels
     prediction = predict_image(model, pixels, box=box, point=point, roi_padding=roi_padding, window=window)
     images = [Image.fromarray(prediction.mask.astype(np.uint8) * 255)]
     if overlay_out is not None:
         images.append(overlay(pixels, prediction, box=box, point=point))
+    stamp = PngInfo()
+    stamp.add_text("Software", PREDICT_STAMP)  # how a rerun recognises the file as its own to replace
     for path, image in zip(outputs, images):
         try:
-            image.save(path)
+            image.save(path, format="PNG", pnginfo=stamp)
         except OSError as err:  # e.g. the disk filled up between the check and the write
             raise PipelineError(
                 f"cannot write {str(path)!r}: {err.strerror or err}; choose another --out / --overlay"
@@ -385,14 +407,23 @@ def predict_to_files(
     return prediction
 
 
+def _written_by_predict(path: Path) -> bool:
+    """Whether ``path`` is a PNG that predict wrote (its ``Software`` text chunk)."""
+    try:
+        with Image.open(path) as image:  # reads the header chunks only
+            return image.format == "PNG" and image.info.get("Software") == PREDICT_STAMP
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+
+
 def _check_writable(path: Path) -> None:
-    """Raise :class:`PipelineError` unless ``path`` can be written as an image: a known extension, a folder that exists
-    or can be made, write permission, and not a folder itself."""
+    """Raise :class:`PipelineError` unless ``path`` can be written as a PNG: a .png name, a folder that exists or can
+    be made, write permission, and not a folder itself."""
     if path.is_dir():
         raise PipelineError(f"cannot write {str(path)!r}: it is a folder; give a file name such as {path / 'mask.png'}")
-    if path.suffix.lower() not in Image.registered_extensions():
-        what = f"{path.suffix} is not an image format" if path.suffix else "the name has no image extension"
-        raise PipelineError(f"cannot write {str(path)!r}: {what}; name the file .png")
+    if path.suffix.lower() != ".png":
+        what = f"{path.suffix} is not .png" if path.suffix else "the name has no .png extension"
+        raise PipelineError(f"cannot write {str(path)!r}: predict writes PNG files and {what}; name the file .png")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:

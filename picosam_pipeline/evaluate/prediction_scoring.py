@@ -121,10 +121,11 @@ def _align(coco, by_image: dict[int, list[dict]], problems) -> dict[int, tuple[l
 
 
 def _coco_segm_ap(coco, entries: list[dict], image_ids: list[int]) -> dict[str, float] | None:
-    """COCOeval('segm') AP, AP50, AP75 of image-frame entries on their images; None when categories or scores lack."""
+    """COCOeval('segm') AP, AP50, AP75 of image-frame entries on their images; None when categories lack (the
+    scores are finite numbers: ``read_predictions`` refuses any other)."""
     from pycocotools.cocoeval import COCOeval
 
-    if not all(e.get("category_id") in coco.cats and isinstance(e.get("score"), (int, float)) for e in entries):
+    if not all(e.get("category_id") in coco.cats for e in entries):
         return None
     with contextlib.redirect_stdout(io.StringIO()):
         results = coco.loadRes(
@@ -275,7 +276,7 @@ def format_prediction_scores(report: dict[str, Any]) -> str:
         lines += [
             "crop metrics               n/a (image-frame file; score its .crop.json for the papers' crop figures)",
             f"COCO segm AP [.5:.95]      {_fmt(ap.get('ap'))}   AP50 {_fmt(ap.get('ap50'))}   "
-            f"AP75 {_fmt(ap.get('ap75'))}" + ("" if ap else "   (needs real category ids and scores)"),
+            f"AP75 {_fmt(ap.get('ap75'))}" + ("" if ap else "   (needs real category ids)"),
         ]
     lines.append(f"full-image mIoU            {_fmt(report['full_image_miou'])}")
     for name, group in report["by_size"].items():

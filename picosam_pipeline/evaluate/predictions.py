@@ -16,14 +16,16 @@ Alignment (both frames): the k-th prediction of an image belongs to the k-th non
 JSON order; ``annotation_id``, when written, is checked against it.
 
 :func:`read_predictions` checks every entry before anything is decoded: a non-integer image id, an image the
-annotations do not have, a mask of the wrong size, RLE counts that are garbage or do not add up to the mask size,
-duplicate result or annotation ids. Each kind of problem is counted with examples (:class:`PredictionProblems`);
-the scorer refuses the file unless partial scoring was asked for, and then skips every image with a problem.
+annotations do not have, a score that is missing or not a finite number, a mask of the wrong size, RLE counts that
+are garbage or do not add up to the mask size, duplicate result or annotation ids. Each kind of problem is counted
+with examples (:class:`PredictionProblems`); the scorer refuses the file unless partial scoring was asked for, and
+then skips every image with a problem.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -47,6 +49,7 @@ PROBLEM_TEXT = {
     "malformed": "entries that are not {image_id, segmentation: {size, counts}} objects",
     "non_integer_image_id": "entries whose image_id is not an integer",
     "unknown_image": "entries for images that are not in the annotations",
+    "bad_score": "entries whose score is missing or not a finite number (NaN, Infinity, true/false, a string)",
     "wrong_size": "entries whose mask size is neither the crop size nor the image's size",
     "bad_counts": "entries whose RLE counts are garbage or do not add up to the mask size",
     "duplicate_id": "entries whose result id repeats an earlier entry's",
@@ -314,6 +317,9 @@ def read_predictions(
             detail = "garbage" if counts is None else f"sum {sum(counts)} for {size[0]}x{size[1]} = {size[0] * size[1]}"
             problems.add("bad_counts", f"{where}: {detail}", image_id)
             continue
+        if not _finite_score(entry):  # the entry still holds its place in the image's alignment
+            score = json.dumps(entry["score"]) if "score" in entry else "missing"
+            problems.add("bad_score", f"{where}: score {score[:30]}", image_id)
         if size == [crop_size, crop_size] and tuple(images[image_id]) != (crop_size, crop_size):
             votes["crop"] += 1
         elif tuple(size) == tuple(images[image_id]):
@@ -328,6 +334,18 @@ def read_predictions(
             continue
         by_image.setdefault(image_id, []).append(entry)
     return PredictionFile(path, chosen, crop_size, len(entries), by_image, problems)
+
+
+def _finite_score(entry: dict) -> bool:
+    """The entry's ``score`` is a finite number, not a bool. Python's json reads the literals NaN and Infinity as
+    floats, and COCOeval ranks the masks by score: with NaN among them the AP it prints means nothing."""
+    score = entry.get("score")
+    if isinstance(score, bool) or not isinstance(score, (int, float)):
+        return False
+    try:
+        return math.isfinite(score)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def decode_masks(entries: list[dict]) -> np.ndarray:

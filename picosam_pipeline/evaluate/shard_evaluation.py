@@ -64,13 +64,20 @@ def evaluation_inputs(e: EvaluateConfig) -> dict[str, str]:
     return inputs
 
 
-def evaluation_output(cfg: Config, *, stage: str, key: str) -> StageOutput:
-    """The folder ``cfg.evaluate.out_dir`` (named by the param ``key``) of the evaluate stage ``stage``: replaced
-    whole, only when it holds an earlier evaluation (outputs.py)."""
-    e = cfg.evaluate
+def evaluation_output(cfg: Config, *, stage: str, key: str, resolved: Config | None = None) -> StageOutput:
+    """The folder of the evaluate stage ``stage`` named by the param ``key`` (``evaluate.out_dir``, or
+    ``evaluate.int8_out_dir`` for evaluate-int8, whose marker records ``resolved``: the evaluate section pointed
+    at the INT8 model): replaced whole, only when it holds an earlier evaluation of that stage (outputs.py)."""
+    e = (resolved or cfg).evaluate
     names = list(NAMES)
-    if e.write_predictions and _inside(e.write_predictions, e.out_dir):  # the image-frame file and the crop-frame one
-        names += [
+    if e.write_predictions:
+        if not _inside(e.write_predictions, e.out_dir):
+            raise PipelineError(
+                f"evaluate.write_predictions: {e.write_predictions!r} is not inside evaluate.out_dir "
+                f"({e.out_dir!r}); the evaluate stage writes only into its own folder, so the prediction files are "
+                f"part of its output; set it to a file name there, e.g. {str(Path(e.out_dir) / 'predictions.json')!r}"
+            )
+        names += [  # the image-frame file and the crop-frame one
             Path(p).relative_to(e.out_dir).parts[0]
             for p in (e.write_predictions, crop_predictions_path(e.write_predictions))
         ]
@@ -84,6 +91,7 @@ def evaluation_output(cfg: Config, *, stage: str, key: str) -> StageOutput:
         what="evaluation report",
         inputs=evaluation_inputs(e),
         writes={"runtime.metrics_dir": cfg.runtime.metrics_dir},
+        resolved=resolved,
     )
 
 
@@ -246,13 +254,9 @@ def _write_grid(
 
 
 def _write_predictions(e: EvaluateConfig, work: Path, predictions: list[CropPrediction]) -> None:
-    """``e.write_predictions`` and its crop-frame file: inside ``e.out_dir`` written into ``work`` with the rest,
-    elsewhere with their own write-then-rename."""
+    """``e.write_predictions`` and its crop-frame file, inside ``e.out_dir``: written into ``work`` with the rest."""
     predictions.sort(key=lambda p: (p.image_id, p.annotation_id))  # scoring order: per image, annotation order
-    inside = _inside(e.write_predictions, e.out_dir)
-    write_predictions(
-        predictions, work / Path(e.write_predictions).relative_to(e.out_dir) if inside else e.write_predictions
-    )
+    write_predictions(predictions, work / Path(e.write_predictions).relative_to(e.out_dir))
 
 
 def headline_metrics(report: dict[str, Any], models: list[str], lvis: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from picosam_pipeline.untrusted import safe_text
+
 if TYPE_CHECKING:
     import torch
 
@@ -113,8 +115,8 @@ SIGMOID_ERROR_BOUND = {"sigmoid_uint8": 1.0 / 254.0, "linear_uint8": 1.0 / 16.0,
 
 def get_codec(name: str) -> LogitCodec:
     """The codec called ``name``; ValueError names the valid ones."""
-    if name not in CODECS:
-        raise ValueError(f"unknown logit codec {name!r}; expected one of {sorted(CODECS)}")
+    if not isinstance(name, str) or name not in CODECS:  # a name from an untrusted file may be any JSON value
+        raise ValueError(f"unknown logit codec {safe_text(repr(name), 80)}; expected one of {sorted(CODECS)}")
     return CODECS[name]
 
 

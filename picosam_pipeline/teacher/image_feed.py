@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from picosam_pipeline.data.images import exif_orientation
+from picosam_pipeline.data.images import MAX_IMAGE_BYTES, exif_orientation
+from picosam_pipeline.untrusted import UntrustedInputError, read_bounded_bytes
 
 log = logging.getLogger(__name__)
 _said = {"gpu_decode": False}  # warn once per process
@@ -123,8 +124,7 @@ def gpu_jpeg_bytes(path: str, expected_size: tuple[int, int]) -> bytes | None:
     """The file's bytes when nvJPEG can decode it to the image PIL would give (up to rounding; see the module
     doc), else None."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_bounded_bytes(path, f"image {path!r}", MAX_IMAGE_BYTES)  # never a FIFO or a device
         with Image.open(io.BytesIO(data)) as image:  # header only
             plain = (
                 image.format == "JPEG"
@@ -133,6 +133,6 @@ def gpu_jpeg_bytes(path: str, expected_size: tuple[int, int]) -> bytes | None:
                 and exif_orientation(image) == 1
                 and not image.info.get("progressive")
             )
-    except (OSError, ValueError, SyntaxError):
+    except (OSError, ValueError, SyntaxError, UntrustedInputError):
         return None  # PIL's full decode in load() reports what is wrong with the file
     return data if plain and data.rstrip(b"\x00").endswith(_JPEG_EOI) else None

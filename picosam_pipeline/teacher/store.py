@@ -53,19 +53,30 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import shutil
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
+from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
 
 import picosam_pipeline
 from picosam_pipeline.config import TeacherConfig
 from picosam_pipeline.errors import PipelineError
-from picosam_pipeline.teacher.codec import LogitCodec, decode_logits, encode_logits, get_codec
+from picosam_pipeline.teacher.codec import CODECS, LogitCodec, decode_logits, encode_logits, get_codec
+from picosam_pipeline.untrusted import (
+    UntrustedInputError,
+    file_type,
+    load_json_bounded,
+    read_bounded_bytes,
+    require_regular_file,
+    safe_text,
+)
 
 FORMAT_VERSION = 2  # 2: id/box arrays written at creation, per-shard digests (1: 7 files per shard, no digests)
 STORE_ATTR = "logit_store"  # group attribute owned by this module; the rest belongs to the caller
@@ -73,6 +84,15 @@ DIGEST = "shard_digest"
 META_CHUNK_ROWS = 1 << 20  # rows per chunk of the id/box arrays: one file each up to ~1M instances
 AUTO_SHARDS, MIN_AUTO_SHARD, MAX_AUTO_SHARD = 256, 64, 8192
 MAX_CHUNK_ROWS = 16  # instances per inner chunk of the logits (zarr's per-chunk cost dominates 1-row chunks)
+# Bounds on what an untrusted store may declare, checked before zarr reads or allocates anything: teacher.store_size
+# is at most 1024 and context_margin at most 1, so S <= 3 * 1024; a zarr.json is a few KB (the group's holds the
+# teacher's config); a chunk file holds at most its raw bytes plus Blosc's and the shard index's few bytes per chunk.
+MAX_STORED_SIDE = 3 * 1024
+MAX_SHARD_ROWS = 1 << 24
+MAX_METADATA_BYTES = 1 << 20
+MAX_METADATA_DEPTH = 32
+CHUNK_SLACK = 4096  # bytes over a chunk's raw size a file may have: Blosc header and block offsets, shard index
+METADATA_FILES = ("zarr.json", ".zgroup", ".zattrs", ".zarray", ".zmetadata")  # zarr reads whichever exist
 
 # name -> (dtype, trailing shape, description): the rows' identity, from the index, written by create_store.
 INDEX_ARRAYS: dict[str, tuple[str, tuple[int, ...], str]] = {
@@ -204,6 +224,8 @@ class LogitStore:
         self.pass_id: str = layout["pass_id"]
         self.codec: LogitCodec = get_codec(layout["codec"])
         self._arrays = {name: group[name] for name in (*META_ARRAYS, "logits", DIGEST)}
+        # the most bytes each shard data file may hold (the folder name is the array's)
+        self._file_limit = {name: _chunk_bytes(self._arrays[name]) for name in SHARD_ARRAYS}
         self._verified: set[int] = set()  # shards whose files matched their digest in this process
 
     def __len__(self) -> int:
@@ -248,12 +270,12 @@ class LogitStore:
     def file_digest(self, k: int) -> bytes:
         """sha256 of the pass id and shard ``k``'s data files as they are on disk (b"" for a missing file)."""
         digest = hashlib.sha256(self.pass_id.encode())
-        for file in self.shard_files(k):
+        for name, file in zip(SHARD_ARRAYS, self.shard_files(k)):
             digest.update(file.name.encode())
             try:
-                digest.update(file.read_bytes())
-            except FileNotFoundError:
-                digest.update(b"<missing>")
+                digest.update(read_bounded_bytes(file, f"shard {k} file {str(file)!r}", self._file_limit[name]))
+            except UntrustedInputError as err:  # missing, not a regular file or too large: never equal to a digest
+                digest.update(f"<{err.kind}>".encode())
         return digest.digest()
 
     def shard_problem(self, k: int, recorded: np.ndarray | None = None) -> str | None:
@@ -267,6 +289,11 @@ class LogitStore:
         missing = [f.relative_to(self.path).as_posix() for f in self.shard_files(k) if not f.exists()]
         if missing:
             return f"file {', '.join(missing)} is missing"
+        for file in self.shard_files(k):
+            try:
+                require_regular_file(file, file.relative_to(self.path).as_posix())
+            except UntrustedInputError as err:
+                return str(err)
         return (
             "its files differ from what the teacher wrote (altered, or written by another teacher pass: "
             f"{', '.join(f.relative_to(self.path).as_posix() for f in self.shard_files(k))})"
@@ -466,8 +493,9 @@ def is_logit_store(path: str | Path) -> bool:
     """Whether ``path`` holds a teacher-logit store of any format version (one this code wrote, perhaps an older
     one)."""
     try:
+        _check_metadata_files(Path(path))
         return isinstance(zarr.open_group(Path(path), mode="r").attrs.get(STORE_ATTR), dict)
-    except (FileNotFoundError, zarr.errors.BaseZarrError):
+    except (FileNotFoundError, zarr.errors.BaseZarrError, PipelineError):
         return False
 
 
@@ -475,10 +503,13 @@ def open_store(path: str | Path, writable: bool = False) -> LogitStore:
     """Open an existing store (read-only unless ``writable``); PipelineError if ``path`` is not one."""
     path = Path(path)
     hint = "point to a teacher pass's output (data/teacher/stores/NAME.zarr: <teacher.stores_dir>/<NAME>.zarr)"
+    _check_metadata_files(path)
     try:
         group = zarr.open_group(path, mode="r+" if writable else "r")
     except (FileNotFoundError, zarr.errors.BaseZarrError):
         raise PipelineError(f"{path} is not a Zarr group, so not a teacher-logit store; {hint}") from None
+    except (ValueError, TypeError, KeyError) as err:  # zarr's own parse of metadata of the wrong structure
+        raise _refused(path, f"its zarr.json does not describe a Zarr group ({safe_text(str(err))})") from None
     layout = group.attrs.get(STORE_ATTR)
     if not isinstance(layout, dict):
         raise PipelineError(
@@ -489,13 +520,181 @@ def open_store(path: str | Path, writable: bool = False) -> LogitStore:
             f"{path} has logit-store format {layout.get('format_version')}, this code reads "
             f"format {FORMAT_VERSION}; recompute it with this version (delete it and rerun the teacher stage)"
         )
-    missing = [name for name in (*META_ARRAYS, "logits", DIGEST) if name not in group]
-    if missing:
-        raise PipelineError(
-            f"{path}: the store has lost its arrays {missing}; delete it and rerun the teacher stage "
-            "(or `dvc checkout` / `dvc pull` it)"
-        )
+    _check_layout(path, layout)
+    try:
+        missing = [name for name in (*META_ARRAYS, "logits", DIGEST) if name not in group]
+        if missing:
+            raise PipelineError(
+                f"{path}: the store has lost its arrays {missing}; delete it and rerun the teacher stage "
+                "(or `dvc checkout` / `dvc pull` it)"
+            )
+        _check_arrays(path, group, layout)
+    except (ValueError, TypeError, KeyError) as err:  # zarr's own parse of an array's metadata
+        raise _refused(path, f"an array's zarr.json is not valid Zarr metadata ({safe_text(str(err))})") from None
+    _check_chunk_files(path, group, layout)
     return LogitStore(path, group, writable)
+
+
+# --------------------------------------------------------------------------------------------------
+# an untrusted store: its metadata and files checked before they are used
+
+
+def _refused(path: Path, problem: str) -> PipelineError:
+    """The one paragraph for a store whose metadata or files cannot be what the teacher stage wrote."""
+    return PipelineError(
+        f"{path} is not a teacher-logit store this code can read: {problem}. It is damaged or was not written by "
+        "the teacher stage; rerun the teacher stage into a new teacher.out (or `dvc pull` / `dvc checkout` it)"
+    )
+
+
+def _check_metadata_files(path: Path) -> None:
+    """Every zarr metadata file of the group and its arrays is a regular file of bounded size holding a JSON object
+    of bounded nesting: zarr parses them without bounds (a FIFO blocks it, deep nesting is a RecursionError)."""
+    folders = [path, *(path / name for name in (*META_ARRAYS, "logits", DIGEST))]
+    for folder in folders:
+        for name in METADATA_FILES:
+            file = folder / name
+            if not os.path.lexists(file):
+                continue
+            what = f"zarr metadata file {str(file)!r}"
+            document = load_json_bounded(read_bounded_bytes(file, what, MAX_METADATA_BYTES), what, MAX_METADATA_DEPTH)
+            if not isinstance(document, dict):
+                raise _refused(path, f"{file.relative_to(path)} holds a JSON {type(document).__name__}, not an object")
+
+
+def _shown(value: Any) -> str:
+    """An untrusted attribute value as it appears in a message (repr, so "10" and 10 differ; printable, cut short)."""
+    return safe_text(repr(value), 80)
+
+
+def _whole(value: Any, low: int, high: int) -> int | None:
+    """``value`` if it is an int in ``[low, high]`` (not a bool or float), else None."""
+    return value if type(value) is int and low <= value <= high else None
+
+
+def _check_layout(path: Path, layout: Mapping[str, Any]) -> None:
+    """The ``logit_store`` attribute's fields have their types and ranges and agree with each other."""
+    bounds = {"n_instances": (1, 1 << 40), "side": (1, MAX_STORED_SIDE), "instances_per_shard": (1, MAX_SHARD_ROWS)}
+    for name, (low, high) in bounds.items():
+        if _whole(layout.get(name), low, high) is None:
+            raise _refused(
+                path,
+                f"attribute {STORE_ATTR}.{name} is {_shown(layout.get(name))}, expected a whole number in "
+                f"[{low}, {high}]",
+            )
+    n, k = layout["n_instances"], layout["instances_per_shard"]
+    derived = {"n_shards": math.ceil(n / k), "chunk_rows": chunk_rows(k)}
+    for name, expected in derived.items():
+        if layout.get(name) != expected or type(layout.get(name)) is not int:
+            raise _refused(
+                path,
+                f"attribute {STORE_ATTR}.{name} is {_shown(layout.get(name))}, but {n} instances in shards of "
+                f"{k} make {expected}",
+            )
+    if not isinstance(layout.get("codec"), str) or layout["codec"] not in CODECS:
+        raise _refused(
+            path, f"attribute {STORE_ATTR}.codec is {_shown(layout.get('codec'))}, expected one of {sorted(CODECS)}"
+        )
+    pass_id = layout.get("pass_id")
+    if not isinstance(pass_id, str) or len(pass_id) != 64 or any(c not in "0123456789abcdef" for c in pass_id):
+        raise _refused(path, f"attribute {STORE_ATTR}.pass_id is {_shown(pass_id)}, expected 64 hex digits")
+
+
+def _expected_arrays(layout: Mapping[str, Any]) -> dict[str, tuple[str, tuple[int, ...], tuple[int, ...], bool]]:
+    """name -> (dtype, shape, chunk shape, compressed) of each array, as :func:`_build` creates them for ``layout``
+    (for ``logits`` the chunk shape is the shard's; its inner chunks are checked separately)."""
+    n, s, k = layout["n_instances"], layout["side"], layout["instances_per_shard"]
+    rows = min(n, META_CHUNK_ROWS)
+    expected = {name: (dtype, (n, *tail), (rows, *tail), True) for name, (dtype, tail, _) in INDEX_ARRAYS.items()}
+    expected["confidence"] = (CONFIDENCE[0], (n,), (k,), True)
+    expected["logits"] = (get_codec(layout["codec"]).dtype, (n, s, s), (k, s, s), True)
+    expected[DIGEST] = ("uint8", (layout["n_shards"], 32), (1, 32), False)
+    return expected
+
+
+def _check_arrays(path: Path, group: zarr.Group, layout: Mapping[str, Any]) -> None:
+    """Each array's metadata is what :func:`_build` writes for ``layout``: shape, dtype, chunks and codecs (Blosc
+    only; gzip or another codec could expand a small file without bound)."""
+    for name, (dtype, shape, chunks, compressed) in _expected_arrays(layout).items():
+        array = group[name]
+        if not isinstance(array, zarr.Array):
+            raise _refused(path, f"{name} is a {type(array).__name__}, not an array")
+        found = (str(array.dtype), array.shape, array.shards or array.chunks)
+        if found != (dtype, shape, chunks):
+            raise _refused(
+                path,
+                f"array {name} is {found[0]} of shape {found[1]} in chunks of {found[2]}, but the layout attribute "
+                f"({layout['n_instances']} instances of side {layout['side']}, {layout['instances_per_shard']} per "
+                f"shard) makes it {dtype} of shape {shape} in chunks of {chunks}",
+            )
+        if name == "logits" and array.chunks != (layout["chunk_rows"], *shape[1:]):
+            raise _refused(
+                path, f"array logits has inner chunks {array.chunks}, the layout says {layout['chunk_rows']} rows"
+            )
+        codecs = [type(c) for c in (*array.filters, *array.compressors)]
+        if codecs != ([BloscCodec] if compressed else []) or not isinstance(array.serializer, BytesCodec):
+            raise _refused(path, f"array {name} uses the codecs {array.metadata.codecs}; the store writes Blosc only")
+        if not isinstance(array.metadata.chunk_key_encoding, DefaultChunkKeyEncoding):
+            raise _refused(path, f"array {name} has chunk key encoding {array.metadata.chunk_key_encoding}")
+        for codec in array.metadata.codecs:
+            inner = getattr(codec, "index_codecs", ())
+            if any(not isinstance(c, (BytesCodec, Crc32cCodec)) for c in inner):
+                raise _refused(path, f"array {name} has shard index codecs {inner}")
+
+
+def _chunk_bytes(array: zarr.Array) -> int:
+    """The most bytes one of ``array``'s chunk (shard) files can hold: its raw bytes plus per-chunk overhead."""
+    shape = array.shards or array.chunks
+    inner = math.prod(shape) // math.prod(array.chunks)  # inner chunks per shard file (1 unsharded)
+    return math.prod(shape) * array.dtype.itemsize + CHUNK_SLACK * (inner + 1)
+
+
+def _check_chunk_files(path: Path, group: zarr.Group, layout: Mapping[str, Any]) -> None:
+    """Every file under an array's folder is a regular file no larger than a chunk of it can be, and each id/box
+    array (written whole at creation) has all its chunk files: the instance count is backed by files on disk."""
+    for name in (*META_ARRAYS, "logits", DIGEST):
+        array = group[name]
+        limit = _chunk_bytes(array)
+        files = _chunk_files(path, path / name / "c", array.ndim - 1)
+        for file, mode, size in files:
+            where = file.relative_to(path).as_posix()
+            if not stat.S_ISREG(mode):
+                raise _refused(path, f"{where} is {file_type(mode)}, not a regular file (only regular files are read)")
+            if size > limit:
+                raise _refused(path, f"{where} holds {size:,} bytes; a chunk of array {name} holds at most {limit:,}")
+        if name in INDEX_ARRAYS:
+            expected = math.ceil(layout["n_instances"] / array.chunks[0])
+            found = sum(1 for file, _, _ in files if not file.name.endswith(".partial"))
+            if found != expected:
+                raise _refused(
+                    path,
+                    f"array {name} has {found} chunk files, but {layout['n_instances']} instances make {expected} "
+                    f"(it is written whole when the store is created)",
+                )
+
+
+def _chunk_files(root: Path, folder: Path, levels: int) -> list[tuple[Path, int, int]]:
+    """``(path, st_mode, st_size)`` of every entry ``levels`` folders below ``folder`` (where an array's chunk keys
+    put its files; symlinks followed) and of anything not a folder above that depth."""
+    found: list[tuple[Path, int, int]] = []
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return found
+    except OSError as err:
+        raise _refused(root, f"{folder.relative_to(root)} cannot be listed ({err.strerror or err})") from None
+    for entry in entries:
+        try:
+            info = entry.stat()
+        except OSError as err:  # a dangling symlink: a lost DVC cache file
+            raise _refused(
+                root, f"{Path(entry.path).relative_to(root)} cannot be read ({err.strerror or err})"
+            ) from None
+        if levels > 0 and stat.S_ISDIR(info.st_mode) and not entry.is_symlink():
+            found += _chunk_files(root, Path(entry.path), levels - 1)
+        else:
+            found.append((Path(entry.path), info.st_mode, info.st_size))
+    return found
 
 
 def _build(path: Path, layout: dict[str, Any], attrs: dict[str, Any], level: int, meta: dict[str, np.ndarray]) -> None:

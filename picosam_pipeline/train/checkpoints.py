@@ -21,6 +21,7 @@ import errno
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,12 @@ import torch
 from torch import Tensor, nn
 
 from picosam_pipeline.errors import PipelineError, is_weights_only_refusal, refused_checkpoint
+from picosam_pipeline.untrusted import load_json_bounded, require_regular_file, safe_text
 
 FORMAT = "picosam-checkpoint/1"
+# Bounds on a checkpoint's untrusted meta: a train_state's (loss log aside, kept in tensors) is a few KB.
+MAX_META_CHARS = 1 << 20
+MAX_INPUT_SIZE = 1024
 
 
 def save_checkpoint(path: str | Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
@@ -65,10 +70,12 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> tuple[dict[str
             checkpoint), or a checkpoint of another ``kind`` than the one asked for.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise PipelineError(
             f"checkpoint {str(path)!r} does not exist; run the train stage (`picosam-pipeline run-stage train`) first"
         )
+    require_regular_file(path, f"checkpoint {str(path)!r}")
+    _check_archive(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError or zip errors depending on the damage
@@ -89,13 +96,84 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> tuple[dict[str
             f"checkpoint {str(path)!r} is not a {FORMAT} file (found {found!r}); "
             "pass a checkpoint written by the train stage"
         )
-    meta = json.loads(payload["meta"])
+    tensors, meta = _checked_payload(path, payload)
     if kind is not None and meta.get("kind") != kind:
         raise PipelineError(
-            f"checkpoint {str(path)!r} holds a {meta.get('kind')!r}, expected a {kind!r} checkpoint "
+            f"checkpoint {str(path)!r} holds a {_shown(meta.get('kind'))}, expected a {kind!r} checkpoint "
             f"({'data/train/student.pt' if kind == 'student' else 'data/train/checkpoint.pt'})"
         )
-    return payload["tensors"], meta
+    return tensors, meta
+
+
+def _shown(value: Any) -> str:
+    """An untrusted value as it appears in a message (repr, printable, cut short)."""
+    return safe_text(repr(value), 80)
+
+
+def _check_archive(path: Path) -> None:
+    """``path`` is a zip archive (what torch.save writes) whose records are stored uncompressed and fit in the file.
+
+    Checked before torch reads it: torch's reader inflates deflated records and the legacy (non-zip) format
+    allocates storages of the sizes the file declares, so either could claim far more memory than the file holds.
+    """
+    what = f"checkpoint {str(path)!r}"
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+        raise PipelineError(
+            f"{what} is not a torch.save zip archive ({safe_text(str(err))}); pass a checkpoint written by the "
+            "train stage"
+        ) from None
+    bad = [r.filename for r in records if r.compress_type != zipfile.ZIP_STORED or r.file_size > size]
+    if bad or sum(r.file_size for r in records) > size:
+        raise PipelineError(
+            f"{what} declares records larger than the file itself or compressed ({safe_text(bad[:3])}), which "
+            "torch.save never writes; pass a checkpoint written by the train stage"
+        )
+
+
+def _checked_payload(path: Path, payload: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The checkpoint's tensors and meta after checking their types: a dict of tensors and a JSON object of
+    bounded size and nesting (the meta is untrusted text, read like any other)."""
+    what = f"checkpoint {str(path)!r}"
+    tensors, text = payload.get("tensors"), payload.get("meta")
+    if not isinstance(tensors, dict) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in tensors.items()
+    ):
+        raise PipelineError(
+            f"{what}: 'tensors' is not a dict of named tensors; pass a checkpoint written by the train stage"
+        )
+    if not isinstance(text, str) or len(text) > MAX_META_CHARS:
+        found = f"{len(text):,} characters" if isinstance(text, str) else type(text).__name__
+        raise PipelineError(
+            f"{what}: 'meta' must be a JSON text of at most {MAX_META_CHARS:,} characters, found {found}; pass a "
+            "checkpoint written by the train stage"
+        )
+    meta = load_json_bounded(text, f"the meta of {what}")
+    if not isinstance(meta, dict):
+        raise PipelineError(
+            f"{what}: 'meta' is a JSON {type(meta).__name__}, not an object; pass a checkpoint written by the "
+            "train stage"
+        )
+    return tensors, meta
+
+
+def _check_student_meta(path: Path, meta: dict[str, Any]) -> None:
+    """The meta fields a student's users read: its architecture and input size (and crop, when recorded)."""
+    from picosam_pipeline.train.students import STUDENTS
+
+    what = f"checkpoint {str(path)!r}"
+    student, size = meta.get("student"), meta.get("input_size")
+    if not isinstance(student, str) or student not in STUDENTS:
+        raise PipelineError(f"{what}: meta 'student' is {_shown(student)}, expected one of {', '.join(STUDENTS)}")
+    if type(size) is not int or not 1 <= size <= MAX_INPUT_SIZE:
+        raise PipelineError(
+            f"{what}: meta 'input_size' is {_shown(size)}, expected a whole number in [1, {MAX_INPUT_SIZE}]"
+        )
+    if meta.get("crop") is not None and not isinstance(meta["crop"], dict):
+        raise PipelineError(f"{what}: meta 'crop' is {_shown(meta['crop'])}, expected an object")
 
 
 def save_student(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
@@ -118,6 +196,7 @@ def load_student(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     from picosam_pipeline.train.students import build_student
 
     tensors, meta = load_checkpoint(path, kind="student")
+    _check_student_meta(Path(path), meta)
     bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:  # a diverged run: such a student outputs NaN logits, i.e. empty masks everywhere, without a word
         raise PipelineError(

@@ -15,7 +15,8 @@ endless stream with ``infinite=True``) of batches::
 
     shards.json -> shard order (shuffled per epoch when shuffle_buffer > 0) -> wds.split_by_node (DDP rank)
       -> wds.split_by_worker -> read the shard, check size + sha256 against shards.json
-      -> list its members (webdataset's tar reader): only <key>.jpg / .mask.png / .logits.<NAME>.png / .json pass
+      -> list its members (plain files of an uncompressed tar: a link, folder, device or FIFO member is a corrupt
+         shard): only <key>.jpg / .mask.png / .logits.<NAME>.png / .json pass
       -> group into samples -> wds.shuffle(shuffle_buffer) of still-encoded samples
       -> decode -> augment -> batch
 
@@ -41,7 +42,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
+import math
+import os
 import random
 import tarfile
 from collections.abc import Iterable, Iterator
@@ -55,13 +57,16 @@ import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import group_by_keys
 
+from picosam_pipeline.environment import distributed_ranks
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.teacher.codec import decode_logits, get_codec
 from picosam_pipeline.train.shards import (
+    MAX_RECORD_BYTES,
     MEMBER_NAME,
     Frame,
     ShardEntry,
     ShardIndex,
+    TarMemberError,
     decode_jpeg,
     decode_logits_png,
     decode_mask_png,
@@ -70,6 +75,7 @@ from picosam_pipeline.train.shards import (
     read_tar_members,
     resample_window,
 )
+from picosam_pipeline.untrusted import UntrustedInputError, load_json_bounded, open_regular, safe_text
 
 
 class CorruptShardError(PipelineError):
@@ -127,6 +133,7 @@ def make_loader(
         raise PipelineError(f"jitter: expected a fraction of the crop side in [0, 0.5), got {jitter}")
     if on_corrupt_shard not in ("stop", "skip"):
         raise PipelineError(f"on_corrupt_shard: expected stop or skip, got {on_corrupt_shard!r}")
+    distributed_ranks()  # webdataset reads RANK / WORLD_SIZE itself, unchecked: a bad value is one paragraph here
     rank, world_size, _, _ = wds.utils.pytorch_worker_info()
     if len(index.shards) < world_size:
         raise PipelineError(
@@ -277,11 +284,19 @@ class ShardStream(torch.utils.data.IterableDataset):
                 continue
             try:
                 decoded = decode_sample(sample, self.index.frame, self.codecs)
-            except (ValueError, KeyError, TypeError, OSError, SyntaxError, Image.DecompressionBombError) as err:
+            except (
+                ValueError,
+                KeyError,
+                TypeError,
+                OSError,
+                SyntaxError,
+                Image.DecompressionBombError,
+                PipelineError,  # untrusted.py's refusal of the json member
+            ) as err:
                 yield ShardProblem(
                     sample["__url__"],
-                    f"{sample['__url__']}: sample {sample['__key__']!r} does not "
-                    f"decode ({type(err).__name__}: {err}); the shard is corrupt, repack it",
+                    f"{sample['__url__']}: sample {safe_text(sample['__key__'])!r} does not "
+                    f"decode ({type(err).__name__}: {safe_text(str(err), 300)}); the shard is corrupt",
                     fatal=False,
                 )
                 continue
@@ -296,28 +311,25 @@ def read_shard(path: Path, entry: ShardEntry, expected: tuple[str, ...]) -> list
     The whole shard is read and checked before any sample is handed on, so a skipped shard contributes
     nothing. Raises CorruptShardError or ForeignMemberError, naming the shard (and member).
     """
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise CorruptShardError(f"shard {path} cannot be read ({err.strerror or err})") from None
-    if len(data) != entry.bytes:
-        raise CorruptShardError(
-            f"shard {path} has {len(data)} bytes but shards.json lists {entry.bytes}: it is "
-            "truncated or was replaced; copy it again or repack"
-        )
+    data = _read_listed_bytes(path, entry)
     if hashlib.sha256(data).hexdigest() != entry.sha256:
         raise CorruptShardError(
             f"shard {path}: sha256 differs from shards.json, the file is corrupt; copy it again or repack"
         )
     try:
-        members = list(read_tar_members(io.BytesIO(data), str(path)))
+        members = list(read_tar_members(io.BytesIO(data), str(path), len(data)))
+    except TarMemberError as err:  # a link, folder, device, FIFO or sparse member: reported, never skipped silently
+        raise CorruptShardError(f"shard {path}: {err}; shards hold plain files only") from None
     except (tarfile.TarError, OSError, ValueError) as err:
-        raise CorruptShardError(f"shard {path} is not a readable tar file ({err})") from None
+        raise CorruptShardError(
+            f"shard {path} is not a readable uncompressed tar file ({safe_text(str(err))})"
+        ) from None
     for member in members:
         if not MEMBER_NAME.match(member["fname"]):
             raise ForeignMemberError(
-                f"shard {path} holds member {member['fname']!r}, which the pack stage never writes (samples are "
-                f"<key>.{{{','.join(expected)}}}); pickles and arbitrary files are refused and nothing was decoded. "
+                f"shard {path} holds member {safe_text(member['fname'])!r}, which the pack stage never writes "
+                f"(samples are <key>.{{{','.join(expected)}}}); pickles and arbitrary files are refused and nothing "
+                "was decoded. "
                 "Do not train on shards from an unknown source; repack from your own data with `run-stage pack`"
             )
     try:
@@ -333,10 +345,61 @@ def read_shard(path: Path, entry: ShardEntry, expected: tuple[str, ...]) -> list
     return samples
 
 
+def _read_listed_bytes(path: Path, entry: ShardEntry) -> bytes:
+    """The bytes of shard ``path``, a regular file of exactly the size shards.json lists: the size is compared
+    before anything is read, and a FIFO, device or folder is refused without blocking."""
+    try:
+        fd = open_regular(path, f"shard {path}")
+    except UntrustedInputError as err:
+        raise CorruptShardError(str(err)) from None
+    with open(fd, "rb") as stream:
+        size = os.fstat(fd).st_size
+        if size != entry.bytes:
+            raise CorruptShardError(
+                f"shard {path} has {size} bytes but shards.json lists {entry.bytes}: it is "
+                "truncated or was replaced; copy it again or repack"
+            )
+        try:
+            data = stream.read(entry.bytes + 1)
+        except OSError as err:
+            raise CorruptShardError(f"shard {path} cannot be read ({err.strerror or err})") from None
+    if len(data) != entry.bytes:  # the file changed size while it was read
+        raise CorruptShardError(f"shard {path} changed while it was read ({len(data)} bytes, {entry.bytes} listed)")
+    return data
+
+
+# The record fields collate() turns into tensors, and what each must be.
+_RECORD_INTS = ("ann_id", "image_id", "category_id")
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def check_record(record: Any) -> dict[str, Any]:
+    """``record`` (a sample's parsed JSON) if the fields the batches carry have their types; ValueError names the
+    first that does not (a string or a 2**80 id would otherwise fail in collate, outside the shard's report)."""
+    if not isinstance(record, dict):
+        raise ValueError(f"the json member is {type(record).__name__}, not an object")
+    for name in _RECORD_INTS:
+        value = record.get(name)
+        if type(value) is not int or not _INT64[0] <= value <= _INT64[1]:
+            raise ValueError(f"json field {name!r} is {safe_text(repr(value), 80)}, expected a 64-bit integer")
+    area = record.get("area")
+    if type(area) not in (int, float) or not math.isfinite(area):
+        raise ValueError(f"json field 'area' is {safe_text(repr(area), 80)}, expected a finite number")
+    box = record.get("crop_box")
+    if not isinstance(box, list) or len(box) != 4 or any(type(v) is not int or abs(v) > 2**31 for v in box):
+        raise ValueError(f"json field 'crop_box' is {safe_text(repr(box), 80)}, expected 4 integers (x1, y1, x2, y2)")
+    for name in ("frame", "logits", "confidence"):
+        if not isinstance(record.get(name), dict):
+            raise ValueError(f"json field {name!r} is {safe_text(repr(record.get(name)), 80)}, expected an object")
+    return record
+
+
 def decode_sample(sample: dict[str, Any], frame: Frame, codecs: dict[str, Any]) -> dict[str, Any]:
     """Encoded sample -> ``image`` uint8 (T, T, 3), ``mask`` uint8 (T, T), ``logits`` float32 (K, T, T) and
     ``confidence`` float32 (K,) (one entry per teacher of ``codecs``, in its order), ``record``."""
-    record = json.loads(sample["json"])
+    if len(sample["json"]) > MAX_RECORD_BYTES:
+        raise ValueError(f"the json member has {len(sample['json']):,} bytes, over a record's {MAX_RECORD_BYTES:,}")
+    record = check_record(load_json_bounded(sample["json"], "the json member", max_depth=8))
     packed = {name: spec["codec"] for name, spec in record["logits"].items()}
     if Frame(**record["frame"]) != frame or packed != {name: c.name for name, c in codecs.items()}:
         raise ValueError(f"frame {record['frame']} / teacher codecs {packed} differ from shards.json")

@@ -22,6 +22,7 @@ from typing import Any
 from picosam_pipeline.config import TrainConfig
 from picosam_pipeline.data.crop_convention import check_crops, student_crops
 from picosam_pipeline.device import Runtime
+from picosam_pipeline.environment import distributed_ranks
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.train.loader import ShardLoader, make_loader
 from picosam_pipeline.train.shards import ShardIndex, read_shard_index
@@ -87,7 +88,7 @@ def resolve_train_config(t: TrainConfig, device_type: str, shards: PackShards) -
     t = dataclasses.replace(t, compile=t.compiles(device_type))
     if t.steps == "epoch":  # the papers' one epoch: every train sample once, over all ranks
         samples = shards.train.samples
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        world_size = distributed_ranks().world_size
         t = dataclasses.replace(t, steps=max(1, math.ceil(samples / (t.batch_size * world_size))))
         print(
             f"[train] train.steps: epoch = {t.steps} steps ({samples} samples, batch {t.batch_size} "

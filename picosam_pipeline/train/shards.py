@@ -52,6 +52,7 @@ import json
 import math
 import re
 import struct
+import tarfile
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -64,7 +65,6 @@ import pyarrow as pa
 from PIL import Image
 from tqdm import tqdm
 from webdataset import TarWriter
-from webdataset.tariterators import tar_file_iterator
 
 from picosam_pipeline.data.checksums import sha256_file
 from picosam_pipeline.data.images import load_rgb
@@ -72,9 +72,17 @@ from picosam_pipeline.data.index import decode_mask_window, stream_images
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.parallel import default_workers, ordered_map, worker_pool
 from picosam_pipeline.teacher.codec import LogitCodec, get_codec
-from picosam_pipeline.teacher.store import LogitStore
+from picosam_pipeline.teacher.store import MAX_STORED_SIDE, LogitStore
+from picosam_pipeline.untrusted import load_json_bounded, read_bounded_bytes, safe_text
 
 INDEX_FILE = "shards.json"
+# Bounds on what an untrusted shards.json and shard may declare, checked before anything is read or allocated:
+# the index lists ~150 bytes per shard (64 MiB: ~400k shards); pack.samples_per_shard is at most 100,000; a
+# sample's JSON record is ~500 bytes; a tar archive ends with up to a 10 KiB record of padding.
+MAX_INDEX_BYTES = 64 << 20
+MAX_SAMPLES_PER_SHARD = 100_000
+MAX_RECORD_BYTES = 64 << 10
+TAR_SLACK = 20 << 10
 SHARD_NAME = "shard-{:06d}.tar"
 FORMAT, FORMAT_VERSION = "picosam-shards", 2
 # A member is "<key>.<ext>", the key a plain name and ext one of sample_members(); anything else is not ours
@@ -225,10 +233,45 @@ def decode_logits_png(data: bytes, side: int, codec: LogitCodec) -> np.ndarray:
     return _open(data, "PNG", side, ("L",))
 
 
-def read_tar_members(stream: IO[bytes], url: str) -> Iterator[dict[str, Any]]:
-    """Plain files of a tar stream as ``{"fname", "data", "__url__"}`` (webdataset's reader; nothing decoded)."""
-    for item in tar_file_iterator(stream):
-        yield {**item, "__url__": url}
+class TarMemberError(ValueError):
+    """A shard member that is not a plain file (link, folder, device, FIFO, sparse file) or runs past the shard's
+    end; the message names the member."""
+
+
+# What each tar member type is, in words, for the members a shard never holds.
+_MEMBER_KINDS = {
+    tarfile.SYMTYPE: "a symbolic link",
+    tarfile.LNKTYPE: "a hard link",
+    tarfile.DIRTYPE: "a folder",
+    tarfile.FIFOTYPE: "a FIFO",
+    tarfile.CHRTYPE: "a character device",
+    tarfile.BLKTYPE: "a block device",
+    tarfile.CONTTYPE: "a contiguous file",
+    tarfile.GNUTYPE_SPARSE: "a sparse file",
+}
+
+
+def read_tar_members(stream: IO[bytes], url: str, size: int) -> Iterator[dict[str, Any]]:
+    """Members of an uncompressed tar stream of ``size`` bytes as ``{"fname", "data", "__url__"}``; nothing decoded.
+
+    Every member is a plain file whose bytes lie inside the stream, or :class:`TarMemberError` names it: links,
+    folders, devices, FIFOs and sparse files are reported, not skipped. A compressed tar is refused by
+    ``tarfile`` (mode ``r|``): a gzip shard could expand without bound.
+    """
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for info in tar:
+            name = safe_text(info.name)
+            if not info.isreg() or info.issparse() or info.type == tarfile.CONTTYPE:
+                kind = _MEMBER_KINDS.get(info.type, f"of tar type {info.type!r}")
+                target = f" to {safe_text(info.linkname)!r}" if info.issym() or info.islnk() else ""
+                raise TarMemberError(f"member {name!r} is {kind}{target}, not a plain file")
+            if info.offset_data + info.size > size:  # checked before the member's bytes are read
+                raise TarMemberError(
+                    f"member {name!r} declares {info.size:,} bytes at byte {info.offset_data:,}, past the end of "
+                    f"the {size:,}-byte file"
+                )
+            file = tar.extractfile(info)
+            yield {"fname": info.name, "data": file.read() if file else b"", "__url__": url}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,17 +310,25 @@ class ShardIndex:
 
 
 def read_shard_index(path: str | Path) -> ShardIndex:
-    """Read ``shards.json`` (``path`` is the file or its split folder); PipelineError names what is wrong."""
+    """Read ``shards.json`` (``path`` is the file or its split folder); PipelineError names what is wrong.
+
+    The index is untrusted: read within :data:`MAX_INDEX_BYTES`, parsed with bounded nesting, and every field the
+    loader relies on is checked for its type and range here (a shard's size is compared with the file before it
+    is read, so the listed size must be plausible for its samples).
+    """
     path = Path(path)
     if path.is_dir():
         path = path / INDEX_FILE
     hint = "point to a split folder written by `picosam-pipeline run-stage pack` (e.g. data/shards/train)"
-    if not path.is_file():
+    if not path.exists():
         splits = sorted(p.parent.name for p in path.parent.glob(f"*/{INDEX_FILE}"))
         more = f"; it holds the splits {splits}, pick one (e.g. {path.parent / splits[0]})" if splits else f"; {hint}"
         raise PipelineError(f"{path} not found, so {path.parent} is not a shard folder{more}")
+    what = f"shard index {str(path)!r}"
+    raw = load_json_bounded(read_bounded_bytes(path, what, MAX_INDEX_BYTES), what)
     try:
-        raw = json.loads(path.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
         if raw.get("format") == FORMAT and raw.get("format_version") == 1:
             raise PipelineError(
                 f"{path} was written by an older pack (shard format 1: one teacher, member logits.png); "
@@ -286,27 +337,76 @@ def read_shard_index(path: str | Path) -> ShardIndex:
             )
         if raw.get("format") != FORMAT or raw.get("format_version") != FORMAT_VERSION:
             raise ValueError(
-                f"format {raw.get('format')!r} version {raw.get('format_version')!r}, this code reads "
-                f"{FORMAT!r} version {FORMAT_VERSION}"
+                f"format {safe_text(raw.get('format'))!r} version {safe_text(raw.get('format_version'))!r}, this "
+                f"code reads {FORMAT!r} version {FORMAT_VERSION}"
             )
-        shards = tuple(ShardEntry(**entry) for entry in raw["shards"])
+        if not isinstance(raw["teachers"], list) or not all(isinstance(t, dict) for t in raw["teachers"]):
+            raise ValueError("teachers: expected a list of objects")
         teachers = {t["name"]: get_codec(t["codec"]["codec"]).name for t in raw["teachers"]}
         if not teachers or any(not MEMBER_NAME.match(f"k.{logits_member(t)}") for t in teachers):
-            raise ValueError(f"teachers {list(teachers)}: expected at least one teacher pass name")
+            raise ValueError(f"teachers {safe_text(list(teachers))}: expected at least one teacher pass name")
+        frame = _checked_frame(raw["frame"])
+        if not isinstance(raw["shards"], list) or not raw["shards"]:
+            raise ValueError("shards: expected a non-empty list of shard entries")
+        shards = tuple(_checked_entry(entry, frame, len(teachers)) for entry in raw["shards"])
+        if not isinstance(raw["split"], str):
+            raise ValueError(f"split: expected a name, got {safe_text(repr(raw['split']), 80)}")
         if not isinstance(raw.get("crop"), dict) or "convention" not in raw["crop"]:
             raise PipelineError(
                 f"{path} does not record its crop convention (written by an older pack); repack with "
                 "`picosam-pipeline run-stage pack` (or `dvc repro pack`)"
             )
-        index = ShardIndex(path, raw["split"], Frame(**raw["frame"]), teachers, shards, raw["crop"])
-    except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+        index = ShardIndex(path, raw["split"], frame, teachers, shards, raw["crop"])
+    except (ValueError, KeyError, TypeError) as err:
         raise PipelineError(
-            f"{path} is not a shard index this code reads ({err}); repack with `picosam-pipeline run-stage pack`"
+            f"{path} is not a shard index this code reads ({safe_text(str(err), 300)}); repack with "
+            "`picosam-pipeline run-stage pack`"
         ) from None
     bad = [s.name for s in shards if not re.fullmatch(r"[\w.-]+\.tar", s.name) or s.name.startswith(".")]
     if bad:
-        raise PipelineError(f"{path}: shard names must be plain .tar file names in the index's folder, got {bad[:3]}")
+        raise PipelineError(
+            f"{path}: shard names must be plain .tar file names in the index's folder, got {safe_text(bad[:3])}"
+        )
     return index
+
+
+def _whole(value: Any, name: str, low: int, high: int) -> int:
+    """``value`` if it is an int in ``[low, high]`` (a JSON bool or float is not), else ValueError naming ``name``."""
+    if type(value) is not int or not low <= value <= high:
+        raise ValueError(f"{name}: expected a whole number in [{low:,}, {high:,}], got {safe_text(repr(value), 80)}")
+    return value
+
+
+def _checked_frame(raw: Any) -> Frame:
+    """The index's frame, each side a whole number of pixels the teacher can store, the crop inside the frame."""
+    if not isinstance(raw, dict) or set(raw) != {"crop_size", "stored_size"}:
+        raise ValueError(f"frame: expected {{crop_size, stored_size}}, got {safe_text(raw)}")
+    stored = _whole(raw["stored_size"], "frame.stored_size", 1, MAX_STORED_SIDE)
+    crop = _whole(raw["crop_size"], "frame.crop_size", 1, stored)
+    if (stored - crop) % 2:
+        raise ValueError(f"frame: stored_size {stored} - crop_size {crop} must be even (a margin on each side)")
+    return Frame(crop, stored)
+
+
+def max_sample_bytes(frame: Frame, teachers: int) -> int:
+    """The most bytes one sample can take in a shard: every member at twice its raw pixel bytes (JPEG and PNG of
+    noise stay under it), the JSON record, and per member a tar header, its padding and slack for format overhead."""
+    pixels = frame.stored_size**2 * (3 + 1 + 2 * teachers)  # RGB, mask, logits (float16 at most)
+    return 2 * pixels + MAX_RECORD_BYTES + (4 + teachers) * (1024 + 65536)
+
+
+def _checked_entry(raw: Any, frame: Frame, teachers: int) -> ShardEntry:
+    """A ``shards`` entry whose fields have their types, and whose size is possible for its sample count."""
+    if not isinstance(raw, dict) or set(raw) != {"name", "samples", "bytes", "sha256"}:
+        raise ValueError(f"shard entry: expected {{name, samples, bytes, sha256}}, got {safe_text(raw)}")
+    name = raw["name"]
+    if not isinstance(name, str):
+        raise ValueError(f"shard entry name: expected a file name, got {safe_text(name)}")
+    samples = _whole(raw["samples"], f"shard {name!r} samples", 1, MAX_SAMPLES_PER_SHARD)
+    size = _whole(raw["bytes"], f"shard {name!r} bytes", 1, samples * max_sample_bytes(frame, teachers) + TAR_SLACK)
+    if not isinstance(raw["sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", raw["sha256"]):
+        raise ValueError(f"shard {name!r} sha256: expected 64 hex digits, got {safe_text(repr(raw['sha256']), 80)}")
+    return ShardEntry(name, samples, size, raw["sha256"])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -35,7 +35,6 @@ per rank (no SyncBatchNorm), as a single-GPU run of the same per-rank batch woul
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -51,6 +50,7 @@ from tqdm import tqdm
 
 from picosam_pipeline.config import TrainConfig
 from picosam_pipeline.device import Runtime
+from picosam_pipeline.environment import check_local_device, distributed_ranks
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.train.checkpoints import (
     flatten_optimizer,
@@ -170,14 +170,18 @@ class Dist:
 
 
 def init_distributed(runtime: Runtime) -> Dist:
-    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (NCCL + ``cuda:LOCAL_RANK`` on CUDA, else gloo)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (NCCL + ``cuda:LOCAL_RANK`` on CUDA, else gloo).
+
+    Raises:
+        EnvironmentVariableError: ``WORLD_SIZE``, ``RANK`` or ``LOCAL_RANK`` unusable (``environment.py``).
+    """
+    rank, world_size, local_rank = distributed_ranks()
     if world_size == 1:
         return Dist(0, 1, runtime.device)
-    rank = int(os.environ["RANK"])
     device = runtime.device
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        check_local_device(local_rank, torch.cuda.device_count())
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not torch_dist.is_initialized():
         torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

@@ -2,102 +2,30 @@
 
 from __future__ import annotations
 
-import io
-import json
-from pathlib import Path
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 from pycocotools.coco import COCO
 
-from picosam_pipeline.config import Config, PrepareConfig, RuntimeConfig, SplitSource
+from picosam_pipeline.config import SplitSource
 from picosam_pipeline.data.crops import point_box, point_prompt, roi_box
 from picosam_pipeline.data.index import column_array, decode_mask, iter_images, read_index, read_index_metadata
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.stages.prepare import run
 from tests.helpers.paths import shared_data_or_skip
-
-W, H = 64, 48  # every test image, in annotation orientation
-
-
-def _encode(image: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
-def _noise_rgb(w: int = W, h: int = H) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8))
-
-
-def _exif_rotated_jpeg() -> bytes:
-    exif = Image.Exif()
-    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
-    return _encode(_noise_rgb(H, W), exif=exif.tobytes())  # stored 48x64, displayed 64x48
-
-
-def _truncated_jpeg() -> bytes:
-    data = _encode(_noise_rgb())
-    return data[: len(data) * 2 // 3]  # cut inside the scan data, as an interrupted download is
-
-
-def _ann(ann_id: int, image_id: int, box=(10, 8, 20, 16), **extra) -> dict:
-    x, y, w, h = box
-    return {
-        "id": ann_id,
-        "image_id": image_id,
-        "category_id": 1,
-        "iscrowd": 0,
-        "area": float(w * h),
-        "bbox": [x, y, w, h],
-        "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]],
-        **extra,
-    }
-
-
-class Dataset:
-    """A tiny COCO split on disk: image 1 is a good RGB JPEG with one good annotation (id 1)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.files: dict[str, bytes | None] = {"good.jpg": _encode(_noise_rgb())}
-        self.images = [{"id": 1, "file_name": "good.jpg", "width": W, "height": H}]
-        self.annotations = [_ann(1, 1)]
-
-    def add_image(self, image_id: int, name: str, data: bytes | None, n_anns: int = 1, **record) -> None:
-        """Add an image (``data`` None: referenced but absent) with ``n_anns`` good annotations."""
-        self.files[name] = data
-        self.images.append({"id": image_id, "file_name": name, "width": W, "height": H, **record})
-        self.annotations += [_ann(image_id * 100 + k, image_id) for k in range(n_anns)]
-
-    def write(self, text: str | None = None, split: str = "val") -> SplitSource:
-        (self.root / "images").mkdir(parents=True, exist_ok=True)
-        for name, data in self.files.items():
-            if data is not None:
-                (self.root / "images" / name).write_bytes(data)
-        path = self.root / f"instances_{split}.json"
-        data = {"images": self.images, "annotations": self.annotations, "categories": [{"id": 1, "name": "thing"}]}
-        path.write_text(text if text is not None else json.dumps(data))
-        return SplitSource(split, str(path), str(self.root / "images"))
-
-
-def _config(tmp_path: Path, splits: list[SplitSource], **prepare) -> Config:
-    return Config(
-        runtime=RuntimeConfig(device="cpu", metrics_dir=str(tmp_path / "metrics")),
-        prepare=PrepareConfig(splits=splits, out_dir=str(tmp_path / "prepared"), **prepare),
-    )
-
-
-def _outputs(tmp_path: Path) -> tuple[dict, list[dict]]:
-    metrics = json.loads((tmp_path / "prepared" / "report.json").read_text())  # the details
-    headline = json.loads((tmp_path / "metrics" / "prepare.json").read_text())
-    assert headline == {"kept": metrics["total"]["kept"], "dropped": metrics["total"]["dropped"]}
-    lines = (tmp_path / "prepared" / "bad_inputs.jsonl").read_text().splitlines()
-    return metrics, [json.loads(line) for line in lines]
-
+from tests.helpers.prepare_dataset import (
+    Dataset,
+    H,
+    W,
+    annotation,
+    encode,
+    exif_rotated_jpeg,
+    noise_rgb,
+    prepare_config,
+    prepare_outputs,
+    truncated_jpeg,
+)
 
 # --------------------------------------------------------------------------------------------------
 # every bad input, in skip and strict mode
@@ -109,36 +37,36 @@ def _add(image_id, name, data, **kw):
 
 
 def _add_ann(**ann):
-    return lambda ds: ds.annotations.append({**_ann(2, 1), **ann})
+    return lambda ds: ds.annotations.append({**annotation(2, 1), **ann})
 
 
 BAD_INPUTS = {
     "missing image file": (_add(2, "gone.jpg", None, n_anns=2), "image_missing", "dropped", 2, "gone.jpg'"),
-    "truncated jpeg": (_add(2, "cut.jpg", _truncated_jpeg()), "image_truncated", "dropped", 1, "cut.jpg'"),
+    "truncated jpeg": (_add(2, "cut.jpg", truncated_jpeg()), "image_truncated", "dropped", 1, "cut.jpg'"),
     "corrupt file": (_add(2, "junk.jpg", b"\x00garbage" * 50), "image_unreadable", "dropped", 1, "junk.jpg'"),
     "size mismatch": (
-        _add(2, "big.jpg", _encode(_noise_rgb(W + 1, H))),
+        _add(2, "big.jpg", encode(noise_rgb(W + 1, H))),
         "image_size_mismatch",
         "dropped",
         1,
         "big.jpg'",
     ),
     "grayscale": (
-        _add(2, "gray.jpg", _encode(_noise_rgb().convert("L"))),
+        _add(2, "gray.jpg", encode(noise_rgb().convert("L"))),
         "image_grayscale->rgb",
         "converted",
         0,
         None,
     ),
-    "cmyk": (_add(2, "cmyk.jpg", _encode(_noise_rgb().convert("CMYK"))), "image_cmyk->rgb", "converted", 0, None),
+    "cmyk": (_add(2, "cmyk.jpg", encode(noise_rgb().convert("CMYK"))), "image_cmyk->rgb", "converted", 0, None),
     "palette": (
-        _add(2, "pal.png", _encode(_noise_rgb().convert("P"), "PNG")),
+        _add(2, "pal.png", encode(noise_rgb().convert("P"), "PNG")),
         "image_palette->rgb",
         "converted",
         0,
         None,
     ),
-    "exif rotated": (_add(2, "rot.jpg", _exif_rotated_jpeg()), "image_exif-rotated", "converted", 0, None),
+    "exif rotated": (_add(2, "rot.jpg", exif_rotated_jpeg()), "image_exif-rotated", "converted", 0, None),
     "degenerate bbox": (
         _add_ann(bbox=[5, 5, 0, 10]),
         "degenerate_bbox",
@@ -151,7 +79,7 @@ BAD_INPUTS = {
     "missing image id": (_add_ann(image_id=77), "missing_image_id", "dropped", 1, "points at image id 77"),
     "duplicate ann id": (_add_ann(id=1), "duplicate_ann_id", "dropped", 1, "annotation id 1 appears twice"),
     "image record without size": (
-        _add(2, "nosize.jpg", _encode(_noise_rgb()), width=None),
+        _add(2, "nosize.jpg", encode(noise_rgb()), width=None),
         "bad_image_record",
         "dropped",
         1,
@@ -190,14 +118,14 @@ BAD_INPUTS = {
     ),
     # the file exists (root/outside.jpg) but is outside the images folder: never read
     "file_name with ..": (
-        _add(2, "../outside.jpg", _encode(_noise_rgb())),
+        _add(2, "../outside.jpg", encode(noise_rgb())),
         "image_path_outside_folder",
         "dropped",
         1,
         "'../outside.jpg', which points outside",
     ),
     "absolute file_name": (
-        lambda ds: ds.add_image(2, str(ds.root / "elsewhere.jpg"), _encode(_noise_rgb())),
+        lambda ds: ds.add_image(2, str(ds.root / "elsewhere.jpg"), encode(noise_rgb())),
         "image_path_outside_folder",
         "dropped",
         1,
@@ -211,8 +139,8 @@ def test_bad_input_skip_mode_drops_or_converts_and_reports(tmp_path, case):
     mutate, kind, action, n_dropped, _ = BAD_INPUTS[case]
     ds = Dataset(tmp_path)
     mutate(ds)
-    summary = run(_config(tmp_path, [ds.write()]))
-    metrics, records = _outputs(tmp_path)
+    summary = run(prepare_config(tmp_path, [ds.write()]))
+    metrics, records = prepare_outputs(tmp_path)
     val = metrics["splits"]["val"]
     assert val["kept"] + val["dropped"] == val["annotations"] == len(ds.annotations)
     assert val["dropped"] == n_dropped and summary["kept"] == val["kept"]
@@ -228,7 +156,7 @@ def test_bad_input_strict_mode_stops_with_file_and_fix(tmp_path, case):
     mutate, kind, action, _, message = BAD_INPUTS[case]
     ds = Dataset(tmp_path)
     mutate(ds)
-    cfg = _config(tmp_path, [ds.write()], on_bad_input="strict")
+    cfg = prepare_config(tmp_path, [ds.write()], on_bad_input="strict")
     if action == "converted":  # conversions are not errors: strict mode keeps the instance
         assert run(cfg)["kept"] == len(ds.annotations)
         return
@@ -241,8 +169,8 @@ def test_bad_input_strict_mode_stops_with_file_and_fix(tmp_path, case):
 
 def test_exif_rotated_image_keeps_the_annotation_frame(tmp_path):
     ds = Dataset(tmp_path)
-    ds.add_image(2, "rot.jpg", _exif_rotated_jpeg())
-    run(_config(tmp_path, [ds.write()]))
+    ds.add_image(2, "rot.jpg", exif_rotated_jpeg())
+    run(prepare_config(tmp_path, [ds.write()]))
     rows = read_index(tmp_path / "prepared" / "index.parquet").to_pylist()
     assert [(r["width"], r["height"]) for r in rows if r["image_id"] == 2] == [(W, H)]
 
@@ -251,37 +179,37 @@ def test_exif_rotated_image_keeps_the_annotation_frame(tmp_path):
 def test_malformed_json_always_stops(tmp_path, mode):
     split = Dataset(tmp_path).write(text='{"images": [], "annotations": [\n  {"id": 1,}\n]}')
     with pytest.raises(PipelineError, match=r"instances_val\.json: malformed JSON at line 2, column 12"):
-        run(_config(tmp_path, [split], on_bad_input=mode))
+        run(prepare_config(tmp_path, [split], on_bad_input=mode))
 
 
 @pytest.mark.parametrize("mode", ["skip", "strict"])
 def test_json_nested_200k_deep_stops_with_a_message_not_a_recursion_error(tmp_path, mode):
     split = Dataset(tmp_path).write(text='{"images": [], "annotations": [' + "[" * 200_000 + "]" * 200_000 + "]}")
     with pytest.raises(PipelineError, match=r"instances_val\.json: the JSON is nested deeper than the parser allows"):
-        run(_config(tmp_path, [split], on_bad_input=mode))
+        run(prepare_config(tmp_path, [split], on_bad_input=mode))
 
 
 def test_folder_given_as_annotations_stops_with_its_name(tmp_path):
     split = Dataset(tmp_path).write()
     with pytest.raises(PipelineError, match=r"images: a folder, not a file"):
-        run(_config(tmp_path, [SplitSource("val", split.images, split.images)]))
+        run(prepare_config(tmp_path, [SplitSource("val", split.images, split.images)]))
 
 
 def test_image_id_beyond_int64_is_reported_with_its_annotations(tmp_path):
     ds = Dataset(tmp_path)
-    ds.add_image(2**63, "big.jpg", _encode(_noise_rgb()), n_anns=0)
-    ds.annotations.append(_ann(2, 2**63))
-    run(_config(tmp_path, [ds.write()]))
-    metrics, records = _outputs(tmp_path)
+    ds.add_image(2**63, "big.jpg", encode(noise_rgb()), n_anns=0)
+    ds.annotations.append(annotation(2, 2**63))
+    run(prepare_config(tmp_path, [ds.write()]))
+    metrics, records = prepare_outputs(tmp_path)
     assert [r["kind"] for r in records] == ["bad_image_record", "bad_annotation_record"]
     assert metrics["splits"]["val"]["kept"] == 1 and metrics["splits"]["val"]["dropped"] == 1
 
 
 def test_images_outside_the_folder_are_read_when_the_param_allows_it(tmp_path):
     ds = Dataset(tmp_path)
-    ds.add_image(2, "../outside.jpg", _encode(_noise_rgb()))
-    run(_config(tmp_path, [ds.write()], allow_outside_images=True))
-    metrics, records = _outputs(tmp_path)
+    ds.add_image(2, "../outside.jpg", encode(noise_rgb()))
+    run(prepare_config(tmp_path, [ds.write()], allow_outside_images=True))
+    metrics, records = prepare_outputs(tmp_path)
     assert records == [] and metrics["splits"]["val"]["kept"] == 2
 
 
@@ -289,8 +217,8 @@ def test_without_image_checks_only_missing_files_are_caught(tmp_path):
     ds = Dataset(tmp_path)
     ds.add_image(2, "gone.jpg", None)
     ds.add_image(3, "junk.jpg", b"garbage")  # not decoded, so not caught
-    run(_config(tmp_path, [ds.write()], check_images=False))
-    metrics, _ = _outputs(tmp_path)
+    run(prepare_config(tmp_path, [ds.write()], check_images=False))
+    metrics, _ = prepare_outputs(tmp_path)
     assert metrics["splits"]["val"]["dropped_by_reason"] == {"image_missing": 1}
     assert metrics["splits"]["val"]["images_checked"] == 0
 
@@ -302,13 +230,13 @@ def test_without_image_checks_only_missing_files_are_caught(tmp_path):
 def test_selection_and_index_rows(tmp_path):
     ds = Dataset(tmp_path)
     ds.annotations += [
-        _ann(2, 1, box=(50, 40, 14, 8)),  # bottom-right corner
-        _ann(3, 1, box=(30, 30, 1, 1), area=25.0),  # 1x1: ROI 2x2 < min_roi_side 4 (area set to pass min_area)
-        _ann(4, 1, box=(2, 2, 4, 4)),  # area 16 < min_area 20
-        _ann(5, 1, iscrowd=1),
+        annotation(2, 1, box=(50, 40, 14, 8)),  # bottom-right corner
+        annotation(3, 1, box=(30, 30, 1, 1), area=25.0),  # 1x1: ROI 2x2 < min_roi_side 4 (area set to pass min_area)
+        annotation(4, 1, box=(2, 2, 4, 4)),  # area 16 < min_area 20
+        annotation(5, 1, iscrowd=1),
     ]
-    run(_config(tmp_path, [ds.write()], min_area=20.0))
-    metrics, records = _outputs(tmp_path)
+    run(prepare_config(tmp_path, [ds.write()], min_area=20.0))
+    metrics, records = prepare_outputs(tmp_path)
     assert metrics["splits"]["val"]["dropped_by_reason"] == {"crowd": 1, "small_area": 1, "small_roi": 1}
     assert records == []  # selection drops are counted, not reported as bad input
 
@@ -336,8 +264,8 @@ def test_a_killed_runs_spilled_rows_and_half_written_index_are_cleared_by_the_ne
     """prepare spills index rows into its unfinished folder as it goes: what a killed run leaves there is its own
     (not someone else's folder to refuse), and the next run starts over."""
     ds = Dataset(tmp_path)
-    ds.add_image(2, "two.jpg", _encode(_noise_rgb()), n_anns=3)
-    cfg = _config(tmp_path, [ds.write()])
+    ds.add_image(2, "two.jpg", encode(noise_rgb()), n_anns=3)
+    cfg = prepare_config(tmp_path, [ds.write()])
     run(cfg)
     index = (tmp_path / "prepared" / "index.parquet").read_bytes()
     partial = tmp_path / "prepared.partial"
@@ -357,10 +285,10 @@ def test_a_killed_runs_spilled_rows_and_half_written_index_are_cleared_by_the_ne
 
 def test_rows_sorted_and_grouped_by_image(tmp_path):
     ds = Dataset(tmp_path)
-    ds.add_image(3, "c.jpg", _encode(_noise_rgb()), n_anns=3)
-    ds.add_image(2, "b.jpg", _encode(_noise_rgb()), n_anns=2)
+    ds.add_image(3, "c.jpg", encode(noise_rgb()), n_anns=3)
+    ds.add_image(2, "b.jpg", encode(noise_rgb()), n_anns=2)
     ds.annotations.reverse()  # file order must not matter
-    run(_config(tmp_path, [ds.write(), Dataset(tmp_path / "train").write(split="train")]))
+    run(prepare_config(tmp_path, [ds.write(), Dataset(tmp_path / "train").write(split="train")]))
     index = tmp_path / "prepared" / "index.parquet"
     table = read_index(index)
     keys = list(zip(table["split"].to_pylist(), table["image_id"].to_pylist(), table["ann_id"].to_pylist()))
@@ -403,8 +331,8 @@ def test_every_input_planted_by_the_sample_generator_is_reported(tmp_path):
     splits = [
         SplitSource(s, str(sample / "annotations" / f"instances_{s}.json"), str(sample / s)) for s in ("train", "val")
     ]
-    run(_config(tmp_path, splits))
-    metrics, records = _outputs(tmp_path)
+    run(prepare_config(tmp_path, splits))
+    metrics, records = prepare_outputs(tmp_path)
     for m in metrics["splits"].values():
         assert m["kept"] + m["dropped"] == m["annotations"]
     # BAD_INPUTS.md rows: | kind | image_id | annotation_id (- for a whole image) | file | what |
@@ -426,8 +354,8 @@ def test_real_coco_sample_counts_match_pycocotools(tmp_path):
         SplitSource(s, str(root / "annotations" / f"instances_{s}2017.json"), str(root / f"{s}2017"))
         for s in ("train", "val")
     ]
-    run(_config(tmp_path, splits, min_roi_side=0.0))  # no ROI filter: keeps every non-crowd instance
-    metrics, records = _outputs(tmp_path)
+    run(prepare_config(tmp_path, splits, min_roi_side=0.0))  # no ROI filter: keeps every non-crowd instance
+    metrics, records = prepare_outputs(tmp_path)
     assert records == []  # the real sample is clean
     table = read_index(tmp_path / "prepared" / "index.parquet")
     for split in splits:
@@ -451,8 +379,8 @@ def test_real_coco_sample_counts_match_pycocotools(tmp_path):
 def test_real_lvis_v05_without_images_counts_every_instance_as_missing(tmp_path):
     path = shared_data_or_skip("lvis-sample", "lvis_v0.5_val_100.json")
     (tmp_path / "val2017").mkdir()
-    run(_config(tmp_path, [SplitSource("val", str(path), str(tmp_path / "val2017"))], check_images=False))
-    metrics, records = _outputs(tmp_path)
+    run(prepare_config(tmp_path, [SplitSource("val", str(path), str(tmp_path / "val2017"))], check_images=False))
+    metrics, records = prepare_outputs(tmp_path)
     assert metrics["dataset"]["val"] == {"format": "lvis", "version": "v0.5", "categories": 1230}
     assert metrics["splits"]["val"]["dropped_by_reason"] == {"image_missing": 977}
     assert metrics["splits"]["val"]["kept"] == 0

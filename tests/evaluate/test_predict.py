@@ -285,13 +285,14 @@ def test_predict_command_refuses_bad_prompts_and_outputs_before_running_the_mode
     blocker = tmp_path / "file.txt"
     blocker.write_text("a file, not a folder")
     for out, expected in (
-        (blocker / "mask.png", "its folder cannot be made"),
-        (tmp_path, "it is a folder"),
-        (tmp_path / "mask.xyz", "is not an image format"),
+        (blocker / "mask.png", "cannot write {out!r}: its folder cannot be made"),
+        (tmp_path, "--out: {out!r} is a folder"),
+        (tmp_path / "mask.xyz", "cannot write {out!r}: predict writes PNG files and .xyz is not .png"),
+        (image, "--out: {out!r} is the input --image"),
+        (blocker, "--out: {out!r} exists and is not a PNG written by predict"),
     ):
         result = runner.invoke(cli, base + ["--point", "3,3", "--out", str(out), "--overlay", ""])
-        assert result.exit_code == 1 and f"cannot write {str(out)!r}" in result.output, result.output
-        assert expected in result.output
+        assert result.exit_code == 1 and expected.format(out=str(out)) in result.output, result.output
     result = runner.invoke(
         cli, base + ["--point", "3,3", "--out", str(tmp_path / "m.png"), "--overlay", str(blocker / "o.png")]
     )
