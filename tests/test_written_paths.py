@@ -280,3 +280,13 @@ def test_an_output_of_an_earlier_version_is_recognised_by_the_param_it_records(p
 
     for stage, (key, ours) in owner.items():
         assert is_own_folder(folder, Owner(stage, key, "data/evaluate"), ["evaluate"]) is ours
+
+
+def test_export_teacher_never_puts_its_cache_in_the_project_or_a_stage_output(project):
+    from picosam_pipeline.teacher.sam2_onnx import export_teacher
+
+    _evaluation_folder("data/evaluate")
+    for folder, said in ((".", "is the project folder"), ("data/evaluate/onnx", "lies inside .*the output of stage")):
+        with pytest.raises(PipelineError, match=f"teacher.onnx_dir: '{folder}' {said}"):
+            export_teacher(load_config(PARAMS, [f"teacher.onnx_dir={folder}"]).teacher, None)
+    assert sorted(p.name for p in (project / "data/evaluate").iterdir()) == ["config.resolved.json"]

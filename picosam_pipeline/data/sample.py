@@ -444,4 +444,6 @@ def _reset_out_dir(out: Path) -> None:
             "choose an empty or new folder with --set sample.out_dir=PATH"
         )
     for p in out.iterdir():
+        if p.name == "config.resolved.json":
+            continue  # the stage output's marker, written first: a killed run's folder stays recognisable as its own
         shutil.rmtree(p) if p.is_dir() else p.unlink()

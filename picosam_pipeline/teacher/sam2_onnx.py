@@ -39,6 +39,7 @@ from picosam_pipeline.errors import PipelineError, require_extra
 from picosam_pipeline.teacher.base import OneImageAtATime, TeacherOutput, as_rows, check_rgb
 from picosam_pipeline.teacher.sam2_predictor import build_sam2_model
 from picosam_pipeline.teacher.weights import checkpoint_or_none, package_version
+from picosam_pipeline.written_paths import check_stage_path
 
 ENCODER_FILE, DECODER_FILE, MANIFEST_FILE = "encoder.onnx", "decoder.onnx", "export.json"
 OPSET = 17  # the dynamo exporter needs onnxscript (not installed); the TorchScript exporter at opset 17 works
@@ -124,6 +125,11 @@ def export_teacher(cfg: TeacherConfig, runtime: Runtime) -> Path:
         raise PipelineError(
             "teacher.backend=onnxruntime exports SAM2 / SAM2.1 models only; use teacher.backend=torch for sam3"
         )
+    # The cache may not be the project, its files or inside a stage's output (written_paths.py); an export never
+    # replaces a folder: it is renamed into place only where none is.
+    check_stage_path(
+        None, "export-teacher", "teacher.onnx_dir", cfg.onnx_dir, "set teacher.onnx_dir to a folder of its own"
+    )
     target = export_dir(cfg, runtime.seed)
     if (target / MANIFEST_FILE).is_file():
         check_export(target)

@@ -177,7 +177,11 @@ def test_stage_writes_a_store_that_verify_logits_accepts_against_pytorch(tmp_pat
     for backend in ("torch", "onnxruntime"):
         out = tmp_path / backend / "logits.zarr"
         cfg = config(
-            tmp_path, sets, f"teacher.backend={backend}", f"teacher.out={out}", f"runtime.metrics_dir={out.parent}"
+            tmp_path,
+            sets,
+            f"teacher.backend={backend}",
+            f"teacher.out={out}",
+            f"runtime.metrics_dir={out.parent / 'metrics'}",
         )
         teacher_logits.run(cfg, resolve_runtime(cfg.runtime))
         stores[backend] = open_store(out)

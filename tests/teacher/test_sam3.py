@@ -94,9 +94,10 @@ def test_point_prompts_need_the_instance_path():
 
 
 def run_stage(root, sets, out, *more):
-    cfg = config(root, sets, f"teacher.out={out}", f"runtime.metrics_dir={out.parent}", *more)
+    metrics = out.parent / "metrics"  # beside the store, not around it: a stage never writes inside its metrics folder
+    cfg = config(root, sets, f"teacher.out={out}", f"runtime.metrics_dir={metrics}", *more)
     teacher_logits.run(cfg, resolve_runtime(cfg.runtime))
-    return cfg, stage_figures(out.parent)
+    return cfg, stage_figures(metrics)
 
 
 @pytest.fixture(autouse=True)

@@ -42,7 +42,7 @@ def test_sigkill_then_rerun_gives_the_store_of_an_uninterrupted_run(tmp_path, mo
     sets = tiny_project(tmp_path, 2)
     monkeypatch.chdir(tmp_path)
     clean = tmp_path / "clean" / "logits.zarr"
-    cfg = config(tmp_path, sets, f"teacher.out={clean}", f"runtime.metrics_dir={clean.parent}")
+    cfg = config(tmp_path, sets, f"teacher.out={clean}", f"runtime.metrics_dir={clean.parent / 'metrics'}")
     teacher_logits.run(cfg, resolve_runtime(cfg.runtime))
 
     # `run-stage teacher-logits` runs the passes of params.yaml's `teachers`: the one pass sam2 writes its store here

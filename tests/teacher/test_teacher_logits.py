@@ -414,11 +414,12 @@ def test_real_teacher_in_process_and_on_dask_write_identical_stores(tmp_path, mo
     stores = {}
     for executor in ("local", "dask"):
         out = tmp_path / executor / "logits.zarr"
+        metrics_dir = out.parent / "metrics"
         cfg = config(
-            tmp_path, sets, f"teacher.executor={executor}", f"teacher.out={out}", f"runtime.metrics_dir={out.parent}"
+            tmp_path, sets, f"teacher.executor={executor}", f"teacher.out={out}", f"runtime.metrics_dir={metrics_dir}"
         )
         teacher_logits.run(cfg, resolve_runtime(cfg.runtime))
-        metrics = stage_figures(out.parent)
+        metrics = stage_figures(metrics_dir)
         assert (metrics["executor"], metrics["shards_computed"], metrics["random_weights"]) == (executor, 3, True)
         # local: the 3 shards are one stream of images, one encoder pass; dask on a CPU: one task per shard
         assert metrics["encoder_passes"] == (1 if executor == "local" else 3)
