@@ -1,5 +1,6 @@
 # The commands of the README:
-#   make repro     run the DVC pipeline on the built-in sample (creates/refreshes .venv first)
+#   make repro     run the DVC pipeline on the built-in sample (creates/refreshes .venv first), then print each
+#                  stage's headline numbers in one table (picosam-pipeline summary)
 #   make test      the fast tests: unit tests and one small end-to-end run, not those marked slow (-m "not slow";
 #                  at most 5 min on 2 cores; creates/refreshes .venv first)
 #   make test-all  every test, the slow ones too (what CI runs, .ci/run; creates/refreshes .venv first)
@@ -15,7 +16,7 @@
 #                etc. On the node: `make env WHEELHOUSE=DIR` (a venv over the node's torch, pip offline)
 #   make bench-gpu    every GPU figure of issue 33 in one call, within BUDGET_S seconds (default 540): one table of
 #                the device, versions and each figure next to its goal (bench/gpu_suite.py; no CUDA: says so, exits 2)
-# Every installed file is checked against the lock's sha256 hashes (README, "Install"). The torch build is chosen
+# Every installed file is checked against the lock's sha256 hashes (docs/install.md). The torch build is chosen
 # by scripts/install.sh and named in its last line (the venv's; else CUDA where nvidia-smi sees a GPU; else PyTorch's
 # CPU build where a locked file of it is reachable; else the registry's build, which runs on a CPU too);
 # `make env TORCH=cpu` or `TORCH=cuda` forces one. PYTHON=python3.12 picks the interpreter of a new .venv.
@@ -46,6 +47,7 @@ lock:
 
 repro: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro
+	$(VENV)/bin/picosam-pipeline summary
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 
 import click
 
@@ -111,23 +112,26 @@ def cli() -> None:
 
     Each pipeline stage is run with `run-stage NAME` (what `dvc repro` calls); `stages` lists them.
     `init DIR` makes a new project there (dvc.yaml, params.yaml, data/) for `dvc repro`, no clone needed.
-    The commands that read params (run-stage, export-teacher, doctor) read params.yaml in the working
-    directory unless given --params; the others take what they need as options. Every command exits
-    non-zero with a one-paragraph message on bad input; warnings go to stderr. `doctor` checks what this
-    machine can run. Shell completion (stage names included): see `completion --help`.
+    The commands that read params (run-stage, export-teacher, doctor, summary, check-params) read
+    params.yaml in the working directory unless given --params; the others take what they need as options.
+    Every command exits non-zero with a one-paragraph message on bad input; warnings go to stderr. `doctor`
+    checks what this machine can run. Shell completion (stage names included): see `completion --help`.
     """
 
 
 @cli.command("stages")
 def stages_cmd() -> None:
     """List the pipeline stages in order: params sections read, inputs, outputs."""
+    import shutil
+    import textwrap
+
     from picosam_pipeline.stages import STAGES
 
-    width = max(len(n) for n in STAGES)
+    columns = max(shutil.get_terminal_size((100, 24)).columns, 60)
     for spec in STAGES.values():
-        click.echo(
-            f"{spec.name:<{width}}  [{', '.join(spec.sections)}]  reads: {spec.reads}  ->  writes: {spec.writes}"
-        )
+        click.echo(f"{spec.name}  (params: {', '.join(spec.sections)})")
+        for label, text in (("reads", spec.reads), ("writes", spec.writes)):
+            click.echo(textwrap.fill(text, columns, initial_indent=f"  {label:<7}", subsequent_indent=" " * 9))
 
 
 @cli.command("params-schema")
@@ -181,6 +185,44 @@ def params_schema_cmd(output: str, check: bool) -> None:
         )
         atomic_write_bytes(output, text.encode("utf-8"))
         click.echo(f"wrote {output}")
+
+
+@cli.command("plots")
+@click.argument("revs", nargs=-1, metavar="[REV...]")
+@click.option(
+    "--output",
+    "-o",
+    default="data/plots.html",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Where to write the page.",
+)
+@click.option(
+    "--js-dir",
+    default=None,
+    type=click.Path(file_okay=False, exists=True),
+    help="A folder with vega.min.js, vega-lite.min.js and vega-embed.min.js to inline (default: vl-convert-python's "
+    "bundle).",
+)
+def plots_cmd(revs: tuple[str, ...], output: str, js_dir: str | None) -> None:
+    """Write the project's DVC plots as one HTML page that renders offline.
+
+    The plots of dvc.yaml as `dvc plots show` fills them (`dvc plots diff REV...` when given revisions: git
+    revisions or experiment names), with Vega, Vega-Lite and vega-embed and the images inside the page itself: it
+    opens in any browser with no network (DVC's own page loads Vega from a CDN). Run it in the project.
+    """
+    from pathlib import Path
+
+    from picosam_pipeline.outputs import atomic_write_bytes
+    from picosam_pipeline.plot_page import is_plot_page, make_page
+    from picosam_pipeline.written_paths import check_output_file
+
+    check_output_file("plots", "--output", output, recognise=is_plot_page, what="plot page")
+    text, plots = make_page(Path("."), revs, Path(js_dir) if js_dir else None)
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(output, text.encode("utf-8"))
+    missing = [p.id for p in plots if p.errors]
+    click.echo(f"wrote {output}: {len(plots)} plots" + (f"; missing data for {', '.join(missing)}" if missing else ""))
 
 
 def _complete_stage(ctx: click.Context, param: click.Parameter, incomplete: str) -> list:
@@ -280,8 +322,12 @@ def run_stage_cmd(name: str, params_path: str, overrides: tuple[str, ...], on_lo
 
     stage, _, pass_name = name.partition("@")
     if stage not in STAGES:
+        import difflib
+
+        close = difflib.get_close_matches(stage, list(STAGES), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
         raise PipelineError(
-            f"unknown stage {name!r}; the stages are: {', '.join(STAGES)} (see `picosam-pipeline stages`)"
+            f"unknown stage {name!r}; {hint}the stages are: {', '.join(STAGES)} (see `picosam-pipeline stages`)"
         )
     if pass_name and stage != "teacher-logits":
         raise PipelineError(
@@ -298,11 +344,13 @@ def run_stage_cmd(name: str, params_path: str, overrides: tuple[str, ...], on_lo
             configs = {f"{stage}@{n}": cfg.teacher_pass(n) for n in ([pass_name] if pass_name else cfg.teachers)}
         runtime = resolve_runtime(cfg.runtime)
         click.echo(f"[{name}] device {runtime.describe()}", err=True)
+        from picosam_pipeline.summary import stage_line
+
         run = STAGES[stage].load()
         for label, stage_cfg in configs.items():
             start = time.perf_counter()
             summary = run(stage_cfg, runtime)
-            click.echo(f"[{label}] done in {time.perf_counter() - start:.1f} s: {summary}", err=True)
+            click.echo(stage_line(label, time.perf_counter() - start, summary), err=True)
     except BaseException as err:
         if not _caused_by_ctrl_c(err):
             raise
@@ -561,9 +609,7 @@ def inspect_cmd(path: str, scan: int) -> None:
             + ("\n  ..." if len(failing) > 20 else "")
             + "\nRerun the teacher stage (it rewrites exactly these shards), or `dvc checkout` / `dvc pull` the store"
         )
-    click.echo(
-        f"digests     all {int(store.done_shards().sum())} complete shards match their recorded sha256", err=True
-    )
+    click.echo(f"digests     all {int(store.done_shards().sum())} complete shards match their recorded sha256")
     report, random_weights = format_store_summary(store, summarize_store(store, max_scan=scan))
     click.echo(report)
     if random_weights:
@@ -572,6 +618,39 @@ def inspect_cmd(path: str, scan: int) -> None:
             "tests, useless for distillation. Fetch the checkpoint and rerun the teacher stage.",
             err=True,
         )
+
+
+@cli.command("check-params")
+@click.option("--params", "params_path", default="params.yaml", show_default=True, help=PARAMS_HELP)
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help=SET_HELP)
+@click.option(
+    "--stamp",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Also write this file when the params pass (what dvc.yaml's first stage writes: every stage depends on it, "
+    "so DVC stops at a bad params file before it removes any stage's output).",
+)
+def check_params_cmd(params_path: str, overrides: tuple[str, ...], stamp: str | None) -> None:
+    """Check the whole params file before any stage runs: every section, every teacher pass, the recipe's pairing
+    of student and crops, and every path a stage writes (against the project and each other).
+
+    `dvc repro` and `dvc exp run` run it first (stage check-params), so a mistake in a later stage's params
+    (`-S train.student=picosam2` under recipe picosam3) stops the run before DVC removes any output.
+    """
+    from pathlib import Path
+
+    from picosam_pipeline.config import load_config
+    from picosam_pipeline.outputs import atomic_write_bytes
+    from picosam_pipeline.written_paths import check_config_paths
+
+    cfg = load_config(params_path, overrides)
+    for name in cfg.teachers:
+        cfg.teacher_pass(name)
+    check_config_paths(cfg)
+    click.echo(f"{params_path}: every section, teacher pass, pairing and written path checked", err=True)
+    if stamp:
+        Path(stamp).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(stamp, b"params checked by picosam-pipeline check-params\n")
 
 
 @cli.command("doctor")
@@ -590,6 +669,26 @@ def doctor_cmd(params_path: str, overrides: tuple[str, ...]) -> None:
     click.echo(format_checks(checks))
     if any(c.status == "fail" for c in checks):
         sys.exit(1)
+
+
+@cli.command("summary")
+@click.option("--params", "params_path", default="params.yaml", show_default=True, help=PARAMS_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (every row with its metrics).")
+def summary_cmd(params_path: str, as_json: bool) -> None:
+    """Print the headline numbers of every stage that has run, one row per stage, in 100 columns.
+
+    Reads metrics/<stage>.json (runtime.metrics_dir) and, where needed, each stage's report.json and
+    config.resolved.json: per stage the one to three numbers that matter and where they came from (dataset,
+    recipe, teacher model); a stage without metrics is "not run". A banner on top says when a teacher had
+    random weights (a smoke test). `make repro` ends with it.
+    """
+    import json
+
+    from picosam_pipeline.config import load_config
+    from picosam_pipeline.summary import format_summary, summarize
+
+    summary = summarize(load_config(params_path))
+    click.echo(json.dumps(summary.to_dict(), indent=1) if as_json else format_summary(summary))
 
 
 @cli.command("completion")
@@ -709,6 +808,10 @@ def predict_cmd(
     point_xy = _numbers(point, 2, "--point", "X,Y")
     if (box_xywh is None) == (point_xy is None):
         raise click.UsageError("give exactly one prompt: --box X,Y,W,H or --point X,Y")
+    from picosam_pipeline.untrusted import require_regular_file
+
+    # before the model loads, in this command's words (the stages' message for a missing image names a dataset split)
+    require_regular_file(image_path, f"--image {image_path!r}")
     if model_path is None:
         from pathlib import Path
 
@@ -846,8 +949,22 @@ def verify_logits_cmd(
         sys.exit(1)
 
 
+# Third-party warnings that say nothing the user can act on: torch's tracer warnings while MCT and the ONNX export
+# trace the student (the export stage checks the traced graph against the torch model itself).
+_NOISE = ("TracerWarning",)
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one line, ``warning: TEXT (Category)``: the user's words, not the source line that raised it
+    (nothing for :data:`_NOISE`; matched by name so that the CLI does not import torch to start)."""
+    if category.__name__ in _NOISE:
+        return ""
+    return f"warning: {message} ({category.__name__})\n"
+
+
 def main() -> None:
     """Console-script entry point."""
+    warnings.formatwarning = _one_line_warning
     try:
         with _recording_ctrl_c():
             cli(standalone_mode=True)

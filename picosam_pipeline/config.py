@@ -392,8 +392,9 @@ def _explain(errors: list[dict[str, Any]], cls: type, prefix: str) -> str:
         where, _, name = key.rpartition(".")
         accepted = sorted(f.name for f in dataclasses.fields(spot.owner))
         close = difflib.get_close_matches(name, accepted, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        return f"{key}: unknown key{hint}; {where or 'params'} accepts {accepted}"
+        if close:  # the likely fix alone: the whole list would bury it
+            return f"{key}: unknown key; did you mean {where + '.' if where else ''}{close[0]}?"
+        return f"{key}: unknown key; {where or 'params'} accepts {accepted}"
     if kind == "missing":
         return f"{key}: required key is missing"
     if kind == "finite_number" or (kind == "float_type" and type(value) is int):  # an int too big for a float

@@ -1,10 +1,10 @@
 """``picosam-pipeline doctor``: what this machine can run, checked before a stage finds out.
 
 Each check is a :class:`Check` with a status: ``ok``, ``warn`` (the pipeline runs, but without something: no CUDA,
-random teacher weights allowed) or ``fail`` (a stage that params.yaml asks for will stop). The checks are cheap (no
-model is built): the Python packages of each extra (``errors.EXTRAS``), the teacher checkpoint of every teacher pass
-in the params, CUDA through torch, the IMX500 converter (``imxconv-pt``) and the Java 17 it needs
-(``deploy/imx500.py``).
+random teacher weights allowed) or ``fail`` (a stage that params.yaml asks for will stop), and the fix where there is
+one. The checks are cheap (no model is built): the Python packages of each extra (``errors.EXTRAS``), the dataset
+and the teacher checkpoint of every teacher pass in the params, CUDA through torch (and how to get a CUDA build),
+the IMX500 converter (``imxconv-pt``) and the Java 17 it needs (``deploy/imx500.py``).
 """
 
 from __future__ import annotations
@@ -66,9 +66,31 @@ def check_torch() -> list[Check]:
         if torch.version.cuda is None
         else f"torch built for CUDA {torch.version.cuda}, no GPU visible"
     )
+    fix = (
+        "for a GPU build, `make env TORCH=cuda` in a fresh .venv (docs/gpu.md)"
+        if torch.version.cuda is None
+        else "check the driver with `nvidia-smi` and CUDA_VISIBLE_DEVICES"
+    )
     return [
-        Check("CUDA", "warn", f"torch {torch.__version__}: {why}; every stage runs on the CPU (slowly for the teacher)")
+        Check(
+            "CUDA",
+            "warn",
+            f"torch {torch.__version__}: {why}; every stage runs on the CPU (slowly for the teacher); {fix}",
+        )
     ]
+
+
+def dataset_checks(cfg) -> list[Check]:
+    """The dataset params.yaml names: its annotation files and image folders (``prepare.splits``)."""
+    from picosam_pipeline.datasets import missing_dataset_message
+
+    name, folder = cfg.dataset.name, cfg.dataset.folder
+    missing = [p for s in cfg.prepare.splits for p in (s.annotations, s.images) if not Path(p).exists()]
+    if not missing:
+        splits = ", ".join(s.name for s in cfg.prepare.splits)
+        return [Check(f"dataset {name}", "ok", f"{folder}: splits {splits}")]
+    status = "warn" if name == "sample" else "fail"  # the sample stage builds it on the first `make repro`
+    return [Check(f"dataset {name}", status, missing_dataset_message(name, folder, missing[0]))]
 
 
 def check_teachers(params: str | None, overrides: tuple[str, ...] = ()) -> list[Check]:
@@ -82,7 +104,7 @@ def check_teachers(params: str | None, overrides: tuple[str, ...] = ()) -> list[
     except PipelineError as err:
         return [Check("params", "fail", str(err))]
     passes = {name: cfg.teacher_pass(name).teacher for name in cfg.teachers} or {"teacher": cfg.teacher}
-    out = [Check("params", "ok", f"{params or 'defaults'}: teacher passes {', '.join(passes)}")]
+    out = [Check("params", "ok", f"{params or 'defaults'}: teacher passes {', '.join(passes)}"), *dataset_checks(cfg)]
     for name, t in passes.items():
         label = f"teacher {name} ({t.model})"
         if t.checkpoint and Path(t.checkpoint).is_file():
@@ -145,6 +167,25 @@ def run_checks(params: str | None, overrides: tuple[str, ...] = ()) -> list[Chec
     return [*check_extras(), *check_torch(), *check_teachers(params, overrides), *check_converter()]
 
 
-def format_checks(checks: list[Check]) -> str:
+def format_checks(checks: list[Check], columns: int | None = None) -> str:
+    """One check per line (status, name, detail), the detail wrapped to ``columns`` (default: the terminal's)."""
+    import shutil
+    import textwrap
+
     width = max(len(c.name) for c in checks)
-    return "\n".join(f"{c.status.upper():<4}  {c.name:<{width}}  {c.detail}" for c in checks)
+    columns = columns or shutil.get_terminal_size((120, 24)).columns
+    indent = " " * (4 + 2 + width + 2)
+    lines = []
+    for c in checks:
+        head = f"{c.status.upper():<4}  {c.name:<{width}}  "
+        lines.append(
+            textwrap.fill(
+                c.detail,
+                max(columns, len(indent) + 40),
+                initial_indent=head,
+                subsequent_indent=indent,
+                break_on_hyphens=False,
+                break_long_words=False,
+            )
+        )
+    return "\n".join(lines)

@@ -332,7 +332,8 @@ explains every command.
 
 ```bash
 dvc metrics show                # the headline numbers of every stage (metrics/*.json)
-dvc plots show                  # training curves and evaluation plots (dvc_plots/index.html)
+picosam-pipeline summary        # every stage's headline numbers and provenance, one table
+picosam-pipeline plots          # every plot in one page that opens offline (data/plots.html)
 picosam-pipeline inspect data/teacher/stores/sam2.zarr       # the stored teacher logits
 picosam-pipeline predict --image photo.jpg --box 40,30,120,90 # the trained student on an image
 ```

@@ -11,8 +11,18 @@ given a value keeps it (an individual override, e.g. ``train.temperature: 0.5`` 
 * :data:`FULL_RUN`: the papers' training settings for a run on COCO: one epoch (``train.steps: epoch``, resolved
   from the train shards' size by the train stage), 1000 warm-up steps, batch 8 (PicoSAM2) / 64 (PicoSAM3),
   AdamW 3e-4, constant schedule, no gradient clipping. Val IoU every ~64k samples (the best checkpoint's grain).
-* :data:`SAMPLE_RUN`: the built-in sample's short run (300 steps of batch 8, 30 warm-up steps), which
-  ``recipe.size: auto`` picks for ``dataset.name: sample`` and ``full`` otherwise.
+* :data:`SAMPLE_RUN`: a short run that trains on any dataset (300 steps of batch 8, 30 warm-up steps).
+
+``recipe.size: auto`` chooses by the size of the train split, not by the dataset's name: ``full`` when one epoch
+of the papers' run lasts at least twice its warm-up (:func:`size_for_samples`: PicoSAM3 at batch 64 needs 128,000
+train instances, PicoSAM2 at batch 8 16,000; COCO 2017 has ~860,000), else ``sample``. A smaller dataset under
+the full run would end inside its 1,000 warm-up steps with an untrained student. The size is known only once the
+shards are packed, so :func:`apply_recipe` fills the size keys provisionally (``sample`` for ``dataset.name:
+sample``, ``full`` otherwise) and the train stage settles them on the train shards' sample count
+(:func:`settle_auto_size`); the built-in sample (a few dozen instances) stays ``sample`` either way.
+:data:`MIN_TRAIN_STEPS` is the shortest run the trainer accepts without warning that the student is untrained; the
+functions at the end carry that flag from the student checkpoint through the ONNX files of quantize, export and
+package (each of which says it again, :mod:`picosam_pipeline.untrained`).
 
 ``recipe.name: custom`` applies nothing and allows any student on any crops (ablations); it is what a params file
 without a ``recipe`` section gets (the dataclass defaults in ``config.py`` are PicoSAM3's sample run).
@@ -74,6 +84,12 @@ SAMPLE_RUN: dict[str, Any] = {
     "train.checkpoint_every": 100,
 }
 
+# The shortest run that trains measurably: the sample's student goes from val IoU 0.394 (step 0) to 0.542 in its
+# first 100 steps of batch 8. Shorter runs (or runs that end inside their warm-up) are flagged untrained.
+MIN_TRAIN_STEPS = 100
+# recipe.size auto: full when one epoch of the papers' run has at least this many times its warm-up steps.
+FULL_RUN_WARMUPS_PER_EPOCH = 2
+
 # Every key a recipe may fill: params.yaml writes them as `auto` (so DVC tracks them and an override shows).
 RECIPE_KEYS = tuple(dict.fromkeys([*RECIPES["picosam3"], *FULL_RUN["picosam3"], *SAMPLE_RUN]))
 
@@ -83,7 +99,8 @@ class RecipeError(ValueError):
 
 
 def recipe_values(name: str, size: str, dataset_name: str) -> dict[str, Any]:
-    """The ``{section.key: value}`` a recipe fills for ``size`` (``auto``: sample for the sample dataset, else full)."""
+    """The ``{section.key: value}`` a recipe fills for ``size`` (``auto``: provisionally sample for the sample
+    dataset, else full; the train stage settles it on the dataset's size, :func:`settle_auto_size`)."""
     if name not in RECIPE_NAMES:
         raise RecipeError(f"recipe.name: expected one of {list(RECIPE_NAMES)}, got {name!r}")
     if size not in SIZES:
@@ -91,8 +108,49 @@ def recipe_values(name: str, size: str, dataset_name: str) -> dict[str, Any]:
     if name == "custom":
         return {}
     if size == AUTO:
-        size = "sample" if dataset_name == "sample" else "full"
-    return {**RECIPES[name], **(SAMPLE_RUN if size == "sample" else FULL_RUN[name])}
+        size = provisional_size(dataset_name)
+    return {**RECIPES[name], **size_values(name, size)}
+
+
+def provisional_size(dataset_name: str) -> str:
+    """What ``recipe.size: auto`` stands for before the dataset's size is known: sample for the built-in sample."""
+    return "sample" if dataset_name == "sample" else "full"
+
+
+def size_values(name: str, size: str) -> dict[str, Any]:
+    """The training keys of ``size`` (sample | full) under recipe ``name`` (picosam2 | picosam3)."""
+    return dict(SAMPLE_RUN if size == "sample" else FULL_RUN[name])
+
+
+def full_run_min_samples(name: str) -> int:
+    """The fewest train instances for which ``recipe.size: auto`` picks the papers' full run under recipe ``name``:
+    one epoch at its batch size must last :data:`FULL_RUN_WARMUPS_PER_EPOCH` times its warm-up steps."""
+    full = FULL_RUN[name]
+    return FULL_RUN_WARMUPS_PER_EPOCH * full["train.warmup_steps"] * full["train.batch_size"]
+
+
+def size_for_samples(name: str, train_samples: int) -> str:
+    """``recipe.size: auto`` for a train split of ``train_samples`` instances: full or sample."""
+    return "full" if train_samples >= full_run_min_samples(name) else "sample"
+
+
+def settle_auto_size(
+    name: str, dataset_name: str, train_samples: int, current: dict[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    """``recipe.size: auto`` settled on the train split's size: ``(size, {section.key: new value})``.
+
+    ``current`` holds the size keys as :func:`apply_recipe` left them (the provisional size's values, or the
+    params' own). When the dataset's size calls for the other size, every key still at the provisional value
+    takes the chosen size's; a key the params set to another value keeps it (one set to that very value is taken
+    for the recipe's: ``recipe.size: sample`` or ``full`` settles it). The answer is empty when nothing changes
+    (always for the built-in sample).
+    """
+    size = size_for_samples(name, train_samples)
+    provisional = provisional_size(dataset_name)
+    if size == provisional:
+        return size, {}
+    was, now = size_values(name, provisional), size_values(name, size)
+    return size, {key: now[key] for key, value in was.items() if current.get(key) == value and now[key] != value}
 
 
 def apply_recipe(raw: dict[str, Any]) -> dict[str, str]:

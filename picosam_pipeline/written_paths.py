@@ -238,6 +238,25 @@ def check_stage_path(cfg: Config | None, stage: str, key: str, path: str | Path,
         )
 
 
+def check_predictions_file(write_predictions: str | None, out_dir: str) -> None:
+    """Refuse ``evaluate.write_predictions`` outside ``evaluate.out_dir``: the evaluate stage writes only into its
+    own folder, so the prediction files are part of its output (never params.yaml, an index, a user's file)."""
+    if write_predictions and Path(out_dir) not in Path(write_predictions).parents:
+        raise PipelineError(
+            f"evaluate.write_predictions: {write_predictions!r} is not inside evaluate.out_dir ({out_dir!r}); the "
+            "evaluate stage writes only into its own folder, so the prediction files are part of its output; set it "
+            f"to a file name there, e.g. {str(Path(out_dir) / 'predictions.json')!r}"
+        )
+
+
+def check_config_paths(cfg: Config) -> None:
+    """Every path the config's stages write, checked against the project and against each other (what each stage
+    checks of its own paths when it starts, for all of them at once: ``picosam-pipeline check-params``)."""
+    check_predictions_file(cfg.evaluate.write_predictions, cfg.evaluate.out_dir)
+    for written in stage_paths(cfg):
+        check_stage_path(cfg, written.stage, written.key, written.path, f"set {written.key} to a path of its own")
+
+
 # --------------------------------------------------------------------------------------------------
 # the commands' files
 

@@ -2,7 +2,7 @@
 # Create or refresh the project's virtual environment from the hash-locked requirements. Idempotent; `make env`
 # calls it when requirements/*, pyproject.toml or this script changed.
 #
-# Every file pip installs is checked against a lock (see docs in README, "Install"): requirements/lock-cpu.txt or
+# Every file pip installs is checked against a lock (see docs/install.md): requirements/lock-cpu.txt or
 # requirements/lock-cuda.txt, written by `make lock`, list the sha256 of every file of every pinned release for
 # every supported Python (3.11-3.13), and pip runs with --require-hashes, so a file whose hash is not listed stops
 # the install. Order matters:

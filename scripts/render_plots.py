@@ -1,21 +1,20 @@
-"""Render `dvc plots show` in headless Chromium and check that every plot drew something.
+"""Render the offline plot page (`picosam-pipeline plots`) in headless Chromium and check every plot drew something.
 
-    .venv/bin/python scripts/render_plots.py [--repo .] [--out data/plots_render] [--js-dir DIR]
+    .venv/bin/python scripts/render_plots.py [--repo .] [--out data/plots_render] [--js-dir DIR] [--expect ID...]
 
-Runs ``dvc plots show`` in ``--repo`` with an HTML template that loads Vega, Vega-Lite and vega-embed from local
-files (``--js-dir``; by default ``npm pack`` fetches the versions DVC's own page uses from the npm registry into
-``~/.cache/picosam-pipeline/vega``) instead of a CDN, and draws every plot as SVG. Chromium (Debian's ``chromium``)
-then loads the page twice: ``--dump-dom`` to count the drawn marks (bars, points, line segments) of each plot, and
-``--screenshot`` for a person to look at (``<out>/screenshot.png``). Prints one line per plot and exits 1 when a
-Vega plot drew no mark or an image plot is missing; exits 2 (and says why) when Chromium or the scripts are not
-to be had.
+Builds the page of ``--repo``'s plots with :mod:`picosam_pipeline.plot_page` (Vega, Vega-Lite and vega-embed
+inlined: from ``--js-dir``, vl-convert-python, or else the versions DVC's own page uses, fetched once with ``npm
+pack`` into ``~/.cache/picosam-pipeline/vega``). Chromium (Debian's ``chromium``) then loads the page twice with no
+network: ``--dump-dom`` to count the drawn marks (bars, points, lines) of each plot and the decoded images, and
+``--screenshot`` for a person to look at (``<out>/screenshot.png``). Prints the marks per plot id and exits 1 when a
+plot drew nothing or an expected one is missing; exits 2 (and says why) when Chromium or the scripts are not to be
+had.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -24,38 +23,14 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-# The versions `dvc plots show` loads from its CDN (dvc_render/vega.py).
+from picosam_pipeline import plot_page
+
+# The versions `dvc plots show` loads from its CDN (dvc_render/vega.py): the fallback when vl-convert is absent.
 VEGA_PACKAGES = {
     "vega": ("5.20.2", "build/vega.min.js"),
     "vega-lite": ("5.2.0", "build/vega-lite.min.js"),
     "vega-embed": ("6.18.2", "build/vega-embed.min.js"),
 }
-CACHE = Path.home() / ".cache" / "picosam-pipeline" / "vega"
-
-TEMPLATE = (
-    """<!DOCTYPE html>
-<html>
-<head>
-  <meta charset="utf-8">
-  <title>picosam-pipeline plots</title>
-  <script src="{js}/vega.min.js"></script>
-  <script src="{js}/vega-lite.min.js"></script>
-  <script src="{js}/vega-embed.min.js"></script>
-  <script>
-    // SVG instead of canvas, so that the drawn marks are in the DOM and can be counted.
-    const embedWith = vegaEmbed;
-"""
-    '    window.vegaEmbed = (el, spec, opts) => embedWith(el, spec, Object.assign({{renderer: "svg", actions: false}}, '
-    "opts || {{}}));\n"
-    """  </script>
-  <style>body {{ font-family: sans-serif; }} div {{ margin: 6px; }}</style>
-</head>
-<body>
-{{plot_divs}}
-</body>
-</html>
-"""
-)
 
 
 class Unavailable(Exception):
@@ -69,17 +44,14 @@ def chromium() -> str:
     raise Unavailable("no headless Chromium on PATH (Debian: `apt-get install chromium`)")
 
 
-def vega_scripts(js_dir: Path | None) -> Path:
-    """A folder holding vega.min.js, vega-lite.min.js and vega-embed.min.js (fetched with `npm pack` when needed)."""
-    folder = js_dir or CACHE
+def npm_scripts(folder: Path = plot_page.JS_CACHE) -> Path:
+    """``folder`` holding vega.min.js, vega-lite.min.js and vega-embed.min.js, fetched with ``npm pack`` if needed."""
     wanted = {name: folder / Path(member).name for name, (_, member) in VEGA_PACKAGES.items()}
     if all(p.is_file() for p in wanted.values()):
         return folder
-    if js_dir is not None:
-        raise Unavailable(f"{js_dir} lacks {', '.join(p.name for p in wanted.values() if not p.is_file())}")
     npm = shutil.which("npm")
     if npm is None:
-        raise Unavailable("no npm to fetch the Vega scripts, and none in --js-dir")
+        raise Unavailable("no vl-convert-python, no npm to fetch the Vega scripts, and no --js-dir")
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         specs = [f"{name}@{version}" for name, (version, _) in VEGA_PACKAGES.items()]
@@ -94,21 +66,18 @@ def vega_scripts(js_dir: Path | None) -> Path:
     return folder
 
 
-def render(repo: Path, out: Path, js_dir: Path) -> Path:
-    """``dvc plots show`` into ``out`` with the local-scripts template; returns the page."""
+def render(repo: Path, out: Path, js_dir: Path | None) -> Path:
+    """The plot page of ``repo`` written to ``out/plots.html``; returns its path."""
+    try:
+        text, _ = plot_page.make_page(repo, js_dir=js_dir)
+    except plot_page.ScriptsUnavailable as why:
+        if js_dir is not None:
+            raise Unavailable(str(why)) from None
+        text, _ = plot_page.make_page(repo, js_dir=npm_scripts())
     out.mkdir(parents=True, exist_ok=True)
-    template = out / "template.html"
-    template.write_text(TEMPLATE.format(js=js_dir.resolve().as_uri()))
-    dvc = shutil.which("dvc", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    done = subprocess.run(
-        [dvc, "plots", "show", "-o", str(out / "page"), "--html-template", str(template)],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"dvc plots show failed:\n{done.stdout}\n{done.stderr}")
-    return out / "page" / "index.html"
+    page = out / "plots.html"
+    page.write_text(text, encoding="utf-8")
+    return page
 
 
 def browse(page: Path, *args: str) -> str:
@@ -119,6 +88,9 @@ def browse(page: Path, *args: str) -> str:
         "--disable-gpu",
         "--hide-scrollbars",
         "--virtual-time-budget=20000",
+        # no network at all: a page that still reached for a CDN would draw nothing here
+        "--proxy-server=127.0.0.1:9",
+        "--proxy-bypass-list=<-loopback>",
         *args,
         page.as_uri(),
     ]
@@ -128,25 +100,38 @@ def browse(page: Path, *args: str) -> str:
     return done.stdout
 
 
+def sections(dom: str) -> dict[str, str]:
+    """The plot sections of the rendered page: ``{plot id: its HTML}``."""
+    found = {}
+    for chunk in re.split(r'(?=<section class="plot")', dom)[1:]:
+        chunk = chunk.split("</section>", 1)[0]
+        found[re.search(r'data-plot-id="([^"]+)"', chunk).group(1)] = chunk
+    return found
+
+
 def count_marks(dom: str) -> dict[str, int]:
-    """Drawn marks per plot div of the rendered page: ``{div id: marks}`` (images count 1 when their file exists)."""
-    counts = {}
-    for chunk in re.split(r'(?=<div id=")', dom)[1:]:
-        plot_id = re.match(r'<div id="([^"]+)"', chunk).group(1)
-        marks = len(re.findall(r'role="graphics-symbol"', chunk))
-        if marks or "<img" not in chunk:  # an image plot's div: its file is checked in `check`
-            counts[plot_id] = marks
-    return counts
+    """Drawn marks per plot of the rendered page that has data, ``{plot id: marks}``: Vega's drawn items, or the
+    images that decoded (``data-loaded="1"``, set by the page)."""
+    return {
+        plot_id: len(re.findall(r'role="graphics-symbol"|data-loaded="1"', chunk))
+        for plot_id, chunk in sections(dom).items()
+        if 'data-status="no-data"' not in chunk.split(">", 1)[0]
+    }
+
+
+def without_data(dom: str) -> list[str]:
+    """The plots of the rendered page that DVC found no data for (not run yet, say): not drawn, not counted."""
+    return [plot_id for plot_id, chunk in sections(dom).items() if 'data-status="no-data"' in chunk.split(">", 1)[0]]
 
 
 def check(repo: Path, out: Path, js_dir: Path | None, width: int = 1500, height: int = 7000) -> dict[str, int]:
-    page = render(repo, out, vega_scripts(js_dir))
+    """Render ``repo``'s plot page into ``out`` and return its marks per plot (:func:`count_marks`)."""
+    page = render(repo, out, js_dir)
     dom = browse(page, "--dump-dom")
-    (out / "dom.html").write_text(dom)
+    (out / "dom.html").write_text(dom, encoding="utf-8")
     marks = count_marks(dom)
-    images = re.findall(r'<img[^>]+src="([^"]+)"', page.read_text())
-    for src in images:
-        marks[f"image {src}"] = int((page.parent / src).is_file())
+    if skipped := without_data(dom):
+        print(f"render_plots: no data (not drawn) for {', '.join(skipped)}", file=sys.stderr)
     browse(page, f"--screenshot={out / 'screenshot.png'}", f"--window-size={width},{height}")
     return marks
 

@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             + "\n  - ".join(problems)
             + f"\nDo not use this install: reinstall {manifest.distribution} from the lock "
             "(make env), or, if upstream moved on deliberately, rebuild the manifest from the new commit after "
-            "review (see the README's install notes).",
+            "review (see docs/install.md).",
             file=sys.stderr,
         )
         return 1

@@ -10,7 +10,8 @@ and ``probe.npz`` (val crops with the quantised torch model's logits). Writes, i
   convention the student was trained on (``crop``: PicoSAM3 box ROI or PicoSAM2 point window, with its parameters;
   the Raspberry Pi demo builds its inference ROI from it), and the onnxruntime checks;
 * ``report.json``: the checks and the file sizes; ``config.resolved.json``; and ``metrics/export.json``: the
-  headline (each ONNX file's mask agreement with the quantised torch model on the probe crops).
+  headline (each ONNX file's mask agreement with the quantised torch model on the probe crops; ``untrained_student:
+  true`` when quantize's files say the student is untrained, which is said on stderr too).
 
 Both files carry the contract in their ONNX ``metadata_props`` too (``picosam.*`` keys, beside MCT's). Each is run
 in onnxruntime on the probe crops (the MCTQ file, ~300x slower, on ``mctq_check_samples`` of them) and
@@ -26,9 +27,11 @@ from typing import Any
 
 from picosam_pipeline.config import Config
 from picosam_pipeline.deploy.onnx_contract import EXPORT_FILES, check_agreement, export_network
+from picosam_pipeline.deploy.onnx_export import EXPORT_MCTQ_FILE, METADATA_PREFIX, read_onnx_metadata
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.outputs import StageOutput
 from picosam_pipeline.reports import write_metrics
+from picosam_pipeline.untrained import metadata_training_warnings, untrained_flag, warn_untrained
 
 
 def output(cfg: Config) -> StageOutput:
@@ -52,8 +55,11 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     e = cfg.export
     with output(cfg) as work:
         exported = export_network(e.quantized_dir, work, mctq_check_samples=e.mctq_check_samples)
-        write_metrics(cfg, "export", exported.headline(), exported.run_facts())
+        # quantize's flag of an untrained student, kept in the ONNX metadata
+        untrained = metadata_training_warnings(read_onnx_metadata(work / EXPORT_MCTQ_FILE), METADATA_PREFIX)
+        write_metrics(cfg, "export", {**exported.headline(), **untrained_flag(untrained)}, exported.run_facts())
         check_agreement(
             exported, max_diff_steps=e.max_diff_steps, min_mask_agreement=e.min_mask_agreement, out_dir=e.out_dir
         )
-    return exported.summary()
+    warn_untrained("export", e.quantized_dir, untrained)
+    return {**exported.summary(), **untrained_flag(untrained)}

@@ -11,7 +11,8 @@ does not fit on the chip fails with the required and available bytes. Writes, in
   contract JSON and a README with the ``imx500-package`` step and the memory figures;
 * ``report.json``: the memory report, the converter's input and output tensors and its version;
 * ``config.resolved.json``; and ``metrics/package.json``: the headline, fits, chip memory utilisation and the INT8
-  model's bytes on the chip.
+  model's bytes on the chip; ``untrained_student: true`` when the export's ONNX metadata says the student is
+  untrained (also said on stderr: such a network segments little better than random weights).
 
 Every file of the folder is a function of the export and the params, so a rerun gives the same bytes (DVC's hash
 stays). What belongs to one run on one machine stays out of it: the converter's log (timestamps, absolute paths)
@@ -30,9 +31,11 @@ from typing import Any
 
 from picosam_pipeline.config import Config
 from picosam_pipeline.deploy.deploy_folder import package_network
+from picosam_pipeline.deploy.onnx_export import EXPORT_MCTQ_FILE, METADATA_PREFIX, read_onnx_metadata
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.outputs import StageOutput
 from picosam_pipeline.reports import RUN_LOG_DIR, write_metrics
+from picosam_pipeline.untrained import metadata_training_warnings, untrained_flag, warn_untrained
 
 CONVERTER_LOG = "package.converter.log"  # in <runtime.metrics_dir>/runs: per machine, git-ignored, not hashed by DVC
 
@@ -63,5 +66,18 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         package = package_network(
             p.export_dir, work, input_persistency=p.input_persistency, timeout_s=p.timeout_s, log_path=log_path
         )
-        write_metrics(cfg, "package", package.headline(), package.run_facts(log_path))
-    return package.summary()
+        untrained = _training_warnings(Path(p.export_dir) / EXPORT_MCTQ_FILE)
+        write_metrics(cfg, "package", {**package.headline(), **untrained_flag(untrained)}, package.run_facts(log_path))
+    warn_untrained("package", p.export_dir, untrained)
+    return {**package.summary(), **untrained_flag(untrained)}
+
+
+def _training_warnings(onnx_path: Path) -> list[str] | None:
+    """The trainer's warnings that quantize wrote into the network's ONNX metadata for an untrained student, else
+    None (also for a file that is not ONNX: the converter, which read it, is the one to say so)."""
+    from google.protobuf.message import DecodeError
+
+    try:
+        return metadata_training_warnings(read_onnx_metadata(onnx_path), METADATA_PREFIX)
+    except (OSError, DecodeError):
+        return None

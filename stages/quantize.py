@@ -18,8 +18,10 @@ this stage writes it, in ``quantize.out_dir``:
   evaluation report; the ONNX files carry the crop convention too (metadata ``picosam.crop``, JSON);
 * ``plots/by_size.csv``: float and INT8 crop mIoU per COCO size (a DVC plot);
 * ``config.resolved.json``; and ``metrics/quantize.json``: the headline (float and INT8 crop mIoU, the drop, whether
-  it is within quantize.max_miou_drop); ``report.json`` holds the full figures: float and INT8 side by side, their
-  difference, mask pixel agreement, INT8 weight bytes beside the papers' INT8 sizes, and the time of each step.
+  it is within quantize.max_miou_drop, and ``untrained_student: true`` for a student the trainer flagged untrained,
+  which is also said on stderr and carried by the ONNX files to export and package); ``report.json`` holds the full
+  figures: float and INT8 side by side, their difference, mask pixel agreement, INT8 weight bytes beside the papers'
+  INT8 sizes, and the time of each step.
 
 The work is ``picosam_pipeline/deploy/quantized_student.py``'s.
 """
@@ -65,5 +67,5 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         result = quantize_student(cfg.quantize, runtime, work)
         # Headline: float vs INT8 side by side and the drop; the full evaluation and weight counts are in report.json.
         write_metrics(cfg, "quantize", result.headline(), result.run)
-        result.warn_over_target()
+        result.warn()
     return result.summary()

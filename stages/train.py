@@ -10,10 +10,12 @@ and runs the loop of ``picosam_pipeline/train/trainer.py`` (the shards' checks, 
   at the end (``outputs.py``);
 * ``<train.state_dir>/checkpoint.pt`` (default ``<out_dir>.state``): the resumable state, outside the output;
 * ``<train.out_dir>/report.json``: student, target, steps, epochs, parameters, both val IoUs, the best step, the final
-  loss terms and lambda (mean of the last steps), world size, skipped shards;
-* ``metrics/train.json``: the headline, val IoU before (the untrained student) and after (samples/s, the share of
-  that time spent waiting for the loader, the loader workers and whether the student was compiled go to the run
-  log ``metrics/runs/train.jsonl``: a rate is not a result);
+  loss terms and lambda (mean of the last steps), world size, skipped shards, untrained and its warnings;
+* ``metrics/train.json``: the headline, val IoU before (the untrained student) and after, and ``untrained`` (its
+  warnings, a run too short to train or no val IoU gain, are said on stderr and carried by report.json and both
+  checkpoints, whose meta quantize, export and package read). Samples/s, the share of that
+  time spent waiting for the loader, the loader workers and whether the student was compiled go to the run log
+  ``metrics/runs/train.jsonl``: a rate is not a result;
 * ``metrics/train/``: the dvclive log (``train/live.py``): per step the loss, its terms and the learning rate, per
   evaluation the val IoU (plots for ``dvc plots show``), and ``metrics.json``, the live summary (step, last loss)
   that ``dvc exp show`` shows while the run trains.
@@ -41,6 +43,7 @@ from picosam_pipeline.train.shard_training import (
     check_shard_crops,
     read_pack_shards,
     resolve_train_config,
+    train_headline,
     train_report,
     train_run_facts,
     train_summary,
@@ -87,7 +90,8 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         shards = read_pack_shards(t.shards)  # PipelineError names the fix
         # before any work: the student and the crops must go together
         check_shard_crops(shards, student=t.student, recipe=cfg.recipe.name)
-        t = resolve_train_config(t, runtime.device.type, shards)  # auto resolved once, recorded as such
+        # auto resolved once (recipe.size by the train shards' size), recorded as such
+        t = resolve_train_config(t, runtime.device.type, shards, cfg.recipe, cfg.dataset.name)
         loaders = ShardLoaders(t, runtime, shards)
         data = loaders.train_data()
         # The resumable state lives outside the DVC output, so the output is only the result (and DVC's run cache
@@ -106,7 +110,7 @@ def run(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         report = train_report(t, shards, result, skipped_shards=loaders.skipped_shards)
         write_report(out_dir, report)
         # The step and the last loss are in the live summary (metrics/train/metrics.json); the rest in report.json.
-        headline = {k: report[k] for k in ("val_iou_before", "val_iou_after")}
+        headline = train_headline(report)
         write_metrics(cfg, "train", headline, train_run_facts(t, runtime, result, loader_workers=loaders.workers))
     return train_summary(result)
 

@@ -31,8 +31,10 @@ def test_stages_lists_every_stage_in_order():
     result = CliRunner().invoke(cli, ["stages"])
     assert result.exit_code == 0
     lines = result.output.strip().splitlines()
-    assert [line.split()[0] for line in lines] == list(STAGES)
-    assert all("reads:" in line and "writes:" in line for line in lines)
+    assert [line.split()[0] for line in lines if not line.startswith(" ")] == list(STAGES)
+    assert sum(line.startswith("  reads ") for line in lines) == len(STAGES)
+    assert sum(line.startswith("  writes ") for line in lines) == len(STAGES)
+    assert max(map(len, lines)) <= 100  # wrapped (the runner's terminal: 80 or the 100 fallback)
 
 
 def test_unknown_stage_and_bad_params_exit_non_zero_with_a_message(tmp_path):
@@ -212,16 +214,17 @@ def test_python_dash_m_runs_the_cli(tmp_path):
         [sys.executable, "-m", "picosam_pipeline", "stages"], cwd=tmp_path, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr
-    assert [line.split()[0] for line in proc.stdout.strip().splitlines()] == list(STAGES)
+    assert [line.split()[0] for line in proc.stdout.strip().splitlines() if not line.startswith(" ")] == list(STAGES)
 
 
 def test_help_says_which_commands_read_params_and_those_commands_take_params():
     """The top-level help's --params claim holds: every command it names has --params, and only those say so."""
     text = " ".join(CliRunner().invoke(cli, ["--help"]).output.split())  # click rewraps the lines
-    assert "Every command reads params.yaml" not in text and "(run-stage, export-teacher, doctor)" in text
+    readers = ("run-stage", "export-teacher", "doctor", "summary", "check-params")
+    assert "Every command reads params.yaml" not in text and f"({', '.join(readers)})" in text
     for name, command in cli.commands.items():
         takes = any("--params" in p.opts for p in command.params)
-        assert takes == (name in ("run-stage", "export-teacher", "doctor")), name
+        assert takes == (name in readers), name
 
 
 def test_shell_completion_completes_stage_names_and_teacher_passes(tmp_path, monkeypatch):
@@ -248,7 +251,60 @@ def test_doctor_fails_on_a_missing_checkpoint_and_warns_on_random_weights(tmp_pa
     params.write_text(f"teacher:\n  checkpoint: {tmp_path / 'none.pt'}\n  allow_random_weights: false\n")
     result = CliRunner().invoke(cli, ["doctor", "--params", str(params)])
     assert result.exit_code == 1 and "FAIL" in result.output and "none.pt" in result.output, result.output
-    assert all(line.split()[0] in ("OK", "WARN", "FAIL") for line in result.output.splitlines())
+    checks = [line for line in result.output.splitlines() if not line.startswith(" ")]  # (details wrap, indented)
+    assert all(line.split()[0] in ("OK", "WARN", "FAIL") for line in checks)
     assert "CUDA" in result.output and "extra [imx500]" in result.output
     result = CliRunner().invoke(cli, ["doctor", "--params", str(params), "--set", "teacher.allow_random_weights=true"])
-    assert result.exit_code == 0 and "RANDOM weights" in result.output and "FAIL" not in result.output, result.output
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0 and "RANDOM weights" in text and "FAIL" not in result.output, result.output
+
+
+def test_a_mistyped_stage_or_key_gets_the_likely_fix_alone():
+    result = CliRunner().invoke(cli, ["run-stage", "trian"])
+    assert result.exit_code == 1 and "did you mean train?" in result.output
+    result = CliRunner().invoke(cli, ["run-stage", "train", "--set", "train.stepz=3"])
+    assert result.exit_code == 1 and "train.stepz: unknown key; did you mean train.steps?" in result.output
+    assert "accepts" not in result.output  # not the section's 28 keys
+
+
+def test_doctor_checks_the_dataset_and_says_how_to_get_a_cuda_torch(tmp_path):
+    result = CliRunner().invoke(cli, ["doctor", "--set", f"dataset.dir={tmp_path}", "--set", "dataset.name=coco2017"])
+    assert "FAIL  dataset coco2017" in result.output and "picosam-pipeline fetch coco2017" in result.output
+    import torch
+
+    if not torch.cuda.is_available() and torch.version.cuda is None:
+        assert "make env TORCH=cuda" in result.output
+
+
+def test_warnings_are_one_line_without_source_and_tracer_noise_is_dropped():
+    from picosam_pipeline.cli import _one_line_warning
+
+    class TracerWarning(Warning):
+        pass
+
+    assert _one_line_warning("check the dataset", UserWarning, "/x/y.py", 3, "raise it") == (
+        "warning: check the dataset (UserWarning)\n"
+    )
+    assert _one_line_warning("constant in the trace", TracerWarning, "/x/y.py", 3) == ""
+
+
+def test_check_params_checks_the_whole_file_first_and_stamps_it_only_when_it_passes(tmp_path):
+    """dvc.yaml's first stage: a later stage's mistake (the recipe's pairing, two stages writing one folder) stops
+    the run before DVC removes any output; a passing file always gives the same stamp (no stage reruns for it)."""
+    stamp = tmp_path / "params.checked"
+    for bad, said in (
+        ("train.student=picosam2", "do not go together under recipe.name=picosam3"),
+        ("evaluate.int8_out_dir=data/evaluate", "two stages never write the same place"),
+        ("evaluate.write_predictions=params.yaml", "is not inside evaluate.out_dir"),
+    ):
+        result = CliRunner().invoke(cli, ["check-params", "--set", bad, "--stamp", str(stamp)])
+        assert result.exit_code == 1 and said in result.output and not stamp.exists(), result.output
+    for _ in range(2):
+        result = CliRunner().invoke(cli, ["check-params", "--stamp", str(stamp)])
+        assert result.exit_code == 0 and stamp.read_bytes() == b"params checked by picosam-pipeline check-params\n"
+
+
+def test_predict_names_a_missing_image_in_its_own_words():
+    result = CliRunner().invoke(cli, ["predict", "--image", "nope.jpg", "--box", "1,1,5,5", "--model", "m.pt"])
+    assert result.exit_code == 1 and "--image 'nope.jpg' does not exist" in result.output
+    assert "split" not in result.output and "model" not in result.output  # checked before the model is looked at

@@ -57,8 +57,9 @@ def test_defaults_without_file():
         ("train.num_workers=-1", "train.num_workers: expected a number >= 0, got -1"),
         ("prepare.splits=automatic", "prepare.splits: expected a list or auto, got 'automatic'"),
         ("prepare.splits=[{name: a, annotations: x, images: y, imgs: z}]", "prepare.splits[0].imgs: unknown key"),
-        # an unknown key: its full path, the closest valid key, the keys its section accepts
-        ("teacher.modle=sam3", "teacher.modle: unknown key (did you mean model?); teacher accepts ['allow_random"),
+        # an unknown key: its full path and the closest valid key alone, else the keys its section accepts
+        ("teacher.modle=sam3", "teacher.modle: unknown key; did you mean teacher.model?"),
+        ("teacher.zzzzz=1", "teacher.zzzzz: unknown key; teacher accepts ['allow_random"),
         ("evaluate.lvis=5", "evaluate.lvis: expected a mapping with keys ['annotations', 'images', 'max_annotations']"),
         ("train.target_weights={sam2: -1}", "train.target_weights.sam2: expected a number >= 0, got -1"),
         ("teachers.sam3=5", "teachers.sam3: expected a mapping, got 5"),

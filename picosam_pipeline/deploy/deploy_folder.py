@@ -8,7 +8,9 @@ codes), checks the network's input tensor and writes ``deploy/``::
     deploy/picosam_int8.json         the export's contract: the demo reads the crop convention from it
     deploy/picosam_imx500_demo.py    the picamera2 demo (template/), unchanged
     deploy/deploy.py, crops.py       raspberry_pi.py and data/crops.py, copied byte for byte (the demo's imports)
-    deploy/README.md                 template/README.md filled in: the prompt, the contract, the memory figures
+    deploy/README.md                 template/README.md filled in: the prompt, the contract, the memory figures,
+                                     headed by the student's provenance (a "SMOKE TEST: not for deployment"
+                                     banner when its teacher had random weights)
 
 and ``report.json`` (the memory report, the converter's tensors and version). Every file is a function of the
 export and the params: the converter's log (timestamps, absolute paths) goes to ``log_path``, outside the folder.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import shutil
 import string
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +35,7 @@ from picosam_pipeline.data import crops
 from picosam_pipeline.deploy import imx500, raspberry_pi
 from picosam_pipeline.deploy.onnx_export import CONTRACT_FILE, EXPORT_MCTQ_FILE
 from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.provenance import SMOKE_TEST, Provenance
 from picosam_pipeline.reports import write_report
 
 TEMPLATES = "template"  # inside picosam_pipeline/deploy
@@ -119,6 +123,8 @@ def package_network(
         camera_input=camera_input,
     )
     write_deploy_folder(work / "deploy", conversion.packer_zip, contract_path, readme)
+    if Provenance.from_dict(contract.get("provenance")).smoke_test:
+        print(f"warning: {SMOKE_TEST}: the student's teacher had random weights (deploy/README.md)", file=sys.stderr)
     report = conversion.report
     write_report(
         work,
@@ -172,9 +178,9 @@ def deploy_readme(
 ) -> str:
     """The deploy folder's README: ``template/README.md`` with the export ``contract`` (its crop convention, input
     and output), the converted network's input tensor and memory ``report``, the ONNX file's project path and the
-    converter's version filled in."""
+    converter's version filled in, headed by the contract's provenance (:func:`with_banner`)."""
     template = Path(raspberry_pi.__file__).parent / TEMPLATES / "README.md"
-    return string.Template(template.read_text()).substitute(
+    text = string.Template(template.read_text()).substitute(
         **convention_text(contract["crop"]),
         student=contract["student"],
         onnx=onnx,
@@ -197,6 +203,13 @@ def deploy_readme(
         runtime_bytes=f"{report.runtime_bytes:,}",
         input_persistency="on" if report.input_persistent else "off",
     )
+    return with_banner(text, Provenance.from_dict(contract.get("provenance")))
+
+
+def with_banner(readme: str, provenance: Provenance) -> str:
+    """``readme`` with the provenance's banner (:meth:`Provenance.banner`) as a quote under its title line."""
+    title, _, rest = readme.partition("\n")
+    return f"{title}\n\n> {provenance.banner()}\n{rest}"
 
 
 def convention_text(crop: dict[str, Any]) -> dict[str, str]:

@@ -8,7 +8,10 @@ From the quantize stage's folder (MCT's two ONNX serialisations of the INT8 mode
     picosam_int8.json             the contract (:func:`network_contract`) with the onnxruntime checks
     report.json                   the checks, the output step and the file sizes
 
-Both ONNX files carry the contract in their ``metadata_props`` too (``picosam.*`` keys, beside MCT's). Each is run
+The contract records the student's provenance (``provenance``: teachers and their weights, dataset, recipe, and
+``smoke_test`` when a teacher had random weights; ``picosam_pipeline/provenance.py``), from the checkpoint meta the
+quantize report keeps. Both ONNX files carry the contract in their ``metadata_props`` too (``picosam.*`` keys,
+beside MCT's). Each is run
 in onnxruntime on the probe crops (the MCTQ file, ~300x slower, on a few of them) and compared with the quantised
 torch model (``onnx_export.compare_onnx``); :func:`check_agreement` refuses an export beyond the bounds.
 """
@@ -41,6 +44,7 @@ from picosam_pipeline.deploy.onnx_export import (
     stamp_metadata,
 )
 from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.provenance import Provenance
 from picosam_pipeline.reports import write_report
 
 EXPORT_FILES = (EXPORT_MCTQ_FILE, EXPORT_FAKEQUANT_FILE, CONTRACT_FILE)  # what export writes besides report.json
@@ -118,6 +122,7 @@ def export_network(quantized_dir: str | Path, work: Path, *, mctq_check_samples:
                 "input_normalization": "in_graph",
                 "output": contract["output"]["summary"],
                 "crop": json.dumps(contract["crop"], sort_keys=True),
+                "provenance": json.dumps(contract["provenance"], sort_keys=True),
             },
         )
 
@@ -184,8 +189,8 @@ def check_agreement(export: Export, *, max_diff_steps: float, min_mask_agreement
 
 
 def network_contract(mctq: Path, meta: dict[str, Any], made: dict[str, Any]) -> dict[str, Any]:
-    """What the network takes and gives, from the MCTQ graph itself plus the student's normalisation (``meta``, the
-    checkpoint's) and the quantize report (``made``: TPC version, method, crop convention).
+    """What the network takes and gives, from the MCTQ graph itself plus the student's normalisation and provenance
+    (``meta``, the checkpoint's) and the quantize report (``made``: TPC version, method, crop convention).
 
     Input: float32 (batch, 3, S, S) RGB in [0, 1], NCHW, normalised inside the graph; output: float32
     (batch, 1, S, S) mask logits on the INT8 output grid (``quantization_step``, ``signed``, ``range``).
@@ -200,6 +205,8 @@ def network_contract(mctq: Path, meta: dict[str, Any], made: dict[str, Any]) -> 
         "tpc_version": made["tpc_version"],
         "method": made["method"],
         "crop": made["crop"],  # the crop the student was trained on: the prompt kind and ROI the camera must use
+        # where the student comes from; smoke_test: a random-weight teacher, the network is not for deployment
+        "provenance": Provenance.from_dict(meta.get("provenance")).as_dict(),
         "files": {"mctq": EXPORT_MCTQ_FILE, "fakequant": EXPORT_FAKEQUANT_FILE},
         "input": {
             "name": inp.name,

@@ -8,6 +8,11 @@ The quantize stage's work, in the order it runs (:func:`quantize_student`)::
     report, samples, agreement = score_float_and_int8(q, models, val_index, ...)   # score_table, same crops
     write_quantized_files(work, int8, models, ...)              # the two ONNX files and probe.npz
 
+An untrained student (the trainer's ``untrained`` in the checkpoint's meta: a run too short to train, or no val IoU
+gain) is quantised all the same, but said so on stderr (``untrained.warn_untrained``), flagged
+``untrained_student: true`` in ``metrics/quantize.json``, and its ONNX files carry the flag and the trainer's warnings
+(``untrained.untrained_metadata``), which export keeps and package reads (``untrained.metadata_training_warnings``).
+
 Float and INT8 are scored by the evaluate stage's code (``score_table.evaluate_batches``): crop-space mIoU, the
 papers' "mAP@[.5:.95]" and full-image mIoU. MCT's quantised PyTorch model lives only in this process and its
 exporter is its only serialisation, so the ONNX files (``onnx_export.export_quantized``) and ``probe.npz`` (val
@@ -50,6 +55,7 @@ from picosam_pipeline.train.checkpoints import load_student
 from picosam_pipeline.train.loader import make_loader
 from picosam_pipeline.train.shards import ShardIndex, read_shard_index
 from picosam_pipeline.train.students import PUBLISHED_SIZES_MB, folded_int8_bytes
+from picosam_pipeline.untrained import training_warnings, untrained_flag, untrained_metadata, warn_untrained
 
 if TYPE_CHECKING:
     from picosam_pipeline.config import QuantizeConfig
@@ -77,6 +83,8 @@ class QuantizeResult:
     metrics: dict[str, Any]  # report.json's ``metrics``: settings, figures side by side, weights (quantize_figures)
     run: dict[str, Any]  # this run's facts for the run log: {"seconds": {quantize, evaluate, serialize, total}}
     max_miou_drop: float
+    training_warnings: list[str] | None = None  # the student is untrained: the trainer's warnings; None: it trained
+    checkpoint: str = ""
 
     @property
     def drop(self) -> float:
@@ -84,13 +92,19 @@ class QuantizeResult:
         return self.report["student"]["crop_miou"] - self.report["student_int8"]["crop_miou"]
 
     def headline(self) -> dict[str, Any]:
-        """``metrics/quantize.json``: float and INT8 crop mIoU side by side, the drop, whether it is within target."""
+        """``metrics/quantize.json``: the INT8 crop mIoU, the drop from float, whether it is within target (the float
+        student's crop mIoU, the same number as evaluate's on the same val crops, is in metrics/evaluate.json only)."""
         return {
-            "float_crop_miou": self.report["student"]["crop_miou"],
             "int8_crop_miou": self.report["student_int8"]["crop_miou"],
             "crop_miou_drop": self.drop,
             "int8_within_target": self.drop <= self.max_miou_drop,
+            **untrained_flag(self.training_warnings),
         }
+
+    def warn(self) -> None:
+        """The warnings on stderr: an untrained student (``untrained.warn_untrained``), INT8 over its target."""
+        warn_untrained("quantize", self.checkpoint, self.training_warnings)
+        self.warn_over_target()
 
     def warn_over_target(self) -> None:
         """A warning on stderr when INT8 lost more crop mIoU than ``quantize.max_miou_drop``."""
@@ -110,6 +124,7 @@ class QuantizeResult:
             "float_crop_miou": round(self.report["student"]["crop_miou"], 4),
             "int8_crop_miou": round(self.report["student_int8"]["crop_miou"], 4),
             "seconds": self.run["seconds"]["total"],
+            **untrained_flag(self.training_warnings),
         }
 
 
@@ -121,6 +136,8 @@ def quantize_student(q: QuantizeConfig, runtime: Runtime, work: Path) -> Quantiz
     seconds: dict[str, float] = {}
     torch.manual_seed(runtime.seed)
     student, meta, val_index = load_checked_student(q)
+    untrained = training_warnings(meta)
+    warn_untrained("quantize", q.checkpoint, untrained)  # now, and again at the end (QuantizeResult.warn)
     size = int(meta["input_size"])
     model = camera_input_model(student, meta.get("normalization"))
 
@@ -141,7 +158,7 @@ def quantize_student(q: QuantizeConfig, runtime: Runtime, work: Path) -> Quantiz
     # The crop convention goes with the model (predict, evaluate-int8 and the deploy folder read it): the student's
     # own record, or the shards' for a student written before checkpoints recorded it.
     crop = meta.get("crop") or val_index.crop
-    write_quantized_files(q, work, int8, models, crop=crop, seed=runtime.seed)
+    write_quantized_files(q, work, int8, models, crop=crop, seed=runtime.seed, untrained=untrained)
     seconds["serialize"] = time.perf_counter() - t0
 
     metrics = quantize_figures(
@@ -167,7 +184,7 @@ def quantize_student(q: QuantizeConfig, runtime: Runtime, work: Path) -> Quantiz
             "metrics": metrics,
         },
     )
-    return QuantizeResult(meta["student"], report, metrics, run, q.max_miou_drop)
+    return QuantizeResult(meta["student"], report, metrics, run, q.max_miou_drop, untrained, q.checkpoint)
 
 
 def load_checked_student(q: QuantizeConfig) -> tuple[nn.Module, dict[str, Any], ShardIndex]:
@@ -235,9 +252,17 @@ def score_float_and_int8(
 
 
 def write_quantized_files(
-    q: QuantizeConfig, work: Path, int8: nn.Module, models: dict[str, RgbModel], *, crop: dict[str, Any], seed: int
+    q: QuantizeConfig,
+    work: Path,
+    int8: nn.Module,
+    models: dict[str, RgbModel],
+    *,
+    crop: dict[str, Any],
+    seed: int,
+    untrained: list[str] | None = None,
 ) -> None:
-    """MCT's two ONNX files of ``int8`` (MCTQ and fake-quant) and ``probe.npz`` into ``work``.
+    """MCT's two ONNX files of ``int8`` (MCTQ and fake-quant) and ``probe.npz`` into ``work``; the ONNX files of an
+    untrained student (``untrained``: the trainer's warnings) carry :func:`untrained_metadata`.
 
     ``probe.npz``: the first ``q.probe_samples`` val crops (``rgb`` float32 (N, 3, S, S) in [0, 1]) with the INT8
     and float models' logits (``int8_logits`` / ``float_logits``, float32 (N, 1, S, S)).
@@ -245,7 +270,11 @@ def write_quantized_files(
     size = models["student"].input_size
     # The quantised graph starts with the ImageNet normalisation (CameraInputModel): say so in the files, so
     # anything that runs them (predict, evaluate.int8_model) feeds RGB in [0, 1] and does not normalise twice.
-    in_graph = {"input_normalization": "in_graph", "crop": json.dumps(crop, sort_keys=True)}
+    in_graph = {
+        "input_normalization": "in_graph",
+        "crop": json.dumps(crop, sort_keys=True),
+        **untrained_metadata(untrained),
+    }
     export_quantized(int8, work / QUANTIZE_MCTQ_FILE, fmt="mctq", input_size=size, metadata=in_graph)
     export_quantized(int8, work / QUANTIZE_FAKEQUANT_FILE, fmt="fakequant", input_size=size, metadata=in_graph)
     probe_batches = make_loader(

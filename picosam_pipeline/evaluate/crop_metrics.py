@@ -12,6 +12,9 @@ figures:
   **non-empty GT crop** count here (the papers skip ``gt.sum() == 0``). There are no scores and no ranking,
   so this is a success rate, not COCO AP.
 
+The trivial baseline (:func:`whole_crop_logits`) answers "the whole crop" for every prompt; scored like a model, it
+tells a student that learned something from one that learned nothing (a box ROI crop is mostly object already).
+
 ``full_image_iou`` is not a paper metric. It resizes a crop prediction back into its crop box, pastes it
 into the image frame and compares it with the full GT mask. It shows how much of a large object a
 96-px PicoSAM2 window can never cover.
@@ -69,6 +72,12 @@ def crop_miou(pred: Any, gt: Any) -> float:
 def crop_success_map_50_95(pred: Any, gt: Any) -> float:
     """Papers' "mAP@[.5:.95]" (success rate over IoU thresholds, non-empty GT crops only; not COCO AP)."""
     return success_map_of(crop_ious(pred, gt), gt_nonempty(gt))
+
+
+def whole_crop_logits(batch: int, size: int) -> np.ndarray:
+    """The trivial baseline's answer: every pixel of every crop foreground, float32 ``(batch, 1, size, size)``
+    logits of +1."""
+    return np.ones((batch, 1, size, size), dtype=np.float32)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 
 One row per (group, model): DVC's templates colour by one field, so every plot file names its model in a ``model``
 column and the custom templates of ``.dvc/plots/`` draw grouped bars starting at 0 (DVC's own ``bar_horizontal``
-does not start at 0) and scatter plots on fixed ``[0, 1]`` IoU axes. Models come students first, teachers last, so
-bars read "ours, then the reference". Every figure is computed from the score table the stage already has
-(``score_table.ScoreTable``): nothing is re-run for a plot.
+does not start at 0) and scatter plots on fixed ``[0, 1]`` IoU axes. Models come students first, then teachers, then
+the trivial ``baseline`` (the whole crop as the mask), so bars read "ours, then the references". Every figure is
+computed from the score table the stage already has (``score_table.ScoreTable``): nothing is re-run for a plot.
 
 Files (``write_plots``, in the stage's ``plots/`` folder):
 
@@ -12,7 +12,8 @@ Files (``write_plots``, in the stage's ``plots/`` folder):
 * ``by_size.csv``            ``size, model, crop_miou, samples``: crop mIoU per COCO size bucket;
 * ``by_category.csv``        ``category, model, crop_miou, samples``: crop mIoU per category (the
   ``max_categories`` most frequent);
-* ``iou_vs_area.csv``        ``ann_id, area, model, crop_iou``: each sample's crop IoU against its object's area;
+* ``iou_vs_area.csv``        ``ann_id, area, model, crop_iou``: each sample's crop IoU against its object's area
+  (the baseline left out: one constant answer, a cloud that hides the models');
 * ``student_vs_teacher.csv`` ``ann_id, teacher, teacher_iou, student_iou``: per sample, each teacher's crop IoU
   against the student's (points above the diagonal: the student beats its teacher);
 * ``teacher_confidence.csv`` ``bin, confidence, model, share``: the teachers' confidence histogram (what sets
@@ -30,16 +31,17 @@ from typing import Any
 
 import numpy as np
 
-from picosam_pipeline.evaluate.score_table import ScoreTable, is_teacher
+from picosam_pipeline.evaluate.score_table import BASELINE, ScoreTable, is_teacher
 
 HIST_BINS = 20  # IoU histogram bins of width 0.05, the papers' threshold step
 CONFIDENCE_SUFFIX = "_confidence"  # score-table column of a teacher's confidence (score_table.evaluate_batches)
 
 
 def ordered(models: Iterable[str]) -> list[str]:
-    """Students first, teachers last, each in the given order."""
+    """Students first, then teachers, then the baseline, each in the given order."""
     models = list(models)
-    return [m for m in models if not is_teacher(m)] + [m for m in models if is_teacher(m)]
+    students = [m for m in models if not is_teacher(m) and m != BASELINE]
+    return students + [m for m in models if is_teacher(m)] + [m for m in models if m == BASELINE]
 
 
 def _histogram(values_by_model: Mapping[str, np.ndarray], value_name: str, bins: int) -> list[dict[str, Any]]:
@@ -119,6 +121,7 @@ def iou_vs_area(table: ScoreTable) -> list[dict[str, Any]]:
     return [
         {"ann_id": int(a), "area": round(float(area), 1), "model": m, "crop_iou": round(float(iou), 6)}
         for m in ordered(table.models)
+        if m != BASELINE
         for a, area, iou in zip(table["ann_id"], table["area"], table[f"{m}_iou"])
     ]
 

@@ -18,7 +18,9 @@ logits are resized back into the crop box and pasted into the image frame (``cro
 
 A model records the crop it was trained on (``crop``: ``crops.crop_convention``; in ``student.pt``'s meta, in the
 exported ONNX files' ``picosam.crop`` metadata): :func:`prompt_settings` takes the prompt kind and the crop
-parameters from there and refuses the other kind, so a point-trained model is not run on a box crop.
+parameters from there and refuses the other kind, so a point-trained model is not run on a box crop. It also
+records where it comes from (``provenance``: ``student.pt``'s meta, the ONNX files' ``picosam.provenance``), which
+:func:`predict_to_files` adds to its notes: a mask from a smoke-test student is said to be one.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from picosam_pipeline.data.crops import CONVENTIONS, CropBox, point_box, roi_box
 from picosam_pipeline.data.images import load_image
 from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.evaluate.crop_metrics import paste_crop
+from picosam_pipeline.provenance import SMOKE_TEST, Provenance
 from picosam_pipeline.train.students import NORMALIZATION
 from picosam_pipeline.written_paths import absolute, check_output_file
 
@@ -59,6 +62,7 @@ class CropModel(Protocol):
     name: str  # what the model file is, for reports ("checkpoint data/train/student.pt", "onnx ...")
     input_size: int  # S
     crop: dict | None  # the crop convention it was trained on (crops.crop_convention); None = not recorded
+    # Also, where recorded: provenance (dict | None), the teachers, dataset and recipe (provenance.Provenance.as_dict)
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray: ...
 
@@ -71,13 +75,20 @@ class TorchCropModel:
     """A PyTorch student on ``runtime.device`` (autocast as the runtime says); logits come back as float32 numpy."""
 
     def __init__(
-        self, model: torch.nn.Module, runtime: Runtime, input_size: int, name: str, crop: dict | None = None
+        self,
+        model: torch.nn.Module,
+        runtime: Runtime,
+        input_size: int,
+        name: str,
+        crop: dict | None = None,
+        provenance: dict | None = None,
     ) -> None:
         self.model = model.to(runtime.device).eval()
         self.runtime = runtime
         self.input_size = input_size
         self.name = name
         self.crop = crop
+        self.provenance = provenance
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         import torch
@@ -142,6 +153,7 @@ class OnnxCropModel:
             raise PipelineError(
                 f"ONNX model {str(path)!r}: its picosam.crop metadata is not JSON; export it again"
             ) from None
+        self.provenance = _json_or_none(metadata.get("picosam.provenance"))
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         x = np.asarray(rgb, dtype=np.float32)
@@ -180,7 +192,24 @@ def load_crop_model(path: str | Path, runtime: Runtime) -> CropModel:
     from picosam_pipeline.train.checkpoints import load_student
 
     model, meta = load_student(path)
-    return TorchCropModel(model, runtime, int(meta.get("input_size", 96)), f"checkpoint {path}", meta.get("crop"))
+    size = int(meta.get("input_size", 96))
+    return TorchCropModel(model, runtime, size, f"checkpoint {path}", meta.get("crop"), meta.get("provenance"))
+
+
+def _json_or_none(text: str | None) -> dict | None:
+    """A JSON object from ONNX metadata, or None (missing or malformed: provenance is informative, not required)."""
+    try:
+        found = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def provenance_note(model: CropModel) -> str:
+    """predict's note on where ``model`` comes from (:meth:`Provenance.title`), with the smoke-test warning."""
+    found = Provenance.from_dict(getattr(model, "provenance", None))
+    warning = f" -- {SMOKE_TEST}: its teacher had random weights, this mask means nothing" if found.smoke_test else ""
+    return f"model provenance: {found.title()}{warning}"
 
 
 def prompt_settings(
@@ -369,6 +398,7 @@ def predict_to_files(
     model_path: str | Path | None = None,
 ) -> ImagePrediction:
     """:func:`predict_image` on a file; writes the mask (8-bit PNG, 255 = object) and optionally the overlay PNG.
+    The model's provenance is added to the prediction's notes (:func:`provenance_note`).
 
     Neither output may be an input (the image, ``model_path``), part of the project or a stage's output, or an
     existing file predict did not write (:func:`picosam_pipeline.written_paths.check_output_file`).
@@ -404,6 +434,7 @@ def predict_to_files(
             raise PipelineError(
                 f"cannot write {str(path)!r}: {err.strerror or err}; choose another --out / --overlay"
             ) from None
+    prediction.notes.append(provenance_note(model))
     return prediction
 
 

@@ -124,7 +124,8 @@ def draw_grid(
 
     Columns: crop, GT, then each model of :data:`MODEL_COLUMNS` present in the samples. The int8 column is
     left out when no sample has int8 logits; ``int8_missing_reason`` then goes into the figure title so a
-    reader knows the column was skipped, not forgotten.
+    reader knows the column was skipped, not forgotten. ``title`` may hold several lines (the evaluate stage's
+    first line is the provenance: teacher and weights, dataset, recipe); four lines fit.
     """
     import matplotlib
 
@@ -167,7 +168,7 @@ def draw_grid(
     if "student_int8" not in present and int8_missing_reason:
         title = f"{title}\n(no int8 column: {int8_missing_reason})"
     fig.suptitle(f"{title}\n{LEGEND}", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.7 / fig.get_figheight()))  # keep 0.7 inch for the title lines
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.7 / fig.get_figheight()))  # keep 0.7 inch for the title lines (4 fit)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

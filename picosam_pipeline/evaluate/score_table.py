@@ -1,7 +1,8 @@
 """Score students (and the teacher's stored logits) in the PicoSAM papers' crop frame and in the image frame.
 
 One pass over batches of crops fills a :class:`ScoreTable`: one row per sample, one column per quantity.
-For every model ``m`` (``student``, ``student_int8``, ``teacher``) it holds
+For every model ``m`` (``student``, ``student_int8``, ``teacher``, and on request ``baseline``: the whole crop as
+the mask, ``crop_metrics.whole_crop_logits``) it holds
 
 * ``m_iou``       crop-frame IoU of ``logits > 0`` against the ``S x S`` GT crop (empty union = 1), the
                   papers' per-sample IoU (``crop_metrics.crop_ious``);
@@ -43,12 +44,15 @@ from picosam_pipeline.evaluate.crop_metrics import (
     pasted_iou,
     score_group,
     size_buckets,
+    whole_crop_logits,
 )
 from picosam_pipeline.evaluate.predict import CropModel
 from picosam_pipeline.evaluate.predictions import CropPrediction
 from picosam_pipeline.train.iou import crop_ious, gt_nonempty, to_numpy
 
 TEACHER = "teacher"
+BASELINE = "baseline"  # the whole crop as the mask: what a student must beat to have learned anything
+MODEL_LABELS = {BASELINE: "baseline (whole crop)"}  # the printed table's name, where it is not the model's
 
 
 def teacher_models(teachers: Sequence[str]) -> list[str]:
@@ -270,6 +274,7 @@ def evaluate_batches(
     predictions: list[CropPrediction] | None = None,
     total: int | None = None,
     teachers: Sequence[str] = (TEACHER,),
+    baseline: bool = False,
 ) -> tuple[ScoreTable, dict[str, float]]:
     """Run ``models`` on every batch and score them, and every teacher in the batch's ``teacher_logits`` when present.
 
@@ -284,6 +289,7 @@ def evaluate_batches(
         total: number of samples, for the progress bar only.
         teachers: the names of the ``teacher_logits`` channels (``ShardLoader.teachers``); scored as
             :func:`teacher_models` names them.
+        baseline: also score :data:`BASELINE`, the whole crop (not passed to ``on_sample`` nor to the grid).
 
     Returns:
         the score table and timings ``{"seconds": wall time, "model_seconds": {model: forward time}}``.
@@ -308,6 +314,9 @@ def evaluate_batches(
                 logits[name] = stored[:, k : k + 1]
                 if confidence is not None:  # the teacher's confidence (lambda's source): a histogram plot
                     extra[f"{name}_confidence"] = confidence[:, k].astype(np.float64)
+        shown = dict(logits)  # what on_sample sees: the baseline's constant answer is not worth a grid column
+        if baseline:
+            logits[BASELINE] = whole_crop_logits(len(rgb), rgb.shape[-1])
         gt_crops = to_numpy(batch["gt_mask"]).reshape(len(rgb), *rgb.shape[-2:])
         ann_ids = to_numpy(batch["ann_id"]).astype(np.int64)
         boxes = to_numpy(batch["crop_box"]).astype(np.int64).reshape(len(rgb), 4)
@@ -335,8 +344,8 @@ def evaluate_batches(
                         "ann_id": int(ann_ids[i]),
                         "category": categories[i],
                         "crop_box": tuple(int(v) for v in boxes[i]),
-                        "logits": {m: lg[i, 0] for m, lg in logits.items()},
-                        "iou": {m: float(scores[f"{m}_iou"][i]) for m in logits},
+                        "logits": {m: lg[i, 0] for m, lg in shown.items()},
+                        "iou": {m: float(scores[f"{m}_iou"][i]) for m in shown},
                     }
                 )
         if predictions is not None and "student" in logits:
@@ -412,12 +421,16 @@ def _fmt(value: float | None) -> str:
 
 def format_score_table(report: Mapping[str, Any], models: Iterable[str]) -> str:
     """A small table: per model, crop mIoU, crop mAP@[.5:.95] (not COCO AP), full-image mIoU, and by size."""
-    lines = [f"{'model':<14} {'crop mIoU':>9} {'crop mAP@[.5:.95]*':>18} {'full-image mIoU':>15}   by size (crop mIoU)"]
-    for m in models:
+    labels = {m: MODEL_LABELS.get(m, m) for m in models}
+    width = max([14, *map(len, labels.values())])
+    lines = [
+        f"{'model':<{width}} {'crop mIoU':>9} {'crop mAP@[.5:.95]*':>18} {'full-image mIoU':>15}   by size (crop mIoU)"
+    ]
+    for m, label in labels.items():
         r = report[m]
         sizes = "  ".join(f"{k} {_fmt(v['crop_miou'])} (n={v['samples']})" for k, v in r["by_size"].items())
         lines.append(
-            f"{m:<14} {_fmt(r['crop_miou']):>9} {_fmt(r['crop_success_map_50_95']):>18} "
+            f"{label:<{width}} {_fmt(r['crop_miou']):>9} {_fmt(r['crop_success_map_50_95']):>18} "
             f"{_fmt(r['full_image_miou']):>15}   {sizes}"
         )
     lines.append(

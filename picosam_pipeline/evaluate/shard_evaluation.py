@@ -11,7 +11,10 @@ and fill it with :func:`evaluate_shards`::
         write_metrics(cfg, "evaluate", evaluation.headline(), {"timing": evaluation.timing})
 
 The shards are read in file order (no shuffle, no augmentation). A model recording another crop convention than
-the shards' is refused (``crop_convention.check_crops``); a model without a record is scored as it is.
+the shards' is refused (``crop_convention.check_crops``); a model without a record is scored as it is. Beside the
+models, the trivial ``baseline`` (the whole crop as the mask) is scored, so learning is told from nothing; and the
+student's provenance (teachers and their weights, dataset, recipe: ``picosam_pipeline/provenance.py``; the shards'
+when the student does not record it) heads the report, the grid and the printed table.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from picosam_pipeline.evaluate.predict import CropModel, load_crop_model
 from picosam_pipeline.evaluate.predictions import CropPrediction, crop_predictions_path, write_predictions
 from picosam_pipeline.evaluate.report import GridPool, draw_grid
 from picosam_pipeline.evaluate.score_table import (
+    BASELINE,
+    MODEL_LABELS,
     InstanceGT,
     ScoreTable,
     category_report,
@@ -39,9 +44,11 @@ from picosam_pipeline.evaluate.score_table import (
     format_score_table,
 )
 from picosam_pipeline.outputs import StageOutput
+from picosam_pipeline.provenance import SMOKE_TEST, Provenance
 from picosam_pipeline.reports import write_report
 from picosam_pipeline.train.loader import make_loader
 from picosam_pipeline.train.shards import ShardIndex, read_shard_index
+from picosam_pipeline.written_paths import check_predictions_file
 
 if TYPE_CHECKING:
     from picosam_pipeline.config import Config, EvaluateConfig
@@ -71,12 +78,7 @@ def evaluation_output(cfg: Config, *, stage: str, key: str, resolved: Config | N
     e = (resolved or cfg).evaluate
     names = list(NAMES)
     if e.write_predictions:
-        if not _inside(e.write_predictions, e.out_dir):
-            raise PipelineError(
-                f"evaluate.write_predictions: {e.write_predictions!r} is not inside evaluate.out_dir "
-                f"({e.out_dir!r}); the evaluate stage writes only into its own folder, so the prediction files are "
-                f"part of its output; set it to a file name there, e.g. {str(Path(e.out_dir) / 'predictions.json')!r}"
-            )
+        check_predictions_file(e.write_predictions, e.out_dir)
         names += [  # the image-frame file and the crop-frame one
             Path(p).relative_to(e.out_dir).parts[0]
             for p in (e.write_predictions, crop_predictions_path(e.write_predictions))
@@ -93,10 +95,6 @@ def evaluation_output(cfg: Config, *, stage: str, key: str, resolved: Config | N
         writes={"runtime.metrics_dir": cfg.runtime.metrics_dir},
         resolved=resolved,
     )
-
-
-def _inside(path: str, folder: str) -> bool:
-    return Path(folder) in Path(path).parents
 
 
 def evaluate_loader_workers() -> int:
@@ -129,7 +127,9 @@ class Evaluation:
         return {"samples": len(self.table), "crop_miou": crop_miou, "seconds": round(self.seconds, 1)}
 
     def print_report(self) -> None:
-        """The report as a table on stdout; the LVIS line and its warnings (stderr) when LVIS was scored."""
+        """The provenance line and the report as a table on stdout; the LVIS line and its warnings (stderr) when LVIS
+        was scored."""
+        print(provenance_line(Provenance.from_dict(self.report.get("provenance"))))
         print(format_score_table(self.report, self.table.models))
         lvis = self.lvis
         if lvis is not None:
@@ -174,13 +174,21 @@ def evaluate_shards(e: EvaluateConfig, runtime: Runtime, work: Path) -> Evaluati
         predictions=predictions,
         total=shard_index.samples,
         teachers=batches.teachers,
+        baseline=True,
     )
     if len(table) == 0:
         raise PipelineError(f"evaluate.shards: {e.shards} yielded no sample; repack the {e.split!r} split")
     protocol = gt.protocol_of(table["ann_id"], table.crop_boxes)
     report = evaluation_report(table)
+    report[BASELINE]["description"] = f"{MODEL_LABELS[BASELINE]}: every pixel of every crop foreground"
+    provenance = evaluation_provenance(models["student"], e.shards)
     report.update(
-        split=e.split, checkpoint=e.checkpoint, int8_model=e.int8_model, protocol=protocol, crop=shard_index.crop
+        split=e.split,
+        checkpoint=e.checkpoint,
+        int8_model=e.int8_model,
+        protocol=protocol,
+        crop=shard_index.crop,
+        provenance=provenance.as_dict(),
     )
     by_category = {m: category_report(table, m) for m in table.models}
     lvis = lvis_report(e, models["student"], protocol) if e.lvis else None
@@ -188,7 +196,7 @@ def evaluate_shards(e: EvaluateConfig, runtime: Runtime, work: Path) -> Evaluati
     table.write_csv(work / "per_sample.csv")
     write_plots(work / "plots", table, report, by_category)
     if pool is not None:
-        _write_grid(e, work / "grid.png", pool, gt, protocol=protocol, samples=len(table))
+        _write_grid(e, work / "grid.png", pool, gt, protocol=protocol, samples=len(table), provenance=provenance)
     if predictions is not None:
         _write_predictions(e, work, predictions)
     write_report(work, {**report, "by_category": by_category, **({"lvis": lvis} if lvis is not None else {})})
@@ -236,13 +244,31 @@ def check_models_crops(
             )
 
 
+def evaluation_provenance(student: CropModel, shards: str) -> Provenance:
+    """Where the scored student comes from: its own record, else the evaluated shards' (teachers and dataset)."""
+    recorded = Provenance.from_dict(getattr(student, "provenance", None))
+    return recorded if recorded.teachers else Provenance.from_shards(shards)
+
+
+def provenance_line(provenance: Provenance) -> str:
+    """The line above the printed table and the grid: the provenance, with the smoke-test warning."""
+    return f"{SMOKE_TEST}: {provenance.title()}" if provenance.smoke_test else provenance.title()
+
+
 def _write_grid(
-    e: EvaluateConfig, path: Path, pool: GridPool, gt: InstanceGT, *, protocol: str | None, samples: int
+    e: EvaluateConfig,
+    path: Path,
+    pool: GridPool,
+    gt: InstanceGT,
+    *,
+    protocol: str | None,
+    samples: int,
+    provenance: Provenance,
 ) -> None:
-    """``grid.png``: the pool's picks, the prompt marked on every cell."""
+    """``grid.png``: the pool's picks, the prompt marked on every cell, the provenance in the title."""
     picked = [{**s, "prompt": gt.prompt(s["ann_id"], protocol)} for s in pool.pick()]
     title = (
-        f"{len(picked)} of {samples} {e.split} samples, spread over student crop IoU "
+        f"{provenance_line(provenance)}\n{len(picked)} of {samples} {e.split} samples, spread over student crop IoU "
         f"({protocol or 'unknown'} crops; teacher = stored logits)"
     )
     draw_grid(
@@ -264,9 +290,13 @@ def headline_metrics(report: dict[str, Any], models: list[str], lvis: dict[str, 
 
     The student's are top-level (``crop_miou``: the column experiments are compared by), every other model's under
     its name (``teacher.crop_miou``, ``student_int8.crop_miou``): short column names keep `dvc exp show` narrow.
+    The baseline gets one figure, ``baseline.crop_miou``.
     """
     metrics: dict[str, Any] = {}
     for model in models:
+        if model == BASELINE:  # the one figure it is there for: keeps the metrics file (and exp show) narrow
+            metrics[BASELINE] = {"crop_miou": report[BASELINE]["crop_miou"]}
+            continue
         figures = {short: report[model][name] for short, name in HEADLINE.items()}
         metrics.update(figures) if model == "student" else metrics.setdefault(model, figures)
     if lvis is not None:

@@ -6,7 +6,9 @@ The stage (``stages/teacher_logits.py``) hands the pending shards to either exec
 consecutive shards, :func:`task_runs`); dask wraps the stage's work, it does not live inside it. Both executors are
 context managers with two methods: :meth:`teacher_metadata` (build the teacher once in every process that will run
 tasks, check that they all built the same one) and :meth:`map_shards` (run the shard tasks, yield their small
-summaries as they finish, for the progress bar).
+summaries as they finish; ``on_progress(instances)`` hears of every teacher batch as it finishes, for the progress
+bar: in this process directly, from dask workers as events of a topic this client subscribes to, so it is called
+on the client's event-loop thread).
 
 LocalCluster sizing (``teacher.n_workers: 0``): with CUDA, one worker process per visible GPU, each pinned with
 ``CUDA_VISIBLE_DEVICES`` (as dask-cuda's ``LocalCUDACluster`` does) and computing on its ``cuda`` device; on a
@@ -40,7 +42,7 @@ import logging
 import math
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,8 +62,8 @@ from picosam_pipeline.teacher.runner import (
 
 ShardJob = tuple[int, InstanceRows]  # (shard number, its index rows)
 # Instances per dask task on a GPU: ~280 COCO images, 17 batches of 16 (an image straddling two tasks is encoded
-# by both: <= 1 extra encoder pass per task). On a CPU one shard per task: the progress bar moves once per task,
-# and a CPU takes minutes per shard.
+# by both: <= 1 extra encoder pass per task). On a CPU one shard per task (the progress bar hears of every image
+# through events, not only of finished tasks).
 TASK_INSTANCES = 2048
 
 # Metadata that may differ between workers that built the same teacher.
@@ -122,8 +124,11 @@ class InProcess:
     def teacher_metadata(self) -> dict[str, Any]:
         return teacher_metadata(self.spec)
 
-    def map_shards(self, store_path: str, jobs: list[ShardJob]) -> Iterator[dict[str, Any]]:
-        yield from process_shards(store_path, jobs, self.spec)  # one stream: every image encoded once
+    def map_shards(
+        self, store_path: str, jobs: list[ShardJob], on_progress: Callable[[int], None] | None = None
+    ) -> Iterator[dict[str, Any]]:
+        # one stream: every image encoded once
+        yield from process_shards(store_path, jobs, self.spec, on_progress=on_progress)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -311,12 +316,18 @@ class DaskExecutor:
                 )
         return metas[0]
 
-    def map_shards(self, store_path: str, jobs: list[ShardJob]) -> Iterator[dict[str, Any]]:
+    def map_shards(
+        self, store_path: str, jobs: list[ShardJob], on_progress: Callable[[int], None] | None = None
+    ) -> Iterator[dict[str, Any]]:
         """Submit one task per run of consecutive shards (:func:`task_runs`, in shard order, so a lone worker takes
-        them in order) and yield the shards' summaries as tasks finish."""
+        them in order) and yield the shards' summaries as tasks finish. The tasks log every teacher batch's instances
+        to an event topic of this run, handed to ``on_progress`` on the client's event-loop thread."""
         from distributed import as_completed
 
         run = uuid.uuid4().hex[:8]
+        topic = f"teacher-progress-{run}" if on_progress is not None else None
+        if topic is not None:
+            self.client.subscribe_topic(topic, lambda event: on_progress(event[1]))  # event: (time, instances)
         futures = [
             self.client.submit(
                 _reporting,
@@ -324,6 +335,7 @@ class DaskExecutor:
                 store_path,
                 part,
                 self.spec,
+                topic,
                 pure=False,
                 resources=self.resources,
                 key=f"teacher-shards-{part[0][0]}-{run}",
@@ -335,6 +347,8 @@ class DaskExecutor:
                 yield from _result(future.result())
         finally:  # an error or an interrupt: drop the tasks not started yet
             self.client.cancel(futures)
+            if topic is not None:
+                self.client.unsubscribe_topic(topic)
 
 
 def task_runs(jobs: list[ShardJob], workers: int, instances_per_task: int = TASK_INSTANCES) -> list[list[ShardJob]]:

@@ -8,7 +8,8 @@ and decoded ahead of compute (:mod:`image_feed`), through the teacher ``teacher.
 (:func:`geometry.crop_logits`) and encodes them with the store's codec on the teacher's device
 (:func:`stored_codes`); only the stored codes go to the host, where each shard, once complete, is written by a
 background thread (:mod:`shard_writer`, which marks it done last). It yields one small summary per shard, never
-the logits. An image whose instances straddle two shards of the run is encoded once.
+the logits, and reports the instances of every teacher batch as it finishes (``on_progress``: the progress bar
+moves per image on a CPU, not per shard). An image whose instances straddle two shards of the run is encoded once.
 
 The same function runs in the stage's own process (``teacher.executor=local``: one run of every pending shard)
 and on dask workers (:mod:`picosam_pipeline.teacher.executors`: runs of consecutive shards per task, where an
@@ -24,7 +25,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -340,7 +341,10 @@ def refuse_non_finite(bad: np.ndarray, rows: list[InstanceRows], cfg: TeacherCon
 
 
 def process_shards(
-    store_path: str, jobs: list[tuple[int, InstanceRows]], spec: TeacherSpec
+    store_path: str,
+    jobs: list[tuple[int, InstanceRows]],
+    spec: TeacherSpec,
+    on_progress: Callable[[int], None] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Compute and write the shards ``jobs`` (``(shard, its index rows)``, ascending) of the store at ``store_path``.
 
@@ -349,7 +353,8 @@ def process_shards(
     to the background writer (:mod:`shard_writer`) as soon as its last row is computed. Yields one summary per
     written shard: ``shard``, ``instances``, and since the previous summary ``encoder_passes`` (images encoded),
     ``seconds``, ``teacher_seconds`` (the teacher calls), ``batch_splits`` (batches split for memory),
-    ``images_decoded_on_device``; ``pid``.
+    ``images_decoded_on_device``; ``pid``. ``on_progress(instances)`` is called after every teacher batch with the
+    number of instances it computed (written or not yet).
     """
     last = time.perf_counter()
     session = teacher_session(spec)
@@ -411,6 +416,8 @@ def process_shards(
             counts["teacher_seconds"] += time.perf_counter() - tick
             counts["encoder_passes"] += len(batch.groups)  # each image of the stream is encoded once
             counts["images_decoded_on_device"] += batch.gpu_decoded
+            if on_progress is not None:
+                on_progress(sum(len(g) for g in batch.groups))
             for j in assembler.add(np.concatenate(batch.groups), codes, confidence):
                 writer.submit(shard_jobs[j], *assembler.pop(j))
             yield from summaries(writer.done())
@@ -419,9 +426,22 @@ def process_shards(
         raise RuntimeError(f"shards {missing[:8]} were not completely computed")  # a bug, not a user error
 
 
-def run_shards(store_path: str, jobs: list[tuple[int, InstanceRows]], spec: TeacherSpec) -> list[dict[str, Any]]:
-    """:func:`process_shards` as one dask task: all its summaries at once."""
-    return list(process_shards(store_path, jobs, spec))
+def run_shards(
+    store_path: str, jobs: list[tuple[int, InstanceRows]], spec: TeacherSpec, progress_topic: str | None = None
+) -> list[dict[str, Any]]:
+    """:func:`process_shards` as one dask task: all its summaries at once. With ``progress_topic`` the instances of
+    every teacher batch go to that dask event topic as the batch finishes (the client's progress bar)."""
+    return list(process_shards(store_path, jobs, spec, on_progress=_event_logger(progress_topic)))
+
+
+def _event_logger(topic: str | None) -> Callable[[int], None] | None:
+    """``on_progress`` for a dask task: each count logged as an event of ``topic`` (None: no reporting)."""
+    if topic is None:
+        return None
+    from distributed import get_worker
+
+    worker = get_worker()
+    return lambda instances: worker.log_event(topic, instances)
 
 
 def concat_rows(parts: list[InstanceRows]) -> InstanceRows:

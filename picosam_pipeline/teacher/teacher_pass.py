@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,8 +56,8 @@ class TeacherPass:
 def compute_pass(t: TeacherConfig, runtime: Runtime, out: Path, work: Path, desc: str) -> TeacherPass:
     """Compute (or finish) the store of pass ``t`` in ``work`` (or in ``out`` when it holds this pass already).
 
-    ``desc`` names the pass on the progress bar (instances, one tick per finished shard). Raises RuntimeError if
-    a shard is not marked done after every task returned (a bug, not a user error).
+    ``desc`` names the pass on the progress bar (instances, moved as each teacher batch finishes: per image on a
+    CPU). Raises RuntimeError if a shard is not marked done after every task returned (a bug, not a user error).
     """
     rows = instance_rows(t.index, t.splits, t.prompt)
     start = time.perf_counter()
@@ -77,9 +78,13 @@ def compute_pass(t: TeacherConfig, runtime: Runtime, out: Path, work: Path, desc
         setup_seconds = time.perf_counter() - start
         summaries = []
         with tqdm(total=sum(len(r) for _, r in jobs), unit="inst", desc=desc, dynamic_ncols=True) as bar:
-            for summary in executor.map_shards(str(store.path.resolve()), jobs):
-                summaries.append(summary)
-                bar.update(summary["instances"])
+            progress = InstanceProgress(bar)
+            try:
+                for summary in executor.map_shards(str(store.path.resolve()), jobs, on_progress=progress.computed):
+                    summaries.append(summary)
+                    progress.written(summary["instances"])
+            finally:
+                progress.close()
         facts = {"name": executor.name, "workers": executor.workers, "images_per_batch": executor.images_per_batch}
     pending = store.pending_shards()
     if pending:  # every task returned, so this is a bug, not a user error
@@ -87,6 +92,38 @@ def compute_pass(t: TeacherConfig, runtime: Runtime, out: Path, work: Path, desc
             f"{len(pending)} shards of {store.path} not marked done after all tasks finished: {pending[:8]}"
         )
     return TeacherPass(store, rows, summaries, time.perf_counter() - start, setup_seconds, facts)
+
+
+class InstanceProgress:
+    """The pass's progress bar in instances, moved by whichever is ahead: the instances the teacher computed
+    (:meth:`computed`, per teacher batch; a dask executor calls it from its event-loop thread) or those of the
+    shards written (:meth:`written`). Capped at the bar's total: a dask task run again counts its images twice."""
+
+    def __init__(self, bar: tqdm) -> None:
+        self.bar = bar
+        self.lock = threading.Lock()
+        self.done = {"computed": 0, "written": 0}
+        self.closed = False
+
+    def computed(self, instances: int) -> None:
+        self._add("computed", instances)
+
+    def written(self, instances: int) -> None:
+        self._add("written", instances)
+
+    def close(self) -> None:
+        """No more moves: a dask event that arrives late is dropped."""
+        with self.lock:
+            self.closed = True
+
+    def _add(self, kind: str, instances: int) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            self.done[kind] += instances
+            position = min(self.bar.total, max(self.done.values()))
+            if position > self.bar.n:
+                self.bar.update(position - self.bar.n)
 
 
 def store_attrs(t: TeacherConfig, teacher: dict[str, Any], rows: InstanceRows) -> dict[str, Any]:

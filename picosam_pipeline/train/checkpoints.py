@@ -6,8 +6,9 @@ and read with ``torch.load(weights_only=True)``, whose unpickler accepts only te
 named tensors + a JSON header), which is not installed here. Two kinds, told apart by ``meta["kind"]``:
 
 * ``student`` (``data/train/student.pt``): the trained weights, tensors named as the student's state dict
-  (``encoder_stage1.0.weight`` ...), and meta ``{student, input_size, normalization, step, config, ...}``;
-  :func:`load_student` rebuilds the module.
+  (``encoder_stage1.0.weight`` ...), and meta ``{student, input_size, normalization, step, config, provenance,
+  ...}``; :func:`load_student` rebuilds the module. ``provenance`` (``picosam_pipeline/provenance.py``): the
+  teachers and their weights (random: a smoke test), the dataset, the recipe and its size.
 * ``train_state`` (``data/train/checkpoint.pt``): everything a killed run needs to carry on bit-identically
   (weights, optimizer moments, RNG states, data position, loss log); written and read by ``trainer.py``.
 
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from picosam_pipeline.errors import PipelineError, is_weights_only_refusal, refused_checkpoint
+from picosam_pipeline.provenance import Provenance, student_provenance
 from picosam_pipeline.untrusted import load_json_bounded, require_regular_file, safe_text
 
 FORMAT = "picosam-checkpoint/1"
@@ -179,12 +181,32 @@ def _check_student_meta(path: Path, meta: dict[str, Any]) -> None:
 def save_student(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
     """Write a student's state dict (parameters and BN running statistics) as a ``student`` checkpoint.
 
-    ``meta`` must name the ``student`` (``picosam2`` | ``picosam3``) and its ``input_size``; ``kind`` is added.
+    ``meta`` must name the ``student`` (``picosam2`` | ``picosam3``) and its ``input_size``; ``kind`` is added, and
+    ``provenance`` unless given (:func:`meta_provenance`).
     """
     missing = {"student", "input_size"} - set(meta)
     if missing:
         raise ValueError(f"student checkpoint meta needs {sorted(missing)}")
+    if "provenance" not in meta:
+        meta = {**meta, "provenance": meta_provenance(meta, Path(path).parent)}
     return save_checkpoint(path, dict(model.state_dict()), {**meta, "kind": "student"})
+
+
+def meta_provenance(meta: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """The provenance of a student trained with ``meta["config"]`` (the train section): the pack it names
+    (``config.shards``) and the train stage's marker in ``out_dir`` (:func:`provenance.student_provenance`);
+    not recorded without a config."""
+    config = meta.get("config")
+    shards = config.get("shards") if isinstance(config, dict) else None
+    if not isinstance(shards, str):
+        return Provenance().as_dict()
+    return student_provenance(shards, out_dir)
+
+
+def checkpoint_provenance(path: str | Path) -> dict[str, Any]:
+    """The ``provenance`` a student checkpoint records (:meth:`Provenance.as_dict`; not recorded when missing)."""
+    _, meta = load_checkpoint(path, kind="student")
+    return Provenance.from_dict(meta.get("provenance")).as_dict()
 
 
 def load_student(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:

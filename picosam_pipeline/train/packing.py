@@ -5,12 +5,16 @@ Joining: index rows and store rows are matched on ``(image_id, ann_id)`` (each s
 (:func:`check_crop_boxes`), so a store computed from an older index is refused instead of silently misaligning crops
 and logits. Every teacher packed must share one prompt convention and frame (store size, context margin,
 :func:`common_frame`): one sample holds one crop. Each split's ``shards.json`` records that convention with its
-parameters from the index (:func:`shard_crop`). The sample format, frames and pack order are those of
-:mod:`picosam_pipeline.train.shards`, which writes each split (:func:`~picosam_pipeline.train.shards.pack_split`).
+parameters from the index (:func:`shard_crop`) and where the logits come from (``provenance``: each teacher's model
+and weights, random or its checkpoint's sha256, and the dataset; :func:`pack_provenance`). The sample format, frames
+and pack order are those of :mod:`picosam_pipeline.train.shards`, which writes each split
+(:func:`~picosam_pipeline.train.shards.pack_split`).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -20,8 +24,9 @@ import pyarrow as pa
 
 from picosam_pipeline.data.crop_convention import index_crop_params
 from picosam_pipeline.data.crops import crop_convention
-from picosam_pipeline.data.index import column_array, read_index
+from picosam_pipeline.data.index import column_array, read_index, read_index_metadata
 from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.provenance import SHARDS_FILE, Provenance, dataset_of_annotations
 from picosam_pipeline.teacher.store import LogitStore
 from picosam_pipeline.train.shards import INDEX_COLUMNS, Frame, PackedTeacher, SplitSummary, pack_split
 
@@ -137,9 +142,11 @@ def pack_splits(
 ) -> dict[str, SplitSummary]:
     """Pack each split of ``splits`` into ``out/<split>`` (shards + ``shards.json``, :func:`shards.pack_split`),
     every sample carrying a logits member per store of ``stores`` (in its order). ``frame`` and ``convention``:
-    :func:`common_frame` of the stores; ``crop``: :func:`shard_crop`. PipelineError when a store's pass is
-    unfinished, lacks some of a split's instances or was made from another index."""
+    :func:`common_frame` of the stores; ``crop``: :func:`shard_crop`. Each ``shards.json`` records the
+    :func:`pack_provenance`. PipelineError when a store's pass is unfinished, lacks some of a split's instances or
+    was made from another index."""
     metas = {name: store.read_meta() for name, store in stores.items()}  # PipelineError when a pass is unfinished
+    provenance = pack_provenance(stores, index)
     summaries = {}
     for split in splits:
         rows = read_index(index, split=split, columns=INDEX_COLUMNS)
@@ -160,20 +167,47 @@ def pack_splits(
             jpeg_quality=jpeg_quality,
             crop=crop,
         )
+        record_provenance(out / split, provenance)
     return summaries
+
+
+def pack_provenance(stores: dict[str, LogitStore], index: str | Path | None = None) -> Provenance:
+    """Each teacher pass's model and weights (from its store) and the dataset of ``index`` (default: the index the
+    first store records); the dataset is None when the index does not say (``dataset_of_annotations``)."""
+    if index is None:
+        rows = next(iter(stores.values())).attrs.get("rows", {}) if stores else {}
+        index = rows.get("index") if isinstance(rows, dict) else None
+    try:
+        splits = read_index_metadata(index).get("splits", {}) if index else {}
+    except (PipelineError, OSError, ValueError):  # no readable index: the dataset is not recorded
+        splits = {}
+    names = {dataset_of_annotations(s.get("annotations", "")) for s in splits.values() if isinstance(s, dict)}
+    dataset = names.pop() if len(names) == 1 else None
+    return Provenance.from_store_attrs({name: store.attrs for name, store in stores.items()}, dataset)
+
+
+def record_provenance(split_dir: Path, provenance: Provenance) -> None:
+    """Add ``provenance`` to the split's ``shards.json`` (just written by ``pack_split``; replaced atomically)."""
+    path = split_dir / SHARDS_FILE
+    index = json.loads(path.read_text())
+    index["provenance"] = provenance.as_dict()
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(index, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def pack_report(
     frame: Frame, crop: dict[str, Any], stores: dict[str, LogitStore], summaries: dict[str, SplitSummary]
 ) -> dict[str, Any]:
-    """The pack stage's ``report.json``: frame, crop record, teachers' codecs, per split and total samples, shards
-    and bytes (``total.bytes_per_sample`` unrounded)."""
+    """The pack stage's ``report.json``: frame, crop record, teachers' codecs, provenance (:func:`pack_provenance`),
+    per split and total samples, shards and bytes (``total.bytes_per_sample`` unrounded)."""
     samples = sum(s.samples for s in summaries.values())
     total_bytes = sum(s.bytes for s in summaries.values())
     return {
         "frame": asdict(frame),
         "crop": crop,
         "teachers": {name: store.codec.name for name, store in stores.items()},
+        "provenance": pack_provenance(stores).as_dict(),
         "splits": {name: asdict(s) for name, s in summaries.items()},
         "total": {
             "samples": samples,

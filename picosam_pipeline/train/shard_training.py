@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from picosam_pipeline.config import TrainConfig
+from picosam_pipeline.config import RecipeConfig, TrainConfig
 from picosam_pipeline.data.crop_convention import check_crops, student_crops
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.environment import distributed_ranks
 from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.recipes import AUTO, full_run_min_samples, settle_auto_size
+from picosam_pipeline.train.checkpoints import checkpoint_provenance
 from picosam_pipeline.train.loader import ShardLoader, make_loader
 from picosam_pipeline.train.shards import ShardIndex, read_shard_index
 from picosam_pipeline.train.targets import resolve_target
@@ -82,9 +84,18 @@ def check_shard_crops(shards: PackShards, *, student: str, recipe: str) -> None:
         )
 
 
-def resolve_train_config(t: TrainConfig, device_type: str, shards: PackShards) -> TrainConfig:
-    """``t`` with ``compile: auto`` resolved for the device and ``steps: epoch`` turned into the steps of one pass
-    over the train shards on all ranks (``WORLD_SIZE``): resolved once, recorded as such."""
+def resolve_train_config(
+    t: TrainConfig,
+    device_type: str,
+    shards: PackShards,
+    recipe: RecipeConfig | None = None,
+    dataset_name: str = "sample",
+) -> TrainConfig:
+    """``t`` with ``recipe.size: auto`` settled on the train shards' size (:func:`settle_recipe_size`), ``compile:
+    auto`` resolved for the device and ``steps: epoch`` turned into the steps of one pass over the train shards on
+    all ranks (``WORLD_SIZE``): resolved once, recorded as such."""
+    if recipe is not None:
+        t = settle_recipe_size(t, recipe, dataset_name, shards.train.samples)
     t = dataclasses.replace(t, compile=t.compiles(device_type))
     if t.steps == "epoch":  # the papers' one epoch: every train sample once, over all ranks
         samples = shards.train.samples
@@ -95,6 +106,23 @@ def resolve_train_config(t: TrainConfig, device_type: str, shards: PackShards) -
             f"x {world_size} rank(s))"
         )
     return t
+
+
+def settle_recipe_size(t: TrainConfig, recipe: RecipeConfig, dataset_name: str, train_samples: int) -> TrainConfig:
+    """``t`` with the training keys of ``recipe.size: auto`` chosen by the train split's size
+    (``recipes.settle_auto_size``: the papers' full run only when an epoch of it outlasts its warm-up twice, else the
+    sample run); said on stdout. Unchanged for a recipe ``custom`` or a size given as sample or full."""
+    if recipe.name == "custom" or recipe.size != AUTO:
+        return t
+    current = {f"train.{f.name}": getattr(t, f.name) for f in dataclasses.fields(t)}
+    size, changes = settle_auto_size(recipe.name, dataset_name, train_samples, current)
+    need = full_run_min_samples(recipe.name)
+    print(
+        f"[train] recipe.size: auto = {size} ({train_samples} train samples; the {recipe.name} full run needs "
+        f"{need} or more, so that one epoch lasts twice its warm-up)"
+        + (f": {', '.join(f'{k}={v}' for k, v in changes.items())}" if changes else "")
+    )
+    return dataclasses.replace(t, **{k.removeprefix("train."): v for k, v in changes.items()})
 
 
 class ShardLoaders:
@@ -164,7 +192,8 @@ class ShardLoaders:
 
 def train_report(t: TrainConfig, shards: PackShards, result: TrainResult, *, skipped_shards: int) -> dict[str, Any]:
     """The train stage's ``report.json``: student, target, parameters, steps, epochs, both val IoUs, the best step,
-    the crop record, the final loss terms (mean of the last ``loss_window_steps``), world size, skipped shards."""
+    the crop record, the final loss terms (mean of the last ``loss_window_steps``), world size, skipped shards, and
+    whether the student is untrained with the ``warnings`` that say why (``trainer.TrainResult.warnings``)."""
     state = result.state
     window = max(1, min(100, state.step // 10))
     return {
@@ -182,7 +211,16 @@ def train_report(t: TrainConfig, shards: PackShards, result: TrainResult, *, ski
         "loss_window_steps": window,
         "world_size": result.world_size,
         "skipped_shards": skipped_shards,
+        "untrained": result.untrained,
+        "warnings": result.warnings,
+        "provenance": checkpoint_provenance(result.student_path),
     }
+
+
+def train_headline(report: dict[str, Any]) -> dict[str, Any]:
+    """``metrics/train.json``: val IoU before (the untrained student) and after, and whether the student is untrained
+    (the warnings that say why are in report.json: text is not a metric DVC can compare)."""
+    return {k: report[k] for k in ("val_iou_before", "val_iou_after", "untrained")}
 
 
 def train_run_facts(t: TrainConfig, runtime: Runtime, result: TrainResult, *, loader_workers: int) -> dict[str, Any]:
@@ -200,7 +238,7 @@ def train_run_facts(t: TrainConfig, runtime: Runtime, result: TrainResult, *, lo
 
 def train_summary(result: TrainResult) -> dict[str, Any]:
     """What the train stage returns (run-stage prints it): steps, val IoU before / after, the best step and its IoU
-    (rounded to 4 places), samples/s."""
+    (rounded to 4 places), samples/s, whether the student is untrained."""
     state = result.state
     return {
         "steps": state.step,
@@ -208,4 +246,5 @@ def train_summary(result: TrainResult) -> dict[str, Any]:
         "val_iou_after": round(result.val_iou_after, 4),
         "best": (state.best_step, round(state.best_iou, 4)),
         "samples_per_s": None if result.samples_per_s is None else round(result.samples_per_s, 1),
+        "untrained": result.untrained,
     }

@@ -16,6 +16,13 @@ ones) keeps a copy of the weights; the run ends by writing the last step's weigh
 ones as ``student_best.pt`` (PicoSAM3 ships a "best" checkpoint; val IoU can fall late in a run on real images).
 The best copy and its step are part of the resumable state, so a resumed run writes the same two files.
 
+Untrained students. A run too short to train (``steps <= warmup_steps``: it ends inside the learning-rate warm-up,
+or fewer than ``recipes.MIN_TRAIN_STEPS``) is warned about on stderr before the first step; a run whose best val IoU
+is not :data:`MIN_IOU_GAIN` above the untrained student's at the end. Both are one paragraph on stderr, naming the
+numbers and the fix, and go with the result (:attr:`TrainResult.warnings`) and into the student checkpoints' meta
+(``untrained``, ``training_warnings``), which quantize, export and package read. The run is not refused: smoke runs
+on tiny data must complete.
+
 Resuming. Every ``checkpoint_every`` steps ``state_dir/checkpoint.pt`` stores the weights, the AdamW moments,
 the RNG states, the loss log and each rank's data position ``(epoch, batches consumed)``. The data stream
 is a fresh, deterministic loader per epoch (its seed derived from ``(seed, epoch)``), so a rerun rebuilds the
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import math
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -52,6 +60,7 @@ from picosam_pipeline.config import TrainConfig
 from picosam_pipeline.device import Runtime
 from picosam_pipeline.environment import check_local_device, distributed_ranks
 from picosam_pipeline.errors import PipelineError
+from picosam_pipeline.recipes import MIN_TRAIN_STEPS, SAMPLE_RUN
 from picosam_pipeline.train.checkpoints import (
     flatten_optimizer,
     load_checkpoint,
@@ -70,6 +79,9 @@ LOG_COLUMNS = ("step", "lr", "loss", *TERMS)  # one row per optimizer step
 VAL_COLUMNS = ("step", "val_iou")  # one row per evaluation; step 0 = the untrained student
 # Settings that do not change the trained weights: a checkpoint written under other values still resumes.
 RESUME_IGNORES = ("checkpoint_every", "eval_every", "log_every", "out_dir", "state_dir", "shards")
+# A best val IoU less than this above the untrained student's (step 0) is noise: the student learned nothing.
+MIN_IOU_GAIN = 0.005
+BAR_REFRESH_S = 2.0  # the progress bar shows the step at least this often, whatever log_every is
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,6 +210,65 @@ def _all_sum(t: Tensor, dist: Dist) -> Tensor:
 def _say(dist: Dist, message: str) -> None:
     if dist.is_main:
         tqdm.write(f"[train] {message}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------------
+# untrained students
+
+
+def short_run_warning(cfg: TrainConfig) -> str | None:
+    """Why a run of ``cfg.steps`` steps cannot train the student (it ends inside its warm-up, or is shorter than
+    ``recipes.MIN_TRAIN_STEPS``), with the fix; None for a run long enough."""
+    steps, warmup = cfg.steps, cfg.warmup_steps
+    sample_steps, sample_warmup = SAMPLE_RUN["train.steps"], SAMPLE_RUN["train.warmup_steps"]
+    fix = f"Set train.steps={max(MIN_TRAIN_STEPS, 2 * warmup)} or more"
+    if warmup > sample_warmup:  # the papers' warm-up: a small dataset wants the sample run
+        fix += f", or recipe.size=sample for a dataset this small ({sample_steps} steps, {sample_warmup} of warm-up)"
+    if isinstance(steps, int) and steps <= warmup:
+        return (
+            f"train.steps={steps} ends inside the learning-rate warm-up (train.warmup_steps={warmup}): the learning "
+            f"rate never reaches train.lr={cfg.lr} and the student barely moves from its random weights. {fix}."
+        )
+    if isinstance(steps, int) and steps < MIN_TRAIN_STEPS:
+        return (
+            f"train.steps={steps} is under the {MIN_TRAIN_STEPS} steps in which a student measurably learns (the "
+            f"sample's: val IoU 0.39 -> 0.54). {fix}."
+        )
+    return None
+
+
+def no_gain_warning(val_log: list[list[float]], best_step: int) -> str | None:
+    """Why the student of ``val_log`` (rows of :data:`VAL_COLUMNS`, step 0 the untrained student's) counts as
+    untrained: its best val IoU is not :data:`MIN_IOU_GAIN` above step 0's. None when it learned."""
+    before, last = val_log[0][1], val_log[-1][1]
+    best = max((iou for step, iou in val_log if step > 0), default=before)
+    if best - before >= MIN_IOU_GAIN:
+        return None
+    return (
+        f"val IoU did not improve: {before:.4f} untrained (step 0), {best:.4f} at best (step {best_step}), "
+        f"{last:.4f} at the end, a gain under {MIN_IOU_GAIN}. Train longer (train.steps), or check the loss in "
+        "metrics/train/ and the teacher's logits (metrics/teacher-logits*.json)."
+    )
+
+
+def untrained_paragraph(warnings: list[str], *, before_training: bool) -> str:
+    """The one paragraph said on stderr about an untrained student: ``warnings`` and what happens next."""
+    if before_training:
+        head = "WARNING: this run will not train the student."
+        tail = "It runs anyway (a smoke test); metrics/train.json will say untrained: true."
+    else:
+        head = "WARNING: the student is UNTRAINED."
+        tail = (
+            "metrics/train.json says untrained: true, and quantize, export and package of this student say so again "
+            "(untrained_student: true in their metrics)."
+        )
+    text = textwrap.fill(" ".join([head, *warnings, tail]), width=110)
+    return f"\n{text}\n"
+
+
+def _warn(dist: Dist, warnings: list[str], *, before_training: bool) -> None:
+    if warnings and dist.is_main:
+        tqdm.write(untrained_paragraph(warnings, before_training=before_training), file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -413,6 +484,12 @@ class TrainResult:
     is_main: bool
     student_path: Path
     best_path: Path
+    warnings: list[str] = field(default_factory=list)  # why the student counts as untrained (empty: it trained)
+
+    @property
+    def untrained(self) -> bool:
+        """The run was too short to train the student, or its val IoU did not improve (:attr:`warnings`)."""
+        return bool(self.warnings)
 
     @property
     def val_iou_before(self) -> float:
@@ -478,6 +555,8 @@ def _train(
     """:func:`train` in an initialised process group (``dist``): set up or resume, run the steps left, save the
     last and best weights (rank 0); ``on_log`` is None on the ranks that write nothing."""
     on_log = on_log or (lambda state: None)
+    short = short_run_warning(cfg)
+    _warn(dist, [short] if short else [], before_training=True)
     run = _start(cfg, runtime, data, state_dir, dist)
     on_log(run.state)
     student_path, best_path = out_dir / STUDENT_FILE, out_dir / BEST_FILE
@@ -489,8 +568,10 @@ def _train(
     if state.best_weights is None:  # resumed at its end from a checkpoint written before best copies were kept
         state.best_step = state.step
         state.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    warnings = [w for w in (short, no_gain_warning(state.val_log, state.best_step)) if w]
+    _warn(dist, warnings, before_training=False)
     if dist.is_main:
-        _save_students(cfg, runtime, data, run, student_path, best_path)
+        _save_students(cfg, runtime, data, run, student_path, best_path, warnings)
     return TrainResult(
         model=model,
         state=state,
@@ -502,6 +583,7 @@ def _train(
         is_main=dist.is_main,
         student_path=student_path,
         best_path=best_path,
+        warnings=warnings,
     )
 
 
@@ -556,7 +638,15 @@ def _steps(
     batches = batch_stream(data, state.epoch, state.consumed)
     pending: list[tuple[int, float, Tensor]] = []  # (step, lr, [loss, *TERMS]) on the device, synced every log_every
     samples, train_time, loader_wait, mark = 0, 0.0, 0.0, time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=state.step, desc=f"train {cfg.student}", unit="step", disable=not dist.is_main)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=state.step,
+        desc=f"train {cfg.student}",
+        unit="step",
+        disable=not dist.is_main,
+        mininterval=BAR_REFRESH_S / 2,
+        miniters=1,  # every update may redraw (tqdm's adaptive miniters can hold the bar still for 10 s)
+    )
     model.train()
     first_step = state.step
     while state.step < cfg.steps:
@@ -574,6 +664,7 @@ def _steps(
             _all_sum(row[:1].clone(), dist).item()  # one host sync: the rate counts from here
             samples, train_time, loader_wait, mark = 0, 0.0, 0.0, time.perf_counter()
         pending.append((state.step, lr, row))
+        bar.update(1)  # the step count needs no host sync: the bar moves between log rows too
 
         last = state.step == cfg.steps
         do_eval = last or state.step % cfg.eval_every == 0
@@ -584,7 +675,6 @@ def _steps(
             train_time, mark = train_time + now - mark, now
             loss = state.train_log[-1][2]
             bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{samples * dist.world_size / train_time:.1f}")
-            bar.update(state.step - bar.n)
             on_log(state)
         if do_eval:
             state.val_log.append([state.step, validate(model, data.val(), runtime, dist)])
@@ -614,10 +704,17 @@ def _log_rows(state: TrainState, pending: list[tuple[int, float, Tensor]], dist:
 
 
 def _save_students(
-    cfg: TrainConfig, runtime: Runtime, data: TrainData, run: _Run, student_path: Path, best_path: Path
+    cfg: TrainConfig,
+    runtime: Runtime,
+    data: TrainData,
+    run: _Run,
+    student_path: Path,
+    best_path: Path,
+    warnings: list[str],
 ) -> None:
     """Write the last weights to ``student_path`` and the best-val-IoU weights to ``best_path`` (rank 0), with the
-    run's meta (config, data fingerprint, crop convention, val IoU before / after, best step)."""
+    run's meta (config, data fingerprint, crop convention, val IoU before / after, best step, and whether the student
+    is untrained, with the ``training_warnings`` that say why)."""
     state = run.state
     meta = {
         "student": cfg.student,
@@ -632,6 +729,8 @@ def _save_students(
         "best_step": state.best_step,
         "best_val_iou": state.best_iou,
         "last_step": state.step,
+        "untrained": bool(warnings),
+        "training_warnings": list(warnings),
     }
     save_student(
         student_path, run.model, {**meta, "step": state.step, "val_iou": state.val_log[-1][1], "which": "last"}

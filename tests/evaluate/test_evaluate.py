@@ -432,8 +432,9 @@ def test_stage_scores_student_and_teacher_on_the_val_shards(evaluated):
     report = metrics
     # metrics/evaluate.json: the headline only (three figures per model, the LVIS student); details in report.json
     headline = json.loads((Path(cfg.runtime.metrics_dir) / "evaluate.json").read_text())
-    assert set(headline) == {"crop_miou", "crop_map", "full_miou", "student_int8", "teacher", "lvis"}
+    assert set(headline) == {"crop_miou", "crop_map", "full_miou", "student_int8", "teacher", "baseline", "lvis"}
     assert headline["lvis"] == {"crop_miou": report["lvis"]["student"]["crop_miou"]}
+    assert headline["baseline"] == {"crop_miou": report["baseline"]["crop_miou"]}  # the whole crop: nothing learned
     for model in ("student", "student_int8", "teacher"):
         figures = (
             {k: headline[k] for k in ("crop_miou", "crop_map", "full_miou")} if model == "student" else headline[model]
@@ -447,7 +448,7 @@ def test_stage_scores_student_and_teacher_on_the_val_shards(evaluated):
     # the stand-in teacher is the GT mask as logits: right up to boundary pixels of the stored crop
     assert metrics["teacher"]["crop_miou"] > 0.9 and metrics["teacher"]["full_image_miou"] > 0.85
     assert metrics["student_int8"]["crop_miou"] == pytest.approx(metrics["student"]["crop_miou"], abs=0.01)
-    assert set(report["by_category"]) == {"student", "student_int8", "teacher"}
+    assert set(report["by_category"]) == {"student", "student_int8", "teacher", "baseline"}
     assert sum(g["samples"] for g in report["by_category"]["student"].values()) == n
     assert len((out / "per_sample.csv").read_text().splitlines()) == n + 1
     plots = {p.name: p.read_text().splitlines() for p in (out / "plots").iterdir()}
@@ -515,11 +516,11 @@ def test_evaluate_int8_stage_puts_float_teacher_and_int8_side_by_side(evaluated)
     out = root / "evaluate-int8"
     report = json.loads((out / "report.json").read_text())
     assert report["int8_model"] == cfg.evaluate.int8_model and "lvis" not in side_by_side
-    assert side_by_side["crop_miou"] == pytest.approx(
-        metrics["student"]["crop_miou"], abs=1e-9
-    )  # the student, top-level
-    for model in ("student_int8", "teacher"):  # the same crops as the evaluate stage: the same figures
-        assert side_by_side[model]["crop_miou"] == pytest.approx(metrics[model]["crop_miou"], abs=1e-9)
+    assert set(side_by_side) == {"student_int8"}  # the float student's and teacher's figures are evaluate's only
+    # the same crops as the evaluate stage: the same figures (its report has all three models)
+    assert side_by_side["student_int8"]["crop_miou"] == pytest.approx(metrics["student_int8"]["crop_miou"], abs=1e-9)
+    for model in ("student", "teacher"):
+        assert report[model]["crop_miou"] == pytest.approx(metrics[model]["crop_miou"], abs=1e-9)
     assert (out / "grid.png").is_file() and (out / "report.json").is_file() and (out / "per_sample.csv").is_file()
     assert Image.open(out / "grid.png").size == Image.open(Path(cfg.evaluate.out_dir) / "grid.png").size  # INT8 column
     headline = json.loads((Path(cfg.runtime.metrics_dir) / "evaluate.json").read_text())  # not overwritten

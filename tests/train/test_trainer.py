@@ -411,7 +411,7 @@ def test_stage_writes_student_metrics_and_plots(packed):
     summary = train_stage.run(packed, CPU)
     metrics_dir = Path(packed.runtime.metrics_dir)
     headline = json.loads((metrics_dir / "train.json").read_text())
-    assert set(headline) == {"val_iou_before", "val_iou_after"}
+    assert set(headline) == {"val_iou_before", "val_iou_after", "untrained"}
     metrics = json.loads((Path(packed.train.out_dir) / "report.json").read_text())  # the details
     metrics.update(last_run(metrics_dir, "train"))  # the run's own facts: rate, resumed step
     assert metrics["steps"] == summary["steps"] == 4 and metrics["resumed_from_step"] is None

@@ -180,7 +180,11 @@ def test_train_runs_on_each_target_rule(two, tmp_path, target):
         "weighted": "weighted of gt 0.75, soft 0.25",
     }
     assert metrics["target"] == described[target] and metrics["steps"] == 3
-    assert set(json.loads((tmp_path / "m" / "train.json").read_text())) == {"val_iou_before", "val_iou_after"}
+    assert set(json.loads((tmp_path / "m" / "train.json").read_text())) == {
+        "val_iou_before",
+        "val_iou_after",
+        "untrained",
+    }
     # confidence_batch_mean: lambda is the batch mean of the target's confidence (gt 1, soft 0.5)
     lam = {"gt": 1.0, "soft": 0.5, "mean": 0.75, "confident": 0.75, "weighted": 0.875}[target]
     assert metrics["loss"]["lambda"] == pytest.approx(lam, abs=1e-6)
