@@ -166,11 +166,13 @@ EMBED = """(() => {
 STYLE = """body { font-family: sans-serif; margin: 16px; color: #222; }
 nav ol { columns: 2; font-size: 90%; } .plot { margin: 18px 0; padding-top: 6px; border-top: 1px solid #ddd; }
 h2 { font-size: 105%; margin: 4px 0; } .errors { color: #b00; font-size: 90%; } figure { margin: 6px 0; }
-img { max-width: 100%; } figcaption, footer { color: #666; font-size: 85%; }"""
+img { max-width: 100%; } figcaption, footer { color: #666; font-size: 85%; } .provenance { font-weight: bold; }"""
 
 
-def build_page(plots: list[Plot], scripts: list[str], origin: str, heading: str) -> str:
-    """The HTML text of the page: a list of the plots, then one section each, and the inlined scripts."""
+def build_page(plots: list[Plot], scripts: list[str], origin: str, heading: str, provenance: str = "") -> str:
+    """The HTML text of the page: the provenance line (``provenance``: the evaluated student's, with the smoke-test
+    warning when its teacher had random weights), a list of the plots, then one section each, and the inlined
+    scripts."""
     esc = html.escape
     specs, sections, items = {}, [], []
     for n, plot in enumerate(plots, start=1):
@@ -197,7 +199,9 @@ def build_page(plots: list[Plot], scripts: list[str], origin: str, heading: str)
         f"<style>\n{STYLE}\n</style>",
         *(f"<script>\n{_script(text)}\n</script>" for text in scripts),
         "</head>\n<body>",
-        f"<h1>{esc(heading)}</h1>\n<nav><ol>\n" + "\n".join(items) + "\n</ol></nav>",
+        f"<h1>{esc(heading)}</h1>",
+        f'<p class="provenance">{esc(provenance)}</p>' if provenance else "",
+        "<nav><ol>\n" + "\n".join(items) + "\n</ol></nav>",
     ]
     tail = [
         f"<footer>Drawn in this page by Vega: {esc(origin)}, inlined (no network needed).</footer>",
@@ -222,4 +226,23 @@ def make_page(repo: Path, revs: tuple[str, ...] = (), js_dir: Path | None = None
     scripts, origin = vega_scripts(js_dir)
     plots = collect(repo, revs)
     heading = f"Plots of {Path(repo).resolve().name}" + (f": {', '.join(revs)}" if revs else "")
-    return build_page(plots, scripts, origin, heading), plots
+    return build_page(plots, scripts, origin, heading, provenance_line(repo)), plots
+
+
+def provenance_line(repo: Path) -> str:
+    """The evaluated student's provenance (the evaluate stage's report.json), as the page's first line: the
+    smoke-test warning first when its teacher had random weights; "" when nothing has been evaluated."""
+    from picosam_pipeline.config import ConfigError, load_config
+    from picosam_pipeline.provenance import SMOKE_TEST, Provenance
+    from picosam_pipeline.untrusted import json_file_or_none
+
+    params = Path(repo) / "params.yaml"
+    try:
+        out_dir = load_config(params if params.is_file() else None).evaluate.out_dir
+    except ConfigError:
+        return ""
+    report = json_file_or_none(Path(repo) / out_dir / "report.json", 64 << 20)
+    if not isinstance(report, dict) or "provenance" not in report:
+        return ""
+    facts = Provenance.from_dict(report["provenance"])
+    return f"{SMOKE_TEST}: {facts.title()}" if facts.smoke_test else f"Provenance: {facts.title()}"

@@ -44,12 +44,14 @@ class Row:
 
 @dataclass
 class Summary:
-    """Every stage's row, the dataset and recipe the run used, and the teacher passes that had random weights."""
+    """Every stage's row, the dataset and recipe the run used, the teacher passes that had random weights, and
+    whether the trainer flagged its student untrained."""
 
     rows: list[Row]
     dataset: str | None
     recipe: str | None
     random_weights: list[str]
+    untrained: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,7 +130,8 @@ def _result(stage: str, m: dict[str, Any], ctx: dict[str, Any]) -> str:
         before, best = m["val_iou_before"], report.get("val_iou_best", m["val_iou_after"])
         steps = f"{report['steps']} steps, " if "steps" in report else ""
         at = f" (best step {report['best_step']})" if "best_step" in report else ""
-        return f"{steps}val IoU {before:.3f} -> {best:.3f}{at}"
+        flag = " UNTRAINED (warnings: train's report.json)" if m.get("untrained") else ""
+        return f"{steps}val IoU {before:.3f} -> {best:.3f}{at}{flag}"
     if stage == "evaluate":
         int8 = m.get("student_int8") or ctx["metrics"].get("evaluate-int8", {}).get("student_int8") or {}
         teachers = _teacher_models(m)
@@ -210,6 +213,7 @@ def summarize(cfg: Config) -> Summary:
             result = _result(name, m, ctx)
         except (KeyError, TypeError, ValueError):  # a file of another version: show what it holds
             result = _generic(m)
+        summary.untrained |= name == "train" and m.get("untrained") is True
         if name.startswith("teacher-logits") and m.get("random_weights"):
             summary.random_weights.append(f"{name.partition('@')[2] or 'teacher'} ({m.get('model', '?')})")
         summary.rows.append(Row(name, True, result, _source(name, m, ctx, summary), m))
@@ -224,6 +228,12 @@ def format_summary(summary: Summary) -> str:
         lines += textwrap.wrap(
             f"SMOKE TEST: teacher {', '.join(summary.random_weights)} had RANDOM WEIGHTS; the numbers test the "
             "pipeline only",
+            WIDTH,
+        )
+    if summary.untrained:
+        lines += textwrap.wrap(
+            "UNTRAINED STUDENT: the run was too short to train it or its val IoU did not improve; what follows train "
+            "scores a student that learned nothing (train.steps, recipe.size)",
             WIDTH,
         )
     lines.append(f"dataset {summary.dataset or '?'}, recipe {summary.recipe or '?'}")

@@ -245,3 +245,13 @@ def test_summary_command_text_and_json(project):
 )
 def test_stage_line(label, returned, words):
     assert stage_line(label, 854.84, returned) == f"[{label}] done in 854.8 s: {words}"
+
+
+def test_an_untrained_student_is_said_on_top_and_in_its_row(project):
+    untrained = {**METRICS, "train": {**METRICS["train"], "untrained": True}}
+    write_project(project, untrained)
+    text = format_summary(summarize(load_config("params.yaml")))
+    assert any(line.startswith("UNTRAINED STUDENT:") for line in text.splitlines()[:4])
+    assert "UNTRAINED (warnings" in " ".join(text.split()) and max(map(len, text.splitlines())) <= 100
+    write_project(project)
+    assert "UNTRAINED" not in format_summary(summarize(load_config("params.yaml")))
