@@ -23,6 +23,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from picosam_pipeline.errors import PipelineError
 
 SCRIPT_FILES = ("vega.min.js", "vega-lite.min.js", "vega-embed.min.js")  # in load order
@@ -73,6 +75,21 @@ def image_title(path: str) -> str:
     return f"{Path(path).stem.replace('_', ' ').capitalize()} ({stage})"
 
 
+def files_drawn_by_definitions(repo: Path) -> set[str]:
+    """The data files that dvc.yaml's named top-level plots draw (the keys of their ``x`` and ``y``)."""
+    try:
+        pipeline = yaml.safe_load((Path(repo) / "dvc.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return set()
+    files = set()
+    for entry in pipeline.get("plots") or []:
+        for definition in entry.values() if isinstance(entry, dict) else []:
+            for axis in ("x", "y"):
+                value = definition.get(axis) if isinstance(definition, dict) else None
+                files |= set(value) if isinstance(value, dict) else set()
+    return files
+
+
 def collect(repo: Path, revs: tuple[str, ...] = ()) -> list[Plot]:
     """The plots of the DVC project ``repo`` in dvc.yaml's order, as ``dvc plots show`` (``diff`` for ``revs``)
     fills them; a plot whose data could not be read keeps DVC's error."""
@@ -93,7 +110,10 @@ def collect(repo: Path, revs: tuple[str, ...] = ()) -> list[Plot]:
             where = f"{err.get('rev')}: {err.get('source')}"
             errors.setdefault(err.get("name", ""), []).append(f"{where}: {err.get('msg')}")
         plots = []
+        drawn = files_drawn_by_definitions(repo)
         for plot_id, entries in shown.get("data", {}).items():
+            if plot_id in drawn:  # a plots output's file that a named plot already draws: not twice, not by its path
+                continue
             title = image_title(plot_id) if Path(plot_id).suffix.lower() in MIME else plot_id  # kept when no data
             plot = Plot(plot_id, title, errors=errors.get(plot_id, []))
             for entry in entries:
