@@ -246,10 +246,10 @@ def make_page(repo: Path, revs: tuple[str, ...] = (), js_dir: Path | None = None
     scripts, origin = vega_scripts(js_dir)
     plots = collect(repo, revs)
     heading = f"Plots of {Path(repo).resolve().name}" + (f": {', '.join(revs)}" if revs else "")
-    return build_page(plots, scripts, origin, heading, provenance_line(repo)), plots
+    return build_page(plots, scripts, origin, heading, evaluated_provenance(repo)), plots
 
 
-def provenance_line(repo: Path) -> str:
+def evaluated_provenance(repo: Path) -> str:
     """The evaluated student's provenance (the evaluate stage's report.json), as the page's first line: the
     smoke-test warning first when its teacher had random weights; "" when nothing has been evaluated."""
     from picosam_pipeline.config import ConfigError, load_config

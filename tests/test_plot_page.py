@@ -172,13 +172,13 @@ def test_every_plot_draws_in_headless_chromium(project, tmp_path):
 
 
 def test_the_page_says_where_the_evaluated_student_comes_from(tmp_path):
-    from picosam_pipeline.plot_page import build_page, provenance_line
+    from picosam_pipeline.plot_page import build_page, evaluated_provenance
 
-    assert provenance_line(tmp_path) == ""  # nothing evaluated yet
+    assert evaluated_provenance(tmp_path) == ""  # nothing evaluated yet
     report = tmp_path / "data" / "evaluate" / "report.json"
     report.parent.mkdir(parents=True)
     teacher = {"name": "sam2", "model": "sam2.1_hiera_tiny", "weights": "random weights"}
     report.write_text(json.dumps({"provenance": {"teachers": [teacher], "dataset": "sample", "recipe": "picosam3"}}))
-    line = provenance_line(tmp_path)
+    line = evaluated_provenance(tmp_path)
     assert line.startswith("SMOKE TEST: not for deployment: ") and "RANDOM WEIGHTS" in line and "sample" in line
     assert f'<p class="provenance">{line}</p>' in build_page([], [], "test", "Plots", line)
