@@ -61,10 +61,8 @@ def on_locked() -> str:
 
 def lock_holder(lock: Path) -> dict[str, Any] | None:
     """The holder recorded beside ``lock`` (pid, host, started, stage, command), or None."""
-    try:
-        return json.loads(sibling(lock, HOLDER).read_text())
-    except (OSError, ValueError):
-        return None
+    data = json_file_or_none(sibling(lock, HOLDER), MAX_HOLDER_BYTES)
+    return data if isinstance(data, dict) else None
 
 
 def _describe(holder: dict[str, Any] | None, lock: Path, pid: int | None) -> str:

@@ -68,7 +68,6 @@ from picosam_pipeline.written_paths import (
     Owner,
     absolute,
     check_stage_path,
-    marker_sections,
     project_refusal,
     read_marker,
     related,
@@ -89,7 +88,8 @@ PARTIAL, REPLACED = ".partial", ".replaced"
 
 def is_own_folder(folder: Path, owner: Owner, sections: Sequence[str]) -> bool:
     """Whether ``folder``'s marker names ``owner`` (stage, param, path) and the sections the stage reads."""
-    return marker_sections(folder) == set(sections) and owner.wrote(read_marker(folder))
+    marker = read_marker(folder)
+    return marker is not None and set(marker) - {OWNER_KEY} == set(sections) and owner.wrote(marker)
 
 
 def foreign_entries(folder: Path, owner: Owner, sections: Sequence[str], names: Sequence[str]) -> list[str]:

@@ -253,7 +253,7 @@ def evaluated_provenance(repo: Path) -> str:
     """The evaluated student's provenance (the evaluate stage's report.json), as the page's first line: the
     smoke-test warning first when its teacher had random weights; "" when nothing has been evaluated."""
     from picosam_pipeline.config import ConfigError, load_config
-    from picosam_pipeline.provenance import SMOKE_TEST, Provenance
+    from picosam_pipeline.provenance import Provenance
     from picosam_pipeline.untrusted import json_file_or_none
 
     params = Path(repo) / "params.yaml"
@@ -265,4 +265,4 @@ def evaluated_provenance(repo: Path) -> str:
     if not isinstance(report, dict) or "provenance" not in report:
         return ""
     facts = Provenance.from_dict(report["provenance"])
-    return f"{SMOKE_TEST}: {facts.title()}" if facts.smoke_test else f"Provenance: {facts.title()}"
+    return facts.line() if facts.smoke_test else f"Provenance: {facts.title()}"

@@ -153,6 +153,11 @@ class Provenance:
         recipe = f"{self.recipe or 'recipe ?'}/{self.size or 'size ?'}"
         return f"{teachers} · {self.dataset or 'dataset ?'} · {recipe}"
 
+    def line(self) -> str:
+        """:meth:`title`, after the smoke-test warning when a teacher had random weights: above a printed table, a
+        grid, a page of plots."""
+        return f"{SMOKE_TEST}: {self.title()}" if self.smoke_test else self.title()
+
     def banner(self) -> str:
         """A README's first words: the smoke-test warning when a teacher had random weights, else the provenance."""
         if not self.smoke_test:

@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from picosam_pipeline.config import Config
-from picosam_pipeline.errors import PipelineError
 from picosam_pipeline.outputs import MARKER, REPORT_FILE
 from picosam_pipeline.recipes import AUTO
 from picosam_pipeline.reports import last_run
 from picosam_pipeline.stages import STAGES
-from picosam_pipeline.untrusted import load_json_bounded, read_bounded_bytes
+from picosam_pipeline.untrusted import json_file_or_none
 
 WIDTH = 100  # a terminal split in two, or a PR comment: every line of the summary fits it
 MAX_JSON_BYTES = 16 << 20  # the largest report.json (evaluate's, per category on LVIS) is a few MiB
@@ -60,10 +59,7 @@ class Summary:
 def _read_json(path: Path) -> dict[str, Any] | None:
     """The JSON object in ``path``; None when the file is missing or is not such an object (a summary never fails on
     one file: the stage then reads as not run, or loses the detail the file gave)."""
-    try:
-        data = load_json_bounded(read_bounded_bytes(path, str(path), MAX_JSON_BYTES), str(path))
-    except (OSError, PipelineError):
-        return None
+    data = json_file_or_none(path, MAX_JSON_BYTES)
     return data if isinstance(data, dict) else None
 
 

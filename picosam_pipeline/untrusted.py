@@ -144,7 +144,7 @@ def json_file_or_none(path: str | Path, max_bytes: int) -> Any:
     missing, not a regular file, too large or not JSON: for recognising a file of our own among others."""
     try:
         return load_json_bounded(read_bounded_bytes(path, str(path), max_bytes), str(path))
-    except UntrustedInputError:
+    except (UntrustedInputError, OSError):  # OSError: a read that fails after the open
         return None
 
 

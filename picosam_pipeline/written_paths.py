@@ -105,12 +105,6 @@ def marker_owner(folder: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def marker_sections(folder: Path) -> set[str] | None:
-    """The params sections ``folder``'s marker records, or None when there is no readable marker."""
-    marker = read_marker(folder)
-    return None if marker is None else set(marker) - {OWNER_KEY}
-
-
 def absolute(path: str | Path) -> Path:
     """Absolute, with symlinks resolved as far as the path exists."""
     return Path(os.path.abspath(path)).resolve()

@@ -15,7 +15,7 @@ from pycocotools import mask as mask_utils
 from picosam_pipeline.deploy.deploy_folder import with_banner
 from picosam_pipeline.evaluate.predict import provenance_note
 from picosam_pipeline.evaluate.score_table import BASELINE, InstanceGT, evaluate_batches, format_score_table
-from picosam_pipeline.evaluate.shard_evaluation import evaluation_provenance, headline_metrics, provenance_line
+from picosam_pipeline.evaluate.shard_evaluation import evaluation_provenance, headline_metrics
 from picosam_pipeline.provenance import (
     GROUND_TRUTH,
     NOT_RECORDED,
@@ -184,10 +184,10 @@ def test_evaluation_takes_the_students_provenance_else_the_shards(tmp_path):
     student = _HalfModel()
     student.provenance = smoke.as_dict()
     assert evaluation_provenance(student, "nowhere") == smoke
-    assert provenance_line(smoke).startswith(f"{SMOKE_TEST}: SAM2.1-tiny (RANDOM WEIGHTS")
+    assert smoke.line().startswith(f"{SMOKE_TEST}: SAM2.1-tiny (RANDOM WEIGHTS")
     shards = _shards(tmp_path, Provenance.from_store_attrs({"sam3": REAL_STORE}, "coco2017"))
     found = evaluation_provenance(_HalfModel(), str(shards / "train"))  # a student without a record
-    assert found.dataset == "coco2017" and provenance_line(found) == found.title()
+    assert found.dataset == "coco2017" and found.line() == found.title()
 
 
 def test_predict_notes_the_models_provenance():

@@ -44,7 +44,7 @@ from picosam_pipeline.evaluate.score_table import (
     format_score_table,
 )
 from picosam_pipeline.outputs import StageOutput
-from picosam_pipeline.provenance import SMOKE_TEST, Provenance
+from picosam_pipeline.provenance import Provenance
 from picosam_pipeline.reports import write_report
 from picosam_pipeline.train.loader import make_loader
 from picosam_pipeline.train.shards import ShardIndex, read_shard_index
@@ -129,7 +129,7 @@ class Evaluation:
     def print_report(self) -> None:
         """The provenance line and the report as a table on stdout; the LVIS line and its warnings (stderr) when LVIS
         was scored."""
-        print(provenance_line(Provenance.from_dict(self.report.get("provenance"))))
+        print(Provenance.from_dict(self.report.get("provenance")).line())
         print(format_score_table(self.report, self.table.models))
         lvis = self.lvis
         if lvis is not None:
@@ -250,11 +250,6 @@ def evaluation_provenance(student: CropModel, shards: str) -> Provenance:
     return recorded if recorded.teachers else Provenance.from_shards(shards)
 
 
-def provenance_line(provenance: Provenance) -> str:
-    """The line above the printed table and the grid: the provenance, with the smoke-test warning."""
-    return f"{SMOKE_TEST}: {provenance.title()}" if provenance.smoke_test else provenance.title()
-
-
 def _write_grid(
     e: EvaluateConfig,
     path: Path,
@@ -268,7 +263,7 @@ def _write_grid(
     """``grid.png``: the pool's picks, the prompt marked on every cell, the provenance in the title."""
     picked = [{**s, "prompt": gt.prompt(s["ann_id"], protocol)} for s in pool.pick()]
     title = (
-        f"{provenance_line(provenance)}\n{len(picked)} of {samples} {e.split} samples, spread over student crop IoU "
+        f"{provenance.line()}\n{len(picked)} of {samples} {e.split} samples, spread over student crop IoU "
         f"({protocol or 'unknown'} crops; teacher = stored logits)"
     )
     draw_grid(

@@ -13,8 +13,6 @@ and pack order are those of :mod:`picosam_pipeline.train.shards`, which writes e
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from picosam_pipeline.data.crop_convention import index_crop_params
 from picosam_pipeline.data.crops import crop_convention
 from picosam_pipeline.data.index import column_array, read_index, read_index_metadata
 from picosam_pipeline.errors import PipelineError
-from picosam_pipeline.provenance import SHARDS_FILE, Provenance, dataset_of_annotations
+from picosam_pipeline.provenance import Provenance, dataset_of_annotations
 from picosam_pipeline.teacher.store import LogitStore
 from picosam_pipeline.train.shards import INDEX_COLUMNS, Frame, PackedTeacher, SplitSummary, pack_split
 
@@ -166,8 +164,8 @@ def pack_splits(
             seed=seed,
             jpeg_quality=jpeg_quality,
             crop=crop,
+            provenance=provenance.as_dict(),
         )
-        record_provenance(out / split, provenance)
     return summaries
 
 
@@ -184,16 +182,6 @@ def pack_provenance(stores: dict[str, LogitStore], index: str | Path | None = No
     names = {dataset_of_annotations(s.get("annotations", "")) for s in splits.values() if isinstance(s, dict)}
     dataset = names.pop() if len(names) == 1 else None
     return Provenance.from_store_attrs({name: store.attrs for name, store in stores.items()}, dataset)
-
-
-def record_provenance(split_dir: Path, provenance: Provenance) -> None:
-    """Add ``provenance`` to the split's ``shards.json`` (just written by ``pack_split``; replaced atomically)."""
-    path = split_dir / SHARDS_FILE
-    index = json.loads(path.read_text())
-    index["provenance"] = provenance.as_dict()
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def pack_report(

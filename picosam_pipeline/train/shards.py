@@ -529,6 +529,7 @@ def pack_split(
     jpeg_quality: int,
     crop: dict[str, Any],
     workers: int | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> SplitSummary:
     """Write split ``split`` as shards + ``shards.json`` in ``out`` (two passes, see the module doc).
 
@@ -540,6 +541,7 @@ def pack_split(
         frame: ``packing.store_frame`` of the stores.
         crop: the crop convention record (``crops.crop_convention``) written into ``shards.json``.
         workers: processes encoding samples (``parallel.ordered_map``); default one per core, none for a small split.
+        provenance: the teachers', dataset's and recipe's record (``Provenance.as_dict``), last in ``shards.json``.
     """
     n = rows.num_rows
     if n == 0:
@@ -619,7 +621,7 @@ def pack_split(
             for t in teachers
         ],
         "shards": [asdict(e) for e in entries],
-    }
+    } | ({"provenance": provenance} if provenance is not None else {})
     (out / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
     total = sum(e.bytes for e in entries)
     return SplitSummary(n, len(entries), total, total / n, {m: b / n for m, b in member_bytes.items()})
